@@ -1,0 +1,1 @@
+"""dsec: a self-hostable RL sandbox platform."""

@@ -1,0 +1,51 @@
+"""Server configuration (pydantic), read from environment variables and/or a YAML/TOML file.
+
+Every path the server touches hangs off `home` so one directory holds the image store, the per-server
+state used for crash cleanup, compiled helpers and the trajectory log.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from dsec.models import Resources
+
+
+def default_home() -> Path:
+    env = os.environ.get("DSEC_HOME")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/dsec")
+    return Path.home() / ".local" / "share" / "dsec"
+
+
+class ServerConfig(BaseModel):
+    home: Path = Field(default_factory=default_home)
+    listen: str = "127.0.0.1:0"
+    container_driver: str = Field(default_factory=lambda: os.environ.get("DSEC_CONTAINER_DRIVER", "crun"))
+    default_resources: Resources = Field(default_factory=Resources)
+    default_timeout_s: float = 3600.0
+    max_output_bytes: int = 16 << 20
+    max_sandboxes: int = 1024
+    workers: int = 64
+    parent_pid: int = 0  # embedded mode: exit when this process dies
+
+    @property
+    def images_dir(self) -> Path:
+        return self.home / "images"
+
+    @property
+    def run_root(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.home / "bin"
+
+    @property
+    def trajectory_dir(self) -> Path:
+        return self.home / "trajectories"

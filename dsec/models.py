@@ -1,0 +1,72 @@
+"""Public pydantic models: what users pass to and get from the SDK, validated before any RPC."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Substrate = Literal["function", "container", "microvm", "vm"]
+SUBSTRATES: tuple[str, ...] = ("function", "container", "microvm", "vm")
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cpu: float = Field(1.0, gt=0, le=256, description="CPU cores (CFS quota)")
+    memory_mb: int = Field(512, ge=16, le=1 << 20)
+    pids: int = Field(256, ge=8, le=1 << 22)
+    disk_mb: int = Field(1024, ge=1, le=1 << 24, description="writable layer budget")
+
+
+class SandboxSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field("busybox", min_length=1, max_length=512)
+    substrate: Substrate = "container"
+    resources: Resources = Field(default_factory=Resources)
+    timeout_s: float = Field(3600.0, gt=0, le=7 * 24 * 3600, description="time to live")
+    env: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    network: bool = False
+    driver: str = ""
+    workdir: str = ""
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for key, value in env.items():
+            if not key or "=" in key or "\0" in key or "\0" in value:
+                raise ValueError(f"invalid environment variable name or value: {key!r}")
+        return env
+
+
+class ExecResult(BaseModel):
+    """Outcome of one command: output (possibly truncated) and how it ended."""
+
+    stdout: bytes = b""
+    stderr: bytes = b""
+    exit_code: int = 0
+    signal: int = 0
+    timed_out: bool = False
+    oom_killed: bool = False
+    duration_s: float = 0.0
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    replayed: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out and not self.oom_killed
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode("utf-8", errors="replace")
+
+
+class FileEntry(BaseModel):
+    name: str
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int = 0
+    mode: int = 0
+    mtime: float = 0.0

@@ -1,0 +1,1 @@
+"""Substrate drivers: function, container (crun/runc/docker), microvm and vm."""

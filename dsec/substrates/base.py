@@ -1,0 +1,130 @@
+"""The one driver protocol every substrate implements.
+
+The server only ever talks to `SandboxDriver` and `DriverSandbox`; adding a substrate or a runtime
+(crun, runc, Docker, QEMU microvm, QEMU q35) means one new module that implements these, nothing else.
+Exec, sessions, uploads and downloads are built by the server on top of `spawn` + files, so they
+behave identically everywhere.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from dsec.errors import Unsupported
+from dsec.models import FileEntry, SandboxSpec
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """The runtime part of an OCI image config."""
+
+    env: list[str] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)
+    entrypoint: list[str] = field(default_factory=list)
+    workdir: str = "/"
+    user: str = ""
+
+
+@dataclass(frozen=True)
+class ImageRootfs:
+    """An image resolved by the layer store: read-only extracted layers, top-most first (overlay order)."""
+
+    reference: str
+    digest: str
+    lower_dirs: list[Path]
+    config: ImageConfig
+
+
+@dataclass(frozen=True)
+class Output:
+    stream: Literal["stdout", "stderr"]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Exited:
+    exit_code: int
+    signal: int = 0
+
+
+ProcessEvent = Output | Exited
+
+
+class ProcessHandle(abc.ABC):
+    """A process started in a sandbox. `events()` yields Output chunks as they come, then exactly one Exited."""
+
+    @abc.abstractmethod
+    def events(self) -> Iterator[ProcessEvent]: ...
+
+    @abc.abstractmethod
+    def write_stdin(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def close_stdin(self) -> None: ...
+
+    @abc.abstractmethod
+    def signal(self, sig: int) -> None:
+        """Signal the whole process group (so `sh -c` children die too)."""
+
+
+class DriverSandbox(abc.ABC):
+    """A live sandbox as its driver sees it."""
+
+    sandbox_id: str
+    accel: str = ""
+
+    @abc.abstractmethod
+    def spawn(self, argv: list[str], env: dict[str, str], cwd: str, stdin: bool = False) -> ProcessHandle:
+        """Start a process; raises CommandNotFound / PermissionDeniedInSandbox when exec fails."""
+
+    @abc.abstractmethod
+    def read_file(self, path: str) -> Iterator[bytes]: ...
+
+    @abc.abstractmethod
+    def write_file(self, path: str, chunks: Iterable[bytes], mode: int = 0o644, make_parents: bool = True) -> int: ...
+
+    @abc.abstractmethod
+    def list_dir(self, path: str) -> list[FileEntry]: ...
+
+    def oom_kill_count(self) -> int:
+        """How many processes the kernel OOM-killed in this sandbox so far (-1 if unknown)."""
+        return -1
+
+    def memory_limit_mb(self) -> int:
+        return 0
+
+    def pause(self) -> None:
+        raise Unsupported(f"pause is not supported by this substrate (sandbox {self.sandbox_id})")
+
+    def resume(self) -> None:
+        raise Unsupported(f"resume is not supported by this substrate (sandbox {self.sandbox_id})")
+
+    def snapshot(self, dest: Path) -> str:
+        """Write a restorable snapshot into `dest`; return its kind (e.g. 'filesystem', 'memory+disk')."""
+        raise Unsupported(f"snapshot is not supported by this substrate (sandbox {self.sandbox_id})")
+
+
+class SandboxDriver(abc.ABC):
+    """Creates and destroys sandboxes of one substrate with one runtime."""
+
+    name: ClassVar[str]
+    substrate: ClassVar[str]
+
+    @abc.abstractmethod
+    def create(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, state_dir: Path) -> DriverSandbox:
+        """Start a sandbox whose private state (mounts, sockets, writable layer) lives under `state_dir`."""
+
+    @abc.abstractmethod
+    def destroy(self, sandbox: DriverSandbox) -> None:
+        """Kill every process and remove mounts, cgroups and the writable layer. Idempotent."""
+
+    @abc.abstractmethod
+    def cleanup_state_dir(self, state_dir: Path) -> None:
+        """Clean what a dead server left in `state_dir` (used after kill -9); must not need a live object."""
+
+    def restore(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, snapshot: Path, state_dir: Path) -> DriverSandbox:
+        raise Unsupported(f"restore is not supported by the {self.name} driver")
