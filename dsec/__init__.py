@@ -1,1 +1,45 @@
-"""dsec: a self-hostable RL sandbox platform."""
+"""dsec: a self-hostable RL sandbox platform — one SDK over function, container, microVM and VM sandboxes.
+
+    from dsec import Sandbox
+    with Sandbox.create(image="python", substrate="container") as sb:
+        print(sb.exec("python3 -c 'print(2**100)'").text)
+"""
+
+from dsec.errors import (
+    CallTimeout,
+    CapacityExceeded,
+    CommandNotFound,
+    DsecError,
+    ExecTimeout,
+    FileNotFoundInSandbox,
+    ImageNotFound,
+    InvalidPath,
+    InvalidSpec,
+    OutOfMemory,
+    RuntimeFailure,
+    SandboxNotFound,
+    SandboxStateError,
+    ServerUnavailable,
+    TrajectoryDiverged,
+    Unsupported,
+)
+from dsec.models import ExecResult, FileEntry, Resources, SandboxSpec
+from dsec.sdk.aio import AsyncSandbox
+from dsec.sdk.client import Client, default_client
+from dsec.sdk.sandbox import Sandbox, Session
+
+__all__ = [
+    "AsyncSandbox", "CallTimeout", "CapacityExceeded", "Client", "CommandNotFound", "DsecError", "ExecResult",
+    "ExecTimeout", "FileEntry", "FileNotFoundInSandbox", "ImageNotFound", "InvalidPath", "InvalidSpec",
+    "OutOfMemory", "Resources", "RuntimeFailure", "SandboxNotFound", "SandboxSpec", "SandboxStateError", "Sandbox",
+    "ServerUnavailable", "Session", "TrajectoryDiverged", "Unsupported", "default_client", "trajectory",
+]  # fmt: skip
+
+
+def __getattr__(name: str):
+    # `dsec.trajectory` lives with the trajectory log; imported lazily so the SDK works without it.
+    if name == "trajectory":
+        from dsec.sdk.trajectory import trajectory
+
+        return trajectory
+    raise AttributeError(name)

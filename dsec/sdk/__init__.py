@@ -1,0 +1,1 @@
+"""The dsec Python SDK: `Client`, `Sandbox`, `AsyncSandbox`."""

@@ -1,0 +1,172 @@
+"""`Client`: one gRPC channel to a dsec server (remote via address/DSEC_ADDRESS, or embedded)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+
+from dsec import codegen
+
+codegen.generate()
+
+from dsec.errors import CapacityExceeded  # noqa: E402
+from dsec.models import SandboxSpec  # noqa: E402
+from dsec.sdk.embedded import EmbeddedServer  # noqa: E402
+from dsec.sdk.errors import to_dsec_error  # noqa: E402
+from dsec.v1 import sandbox_pb2 as pb  # noqa: E402
+from dsec.v1 import sandbox_pb2_grpc as pb_grpc  # noqa: E402
+
+if TYPE_CHECKING:
+    from dsec.sdk.sandbox import Sandbox
+
+T = TypeVar("T")
+MAX_MESSAGE = 64 << 20
+CAPACITY_RETRY_S = 120.0
+
+
+class Client:
+    """Connection to a dsec server. With no address and no $DSEC_ADDRESS, starts an embedded server."""
+
+    def __init__(self, address: str | None = None, *, token: str | None = None) -> None:
+        address = address or os.environ.get("DSEC_ADDRESS") or None
+        self._embedded: EmbeddedServer | None = None
+        if address is None:
+            self._embedded = EmbeddedServer.start()
+            address = self._embedded.address
+        self.address = address
+        self._token = token or os.environ.get("DSEC_TOKEN") or None
+        self.channel = grpc.insecure_channel(
+            address,
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)],
+        )
+        self.sandboxes = pb_grpc.SandboxServiceStub(self.channel)
+
+    @property
+    def metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self._token}")] if self._token else []
+
+    def rpc(self, method: Callable[..., T], request: Any, timeout: float | None = None) -> T:
+        """Unary call with typed errors; honours the server's retry-after when it is at capacity."""
+        deadline = time.monotonic() + CAPACITY_RETRY_S
+        while True:
+            try:
+                return method(request, timeout=timeout, metadata=self.metadata)
+            except grpc.RpcError as exc:
+                error = to_dsec_error(exc)
+                retry_after = error.details.get("retry_after_s")
+                if isinstance(error, CapacityExceeded) and retry_after is not None and time.monotonic() < deadline:
+                    time.sleep(min(float(retry_after), max(deadline - time.monotonic(), 0)))
+                    continue
+                raise error from None
+
+    def stream(self, method: Callable[..., Iterable[T]], request: Any, timeout: float | None = None) -> Iterable[T]:
+        try:
+            yield from method(request, timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise to_dsec_error(exc) from None
+
+    def client_stream(self, method: Callable[..., T], requests: Iterable[Any], timeout: float | None = None) -> T:
+        try:
+            return method(iter(requests), timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise to_dsec_error(exc) from None
+
+    # -- sandboxes -------------------------------------------------------------------------------------
+    def create(
+        self,
+        image: str = "busybox",
+        substrate: str = "container",
+        *,
+        cpu: float | None = None,
+        memory_mb: int | None = None,
+        pids: int | None = None,
+        disk_mb: int | None = None,
+        timeout_s: float | None = None,
+        env: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+        network: bool = False,
+        driver: str = "",
+        workdir: str = "",
+        trust_results: bool = False,
+    ) -> Sandbox:
+        """Create a sandbox; validated locally first so a typo fails before any RPC."""
+        from dsec.sdk.sandbox import Sandbox
+
+        resources = {
+            k: v for k, v in {"cpu": cpu, "memory_mb": memory_mb, "pids": pids, "disk_mb": disk_mb}.items() if v is not None
+        }
+        spec = SandboxSpec(
+            image=image,
+            substrate=substrate,  # type: ignore[arg-type]
+            resources=resources,  # type: ignore[arg-type]
+            timeout_s=timeout_s if timeout_s is not None else 3600.0,
+            env=env or {},
+            labels=labels or {},
+            network=network,
+            driver=driver,
+            workdir=workdir,
+        )
+        request = pb.CreateRequest(
+            spec=pb.SandboxSpec(
+                image=spec.image,
+                substrate=spec.substrate,
+                resources=pb.Resources(**resources),
+                timeout_s=timeout_s or 0.0,
+                env=spec.env,
+                labels=spec.labels,
+                network=spec.network,
+                driver=spec.driver,
+                workdir=spec.workdir,
+            )
+        )
+        info = self.rpc(self.sandboxes.Create, request)
+        return Sandbox(self, info, trust_results=trust_results)
+
+    def connect(self, sandbox_id: str, *, trust_results: bool = False) -> Sandbox:
+        """Re-attach to a live sandbox by id (e.g. after the rollout process restarted)."""
+        from dsec.sdk.sandbox import Sandbox
+
+        return Sandbox(self, self.rpc(self.sandboxes.Get, pb.SandboxRef(sandbox_id=sandbox_id)), trust_results=trust_results)
+
+    def list(self, labels: dict[str, str] | None = None) -> list[pb.SandboxInfo]:
+        return list(self.rpc(self.sandboxes.List, pb.ListRequest(labels=labels or {})).sandboxes)
+
+    def destroy(self, sandbox_id: str) -> None:
+        self.rpc(self.sandboxes.Destroy, pb.SandboxRef(sandbox_id=sandbox_id))
+
+    def restore(self, snapshot_id: str, *, labels: dict[str, str] | None = None, timeout_s: float = 0.0) -> Sandbox:
+        from dsec.sdk.sandbox import Sandbox
+
+        info = self.rpc(self.sandboxes.Restore, pb.RestoreRequest(snapshot_id=snapshot_id, labels=labels or {}, timeout_s=timeout_s))
+        return Sandbox(self, info)
+
+    def close(self) -> None:
+        """Close the channel; an embedded server destroys its sandboxes and exits."""
+        self.channel.close()
+        if self._embedded is not None:
+            self._embedded.stop()
+            self._embedded = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> Client:
+    """The process-wide client used when none is passed (created on first use)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Client()
+        return _default

@@ -1,0 +1,332 @@
+"""`Sandbox`: the object users hold. Same methods on every substrate."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import sysconfig
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from dsec.errors import CallTimeout, DsecError, OutOfMemory, RuntimeFailure
+from dsec.models import ExecResult, FileEntry
+from dsec.sdk.client import Client, default_client
+from dsec.sdk.results import decode_result
+from dsec.v1 import sandbox_pb2 as pb
+
+CHUNK = 1 << 20
+Command = str | list[str]
+
+
+def _step_key(kind: str) -> pb.StepKey | None:
+    """The next trajectory step, when called inside `dsec.trajectory(...)`."""
+    try:
+        from dsec.sdk.trajectory import next_step_key
+    except ImportError:
+        return None
+    return next_step_key(kind)
+
+
+def _with_step(message: Any, kind: str) -> Any:
+    key = _step_key(kind)
+    if key is not None:
+        message.step.CopyFrom(key)
+    return message
+
+
+def _result_from_events(events, on_stdout=None, on_stderr=None) -> ExecResult:
+    stdout, stderr = bytearray(), bytearray()
+    status = None
+    for event in events:
+        which = event.WhichOneof("event")
+        if which == "stdout":
+            stdout += event.stdout
+            if on_stdout:
+                on_stdout(event.stdout)
+        elif which == "stderr":
+            stderr += event.stderr
+            if on_stderr:
+                on_stderr(event.stderr)
+        else:
+            status = event.status
+    if status is None:
+        raise RuntimeFailure("the server closed the exec stream without a final status")
+    result = ExecResult(
+        stdout=bytes(stdout),
+        stderr=bytes(stderr),
+        exit_code=status.exit_code,
+        signal=status.signal,
+        timed_out=status.timed_out,
+        oom_killed=status.oom_killed,
+        duration_s=status.duration_s,
+        stdout_truncated=status.stdout_truncated,
+        stderr_truncated=status.stderr_truncated,
+        replayed=status.replayed,
+    )
+    if result.oom_killed:
+        limit = status.memory_limit_mb
+        error = OutOfMemory(
+            f"command was killed by the out-of-memory killer (sandbox memory limit {limit} MB)",
+            memory_limit_mb=limit,
+        )
+        error.result = result  # type: ignore[attr-defined]
+        raise error
+    return result
+
+
+def _rpc_deadline(timeout: float | None) -> float | None:
+    return None if not timeout else timeout + 30.0
+
+
+class Files:
+    """`sb.files`: read, write and list files inside the sandbox (streamed; large files are fine)."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    def read_stream(self, path: str) -> Iterator[bytes]:
+        request = pb.FileRequest(sandbox_id=self._sb.id, path=path)
+        for chunk in self._sb._client.stream(self._sb._client.sandboxes.ReadFile, request):
+            yield chunk.data
+
+    def read(self, path: str) -> bytes:
+        return b"".join(self.read_stream(path))
+
+    def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        return self.read(path).decode(encoding)
+
+    def write(self, path: str, data: bytes | str, mode: int = 0o644, make_parents: bool = True) -> int:
+        content = data.encode() if isinstance(data, str) else bytes(data)
+        header = _with_step(
+            pb.WriteFileHeader(sandbox_id=self._sb.id, path=path, mode=mode, make_parents=make_parents), "write_file"
+        )
+
+        def requests() -> Iterator[pb.WriteFileRequest]:
+            yield pb.WriteFileRequest(header=header)
+            for start in range(0, len(content), CHUNK):
+                yield pb.WriteFileRequest(data=content[start : start + CHUNK])
+
+        return self._sb._client.client_stream(self._sb._client.sandboxes.WriteFile, requests()).size
+
+    def list(self, path: str = "/") -> list[FileEntry]:
+        reply = self._sb._client.rpc(self._sb._client.sandboxes.ListDir, pb.FileRequest(sandbox_id=self._sb.id, path=path))
+        return [FileEntry(name=e.name, type=e.type, size=e.size, mode=e.mode, mtime=e.mtime) for e in reply.entries]
+
+
+class Session:
+    """A persistent shell: cwd, environment and shell variables carry over between `run` calls."""
+
+    def __init__(self, sandbox: Sandbox, ref: pb.SessionRef) -> None:
+        self._sb = sandbox
+        self.ref = ref
+        self.id = ref.session_id
+
+    def run(self, command: str, timeout: float | None = None, on_stdout=None, on_stderr=None) -> ExecResult:
+        request = _with_step(pb.RunInSessionRequest(session=self.ref, command=command, timeout_s=timeout or 0.0), "session")
+        events = self._sb._client.stream(self._sb._client.sandboxes.RunInSession, request, _rpc_deadline(timeout))
+        return _result_from_events(events, on_stdout, on_stderr)
+
+    def close(self) -> None:
+        self._sb._client.rpc(self._sb._client.sandboxes.CloseSession, self.ref)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.close()
+        except DsecError:
+            pass
+
+
+def _register_by_value(fn: Callable) -> None:
+    """Pickle the function's own module by value, so code from the caller's files runs in the sandbox
+    without that file being there; stdlib and installed packages stay pickled by reference."""
+    module = inspect.getmodule(fn)
+    if module is None or module.__name__ in ("__main__",) or module.__name__ in sys.builtin_module_names:
+        return
+    path = getattr(module, "__file__", None) or ""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    if not path or path.startswith(stdlib) or "site-packages" in path or "dist-packages" in path:
+        return
+    cloudpickle.register_pickle_by_value(module)
+
+
+class Sandbox:
+    """A sandbox on any substrate. Create with `Sandbox.create(...)` or `client.create(...)`."""
+
+    def __init__(self, client: Client, info: pb.SandboxInfo, *, trust_results: bool = False) -> None:
+        self._client = client
+        self.info = info
+        self.id = info.id
+        self.trust_results = trust_results
+        self.files = Files(self)
+
+    # -- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, image: str = "busybox", substrate: str = "container", *, client: Client | None = None, **options: Any) -> Sandbox:
+        return (client or default_client()).create(image, substrate, **options)
+
+    @classmethod
+    def connect(cls, sandbox_id: str, *, client: Client | None = None, trust_results: bool = False) -> Sandbox:
+        return (client or default_client()).connect(sandbox_id, trust_results=trust_results)
+
+    @classmethod
+    def restore(cls, snapshot_id: str, *, client: Client | None = None, **options: Any) -> Sandbox:
+        return (client or default_client()).restore(snapshot_id, **options)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+    def __repr__(self) -> str:
+        return f"Sandbox(id={self.id!r}, image={self.info.spec.image!r}, substrate={self.info.spec.substrate!r})"
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def refresh(self) -> pb.SandboxInfo:
+        self.info = self._client.rpc(self._client.sandboxes.Get, pb.SandboxRef(sandbox_id=self.id))
+        return self.info
+
+    def destroy(self) -> None:
+        self._client.destroy(self.id)
+
+    def set_timeout(self, timeout_s: float) -> None:
+        self.info = self._client.rpc(self._client.sandboxes.SetTimeout, pb.SetTimeoutRequest(sandbox_id=self.id, timeout_s=timeout_s))
+
+    def pause(self) -> None:
+        self.info = self._client.rpc(self._client.sandboxes.Pause, pb.SandboxRef(sandbox_id=self.id))
+
+    def resume(self) -> None:
+        self.info = self._client.rpc(self._client.sandboxes.Resume, pb.SandboxRef(sandbox_id=self.id))
+
+    def snapshot(self, name: str = "") -> str:
+        """Snapshot the sandbox; returns a snapshot id for `Sandbox.restore`."""
+        return self._client.rpc(self._client.sandboxes.Snapshot, pb.SnapshotRequest(sandbox_id=self.id, name=name)).snapshot_id
+
+    def fork(self, n: int = 1) -> list[Sandbox]:
+        reply = self._client.rpc(self._client.sandboxes.Fork, pb.ForkRequest(sandbox_id=self.id, n=n))
+        return [Sandbox(self._client, info, trust_results=self.trust_results) for info in reply.sandboxes]
+
+    # -- exec -------------------------------------------------------------------------------------------------
+    def exec(
+        self,
+        command: Command,
+        *,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+        on_stdout: Callable[[bytes], None] | None = None,
+        on_stderr: Callable[[bytes], None] | None = None,
+        max_output_bytes: int = 0,
+    ) -> ExecResult:
+        """Run a command (a string runs via /bin/sh -c; a list is the exact argv).
+
+        On timeout the result has `timed_out=True` and the output produced so far; an OOM kill raises
+        OutOfMemory (with `.result`). `on_stdout`/`on_stderr` receive chunks as they arrive.
+        """
+        request = pb.ExecRequest(
+            sandbox_id=self.id,
+            env=env or {},
+            cwd=cwd or "",
+            stdin=stdin.encode() if isinstance(stdin, str) else (stdin or b""),
+            timeout_s=timeout or 0.0,
+            max_output_bytes=max_output_bytes,
+        )
+        if isinstance(command, str):
+            request.command = command
+        else:
+            request.argv.extend(command)
+        _with_step(request, "exec")
+        events = self._client.stream(self._client.sandboxes.Exec, request, _rpc_deadline(timeout))
+        return _result_from_events(events, on_stdout, on_stderr)
+
+    def session(self, *, env: dict[str, str] | None = None, cwd: str = "", shell: str = "") -> Session:
+        ref = self._client.rpc(
+            self._client.sandboxes.StartSession, pb.StartSessionRequest(sandbox_id=self.id, env=env or {}, cwd=cwd, shell=shell)
+        )
+        return Session(self, ref)
+
+    # -- trees --------------------------------------------------------------------------------------------------
+    def upload(self, local_path: str | os.PathLike, remote_dir: str) -> int:
+        """Copy a local file or directory into `remote_dir` (created if missing)."""
+        local = Path(local_path)
+        if not local.exists():
+            raise FileNotFoundError(local)
+        with tempfile.TemporaryFile() as spool:
+            with tarfile.open(fileobj=spool, mode="w") as tar:
+                tar.add(str(local), arcname=local.name)
+            spool.seek(0)
+            header = _with_step(pb.UploadHeader(sandbox_id=self.id, path=remote_dir), "upload")
+
+            def requests() -> Iterator[pb.UploadRequest]:
+                yield pb.UploadRequest(header=header)
+                while chunk := spool.read(CHUNK):
+                    yield pb.UploadRequest(data=chunk)
+
+            return self._client.client_stream(self._client.sandboxes.Upload, requests()).bytes
+
+    def download(self, remote_path: str, local_dir: str | os.PathLike) -> Path:
+        """Copy a file or directory out of the sandbox into `local_dir`; returns the local path.
+
+        The archive comes from untrusted code, so it is unpacked with tarfile's 'data' filter: no absolute
+        paths, no `..`, no links or devices pointing outside `local_dir`.
+        """
+        dest = Path(local_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        request = pb.FileRequest(sandbox_id=self.id, path=remote_path)
+        with tempfile.TemporaryFile() as spool:
+            for chunk in self._client.stream(self._client.sandboxes.Download, request):
+                spool.write(chunk.data)
+            spool.seek(0)
+            with tarfile.open(fileobj=spool, mode="r") as tar:
+                tar.extractall(dest, filter="data")
+        return dest / Path(remote_path.rstrip("/")).name
+
+    # -- functions ------------------------------------------------------------------------------------------------
+    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run `fn(*args, **kwargs)` inside a function sandbox; returns its value or raises its exception."""
+        return self.call_with_options(fn, args, kwargs)
+
+    def call_with_options(
+        self,
+        fn: Callable[..., Any],
+        args: tuple = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        memory_mb: int | None = None,
+    ) -> Any:
+        """`call` with a per-call time limit (CallTimeout) and extra-memory limit (OutOfMemory)."""
+        _register_by_value(fn)
+        payload = cloudpickle.dumps((fn, tuple(args), dict(kwargs or {})))
+        request = _with_step(
+            pb.CallRequest(sandbox_id=self.id, payload=payload, timeout_s=timeout or 0.0, memory_mb=memory_mb or 0), "call"
+        )
+        reply = self._client.rpc(self._client.sandboxes.Call, request, _rpc_deadline(timeout))
+        self.last_call_output = (reply.stdout, reply.stderr)
+        if not reply.is_error:
+            return decode_result(reply.result, self.trust_results)
+        if reply.error_type == "CallTimeout":
+            raise CallTimeout(f"call to {getattr(fn, '__name__', fn)} in sandbox {self.id} exceeded {timeout}s")
+        if reply.error_type in ("MemoryError", "OutOfMemory"):
+            raise OutOfMemory(f"call to {getattr(fn, '__name__', fn)} in sandbox {self.id} ran out of memory:\n{reply.traceback}")
+        try:
+            error = decode_result(reply.result, self.trust_results) if reply.result else None
+        except Exception:  # noqa: BLE001 - unsafe or unknown exception class: fall back to the traceback text
+            error = None
+        if not isinstance(error, BaseException):
+            error = RuntimeFailure(f"{reply.error_type} in sandbox {self.id}")
+        error.remote_traceback = reply.traceback  # type: ignore[attr-defined]
+        if hasattr(error, "add_note"):
+            error.add_note(f"remote traceback (sandbox {self.id}):\n{reply.traceback}")
+        raise error
+

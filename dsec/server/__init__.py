@@ -1,0 +1,1 @@
+"""The dsec gRPC server: sandbox lifecycle, exec/sessions/files, and the image and trajectory services."""

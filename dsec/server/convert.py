@@ -1,0 +1,65 @@
+"""Conversions between wire messages and the pydantic models the server works with."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from dsec.config import ServerConfig
+from dsec.errors import InvalidSpec
+from dsec.models import Resources, SandboxSpec
+from dsec.v1 import sandbox_pb2 as pb
+
+
+def spec_from_pb(message: pb.SandboxSpec, config: ServerConfig) -> SandboxSpec:
+    """Validate a wire spec, filling zeros with the server's defaults."""
+    defaults = config.default_resources
+    r = message.resources
+    try:
+        resources = Resources(
+            cpu=r.cpu or defaults.cpu,
+            memory_mb=r.memory_mb or defaults.memory_mb,
+            pids=r.pids or defaults.pids,
+            disk_mb=r.disk_mb or defaults.disk_mb,
+        )
+        return SandboxSpec(
+            image=message.image or "busybox",
+            substrate=message.substrate or "container",
+            resources=resources,
+            timeout_s=message.timeout_s or config.default_timeout_s,
+            env=dict(message.env),
+            labels=dict(message.labels),
+            network=message.network,
+            driver=message.driver,
+            workdir=message.workdir,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidSpec(f"invalid sandbox spec: {problems}") from None
+
+
+def spec_to_pb(spec: SandboxSpec) -> pb.SandboxSpec:
+    return pb.SandboxSpec(
+        image=spec.image,
+        substrate=spec.substrate,
+        resources=pb.Resources(**spec.resources.model_dump()),
+        timeout_s=spec.timeout_s,
+        env=spec.env,
+        labels=spec.labels,
+        network=spec.network,
+        driver=spec.driver,
+        workdir=spec.workdir,
+    )
+
+
+def info_to_pb(sandbox) -> pb.SandboxInfo:  # sandbox: ManagedSandbox
+    return pb.SandboxInfo(
+        id=sandbox.sandbox_id,
+        spec=spec_to_pb(sandbox.spec),
+        state=sandbox.state,
+        created_at=sandbox.created_at,
+        expires_at=sandbox.expires_at,
+        driver=sandbox.driver_name,
+        accel=getattr(sandbox.handle, "accel", "") or "",
+        timings_ms=sandbox.timings_ms,
+        image_digest=sandbox.image.digest,
+    )

@@ -1,0 +1,167 @@
+"""Start a dsec server: `dsec serve` / `python -m dsec.server.main`, or embedded by the SDK.
+
+A server owns a run directory (for crash cleanup), cleans what dead servers left, serves the sandbox,
+image and trajectory services on one gRPC port (TCP or a unix socket), and destroys its sandboxes on
+SIGTERM/SIGINT or when its parent (embedded mode) dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+
+from dsec import codegen
+
+codegen.generate()
+
+from dsec.config import ServerConfig  # noqa: E402 - stubs must exist before anything imports them
+from dsec.server.drivers import DriverRegistry  # noqa: E402
+from dsec.server.manager import SandboxManager  # noqa: E402
+from dsec.server.sandbox_service import SandboxService  # noqa: E402
+from dsec.server.state import claim_run_dir  # noqa: E402
+from dsec.v1 import sandbox_pb2_grpc as pb_grpc  # noqa: E402
+
+log = logging.getLogger("dsec.server")
+
+MAX_MESSAGE = 64 << 20
+READY_PREFIX = "DSEC_SERVER_READY "
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    manager: SandboxManager
+    address: str
+    config: ServerConfig
+    _stopped: threading.Event
+    _done: threading.Event
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Stop serving, destroy every sandbox, release the run directory. Safe to call twice."""
+        if self._stopped.is_set():
+            self._done.wait()
+            return
+        self._stopped.set()
+        try:
+            self.server.stop(grace)
+            self.manager.shutdown()
+            self.manager.state.release()
+        finally:
+            self._done.set()
+
+    def wait(self) -> None:
+        self._done.wait()
+
+
+def _open_image_store(config: ServerConfig):
+    from dsec.images.store import LayerStore
+
+    return LayerStore(config.images_dir)
+
+
+def _open_step_coordinator(config: ServerConfig):
+    try:
+        from dsec.trajectory.coordinator import StepCoordinator, open_log
+    except ImportError:
+        return None, None
+    trajectory_log = open_log(config)
+    return StepCoordinator(trajectory_log), trajectory_log
+
+
+def _add_optional_services(server: grpc.Server, images, trajectory_log) -> None:
+    try:
+        from dsec.server.image_service import add_image_service
+    except ImportError:
+        add_image_service = None
+    if add_image_service is not None and images is not None:
+        add_image_service(server, images)
+    try:
+        from dsec.server.trajectory_service import add_trajectory_service
+    except ImportError:
+        add_trajectory_service = None
+    if add_trajectory_service is not None and trajectory_log is not None:
+        add_trajectory_service(server, trajectory_log)
+
+
+def serve(config: ServerConfig) -> RunningServer:
+    """Start serving in background threads; returns once the port is bound and old leftovers are cleaned."""
+    for path in (config.home, config.run_root, config.images_dir):
+        path.mkdir(parents=True, exist_ok=True)
+    state = claim_run_dir(config.run_root)
+    images = _open_image_store(config)
+    manager = SandboxManager(config, state, images, DriverRegistry(config))
+    manager.reap_dead_servers()
+    steps, trajectory_log = _open_step_coordinator(config)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="dsec-rpc"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=config.workers * 16,
+    )
+    pb_grpc.add_SandboxServiceServicer_to_server(SandboxService(config, manager, steps), server)
+    _add_optional_services(server, images, trajectory_log)
+    listen = config.listen
+    port = server.add_insecure_port(listen)
+    if listen.startswith("unix:"):
+        address = listen
+    else:
+        if port == 0:
+            raise RuntimeError(f"could not bind {listen}")
+        address = f"{listen.rsplit(':', 1)[0]}:{port}"
+    server.start()
+    log.info("dsec server %s listening on %s (home %s)", state.server_id, address, config.home)
+    return RunningServer(server, manager, address, config, threading.Event(), threading.Event())
+
+
+def _watch_parent(parent_pid: int, running: RunningServer) -> None:
+    """Embedded mode: when the SDK process that started us dies (even by kill -9), shut down cleanly."""
+    while not running._stopped.wait(0.5):
+        if os.getppid() != parent_pid:
+            log.warning("parent %d is gone; shutting down", parent_pid)
+            running.stop()
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dsec serve", description="Run a dsec sandbox server.")
+    parser.add_argument("--listen", default=os.environ.get("DSEC_LISTEN", "127.0.0.1:50551"))
+    parser.add_argument("--home", default=None, help="state directory (default $DSEC_HOME)")
+    parser.add_argument("--container-driver", default=None, choices=["crun", "runc", "docker"])
+    parser.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", default=os.environ.get("DSEC_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides: dict = {"listen": args.listen, "parent_pid": args.parent_pid}
+    if args.home:
+        overrides["home"] = args.home
+    if args.container_driver:
+        overrides["container_driver"] = args.container_driver
+    config = ServerConfig(**overrides)
+    running = serve(config)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: destroying sandboxes and stopping", signum)
+        threading.Thread(target=running.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if args.parent_pid:
+        threading.Thread(target=_watch_parent, args=(args.parent_pid, running), daemon=True).start()
+    print(READY_PREFIX + running.address, flush=True)
+    running.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Sandbox lifecycle: admission, image resolution, driver dispatch, TTLs, snapshots, and teardown."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dsec.config import ServerConfig
+from dsec.errors import (
+    CapacityExceeded,
+    DsecError,
+    InvalidSpec,
+    SandboxNotFound,
+    SandboxStateError,
+    SessionNotFound,
+    SnapshotNotFound,
+)
+from dsec.models import SandboxSpec
+from dsec.server.drivers import DriverRegistry
+from dsec.server.sessions import ShellSession
+from dsec.server.state import ServerState, reap_dead_servers, write_sandbox_record
+from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
+
+log = logging.getLogger("dsec.server.manager")
+
+_TOMBSTONES = 4096
+
+
+@dataclass
+class ManagedSandbox:
+    sandbox_id: str
+    spec: SandboxSpec
+    driver_name: str
+    driver: SandboxDriver
+    handle: DriverSandbox
+    image: ImageRootfs
+    state_dir: Path
+    created_at: float
+    expires_at: float
+    state: str = "running"
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    sessions: dict[str, ShellSession] = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def require_running(self) -> None:
+        if self.state == "paused":
+            raise SandboxStateError(f"sandbox {self.sandbox_id} is paused; resume it first")
+        if self.state != "running":
+            raise SandboxStateError(f"sandbox {self.sandbox_id} is {self.state}")
+
+    def default_env(self) -> dict[str, str]:
+        env = dict(item.split("=", 1) for item in self.image.config.env if "=" in item)
+        env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        env.setdefault("HOME", "/root")
+        env.update(self.spec.env)
+        return env
+
+    def default_cwd(self) -> str:
+        return self.spec.workdir or self.image.config.workdir or "/"
+
+
+class SandboxManager:
+    def __init__(self, config: ServerConfig, state: ServerState, images, drivers: DriverRegistry) -> None:
+        self.config = config
+        self.state = state
+        self.images = images
+        self.drivers = drivers
+        self._sandboxes: dict[str, ManagedSandbox] = {}
+        self._gone: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+        self._creating = 0
+        self._stop = threading.Event()
+        self.snapshot_root = config.home / "snapshots"
+        self._reaper = threading.Thread(target=self._reap_expired, daemon=True, name="dsec-ttl-reaper")
+        self._reaper.start()
+
+    # -- crash recovery --------------------------------------------------------------------------------
+    def reap_dead_servers(self) -> list[str]:
+        """Destroy whatever sandboxes servers that died (kill -9) left behind."""
+
+        def cleanup(driver_name: str, sandbox_dir: Path) -> None:
+            if driver_name:
+                self.drivers.get(driver_name).cleanup_state_dir(sandbox_dir)
+            if self.images is not None and hasattr(self.images, "release"):
+                self.images.release(sandbox_dir.name)
+
+        cleaned = reap_dead_servers(self.config.run_root, cleanup)
+        if cleaned:
+            log.warning("cleaned %d sandboxes left by dead servers: %s", len(cleaned), ", ".join(cleaned))
+        return cleaned
+
+    # -- lookup ---------------------------------------------------------------------------------------------
+    def get(self, sandbox_id: str) -> ManagedSandbox:
+        with self._lock:
+            sandbox = self._sandboxes.get(sandbox_id)
+            if sandbox is not None:
+                return sandbox
+            reason = self._gone.get(sandbox_id)
+        if reason:
+            raise SandboxStateError(f"sandbox {sandbox_id} was {reason}; create a new one")
+        raise SandboxNotFound(f"no sandbox {sandbox_id!r} on this server (list them with `dsec ls`)")
+
+    def running(self, sandbox_id: str) -> ManagedSandbox:
+        sandbox = self.get(sandbox_id)
+        sandbox.require_running()
+        return sandbox
+
+    def list(self, labels: dict[str, str]) -> list[ManagedSandbox]:
+        with self._lock:
+            items = list(self._sandboxes.values())
+        return [s for s in items if all(s.spec.labels.get(k) == v for k, v in labels.items())]
+
+    # -- create / destroy -----------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        with self._lock:
+            if len(self._sandboxes) + self._creating >= self.config.max_sandboxes:
+                raise CapacityExceeded(
+                    f"server at capacity ({self.config.max_sandboxes} sandboxes); retry later or destroy some",
+                    retry_after_s=1.0,
+                )
+            self._creating += 1
+
+    def _new_id(self) -> str:
+        return "sb-" + secrets.token_hex(8)
+
+    def _resolve_image(self, reference: str) -> ImageRootfs:
+        if self.images is None:
+            raise InvalidSpec("this server has no image store configured")
+        return self.images.resolve(reference)
+
+    def create(self, spec: SandboxSpec) -> ManagedSandbox:
+        return self._launch(spec, snapshot=None)
+
+    def _launch(self, spec: SandboxSpec, snapshot: Path | None) -> ManagedSandbox:
+        started = time.monotonic()
+        driver_name = self.drivers.name_for(spec)
+        self._admit()
+        sandbox_id = self._new_id()
+        state_dir = self.state.sandbox_dir(sandbox_id)
+        try:
+            image = self._resolve_image(spec.image)
+            resolved = time.monotonic()
+            driver = self.drivers.get(driver_name)
+            write_sandbox_record(state_dir, {"driver": driver_name, "sandbox_id": sandbox_id, "image": image.digest})
+            if hasattr(self.images, "acquire"):
+                self.images.acquire(image.digest, sandbox_id)
+            try:
+                if snapshot is None:
+                    handle = driver.create(sandbox_id, spec, image, state_dir)
+                else:
+                    handle = driver.restore(sandbox_id, spec, image, snapshot, state_dir)
+            except BaseException:
+                self._discard_state(driver, driver_name, state_dir, sandbox_id)
+                raise
+            now = time.time()
+            sandbox = ManagedSandbox(
+                sandbox_id=sandbox_id,
+                spec=spec,
+                driver_name=driver_name,
+                driver=driver,
+                handle=handle,
+                image=image,
+                state_dir=state_dir,
+                created_at=now,
+                expires_at=now + spec.timeout_s,
+                timings_ms={
+                    "resolve_image": (resolved - started) * 1000,
+                    "driver_create": (time.monotonic() - resolved) * 1000,
+                    "total": (time.monotonic() - started) * 1000,
+                },
+            )
+            with self._lock:
+                self._sandboxes[sandbox_id] = sandbox
+            return sandbox
+        finally:
+            with self._lock:
+                self._creating -= 1
+
+    def _discard_state(self, driver: SandboxDriver, driver_name: str, state_dir: Path, sandbox_id: str) -> None:
+        try:
+            driver.cleanup_state_dir(state_dir)
+        except Exception:  # noqa: BLE001
+            log.exception("cleanup after failed create of %s", sandbox_id)
+        shutil.rmtree(state_dir, ignore_errors=True)
+        if hasattr(self.images, "release"):
+            self.images.release(sandbox_id)
+
+    def destroy(self, sandbox_id: str, reason: str = "destroyed") -> None:
+        with self._lock:
+            sandbox = self._sandboxes.pop(sandbox_id, None)
+            if sandbox is None:
+                if sandbox_id in self._gone:
+                    return  # destroying twice is fine
+                raise SandboxNotFound(f"no sandbox {sandbox_id!r} on this server")
+            self._gone[sandbox_id] = reason
+            while len(self._gone) > _TOMBSTONES:
+                self._gone.popitem(last=False)
+        with sandbox.lock:
+            sandbox.state = "destroyed"
+            for session in sandbox.sessions.values():
+                session.close()
+            try:
+                sandbox.driver.destroy(sandbox.handle)
+            finally:
+                shutil.rmtree(sandbox.state_dir, ignore_errors=True)
+                if hasattr(self.images, "release"):
+                    self.images.release(sandbox_id)
+
+    def set_timeout(self, sandbox_id: str, timeout_s: float) -> ManagedSandbox:
+        if not (0 < timeout_s <= 7 * 24 * 3600):
+            raise InvalidSpec(f"timeout_s must be in (0, 604800], got {timeout_s}")
+        sandbox = self.get(sandbox_id)
+        sandbox.expires_at = time.time() + timeout_s
+        return sandbox
+
+    def _reap_expired(self) -> None:
+        while not self._stop.wait(0.5):
+            now = time.time()
+            with self._lock:
+                expired = [s.sandbox_id for s in self._sandboxes.values() if s.expires_at <= now]
+            for sandbox_id in expired:
+                try:
+                    self.destroy(sandbox_id, reason="destroyed after its timeout expired")
+                except DsecError:
+                    pass
+                except Exception:  # noqa: BLE001 - keep reaping the others
+                    log.exception("TTL destroy of %s failed", sandbox_id)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        with self._lock:
+            ids = list(self._sandboxes)
+        for sandbox_id in ids:
+            try:
+                self.destroy(sandbox_id, reason="destroyed at server shutdown")
+            except Exception:  # noqa: BLE001 - destroy the rest regardless
+                log.exception("shutdown destroy of %s failed", sandbox_id)
+
+    # -- sessions -------------------------------------------------------------------------------------------
+    def start_session(self, sandbox_id: str, env: dict[str, str], cwd: str, shell: str) -> ShellSession:
+        sandbox = self.running(sandbox_id)
+        session_id = "ss-" + secrets.token_hex(6)
+        merged = sandbox.default_env() | env
+        session = ShellSession(sandbox.handle, session_id, shell or "/bin/sh", merged, cwd or sandbox.default_cwd())
+        with sandbox.lock:
+            sandbox.sessions[session_id] = session
+        return session
+
+    def session(self, sandbox_id: str, session_id: str) -> ShellSession:
+        sandbox = self.running(sandbox_id)
+        session = sandbox.sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(f"no session {session_id!r} in sandbox {sandbox_id}")
+        return session
+
+    def close_session(self, sandbox_id: str, session_id: str) -> None:
+        sandbox = self.get(sandbox_id)
+        session = sandbox.sessions.pop(session_id, None)
+        if session is None:
+            raise SessionNotFound(f"no session {session_id!r} in sandbox {sandbox_id}")
+        session.close()
+
+    # -- pause / snapshot / restore / fork ----------------------------------------------------------------
+    def pause(self, sandbox_id: str) -> ManagedSandbox:
+        sandbox = self.running(sandbox_id)
+        with sandbox.lock:
+            sandbox.handle.pause()
+            sandbox.state = "paused"
+        return sandbox
+
+    def resume(self, sandbox_id: str) -> ManagedSandbox:
+        sandbox = self.get(sandbox_id)
+        with sandbox.lock:
+            if sandbox.state != "paused":
+                raise SandboxStateError(f"sandbox {sandbox_id} is {sandbox.state}, not paused")
+            sandbox.handle.resume()
+            sandbox.state = "running"
+        return sandbox
+
+    def snapshot(self, sandbox_id: str, name: str) -> dict:
+        sandbox = self.running(sandbox_id)
+        snapshot_id = "snap-" + secrets.token_hex(8)
+        dest = self.snapshot_root / snapshot_id
+        dest.mkdir(parents=True)
+        try:
+            with sandbox.lock:
+                kind = sandbox.handle.snapshot(dest / "data")
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        meta = {
+            "snapshot_id": snapshot_id,
+            "sandbox_id": sandbox_id,
+            "name": name,
+            "kind": kind,
+            "created_at": time.time(),
+            "spec": sandbox.spec.model_dump(),
+            "image": sandbox.image.digest,
+        }
+        (dest / "meta.json").write_text(json.dumps(meta))
+        return meta
+
+    def _snapshot_meta(self, snapshot_id: str) -> dict:
+        if not snapshot_id.startswith("snap-") or "/" in snapshot_id:
+            raise SnapshotNotFound(f"invalid snapshot id {snapshot_id!r}")
+        path = self.snapshot_root / snapshot_id / "meta.json"
+        if not path.exists():
+            raise SnapshotNotFound(f"no snapshot {snapshot_id!r}")
+        return json.loads(path.read_text())
+
+    def restore(self, snapshot_id: str, labels: dict[str, str], timeout_s: float) -> ManagedSandbox:
+        meta = self._snapshot_meta(snapshot_id)
+        spec = SandboxSpec.model_validate(meta["spec"])
+        spec = spec.model_copy(update={"image": meta["image"], "labels": spec.labels | labels})
+        if timeout_s > 0:
+            spec = spec.model_copy(update={"timeout_s": timeout_s})
+        return self._launch(spec, snapshot=self.snapshot_root / snapshot_id / "data")
+
+    def fork(self, sandbox_id: str, n: int) -> list[ManagedSandbox]:
+        if not (1 <= n <= 100):
+            raise InvalidSpec(f"fork count must be between 1 and 100, got {n}")
+        meta = self.snapshot(sandbox_id, name=f"fork-of-{sandbox_id}")
+        forks: list[ManagedSandbox] = []
+        try:
+            for _ in range(n):
+                forks.append(self.restore(meta["snapshot_id"], {"dsec.fork_of": sandbox_id}, 0))
+        except BaseException:
+            for sandbox in forks:
+                self.destroy(sandbox.sandbox_id)
+            raise
+        return forks

@@ -1,0 +1,328 @@
+"""The SandboxService servicer: thin gRPC glue over SandboxManager, the exec engine and the step log."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import queue
+import threading
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from dsec.config import ServerConfig
+from dsec.errors import InvalidSpec, Unsupported
+from dsec.server.convert import info_to_pb, spec_from_pb
+from dsec.server.errors import rpc_errors
+from dsec.server.execution import run_process
+from dsec.server.manager import ManagedSandbox, SandboxManager
+from dsec.server.paths import sandbox_path
+from dsec.server.transfer import download_tar, upload_tar
+from dsec.substrates.function.driver import FunctionSandbox
+from dsec.v1 import sandbox_pb2 as pb
+from dsec.v1 import sandbox_pb2_grpc as pb_grpc
+
+_CHUNK = 1 << 20
+MAX_STDIN = 64 << 20
+
+
+def request_hash(kind: str, image_digest: str, message) -> str:
+    """sha256 over what determines a call's effect: its kind, the image, and the request minus its step key."""
+    clone = type(message)()
+    clone.CopyFrom(message)
+    if clone.HasField("step"):
+        clone.ClearField("step")
+    digest = hashlib.sha256()
+    digest.update(kind.encode() + b"\0" + image_digest.encode() + b"\0")
+    digest.update(clone.SerializeToString(deterministic=True))
+    return digest.hexdigest()
+
+
+def _events_from_record(record: bytes, replayed: bool) -> Iterator[pb.ExecEvent]:
+    parsed = pb.ExecRecord.FromString(record)
+    for start in range(0, len(parsed.stdout), _CHUNK):
+        yield pb.ExecEvent(stdout=parsed.stdout[start : start + _CHUNK])
+    for start in range(0, len(parsed.stderr), _CHUNK):
+        yield pb.ExecEvent(stderr=parsed.stderr[start : start + _CHUNK])
+    status = pb.ExecStatus()
+    status.CopyFrom(parsed.status)
+    status.replayed = replayed
+    yield pb.ExecEvent(status=status)
+
+
+class SandboxService(pb_grpc.SandboxServiceServicer):
+    def __init__(self, config: ServerConfig, manager: SandboxManager, steps=None) -> None:
+        self.config = config
+        self.manager = manager
+        self.steps = steps  # dsec.trajectory.coordinator.StepCoordinator, when the trajectory log is enabled
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    @rpc_errors
+    def Create(self, request: pb.CreateRequest, context: grpc.ServicerContext) -> pb.SandboxInfo:
+        spec = spec_from_pb(request.spec, self.config)
+        return info_to_pb(self.manager.create(spec))
+
+    @rpc_errors
+    def Get(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.SandboxInfo:
+        return info_to_pb(self.manager.get(request.sandbox_id))
+
+    @rpc_errors
+    def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
+        return pb.ListResponse(sandboxes=[info_to_pb(s) for s in self.manager.list(dict(request.labels))])
+
+    @rpc_errors
+    def Destroy(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.Empty:
+        self.manager.destroy(request.sandbox_id)
+        return pb.Empty()
+
+    @rpc_errors
+    def SetTimeout(self, request: pb.SetTimeoutRequest, context: grpc.ServicerContext) -> pb.SandboxInfo:
+        return info_to_pb(self.manager.set_timeout(request.sandbox_id, request.timeout_s))
+
+    # -- step log glue ----------------------------------------------------------------------------------
+    def _logged(
+        self, sandbox: ManagedSandbox, kind: str, request, execute: Callable[[], bytes]
+    ) -> tuple[bytes, bool]:
+        step = request.step if request.HasField("step") else None
+        if step is None or not step.trajectory_id:
+            return execute(), False
+        if self.steps is None:
+            raise Unsupported("this server runs without a trajectory log; drop the step key or enable the log")
+        digest = step.request_hash or request_hash(kind, sandbox.image.digest, request)
+        return self.steps.run_once(step.trajectory_id, step.step, digest, kind, sandbox.sandbox_id, execute)
+
+    def _stream_logged(
+        self, sandbox: ManagedSandbox, kind: str, request, produce: Callable[[], Iterator[pb.ExecEvent]]
+    ) -> Iterator[pb.ExecEvent]:
+        """Stream output live while the step runs in its own thread, so it completes and is logged even if
+        the client disconnects; the status is sent only after the record is durable."""
+        if not (request.HasField("step") and request.step.trajectory_id):
+            yield from produce()
+            return
+        live: queue.Queue = queue.Queue()
+
+        def execute() -> bytes:
+            record = pb.ExecRecord()
+            for event in produce():
+                if event.HasField("status"):
+                    record.status.CopyFrom(event.status)
+                else:
+                    if event.stdout:
+                        record.stdout += event.stdout
+                    if event.stderr:
+                        record.stderr += event.stderr
+                    live.put(event)
+            return record.SerializeToString()
+
+        outcome: dict = {}
+
+        def run() -> None:
+            try:
+                outcome["result"] = self._logged(sandbox, kind, request, execute)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the RPC thread
+                outcome["error"] = exc
+            finally:
+                live.put(None)
+
+        threading.Thread(target=run, daemon=True, name=f"dsec-step-{kind}").start()
+        streamed = False
+        while (event := live.get()) is not None:
+            streamed = True
+            yield event
+        if "error" in outcome:
+            raise outcome["error"]
+        record, replayed = outcome["result"]
+        if streamed:
+            status = pb.ExecRecord.FromString(record).status
+            yield pb.ExecEvent(status=status)
+        else:
+            yield from _events_from_record(record, replayed)
+
+    # -- exec -----------------------------------------------------------------------------------------------
+    @rpc_errors
+    def Exec(self, request: pb.ExecRequest, context: grpc.ServicerContext) -> Iterator[pb.ExecEvent]:
+        sandbox = self.manager.running(request.sandbox_id)
+        if bool(request.argv) == bool(request.command):
+            raise InvalidSpec("give exactly one of argv or command")
+        if len(request.stdin) > MAX_STDIN:
+            raise InvalidSpec(f"stdin larger than {MAX_STDIN} bytes; upload a file instead")
+        if request.timeout_s < 0:
+            raise InvalidSpec("timeout_s must be >= 0")
+        argv = list(request.argv) or ["/bin/sh", "-c", request.command]
+        env = sandbox.default_env() | dict(request.env)
+        cwd = sandbox_path(request.cwd, "/") if request.cwd else sandbox.default_cwd()
+        max_output = request.max_output_bytes or self.config.max_output_bytes
+
+        def produce() -> Iterator[pb.ExecEvent]:
+            oom_before = sandbox.handle.oom_kill_count()
+            process = sandbox.handle.spawn(argv, env, cwd, stdin=bool(request.stdin))
+            yield from run_process(
+                sandbox.handle,
+                process,
+                stdin=request.stdin or None,
+                timeout_s=request.timeout_s,
+                max_output_bytes=max_output,
+                oom_kills_before=oom_before,
+            )
+
+        yield from self._stream_logged(sandbox, "exec", request, produce)
+
+    # -- sessions -------------------------------------------------------------------------------------------
+    @rpc_errors
+    def StartSession(self, request: pb.StartSessionRequest, context: grpc.ServicerContext) -> pb.SessionRef:
+        cwd = sandbox_path(request.cwd) if request.cwd else ""
+        session = self.manager.start_session(request.sandbox_id, dict(request.env), cwd, request.shell)
+        return pb.SessionRef(sandbox_id=request.sandbox_id, session_id=session.session_id)
+
+    @rpc_errors
+    def RunInSession(self, request: pb.RunInSessionRequest, context: grpc.ServicerContext) -> Iterator[pb.ExecEvent]:
+        sandbox = self.manager.running(request.session.sandbox_id)
+        session = self.manager.session(request.session.sandbox_id, request.session.session_id)
+        max_output = request.max_output_bytes or self.config.max_output_bytes
+
+        def produce() -> Iterator[pb.ExecEvent]:
+            return session.run(request.command, request.timeout_s, max_output)
+
+        yield from self._stream_logged(sandbox, "session", request, produce)
+
+    @rpc_errors
+    def CloseSession(self, request: pb.SessionRef, context: grpc.ServicerContext) -> pb.Empty:
+        self.manager.close_session(request.sandbox_id, request.session_id)
+        return pb.Empty()
+
+    # -- files ------------------------------------------------------------------------------------------------
+    @rpc_errors
+    def ReadFile(self, request: pb.FileRequest, context: grpc.ServicerContext) -> Iterator[pb.FileChunk]:
+        sandbox = self.manager.running(request.sandbox_id)
+        for data in sandbox.handle.read_file(sandbox_path(request.path, sandbox.default_cwd())):
+            yield pb.FileChunk(data=data)
+
+    @rpc_errors
+    def WriteFile(self, request_iterator, context: grpc.ServicerContext) -> pb.WriteFileResponse:
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise InvalidSpec("WriteFile stream must start with a header")
+        header = first.header
+        sandbox = self.manager.running(header.sandbox_id)
+        path = sandbox_path(header.path, sandbox.default_cwd())
+        mode = header.mode or 0o644
+        if not 0 <= mode <= 0o7777:
+            raise InvalidSpec(f"invalid file mode {oct(mode)}")
+
+        def chunks() -> Iterator[bytes]:
+            for message in request_iterator:
+                if message.HasField("header"):
+                    raise InvalidSpec("WriteFile stream carries a second header")
+                yield message.data
+
+        if header.HasField("step") and header.step.trajectory_id:
+            content = b"".join(chunks())  # the hash covers the content, so it must be read first
+
+            def execute() -> bytes:
+                size = sandbox.handle.write_file(path, [content], mode, header.make_parents)
+                return pb.WriteFileResponse(size=size).SerializeToString()
+
+            hashed = pb.WriteFileHeader()
+            hashed.CopyFrom(header)
+            hashed.ClearField("step")
+            keyed = pb.CallRequest(sandbox_id=header.sandbox_id, payload=hashed.SerializeToString() + content, step=header.step)
+            record, replayed = self._logged(sandbox, "write_file", keyed, execute)
+            response = pb.WriteFileResponse.FromString(record)
+            response.replayed = replayed
+            return response
+        return pb.WriteFileResponse(size=sandbox.handle.write_file(path, chunks(), mode, header.make_parents))
+
+    @rpc_errors
+    def ListDir(self, request: pb.FileRequest, context: grpc.ServicerContext) -> pb.ListDirResponse:
+        sandbox = self.manager.running(request.sandbox_id)
+        entries = sandbox.handle.list_dir(sandbox_path(request.path, sandbox.default_cwd()))
+        return pb.ListDirResponse(entries=[pb.FileEntry(**entry.model_dump()) for entry in entries])
+
+    @rpc_errors
+    def Upload(self, request_iterator, context: grpc.ServicerContext) -> pb.UploadResponse:
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise InvalidSpec("Upload stream must start with a header")
+        header = first.header
+        sandbox = self.manager.running(header.sandbox_id)
+        dest = sandbox_path(header.path, sandbox.default_cwd())
+
+        def chunks() -> Iterator[bytes]:
+            for message in request_iterator:
+                if message.HasField("header"):
+                    raise InvalidSpec("Upload stream carries a second header")
+                yield message.data
+
+        if header.HasField("step") and header.step.trajectory_id:
+            content = b"".join(chunks())
+
+            def execute() -> bytes:
+                return pb.UploadResponse(bytes=upload_tar(sandbox.handle, dest, [content])).SerializeToString()
+
+            keyed = pb.CallRequest(sandbox_id=header.sandbox_id, payload=dest.encode() + b"\0" + content, step=header.step)
+            record, replayed = self._logged(sandbox, "upload", keyed, execute)
+            response = pb.UploadResponse.FromString(record)
+            response.replayed = replayed
+            return response
+        return pb.UploadResponse(bytes=upload_tar(sandbox.handle, dest, chunks()))
+
+    @rpc_errors
+    def Download(self, request: pb.FileRequest, context: grpc.ServicerContext) -> Iterator[pb.FileChunk]:
+        sandbox = self.manager.running(request.sandbox_id)
+        for data in download_tar(sandbox.handle, sandbox_path(request.path, sandbox.default_cwd())):
+            yield pb.FileChunk(data=data)
+
+    # -- function calls ---------------------------------------------------------------------------------------
+    @rpc_errors
+    def Call(self, request: pb.CallRequest, context: grpc.ServicerContext) -> pb.CallResponse:
+        sandbox = self.manager.running(request.sandbox_id)
+        if not isinstance(sandbox.handle, FunctionSandbox):
+            raise InvalidSpec(
+                f"sandbox {request.sandbox_id} is a {sandbox.spec.substrate} sandbox; Call needs substrate='function'"
+            )
+        if request.timeout_s < 0 or request.memory_mb < 0:
+            raise InvalidSpec("timeout_s and memory_mb must be >= 0")
+        handle: FunctionSandbox = sandbox.handle
+
+        def execute() -> bytes:
+            reply = handle.call(request.payload, request.timeout_s, request.memory_mb)
+            return pb.CallResponse(
+                result=base64.b64decode(reply.get("result", "")),
+                is_error=bool(reply.get("is_error")),
+                traceback=reply.get("traceback", ""),
+                error_type=reply.get("error_type", ""),
+                duration_s=float(reply.get("duration_s", 0.0)),
+                stdout=base64.b64decode(reply.get("stdout", "")),
+                stderr=base64.b64decode(reply.get("stderr", "")),
+            ).SerializeToString()
+
+        record, replayed = self._logged(sandbox, "call", request, execute)
+        response = pb.CallResponse.FromString(record)
+        response.replayed = replayed
+        return response
+
+    # -- pause / snapshot / fork ------------------------------------------------------------------------------
+    @rpc_errors
+    def Pause(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.SandboxInfo:
+        return info_to_pb(self.manager.pause(request.sandbox_id))
+
+    @rpc_errors
+    def Resume(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.SandboxInfo:
+        return info_to_pb(self.manager.resume(request.sandbox_id))
+
+    @rpc_errors
+    def Snapshot(self, request: pb.SnapshotRequest, context: grpc.ServicerContext) -> pb.SnapshotRef:
+        meta = self.manager.snapshot(request.sandbox_id, request.name)
+        return pb.SnapshotRef(
+            snapshot_id=meta["snapshot_id"], sandbox_id=meta["sandbox_id"], created_at=meta["created_at"], kind=meta["kind"]
+        )
+
+    @rpc_errors
+    def Restore(self, request: pb.RestoreRequest, context: grpc.ServicerContext) -> pb.SandboxInfo:
+        return info_to_pb(self.manager.restore(request.snapshot_id, dict(request.labels), request.timeout_s))
+
+    @rpc_errors
+    def Fork(self, request: pb.ForkRequest, context: grpc.ServicerContext) -> pb.ForkResponse:
+        forks = self.manager.fork(request.sandbox_id, request.n or 1)
+        return pb.ForkResponse(sandboxes=[info_to_pb(s) for s in forks])
+
