@@ -32,6 +32,7 @@ class ServerConfig(BaseModel):
     max_output_bytes: int = 16 << 20
     max_sandboxes: int = 1024
     workers: int = 64
+    trajectory_dsn: str = Field(default_factory=lambda: os.environ.get("DSEC_TRAJECTORY_DSN", ""))  # "" = file log
     parent_pid: int = 0  # embedded mode: exit when this process dies
 
     @property

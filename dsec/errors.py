@@ -94,6 +94,12 @@ class TrajectoryDiverged(DsecError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class StepIndeterminate(DsecError):
+    """A logged step started but the server died before its result was logged: its effect is unknown."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class Unauthenticated(DsecError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
