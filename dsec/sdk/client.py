@@ -14,7 +14,9 @@ from dsec import codegen
 
 codegen.generate()
 
-from dsec.errors import CapacityExceeded  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from dsec.errors import CapacityExceeded, InvalidSpec  # noqa: E402
 from dsec.models import SandboxSpec  # noqa: E402
 from dsec.sdk.embedded import EmbeddedServer  # noqa: E402
 from dsec.sdk.errors import to_dsec_error  # noqa: E402
@@ -100,17 +102,21 @@ class Client:
         resources = {
             k: v for k, v in {"cpu": cpu, "memory_mb": memory_mb, "pids": pids, "disk_mb": disk_mb}.items() if v is not None
         }
-        spec = SandboxSpec(
-            image=image,
-            substrate=substrate,  # type: ignore[arg-type]
-            resources=resources,  # type: ignore[arg-type]
-            timeout_s=timeout_s if timeout_s is not None else 3600.0,
-            env=env or {},
-            labels=labels or {},
-            network=network,
-            driver=driver,
-            workdir=workdir,
-        )
+        try:
+            spec = SandboxSpec(
+                image=image,
+                substrate=substrate,  # type: ignore[arg-type]
+                resources=resources,  # type: ignore[arg-type]
+                timeout_s=timeout_s if timeout_s is not None else 3600.0,
+                env=env or {},
+                labels=labels or {},
+                network=network,
+                driver=driver,
+                workdir=workdir,
+            )
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise InvalidSpec(f"invalid sandbox spec: {problems}") from None
         request = pb.CreateRequest(
             spec=pb.SandboxSpec(
                 image=spec.image,
