@@ -34,6 +34,17 @@ class ServerConfig(BaseModel):
     workers: int = 64
     trajectory_dsn: str = Field(default_factory=lambda: os.environ.get("DSEC_TRAJECTORY_DSN", ""))  # "" = file log
     parent_pid: int = 0  # embedded mode: exit when this process dies
+    # Admission control: creates run at most this many at a time; more wait in a bounded queue.
+    max_concurrent_creates: int = 4
+    create_queue_limit: int = 48  # waiting creates hold RPC threads: keep this well under `workers`
+    tenant_max_sandboxes: int = 0  # 0 = no per-tenant quota
+    # Auth: {token: tenant} from a YAML file and/or DSEC_TOKENS="tok:tenant,…"; none = open server.
+    tokens_file: Path | None = None
+    tokens: str = Field(default_factory=lambda: os.environ.get("DSEC_TOKENS", ""))
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set → mutual TLS
+    metrics_listen: str = ""  # e.g. "127.0.0.1:9464"; "" = no metrics endpoint
 
     @property
     def images_dir(self) -> Path:

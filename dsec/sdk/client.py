@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -28,13 +29,38 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 MAX_MESSAGE = 64 << 20
-CAPACITY_RETRY_S = 120.0
+CAPACITY_RETRY_S = 600.0
+DEFAULT_RETRY_AFTER_S = 0.5  # when gRPC itself sheds load (concurrent-RPC limit) it sends no retry-after
+
+
+def _retry_after(error: CapacityExceeded) -> float | None:
+    """Seconds to wait before retrying a capacity rejection, or None if it is not retryable (oversized message)."""
+    if error.details.get("retry_after_s") is not None:
+        return float(error.details["retry_after_s"])
+    if "concurrent rpc limit" in error.message.lower():
+        return DEFAULT_RETRY_AFTER_S
+    return None
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 class Client:
     """Connection to a dsec server. With no address and no $DSEC_ADDRESS, starts an embedded server."""
 
-    def __init__(self, address: str | None = None, *, token: str | None = None) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
+        """`token` (or $DSEC_TOKEN) authenticates; `tls_ca` (or $DSEC_TLS_CA) switches to TLS, and
+        `tls_cert`/`tls_key` add a client certificate for servers that require mutual TLS."""
         address = address or os.environ.get("DSEC_ADDRESS") or None
         self._embedded: EmbeddedServer | None = None
         if address is None:
@@ -42,10 +68,17 @@ class Client:
             address = self._embedded.address
         self.address = address
         self._token = token or os.environ.get("DSEC_TOKEN") or None
-        self.channel = grpc.insecure_channel(
-            address,
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)],
-        )
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+        tls_ca = tls_ca or os.environ.get("DSEC_TLS_CA") or None
+        if tls_ca:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca),
+                private_key=_read(tls_key) if tls_key else None,
+                certificate_chain=_read(tls_cert) if tls_cert else None,
+            )
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
         self.sandboxes = pb_grpc.SandboxServiceStub(self.channel)
 
     @property
@@ -60,9 +93,10 @@ class Client:
                 return method(request, timeout=timeout, metadata=self.metadata)
             except grpc.RpcError as exc:
                 error = to_dsec_error(exc)
-                retry_after = error.details.get("retry_after_s")
-                if isinstance(error, CapacityExceeded) and retry_after is not None and time.monotonic() < deadline:
-                    time.sleep(min(float(retry_after), max(deadline - time.monotonic(), 0)))
+                retry_after = _retry_after(error) if isinstance(error, CapacityExceeded) else None
+                if retry_after is not None and time.monotonic() < deadline:
+                    jitter = random.uniform(0.8, 1.2)  # spread a thundering herd of retries
+                    time.sleep(min(retry_after * jitter, max(deadline - time.monotonic(), 0)))
                     continue
                 raise error from None
 

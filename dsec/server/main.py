@@ -23,7 +23,9 @@ from dsec import codegen
 codegen.generate()
 
 from dsec.config import ServerConfig  # noqa: E402 - stubs must exist before anything imports them
+from dsec.server.auth import Authenticator, AuthInterceptor, load_tokens, server_credentials  # noqa: E402
 from dsec.server.drivers import DriverRegistry  # noqa: E402
+from dsec.server.logs import configure_logging  # noqa: E402
 from dsec.server.manager import SandboxManager  # noqa: E402
 from dsec.server.sandbox_service import SandboxService  # noqa: E402
 from dsec.server.state import claim_run_dir  # noqa: E402
@@ -41,6 +43,7 @@ class RunningServer:
     manager: SandboxManager
     address: str
     config: ServerConfig
+    metrics_http: object | None  # the /metrics HTTP server, when enabled
     _stopped: threading.Event
     _done: threading.Event
 
@@ -52,6 +55,8 @@ class RunningServer:
         self._stopped.set()
         try:
             self.server.stop(grace)
+            if self.metrics_http is not None:
+                self.metrics_http.shutdown()
             self.manager.shutdown()
             self.manager.state.release()
         finally:
@@ -100,6 +105,7 @@ def serve(config: ServerConfig) -> RunningServer:
     manager = SandboxManager(config, state, images, DriverRegistry(config))
     manager.reap_dead_servers()
     steps, trajectory_log = _open_step_coordinator(config)
+    auth = Authenticator(load_tokens(config.tokens_file, config.tokens))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="dsec-rpc"),
         options=[
@@ -108,11 +114,15 @@ def serve(config: ServerConfig) -> RunningServer:
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=config.workers * 16,
+        interceptors=[AuthInterceptor(auth)],
     )
-    pb_grpc.add_SandboxServiceServicer_to_server(SandboxService(config, manager, steps), server)
+    pb_grpc.add_SandboxServiceServicer_to_server(SandboxService(config, manager, steps, auth), server)
     _add_optional_services(server, images, trajectory_log)
     listen = config.listen
-    port = server.add_insecure_port(listen)
+    if config.tls_cert and config.tls_key:
+        port = server.add_secure_port(listen, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
+    else:
+        port = server.add_insecure_port(listen)
     if listen.startswith("unix:"):
         address = listen
     else:
@@ -120,8 +130,20 @@ def serve(config: ServerConfig) -> RunningServer:
             raise RuntimeError(f"could not bind {listen}")
         address = f"{listen.rsplit(':', 1)[0]}:{port}"
     server.start()
-    log.info("dsec server %s listening on %s (home %s)", state.server_id, address, config.home)
-    return RunningServer(server, manager, address, config, threading.Event(), threading.Event())
+    metrics_http = None
+    if config.metrics_listen:
+        from dsec.server.metrics import start_metrics_server
+
+        metrics_http = start_metrics_server(config.metrics_listen, manager)
+    log.info(
+        "dsec server %s listening on %s (home %s, auth %s, metrics %s)",
+        state.server_id,
+        address,
+        config.home,
+        "on" if auth.enabled else "off",
+        metrics_http.server_port if metrics_http else "off",
+    )
+    return RunningServer(server, manager, address, config, metrics_http, threading.Event(), threading.Event())
 
 
 def _watch_parent(parent_pid: int, running: RunningServer) -> None:
@@ -140,9 +162,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--container-driver", default=None, choices=["crun", "runc", "docker"])
     parser.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default=os.environ.get("DSEC_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-format", default=os.environ.get("DSEC_LOG_FORMAT", "text"), choices=["text", "json"])
+    parser.add_argument("--metrics-listen", default=os.environ.get("DSEC_METRICS_LISTEN", ""), help="host:port for /metrics")
+    parser.add_argument("--tokens-file", default=None, help="YAML {token: tenant}; enables token auth")
+    parser.add_argument("--tls-cert", default=None)
+    parser.add_argument("--tls-key", default=None)
+    parser.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
+    parser.add_argument("--max-sandboxes", type=int, default=None)
+    parser.add_argument("--tenant-max-sandboxes", type=int, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides: dict = {"listen": args.listen, "parent_pid": args.parent_pid}
+    configure_logging(args.log_level, args.log_format)
+    overrides: dict = {"listen": args.listen, "parent_pid": args.parent_pid, "metrics_listen": args.metrics_listen}
+    for name in ("tokens_file", "tls_cert", "tls_key", "tls_client_ca", "max_sandboxes", "tenant_max_sandboxes"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     if args.home:
         overrides["home"] = args.home
     if args.container_driver:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from dsec.config import ServerConfig
 from dsec.errors import (
-    CapacityExceeded,
     DsecError,
     InvalidSpec,
     SandboxNotFound,
@@ -23,7 +22,10 @@ from dsec.errors import (
     SnapshotNotFound,
 )
 from dsec.models import SandboxSpec
+from dsec.server.admission import CreateAdmission
+from dsec.server.auth import DEFAULT_TENANT
 from dsec.server.drivers import DriverRegistry
+from dsec.server.metrics import CREATE_FAILURES, CREATE_SECONDS, IMAGE_RESOLVES
 from dsec.server.sessions import ShellSession
 from dsec.server.state import ServerState, reap_dead_servers, write_sandbox_record
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
@@ -45,6 +47,7 @@ class ManagedSandbox:
     created_at: float
     expires_at: float
     state: str = "running"
+    tenant: str = DEFAULT_TENANT
     timings_ms: dict[str, float] = field(default_factory=dict)
     sessions: dict[str, ShellSession] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -75,7 +78,9 @@ class SandboxManager:
         self._sandboxes: dict[str, ManagedSandbox] = {}
         self._gone: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
-        self._creating = 0
+        self.admission = CreateAdmission(
+            config.max_sandboxes, config.max_concurrent_creates, config.create_queue_limit, config.tenant_max_sandboxes
+        )
         self._stop = threading.Event()
         self.snapshot_root = config.home / "snapshots"
         self._reaper = threading.Thread(target=self._reap_expired, daemon=True, name="dsec-ttl-reaper")
@@ -97,91 +102,116 @@ class SandboxManager:
         return cleaned
 
     # -- lookup ---------------------------------------------------------------------------------------------
-    def get(self, sandbox_id: str) -> ManagedSandbox:
+    def get(self, sandbox_id: str, tenant: str | None = None) -> ManagedSandbox:
+        """The sandbox, if `tenant` (None = the server itself) may see it; others' sandboxes are not found."""
         with self._lock:
             sandbox = self._sandboxes.get(sandbox_id)
-            if sandbox is not None:
-                return sandbox
             reason = self._gone.get(sandbox_id)
+        if sandbox is not None and tenant is not None and sandbox.tenant != tenant:
+            sandbox, reason = None, None
+        if sandbox is not None:
+            return sandbox
         if reason:
             raise SandboxStateError(f"sandbox {sandbox_id} was {reason}; create a new one")
         raise SandboxNotFound(f"no sandbox {sandbox_id!r} on this server (list them with `dsec ls`)")
 
-    def running(self, sandbox_id: str) -> ManagedSandbox:
-        sandbox = self.get(sandbox_id)
+    def running(self, sandbox_id: str, tenant: str | None = None) -> ManagedSandbox:
+        sandbox = self.get(sandbox_id, tenant)
         sandbox.require_running()
         return sandbox
 
-    def list(self, labels: dict[str, str]) -> list[ManagedSandbox]:
+    def all(self) -> list[ManagedSandbox]:
         with self._lock:
-            items = list(self._sandboxes.values())
-        return [s for s in items if all(s.spec.labels.get(k) == v for k, v in labels.items())]
+            return list(self._sandboxes.values())
+
+    def list(self, labels: dict[str, str], tenant: str | None = None) -> list[ManagedSandbox]:
+        return [
+            s
+            for s in self.all()
+            if (tenant is None or s.tenant == tenant) and all(s.spec.labels.get(k) == v for k, v in labels.items())
+        ]
+
+    def _live_of_tenant(self, tenant: str) -> int:
+        with self._lock:
+            return sum(1 for s in self._sandboxes.values() if s.tenant == tenant)
+
+    def _live_total(self) -> int:
+        with self._lock:
+            return len(self._sandboxes)
 
     # -- create / destroy -----------------------------------------------------------------------------------
-    def _admit(self) -> None:
-        with self._lock:
-            if len(self._sandboxes) + self._creating >= self.config.max_sandboxes:
-                raise CapacityExceeded(
-                    f"server at capacity ({self.config.max_sandboxes} sandboxes); retry later or destroy some",
-                    retry_after_s=1.0,
-                )
-            self._creating += 1
-
     def _new_id(self) -> str:
         return "sb-" + secrets.token_hex(8)
 
     def _resolve_image(self, reference: str) -> ImageRootfs:
         if self.images is None:
             raise InvalidSpec("this server has no image store configured")
-        return self.images.resolve(reference)
+        try:
+            image = self.images.resolve(reference)
+        except DsecError:
+            IMAGE_RESOLVES.labels("miss").inc()
+            raise
+        IMAGE_RESOLVES.labels("hit").inc()
+        return image
 
-    def create(self, spec: SandboxSpec) -> ManagedSandbox:
-        return self._launch(spec, snapshot=None)
+    def create(self, spec: SandboxSpec, tenant: str = DEFAULT_TENANT) -> ManagedSandbox:
+        return self._launch(spec, snapshot=None, tenant=tenant)
 
-    def _launch(self, spec: SandboxSpec, snapshot: Path | None) -> ManagedSandbox:
-        started = time.monotonic()
+    def _launch(self, spec: SandboxSpec, snapshot: Path | None, tenant: str) -> ManagedSandbox:
         driver_name = self.drivers.name_for(spec)
-        self._admit()
+        with self.admission.slot(tenant, self._live_total, self._live_of_tenant):
+            started = time.monotonic()
+            try:
+                sandbox = self._launch_admitted(spec, snapshot, tenant, driver_name)
+            except Exception as error:
+                CREATE_FAILURES.labels(type(error).__name__).inc()
+                raise
+            elapsed = time.monotonic() - started
+            self.admission.record_create_time(elapsed)
+            CREATE_SECONDS.labels(spec.substrate, driver_name).observe(elapsed)
+            return sandbox
+
+    def _launch_admitted(self, spec: SandboxSpec, snapshot: Path | None, tenant: str, driver_name: str) -> ManagedSandbox:
+        started = time.monotonic()
+        image = self._resolve_image(spec.image)
+        resolved = time.monotonic()
         sandbox_id = self._new_id()
         state_dir = self.state.sandbox_dir(sandbox_id)
+        driver = self.drivers.get(driver_name)
         try:
-            image = self._resolve_image(spec.image)
-            resolved = time.monotonic()
-            driver = self.drivers.get(driver_name)
-            write_sandbox_record(state_dir, {"driver": driver_name, "sandbox_id": sandbox_id, "image": image.digest})
+            write_sandbox_record(
+                state_dir, {"driver": driver_name, "sandbox_id": sandbox_id, "image": image.digest, "tenant": tenant}
+            )
             if hasattr(self.images, "acquire"):
                 self.images.acquire(image.digest, sandbox_id)
-            try:
-                if snapshot is None:
-                    handle = driver.create(sandbox_id, spec, image, state_dir)
-                else:
-                    handle = driver.restore(sandbox_id, spec, image, snapshot, state_dir)
-            except BaseException:
-                self._discard_state(driver, driver_name, state_dir, sandbox_id)
-                raise
-            now = time.time()
-            sandbox = ManagedSandbox(
-                sandbox_id=sandbox_id,
-                spec=spec,
-                driver_name=driver_name,
-                driver=driver,
-                handle=handle,
-                image=image,
-                state_dir=state_dir,
-                created_at=now,
-                expires_at=now + spec.timeout_s,
-                timings_ms={
-                    "resolve_image": (resolved - started) * 1000,
-                    "driver_create": (time.monotonic() - resolved) * 1000,
-                    "total": (time.monotonic() - started) * 1000,
-                },
-            )
-            with self._lock:
-                self._sandboxes[sandbox_id] = sandbox
-            return sandbox
-        finally:
-            with self._lock:
-                self._creating -= 1
+            if snapshot is None:
+                handle = driver.create(sandbox_id, spec, image, state_dir)
+            else:
+                handle = driver.restore(sandbox_id, spec, image, snapshot, state_dir)
+        except BaseException:
+            self._discard_state(driver, driver_name, state_dir, sandbox_id)
+            raise
+        now = time.time()
+        sandbox = ManagedSandbox(
+            sandbox_id=sandbox_id,
+            spec=spec,
+            driver_name=driver_name,
+            driver=driver,
+            handle=handle,
+            image=image,
+            state_dir=state_dir,
+            created_at=now,
+            expires_at=now + spec.timeout_s,
+            tenant=tenant,
+            timings_ms={
+                "resolve_image": (resolved - started) * 1000,
+                "driver_create": (time.monotonic() - resolved) * 1000,
+                "total": (time.monotonic() - started) * 1000,
+            },
+        )
+        with self._lock:
+            self._sandboxes[sandbox_id] = sandbox
+        return sandbox
 
     def _discard_state(self, driver: SandboxDriver, driver_name: str, state_dir: Path, sandbox_id: str) -> None:
         try:
@@ -192,7 +222,9 @@ class SandboxManager:
         if hasattr(self.images, "release"):
             self.images.release(sandbox_id)
 
-    def destroy(self, sandbox_id: str, reason: str = "destroyed") -> None:
+    def destroy(self, sandbox_id: str, reason: str = "destroyed", tenant: str | None = None) -> None:
+        if tenant is not None:
+            self.get(sandbox_id, tenant)  # raises for another tenant's sandbox
         with self._lock:
             sandbox = self._sandboxes.pop(sandbox_id, None)
             if sandbox is None:
@@ -213,10 +245,10 @@ class SandboxManager:
                 if hasattr(self.images, "release"):
                     self.images.release(sandbox_id)
 
-    def set_timeout(self, sandbox_id: str, timeout_s: float) -> ManagedSandbox:
+    def set_timeout(self, sandbox_id: str, timeout_s: float, tenant: str | None = None) -> ManagedSandbox:
         if not (0 < timeout_s <= 7 * 24 * 3600):
             raise InvalidSpec(f"timeout_s must be in (0, 604800], got {timeout_s}")
-        sandbox = self.get(sandbox_id)
+        sandbox = self.get(sandbox_id, tenant)
         sandbox.expires_at = time.time() + timeout_s
         return sandbox
 
@@ -244,8 +276,10 @@ class SandboxManager:
                 log.exception("shutdown destroy of %s failed", sandbox_id)
 
     # -- sessions -------------------------------------------------------------------------------------------
-    def start_session(self, sandbox_id: str, env: dict[str, str], cwd: str, shell: str) -> ShellSession:
-        sandbox = self.running(sandbox_id)
+    def start_session(
+        self, sandbox_id: str, env: dict[str, str], cwd: str, shell: str, tenant: str | None = None
+    ) -> ShellSession:
+        sandbox = self.running(sandbox_id, tenant)
         session_id = "ss-" + secrets.token_hex(6)
         merged = sandbox.default_env() | env
         session = ShellSession(sandbox.handle, session_id, shell or "/bin/sh", merged, cwd or sandbox.default_cwd())
@@ -253,30 +287,30 @@ class SandboxManager:
             sandbox.sessions[session_id] = session
         return session
 
-    def session(self, sandbox_id: str, session_id: str) -> ShellSession:
-        sandbox = self.running(sandbox_id)
+    def session(self, sandbox_id: str, session_id: str, tenant: str | None = None) -> ShellSession:
+        sandbox = self.running(sandbox_id, tenant)
         session = sandbox.sessions.get(session_id)
         if session is None:
             raise SessionNotFound(f"no session {session_id!r} in sandbox {sandbox_id}")
         return session
 
-    def close_session(self, sandbox_id: str, session_id: str) -> None:
-        sandbox = self.get(sandbox_id)
+    def close_session(self, sandbox_id: str, session_id: str, tenant: str | None = None) -> None:
+        sandbox = self.get(sandbox_id, tenant)
         session = sandbox.sessions.pop(session_id, None)
         if session is None:
             raise SessionNotFound(f"no session {session_id!r} in sandbox {sandbox_id}")
         session.close()
 
     # -- pause / snapshot / restore / fork ----------------------------------------------------------------
-    def pause(self, sandbox_id: str) -> ManagedSandbox:
-        sandbox = self.running(sandbox_id)
+    def pause(self, sandbox_id: str, tenant: str | None = None) -> ManagedSandbox:
+        sandbox = self.running(sandbox_id, tenant)
         with sandbox.lock:
             sandbox.handle.pause()
             sandbox.state = "paused"
         return sandbox
 
-    def resume(self, sandbox_id: str) -> ManagedSandbox:
-        sandbox = self.get(sandbox_id)
+    def resume(self, sandbox_id: str, tenant: str | None = None) -> ManagedSandbox:
+        sandbox = self.get(sandbox_id, tenant)
         with sandbox.lock:
             if sandbox.state != "paused":
                 raise SandboxStateError(f"sandbox {sandbox_id} is {sandbox.state}, not paused")
@@ -284,8 +318,8 @@ class SandboxManager:
             sandbox.state = "running"
         return sandbox
 
-    def snapshot(self, sandbox_id: str, name: str) -> dict:
-        sandbox = self.running(sandbox_id)
+    def snapshot(self, sandbox_id: str, name: str, tenant: str | None = None) -> dict:
+        sandbox = self.running(sandbox_id, tenant)
         snapshot_id = "snap-" + secrets.token_hex(8)
         dest = self.snapshot_root / snapshot_id
         dest.mkdir(parents=True)
@@ -303,34 +337,41 @@ class SandboxManager:
             "created_at": time.time(),
             "spec": sandbox.spec.model_dump(),
             "image": sandbox.image.digest,
+            "tenant": sandbox.tenant,
         }
         (dest / "meta.json").write_text(json.dumps(meta))
         return meta
 
-    def _snapshot_meta(self, snapshot_id: str) -> dict:
+    def _snapshot_meta(self, snapshot_id: str, tenant: str | None) -> dict:
         if not snapshot_id.startswith("snap-") or "/" in snapshot_id:
             raise SnapshotNotFound(f"invalid snapshot id {snapshot_id!r}")
         path = self.snapshot_root / snapshot_id / "meta.json"
         if not path.exists():
             raise SnapshotNotFound(f"no snapshot {snapshot_id!r}")
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
+        if tenant is not None and meta.get("tenant", DEFAULT_TENANT) != tenant:
+            raise SnapshotNotFound(f"no snapshot {snapshot_id!r}")
+        return meta
 
-    def restore(self, snapshot_id: str, labels: dict[str, str], timeout_s: float) -> ManagedSandbox:
-        meta = self._snapshot_meta(snapshot_id)
+    def restore(
+        self, snapshot_id: str, labels: dict[str, str], timeout_s: float, tenant: str | None = None
+    ) -> ManagedSandbox:
+        meta = self._snapshot_meta(snapshot_id, tenant)
         spec = SandboxSpec.model_validate(meta["spec"])
         spec = spec.model_copy(update={"image": meta["image"], "labels": spec.labels | labels})
         if timeout_s > 0:
             spec = spec.model_copy(update={"timeout_s": timeout_s})
-        return self._launch(spec, snapshot=self.snapshot_root / snapshot_id / "data")
+        owner = meta.get("tenant", DEFAULT_TENANT)
+        return self._launch(spec, snapshot=self.snapshot_root / snapshot_id / "data", tenant=owner)
 
-    def fork(self, sandbox_id: str, n: int) -> list[ManagedSandbox]:
+    def fork(self, sandbox_id: str, n: int, tenant: str | None = None) -> list[ManagedSandbox]:
         if not (1 <= n <= 100):
             raise InvalidSpec(f"fork count must be between 1 and 100, got {n}")
-        meta = self.snapshot(sandbox_id, name=f"fork-of-{sandbox_id}")
+        meta = self.snapshot(sandbox_id, name=f"fork-of-{sandbox_id}", tenant=tenant)
         forks: list[ManagedSandbox] = []
         try:
             for _ in range(n):
-                forks.append(self.restore(meta["snapshot_id"], {"dsec.fork_of": sandbox_id}, 0))
+                forks.append(self.restore(meta["snapshot_id"], {"dsec.fork_of": sandbox_id}, 0, tenant))
         except BaseException:
             for sandbox in forks:
                 self.destroy(sandbox.sandbox_id)

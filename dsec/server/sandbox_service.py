@@ -6,16 +6,19 @@ import base64
 import hashlib
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
 
 from dsec.config import ServerConfig
 from dsec.errors import InvalidSpec, Unsupported
+from dsec.server.auth import DEFAULT_TENANT, Authenticator
 from dsec.server.convert import info_to_pb, spec_from_pb
 from dsec.server.errors import rpc_errors
 from dsec.server.execution import run_process
 from dsec.server.manager import ManagedSandbox, SandboxManager
+from dsec.server.metrics import EXEC_SECONDS, EXECS, STEPS
 from dsec.server.paths import sandbox_path
 from dsec.server.transfer import download_tar, upload_tar
 from dsec.substrates.function.driver import FunctionSandbox
@@ -38,6 +41,11 @@ def request_hash(kind: str, image_digest: str, message) -> str:
     return digest.hexdigest()
 
 
+def tenant_trajectory_id(tenant: str, trajectory_id: str) -> str:
+    """Trajectories live in one log; other tenants' ids are prefixed so no tenant can read or hit another's."""
+    return trajectory_id if tenant == DEFAULT_TENANT else f"tenant:{tenant}/{trajectory_id}"
+
+
 def _events_from_record(record: bytes, replayed: bool) -> Iterator[pb.ExecEvent]:
     parsed = pb.ExecRecord.FromString(record)
     for start in range(0, len(parsed.stdout), _CHUNK):
@@ -50,34 +58,58 @@ def _events_from_record(record: bytes, replayed: bool) -> Iterator[pb.ExecEvent]
     yield pb.ExecEvent(status=status)
 
 
+def _outcome(status: pb.ExecStatus) -> str:
+    if status.replayed:
+        return "replayed"
+    if status.oom_killed:
+        return "oom"
+    if status.timed_out:
+        return "timeout"
+    return "ok" if status.exit_code == 0 else "nonzero"
+
+
+def _observed(substrate: str, events: Iterator[pb.ExecEvent]) -> Iterator[pb.ExecEvent]:
+    """Pass events through, recording the exec's latency and outcome for /metrics."""
+    started = time.monotonic()
+    for event in events:
+        if event.HasField("status"):
+            EXEC_SECONDS.labels(substrate).observe(time.monotonic() - started)
+            EXECS.labels(substrate, _outcome(event.status)).inc()
+        yield event
+
+
 class SandboxService(pb_grpc.SandboxServiceServicer):
-    def __init__(self, config: ServerConfig, manager: SandboxManager, steps=None) -> None:
+    def __init__(self, config: ServerConfig, manager: SandboxManager, steps=None, auth: Authenticator | None = None) -> None:
         self.config = config
         self.manager = manager
         self.steps = steps  # dsec.trajectory.coordinator.StepCoordinator, when the trajectory log is enabled
+        self.auth = auth or Authenticator({})
+
+    def _tenant(self, context: grpc.ServicerContext) -> str:
+        return self.auth.tenant(context)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     @rpc_errors
     def Create(self, request: pb.CreateRequest, context: grpc.ServicerContext) -> pb.SandboxInfo:
         spec = spec_from_pb(request.spec, self.config)
-        return info_to_pb(self.manager.create(spec))
+        return info_to_pb(self.manager.create(spec, self._tenant(context)))
 
     @rpc_errors
     def Get(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.SandboxInfo:
-        return info_to_pb(self.manager.get(request.sandbox_id))
+        return info_to_pb(self.manager.get(request.sandbox_id, self._tenant(context)))
 
     @rpc_errors
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
-        return pb.ListResponse(sandboxes=[info_to_pb(s) for s in self.manager.list(dict(request.labels))])
+        return pb.ListResponse(sandboxes=[info_to_pb(s) for s in self.manager.list(dict(request.labels), self._tenant(context))])
 
     @rpc_errors
     def Destroy(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.Empty:
-        self.manager.destroy(request.sandbox_id)
+        self.manager.destroy(request.sandbox_id, tenant=self._tenant(context))
         return pb.Empty()
 
     @rpc_errors
     def SetTimeout(self, request: pb.SetTimeoutRequest, context: grpc.ServicerContext) -> pb.SandboxInfo:
-        return info_to_pb(self.manager.set_timeout(request.sandbox_id, request.timeout_s))
+        return info_to_pb(self.manager.set_timeout(request.sandbox_id, request.timeout_s, self._tenant(context)))
 
     # -- step log glue ----------------------------------------------------------------------------------
     def _logged(
@@ -89,7 +121,10 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
         if self.steps is None:
             raise Unsupported("this server runs without a trajectory log; drop the step key or enable the log")
         digest = step.request_hash or request_hash(kind, sandbox.image.digest, request)
-        return self.steps.run_once(step.trajectory_id, step.step, digest, kind, sandbox.sandbox_id, execute)
+        trajectory_id = tenant_trajectory_id(sandbox.tenant, step.trajectory_id)
+        result, replayed = self.steps.run_once(trajectory_id, step.step, digest, kind, sandbox.sandbox_id, execute)
+        STEPS.labels(kind, "replayed" if replayed else "executed").inc()
+        return result, replayed
 
     def _stream_logged(
         self, sandbox: ManagedSandbox, kind: str, request, produce: Callable[[], Iterator[pb.ExecEvent]]
@@ -141,7 +176,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
     # -- exec -----------------------------------------------------------------------------------------------
     @rpc_errors
     def Exec(self, request: pb.ExecRequest, context: grpc.ServicerContext) -> Iterator[pb.ExecEvent]:
-        sandbox = self.manager.running(request.sandbox_id)
+        sandbox = self.manager.running(request.sandbox_id, self._tenant(context))
         if bool(request.argv) == bool(request.command):
             raise InvalidSpec("give exactly one of argv or command")
         if len(request.stdin) > MAX_STDIN:
@@ -165,19 +200,19 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
                 oom_kills_before=oom_before,
             )
 
-        yield from self._stream_logged(sandbox, "exec", request, produce)
+        yield from _observed(sandbox.spec.substrate, self._stream_logged(sandbox, "exec", request, produce))
 
     # -- sessions -------------------------------------------------------------------------------------------
     @rpc_errors
     def StartSession(self, request: pb.StartSessionRequest, context: grpc.ServicerContext) -> pb.SessionRef:
         cwd = sandbox_path(request.cwd) if request.cwd else ""
-        session = self.manager.start_session(request.sandbox_id, dict(request.env), cwd, request.shell)
+        session = self.manager.start_session(request.sandbox_id, dict(request.env), cwd, request.shell, self._tenant(context))
         return pb.SessionRef(sandbox_id=request.sandbox_id, session_id=session.session_id)
 
     @rpc_errors
     def RunInSession(self, request: pb.RunInSessionRequest, context: grpc.ServicerContext) -> Iterator[pb.ExecEvent]:
-        sandbox = self.manager.running(request.session.sandbox_id)
-        session = self.manager.session(request.session.sandbox_id, request.session.session_id)
+        sandbox = self.manager.running(request.session.sandbox_id, self._tenant(context))
+        session = self.manager.session(request.session.sandbox_id, request.session.session_id, self._tenant(context))
         max_output = request.max_output_bytes or self.config.max_output_bytes
 
         def produce() -> Iterator[pb.ExecEvent]:
@@ -187,13 +222,13 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
 
     @rpc_errors
     def CloseSession(self, request: pb.SessionRef, context: grpc.ServicerContext) -> pb.Empty:
-        self.manager.close_session(request.sandbox_id, request.session_id)
+        self.manager.close_session(request.sandbox_id, request.session_id, self._tenant(context))
         return pb.Empty()
 
     # -- files ------------------------------------------------------------------------------------------------
     @rpc_errors
     def ReadFile(self, request: pb.FileRequest, context: grpc.ServicerContext) -> Iterator[pb.FileChunk]:
-        sandbox = self.manager.running(request.sandbox_id)
+        sandbox = self.manager.running(request.sandbox_id, self._tenant(context))
         for data in sandbox.handle.read_file(sandbox_path(request.path, sandbox.default_cwd())):
             yield pb.FileChunk(data=data)
 
@@ -203,7 +238,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
         if first is None or not first.HasField("header"):
             raise InvalidSpec("WriteFile stream must start with a header")
         header = first.header
-        sandbox = self.manager.running(header.sandbox_id)
+        sandbox = self.manager.running(header.sandbox_id, self._tenant(context))
         path = sandbox_path(header.path, sandbox.default_cwd())
         mode = header.mode or 0o644
         if not 0 <= mode <= 0o7777:
@@ -234,7 +269,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
 
     @rpc_errors
     def ListDir(self, request: pb.FileRequest, context: grpc.ServicerContext) -> pb.ListDirResponse:
-        sandbox = self.manager.running(request.sandbox_id)
+        sandbox = self.manager.running(request.sandbox_id, self._tenant(context))
         entries = sandbox.handle.list_dir(sandbox_path(request.path, sandbox.default_cwd()))
         return pb.ListDirResponse(entries=[pb.FileEntry(**entry.model_dump()) for entry in entries])
 
@@ -244,7 +279,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
         if first is None or not first.HasField("header"):
             raise InvalidSpec("Upload stream must start with a header")
         header = first.header
-        sandbox = self.manager.running(header.sandbox_id)
+        sandbox = self.manager.running(header.sandbox_id, self._tenant(context))
         dest = sandbox_path(header.path, sandbox.default_cwd())
 
         def chunks() -> Iterator[bytes]:
@@ -268,14 +303,14 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
 
     @rpc_errors
     def Download(self, request: pb.FileRequest, context: grpc.ServicerContext) -> Iterator[pb.FileChunk]:
-        sandbox = self.manager.running(request.sandbox_id)
+        sandbox = self.manager.running(request.sandbox_id, self._tenant(context))
         for data in download_tar(sandbox.handle, sandbox_path(request.path, sandbox.default_cwd())):
             yield pb.FileChunk(data=data)
 
     # -- function calls ---------------------------------------------------------------------------------------
     @rpc_errors
     def Call(self, request: pb.CallRequest, context: grpc.ServicerContext) -> pb.CallResponse:
-        sandbox = self.manager.running(request.sandbox_id)
+        sandbox = self.manager.running(request.sandbox_id, self._tenant(context))
         if not isinstance(sandbox.handle, FunctionSandbox):
             raise InvalidSpec(
                 f"sandbox {request.sandbox_id} is a {sandbox.spec.substrate} sandbox; Call needs substrate='function'"
@@ -304,25 +339,25 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
     # -- pause / snapshot / fork ------------------------------------------------------------------------------
     @rpc_errors
     def Pause(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.SandboxInfo:
-        return info_to_pb(self.manager.pause(request.sandbox_id))
+        return info_to_pb(self.manager.pause(request.sandbox_id, self._tenant(context)))
 
     @rpc_errors
     def Resume(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.SandboxInfo:
-        return info_to_pb(self.manager.resume(request.sandbox_id))
+        return info_to_pb(self.manager.resume(request.sandbox_id, self._tenant(context)))
 
     @rpc_errors
     def Snapshot(self, request: pb.SnapshotRequest, context: grpc.ServicerContext) -> pb.SnapshotRef:
-        meta = self.manager.snapshot(request.sandbox_id, request.name)
+        meta = self.manager.snapshot(request.sandbox_id, request.name, self._tenant(context))
         return pb.SnapshotRef(
             snapshot_id=meta["snapshot_id"], sandbox_id=meta["sandbox_id"], created_at=meta["created_at"], kind=meta["kind"]
         )
 
     @rpc_errors
     def Restore(self, request: pb.RestoreRequest, context: grpc.ServicerContext) -> pb.SandboxInfo:
-        return info_to_pb(self.manager.restore(request.snapshot_id, dict(request.labels), request.timeout_s))
+        return info_to_pb(self.manager.restore(request.snapshot_id, dict(request.labels), request.timeout_s, self._tenant(context)))
 
     @rpc_errors
     def Fork(self, request: pb.ForkRequest, context: grpc.ServicerContext) -> pb.ForkResponse:
-        forks = self.manager.fork(request.sandbox_id, request.n or 1)
+        forks = self.manager.fork(request.sandbox_id, request.n or 1, self._tenant(context))
         return pb.ForkResponse(sandboxes=[info_to_pb(s) for s in forks])
 
