@@ -40,8 +40,11 @@ class CreateAdmission:
         backlog = (self._waiting + 1) / self.max_concurrent * self._avg_create_s
         return round(min(_MAX_RETRY_S, max(_MIN_RETRY_S, backlog)), 3)
 
-    def _reject(self, reason: str, message: str) -> CapacityExceeded:
+    def _reject(self, reason: str, message: str, transient: bool = True) -> CapacityExceeded:
+        """Transient rejections carry a retry-after the SDK sleeps on; a quota is policy, so it carries none."""
         ADMISSION_REJECTS.labels(reason).inc()
+        if not transient:
+            return CapacityExceeded(message)
         return CapacityExceeded(message, retry_after_s=self._retry_after())
 
     @contextmanager
@@ -54,7 +57,8 @@ class CreateAdmission:
                 )
             if self.tenant_max and live_of_tenant(tenant) + self._pending_by_tenant[tenant] >= self.tenant_max:
                 raise self._reject(
-                    "tenant_quota", f"tenant {tenant!r} is at its quota of {self.tenant_max} sandboxes; destroy some"
+                    "tenant_quota", f"tenant {tenant!r} is at its quota of {self.tenant_max} sandboxes; destroy some",
+                    transient=False,
                 )
             if self._running >= self.max_concurrent and self._waiting >= self.queue_limit:
                 raise self._reject("queue_full", f"create queue full ({self.queue_limit} waiting); retry shortly")
