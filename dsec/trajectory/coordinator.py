@@ -1,0 +1,161 @@
+"""Exactly-once tool calls: the server runs every (trajectory, step) through `StepCoordinator.run_once`.
+
+The order of events is what makes it exactly-once: an intent record is durable before `execute` starts, and
+the result record is durable before anyone sees the result. So after any crash a step is in one of three
+states: never started (no record: safe to run), finished (result logged: replay it), or started but not
+finished (intent only: its effect is unknown, and we say so instead of guessing — StepIndeterminate).
+Within one server a retry of a step that is still running waits for it instead of running it again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+
+from dsec.config import ServerConfig
+from dsec.errors import StepIndeterminate, TrajectoryDiverged
+from dsec.trajectory.log import TrajectoryLog, check_step, check_trajectory_id
+from dsec.trajectory.records import StepState
+
+
+def open_log(config: ServerConfig) -> TrajectoryLog:
+    """The server's trajectory log: PostgreSQL when `config.trajectory_dsn` is set, else files under home."""
+    if config.trajectory_dsn:
+        from dsec.trajectory.pglog import PostgresLog
+
+        return PostgresLog(config.trajectory_dsn)
+    from dsec.trajectory.filelog import FileLog
+
+    return FileLog(Path(config.trajectory_dir))
+
+
+def _diverged(trajectory_id: str, step: int, logged: str, requested: str) -> TrajectoryDiverged:
+    return TrajectoryDiverged(
+        f"trajectory {trajectory_id!r} diverged at step {step}: the log holds request {logged[:16]} but this "
+        f"call is {requested[:16]}; resume with the same calls in the same order, or fork the trajectory at "
+        f"step {step} under a new id",
+        trajectory_id=trajectory_id,
+        step=step,
+        logged_hash=logged,
+        request_hash=requested,
+    )
+
+
+_COORDINATORS: weakref.WeakKeyDictionary[TrajectoryLog, StepCoordinator] = weakref.WeakKeyDictionary()
+
+
+def coordinator_for(log: TrajectoryLog) -> StepCoordinator:
+    """The one coordinator of `log`: services that only hold the log (TrajectoryService) must share its
+    in-flight table, or re-running an indeterminate step could race a live execution of it."""
+    coordinator = _COORDINATORS.get(log)
+    return coordinator if coordinator is not None else StepCoordinator(log)
+
+
+class StepCoordinator:
+    """Runs each logged step at most once and returns its logged result to every retry."""
+
+    def __init__(self, log: TrajectoryLog) -> None:
+        self.log = log
+        self._lock = threading.Lock()
+        self._inflight: dict[tuple[str, int], tuple[str, Future]] = {}
+        self.executions = 0  # how many times `execute` was called: the crash suite checks it
+        _COORDINATORS[log] = self
+
+    def run_once(
+        self,
+        trajectory_id: str,
+        step: int,
+        request_hash: str,
+        kind: str,
+        sandbox_id: str,
+        execute: Callable[[], bytes],
+        request: bytes = b"",
+    ) -> tuple[bytes, bool]:
+        """Return (result bytes, replayed). `request` (optional) is stored so a lost sandbox can be rebuilt."""
+        check_trajectory_id(trajectory_id)
+        check_step(trajectory_id, step)
+        key = (trajectory_id, step)
+        while True:
+            with self._lock:
+                running = self._inflight.get(key)
+                if running is None:
+                    logged = self.log.lookup(trajectory_id, step)
+                    if logged is not None and logged.state is not StepState.ABANDONED:
+                        if logged.request_hash != request_hash:
+                            raise _diverged(trajectory_id, step, logged.request_hash, request_hash)
+                        if logged.state is StepState.DONE:
+                            assert logged.result is not None
+                            return logged.result, True
+                        raise StepIndeterminate(
+                            f"trajectory {trajectory_id!r} step {step} ({logged.kind}) started at "
+                            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(logged.started_at))} in sandbox "
+                            f"{logged.sandbox_id} but its result was never logged (the server stopped mid-call), so "
+                            "its effect is unknown; inspect the sandbox, then resolve the step with "
+                            "Trajectory.rerun_step(step) to run it again or fork the trajectory before it",
+                            trajectory_id=trajectory_id,
+                            step=step,
+                            sandbox_id=logged.sandbox_id,
+                        )
+                    future: Future = Future()
+                    self._inflight[key] = (request_hash, future)
+            if running is not None:
+                running_hash, running_future = running
+                if running_hash != request_hash:
+                    raise _diverged(trajectory_id, step, running_hash, request_hash)
+                return running_future.result(), True
+            try:
+                result = self._execute(trajectory_id, step, request_hash, kind, sandbox_id, execute, request)
+            except BaseException as exc:
+                future.set_exception(exc)
+                raise
+            else:
+                future.set_result(result)
+                return result, False
+            finally:
+                with self._lock:
+                    self._inflight.pop(key, None)
+
+    def _execute(
+        self,
+        trajectory_id: str,
+        step: int,
+        request_hash: str,
+        kind: str,
+        sandbox_id: str,
+        execute: Callable[[], bytes],
+        request: bytes,
+    ) -> bytes:
+        if not self.log.begin(trajectory_id, step, request_hash, kind, sandbox_id, request):
+            # Another server (shared PostgreSQL log) claimed the step between our lookup and our intent.
+            raise StepIndeterminate(
+                f"trajectory {trajectory_id!r} step {step} is being executed by another server; retry to get "
+                "its result once it is logged",
+                trajectory_id=trajectory_id,
+                step=step,
+            )
+        started = time.time()
+        with self._lock:
+            self.executions += 1
+        try:
+            result = execute()
+        except BaseException as exc:
+            # The call failed and its caller is told so: record that, so a retry may run it again.
+            self.log.abandon(trajectory_id, step, f"{type(exc).__name__}: {exc}")
+            raise
+        self.log.complete(trajectory_id, step, request_hash, kind, sandbox_id, result, started, time.time())
+        return result
+
+    def rerun_step(self, trajectory_id: str, step: int) -> bool:
+        """Operator's opt-in for an indeterminate step: let the next call run it again. False if not indeterminate."""
+        with self._lock:
+            if (trajectory_id, step) in self._inflight:
+                return False
+            logged = self.log.lookup(trajectory_id, step, with_result=False)
+            if logged is None or logged.state is not StepState.INTENT or logged.stored_in != trajectory_id:
+                return False
+            self.log.abandon(trajectory_id, step, "operator chose to re-run this step")
+            return True

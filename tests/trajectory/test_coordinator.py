@@ -1,0 +1,103 @@
+"""StepCoordinator: replay, divergence, waiting for an in-flight step, indeterminate steps after a crash."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from dsec.errors import StepIndeterminate, TrajectoryDiverged
+from dsec.trajectory.coordinator import StepCoordinator
+from dsec.trajectory.filelog import FileLog
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path):
+    log = FileLog(tmp_path)
+    try:
+        yield StepCoordinator(log)
+    finally:
+        log.close()
+
+
+def test_same_key_replays_without_executing(coordinator: StepCoordinator) -> None:
+    calls: list[int] = []
+
+    def execute() -> bytes:
+        calls.append(1)
+        return b"result"
+
+    assert coordinator.run_once("t", 0, "h", "exec", "sb", execute) == (b"result", False)
+    assert coordinator.run_once("t", 0, "h", "exec", "sb", execute) == (b"result", True)
+    assert len(calls) == 1 and coordinator.executions == 1
+
+
+def test_different_hash_diverges(coordinator: StepCoordinator) -> None:
+    coordinator.run_once("t", 3, "aaaa", "exec", "sb", lambda: b"r")
+    with pytest.raises(TrajectoryDiverged) as caught:
+        coordinator.run_once("t", 3, "bbbb", "exec", "sb", lambda: b"never")
+    message = str(caught.value)
+    assert "'t'" in message and "step 3" in message and "aaaa" in message and "bbbb" in message
+
+
+def test_retry_of_a_running_step_waits_for_its_result(coordinator: StepCoordinator) -> None:
+    started, release = threading.Event(), threading.Event()
+    runs: list[int] = []
+
+    def slow() -> bytes:
+        runs.append(1)
+        started.set()
+        release.wait(30)
+        return b"slow result"
+
+    first: dict = {}
+    thread = threading.Thread(target=lambda: first.update(r=coordinator.run_once("t", 0, "h", "exec", "sb", slow)))
+    thread.start()
+    assert started.wait(30)
+    retry: dict = {}
+    waiter = threading.Thread(target=lambda: retry.update(r=coordinator.run_once("t", 0, "h", "exec", "sb", slow)))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive(), "the retry must wait, not run the step again"
+    release.set()
+    thread.join(30)
+    waiter.join(30)
+    assert first["r"] == (b"slow result", False)
+    assert retry["r"] == (b"slow result", True)
+    assert len(runs) == 1
+
+
+def test_failed_execution_may_run_again(coordinator: StepCoordinator) -> None:
+    def boom() -> bytes:
+        raise OSError("sandbox vanished")
+
+    with pytest.raises(OSError):
+        coordinator.run_once("t", 0, "h", "exec", "sb", boom)
+    assert coordinator.run_once("t", 0, "h", "exec", "sb", lambda: b"ok") == (b"ok", False)
+
+
+def test_intent_without_result_after_crash_is_indeterminate(tmp_path: Path) -> None:
+    log = FileLog(tmp_path)
+    assert log.begin("t", 0, "h", "exec", "sb-7")  # the server died right after this
+    log.close()
+    with FileLog(tmp_path) as log:
+        coordinator = StepCoordinator(log)
+        with pytest.raises(StepIndeterminate, match="sb-7") as caught:
+            coordinator.run_once("t", 0, "h", "exec", "sb-7", lambda: b"must not run")
+        assert caught.value.details["step"] == 0
+        assert coordinator.executions == 0
+        assert coordinator.rerun_step("t", 0)  # the operator's explicit opt-in
+        assert coordinator.run_once("t", 0, "h", "exec", "sb-7", lambda: b"ran") == (b"ran", False)
+        assert not coordinator.rerun_step("t", 0)  # a finished step is never re-run
+
+
+def test_fork_replays_parent_prefix(coordinator: StepCoordinator) -> None:
+    for step in range(3):
+        coordinator.run_once("p", step, f"h{step}", "exec", "sb", lambda s=step: b"p%d" % s)
+    coordinator.log.fork("p", 2, "p/sample-1")
+    assert coordinator.run_once("p/sample-1", 1, "h1", "exec", "sb", lambda: b"x") == (b"p1", True)
+    assert coordinator.run_once("p/sample-1", 2, "other", "exec", "sb", lambda: b"own") == (b"own", False)
+    assert coordinator.run_once("p", 2, "h2", "exec", "sb", lambda: b"x") == (b"p2", True)
