@@ -9,6 +9,7 @@ Within one server a retry of a step that is still running waits for it instead o
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -17,20 +18,51 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from dsec.config import ServerConfig
-from dsec.errors import StepIndeterminate, TrajectoryDiverged
+from dsec.errors import InvalidSpec, RuntimeFailure, StepIndeterminate, TrajectoryDiverged
 from dsec.trajectory.log import TrajectoryLog, check_step, check_trajectory_id
 from dsec.trajectory.records import StepState
 
+log = logging.getLogger("dsec.trajectory")
+
+MAX_FILE_LOGS = 16
+
 
 def open_log(config: ServerConfig) -> TrajectoryLog:
-    """The server's trajectory log: PostgreSQL when `config.trajectory_dsn` is set, else files under home."""
+    """The server's trajectory log: PostgreSQL when `config.trajectory_dsn` is set, else files under home.
+
+    A file log belongs to one process. When another live server on the same home holds it (tests, or two
+    embedded servers), this server logs to the next free `trajectories-N` directory instead of failing to
+    start; a restarted lone server always gets the primary directory back, so resume finds its records.
+    """
     if config.trajectory_dsn:
         from dsec.trajectory.pglog import PostgresLog
 
         return PostgresLog(config.trajectory_dsn)
-    from dsec.trajectory.filelog import FileLog
+    from dsec.trajectory.filelog import FileLog, LogInUse
 
-    return FileLog(Path(config.trajectory_dir))
+    primary = Path(config.trajectory_dir)
+    for index in range(MAX_FILE_LOGS):
+        directory = primary if index == 0 else primary.with_name(f"{primary.name}-{index}")
+        try:
+            return FileLog(directory)
+        except LogInUse:
+            log.warning("trajectory log %s is held by another server; trying the next one", directory)
+    raise RuntimeFailure(
+        f"all {MAX_FILE_LOGS} trajectory logs under {primary.parent} are held by other servers; "
+        "stop some, or set DSEC_TRAJECTORY_DSN to share a PostgreSQL log"
+    )
+
+
+def _indeterminate(trajectory_id: str, step: int, kind: str, started_at: float, sandbox_id: str) -> StepIndeterminate:
+    return StepIndeterminate(
+        f"trajectory {trajectory_id!r} step {step} ({kind}) started at "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started_at))} in sandbox {sandbox_id} but its "
+        "result was never logged (the server stopped mid-call), so its effect is unknown; inspect the sandbox, "
+        "then call Trajectory.rerun_step(step) to run it again, or fork the trajectory before it",
+        trajectory_id=trajectory_id,
+        step=step,
+        sandbox_id=sandbox_id,
+    )
 
 
 def _diverged(trajectory_id: str, step: int, logged: str, requested: str) -> TrajectoryDiverged:
@@ -62,7 +94,9 @@ class StepCoordinator:
         self.log = log
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, int], tuple[str, Future]] = {}
+        self._rebuild: dict[tuple[str, int], str] = {}  # logged steps to re-execute once, in this sandbox
         self.executions = 0  # how many times `execute` was called: the crash suite checks it
+        self.rebuilt = 0  # of those, re-executions that rebuilt a lost sandbox (explicit opt-in)
         _COORDINATORS[log] = self
 
     def run_once(
@@ -75,49 +109,78 @@ class StepCoordinator:
         execute: Callable[[], bytes],
         request: bytes = b"",
     ) -> tuple[bytes, bool]:
-        """Return (result bytes, replayed). `request` (optional) is stored so a lost sandbox can be rebuilt."""
+        """Return (result bytes, replayed). `request` (optional) is stored with the intent, for audits."""
         check_trajectory_id(trajectory_id)
         check_step(trajectory_id, step)
         key = (trajectory_id, step)
-        while True:
-            with self._lock:
-                running = self._inflight.get(key)
-                if running is None:
-                    logged = self.log.lookup(trajectory_id, step)
-                    if logged is not None and logged.state is not StepState.ABANDONED:
-                        if logged.request_hash != request_hash:
-                            raise _diverged(trajectory_id, step, logged.request_hash, request_hash)
-                        if logged.state is StepState.DONE:
-                            assert logged.result is not None
-                            return logged.result, True
-                        raise StepIndeterminate(
-                            f"trajectory {trajectory_id!r} step {step} ({logged.kind}) started at "
-                            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(logged.started_at))} in sandbox "
-                            f"{logged.sandbox_id} but its result was never logged (the server stopped mid-call), so "
-                            "its effect is unknown; inspect the sandbox, then resolve the step with "
-                            "Trajectory.rerun_step(step) to run it again or fork the trajectory before it",
-                            trajectory_id=trajectory_id,
-                            step=step,
-                            sandbox_id=logged.sandbox_id,
-                        )
-                    future: Future = Future()
-                    self._inflight[key] = (request_hash, future)
-            if running is not None:
-                running_hash, running_future = running
-                if running_hash != request_hash:
-                    raise _diverged(trajectory_id, step, running_hash, request_hash)
-                return running_future.result(), True
-            try:
-                result = self._execute(trajectory_id, step, request_hash, kind, sandbox_id, execute, request)
-            except BaseException as exc:
-                future.set_exception(exc)
-                raise
+        with self._lock:
+            running = self._inflight.get(key)
+            if running is None:
+                logged = self.log.lookup(trajectory_id, step)
+                rebuild = False
+                if logged is not None and logged.state is not StepState.ABANDONED:
+                    if logged.request_hash != request_hash:
+                        raise _diverged(trajectory_id, step, logged.request_hash, request_hash)
+                    if logged.state is StepState.INTENT:
+                        raise _indeterminate(trajectory_id, step, logged.kind, logged.started_at, logged.sandbox_id)
+                    assert logged.result is not None
+                    rebuild = self._rebuild.get(key) == sandbox_id
+                    if not rebuild:
+                        return logged.result, True
+                    del self._rebuild[key]
+                future: Future = Future()
+                self._inflight[key] = (request_hash, future)
+        if running is not None:
+            running_hash, running_future = running
+            if running_hash != request_hash:
+                raise _diverged(trajectory_id, step, running_hash, request_hash)
+            return running_future.result(), True
+        try:
+            if rebuild:
+                assert logged is not None and logged.result is not None
+                self._reexecute(execute)
+                result, replayed = logged.result, True
             else:
-                future.set_result(result)
-                return result, False
-            finally:
-                with self._lock:
-                    self._inflight.pop(key, None)
+                result = self._execute(trajectory_id, step, request_hash, kind, sandbox_id, execute, request)
+                replayed = False
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        else:
+            future.set_result(result)
+            return result, replayed
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+
+    def _reexecute(self, execute: Callable[[], bytes]) -> None:
+        """Rebuild: redo a logged step's effect in a new sandbox; the caller still gets the logged result."""
+        with self._lock:
+            self.executions += 1
+            self.rebuilt += 1
+        execute()
+
+    def rebuild(self, trajectory_id: str, from_step: int, to_step: int, sandbox_id: str) -> int:
+        """Opt in to re-executing logged steps [from_step, to_step) in `sandbox_id` as the rollout re-issues them.
+
+        Why opt-in: re-running tool calls is exactly what the log exists to avoid; it is only right when the
+        sandbox holding their effects is gone and the caller says the calls are safe to repeat.
+        """
+        check_trajectory_id(trajectory_id)
+        if not sandbox_id or from_step < 0 or to_step < from_step:
+            raise InvalidSpec(
+                f"trajectory {trajectory_id!r}: rebuild needs a sandbox id and 0 <= from_step <= to_step, "
+                f"got {from_step}..{to_step} in {sandbox_id!r}"
+            )
+        done = {
+            r.step for r in self.log.steps(trajectory_id, with_results=False)
+            if r.state is StepState.DONE and from_step <= r.step < to_step
+        }
+        self.log.attach(trajectory_id, sandbox_id)
+        with self._lock:
+            for step in done:
+                self._rebuild[(trajectory_id, step)] = sandbox_id
+        return len(done)
 
     def _execute(
         self,

@@ -59,6 +59,10 @@ class _Trajectory:
     meta: list[Loc] = field(default_factory=list)  # FORK / ATTACH / SNAPSHOT frames, copied by compaction
 
 
+class LogInUse(RuntimeFailure):
+    """Another process holds this log directory (its flock)."""
+
+
 def _segment_name(number: int) -> str:
     return f"segment-{number:08d}.log"
 
@@ -76,7 +80,7 @@ class FileLog(TrajectoryLog):
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
-            raise RuntimeFailure(
+            raise LogInUse(
                 f"trajectory log {self.directory} is in use by another dsec server; "
                 "give each server its own DSEC_HOME or use the PostgreSQL backend (DSEC_TRAJECTORY_DSN)"
             ) from None
