@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 
 from dsec.errors import StepIndeterminate, TrajectoryDiverged
 from dsec.trajectory.coordinator import StepCoordinator
-from dsec.trajectory.filelog import FileLog
+from dsec.trajectory.log import TrajectoryLog
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def coordinator(tmp_path: Path):
-    log = FileLog(tmp_path)
-    try:
-        yield StepCoordinator(log)
-    finally:
-        log.close()
+def coordinator(log: TrajectoryLog) -> StepCoordinator:
+    return StepCoordinator(log)
 
 
 def test_same_key_replays_without_executing(coordinator: StepCoordinator) -> None:
@@ -79,11 +74,9 @@ def test_failed_execution_may_run_again(coordinator: StepCoordinator) -> None:
     assert coordinator.run_once("t", 0, "h", "exec", "sb", lambda: b"ok") == (b"ok", False)
 
 
-def test_intent_without_result_after_crash_is_indeterminate(tmp_path: Path) -> None:
-    log = FileLog(tmp_path)
+def test_intent_without_result_after_crash_is_indeterminate(log: TrajectoryLog, reopen) -> None:
     assert log.begin("t", 0, "h", "exec", "sb-7")  # the server died right after this
-    log.close()
-    with FileLog(tmp_path) as log:
+    with reopen(log) as log:
         coordinator = StepCoordinator(log)
         with pytest.raises(StepIndeterminate, match="sb-7") as caught:
             coordinator.run_once("t", 0, "h", "exec", "sb-7", lambda: b"must not run")
@@ -101,3 +94,52 @@ def test_fork_replays_parent_prefix(coordinator: StepCoordinator) -> None:
     assert coordinator.run_once("p/sample-1", 1, "h1", "exec", "sb", lambda: b"x") == (b"p1", True)
     assert coordinator.run_once("p/sample-1", 2, "other", "exec", "sb", lambda: b"own") == (b"own", False)
     assert coordinator.run_once("p", 2, "h2", "exec", "sb", lambda: b"x") == (b"p2", True)
+
+
+def test_concurrent_retries_execute_once(coordinator: StepCoordinator) -> None:
+    runs: list[int] = []
+    results: list[tuple[bytes, bool]] = []
+
+    def execute() -> bytes:
+        runs.append(1)
+        return b"once"
+
+    def call() -> None:
+        results.append(coordinator.run_once("t", 0, "h", "exec", "sb", execute))
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(runs) == 1
+    assert sorted(results) == [(b"once", False)] + [(b"once", True)] * 7
+
+
+def test_rebuild_reexecutes_once_in_the_new_sandbox(coordinator: StepCoordinator) -> None:
+    for step in range(3):
+        coordinator.run_once("t", step, f"h{step}", "exec", "old", lambda s=step: b"r%d" % s)
+    assert coordinator.rebuild("t", 1, 3, "new") == 2
+    runs: list[int] = []
+
+    def effect() -> bytes:
+        runs.append(1)
+        return b"fresh output"
+
+    assert coordinator.run_once("t", 0, "h0", "exec", "new", effect) == (b"r0", True)  # before the window
+    assert coordinator.run_once("t", 1, "h1", "exec", "new", effect) == (b"r1", True)  # re-executed, logged result
+    assert coordinator.run_once("t", 1, "h1", "exec", "new", effect) == (b"r1", True)  # a retry does not redo it
+    assert coordinator.run_once("t", 2, "h2", "exec", "new", effect) == (b"r2", True)
+    assert len(runs) == 2 and coordinator.rebuilt == 2
+    assert coordinator.log.info("t").sandbox_id == "new"
+
+
+def test_second_server_cannot_claim_a_running_step(log: TrajectoryLog) -> None:
+    """Two servers on one shared log: the intent row is the claim, the loser reports instead of running."""
+    first, second = StepCoordinator(log), StepCoordinator(log)
+    assert log.begin("t", 0, "h", "exec", "sb")  # the first server's intent; it is still executing
+    with pytest.raises(StepIndeterminate):
+        second.run_once("t", 0, "h", "exec", "sb", lambda: b"must not run")
+    log.complete("t", 0, "h", "exec", "sb", b"first", 1.0, 2.0)
+    assert second.run_once("t", 0, "h", "exec", "sb", lambda: b"x") == (b"first", True)
+    assert first.executions == second.executions == 0
