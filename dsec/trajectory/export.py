@@ -1,0 +1,107 @@
+"""Export logged trajectories as training data: JSONL (one step per line) or Parquet (one row per step).
+
+Why both: JSONL is what people grep and stream into scripts; Parquet is what data loaders read column-wise
+at scale. Results are the server's serialized messages; for the common kinds (exec, session, call, file
+write, upload) the exporter decodes them into readable fields, and keeps the raw bytes for everything else.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from dsec.errors import InvalidSpec
+from dsec.trajectory.log import StepRecord, TrajectoryLog
+
+_COLUMNS = (
+    "trajectory_id", "step", "kind", "state", "request_hash", "sandbox_id", "stored_in", "started_at",
+    "finished_at", "exit_code", "stdout", "stderr", "result",
+)  # fmt: skip
+
+
+def _decoded(kind: str, result: bytes | None) -> dict[str, Any]:
+    """Readable fields of a result; unknown kinds keep only the raw bytes."""
+    if result is None:
+        return {}
+    from dsec import codegen
+
+    codegen.generate()
+    from dsec.v1 import sandbox_pb2 as pb
+
+    try:
+        if kind in ("exec", "session"):
+            record = pb.ExecRecord.FromString(result)
+            return {"exit_code": record.status.exit_code, "stdout": record.stdout, "stderr": record.stderr}
+        if kind == "call":
+            reply = pb.CallResponse.FromString(result)
+            return {"exit_code": 1 if reply.is_error else 0, "stdout": reply.stdout, "stderr": reply.stderr}
+    except Exception:  # noqa: BLE001 - an undecodable result is still exported, raw
+        return {}
+    return {}
+
+
+def rows(log: TrajectoryLog, trajectory_ids: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """One dict per logged step, fork prefixes included, in trajectory then step order."""
+    for trajectory_id in trajectory_ids:
+        if log.info(trajectory_id) is None:
+            raise InvalidSpec(f"cannot export trajectory {trajectory_id!r}: it was never logged (or was deleted)")
+        for record in log.steps(trajectory_id, with_results=True):
+            yield _row(record)
+
+
+def _row(record: StepRecord) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "trajectory_id": record.trajectory_id,
+        "step": record.step,
+        "kind": record.kind,
+        "state": record.state.value,
+        "request_hash": record.request_hash,
+        "sandbox_id": record.sandbox_id,
+        "stored_in": record.stored_in,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
+        "exit_code": None,
+        "stdout": None,
+        "stderr": None,
+        "result": record.result,
+    }
+    row.update(_decoded(record.kind, record.result))
+    return row
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("utf-8", errors="replace")
+
+
+def export_jsonl(log: TrajectoryLog, trajectory_ids: Iterable[str], path: Path) -> int:
+    """Write one JSON object per step; stdout/stderr as text, the raw result base64. Returns rows written."""
+    count = 0
+    with open(path, "w", encoding="utf-8") as out:
+        for row in rows(log, trajectory_ids):
+            row["stdout"], row["stderr"] = _text(row["stdout"]), _text(row["stderr"])
+            row["result"] = None if row["result"] is None else base64.b64encode(row["result"]).decode()
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def export_parquet(log: TrajectoryLog, trajectory_ids: Iterable[str], path: Path) -> int:
+    """Write a Parquet table (one row per step, binary stdout/stderr/result). Returns rows written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema(
+        [
+            ("trajectory_id", pa.string()), ("step", pa.int64()), ("kind", pa.string()), ("state", pa.string()),
+            ("request_hash", pa.string()), ("sandbox_id", pa.string()), ("stored_in", pa.string()),
+            ("started_at", pa.float64()), ("finished_at", pa.float64()), ("exit_code", pa.int32()),
+            ("stdout", pa.binary()), ("stderr", pa.binary()), ("result", pa.binary()),
+        ]
+    )  # fmt: skip
+    table_rows = list(rows(log, trajectory_ids))
+    columns = {name: [row[name] for row in table_rows] for name in _COLUMNS}
+    pq.write_table(pa.table(columns, schema=schema), path)
+    return len(table_rows)
