@@ -1,0 +1,1 @@
+"""Scale-out: placement policy, the routing gateway, and node agents deployed on Ray."""

@@ -1,0 +1,491 @@
+"""The cluster gateway: one SandboxService endpoint in front of many node servers.
+
+Why a gRPC proxy and not a client-side router: the SDK stays unchanged (`dsec.Client(gateway_address)`),
+and placement sees every create. Create picks a node by free capacity (`placement.Placement`) and records
+sandbox → node; every other call goes to the owning node, streams forwarded message by message; List
+merges all nodes. Nodes enforce auth and tenancy themselves (the caller's metadata is passed through), so
+the gateway holds no secrets. A node that stops answering is marked lost: its sandboxes show state "lost"
+and calls on them fail with `SandboxStateError` naming the node, instead of hanging.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+
+from dsec import codegen
+
+codegen.generate()
+
+from dsec.cluster.placement import Capacity, Demand, Placement  # noqa: E402
+from dsec.errors import (  # noqa: E402
+    ERROR_METADATA_KEY,
+    RETRY_AFTER_METADATA_KEY,
+    CapacityExceeded,
+    DsecError,
+    InvalidSpec,
+    SandboxNotFound,
+    SandboxStateError,
+    ServerUnavailable,
+    SnapshotNotFound,
+)
+from dsec.v1 import sandbox_pb2 as pb  # noqa: E402
+from dsec.v1 import sandbox_pb2_grpc as pb_grpc  # noqa: E402
+
+log = logging.getLogger("dsec.cluster.gateway")
+
+MAX_MESSAGE = 64 << 20
+DEFAULT_DEMAND = Demand(cpus=1.0, memory_mb=512)  # what a node fills in for zeros (models.Resources defaults)
+_PASSED_METADATA = ("authorization",)
+_RELAYED_TRAILERS = (ERROR_METADATA_KEY, RETRY_AFTER_METADATA_KEY)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _Relay(Exception):
+    """A node's error status, passed to the caller unchanged (code, message, dsec-error trailer)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailers: tuple[tuple[str, str], ...]) -> None:
+        super().__init__(details)
+        self.code, self.details, self.trailers = code, details, trailers
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str, trailers) -> None:
+    context.set_trailing_metadata(tuple(trailers))
+    context.abort(code, details)
+
+
+def _gateway_errors(method: F) -> F:
+    """Map DsecError → typed status and relay node statuses as they came; anything else → INTERNAL."""
+
+    def handle(context: grpc.ServicerContext, exc: Exception) -> None:
+        if isinstance(exc, _Relay):
+            _abort(context, exc.code, exc.details, exc.trailers)
+        elif isinstance(exc, DsecError):
+            trailers = [(ERROR_METADATA_KEY, type(exc).__name__)]
+            if "retry_after_s" in exc.details:
+                trailers.append((RETRY_AFTER_METADATA_KEY, str(exc.details["retry_after_s"])))
+            _abort(context, exc.code, exc.message or type(exc).__name__, trailers)
+        else:
+            log.exception("gateway: internal error in %s", method.__name__)
+            _abort(context, grpc.StatusCode.INTERNAL, f"gateway error in {method.__name__}: {exc!r}", [(ERROR_METADATA_KEY, "RuntimeFailure")])
+
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream(self, request, context):  # type: ignore[no-untyped-def]
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+                handle(context, exc)
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    def unary(self, request, context):  # type: ignore[no-untyped-def]
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001
+            handle(context, exc)
+
+    return unary  # type: ignore[return-value]
+
+
+@dataclass
+class Node:
+    """One node server as the gateway sees it."""
+
+    node_id: str
+    address: str
+    capacity: Capacity
+    channel: grpc.Channel = field(repr=False)
+    stub: pb_grpc.SandboxServiceStub = field(repr=False)
+    alive: bool = True
+    failures: int = 0
+
+
+@dataclass
+class Route:
+    node_id: str
+    demand: Demand
+    owner: str  # digest of the caller's authorization, so lost sandboxes are shown only to their tenant
+    info: pb.SandboxInfo
+
+
+NodeProbe = Callable[[Node], bool]
+
+
+def channel_probe(node: Node, timeout_s: float = 2.0) -> bool:
+    """A node is alive when its gRPC port accepts a connection within `timeout_s`."""
+    try:
+        grpc.channel_ready_future(node.channel).result(timeout=timeout_s)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+
+
+def _demand(spec: pb.SandboxSpec) -> Demand:
+    return Demand(cpus=spec.resources.cpu or DEFAULT_DEMAND.cpus, memory_mb=spec.resources.memory_mb or DEFAULT_DEMAND.memory_mb)
+
+
+def _owner(context: grpc.ServicerContext) -> str:
+    auth = dict(context.invocation_metadata() or ()).get("authorization", "")
+    return hashlib.sha256(auth.encode()).hexdigest()[:16]
+
+
+def _outgoing(context: grpc.ServicerContext) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in context.invocation_metadata() or () if k in _PASSED_METADATA]
+
+
+def _timeout(context: grpc.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return remaining if remaining is not None and remaining < 1e8 else None
+
+
+class Gateway(pb_grpc.SandboxServiceServicer):
+    """Routes SandboxService calls to node servers. Thread-safe; one lock guards routes and placement."""
+
+    def __init__(self, probe: NodeProbe = channel_probe, failures_to_lose: int = 2) -> None:
+        self.nodes: dict[str, Node] = {}
+        self.routes: dict[str, Route] = {}
+        self.snapshots: dict[str, str] = {}  # snapshot id → node id
+        self.placement = Placement()
+        self._probe = probe
+        self._failures_to_lose = failures_to_lose
+        self._lock = threading.Lock()
+
+    # -- membership ----------------------------------------------------------------------------------------
+    def add_node(self, node_id: str, address: str, capacity: Capacity) -> None:
+        channel = grpc.insecure_channel(
+            address, options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+        )
+        with self._lock:
+            self.nodes[node_id] = Node(node_id, address, capacity, channel, pb_grpc.SandboxServiceStub(channel))
+            self.placement.add_node(node_id, capacity)
+        log.info("node %s joined at %s with %s", node_id, address, capacity)
+
+    def mark_lost(self, node_id: str, reason: str) -> list[str]:
+        """Stop placing on a node and mark its sandboxes lost; returns their ids."""
+        with self._lock:
+            node = self.nodes.get(node_id)
+            if node is None or not node.alive:
+                return []
+            node.alive = False
+            self.placement.remove_node(node_id)
+            lost = [sid for sid, route in self.routes.items() if route.node_id == node_id]
+            for sid in lost:
+                self.routes[sid].info.state = "lost"
+        node.channel.close()
+        log.warning("node %s lost (%s): %d sandboxes marked lost", node_id, reason, len(lost))
+        return lost
+
+    def check_nodes(self) -> None:
+        """Probe every live node once; a node failing `failures_to_lose` probes in a row is lost."""
+        for node in [n for n in self.nodes.values() if n.alive]:
+            if self._probe(node):
+                node.failures = 0
+                continue
+            node.failures += 1
+            if node.failures >= self._failures_to_lose:
+                self.mark_lost(node.node_id, f"{node.failures} failed health probes")
+
+    def node_of(self, sandbox_id: str) -> str:
+        with self._lock:
+            route = self.routes.get(sandbox_id)
+        if route is None:
+            raise SandboxNotFound(f"sandbox {sandbox_id} is not known to this gateway")
+        return route.node_id
+
+    # -- forwarding ------------------------------------------------------------------------------------------
+    def _call(self, node: Node, method: str, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return getattr(node.stub, method)(request, timeout=_timeout(context), metadata=_outgoing(context))
+        except grpc.RpcError as exc:
+            raise self._relay(node, exc) from None
+
+    def _relay(self, node: Node, exc: grpc.RpcError) -> Exception:
+        trailers = tuple((k, v) for k, v in (exc.trailing_metadata() or ()) if k in _RELAYED_TRAILERS)
+        typed = any(k == ERROR_METADATA_KEY for k, _ in trailers)
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and not typed and not self._probe(node):
+            self.mark_lost(node.node_id, f"unreachable: {exc.details()}")
+            return SandboxStateError(f"node {node.node_id} ({node.address}) was lost; its sandboxes are gone — create a new one")
+        return _Relay(exc.code(), exc.details() or exc.code().name, trailers)
+
+    def _route(self, sandbox_id: str, context: grpc.ServicerContext) -> tuple[Node, Route | None]:
+        """The live node owning `sandbox_id`; asks every node when the gateway has no record (e.g. restarted)."""
+        if not sandbox_id:
+            raise InvalidSpec("sandbox_id is required")
+        with self._lock:
+            route = self.routes.get(sandbox_id)
+            node = self.nodes.get(route.node_id) if route else None
+        if route is not None and node is not None:
+            if not node.alive:
+                raise SandboxStateError(
+                    f"sandbox {sandbox_id} is lost: its node {node.node_id} ({node.address}) was lost; "
+                    "create a new sandbox (a trajectory resumes there from its log)"
+                )
+            return node, route
+        for candidate in self._live_nodes():
+            try:
+                info = candidate.stub.Get(pb.SandboxRef(sandbox_id=sandbox_id), timeout=10, metadata=_outgoing(context))
+            except grpc.RpcError:
+                continue
+            return candidate, self._record(candidate.node_id, info, _owner(context), charge=True)
+        raise SandboxNotFound(f"sandbox {sandbox_id} not found on any node")
+
+    def _live_nodes(self) -> list[Node]:
+        with self._lock:
+            return [n for n in self.nodes.values() if n.alive]
+
+    def _record(self, node_id: str, info: pb.SandboxInfo, owner: str, charge: bool) -> Route:
+        demand = _demand(info.spec)
+        with self._lock:
+            existing = self.routes.get(info.id)
+            if existing is not None:
+                existing.info.CopyFrom(info)
+                return existing
+            route = self.routes[info.id] = Route(node_id, demand, owner, pb.SandboxInfo())
+            route.info.CopyFrom(info)
+            if charge:
+                self.placement.charge(node_id, demand)
+        return route
+
+    def _forget(self, sandbox_id: str) -> None:
+        with self._lock:
+            route = self.routes.pop(sandbox_id, None)
+            if route is not None:
+                self.placement.release(route.node_id, route.demand)
+
+    def _unary(self, sandbox_id: str, method: str, request: Any, context: grpc.ServicerContext) -> Any:
+        node, route = self._route(sandbox_id, context)
+        try:
+            return self._call(node, method, request, context)
+        except _Relay as relay:
+            if relay.code == grpc.StatusCode.NOT_FOUND and route is not None and route.owner == _owner(context):
+                self._forget(sandbox_id)  # gone on its node (TTL, destroyed elsewhere): stop routing to it
+            raise
+
+    def _stream(self, sandbox_id: str, method: str, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        node, _ = self._route(sandbox_id, context)
+        call = getattr(node.stub, method)(request, timeout=_timeout(context), metadata=_outgoing(context))
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            raise self._relay(node, exc) from None
+        finally:
+            call.cancel()  # the caller went away mid-stream: stop the node's side too
+
+    def _client_stream(self, method: str, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise InvalidSpec(f"{method} stream must start with a header")
+        node, _ = self._route(first.header.sandbox_id, context)
+
+        def messages() -> Iterator[Any]:
+            yield first
+            yield from request_iterator
+
+        return self._call(node, method, messages(), context)
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    @_gateway_errors
+    def Create(self, request: pb.CreateRequest, context: grpc.ServicerContext) -> pb.SandboxInfo:
+        demand = _demand(request.spec)
+        tried: list[str] = []
+        while True:
+            with self._lock:
+                try:
+                    node_id = self.placement.place(demand)
+                except CapacityExceeded:
+                    if tried:
+                        raise ServerUnavailable(f"no live node could create the sandbox (tried {', '.join(tried)})") from None
+                    raise
+                node = self.nodes[node_id]
+            try:
+                info = self._call(node, "Create", request, context)
+            except SandboxStateError:  # the node was lost while we called it: place elsewhere
+                tried.append(node_id)
+                continue
+            except BaseException:
+                with self._lock:
+                    self.placement.release(node_id, demand)
+                raise
+            route = self._record(node_id, info, _owner(context), charge=False)
+            route.demand = demand
+            return info
+
+    @_gateway_errors
+    def Get(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.SandboxInfo:
+        with self._lock:
+            route = self.routes.get(request.sandbox_id)
+            node = self.nodes.get(route.node_id) if route else None
+        if route is not None and node is not None and not node.alive:
+            if route.owner != _owner(context):
+                raise SandboxNotFound(f"sandbox {request.sandbox_id} not found")
+            return route.info
+        info = self._unary(request.sandbox_id, "Get", request, context)
+        self._record(self.node_of(request.sandbox_id), info, _owner(context), charge=False)
+        return info
+
+    @_gateway_errors
+    def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
+        merged = pb.ListResponse()
+        for node in self._live_nodes():
+            merged.sandboxes.extend(self._call(node, "List", request, context).sandboxes)
+        owner = _owner(context)
+        wanted = dict(request.labels)
+        with self._lock:
+            lost = [
+                r.info
+                for r in self.routes.values()
+                if r.info.state == "lost" and r.owner == owner and wanted.items() <= dict(r.info.spec.labels).items()
+            ]
+        merged.sandboxes.extend(lost)
+        return merged
+
+    @_gateway_errors
+    def Destroy(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.Empty:
+        with self._lock:
+            route = self.routes.get(request.sandbox_id)
+            node = self.nodes.get(route.node_id) if route else None
+        if route is not None and node is not None and not node.alive and route.owner == _owner(context):
+            self._forget(request.sandbox_id)  # nothing left to destroy: its node took it down
+            return pb.Empty()
+        response = self._unary(request.sandbox_id, "Destroy", request, context)
+        self._forget(request.sandbox_id)
+        return response
+
+    @_gateway_errors
+    def SetTimeout(self, request: pb.SetTimeoutRequest, context: grpc.ServicerContext) -> pb.SandboxInfo:
+        return self._unary(request.sandbox_id, "SetTimeout", request, context)
+
+    @_gateway_errors
+    def Pause(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.SandboxInfo:
+        return self._unary(request.sandbox_id, "Pause", request, context)
+
+    @_gateway_errors
+    def Resume(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.SandboxInfo:
+        return self._unary(request.sandbox_id, "Resume", request, context)
+
+    # -- exec, sessions, files, calls ---------------------------------------------------------------------------
+    @_gateway_errors
+    def Exec(self, request: pb.ExecRequest, context: grpc.ServicerContext) -> Iterator[pb.ExecEvent]:
+        yield from self._stream(request.sandbox_id, "Exec", request, context)
+
+    @_gateway_errors
+    def StartSession(self, request: pb.StartSessionRequest, context: grpc.ServicerContext) -> pb.SessionRef:
+        return self._unary(request.sandbox_id, "StartSession", request, context)
+
+    @_gateway_errors
+    def RunInSession(self, request: pb.RunInSessionRequest, context: grpc.ServicerContext) -> Iterator[pb.ExecEvent]:
+        yield from self._stream(request.session.sandbox_id, "RunInSession", request, context)
+
+    @_gateway_errors
+    def CloseSession(self, request: pb.SessionRef, context: grpc.ServicerContext) -> pb.Empty:
+        return self._unary(request.sandbox_id, "CloseSession", request, context)
+
+    @_gateway_errors
+    def ReadFile(self, request: pb.FileRequest, context: grpc.ServicerContext) -> Iterator[pb.FileChunk]:
+        yield from self._stream(request.sandbox_id, "ReadFile", request, context)
+
+    @_gateway_errors
+    def WriteFile(self, request_iterator, context: grpc.ServicerContext) -> pb.WriteFileResponse:
+        return self._client_stream("WriteFile", request_iterator, context)
+
+    @_gateway_errors
+    def ListDir(self, request: pb.FileRequest, context: grpc.ServicerContext) -> pb.ListDirResponse:
+        return self._unary(request.sandbox_id, "ListDir", request, context)
+
+    @_gateway_errors
+    def Upload(self, request_iterator, context: grpc.ServicerContext) -> pb.UploadResponse:
+        return self._client_stream("Upload", request_iterator, context)
+
+    @_gateway_errors
+    def Download(self, request: pb.FileRequest, context: grpc.ServicerContext) -> Iterator[pb.FileChunk]:
+        yield from self._stream(request.sandbox_id, "Download", request, context)
+
+    @_gateway_errors
+    def Call(self, request: pb.CallRequest, context: grpc.ServicerContext) -> pb.CallResponse:
+        return self._unary(request.sandbox_id, "Call", request, context)
+
+    # -- snapshots ----------------------------------------------------------------------------------------------
+    @_gateway_errors
+    def Snapshot(self, request: pb.SnapshotRequest, context: grpc.ServicerContext) -> pb.SnapshotRef:
+        ref = self._unary(request.sandbox_id, "Snapshot", request, context)
+        with self._lock:
+            self.snapshots[ref.snapshot_id] = self.routes[request.sandbox_id].node_id
+        return ref
+
+    @_gateway_errors
+    def Restore(self, request: pb.RestoreRequest, context: grpc.ServicerContext) -> pb.SandboxInfo:
+        with self._lock:
+            node = self.nodes.get(self.snapshots.get(request.snapshot_id, ""))
+        if node is None:
+            raise SnapshotNotFound(f"snapshot {request.snapshot_id} is not known to this gateway")
+        if not node.alive:
+            raise SandboxStateError(f"snapshot {request.snapshot_id} was on node {node.node_id}, which was lost")
+        info = self._call(node, "Restore", request, context)
+        self._record(node.node_id, info, _owner(context), charge=True)
+        return info
+
+    @_gateway_errors
+    def Fork(self, request: pb.ForkRequest, context: grpc.ServicerContext) -> pb.ForkResponse:
+        response = self._unary(request.sandbox_id, "Fork", request, context)
+        node_id = self.node_of(request.sandbox_id)
+        for info in response.sandboxes:
+            self._record(node_id, info, _owner(context), charge=True)
+        return response
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    server: grpc.Server
+    address: str
+    _stop: threading.Event
+    _monitor: threading.Thread
+
+    def stop(self, grace: float = 1.0) -> None:
+        self._stop.set()
+        self.server.stop(grace).wait()
+        self._monitor.join(timeout=10)
+        for node in self.gateway.nodes.values():
+            node.channel.close()
+
+
+def serve_gateway(
+    gateway: Gateway, listen: str = "127.0.0.1:0", probe_interval_s: float = 1.0, workers: int = 64
+) -> RunningGateway:
+    """Serve `gateway` on `listen` and probe its nodes every `probe_interval_s` in a background thread."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dsec-gw"),
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=workers * 16,
+    )
+    pb_grpc.add_SandboxServiceServicer_to_server(gateway, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise ServerUnavailable(f"gateway could not bind {listen}; pick another address")
+    server.start()
+    stop = threading.Event()
+
+    def monitor() -> None:
+        while not stop.wait(probe_interval_s):
+            try:
+                gateway.check_nodes()
+            except Exception:  # noqa: BLE001 - a failed probe round must not end monitoring
+                log.exception("gateway: node health check failed")
+
+    thread = threading.Thread(target=monitor, daemon=True, name="dsec-gw-monitor")
+    thread.start()
+    address = f"{listen.rsplit(':', 1)[0]}:{port}"
+    log.info("dsec gateway listening on %s", address)
+    return RunningGateway(gateway, server, address, stop, thread)

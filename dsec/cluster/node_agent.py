@@ -1,0 +1,57 @@
+"""The node agent: one per Ray node, pinned there, running that node's dsec server.
+
+Why a child `dsec serve` process and not the server in the actor's own threads: the server watches the
+actor's pid and destroys its sandboxes the moment the actor dies (node removed, actor killed, even kill -9),
+so a lost node leaves no containers, mounts or cgroups behind — the same guarantee an embedded server gives.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+
+from dsec.sdk.embedded import EmbeddedServer
+
+DEFAULT_OVERCOMMIT = 4.0  # sandboxes mostly wait on the trainer: offer 4 sandbox-cores per core
+
+
+def _memory_mb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    return 1024
+
+
+def _node_cpus(node_id: str) -> float:
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id:
+            return float(node.get("Resources", {}).get("CPU", 0.0)) or float(os.cpu_count() or 1)
+    return float(os.cpu_count() or 1)
+
+
+class NodeAgent:
+    """Runs as a Ray actor (`ray.remote(NodeAgent)`), scheduled with a hard node affinity."""
+
+    def __init__(self, home: str, max_sandboxes: int = 1024, overcommit: float = DEFAULT_OVERCOMMIT, server_args: tuple[str, ...] = ()) -> None:
+        self.node_id = ray.get_runtime_context().get_node_id()
+        args = ["--max-sandboxes", str(max_sandboxes), *server_args]
+        self.server = EmbeddedServer.start(Path(home), args)
+        self.capacity = {
+            "cpus": _node_cpus(self.node_id) * overcommit,
+            "memory_mb": _memory_mb(),
+            "sandboxes": max_sandboxes,
+        }
+
+    def info(self) -> dict:
+        """What the gateway needs: where this node's server listens and what it offers."""
+        return {"node_id": self.node_id, "address": self.server.address, "capacity": self.capacity, "server_pid": self.server.process.pid}
+
+    def ping(self) -> bool:
+        """Alive = the actor answers and its server process still runs."""
+        return self.server.process.poll() is None
+
+    def stop(self) -> None:
+        """Destroy this node's sandboxes and stop its server (SIGTERM, then SIGKILL if it hangs)."""
+        self.server.stop()
