@@ -1,0 +1,1020 @@
+/*
+ * dsec-agent: the in-sandbox agent. Spec: docs/agent-protocol.md.
+ *
+ * One single-threaded poll() loop serves any number of host connections (unix socket, an inherited fd, or a
+ * virtio-serial char device) and multiplexes any number of processes and file transfers per connection.
+ * Everything the agent writes goes through a per-connection output queue written without blocking, so one
+ * slow host never stalls the others; child output is only read while that queue is small (backpressure),
+ * and host input is only read while the stdin queues of its processes are small.
+ *
+ * Build: gcc -static -O2 -o dsec-agent agent.c   (dsec/agent/build.py does this)
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define HDR 9
+#define MAX_PAYLOAD (1u << 20)
+#define CHUNK 65536
+#define OUT_HIGH (1u << 20)      /* stop producing output for a connection above this many queued bytes */
+#define STDIN_MAX (64u << 20)    /* unwritten stdin a process may have queued before its stdin is cut off */
+#define EXIT_GRACE_MS 100        /* after reaping, wait this long for pipes held by grandchildren */
+#define DRAIN_MAX (1u << 20)     /* at most this much is drained from a pipe when the grace runs out */
+#define REOPEN_DELAY_MS 100      /* device mode: wait before reopening a hung-up device */
+#define MAX_CONNS 256
+#define MAX_ARGS 4096
+
+enum {
+    H_SPAWN = 0x01, H_STDIN = 0x02, H_STDIN_EOF = 0x03, H_SIGNAL = 0x04,
+    H_READ_FILE = 0x10, H_WRITE_FILE = 0x11, H_LIST_DIR = 0x12, H_STAT = 0x13, H_PING = 0x20,
+    A_STDOUT = 0x81, A_STDERR = 0x82, A_EXIT = 0x83, A_SPAWNED = 0x84, A_DATA = 0x85, A_END = 0x86,
+    A_ENTRY = 0x87, A_OK = 0x88, A_ERROR = 0x8F, A_PONG = 0xA0,
+};
+
+typedef struct buf {
+    char *data;
+    size_t off, len, cap;   /* valid bytes are data[off, len) */
+} buf_t;
+
+typedef struct conn {
+    int in_fd, out_fd;      /* the same fd except in odd setups; -1 when closed */
+    char hdr[HDR];
+    size_t hdr_got;
+    char *payload;
+    uint32_t want, got;
+    int in_payload;
+    buf_t out;
+    int dead;
+    int is_device;
+    struct conn *next;
+} conn_t;
+
+enum { K_PROC, K_READ, K_WRITE };
+
+typedef struct task {
+    int kind;
+    conn_t *conn;           /* NULL once the connection is gone (the task is then dropped) */
+    uint32_t id;
+    /* K_PROC */
+    pid_t pid;
+    int in_fd, out_fd, err_fd;
+    buf_t in;
+    int in_eof_pending;     /* close stdin once `in` is drained */
+    int reaped, status;
+    long long reaped_at_ms;
+    /* K_READ / K_WRITE */
+    int file_fd;
+    int write_errno;
+    long long written;
+    struct task *next;
+} task_t;
+
+static conn_t *conns;
+static task_t *tasks;
+static int listen_fd = -1;
+static const char *device_path;
+static long long device_retry_at_ms = -1;
+static int fd_mode;          /* --fd: exit when the stream ends */
+static int sig_pipe[2] = {-1, -1};
+static volatile sig_atomic_t got_term;
+
+static long long now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void die(const char *what) {
+    fprintf(stderr, "dsec-agent: %s: %s\n", what, strerror(errno));
+    exit(1);
+}
+
+static void *xrealloc(void *p, size_t n) {
+    void *q = realloc(p, n ? n : 1);
+    if (!q) {
+        fprintf(stderr, "dsec-agent: out of memory\n");
+        exit(1);
+    }
+    return q;
+}
+
+static void set_nonblock(int fd) {
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0) fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+/* ---- buffers ---------------------------------------------------------------------------------------- */
+
+static size_t buf_size(const buf_t *b) { return b->len - b->off; }
+
+static void buf_append(buf_t *b, const void *data, size_t n) {
+    if (b->off && b->off == b->len) b->off = b->len = 0;
+    if (b->len + n > b->cap) {
+        if (b->off) {
+            memmove(b->data, b->data + b->off, b->len - b->off);
+            b->len -= b->off;
+            b->off = 0;
+        }
+        if (b->len + n > b->cap) {
+            size_t cap = b->cap ? b->cap : 4096;
+            while (cap < b->len + n) cap *= 2;
+            b->data = xrealloc(b->data, cap);
+            b->cap = cap;
+        }
+    }
+    memcpy(b->data + b->len, data, n);
+    b->len += n;
+}
+
+static void buf_free(buf_t *b) {
+    free(b->data);
+    memset(b, 0, sizeof *b);
+}
+
+/* Write as much of `b` to a non-blocking fd as it takes; returns -1 on a hard error. */
+static int buf_flush(buf_t *b, int fd) {
+    while (buf_size(b)) {
+        ssize_t n = write(fd, b->data + b->off, buf_size(b));
+        if (n > 0) {
+            b->off += (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            return 0;
+        } else {
+            return -1;
+        }
+    }
+    b->off = b->len = 0;
+    return 0;
+}
+
+/* ---- frames out ------------------------------------------------------------------------------------- */
+
+static void send_frame(conn_t *c, int type, uint32_t id, const void *payload, size_t n) {
+    if (!c || c->dead) return;
+    unsigned char h[HDR];
+    h[0] = (unsigned char)type;
+    h[1] = id >> 24; h[2] = id >> 16; h[3] = id >> 8; h[4] = id;
+    h[5] = n >> 24; h[6] = n >> 16; h[7] = n >> 8; h[8] = n;
+    buf_append(&c->out, h, HDR);
+    if (n) buf_append(&c->out, payload, n);
+}
+
+/* A frame whose payload is a list of NUL-terminated strings. */
+static void send_strings(conn_t *c, int type, uint32_t id, int count, ...) {
+    char tmp[PATH_MAX + 512];
+    size_t n = 0;
+    va_list ap;
+    va_start(ap, count);
+    for (int i = 0; i < count; i++) {
+        const char *s = va_arg(ap, const char *);
+        size_t l = strlen(s);
+        if (n + l + 1 > sizeof tmp) l = sizeof tmp - n - 1;
+        memcpy(tmp + n, s, l);
+        n += l;
+        tmp[n++] = 0;
+    }
+    va_end(ap);
+    send_frame(c, type, id, tmp, n);
+}
+
+static void send_error(conn_t *c, uint32_t id, int err, const char *fmt, ...) {
+    char msg[PATH_MAX + 256], num[16];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    snprintf(num, sizeof num, "%d", err);
+    send_strings(c, A_ERROR, id, 2, num, msg);
+}
+
+/* ---- tasks ------------------------------------------------------------------------------------------ */
+
+static task_t *find_task(conn_t *c, uint32_t id) {
+    for (task_t *t = tasks; t; t = t->next)
+        if (t->conn == c && t->id == id) return t;
+    return NULL;
+}
+
+static task_t *new_task(conn_t *c, uint32_t id, int kind) {
+    task_t *t = calloc(1, sizeof *t);
+    if (!t) die("calloc");
+    t->kind = kind;
+    t->conn = c;
+    t->id = id;
+    t->in_fd = t->out_fd = t->err_fd = t->file_fd = -1;
+    t->next = tasks;
+    tasks = t;
+    return t;
+}
+
+static void close_fd(int *fd) {
+    if (*fd >= 0) close(*fd);
+    *fd = -1;
+}
+
+static void drop_stdin(task_t *t) {
+    buf_free(&t->in);
+    close_fd(&t->in_fd);
+    t->in_eof_pending = 0;
+}
+
+static void free_task(task_t *t) {
+    for (task_t **p = &tasks; *p; p = &(*p)->next) {
+        if (*p == t) {
+            *p = t->next;
+            break;
+        }
+    }
+    drop_stdin(t);
+    close_fd(&t->out_fd);
+    close_fd(&t->err_fd);
+    close_fd(&t->file_fd);
+    free(t);
+}
+
+/* Forward what is buffered in a pipe (even past OUT_HIGH, so no output of the process itself is lost), then
+   close it: a background grandchild may hold the write end open forever. */
+static void drain_pipe(task_t *t, int *fd, int type) {
+    static char chunk[CHUNK];
+    for (int i = 0; *fd >= 0 && i < (int)(DRAIN_MAX / CHUNK); i++) {
+        ssize_t r = read(*fd, chunk, sizeof chunk);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) break;
+        send_frame(t->conn, type, t->id, chunk, (size_t)r);
+    }
+    close_fd(fd);
+}
+
+/* Send EXIT once the process is reaped and both pipes are closed (or the grace after reaping ran out). */
+static void maybe_finish_proc(task_t *t) {
+    if (!t->reaped) return;
+    if (t->out_fd >= 0 || t->err_fd >= 0) {
+        if (now_ms() - t->reaped_at_ms < EXIT_GRACE_MS) return;
+        drain_pipe(t, &t->out_fd, A_STDOUT);
+        drain_pipe(t, &t->err_fd, A_STDERR);
+    }
+    char code[16], sig[16];
+    if (WIFSIGNALED(t->status)) {
+        snprintf(code, sizeof code, "%d", -WTERMSIG(t->status));
+        snprintf(sig, sizeof sig, "%d", WTERMSIG(t->status));
+    } else {
+        snprintf(code, sizeof code, "%d", WEXITSTATUS(t->status));
+        snprintf(sig, sizeof sig, "0");
+    }
+    send_strings(t->conn, A_EXIT, t->id, 2, code, sig);
+    free_task(t);
+}
+
+static void reap_children(void) {
+    for (;;) {
+        int status;
+        pid_t pid = waitpid(-1, &status, WNOHANG);
+        if (pid <= 0) {
+            if (pid < 0 && errno == EINTR) continue;
+            return;
+        }
+        for (task_t *t = tasks; t; t = t->next) {
+            if (t->kind == K_PROC && t->pid == pid && !t->reaped) {
+                t->reaped = 1;
+                t->status = status;
+                t->reaped_at_ms = now_ms();
+                drop_stdin(t);
+                break;
+            }
+        }
+    }
+}
+
+/* ---- payload parsing -------------------------------------------------------------------------------- */
+
+/* Split a payload into NUL-terminated strings; -1 if the last one is not terminated. */
+static int split_strings(char *p, uint32_t n, char **out, int max) {
+    int count = 0;
+    uint32_t i = 0;
+    if (n && p[n - 1] != 0) return -1;
+    while (i < n) {
+        if (count == max) return -1;
+        out[count++] = p + i;
+        i += (uint32_t)strlen(p + i) + 1;
+    }
+    return count;
+}
+
+static int parse_long(const char *s, int base, long *out) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, base);
+    if (errno || end == s || *end) return -1;
+    *out = v;
+    return 0;
+}
+
+/* ---- SPAWN ------------------------------------------------------------------------------------------ */
+
+static const char *env_lookup(char **env, const char *key) {
+    size_t kl = strlen(key);
+    for (; *env; env++)
+        if (!strncmp(*env, key, kl) && (*env)[kl] == '=') return *env + kl + 1;
+    return NULL;
+}
+
+/* execvpe that searches the PATH of the *new* environment (glibc's uses the agent's own). */
+static void exec_search(char **argv, char **env) {
+    if (strchr(argv[0], '/')) {
+        execve(argv[0], argv, env);
+        return;
+    }
+    const char *path = env_lookup(env, "PATH");
+    if (!path) path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    int saw_eacces = 0;
+    char full[PATH_MAX];
+    while (*path) {
+        const char *colon = strchr(path, ':');
+        size_t dl = colon ? (size_t)(colon - path) : strlen(path);
+        if (dl == 0) {
+            snprintf(full, sizeof full, "%s", argv[0]);
+        } else {
+            snprintf(full, sizeof full, "%.*s/%s", (int)dl, path, argv[0]);
+        }
+        execve(full, argv, env);
+        if (errno == EACCES) saw_eacces = 1;
+        else if (errno != ENOENT && errno != ENOTDIR) return;
+        path += dl;
+        if (*path == ':') path++;
+    }
+    errno = saw_eacces ? EACCES : ENOENT;
+}
+
+/* In the forked child: never returns. Reports a failure as (errno, stage) through `errfd`. */
+static void child_exec(char **argv, char **env, const char *cwd, long uid, long gid,
+                       int in_fd, int out_fd, int err_fd, int errfd) {
+    struct { int err; int stage; } report;
+    sigset_t all;
+    sigemptyset(&all);
+    sigprocmask(SIG_SETMASK, &all, NULL);
+    for (int s = 1; s < NSIG; s++) signal(s, SIG_DFL);
+    setsid();
+    if (dup2(in_fd, 0) < 0 || dup2(out_fd, 1) < 0 || dup2(err_fd, 2) < 0) {
+        report.stage = 0;
+        goto fail;
+    }
+    if (gid >= 0) {
+        if (setgroups(0, NULL) < 0 || setgid((gid_t)gid) < 0) {
+            report.stage = 2;
+            goto fail;
+        }
+    }
+    if (uid >= 0 && setuid((uid_t)uid) < 0) {
+        report.stage = 2;
+        goto fail;
+    }
+    if (cwd && *cwd && chdir(cwd) < 0) {
+        report.stage = 1;
+        goto fail;
+    }
+    exec_search(argv, env);
+    report.stage = 3;
+fail:
+    report.err = errno;
+    if (write(errfd, &report, sizeof report) < 0) _exit(127);
+    _exit(127);
+}
+
+static void do_spawn(conn_t *c, uint32_t id, char *p, uint32_t n) {
+    static char *fields[2 * MAX_ARGS + 16];
+    char *argv[MAX_ARGS + 1], *env[MAX_ARGS + 1];
+    int argc = 0, envc = 0, want_stdin = 0;
+    long uid = -1, gid = -1;
+    const char *cwd = NULL;
+    int nf = split_strings(p, n, fields, (int)(sizeof fields / sizeof *fields));
+    if (nf < 0 || nf % 2) {
+        send_error(c, id, EINVAL, "malformed SPAWN payload (expected NUL-terminated key/value pairs)");
+        return;
+    }
+    if (find_task(c, id)) {
+        send_error(c, id, EINVAL, "request id %u is already in use on this connection", id);
+        return;
+    }
+    for (int i = 0; i < nf; i += 2) {
+        const char *k = fields[i];
+        char *v = fields[i + 1];
+        if (!strcmp(k, "arg")) {
+            if (argc == MAX_ARGS) goto toomany;
+            argv[argc++] = v;
+        } else if (!strcmp(k, "env")) {
+            if (envc == MAX_ARGS) goto toomany;
+            env[envc++] = v;
+        } else if (!strcmp(k, "cwd")) {
+            cwd = v;
+        } else if (!strcmp(k, "stdin")) {
+            want_stdin = !strcmp(v, "1");
+        } else if (!strcmp(k, "uid")) {
+            if (parse_long(v, 10, &uid) < 0 || uid < 0) goto badnum;
+        } else if (!strcmp(k, "gid")) {
+            if (parse_long(v, 10, &gid) < 0 || gid < 0) goto badnum;
+        } else {
+            send_error(c, id, EINVAL, "unknown SPAWN key '%s'", k);
+            return;
+        }
+    }
+    if (argc == 0) {
+        send_error(c, id, EINVAL, "SPAWN needs at least one 'arg'");
+        return;
+    }
+    argv[argc] = NULL;
+    env[envc] = NULL;
+
+    int in_p[2] = {-1, -1}, out_p[2] = {-1, -1}, err_p[2] = {-1, -1}, exec_p[2] = {-1, -1};
+    if (want_stdin) {
+        if (pipe2(in_p, O_CLOEXEC) < 0) goto syserr;
+    } else {
+        in_p[0] = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (in_p[0] < 0) goto syserr;
+    }
+    if (pipe2(out_p, O_CLOEXEC) < 0 || pipe2(err_p, O_CLOEXEC) < 0 || pipe2(exec_p, O_CLOEXEC) < 0) goto syserr;
+    pid_t pid = fork();
+    if (pid < 0) goto syserr;
+    if (pid == 0) child_exec(argv, env, cwd, uid, gid, in_p[0], out_p[1], err_p[1], exec_p[1]);
+    close(in_p[0]);
+    close(out_p[1]);
+    close(err_p[1]);
+    close(exec_p[1]);
+    struct { int err; int stage; } report;
+    ssize_t r;
+    do {
+        r = read(exec_p[0], &report, sizeof report);
+    } while (r < 0 && errno == EINTR);
+    close(exec_p[0]);
+    if (r == (ssize_t)sizeof report) {
+        /* exec failed: the child exits 127 and is reaped by reap_children as an unknown pid */
+        close_fd(&in_p[1]);
+        close(out_p[0]);
+        close(err_p[0]);
+        static const char *stage[] = {"setting up stdio", "chdir", "setuid/setgid", "exec"};
+        if (report.stage == 1)
+            send_error(c, id, report.err, "chdir %s: %s", cwd, strerror(report.err));
+        else if (report.stage == 3)
+            send_error(c, id, report.err, "exec %s: %s", argv[0], strerror(report.err));
+        else
+            send_error(c, id, report.err, "%s for %s: %s", stage[report.stage & 3], argv[0], strerror(report.err));
+        return;
+    }
+    task_t *t = new_task(c, id, K_PROC);
+    t->pid = pid;
+    t->in_fd = in_p[1];
+    t->out_fd = out_p[0];
+    t->err_fd = err_p[0];
+    if (t->in_fd >= 0) set_nonblock(t->in_fd);
+    set_nonblock(t->out_fd);
+    set_nonblock(t->err_fd);
+    char num[16];
+    snprintf(num, sizeof num, "%d", (int)pid);
+    send_strings(c, A_SPAWNED, id, 1, num);
+    return;
+syserr:;
+    int e = errno;
+    int *fds[] = {&in_p[0], &in_p[1], &out_p[0], &out_p[1], &err_p[0], &err_p[1], &exec_p[0], &exec_p[1]};
+    for (size_t i = 0; i < sizeof fds / sizeof *fds; i++) close_fd(fds[i]);
+    send_error(c, id, e, "cannot start %s: %s", argv[0], strerror(e));
+    return;
+toomany:
+    send_error(c, id, E2BIG, "more than %d arguments or environment entries", MAX_ARGS);
+    return;
+badnum:
+    send_error(c, id, EINVAL, "uid/gid must be a non-negative decimal number");
+}
+
+static void flush_stdin(task_t *t) {
+    if (t->in_fd < 0) return;
+    if (buf_flush(&t->in, t->in_fd) < 0) {
+        drop_stdin(t);   /* EPIPE: the process closed its stdin; the rest is discarded */
+        return;
+    }
+    if (t->in_eof_pending && !buf_size(&t->in)) drop_stdin(t);
+}
+
+/* ---- files ------------------------------------------------------------------------------------------ */
+
+static const char *type_name(mode_t m) {
+    if (S_ISREG(m)) return "file";
+    if (S_ISDIR(m)) return "dir";
+    if (S_ISLNK(m)) return "symlink";
+    return "other";
+}
+
+static void send_entry(conn_t *c, uint32_t id, const char *name, const struct stat *st) {
+    char size[32], mode[16], mtime[48];
+    snprintf(size, sizeof size, "%lld", (long long)st->st_size);
+    snprintf(mode, sizeof mode, "%o", (unsigned)(st->st_mode & 07777));
+    snprintf(mtime, sizeof mtime, "%lld.%09ld", (long long)st->st_mtim.tv_sec, st->st_mtim.tv_nsec);
+    send_strings(c, A_ENTRY, id, 5, name, type_name(st->st_mode), size, mode, mtime);
+}
+
+static int one_path(conn_t *c, uint32_t id, char *p, uint32_t n, const char *what, char **path) {
+    char *f[1];
+    if (split_strings(p, n, f, 1) != 1 || !*f[0]) {
+        send_error(c, id, EINVAL, "%s needs exactly one non-empty path", what);
+        return -1;
+    }
+    *path = f[0];
+    return 0;
+}
+
+static void do_stat(conn_t *c, uint32_t id, char *p, uint32_t n) {
+    char *path;
+    struct stat st;
+    if (one_path(c, id, p, n, "STAT", &path) < 0) return;
+    if (lstat(path, &st) < 0) {
+        send_error(c, id, errno, "stat %s: %s", path, strerror(errno));
+        return;
+    }
+    send_entry(c, id, path, &st);
+}
+
+static void do_list_dir(conn_t *c, uint32_t id, char *p, uint32_t n) {
+    char *path;
+    if (one_path(c, id, p, n, "LIST_DIR", &path) < 0) return;
+    int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *d = dfd < 0 ? NULL : fdopendir(dfd);
+    if (!d) {
+        int e = errno;
+        if (dfd >= 0) close(dfd);
+        send_error(c, id, e, "list %s: %s", path, strerror(e));
+        return;
+    }
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        struct stat st;
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+        if (fstatat(dfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) continue;  /* removed meanwhile */
+        send_entry(c, id, de->d_name, &st);
+    }
+    closedir(d);
+    send_frame(c, A_END, id, NULL, 0);
+}
+
+static void do_read_file(conn_t *c, uint32_t id, char *p, uint32_t n) {
+    char *path;
+    struct stat st;
+    if (one_path(c, id, p, n, "READ_FILE", &path) < 0) return;
+    if (find_task(c, id)) {
+        send_error(c, id, EINVAL, "request id %u is already in use on this connection", id);
+        return;
+    }
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) {
+        send_error(c, id, errno, "read %s: %s", path, strerror(errno));
+        return;
+    }
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        int e = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
+        close(fd);
+        send_error(c, id, e, "read %s: %s", path, e == EISDIR ? "is a directory" : "not a regular file");
+        return;
+    }
+    task_t *t = new_task(c, id, K_READ);
+    t->file_fd = fd;
+}
+
+/* Produce the next chunk of a READ_FILE; returns 1 if the task is finished. */
+static int pump_read(task_t *t) {
+    static char chunk[CHUNK];
+    ssize_t r;
+    do {
+        r = read(t->file_fd, chunk, sizeof chunk);
+    } while (r < 0 && errno == EINTR);
+    if (r > 0) {
+        send_frame(t->conn, A_DATA, t->id, chunk, (size_t)r);
+        return 0;
+    }
+    if (r < 0) send_error(t->conn, t->id, errno, "read: %s", strerror(errno));
+    else send_frame(t->conn, A_END, t->id, NULL, 0);
+    free_task(t);
+    return 1;
+}
+
+static int mkdir_parents(char *path) {
+    for (char *s = path + 1; *s; s++) {
+        if (*s != '/') continue;
+        *s = 0;
+        int rc = mkdir(path, 0755);
+        int e = errno;
+        *s = '/';
+        if (rc < 0 && e != EEXIST) {
+            errno = e;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void do_write_file(conn_t *c, uint32_t id, char *p, uint32_t n) {
+    char *f[3];
+    long mode;
+    if (split_strings(p, n, f, 3) != 3 || !*f[0] || parse_long(f[1], 8, &mode) < 0 || mode < 0 || mode > 07777) {
+        send_error(c, id, EINVAL, "WRITE_FILE needs path, octal mode, make_parents");
+        return;
+    }
+    if (find_task(c, id)) {
+        send_error(c, id, EINVAL, "request id %u is already in use on this connection", id);
+        return;
+    }
+    task_t *t = new_task(c, id, K_WRITE);
+    if (!strcmp(f[2], "1") && mkdir_parents(f[0]) < 0) {
+        t->write_errno = errno;
+        return;
+    }
+    t->file_fd = open(f[0], O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, (mode_t)mode);
+    if (t->file_fd < 0 || fchmod(t->file_fd, (mode_t)mode) < 0) t->write_errno = errno;
+}
+
+static void write_file_data(task_t *t, const char *p, uint32_t n) {
+    while (n && !t->write_errno) {
+        ssize_t w = write(t->file_fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            t->write_errno = errno;
+            return;
+        }
+        p += w;
+        n -= (uint32_t)w;
+        t->written += w;
+    }
+}
+
+static void finish_write(task_t *t) {
+    if (!t->write_errno && t->file_fd >= 0 && close(t->file_fd) < 0) t->write_errno = errno;
+    t->file_fd = -1;
+    if (t->write_errno) {
+        send_error(t->conn, t->id, t->write_errno, "write: %s", strerror(t->write_errno));
+    } else {
+        char num[32];
+        snprintf(num, sizeof num, "%lld", t->written);
+        send_strings(t->conn, A_OK, t->id, 1, num);
+    }
+    free_task(t);
+}
+
+/* ---- dispatch --------------------------------------------------------------------------------------- */
+
+static void handle_frame(conn_t *c, int type, uint32_t id, char *p, uint32_t n) {
+    task_t *t;
+    switch (type) {
+    case H_SPAWN: do_spawn(c, id, p, n); break;
+    case H_STDIN:
+        t = find_task(c, id);
+        if (t && t->kind == K_WRITE) {
+            write_file_data(t, p, n);
+        } else if (t && t->kind == K_PROC && t->in_fd >= 0 && !t->in_eof_pending) {
+            buf_append(&t->in, p, n);
+            flush_stdin(t);
+            if (t->in_fd >= 0 && buf_size(&t->in) > STDIN_MAX) {
+                drop_stdin(t);
+                send_error(c, id, ENOBUFS, "process %d left more than %u bytes of stdin unread; its stdin was closed",
+                           (int)t->pid, STDIN_MAX);
+            }
+        }
+        break;  /* stdin for a finished process is dropped: it raced with the exit */
+    case H_STDIN_EOF:
+        t = find_task(c, id);
+        if (t && t->kind == K_WRITE) {
+            finish_write(t);
+        } else if (t && t->kind == K_PROC) {
+            t->in_eof_pending = 1;
+            flush_stdin(t);
+        }
+        break;
+    case H_SIGNAL: {
+        char *f[1];
+        long sig;
+        if (split_strings(p, n, f, 1) != 1 || parse_long(f[0], 10, &sig) < 0 || sig < 0 || sig >= NSIG) {
+            send_error(c, id, EINVAL, "SIGNAL needs one decimal signal number");
+            break;
+        }
+        t = find_task(c, id);
+        if (t && t->kind == K_PROC) kill(-t->pid, (int)sig);
+        break;
+    }
+    case H_READ_FILE: do_read_file(c, id, p, n); break;
+    case H_WRITE_FILE: do_write_file(c, id, p, n); break;
+    case H_LIST_DIR: do_list_dir(c, id, p, n); break;
+    case H_STAT: do_stat(c, id, p, n); break;
+    case H_PING: send_frame(c, A_PONG, id, p, n); break;
+    default: send_error(c, id, EINVAL, "unknown frame type 0x%02x", type);
+    }
+}
+
+/* ---- connections ------------------------------------------------------------------------------------ */
+
+static conn_t *new_conn(int in_fd, int out_fd, int is_device) {
+    conn_t *c = calloc(1, sizeof *c);
+    if (!c) die("calloc");
+    c->in_fd = in_fd;
+    c->out_fd = out_fd;
+    c->is_device = is_device;
+    set_nonblock(in_fd);
+    if (out_fd != in_fd) set_nonblock(out_fd);
+    c->next = conns;
+    conns = c;
+    return c;
+}
+
+/* The host went away: kill what it started (process groups), drop its transfers. */
+static void drop_conn(conn_t *c) {
+    c->dead = 1;
+    for (task_t *t = tasks, *next; t; t = next) {
+        next = t->next;
+        if (t->conn != c) continue;
+        if (t->kind == K_PROC && !t->reaped) kill(-t->pid, SIGKILL);
+        if (t->kind == K_WRITE && t->file_fd >= 0) close_fd(&t->file_fd);
+        t->conn = NULL;
+        free_task(t);
+    }
+    if (c->in_fd >= 0) close(c->in_fd);
+    if (c->out_fd >= 0 && c->out_fd != c->in_fd) close(c->out_fd);
+    c->in_fd = c->out_fd = -1;
+    free(c->payload);
+    buf_free(&c->out);
+    for (conn_t **p = &conns; *p; p = &(*p)->next) {
+        if (*p == c) {
+            *p = c->next;
+            break;
+        }
+    }
+    if (c->is_device) device_retry_at_ms = now_ms() + REOPEN_DELAY_MS;
+    free(c);
+    if (fd_mode && !conns) {
+        reap_children();
+        exit(0);
+    }
+}
+
+/* Read and dispatch what the host sent; returns -1 when the connection must be dropped. */
+static int conn_read(conn_t *c) {
+    static char rbuf[CHUNK];
+    ssize_t r;
+    do {
+        r = read(c->in_fd, rbuf, sizeof rbuf);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
+    if (r == 0) return -1;
+    size_t i = 0;
+    while (i < (size_t)r && !c->dead) {
+        if (!c->in_payload) {
+            size_t take = HDR - c->hdr_got;
+            if (take > (size_t)r - i) take = (size_t)r - i;
+            memcpy(c->hdr + c->hdr_got, rbuf + i, take);
+            c->hdr_got += take;
+            i += take;
+            if (c->hdr_got < HDR) break;
+            unsigned char *h = (unsigned char *)c->hdr;
+            uint32_t len = (uint32_t)h[5] << 24 | (uint32_t)h[6] << 16 | (uint32_t)h[7] << 8 | h[8];
+            if (len > MAX_PAYLOAD) {
+                uint32_t id = (uint32_t)h[1] << 24 | (uint32_t)h[2] << 16 | (uint32_t)h[3] << 8 | h[4];
+                send_error(c, id, EMSGSIZE, "frame payload of %u bytes exceeds the %u byte limit; closing", len, MAX_PAYLOAD);
+                buf_flush(&c->out, c->out_fd);
+                return -1;
+            }
+            c->want = len;
+            c->got = 0;
+            c->in_payload = 1;
+            c->payload = xrealloc(c->payload, len + 1);
+        }
+        size_t take = c->want - c->got;
+        if (take > (size_t)r - i) take = (size_t)r - i;
+        memcpy(c->payload + c->got, rbuf + i, take);
+        c->got += (uint32_t)take;
+        i += take;
+        if (c->got < c->want) break;
+        unsigned char *h = (unsigned char *)c->hdr;
+        uint32_t id = (uint32_t)h[1] << 24 | (uint32_t)h[2] << 16 | (uint32_t)h[3] << 8 | h[4];
+        c->payload[c->want] = 0;
+        c->in_payload = 0;
+        c->hdr_got = 0;
+        handle_frame(c, h[0], id, c->payload, c->want);
+    }
+    return 0;
+}
+
+static void open_device(void) {
+    int fd = open(device_path, O_RDWR | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0) {
+        device_retry_at_ms = now_ms() + REOPEN_DELAY_MS;
+        return;
+    }
+    device_retry_at_ms = -1;
+    new_conn(fd, fd, 1);
+}
+
+static int open_listener(const char *path) {
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof a.sun_path) {
+        errno = ENAMETOOLONG;
+        die(path);
+    }
+    strcpy(a.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) die("socket");
+    unlink(path);
+    /* bind to a temporary name and rename it in place, so a host polling for the path never sees a socket
+       that is not listening yet */
+    struct sockaddr_un tmp = a;
+    if (snprintf(tmp.sun_path, sizeof tmp.sun_path, "%s.tmp", path) >= (int)sizeof tmp.sun_path) tmp = a;
+    unlink(tmp.sun_path);
+    if (bind(fd, (struct sockaddr *)&tmp, sizeof tmp) < 0) die("bind");
+    if (listen(fd, 64) < 0) die("listen");
+    if (strcmp(tmp.sun_path, a.sun_path) && rename(tmp.sun_path, a.sun_path) < 0) die("rename");
+    return fd;
+}
+
+/* ---- signals ---------------------------------------------------------------------------------------- */
+
+static void on_signal(int sig) {
+    int saved = errno;
+    if (sig == SIGTERM || sig == SIGINT) got_term = 1;
+    char b = 0;
+    if (write(sig_pipe[1], &b, 1) < 0) { /* the pipe is full: a wakeup is already pending */ }
+    errno = saved;
+}
+
+static void setup_signals(void) {
+    if (pipe2(sig_pipe, O_CLOEXEC | O_NONBLOCK) < 0) die("pipe");
+    struct sigaction sa = {.sa_handler = on_signal, .sa_flags = SA_RESTART | SA_NOCLDSTOP};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGCHLD, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    if (getpid() == 1) {
+        /* PID 1: the sandbox dies when the runtime kills it with SIGKILL, not on a stray TERM/INT */
+        signal(SIGTERM, SIG_IGN);
+        signal(SIGINT, SIG_IGN);
+    } else {
+        sigaction(SIGTERM, &sa, NULL);
+        sigaction(SIGINT, &sa, NULL);
+    }
+}
+
+static void shutdown_all(void) {
+    for (task_t *t = tasks; t; t = t->next)
+        if (t->kind == K_PROC && !t->reaped) kill(-t->pid, SIGKILL);
+    if (listen_fd >= 0) close(listen_fd);
+    exit(0);
+}
+
+/* ---- main loop -------------------------------------------------------------------------------------- */
+
+enum { P_SIG, P_LISTEN, P_CONN_IN, P_CONN_OUT, P_OUT, P_ERR, P_STDIN };
+
+static void usage(void) {
+    fprintf(stderr, "usage: dsec-agent --listen SOCKET | --fd N | --device PATH\n");
+    exit(2);
+}
+
+int main(int argc, char **argv) {
+    const char *listen_path = NULL;
+    int fd = -1;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--listen") && i + 1 < argc) listen_path = argv[++i];
+        else if (!strcmp(argv[i], "--fd") && i + 1 < argc) fd = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--device") && i + 1 < argc) device_path = argv[++i];
+        else usage();
+    }
+    if (!!listen_path + (fd >= 0) + !!device_path != 1) usage();
+    setup_signals();
+    if (listen_path) {
+        listen_fd = open_listener(listen_path);
+    } else if (fd >= 0) {
+        if (fcntl(fd, F_GETFD) < 0) die("--fd");
+        fcntl(fd, F_SETFD, FD_CLOEXEC);
+        fd_mode = 1;
+        new_conn(fd, fd, 0);
+    } else {
+        open_device();
+    }
+
+    struct pollfd *pfd = NULL;
+    void **owner = NULL;
+    int *role = NULL;
+    size_t cap = 0;
+    for (;;) {
+        if (got_term) shutdown_all();
+        size_t n = 0, need = 2;
+        for (conn_t *c = conns; c; c = c->next) need += 2;
+        for (task_t *t = tasks; t; t = t->next) need += 3;
+        if (need > cap) {
+            cap = need * 2;
+            pfd = xrealloc(pfd, cap * sizeof *pfd);
+            owner = xrealloc(owner, cap * sizeof *owner);
+            role = xrealloc(role, cap * sizeof *role);
+        }
+#define ADD(f, ev, o, r) do { pfd[n].fd = (f); pfd[n].events = (ev); pfd[n].revents = 0; owner[n] = (o); role[n] = (r); n++; } while (0)
+        ADD(sig_pipe[0], POLLIN, NULL, P_SIG);
+        if (listen_fd >= 0) ADD(listen_fd, POLLIN, NULL, P_LISTEN);
+        int timeout = -1;
+        long long now = now_ms();
+        for (conn_t *c = conns; c; c = c->next) {
+            ADD(c->in_fd, POLLIN, c, P_CONN_IN);
+            if (buf_size(&c->out)) ADD(c->out_fd, POLLOUT, c, P_CONN_OUT);
+        }
+        for (task_t *t = tasks; t; t = t->next) {
+            int room = buf_size(&t->conn->out) < OUT_HIGH;
+            if (t->kind == K_PROC) {
+                if (room && t->out_fd >= 0) ADD(t->out_fd, POLLIN, t, P_OUT);
+                if (room && t->err_fd >= 0) ADD(t->err_fd, POLLIN, t, P_ERR);
+                if (t->in_fd >= 0 && buf_size(&t->in)) ADD(t->in_fd, POLLOUT, t, P_STDIN);
+                if (t->reaped) {
+                    long long left = t->reaped_at_ms + EXIT_GRACE_MS - now;
+                    if (left < 0) left = 0;
+                    if (timeout < 0 || left < timeout) timeout = (int)left + 1;
+                }
+            } else if (t->kind == K_READ && room) {
+                timeout = 0;   /* regular files are always readable: pump one chunk per round */
+            }
+        }
+        if (device_path && device_retry_at_ms >= 0) {
+            long long left = device_retry_at_ms - now;
+            if (left < 0) left = 0;
+            if (timeout < 0 || left < timeout) timeout = (int)left;
+        }
+        int rc = poll(pfd, n, timeout);
+        if (rc < 0 && errno != EINTR) die("poll");
+
+        if (rc > 0) {
+            for (size_t i = 0; i < n; i++) {
+                short ev = pfd[i].revents;
+                if (!ev) continue;
+                if (role[i] == P_SIG) {
+                    char drain[64];
+                    while (read(sig_pipe[0], drain, sizeof drain) > 0) {}
+                    reap_children();
+                } else if (role[i] == P_LISTEN) {
+                    int cfd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+                    if (cfd >= 0) {
+                        int count = 0;
+                        for (conn_t *c = conns; c; c = c->next) count++;
+                        if (count >= MAX_CONNS) close(cfd);
+                        else new_conn(cfd, cfd, 0);
+                    }
+                }
+            }
+            /* connections and tasks may be freed while handling events: look each owner up again */
+            for (size_t i = 0; i < n; i++) {
+                short ev = pfd[i].revents;
+                if (!ev || role[i] == P_SIG || role[i] == P_LISTEN) continue;
+                if (role[i] == P_CONN_IN || role[i] == P_CONN_OUT) {
+                    conn_t *c;
+                    for (c = conns; c && c != owner[i]; c = c->next) {}
+                    if (!c || c->in_fd != pfd[i].fd) continue;
+                    if (role[i] == P_CONN_IN) {
+                        if ((ev & (POLLIN | POLLHUP | POLLERR)) && conn_read(c) < 0) drop_conn(c);
+                    } else if (buf_flush(&c->out, c->out_fd) < 0) {
+                        drop_conn(c);
+                    }
+                    continue;
+                }
+                task_t *t;
+                for (t = tasks; t && t != owner[i]; t = t->next) {}
+                if (!t) continue;
+                if (role[i] == P_STDIN) {
+                    if (t->in_fd == pfd[i].fd) flush_stdin(t);
+                    continue;
+                }
+                int *fdp = role[i] == P_OUT ? &t->out_fd : &t->err_fd;
+                if (*fdp != pfd[i].fd) continue;
+                char chunk[CHUNK];
+                ssize_t r = read(*fdp, chunk, sizeof chunk);
+                if (r > 0) send_frame(t->conn, role[i] == P_OUT ? A_STDOUT : A_STDERR, t->id, chunk, (size_t)r);
+                else if (r == 0 || (errno != EAGAIN && errno != EINTR)) close_fd(fdp);
+            }
+        }
+        reap_children();
+        for (task_t *t = tasks, *next; t; t = next) {
+            next = t->next;
+            if (t->kind == K_PROC) maybe_finish_proc(t);
+            else if (t->kind == K_READ && buf_size(&t->conn->out) < OUT_HIGH) pump_read(t);
+        }
+        for (conn_t *c = conns, *next; c; c = next) {
+            next = c->next;
+            if (buf_size(&c->out) && buf_flush(&c->out, c->out_fd) < 0) drop_conn(c);
+        }
+        if (device_path && !conns && device_retry_at_ms >= 0 && now_ms() >= device_retry_at_ms) open_device();
+    }
+}

@@ -1,0 +1,493 @@
+"""Host side of the agent protocol (docs/agent-protocol.md), shared by every substrate driver.
+
+One `AgentClient` owns one byte stream to one agent. A reader thread splits incoming frames by request id into
+per-request queues, so any number of processes and file transfers run over the stream at once and each caller
+only ever waits on its own queue. When the stream dies every waiting caller gets `RuntimeFailure` at once: a
+dead sandbox never turns into a hung RPC.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import itertools
+import os
+import queue
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from dsec.errors import (
+    CommandNotFound,
+    DiskFull,
+    DsecError,
+    FileNotFoundInSandbox,
+    InvalidPath,
+    PermissionDeniedInSandbox,
+    RuntimeFailure,
+)
+from dsec.models import FileEntry
+from dsec.substrates.base import DriverSandbox, Exited, Output, ProcessEvent, ProcessHandle
+
+HEADER = struct.Struct(">BII")
+MAX_PAYLOAD = 1 << 20
+CHUNK = 256 * 1024  # STDIN / file content frames sent to the agent
+READ_SIZE = 256 * 1024
+
+SPAWN, STDIN, STDIN_EOF, SIGNAL = 0x01, 0x02, 0x03, 0x04
+READ_FILE, WRITE_FILE, LIST_DIR, STAT, PING = 0x10, 0x11, 0x12, 0x13, 0x20
+STDOUT, STDERR, EXIT, SPAWNED, DATA, END, ENTRY, OK, ERROR, PONG = (
+    0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x8F, 0xA0,
+)
+
+DEFAULT_REQUEST_TIMEOUT_S = 120.0
+"""How long a control request (spawn, stat, one file chunk) may wait for the agent before it is declared stuck
+(a frozen or wedged sandbox); process output has no such limit: commands may be silent for hours."""
+
+_LOST = object()
+
+
+def _strings(*values: str | bytes) -> bytes:
+    out = bytearray()
+    for value in values:
+        raw = value.encode() if isinstance(value, str) else value
+        if b"\0" in raw:
+            raise InvalidPath(f"NUL byte in {raw[:60]!r}: paths, arguments and environment cannot contain NUL")
+        out += raw + b"\0"
+    return bytes(out)
+
+
+def _split(payload: bytes) -> list[str]:
+    return [part.decode("utf-8", "surrogateescape") for part in payload.split(b"\0")[:-1]]
+
+
+def _entry(payload: bytes) -> FileEntry:
+    name, kind, size, mode, mtime = _split(payload)[:5]
+    return FileEntry(name=name, type=kind, size=int(size), mode=int(mode, 8), mtime=float(mtime))
+
+
+def error_for(err: int, message: str, *, op: str, sandbox_id: str = "") -> DsecError:
+    """The typed error for an agent ERROR frame, with the sandbox named and a hint of what to do next."""
+    where = f" (sandbox {sandbox_id})" if sandbox_id else ""
+    details = {"sandbox_id": sandbox_id, "errno": err}
+    if op == "spawn" and not message.startswith("chdir"):
+        if err == errno_mod.ENOENT:
+            return CommandNotFound(f"{message}{where}: check the command name and PATH", **details)
+        if err in (errno_mod.EACCES, errno_mod.EPERM):
+            return PermissionDeniedInSandbox(f"{message}{where}: the file is not executable by this user", **details)
+        if err == errno_mod.ENOEXEC:
+            return CommandNotFound(f"{message}{where}: not an executable for this machine", **details)
+    if err in (errno_mod.ENOENT,):
+        return FileNotFoundInSandbox(f"{message}{where}", **details)
+    if err in (errno_mod.EACCES, errno_mod.EPERM, errno_mod.EROFS):
+        return PermissionDeniedInSandbox(f"{message}{where}", **details)
+    if err in (errno_mod.ENOSPC, errno_mod.EDQUOT):
+        return DiskFull(f"{message}{where}: free space in the sandbox or create it with a larger disk_mb", **details)
+    if err in (
+        errno_mod.EISDIR, errno_mod.ENOTDIR, errno_mod.EINVAL, errno_mod.ENAMETOOLONG, errno_mod.ELOOP,
+        errno_mod.EEXIST, errno_mod.ENOTEMPTY,
+    ):
+        return InvalidPath(f"{message}{where}", **details)
+    return RuntimeFailure(f"agent {op} failed{where}: {message} (errno {err})", **details)
+
+
+class _Request:
+    """One request id and the queue its replies land in."""
+
+    def __init__(self, client: AgentClient, rid: int) -> None:
+        self.client = client
+        self.id = rid
+        self.queue: queue.Queue = queue.Queue()
+
+    def get(self, timeout: float | None, what: str) -> tuple[int, bytes]:
+        try:
+            item = self.queue.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeFailure(
+                f"agent did not answer {what} within {timeout:.0f}s{self.client.where}: the sandbox may be frozen "
+                "or overloaded; retry, or destroy and recreate it",
+                sandbox_id=self.client.sandbox_id,
+            ) from None
+        if item is _LOST:
+            raise self.client.lost_error()
+        return item
+
+    def done(self) -> None:
+        self.client._pending.pop(self.id, None)
+
+
+class AgentProcess(ProcessHandle):
+    """A process started through the agent; its output arrives on the request's queue."""
+
+    def __init__(self, request: _Request, pid: int) -> None:
+        self._request = request
+        self._client = request.client
+        self.pid = pid
+        self._exited: Exited | None = None
+        self._stdin_error: str = ""
+
+    def events(self) -> Iterator[ProcessEvent]:
+        if self._exited is not None:
+            yield self._exited
+            return
+        while True:
+            ftype, payload = self._request.get(None, "process output")
+            if ftype == STDOUT:
+                yield Output("stdout", payload)
+            elif ftype == STDERR:
+                yield Output("stderr", payload)
+            elif ftype == EXIT:
+                code, sig = _split(payload)[:2]
+                self._exited = Exited(int(code), int(sig))
+                self._request.done()
+                yield self._exited
+                return
+            elif ftype == ERROR:
+                self._stdin_error = _split(payload)[1]
+
+    def write_stdin(self, data: bytes) -> None:
+        if self._stdin_error:
+            raise RuntimeFailure(f"stdin of process {self.pid}{self._client.where} was closed: {self._stdin_error}")
+        view = memoryview(data)
+        for start in range(0, len(view), CHUNK):
+            self._client._send(STDIN, self._request.id, view[start : start + CHUNK])
+
+    def close_stdin(self) -> None:
+        self._client._send(STDIN_EOF, self._request.id, b"")
+
+    def signal(self, sig: int) -> None:
+        if self._exited is not None or self._client.closed:
+            return  # gone already; on a lost connection the agent killed it
+        try:
+            self._client._send(SIGNAL, self._request.id, _strings(str(int(sig))))
+        except RuntimeFailure:
+            return
+
+
+class AgentClient:
+    """One connected stream to one agent: a socket, or a (read_fd, write_fd) pair for a char device or pipe."""
+
+    def __init__(
+        self,
+        stream: socket.socket | tuple[int, int],
+        sandbox_id: str = "",
+        request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+    ) -> None:
+        self.sandbox_id = sandbox_id
+        self.request_timeout_s = request_timeout_s
+        if isinstance(stream, socket.socket):
+            self._sock: socket.socket | None = stream
+            stream.setblocking(True)
+            self._rfd = self._wfd = stream.fileno()
+        else:
+            self._sock = None
+            self._rfd, self._wfd = stream
+            os.set_blocking(self._wfd, True)
+        self._pending: dict[int, queue.Queue] = {}
+        self._ids = itertools.count(1)
+        self._id_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        self.closed = False
+        self._lost_reason = ""
+        self._reader = threading.Thread(target=self._read_loop, daemon=True, name="dsec-agent-reader")
+        self._reader.start()
+
+    # -- connecting ---------------------------------------------------------------------------------------
+    @classmethod
+    def connect_unix(cls, path: str | Path, timeout_s: float = 30.0, sandbox_id: str = "") -> AgentClient:
+        """Connect to an agent's socket, waiting for it to appear while the sandbox starts; then ping it."""
+        deadline = time.monotonic() + timeout_s
+        last: OSError | None = None
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(path))
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                sock.close()
+                last = exc
+                if time.monotonic() >= deadline:
+                    where = f" of sandbox {sandbox_id}" if sandbox_id else ""
+                    raise RuntimeFailure(
+                        f"the agent{where} did not listen on {path} within {timeout_s:.0f}s ({last}): the sandbox "
+                        "failed to start; see its runtime log",
+                        sandbox_id=sandbox_id,
+                    ) from None
+                time.sleep(0.01)
+                continue
+            except OSError:
+                sock.close()
+                raise
+            client = cls(sock, sandbox_id=sandbox_id)
+            try:
+                client.ping(timeout=max(deadline - time.monotonic(), 1.0))
+            except BaseException:
+                client.close()
+                raise
+            return client
+
+    connect = connect_unix
+
+    @classmethod
+    def from_fds(cls, read_fd: int, write_fd: int, sandbox_id: str = "") -> AgentClient:
+        """Talk over already open descriptors (a virtio-serial chardev socket, a pipe pair); the client owns them."""
+        return cls((read_fd, write_fd), sandbox_id=sandbox_id)
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+    @property
+    def where(self) -> str:
+        return f" (sandbox {self.sandbox_id})" if self.sandbox_id else ""
+
+    def lost_error(self) -> RuntimeFailure:
+        return RuntimeFailure(
+            f"agent connection lost{self.where}: {self._lost_reason or 'closed'}; the sandbox probably died "
+            "(out of memory, destroyed, or its runtime crashed): check it and recreate it",
+            sandbox_id=self.sandbox_id,
+        )
+
+    def _request(self) -> _Request:
+        with self._id_lock:
+            rid = next(self._ids) & 0xFFFFFFFF
+            while rid == 0 or rid in self._pending:
+                rid = next(self._ids) & 0xFFFFFFFF
+            request = _Request(self, rid)
+            self._pending[rid] = request.queue
+        if self.closed:
+            request.queue.put(_LOST)
+        return request
+
+    def _send(self, ftype: int, rid: int, payload: bytes | memoryview) -> None:
+        if len(payload) > MAX_PAYLOAD:
+            raise InvalidPath(f"request of {len(payload)} bytes exceeds the agent's 1 MiB frame limit{self.where}")
+        data = HEADER.pack(ftype, rid, len(payload)) + bytes(payload)
+        with self._write_lock:
+            if self.closed:
+                raise self.lost_error()
+            try:
+                if self._sock is not None:
+                    self._sock.sendall(data)
+                else:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(self._wfd, view) :]
+            except OSError as exc:
+                self._lose(f"write failed: {exc}")
+                raise self.lost_error() from exc
+
+    def _lose(self, reason: str) -> None:
+        """Mark the stream dead and wake every waiter with the loss."""
+        with self._id_lock:
+            if self.closed:
+                return
+            self.closed = True
+            self._lost_reason = reason
+            waiting = list(self._pending.values())
+        for q in waiting:
+            q.put(_LOST)
+
+    def _read_loop(self) -> None:
+        buf = bytearray()
+        reason = "the agent closed the stream"
+        try:
+            while True:
+                ready, _, _ = select.select([self._rfd, self._wake_r], [], [])
+                if self._wake_r in ready:
+                    reason = "closed by the host"
+                    return
+                chunk = self._sock.recv(READ_SIZE) if self._sock is not None else os.read(self._rfd, READ_SIZE)
+                if not chunk:
+                    return
+                buf += chunk
+                pos = 0
+                while len(buf) - pos >= HEADER.size:
+                    ftype, rid, length = HEADER.unpack_from(buf, pos)
+                    if length > MAX_PAYLOAD:
+                        reason = f"the agent sent a {length} byte frame (protocol mismatch: rebuild the agent)"
+                        return
+                    end = pos + HEADER.size + length
+                    if len(buf) < end:
+                        break
+                    q = self._pending.get(rid)
+                    if q is not None:
+                        q.put((ftype, bytes(buf[pos + HEADER.size : end])))
+                    pos = end
+                del buf[:pos]
+        except OSError as exc:
+            reason = f"read failed: {exc}"
+        finally:
+            self._lose(reason)
+
+    # -- requests -----------------------------------------------------------------------------------------
+    def _simple(self, ftype: int, payload: bytes, what: str) -> tuple[_Request, int, bytes]:
+        request = self._request()
+        try:
+            self._send(ftype, request.id, payload)
+            rtype, reply = request.get(self.request_timeout_s, what)
+        except BaseException:
+            request.done()
+            raise
+        return request, rtype, reply
+
+    def _raise(self, reply: bytes, op: str) -> None:
+        parts = _split(reply)
+        err = int(parts[0]) if parts and parts[0].lstrip("-").isdigit() else 0
+        raise error_for(err, parts[1] if len(parts) > 1 else "", op=op, sandbox_id=self.sandbox_id)
+
+    def spawn(
+        self,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        cwd: str = "/",
+        stdin: bool = False,
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> AgentProcess:
+        """Start `argv` (PATH of `env` is searched) in its own process group; `env` is the whole environment."""
+        if not argv:
+            raise InvalidPath(f"empty argv{self.where}: give at least the command")
+        fields: list[str] = []
+        for arg in argv:
+            fields += ["arg", arg]
+        for key, value in (env or {}).items():
+            fields += ["env", f"{key}={value}"]
+        fields += ["cwd", cwd or "/", "stdin", "1" if stdin else "0"]
+        if uid is not None:
+            fields += ["uid", str(uid)]
+        if gid is not None:
+            fields += ["gid", str(gid)]
+        request, rtype, reply = self._simple(SPAWN, _strings(*fields), f"spawn of {argv[0]}")
+        if rtype == SPAWNED:
+            return AgentProcess(request, int(_split(reply)[0]))
+        request.done()
+        self._raise(reply, "spawn")
+        raise AssertionError("unreachable")
+
+    def read_file(self, path: str) -> Iterator[bytes]:
+        """Stream a file's bytes; a missing file raises here, before the first chunk is asked for."""
+        request, rtype, reply = self._simple(READ_FILE, _strings(path), f"read of {path}")
+        if rtype == ERROR:
+            request.done()
+            self._raise(reply, "read_file")
+        return self._read_rest(request, rtype, reply, path)
+
+    def _read_rest(self, request: _Request, rtype: int, reply: bytes, path: str) -> Iterator[bytes]:
+        try:
+            while rtype == DATA:
+                yield reply
+                rtype, reply = request.get(self.request_timeout_s, f"read of {path}")
+            if rtype == ERROR:
+                self._raise(reply, "read_file")
+        finally:
+            request.done()
+
+    def write_file(self, path: str, chunks: Iterable[bytes], mode: int = 0o644, make_parents: bool = True) -> int:
+        """Create or truncate `path` with `mode` and write `chunks` into it; returns the bytes written."""
+        request = self._request()
+        try:
+            self._send(WRITE_FILE, request.id, _strings(path, f"{mode & 0o7777:o}", "1" if make_parents else "0"))
+            for chunk in chunks:
+                view = memoryview(chunk)
+                for start in range(0, len(view), CHUNK):
+                    self._send(STDIN, request.id, view[start : start + CHUNK])
+            self._send(STDIN_EOF, request.id, b"")
+            rtype, reply = request.get(self.request_timeout_s, f"write of {path}")
+        finally:
+            request.done()
+        if rtype == ERROR:
+            self._raise(reply, "write_file")
+        return int(_split(reply)[0])
+
+    def list_dir(self, path: str) -> list[FileEntry]:
+        request, rtype, reply = self._simple(LIST_DIR, _strings(path), f"listing of {path}")
+        entries = []
+        try:
+            while rtype == ENTRY:
+                entries.append(_entry(reply))
+                rtype, reply = request.get(self.request_timeout_s, f"listing of {path}")
+        finally:
+            request.done()
+        if rtype == ERROR:
+            self._raise(reply, "list_dir")
+        return entries
+
+    def stat(self, path: str) -> FileEntry:
+        """Metadata of `path` itself (a symlink is reported as a symlink, not followed)."""
+        request, rtype, reply = self._simple(STAT, _strings(path), f"stat of {path}")
+        request.done()
+        if rtype == ERROR:
+            self._raise(reply, "stat")
+        return _entry(reply)
+
+    def ping(self, timeout: float = 10.0) -> float:
+        """Round trip to the agent in seconds (a liveness check)."""
+        request = self._request()
+        started = time.perf_counter()
+        try:
+            self._send(PING, request.id, b"ping")
+            request.get(timeout, "ping")
+        finally:
+            request.done()
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        """Close the stream; the agent kills the processes this connection started. Idempotent."""
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        if threading.current_thread() is not self._reader:
+            self._reader.join(timeout=5)
+        self._lose("closed by the host")
+        with self._write_lock:
+            if self._sock is not None:
+                self._sock.close()
+            else:
+                for fd in {self._rfd, self._wfd}:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._rfd = self._wfd = self._wake_r = self._wake_w = -1
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AgentSandbox(DriverSandbox):
+    """A sandbox whose processes and files go through its agent; drivers subclass it for limits and pause."""
+
+    def __init__(self, sandbox_id: str, client: AgentClient) -> None:
+        self.sandbox_id = sandbox_id
+        self.client = client
+        if not client.sandbox_id:
+            client.sandbox_id = sandbox_id
+
+    def spawn(self, argv: list[str], env: dict[str, str], cwd: str, stdin: bool = False) -> ProcessHandle:
+        return self.client.spawn(argv, env, cwd, stdin)
+
+    def read_file(self, path: str) -> Iterator[bytes]:
+        return self.client.read_file(path)
+
+    def write_file(self, path: str, chunks: Iterable[bytes], mode: int = 0o644, make_parents: bool = True) -> int:
+        return self.client.write_file(path, chunks, mode, make_parents)
+
+    def list_dir(self, path: str) -> list[FileEntry]:
+        return self.client.list_dir(path)
+
+    def stat(self, path: str) -> FileEntry:
+        return self.client.stat(path)
+
+    def close(self) -> None:
+        """Drop the agent connection (its processes die with it); the driver then tears the sandbox down."""
+        self.client.close()
