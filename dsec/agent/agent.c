@@ -27,6 +27,7 @@
 #include <sys/types.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -822,6 +823,12 @@ static void open_device(void) {
         return;
     }
     device_retry_at_ms = -1;
+    struct termios tio;
+    if (tcgetattr(fd, &tio) == 0) {
+        /* a console-style port (hvc, pty): binary frames must pass untouched by the line discipline */
+        cfmakeraw(&tio);
+        tcsetattr(fd, TCSANOW, &tio);
+    }
     new_conn(fd, fd, 1);
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import pytest
 
 from dsec.agent.build import agent_binary
 from dsec.agent.client import AgentClient
+from dsec.substrates.base import Exited, Output, ProcessHandle
 
 PATH_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"}
 
@@ -21,6 +23,15 @@ PATH_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"}
 @pytest.fixture(scope="session")
 def agent_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return agent_binary(tmp_path_factory.mktemp("agent-bin"))
+
+
+def _die_with_parent() -> None:
+    """Runs in the forked agent: if the test process dies, the kernel SIGTERMs the agent, which cleans up."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def start_agent(binary: Path, *args: str, **popen: object) -> subprocess.Popen:
+    return subprocess.Popen([str(binary), *args], preexec_fn=_die_with_parent, **popen)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -38,7 +49,7 @@ class ListeningAgent:
 
     def __init__(self, binary: Path, sock: Path) -> None:
         self.sock = sock
-        self.proc = subprocess.Popen([str(binary), "--listen", str(sock)], stderr=subprocess.PIPE)
+        self.proc = start_agent(binary, "--listen", str(sock))
         self.clients: list[AgentClient] = []
 
     def connect(self) -> AgentClient:
@@ -79,7 +90,7 @@ def client(listening: ListeningAgent) -> AgentClient:
 def fd_agent(agent_bin: Path) -> Iterator[tuple[AgentClient, subprocess.Popen]]:
     """An agent in --fd mode serving one end of a socketpair; the client holds the other end."""
     host, guest = socket.socketpair()
-    proc = subprocess.Popen([str(agent_bin), "--fd", str(guest.fileno())], pass_fds=[guest.fileno()])
+    proc = start_agent(agent_bin, "--fd", str(guest.fileno()), pass_fds=[guest.fileno()])
     guest.close()
     client = AgentClient(host, sandbox_id="sb-fd")
     try:
@@ -87,6 +98,27 @@ def fd_agent(agent_bin: Path) -> Iterator[tuple[AgentClient, subprocess.Popen]]:
     finally:
         client.close()
         _stop(proc)
+
+
+def collect(client: AgentClient, argv: list[str], stdin: bytes | None = None, **spawn: object) -> tuple[bytes, bytes, Exited]:
+    """Run a command to completion: (stdout, stderr, Exited)."""
+    proc = client.spawn(argv, spawn.pop("env", PATH_ENV), spawn.pop("cwd", "/"), stdin=stdin is not None, **spawn)
+    if stdin is not None:
+        proc.write_stdin(stdin)
+        proc.close_stdin()
+    return drain(proc)
+
+
+def drain(proc: ProcessHandle) -> tuple[bytes, bytes, Exited]:
+    out, err, exited = bytearray(), bytearray(), None
+    for event in proc.events():
+        if isinstance(event, Output):
+            (out if event.stream == "stdout" else err).extend(event.data)
+        else:
+            assert exited is None, "two Exited events"
+            exited = event
+    assert exited is not None
+    return bytes(out), bytes(err), exited
 
 
 def pid_alive(pid: int) -> bool:
