@@ -3,22 +3,23 @@
 Why a hand-rolled frame and not JSON lines: a record carries opaque result bytes (a serialized ExecRecord,
 a pickled call result) that must come back bit for bit, and a crash can tear the last write anywhere. Each
 frame is ``MAGIC | body length (u32 BE) | crc32(body) (u32 BE) | body`` so a reader can tell a complete,
-intact record from a torn tail, and the body is ``type (u8) | meta length (u32 BE) | meta JSON | request |
-result`` so the metadata stays readable while the blobs stay raw.
+intact record from a torn tail. The body is a fixed header (type, step, timestamps, nine field lengths)
+followed by the fields' bytes: packing it with one struct call keeps encoding at a few microseconds, which
+matters because every tool call appends two records.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import struct
 import zlib
 from dataclasses import dataclass
 
-MAGIC = b"DTL1"
+MAGIC = b"DTL2"
 _FRAME = struct.Struct(">4sII")
 FRAME_HEADER_SIZE = _FRAME.size
-_BODY = struct.Struct(">BI")
+_BODY = struct.Struct(">Bqdd9I")
+_TEXT_FIELDS = ("trajectory_id", "request_hash", "kind", "sandbox_id", "snapshot_ref", "parent_id", "error")
 MAX_BODY = 1 << 30  # a length above this is corruption, not a record
 
 
@@ -59,23 +60,12 @@ class Record:
 
     def encode(self) -> bytes:
         """The full frame, ready to append."""
-        meta: dict[str, object] = {"t": self.trajectory_id}
-        for key, value, empty in (
-            ("s", self.step, -1),
-            ("h", self.request_hash, ""),
-            ("k", self.kind, ""),
-            ("sb", self.sandbox_id, ""),
-            ("t0", self.started_at, 0.0),
-            ("t1", self.finished_at, 0.0),
-            ("snap", self.snapshot_ref, ""),
-            ("p", self.parent_id, ""),
-            ("e", self.error, ""),
-            ("rl", len(self.request), 0),
-        ):
-            if value != empty:
-                meta[key] = value
-        meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
-        body = b"".join((_BODY.pack(int(self.type), len(meta_bytes)), meta_bytes, self.request, self.result))
+        fields = [
+            self.trajectory_id.encode(), self.request_hash.encode(), self.kind.encode(), self.sandbox_id.encode(),
+            self.snapshot_ref.encode(), self.parent_id.encode(), self.error.encode(), self.request, self.result,
+        ]  # fmt: skip
+        header = _BODY.pack(int(self.type), self.step, self.started_at, self.finished_at, *map(len, fields))
+        body = header + b"".join(fields)
         return _FRAME.pack(MAGIC, len(body), zlib.crc32(body)) + body
 
 
@@ -91,27 +81,19 @@ class Decoded:
 
 def decode_body(body: bytes) -> Record:
     """Parse a body whose checksum already matched."""
-    rtype, meta_len = _BODY.unpack_from(body, 0)
-    meta_end = _BODY.size + meta_len
-    meta = json.loads(body[_BODY.size : meta_end])
-    request_len = int(meta.get("rl", 0))
-    result_start = meta_end + request_len
-    record = Record(
-        type=RecordType(rtype),
-        trajectory_id=meta["t"],
-        step=int(meta.get("s", -1)),
-        request_hash=meta.get("h", ""),
-        kind=meta.get("k", ""),
-        sandbox_id=meta.get("sb", ""),
-        started_at=float(meta.get("t0", 0.0)),
-        finished_at=float(meta.get("t1", 0.0)),
-        snapshot_ref=meta.get("snap", ""),
-        parent_id=meta.get("p", ""),
-        error=meta.get("e", ""),
-        request=body[meta_end:result_start],
-        result=body[result_start:],
-    )
-    return record
+    rtype, step, started_at, finished_at, *lengths = _BODY.unpack_from(body, 0)
+    if _BODY.size + sum(lengths) != len(body):
+        raise ValueError("field lengths do not add up to the body length")
+    values: list[bytes] = []
+    offset = _BODY.size
+    for length in lengths:
+        values.append(body[offset : offset + length])
+        offset += length
+    text = dict(zip(_TEXT_FIELDS, (v.decode() for v in values[:7]), strict=True))
+    return Record(
+        type=RecordType(rtype), step=step, started_at=started_at, finished_at=finished_at,
+        request=values[7], result=values[8], **text,
+    )  # fmt: skip
 
 
 def decode_frame(buf: bytes | memoryview, offset: int) -> Decoded:
@@ -129,6 +111,6 @@ def decode_frame(buf: bytes | memoryview, offset: int) -> Decoded:
         raise CorruptRecord("checksum mismatch")
     try:
         record = decode_body(body)
-    except (ValueError, KeyError, struct.error) as exc:
+    except (ValueError, struct.error) as exc:
         raise CorruptRecord(f"undecodable body: {exc}") from exc
     return Decoded(record=record, size=FRAME_HEADER_SIZE + length)
