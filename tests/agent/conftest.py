@@ -73,8 +73,8 @@ class ListeningAgent:
 
 
 @pytest.fixture
-def listening(agent_bin: Path, tmp_path: Path) -> Iterator[ListeningAgent]:
-    agent = ListeningAgent(agent_bin, tmp_path / "agent.sock")
+def listening(agent_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ListeningAgent]:
+    agent = ListeningAgent(agent_bin, tmp_path_factory.mktemp("agent-run") / "agent.sock")
     try:
         yield agent
     finally:
