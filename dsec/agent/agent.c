@@ -338,10 +338,25 @@ static const char *env_lookup(char **env, const char *key) {
     return NULL;
 }
 
+/* execve, and like execvp: a file without a #! line or ELF header is run by /bin/sh. */
+static void exec_one(const char *file, char **argv, char **env) {
+    execve(file, argv, env);
+    if (errno != ENOEXEC) return;
+    int argc = 0;
+    while (argv[argc]) argc++;
+    char **sh_argv = calloc((size_t)argc + 2, sizeof *sh_argv);
+    if (!sh_argv) return;
+    sh_argv[0] = "sh";
+    sh_argv[1] = (char *)file;
+    for (int i = 1; i <= argc; i++) sh_argv[i + 1] = argv[i];
+    execve("/bin/sh", sh_argv, env);
+    errno = ENOEXEC;
+}
+
 /* execvpe that searches the PATH of the *new* environment (glibc's uses the agent's own). */
 static void exec_search(char **argv, char **env) {
     if (strchr(argv[0], '/')) {
-        execve(argv[0], argv, env);
+        exec_one(argv[0], argv, env);
         return;
     }
     const char *path = env_lookup(env, "PATH");
@@ -356,7 +371,7 @@ static void exec_search(char **argv, char **env) {
         } else {
             snprintf(full, sizeof full, "%.*s/%s", (int)dl, path, argv[0]);
         }
-        execve(full, argv, env);
+        exec_one(full, argv, env);
         if (errno == EACCES) saw_eacces = 1;
         else if (errno != ENOENT && errno != ENOTDIR) return;
         path += dl;

@@ -80,6 +80,8 @@ def error_for(err: int, message: str, *, op: str, sandbox_id: str = "") -> DsecE
             return PermissionDeniedInSandbox(f"{message}{where}: the file is not executable by this user", **details)
         if err == errno_mod.ENOEXEC:
             return CommandNotFound(f"{message}{where}: not an executable for this machine", **details)
+        if err == errno_mod.EAGAIN:
+            return RuntimeFailure(f"{message}{where}: the sandbox's process limit (resources.pids) is reached", **details)
     if err in (errno_mod.ENOENT,):
         return FileNotFoundInSandbox(f"{message}{where}", **details)
     if err in (errno_mod.EACCES, errno_mod.EPERM, errno_mod.EROFS):
@@ -180,12 +182,14 @@ class AgentClient:
         self.request_timeout_s = request_timeout_s
         if isinstance(stream, socket.socket):
             self._sock: socket.socket | None = stream
-            stream.setblocking(True)
             self._rfd = self._wfd = stream.fileno()
         else:
             self._sock = None
             self._rfd, self._wfd = stream
-            os.set_blocking(self._wfd, True)
+        # non-blocking so a sandbox that stops reading (frozen, wedged) fails a write after request_timeout_s
+        # instead of blocking the write lock, and every caller behind it, forever
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
         self._pending: dict[int, queue.Queue] = {}
         self._ids = itertools.count(1)
         self._id_lock = threading.Lock()
@@ -267,15 +271,25 @@ class AgentClient:
             if self.closed:
                 raise self.lost_error()
             try:
-                if self._sock is not None:
-                    self._sock.sendall(data)
-                else:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(self._wfd, view) :]
+                self._write_all(memoryview(data))
             except OSError as exc:
                 self._lose(f"write failed: {exc}")
+                if self._sock is not None:
+                    # a partial frame went out: the stream is unusable; let the agent see the disconnect now
+                    self._sock.shutdown(socket.SHUT_RDWR)
                 raise self.lost_error() from exc
+
+    def _write_all(self, view: memoryview) -> None:
+        poller = select.poll()
+        poller.register(self._wfd, select.POLLOUT)
+        while view:
+            try:
+                view = view[os.write(self._wfd, view) :]
+                continue
+            except BlockingIOError:
+                pass
+            if not poller.poll(self.request_timeout_s * 1000):
+                raise TimeoutError(f"the agent read nothing for {self.request_timeout_s:.0f}s (sandbox frozen?)")
 
     def _lose(self, reason: str) -> None:
         """Mark the stream dead and wake every waiter with the loss."""
@@ -291,13 +305,19 @@ class AgentClient:
     def _read_loop(self) -> None:
         buf = bytearray()
         reason = "the agent closed the stream"
+        poller = select.poll()
+        poller.register(self._rfd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         try:
             while True:
-                ready, _, _ = select.select([self._rfd, self._wake_r], [], [])
+                ready = {fd for fd, _ in poller.poll()}
                 if self._wake_r in ready:
                     reason = "closed by the host"
                     return
-                chunk = self._sock.recv(READ_SIZE) if self._sock is not None else os.read(self._rfd, READ_SIZE)
+                try:
+                    chunk = os.read(self._rfd, READ_SIZE)
+                except BlockingIOError:
+                    continue
                 if not chunk:
                     return
                 buf += chunk

@@ -158,3 +158,10 @@ def test_fd_mode_serves_a_socketpair(fd_agent) -> None:
     client, _ = fd_agent
     assert collect(client, ["echo", "over a socketpair"])[0] == b"over a socketpair\n"
     assert client.ping() < 5
+
+
+def test_script_without_shebang_runs_under_sh(client: AgentClient, tmp_path) -> None:
+    script = tmp_path / "plain-script"
+    script.write_text("echo from sh \"$1\"\n")
+    script.chmod(0o755)
+    assert collect(client, [str(script), "arg1"])[0] == b"from sh arg1\n"

@@ -185,3 +185,18 @@ def test_request_ids_do_not_leak(client: AgentClient, tmp_path) -> None:
     b"".join(client.read_file("/etc/hostname"))
     assert client._pending == {}
     assert struct.calcsize(">BII") == HEADER.size
+
+
+def test_a_frozen_agent_fails_requests_instead_of_hanging(listening: ListeningAgent, tmp_path) -> None:
+    client = AgentClient(listening.raw(), sandbox_id="sb-frozen", request_timeout_s=1.0)
+    listening.clients.append(client)
+    assert client.ping() < 5
+    os.kill(listening.proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(RuntimeFailure, match="did not answer"):
+            client.stat("/")
+        with pytest.raises(RuntimeFailure, match="sb-frozen"):
+            client.write_file(str(tmp_path / "partial"), [b"x" * (64 << 20)])
+    finally:
+        os.kill(listening.proc.pid, signal.SIGCONT)
+    assert listening.connect().ping() < 5
