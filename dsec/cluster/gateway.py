@@ -211,6 +211,12 @@ class Gateway(pb_grpc.SandboxServiceServicer):
         except grpc.RpcError as exc:
             raise self._relay(node, exc) from None
 
+    def _call_raw(self, node: Node, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            return node.channel.unary_unary(method)(request, timeout=_timeout(context), metadata=_outgoing(context))
+        except grpc.RpcError as exc:
+            raise self._relay(node, exc) from None
+
     def _relay(self, node: Node, exc: grpc.RpcError) -> Exception:
         trailers = tuple((k, v) for k, v in (exc.trailing_metadata() or ()) if k in _RELAYED_TRAILERS)
         typed = any(k == ERROR_METADATA_KEY for k, _ in trailers)
@@ -445,6 +451,35 @@ class Gateway(pb_grpc.SandboxServiceServicer):
         return response
 
 
+class AnyNodeForwarder(grpc.GenericRpcHandler):
+    """Forwards every unary call of a node-agnostic service (TrajectoryService) as raw bytes to a live node.
+
+    Why any node: in a cluster the nodes share one trajectory log (PostgreSQL), so each answers the same.
+    The first live node (in join order) is used, so with node-local file logs calls stay on one node until
+    it is lost; a node found lost mid-call is skipped and the next one is asked.
+    """
+
+    def __init__(self, gateway: Gateway, service: str = "dsec.v1.TrajectoryService") -> None:
+        self._gateway = gateway
+        self._prefix = f"/{service}/"
+
+    def service(self, handler_call_details):  # type: ignore[no-untyped-def]
+        method = handler_call_details.method
+        if not method.startswith(self._prefix):
+            return None
+
+        @_gateway_errors
+        def forward(_self, request: bytes, context: grpc.ServicerContext) -> bytes:
+            for node in self._gateway._live_nodes():
+                try:
+                    return self._gateway._call_raw(node, method, request, context)
+                except SandboxStateError:
+                    continue  # that node was lost while we asked it: ask the next one
+            raise ServerUnavailable(f"no live node to answer {method}; add nodes to the cluster")
+
+        return grpc.unary_unary_rpc_method_handler(functools.partial(forward, None))
+
+
 @dataclass
 class RunningGateway:
     gateway: Gateway
@@ -471,6 +506,7 @@ def serve_gateway(
         maximum_concurrent_rpcs=workers * 16,
     )
     pb_grpc.add_SandboxServiceServicer_to_server(gateway, server)
+    server.add_generic_rpc_handlers((AnyNodeForwarder(gateway),))
     port = server.add_insecure_port(listen)
     if port == 0:
         raise ServerUnavailable(f"gateway could not bind {listen}; pick another address")

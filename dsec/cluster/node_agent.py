@@ -34,8 +34,17 @@ def _node_cpus(node_id: str) -> float:
 class NodeAgent:
     """Runs as a Ray actor (`ray.remote(NodeAgent)`), scheduled with a hard node affinity."""
 
-    def __init__(self, home: str, max_sandboxes: int = 1024, overcommit: float = DEFAULT_OVERCOMMIT, server_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        home: str,
+        max_sandboxes: int = 1024,
+        overcommit: float = DEFAULT_OVERCOMMIT,
+        server_args: tuple[str, ...] = (),
+        server_env: dict[str, str] | None = None,
+    ) -> None:
+        """`server_env` reaches the node's server, e.g. DSEC_TRAJECTORY_DSN so every node logs to one database."""
         self.node_id = ray.get_runtime_context().get_node_id()
+        os.environ.update(server_env or {})  # this actor's process exists only to own the server
         args = ["--max-sandboxes", str(max_sandboxes), *server_args]
         self.server = EmbeddedServer.start(Path(home), args)
         self.capacity = {

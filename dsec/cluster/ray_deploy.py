@@ -32,6 +32,7 @@ class RayGateway:
     home: str
     agents: dict[str, ray.actor.ActorHandle] = field(default_factory=dict)
     server_args: tuple[str, ...] = ()
+    server_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -49,7 +50,7 @@ class RayGateway:
             node_id: agent_class.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
                 name=f"dsec-node-{node_id[:12]}",
-            ).remote(self.home, server_args=self.server_args)
+            ).remote(self.home, server_args=self.server_args, server_env=self.server_env)
             for node_id in wanted
         }
         for node_id, agent in started.items():
@@ -87,17 +88,24 @@ def _ray_probe(agents: dict[str, ray.actor.ActorHandle]):
     return probe
 
 
-def deploy(home: str, listen: str = "127.0.0.1:0", probe_interval_s: float = 1.0, server_args: tuple[str, ...] = ()) -> RayGateway:
+def deploy(
+    home: str,
+    listen: str = "127.0.0.1:0",
+    probe_interval_s: float = 1.0,
+    server_args: tuple[str, ...] = (),
+    server_env: dict[str, str] | None = None,
+) -> RayGateway:
     """Start node agents on every alive node of the connected Ray cluster and a gateway on `listen`.
 
     `home` is each node server's DSEC_HOME (node-local paths; on one machine the nodes share it safely:
-    each server owns its own run directory).
+    each server owns its own run directory). Set `server_env={"DSEC_TRAJECTORY_DSN": ...}` so trajectories
+    logged on one node resume on another.
     """
     if not ray.is_initialized():
         raise RuntimeFailure("connect to a Ray cluster first (ray.init(address=...))")
     agents: dict[str, ray.actor.ActorHandle] = {}
     gateway = Gateway(probe=_ray_probe(agents))
-    deployment = RayGateway(serve_gateway(gateway, listen, probe_interval_s), home, agents, tuple(server_args))
+    deployment = RayGateway(serve_gateway(gateway, listen, probe_interval_s), home, agents, tuple(server_args), dict(server_env or {}))
     try:
         deployment.add_nodes()
     except BaseException:
