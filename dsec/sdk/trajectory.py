@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from dsec.errors import SandboxNotFound, SnapshotNotFound
+from dsec.errors import SandboxNotFound, SandboxStateError, SnapshotNotFound
 from dsec.sdk.client import Client, default_client
 from dsec.v1 import sandbox_pb2 as pb
 from dsec.v1 import trajectory_pb2 as tpb
@@ -139,7 +139,7 @@ class Trajectory:
         if info.sandbox_id:
             try:
                 live = Sandbox.connect(info.sandbox_id, client=self._client)
-            except SandboxNotFound:
+            except (SandboxNotFound, SandboxStateError):  # never known here, or destroyed
                 pass
             else:
                 self.restored = "live"

@@ -3,6 +3,7 @@ port) and a `log` fixture that runs backend-agnostic tests against both the file
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -96,3 +97,69 @@ def reopen(request: pytest.FixtureRequest, tmp_path: Path):
 
     return again
 
+
+
+# ---------- a real dsec server of our own (standalone process), for end-to-end and crash tests ----------
+
+SHARED_HOME = Path(os.environ.get("DSEC_HOME", "/var/lib/dsec"))
+PRIVATE = {"run", "logs", "trajectories"}  # per-server state; everything else (images, engines) is shared
+DRIVER = os.environ.get("DSEC_TRAJECTORY_TEST_DRIVER", "")  # "" = the server's default container driver
+
+
+def private_home(root: Path) -> Path:
+    """A home whose trajectory log and run state are ours, sharing the machine's image store and engines."""
+    home = root / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    for entry in SHARED_HOME.iterdir() if SHARED_HOME.exists() else ():
+        if entry.name.split("-")[0] not in PRIVATE and not (home / entry.name).exists():
+            (home / entry.name).symlink_to(entry)
+    return home
+
+
+class ServerProcess:
+    """`python -m dsec.server.main` on a loopback port; killed with its test (the server also watches us)."""
+
+    def __init__(self, home: Path, metrics_port: int) -> None:
+        self.home = home
+        self.metrics_port = metrics_port
+        self.process: subprocess.Popen | None = None
+        self.address = ""
+
+    def start(self) -> ServerProcess:
+        from dsec.sdk.embedded import EmbeddedServer
+
+        started = EmbeddedServer.start(home=self.home, extra_args=["--metrics-listen", f"127.0.0.1:{self.metrics_port}"])
+        self.process, self.address = started.process, started.address
+        self._embedded = started
+        return self
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(60)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self._embedded.stop()
+
+    def executed(self, kind: str = "exec") -> float:
+        """Server-side executions of logged steps since this process started (Prometheus counter)."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30) as reply:
+            text = reply.read().decode()
+        wanted = f'dsec_trajectory_steps_total{{kind="{kind}",outcome="executed"}}'
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(wanted))
+
+
+@pytest.fixture
+def dsec_server() -> Iterator[ServerProcess]:
+    root = Path(tempfile.mkdtemp(prefix="dt-", dir="/tmp"))  # short: sandboxes' unix sockets live under it
+    try:
+        server = ServerProcess(private_home(root), _free_port()).start()
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
