@@ -30,11 +30,13 @@ MAX_STDIN = 64 << 20
 
 
 def request_hash(kind: str, image_digest: str, message) -> str:
-    """sha256 over what determines a call's effect: its kind, the image, and the request minus its step key."""
+    """sha256 over what determines a call's effect: its kind, the image, and the request minus its step key
+    and the sandbox/session it targets (a rebuilt or restored sandbox has a new id but must match the log)."""
     clone = type(message)()
     clone.CopyFrom(message)
-    if clone.HasField("step"):
-        clone.ClearField("step")
+    for name in ("step", "sandbox_id", "session"):
+        if name in clone.DESCRIPTOR.fields_by_name:
+            clone.ClearField(name)
     digest = hashlib.sha256()
     digest.update(kind.encode() + b"\0" + image_digest.encode() + b"\0")
     digest.update(clone.SerializeToString(deterministic=True))
@@ -260,6 +262,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
             hashed = pb.WriteFileHeader()
             hashed.CopyFrom(header)
             hashed.ClearField("step")
+            hashed.ClearField("sandbox_id")
             keyed = pb.CallRequest(sandbox_id=header.sandbox_id, payload=hashed.SerializeToString() + content, step=header.step)
             record, replayed = self._logged(sandbox, "write_file", keyed, execute)
             response = pb.WriteFileResponse.FromString(record)
