@@ -1,0 +1,233 @@
+"""The QEMU drivers of the microvm (`-M microvm`) and vm (q35) substrates.
+
+A sandbox is one QEMU process whose files all live in the sandbox's state directory: `disk.qcow2` (its private
+copy-on-write layer over the image's shared raw disk), `qemu.pid`, the monitor socket and the console log.
+`create` restores the image's template snapshot (booted once, see template.py) rather than booting; the guest
+agent (the same static `dsec-agent` containers run) serves exec, sessions and files over virtio-serial.
+
+Snapshot = stop the guest, QMP `migrate` its memory + device state to a file, copy its disk overlay, continue.
+Restore = a QEMU with the same device model started with `-incoming` on that file, over a copy of that overlay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+from dsec.agent.client import AgentClient, AgentSandbox
+from dsec.config import ServerConfig
+from dsec.errors import DsecError, InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound, Unsupported
+from dsec.models import SandboxSpec
+from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
+from dsec.substrates.vm.accel import host_accel
+from dsec.substrates.vm.config import VmConfig
+from dsec.substrates.vm.disk import copy_overlay, image_disk
+from dsec.substrates.vm.guest import GuestBoot, guest_boot
+from dsec.substrates.vm.machine import (
+    AGENT_SOCKET,
+    DISK,
+    PID_FILE,
+    QEMU_LOG,
+    QMP_SOCKET,
+    SERIAL_LOG,
+    MachineKind,
+    MachineSpec,
+    QemuProcess,
+    guest_cmdline,
+    kill_from_state_dir,
+)
+from dsec.substrates.vm.template import STATE, ensure_template
+
+SNAPSHOT_META = "meta.json"
+SNAPSHOT_BASE = "base.raw"  # a hard link to the image disk, so a snapshot outlives a disk cache cleanup
+OWN_FILES = (DISK, PID_FILE, QMP_SOCKET, AGENT_SOCKET, SERIAL_LOG, QEMU_LOG)
+
+
+def _vmstat_oom_kills(text: str) -> int:
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == "oom_kill":
+            return int(value)
+    return -1
+
+
+class VmSandbox(AgentSandbox):
+    """A running QEMU machine whose guest agent serves this sandbox."""
+
+    def __init__(self, sandbox_id: str, client: AgentClient, process: QemuProcess, base_disk: Path, restore_s: float) -> None:
+        super().__init__(sandbox_id, client)
+        self.process = process
+        self.base_disk = base_disk
+        self.accel = process.machine.accel
+        self.start_s = restore_s
+        self._paused = False
+        self._qmp_lock = threading.Lock()
+
+    @property
+    def machine(self) -> MachineSpec:
+        return self.process.machine
+
+    def memory_limit_mb(self) -> int:
+        return self.machine.memory_mb
+
+    def oom_kill_count(self) -> int:
+        """The guest kernel's OOM kill counter (the agent is PID 1, which the OOM killer never picks)."""
+        try:
+            return _vmstat_oom_kills(b"".join(self.read_file("/proc/vmstat")).decode())
+        except DsecError:
+            return -1
+
+    def _qmp(self, command: str) -> None:
+        if not self.process.alive():
+            raise SandboxStateError(f"the VM of sandbox {self.sandbox_id} is not running (QEMU exited); recreate it")
+        with self._qmp_lock:
+            self.process.qmp.execute(command)
+
+    def pause(self) -> None:
+        """Freeze every vCPU; memory, disk and processes stay exactly as they are."""
+        self._qmp("stop")
+        self._paused = True
+
+    def resume(self) -> None:
+        self._qmp("cont")
+        self._paused = False
+
+    def snapshot(self, dest: Path) -> str:
+        """Save memory + devices + disk into `dest`; the sandbox continues (or stays paused) afterwards."""
+        if not self.process.alive():
+            raise SandboxStateError(f"the VM of sandbox {self.sandbox_id} is not running; cannot snapshot it")
+        dest.mkdir(parents=True, exist_ok=True)
+        with self._qmp_lock:
+            try:
+                self.process.save(dest / STATE, timeout_s=120.0)
+                copy_overlay(self.process.state_dir / DISK, dest / DISK)
+            finally:
+                if not self._paused and self.process.alive():
+                    self.process.qmp.execute("cont")
+        with contextlib.suppress(OSError):
+            os.link(self.base_disk, dest / SNAPSHOT_BASE)
+        meta = {"machine": self.machine.to_dict(), "base_disk": str(self.base_disk), "sandbox_id": self.sandbox_id}
+        (dest / SNAPSHOT_META).write_text(json.dumps(meta))
+        return "memory+disk"
+
+
+class QemuDriver(SandboxDriver):
+    """One QEMU machine kind; `vm_driver` names the two instances."""
+
+    def __init__(self, kind: MachineKind, config: ServerConfig) -> None:
+        self.kind = kind
+        self.cfg = VmConfig.from_server(config)
+        self.server_config = config
+        self._accel: str | None = None
+        self._boot: GuestBoot | None = None
+        self._boot_lock = threading.Lock()
+
+    @property
+    def accel(self) -> str:
+        """The accelerator every sandbox of this host uses (probed once per host, see accel.py)."""
+        if self._accel is None:
+            self._accel = host_accel(self.cfg)
+        return self._accel
+
+    def boot(self) -> GuestBoot:
+        """Kernel + initrd, built or found once per driver (hashing the initrd on every create costs ~0.3 s)."""
+        with self._boot_lock:
+            if self._boot is None:
+                self._boot = guest_boot(self.cfg)
+            return self._boot
+
+    def machine_for(self, spec: SandboxSpec) -> MachineSpec:
+        if spec.network:
+            raise Unsupported(f"{self.substrate} sandboxes have no network device; create it with network=False")
+        accel = self.accel
+        if spec.driver in ("kvm", "tcg") and spec.driver != accel:
+            raise InvalidSpec(f"accelerator {spec.driver!r} was asked for but this host uses {accel!r} (KVM probe)")
+        boot = self.boot()
+        return MachineSpec(
+            kind=self.kind,
+            accel=accel,
+            memory_mb=max(spec.resources.memory_mb, self.cfg.min_memory_mb),
+            cpus=max(1, math.ceil(spec.resources.cpu)),
+            kernel=str(boot.kernel.vmlinuz),
+            initrd=str(boot.initrd),
+            cmdline=guest_cmdline(self.cfg.kernel_cmdline, accel),
+        )
+
+    def create(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, state_dir: Path) -> VmSandbox:
+        machine = self.machine_for(spec)
+        base = image_disk(image, self.cfg.disks_dir, self.cfg.disk_slack_mb)
+        template = ensure_template(self.cfg, machine, base)
+        return self._start(sandbox_id, machine, template.state, template.disk, base, state_dir)
+
+    def restore(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, snapshot: Path, state_dir: Path) -> VmSandbox:
+        try:
+            meta = json.loads((snapshot / SNAPSHOT_META).read_text())
+        except (OSError, ValueError) as exc:
+            raise SnapshotNotFound(f"{snapshot} is not a VM snapshot ({exc}); take a new one with sb.snapshot()") from exc
+        machine = MachineSpec(**meta["machine"])
+        if machine.kind != self.kind:
+            raise InvalidSpec(f"snapshot {snapshot.parent.name} is a {machine.kind} machine, not {self.kind}")
+        base = Path(meta["base_disk"])
+        if not base.exists() and (snapshot / SNAPSHOT_BASE).exists():
+            base.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.link(snapshot / SNAPSHOT_BASE, base)
+        for needed in (base, Path(machine.kernel), Path(machine.initrd), snapshot / STATE, snapshot / DISK):
+            if not needed.exists():
+                raise SnapshotNotFound(f"snapshot {snapshot.parent.name} needs {needed}, which is gone; take a new snapshot")
+        return self._start(sandbox_id, machine, snapshot / STATE, snapshot / DISK, base, state_dir)
+
+    def _start(self, sandbox_id: str, machine: MachineSpec, state: Path, disk: Path, base: Path, state_dir: Path) -> VmSandbox:
+        started = time.monotonic()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        copy_overlay(disk, state_dir / DISK)
+        process = QemuProcess(self.cfg.qemu, machine, state_dir, state, self.cfg.restore_timeout_s)
+        client = AgentClient(process.agent_socket, sandbox_id=sandbox_id)
+        try:
+            process.finish_incoming(self.cfg.restore_timeout_s)
+            client.ping(timeout=self.cfg.restore_timeout_s)
+        except BaseException as exc:
+            client.close()
+            tail = process.log_tail()
+            process.kill()
+            if isinstance(exc, DsecError):
+                raise RuntimeFailure(f"VM {sandbox_id} did not come back from its snapshot: {exc.message}; {tail}") from exc
+            raise
+        return VmSandbox(sandbox_id, client, process, base, time.monotonic() - started)
+
+    def destroy(self, sandbox: DriverSandbox) -> None:
+        assert isinstance(sandbox, VmSandbox)
+        sandbox.close()
+        sandbox.process.kill()
+        self._remove_files(sandbox.process.state_dir)
+
+    def cleanup_state_dir(self, state_dir: Path) -> None:
+        kill_from_state_dir(state_dir)
+        self._remove_files(state_dir)
+
+    @staticmethod
+    def _remove_files(state_dir: Path) -> None:
+        for name in OWN_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                (state_dir / name).unlink()
+
+
+class MicroVmDriver(QemuDriver):
+    name = "qemu-microvm"
+    substrate = "microvm"
+
+    def __init__(self, config: ServerConfig) -> None:
+        super().__init__("microvm", config)
+
+
+class Q35Driver(QemuDriver):
+    name = "qemu-q35"
+    substrate = "vm"
+
+    def __init__(self, config: ServerConfig) -> None:
+        super().__init__("q35", config)

@@ -1,0 +1,211 @@
+"""One QEMU process: its command line, its files in a state directory, start, stop and kill-by-pid-file.
+
+The two machine kinds differ only in the machine type and the transport of the same three virtio devices
+(root disk, serial port for the agent): `-M microvm` uses virtio-mmio (`*-device`), q35 uses PCI (`*-pci`).
+Everything a dead server must clean up is named in the state directory: `qemu.pid` and the files next to it,
+so `kill_from_state_dir` needs no live object.
+
+QEMU connects *to* the host's agent socket (chardev client) at startup, before any guest code runs: the guest's
+virtio-serial port therefore never sees "host disconnected", neither at cold boot nor after a restore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from dsec.errors import RuntimeFailure
+from dsec.substrates.vm.qmp import QmpClient
+
+MachineKind = Literal["microvm", "q35"]
+PID_FILE = "qemu.pid"
+QMP_SOCKET = "qmp.sock"
+AGENT_SOCKET = "agent.sock"
+SERIAL_LOG = "serial.log"
+QEMU_LOG = "qemu.log"
+DISK = "disk.qcow2"
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """Everything that must be equal between a snapshot and its restore (the device model)."""
+
+    kind: MachineKind
+    accel: str
+    memory_mb: int
+    cpus: int
+    kernel: str
+    initrd: str
+    cmdline: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def host_tsc_khz() -> int:
+    """The host TSC rate, which a TCG guest's TSC runs at (0 if unknown).
+
+    Why: under TCG the guest kernel's TSC calibration against the emulated PIT fails at random on a loaded
+    host (measured: 5 of 6 boots hung after "Marking TSC unstable"); `tsc_early_khz=` skips calibration.
+    """
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":", 1)[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def guest_cmdline(base: str, accel: str) -> str:
+    """The kernel command line for `accel` (TCG needs the TSC rate handed in, see host_tsc_khz)."""
+    khz = host_tsc_khz() if accel == "tcg" else 0
+    return f"{base} tsc_early_khz={khz}" if khz else base
+
+
+def qemu_argv(qemu: str, machine: MachineSpec, state_dir: Path, incoming: Path | None) -> list[str]:
+    """The QEMU command line of a machine whose files live in `state_dir`."""
+    transport = "device" if machine.kind == "microvm" else "pci"
+    machine_opt = "microvm,x-option-roms=off,rtc=on" if machine.kind == "microvm" else "q35"
+    argv = [
+        qemu, "-name", "dsec", "-M", machine_opt,
+        "-accel", machine.accel, "-cpu", "host" if machine.accel == "kvm" else "max",
+        "-m", str(machine.memory_mb), "-smp", str(machine.cpus),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", machine.kernel, "-initrd", machine.initrd, "-append", machine.cmdline,
+        "-serial", f"file:{state_dir / SERIAL_LOG}",
+        "-qmp", f"unix:{state_dir / QMP_SOCKET},server=on,wait=off",
+        "-pidfile", str(state_dir / PID_FILE),
+        "-drive", f"id=root,if=none,format=qcow2,file={state_dir / DISK},discard=unmap",
+        "-device", f"virtio-blk-{transport},drive=root",
+        "-device", f"virtio-serial-{transport},max_ports=2",
+        "-chardev", f"socket,id=agent,path={state_dir / AGENT_SOCKET}",
+        "-device", "virtserialport,chardev=agent,name=dsec.agent",
+    ]
+    if incoming is not None:
+        argv += ["-incoming", f"exec:cat {incoming}"]
+    return argv
+
+
+class QemuProcess:
+    """A running QEMU plus its monitor and the host end of the agent's serial port."""
+
+    def __init__(self, qemu: str, machine: MachineSpec, state_dir: Path, incoming: Path | None, start_timeout_s: float) -> None:
+        self.machine = machine
+        self.state_dir = state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        agent_path = state_dir / AGENT_SOCKET
+        with contextlib.suppress(FileNotFoundError):
+            agent_path.unlink()
+        listener.bind(str(agent_path))
+        listener.listen(1)
+        log = open(state_dir / QEMU_LOG, "ab")
+        try:
+            self.proc = subprocess.Popen(
+                qemu_argv(qemu, machine, state_dir, incoming),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
+            )
+        finally:
+            log.close()
+        (state_dir / PID_FILE).write_text(str(self.proc.pid))
+        try:
+            self.agent_socket = self._accept(listener, start_timeout_s)
+            self.qmp = QmpClient(state_dir / QMP_SOCKET, timeout_s=start_timeout_s)
+        except BaseException:
+            self.kill()
+            raise
+        finally:
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                agent_path.unlink()
+
+    def _accept(self, listener: socket.socket, timeout_s: float) -> socket.socket:
+        deadline = time.monotonic() + timeout_s
+        listener.settimeout(0.05)
+        while True:
+            try:
+                conn, _ = listener.accept()
+                conn.settimeout(None)
+                return conn
+            except TimeoutError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeFailure(f"QEMU exited ({self.proc.returncode}) at start: {self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeFailure(f"QEMU did not connect the agent port within {timeout_s:.0f}s: {self.log_tail()}")
+
+    def log_tail(self, limit: int = 600) -> str:
+        text = ""
+        for name in (QEMU_LOG, SERIAL_LOG):
+            with contextlib.suppress(OSError):
+                text += (self.state_dir / name).read_bytes()[-limit:].decode(errors="replace")
+        return " | ".join(line for line in text.splitlines() if line.strip())[-limit:] or "(no output)"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def finish_incoming(self, timeout_s: float) -> None:
+        """Wait for the restore to load, then run the guest (it was saved stopped, so it arrives paused)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.qmp.execute("query-status")["status"]
+            if status in ("paused", "postmigrate", "prelaunch"):
+                self.qmp.execute("cont")
+                return
+            if status == "running":
+                return
+            if status != "inmigrate":
+                raise RuntimeFailure(f"QEMU restore ended in state {status!r}: {self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeFailure(f"QEMU restore did not finish within {timeout_s:.0f}s: {self.log_tail()}")
+            time.sleep(0.005)
+
+    def save(self, dest_state: Path, timeout_s: float) -> None:
+        """Stop the guest and write its device + memory state to `dest_state` (the guest stays stopped)."""
+        self.qmp.execute("stop")
+        self.qmp.execute("migrate", uri=f"exec:cat > {dest_state}")
+        self.qmp.wait_migration(timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL the QEMU (its whole session) and reap it; the state directory's files stay."""
+        with contextlib.suppress(AttributeError):
+            self.qmp.close()
+        with contextlib.suppress(AttributeError, OSError):
+            self.agent_socket.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def _cmdline_mentions(pid: int, state_dir: Path) -> bool:
+    try:
+        return str(state_dir).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def kill_from_state_dir(state_dir: Path, timeout_s: float = 10.0) -> None:
+    """Kill the QEMU recorded in `state_dir` (if it is still that QEMU) and wait until it is gone."""
+    try:
+        pid = int((state_dir / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return
+    if not _cmdline_mentions(pid, state_dir):
+        return  # gone already, or the pid was reused by an unrelated process
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while _cmdline_mentions(pid, state_dir) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.01)
+    if _cmdline_mentions(pid, state_dir):
+        raise RuntimeFailure(f"QEMU pid {pid} of {state_dir} survived SIGKILL for {timeout_s:.0f}s")
