@@ -2,13 +2,14 @@
 
 Every driver needs the binary and many may ask for it at once (parallel sandbox creation, several test
 workers), so compilation happens under a file lock, into a temporary file that is renamed into place: a caller
-either sees no binary, or a complete one. The binary is rebuilt when agent.c is newer, so editing the source
-never leaves a stale agent behind.
+either sees no binary, or a complete one. The binary is rebuilt when the hash of agent.c and the compiler flags
+differs from the one recorded beside it: mtimes would be fooled by several checkouts sharing one $DSEC_HOME.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import subprocess
 import sys
@@ -22,9 +23,18 @@ BINARY_NAME = "dsec-agent"
 CFLAGS = ["-static", "-O2", "-Wall", "-Wextra", "-Werror", "-s"]
 
 
-def _fresh(binary: Path) -> bool:
+def source_digest() -> str:
+    """Identity of the binary a build would produce: the source and the flags it is compiled with."""
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()
+
+
+def _stamp(binary: Path) -> Path:
+    return binary.with_name(f".{binary.name}.sha256")
+
+
+def _fresh(binary: Path, digest: str) -> bool:
     try:
-        return binary.stat().st_mtime >= SOURCE.stat().st_mtime
+        return binary.exists() and _stamp(binary).read_text().strip() == digest
     except FileNotFoundError:
         return False
 
@@ -33,12 +43,13 @@ def agent_binary(bin_dir: Path | None = None) -> Path:
     """Path of a static `dsec-agent` built from the current agent.c (compiled here if missing or stale)."""
     bin_dir = Path(bin_dir) if bin_dir is not None else default_home() / "bin"
     binary = bin_dir / BINARY_NAME
-    if _fresh(binary):
+    digest = source_digest()
+    if _fresh(binary, digest):
         return binary
     bin_dir.mkdir(parents=True, exist_ok=True)
     with open(bin_dir / f".{BINARY_NAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _fresh(binary):
+        if _fresh(binary, digest):
             return binary
         tmp = bin_dir / f".{BINARY_NAME}.{os.getpid()}.tmp"
         try:
@@ -54,6 +65,7 @@ def agent_binary(bin_dir: Path | None = None) -> Path:
             )
         tmp.chmod(0o755)
         os.replace(tmp, binary)
+        _stamp(binary).write_text(digest + "\n")
     return binary
 
 
