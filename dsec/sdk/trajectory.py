@@ -130,7 +130,8 @@ class Trajectory:
 
         A restored snapshot older than the last logged step, or no snapshot at all, misses the effects of the
         later steps; then `rebuild=True` is required, and those steps re-execute in the new sandbox as the
-        rollout re-issues them (their callers still get the logged results). `self.restored` says which
+        rollout re-issues them (their callers still get the logged results). A step that was running when
+        the old sandbox's server died runs again too: its effect was lost with that sandbox. `self.restored` says which
         path was taken and `self.rebuilt_steps` how many steps will re-execute.
         """
         from dsec.sdk.sandbox import Sandbox
@@ -144,8 +145,8 @@ class Trajectory:
             else:
                 self.restored = "live"
                 return live
-        logged = [s.step for s in self.steps(with_results=False)]
-        end = max(logged) + 1 if logged else 0
+        logged = self.steps(with_results=False)
+        end = max(s.step for s in logged) + 1 if logged else 0
         if end == 0:
             fresh = create()
             self.attach(fresh)
@@ -165,6 +166,10 @@ class Trajectory:
             )
         sandbox = restored if restored is not None else create()
         self.attach(sandbox)
+        for unknown in (s for s in logged if s.state == "intent" and s.step >= from_step):
+            # Started in the lost sandbox, result never logged: whatever it did died with that sandbox, so
+            # running it in the new one is its first run there, not a second one.
+            self.rerun_step(unknown.step)
         self.rebuilt_steps = 0
         if from_step < end:
             request = tpb.RebuildRequest(trajectory_id=self.id, from_step=from_step, to_step=end, sandbox_id=sandbox.id)

@@ -1,0 +1,125 @@
+"""The crash suite against the real server and SDK: a 50-step rollout with side effects in its sandbox.
+
+* kill -9 the client at random points and resume: the final sandbox state and trajectory equal an
+  uninterrupted run's, and the server executed exactly 50 steps (`bench/trajectory_log.py` kills the log
+  owner 100 times; set DSEC_TRAJECTORY_CLIENT_KILLS for a longer run here).
+* kill -9 the server at random points, restart it on the same home: no acknowledged record is lost, and the
+  rebuilt sandbox (opt-in: the old one died with its server) holds every step's effect exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import dsec
+from dsec.v1 import sandbox_pb2 as pb
+
+from .conftest import DRIVER, ServerProcess
+
+STEPS = 50
+CLIENT_KILLS = int(os.environ.get("DSEC_TRAJECTORY_CLIENT_KILLS", "10"))
+ROLLOUT = Path(__file__).with_name("rollout.py")
+
+
+def _rollout(address: str, tid: str, rebuild: bool = False) -> subprocess.Popen:
+    argv = [sys.executable, str(ROLLOUT), tid, str(STEPS), "--driver", DRIVER] + (["--rebuild"] if rebuild else [])
+    env = os.environ | {"DSEC_ADDRESS": address}
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 240) -> tuple[list[str], str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+    return out.splitlines(), err
+
+
+def _expected_ack(step: int) -> str:
+    return f"ACK {step} step_{step}_count_{step + 1}"
+
+
+def _final_state(client: dsec.Client, tid: str) -> tuple[list[str], str, list[bytes]]:
+    with dsec.trajectory(tid, client=client) as tr:
+        sandbox = client.connect(tr.sandbox_id)
+        steps = tr.steps()
+    assert [s.state for s in steps] == ["done"] * STEPS
+    logged = [pb.ExecRecord.FromString(s.result).stdout for s in steps]
+    return sandbox.exec("cat /tmp/steps.log").text.split(), sandbox.exec("cat /tmp/count").text.strip(), logged
+
+
+def _uninterrupted(server: ServerProcess, client: dsec.Client):
+    tid = f"crash/clean/{uuid.uuid4().hex[:8]}"
+    lines, err = _finish(_rollout(server.address, tid))
+    assert lines[-1] == "DONE", err
+    return _final_state(client, tid)
+
+
+@pytest.mark.timeout(600)
+def test_client_killed_at_random_points(dsec_server: ServerProcess) -> None:
+    rng = random.Random(42)
+    tid = f"crash/client/{uuid.uuid4().hex[:8]}"
+    acks: set[str] = set()
+    sandboxes: list[str] = []
+    kills = 0
+    for _attempt in range(CLIENT_KILLS * 3 + 5):
+        process = _rollout(dsec_server.address, tid)
+        if kills < CLIENT_KILLS:
+            time.sleep(rng.uniform(0.5, 2.5))  # interpreter start is ~0.5 s; a 50-step rollout takes ~2-5 s
+            if process.poll() is None:
+                process.kill()
+                kills += 1
+        lines, err = _finish(process)
+        acks |= {line for line in lines if line.startswith("ACK")}
+        sandboxes += [line.split()[1] for line in lines if line.startswith("SANDBOX")]
+        if lines and lines[-1] == "DONE" and kills >= CLIENT_KILLS:
+            break
+        assert process.returncode in (0, -9), err
+    assert kills == CLIENT_KILLS
+    assert len(set(sandboxes)) == 1  # every resumed client re-attached to the same live sandbox
+    assert acks == {_expected_ack(step) for step in range(STEPS)}  # every result seen was the single run's
+    with dsec.Client(dsec_server.address) as client:
+        killed = _final_state(client, tid)
+        assert killed[0] == [str(step) for step in range(STEPS)] and killed[1] == str(STEPS)
+        assert dsec_server.executed("exec") == STEPS  # 50 executions on the server, however many restarts
+        assert killed == _uninterrupted(dsec_server, client)
+
+
+@pytest.mark.timeout(600)
+def test_server_killed_at_random_points(dsec_server: ServerProcess) -> None:
+    rng = random.Random(7)
+    tid = f"crash/server/{uuid.uuid4().hex[:8]}"
+    acks: set[str] = set()
+    how: list[str] = []
+    server_kills = 0
+    for _attempt in range(10):
+        process = _rollout(dsec_server.address, tid, rebuild=True)
+        if server_kills < 3:
+            time.sleep(rng.uniform(1.0, 2.5))
+            if process.poll() is None:
+                dsec_server.kill9()
+                server_kills += 1
+        lines, err = _finish(process)
+        acks |= {line for line in lines if line.startswith("ACK")}
+        how += [line.split()[2] for line in lines if line.startswith("SANDBOX")]
+        if dsec_server.process.poll() is not None:
+            dsec_server.start()  # same home: the same trajectory log, its torn tail (if any) truncated
+        if lines and lines[-1] == "DONE" and server_kills >= 3:
+            break
+    assert server_kills == 3
+    assert "rebuilt" in how  # the sandbox died with its server; the resumed rollout rebuilt it (opt-in)
+    assert acks == {_expected_ack(step) for step in range(STEPS)}  # 0 acknowledged records lost or altered
+    with dsec.Client(dsec_server.address) as client:
+        steps_log, count, logged = _final_state(client, tid)
+    assert steps_log == [str(step) for step in range(STEPS)] and count == str(STEPS)  # each effect exactly once
+    assert logged == [f"step {step} count {step + 1}\n".encode() for step in range(STEPS)]
