@@ -86,9 +86,11 @@ def test_oom_kill_is_counted_and_the_sandbox_survives(make_sandbox):
 
 
 @pytest.mark.timeout(120)
-def test_pause_and_resume(make_sandbox):
+def test_pause_and_resume(make_sandbox, driver, tmp_path):
     sb = make_sandbox(spec())
     sb.pause()
+    assert sb.snapshot(tmp_path / "snap") == "filesystem"
+    assert driver.api.inspect_container(sb.container)["State"]["Paused"], "a paused sandbox stays paused across a snapshot"
     sb.resume()
     assert run(sb, ["echo", "resumed"])[0] == b"resumed\n"
 
@@ -146,3 +148,34 @@ def test_cleanup_after_the_owning_server_was_killed(driver, busybox_image, docke
     driver.cleanup_state_dir(state)
     assert containers_labelled(docker_client, STATE_DIR_LABEL, str(state.resolve())) == []
     driver.cleanup_state_dir(state)
+
+
+@pytest.mark.timeout(180)
+def test_snapshot_and_restore_keep_written_and_deleted_files(make_sandbox, driver, busybox_image, tmp_path):
+    sb = make_sandbox(spec())
+    sb.write_file("/work/notes.txt", [b"kept\n"])
+    run(sb, ["sh", "-c", "rm /etc/layer && mkdir -p /opaque && echo x > /opaque/f"])
+    snap = tmp_path / "snap"
+    assert sb.snapshot(snap) == "filesystem"
+    assert run(sb, ["echo", "running"])[0] == b"running\n", "the source keeps running after a snapshot"
+    sb.write_file("/work/after.txt", [b"not in the snapshot\n"])
+
+    sandbox_id = f"t{os.urandom(6).hex()}"
+    state = tmp_path / sandbox_id
+    state.mkdir()
+    restored = driver.restore(sandbox_id, spec(), busybox_image, snap, state)
+    try:
+        assert b"".join(restored.read_file("/work/notes.txt")) == b"kept\n"
+        assert run(restored, ["cat", "/opaque/f"])[0] == b"x\n"
+        _, _, missing = run(restored, ["cat", "/etc/layer"])
+        assert missing.exit_code != 0, "a file deleted before the snapshot stays deleted"
+        assert run(restored, ["ls", "/work"])[0].split() == [b"notes.txt"]
+    finally:
+        driver.destroy(restored)
+
+
+@pytest.mark.timeout(60)
+def test_restore_from_a_foreign_snapshot_fails_typed(driver, busybox_image, tmp_path):
+    (tmp_path / "snap").mkdir()
+    with pytest.raises(RuntimeFailure, match="another driver"):
+        driver.restore("tforeign", spec(), busybox_image, tmp_path / "snap", tmp_path)
