@@ -119,16 +119,19 @@ def private_home(root: Path) -> Path:
 class ServerProcess:
     """`python -m dsec.server.main` on a loopback port; killed with its test (the server also watches us)."""
 
-    def __init__(self, home: Path, metrics_port: int) -> None:
+    def __init__(self, home: Path, metrics_port: int, extra_args: list[str] | None = None) -> None:
         self.home = home
         self.metrics_port = metrics_port
+        self.extra_args = extra_args or []
         self.process: subprocess.Popen | None = None
         self.address = ""
 
     def start(self) -> ServerProcess:
         from dsec.sdk.embedded import EmbeddedServer
 
-        started = EmbeddedServer.start(home=self.home, extra_args=["--metrics-listen", f"127.0.0.1:{self.metrics_port}"])
+        started = EmbeddedServer.start(
+            home=self.home, extra_args=["--metrics-listen", f"127.0.0.1:{self.metrics_port}", *self.extra_args]
+        )
         self.process, self.address = started.process, started.address
         self._embedded = started
         return self
@@ -153,10 +156,16 @@ class ServerProcess:
 
 
 @pytest.fixture
-def dsec_server() -> Iterator[ServerProcess]:
+def server_args() -> list[str]:
+    """Extra `dsec serve` arguments for `dsec_server` (override in a test module)."""
+    return []
+
+
+@pytest.fixture
+def dsec_server(server_args: list[str]) -> Iterator[ServerProcess]:
     root = Path(tempfile.mkdtemp(prefix="dt-", dir="/tmp"))  # short: sandboxes' unix sockets live under it
     try:
-        server = ServerProcess(private_home(root), _free_port()).start()
+        server = ServerProcess(private_home(root), _free_port(), server_args).start()
         try:
             yield server
         finally:
