@@ -81,7 +81,7 @@ def _open_step_coordinator(config: ServerConfig):
     return StepCoordinator(trajectory_log), trajectory_log
 
 
-def _add_optional_services(server: grpc.Server, images, trajectory_log) -> None:
+def _add_optional_services(server: grpc.Server, images, trajectory_log, auth: Authenticator | None = None) -> None:
     try:
         from dsec.server.image_service import add_image_service
     except ImportError:
@@ -93,7 +93,7 @@ def _add_optional_services(server: grpc.Server, images, trajectory_log) -> None:
     except ImportError:
         add_trajectory_service = None
     if add_trajectory_service is not None and trajectory_log is not None:
-        add_trajectory_service(server, trajectory_log)
+        add_trajectory_service(server, trajectory_log, auth)  # auth scopes trajectory ids per tenant
 
 
 def serve(config: ServerConfig) -> RunningServer:
@@ -117,7 +117,7 @@ def serve(config: ServerConfig) -> RunningServer:
         interceptors=[AuthInterceptor(auth)],
     )
     pb_grpc.add_SandboxServiceServicer_to_server(SandboxService(config, manager, steps, auth), server)
-    _add_optional_services(server, images, trajectory_log)
+    _add_optional_services(server, images, trajectory_log, auth)
     listen = config.listen
     if config.tls_cert and config.tls_key:
         port = server.add_secure_port(listen, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
