@@ -1,0 +1,193 @@
+"""The OCI runtime bundle (config.json) of one sandbox, accepted by both crun and runc.
+
+The container's PID 1 is the dsec agent, bind-mounted read-only from the host, listening on a unix socket in a
+host directory bind-mounted at /.dsec/run: the host talks to it without exec-ing the runtime per command.
+Hardening mirrors Docker's defaults (so software that runs under Docker runs here) and is a little stricter:
+no-new-privileges, no raw sockets, a seccomp deny-list, Docker's masked and read-only /proc paths, and cgroup
+limits on memory (swap included), pids and CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from pathlib import Path
+
+from dsec.models import SandboxSpec
+from dsec.substrates.base import ImageConfig
+from dsec.substrates.container.seccomp import default_profile
+
+AGENT_PATH = "/.dsec/agent"
+AGENT_RUN_DIR = "/.dsec/run"
+AGENT_SOCKET = "agent.sock"
+CGROUP_PARENT = "dsec"
+CPU_PERIOD_US = 100_000
+MAX_NOFILE = 20_000  # HOST.md: without CAP_SYS_RESOURCE an rlimit cannot exceed the host's hard limit
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Docker's default capability set minus NET_RAW (packet spoofing), MKNOD (the device cgroup denies new devices
+# anyway), AUDIT_WRITE and SETFCAP (file capabilities are a way back to privileges): the Docker driver drops
+# the same ones, so both container drivers grant identical powers.
+CAPABILITIES = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+]
+
+MASKED_PATHS = [
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+]
+READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+
+# (type, major, minor) of the devices a process may open: the standard set every runtime creates in /dev.
+ALLOWED_DEVICES = [
+    ("c", 1, 3),  # null
+    ("c", 1, 5),  # zero
+    ("c", 1, 7),  # full
+    ("c", 1, 8),  # random
+    ("c", 1, 9),  # urandom
+    ("c", 5, 0),  # tty
+    ("c", 5, 2),  # ptmx
+    ("c", 136, None),  # pts/*
+]
+
+
+def cgroups_path(sandbox_id: str) -> str:
+    """The sandbox's cgroup, relative to every controller's root: all dsec sandboxes live under /dsec."""
+    return f"/{CGROUP_PARENT}/{sandbox_id}"
+
+
+def merge_env(image_env: list[str], spec_env: dict[str, str]) -> list[str]:
+    """Image env, then the spec's on top (same name replaces); PATH defaults like Docker's when the image has none."""
+    merged: dict[str, str] = {}
+    for item in image_env:
+        key, _, value = item.partition("=")
+        if key:
+            merged[key] = value
+    merged.update(spec_env)
+    merged.setdefault("PATH", DEFAULT_PATH.partition("=")[2])
+    return [f"{key}={value}" for key, value in merged.items()]
+
+
+def _nofile() -> int:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return MAX_NOFILE if hard == resource.RLIM_INFINITY else min(MAX_NOFILE, hard)
+
+
+def _mounts(agent_binary: Path, agent_run_dir: Path, network: bool) -> list[dict]:
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+        },
+        {
+            "destination": "/dev/shm",
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        },
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+    ]
+    if network:
+        # sysfs can only be mounted fresh inside a network namespace of our own; share the host's, read-only
+        mounts.append({"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]})
+    else:
+        mounts.append({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]})
+    mounts += [
+        {"destination": AGENT_PATH, "type": "bind", "source": str(agent_binary), "options": ["bind", "ro", "nosuid", "nodev"]},
+        {"destination": AGENT_RUN_DIR, "type": "bind", "source": str(agent_run_dir), "options": ["bind", "rw", "nosuid", "nodev", "noexec"]},
+    ]
+    return mounts
+
+
+def _resources(spec: SandboxSpec) -> dict:
+    memory = spec.resources.memory_mb << 20
+    devices: list[dict] = [{"allow": False, "access": "rwm"}]
+    for kind, major, minor in ALLOWED_DEVICES:
+        rule: dict = {"allow": True, "type": kind, "major": major, "access": "rwm"}
+        if minor is not None:
+            rule["minor"] = minor
+        devices.append(rule)
+    return {
+        "devices": devices,
+        # swap = memory: the memsw limit equals the memory limit, so a sandbox cannot spill into swap
+        "memory": {"limit": memory, "swap": memory},
+        "pids": {"limit": spec.resources.pids},
+        "cpu": {"quota": max(1000, int(spec.resources.cpu * CPU_PERIOD_US)), "period": CPU_PERIOD_US},
+    }
+
+
+def runtime_config(
+    sandbox_id: str,
+    spec: SandboxSpec,
+    image: ImageConfig,
+    rootfs: Path,
+    agent_binary: Path,
+    agent_run_dir: Path,
+) -> dict:
+    """The config.json of a sandbox whose PID 1 is the agent (see module docstring for the why of each part)."""
+    namespaces = [{"type": ns} for ns in ("pid", "ipc", "uts", "mount")]
+    if not spec.network:
+        namespaces.append({"type": "network"})
+    nofile = _nofile()
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": [AGENT_PATH, "--listen", f"{AGENT_RUN_DIR}/{AGENT_SOCKET}"],
+            "env": merge_env(image.env, spec.env),
+            "cwd": spec.workdir or image.workdir or "/",
+            "capabilities": {key: list(CAPABILITIES) for key in ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": str(rootfs), "readonly": False},
+        "hostname": sandbox_id,
+        "mounts": _mounts(agent_binary, agent_run_dir, spec.network),
+        "linux": {
+            "namespaces": namespaces,
+            "cgroupsPath": cgroups_path(sandbox_id),
+            "resources": _resources(spec),
+            "seccomp": default_profile(),
+            "maskedPaths": MASKED_PATHS,
+            "readonlyPaths": READONLY_PATHS,
+            "rootfsPropagation": "private",
+        },
+    }
+
+
+def write_bundle(bundle_dir: Path, config: dict) -> Path:
+    """Write config.json into `bundle_dir` (created if needed); returns the bundle dir for `--bundle`."""
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    tmp = bundle_dir / "config.json.tmp"
+    tmp.write_text(json.dumps(config))
+    os.replace(tmp, bundle_dir / "config.json")
+    return bundle_dir

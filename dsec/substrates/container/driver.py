@@ -1,0 +1,230 @@
+"""The container substrate on an OCI runtime (crun or runc): overlay rootfs, bundle, runtime, agent.
+
+Create = record what will exist (sandbox.json), mount the overlay, write config.json, `run --detach`, connect
+to the agent's socket. Destroy and crash cleanup run the same teardown from the record, so a sandbox is removed
+completely whether its server is alive, died mid-create, or was killed -9.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from dsec.agent.build import agent_binary
+from dsec.agent.client import AgentClient, AgentSandbox
+from dsec.config import ServerConfig
+from dsec.errors import InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound
+from dsec.models import SandboxSpec
+from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
+from dsec.substrates.container import bundle, cgroups, rootfs
+from dsec.substrates.container.record import ContainerRecord
+from dsec.substrates.container.runtime import RUNTIMES, OciRuntime
+
+AGENT_START_TIMEOUT_S = 30.0
+SNAPSHOT_ARCHIVE = "upper.tar"
+# a Docker-driver snapshot has the same layout (an overlay upper dir as tar), so either restores here
+SNAPSHOT_ARCHIVES = (SNAPSHOT_ARCHIVE, "docker-upper.tar")
+SNAPSHOT_TIMEOUT_S = 600.0
+MAX_SOCKET_PATH = 100  # sun_path is 108 bytes
+# Overlay keeps deletions as 0/0 character devices and opaque directories as trusted.overlay.* xattrs.
+_TAR_LAYER = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=trusted.overlay.*"]
+
+
+def _run_tar(argv: list[str], sandbox_id: str, what: str) -> None:
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=SNAPSHOT_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeFailure(f"{what} of sandbox {sandbox_id} took over {SNAPSHOT_TIMEOUT_S:.0f}s", sandbox_id=sandbox_id) from exc
+    if proc.returncode != 0:
+        raise RuntimeFailure(
+            f"{what} of sandbox {sandbox_id} failed: {proc.stderr.decode(errors='replace').strip()[-1000:]}",
+            sandbox_id=sandbox_id,
+        )
+
+
+def _connect_agent(run_dir: Path, sandbox_id: str, log: Path) -> AgentClient:
+    """Connect to the agent socket in `run_dir`; a path too long for sun_path goes through /proc/self/fd."""
+    socket_path = run_dir / bundle.AGENT_SOCKET
+    dir_fd = -1
+    if len(str(socket_path)) > MAX_SOCKET_PATH:
+        dir_fd = os.open(run_dir, os.O_PATH | os.O_DIRECTORY)
+        socket_path = Path(f"/proc/self/fd/{dir_fd}/{bundle.AGENT_SOCKET}")
+    try:
+        return AgentClient.connect_unix(socket_path, timeout_s=AGENT_START_TIMEOUT_S, sandbox_id=sandbox_id)
+    except RuntimeFailure as exc:
+        tail = log.read_bytes()[-1000:].decode(errors="replace").strip() if log.exists() else ""
+        raise RuntimeFailure(f"{exc.message}; agent log: {tail or '(empty)'}", sandbox_id=sandbox_id) from exc
+    finally:
+        if dir_fd >= 0:
+            os.close(dir_fd)
+
+
+class ContainerSandbox(AgentSandbox):
+    """A running OCI container whose PID 1 is the agent; limits and pause come from its cgroups."""
+
+    def __init__(self, client: AgentClient, record: ContainerRecord, runtime: OciRuntime, state_dir: Path) -> None:
+        super().__init__(record.sandbox_id, client)
+        self.record = record
+        self.runtime = runtime
+        self.state_dir = state_dir
+        self.upper_dir = state_dir / "upper"
+        self.destroyed = False
+
+    def _check_alive(self, what: str) -> None:
+        if self.destroyed:
+            raise SandboxStateError(f"sandbox {self.sandbox_id} is destroyed; cannot {what} it", sandbox_id=self.sandbox_id)
+
+    def oom_kill_count(self) -> int:
+        return cgroups.oom_kill_count(self.record.cgroups_path)
+
+    def memory_limit_mb(self) -> int:
+        return cgroups.memory_limit_bytes(self.record.cgroups_path) >> 20
+
+    def is_paused(self) -> bool:
+        return cgroups.is_frozen(self.record.cgroups_path)
+
+    def pause(self) -> None:
+        """Freeze every process (freezer cgroup); memory and files stay as they are."""
+        self._check_alive("pause")
+        self.runtime.pause(self.record.container_id)
+
+    def resume(self) -> None:
+        self._check_alive("resume")
+        self.runtime.resume(self.record.container_id)
+
+    def snapshot(self, dest: Path) -> str:
+        """Tar the writable layer into `dest` while the sandbox is frozen (a paused sandbox stays paused)."""
+        self._check_alive("snapshot")
+        dest.mkdir(parents=True, exist_ok=True)
+        was_paused = self.is_paused()
+        if not was_paused:
+            self.pause()
+        try:
+            _run_tar(
+                [*_TAR_LAYER, "--exclude=./.dsec", "-C", str(self.upper_dir), "-cf", str(dest / SNAPSHOT_ARCHIVE), "."],
+                self.sandbox_id,
+                "snapshot",
+            )
+        finally:
+            if not was_paused:
+                self.resume()
+        (dest / "snapshot.json").write_text(json.dumps({"kind": "filesystem", "runtime": self.record.runtime}))
+        return "filesystem"
+
+
+class ContainerDriver(SandboxDriver):
+    """Sandboxes as OCI containers run by one runtime binary; subclasses name the runtime."""
+
+    substrate = "container"
+
+    def __init__(self, config: ServerConfig | None = None) -> None:
+        self.config = config or ServerConfig()
+        self.runtime = OciRuntime(self.name, self.config.home / "oci" / self.name)
+
+    # -- create ---------------------------------------------------------------------------------------
+    def create(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, state_dir: Path) -> ContainerSandbox:
+        return self._launch(sandbox_id, spec, image, state_dir, prepare_upper=None)
+
+    def restore(
+        self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, snapshot: Path, state_dir: Path
+    ) -> ContainerSandbox:
+        """A new sandbox of the same image whose writable layer starts as the snapshot's."""
+        archive = next((snapshot / name for name in SNAPSHOT_ARCHIVES if (snapshot / name).is_file()), None)
+        if archive is None:
+            raise SnapshotNotFound(
+                f"{snapshot} holds no filesystem snapshot (taken by a VM driver?); restore it with the substrate that "
+                "took it",
+                sandbox_id=sandbox_id,
+            )
+
+        def unpack(upper: Path) -> None:
+            _run_tar([*_TAR_LAYER, "-C", str(upper), "-xpf", str(archive)], sandbox_id, "restore")
+
+        return self._launch(sandbox_id, spec, image, state_dir, prepare_upper=unpack)
+
+    def _launch(
+        self,
+        sandbox_id: str,
+        spec: SandboxSpec,
+        image: ImageRootfs,
+        state_dir: Path,
+        prepare_upper: Callable[[Path], None] | None,
+    ) -> ContainerSandbox:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        record = ContainerRecord(
+            sandbox_id=sandbox_id,
+            runtime=self.name,
+            runtime_root=str(self.runtime.root),
+            container_id=sandbox_id,
+            cgroups_path=bundle.cgroups_path(sandbox_id),
+            rootfs=str(state_dir / "rootfs"),
+        )
+        record.write(state_dir)
+        try:
+            upper, run_dir, log = state_dir / "upper", state_dir / "agent-run", state_dir / "agent.log"
+            upper.mkdir(exist_ok=True)
+            run_dir.mkdir(exist_ok=True)
+            if prepare_upper is not None:
+                prepare_upper(upper)
+            rootfs.mount_overlay(image.lower_dirs, upper, state_dir / "work", Path(record.rootfs), sandbox_id)
+            config = bundle.runtime_config(
+                sandbox_id, spec, image.config, Path(record.rootfs), agent_binary(self.config.bin_dir), run_dir
+            )
+            bundle.write_bundle(state_dir, config)
+            self.runtime.run(record.container_id, state_dir, state_dir / "container.pid", log)
+            client = _connect_agent(run_dir, sandbox_id, log)
+        except BaseException:
+            _teardown(record, state_dir)
+            raise
+        return ContainerSandbox(client, record, self.runtime, state_dir)
+
+    # -- destroy --------------------------------------------------------------------------------------
+    def destroy(self, sandbox: DriverSandbox) -> None:
+        if not isinstance(sandbox, ContainerSandbox):
+            raise RuntimeFailure(f"sandbox {sandbox.sandbox_id} was not created by the {self.name} driver")
+        sandbox.destroyed = True
+        sandbox.close()
+        _teardown(sandbox.record, sandbox.state_dir)
+
+    def cleanup_state_dir(self, state_dir: Path) -> None:
+        record = ContainerRecord.read(state_dir)
+        if record is not None:
+            _teardown(record, state_dir)
+        elif state_dir.exists():
+            rootfs.unmount(state_dir / "rootfs")
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _teardown(record: ContainerRecord, state_dir: Path) -> None:
+    """Remove everything `record` names; each step tolerates its resource being already gone."""
+    runtime = OciRuntime(record.runtime, Path(record.runtime_root))
+    cgroups.thaw(record.cgroups_path)  # a frozen container cannot be killed
+    runtime.delete(record.container_id)
+    cgroups.remove(record.cgroups_path, record.sandbox_id)
+    rootfs.unmount(Path(record.rootfs))
+    if rootfs.is_mounted(Path(record.rootfs)):
+        raise RuntimeFailure(
+            f"rootfs of sandbox {record.sandbox_id} is still mounted at {record.rootfs}; not removing its state",
+            sandbox_id=record.sandbox_id,
+        )
+    shutil.rmtree(state_dir, ignore_errors=True)
+
+
+class CrunDriver(ContainerDriver):
+    name = "crun"
+
+
+class RuncDriver(ContainerDriver):
+    name = "runc"
+
+
+def container_driver(name: str, config: ServerConfig | None = None) -> ContainerDriver:
+    """The driver for OCI runtime `name` ("crun" or "runc")."""
+    drivers = {"crun": CrunDriver, "runc": RuncDriver}
+    if name not in drivers:
+        raise InvalidSpec(f"unknown container runtime {name!r}: choose one of {', '.join(RUNTIMES)}")
+    return drivers[name](config)

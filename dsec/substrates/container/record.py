@@ -1,0 +1,43 @@
+"""`sandbox.json`: what a container sandbox holds on the host, written before any of it is created.
+
+Why before: a server killed at any point of a create leaves a state directory whose record names every
+resource that may exist (runtime container, cgroup, overlay mount), so `cleanup_state_dir` can tear a
+half-created sandbox down from the directory alone, without guessing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dsec.errors import RuntimeFailure
+
+RECORD_NAME = "sandbox.json"
+
+
+@dataclass(frozen=True)
+class ContainerRecord:
+    sandbox_id: str
+    runtime: str  # "crun" | "runc"
+    runtime_root: str  # the runtime's --root
+    container_id: str
+    cgroups_path: str  # relative to every hierarchy's root
+    rootfs: str  # overlay mount point
+
+    def write(self, state_dir: Path) -> None:
+        tmp = state_dir / (RECORD_NAME + ".tmp")
+        tmp.write_text(json.dumps(asdict(self)))
+        os.replace(tmp, state_dir / RECORD_NAME)
+
+    @classmethod
+    def read(cls, state_dir: Path) -> ContainerRecord | None:
+        """The record in `state_dir`, None if there is none (nothing was created there)."""
+        try:
+            data = json.loads((state_dir / RECORD_NAME).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise RuntimeFailure(f"unreadable container record in {state_dir}: {exc}; remove the directory by hand") from exc
+        return cls(**{key: str(data[key]) for key in cls.__dataclass_fields__})

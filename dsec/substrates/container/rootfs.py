@@ -1,0 +1,93 @@
+"""A sandbox's root filesystem: the image's read-only layers under a private writable overlay.
+
+Why overlayfs: every sandbox of an image shares the same extracted layer directories, so creating one costs a
+single mount (a few ms) whatever the image size, and everything the sandbox writes lands in its own upper dir,
+which is also what a filesystem snapshot copies. The mount is done with mount(2) through libc rather than
+`mount(8)`, which saves a process start on every create.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from pathlib import Path
+
+from dsec.errors import DiskFull, RuntimeFailure
+
+MNT_DETACH = 2
+MAX_OPTIONS = 4000  # overlay options must fit in one page
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def _mount(source: str, target: Path, fstype: str, flags: int, data: str) -> None:
+    if _libc.mount(source.encode(), str(target).encode(), fstype.encode(), flags, data.encode()) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(target))
+
+
+def _umount(target: Path, flags: int) -> int:
+    """0 on success, else the errno."""
+    if _libc.umount2(str(target).encode(), flags) != 0:
+        return ctypes.get_errno()
+    return 0
+
+
+def mount_overlay(lower_dirs: list[Path], upper: Path, work: Path, target: Path, sandbox_id: str = "") -> None:
+    """Mount `lower_dirs` (top-most first) + the writable `upper` onto `target` (all created if missing)."""
+    if not lower_dirs:
+        raise RuntimeFailure(f"image has no layers (sandbox {sandbox_id}): re-import the image", sandbox_id=sandbox_id)
+    for lower in lower_dirs:
+        if not Path(lower).is_dir():
+            raise RuntimeFailure(
+                f"image layer {lower} is missing (sandbox {sandbox_id}): the layer store was changed underneath; "
+                "re-import the image",
+                sandbox_id=sandbox_id,
+            )
+    for path in (upper, work, target):
+        path.mkdir(parents=True, exist_ok=True)
+    options = f"lowerdir={':'.join(str(p) for p in lower_dirs)},upperdir={upper},workdir={work}"
+    if len(options) > MAX_OPTIONS:
+        raise RuntimeFailure(
+            f"image has too many layers for one overlay mount ({len(lower_dirs)} layers, sandbox {sandbox_id}): "
+            "squash the image",
+            sandbox_id=sandbox_id,
+        )
+    try:
+        _mount("overlay", target, "overlay", 0, options)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DiskFull(f"no space for the writable layer of sandbox {sandbox_id}", sandbox_id=sandbox_id) from exc
+        raise RuntimeFailure(
+            f"overlay mount of sandbox {sandbox_id} on {target} failed: {exc}", sandbox_id=sandbox_id
+        ) from exc
+
+
+def is_mounted(target: Path) -> bool:
+    """Whether `target` is a mount point in this mount namespace."""
+    wanted = os.path.realpath(target)
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split(" ")
+            if len(fields) > 1 and _unescape(fields[1]) == wanted:
+                return True
+    return False
+
+
+def _unescape(field: str) -> str:
+    """/proc/mounts escapes space, tab, newline and backslash as octal."""
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def unmount(target: Path) -> None:
+    """Unmount `target` (every mount stacked on it); a busy mount is detached lazily. Not mounted is fine."""
+    for _ in range(16):
+        err = _umount(target, 0)
+        if err == errno.EBUSY:
+            err = _umount(target, MNT_DETACH)
+        if err in (errno.EINVAL, errno.ENOENT):
+            return
+        if err != 0:
+            raise RuntimeFailure(f"unmounting {target} failed: {os.strerror(err)}")

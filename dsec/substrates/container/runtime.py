@@ -1,0 +1,126 @@
+"""Drive an OCI runtime binary (crun or runc) through its command line.
+
+Each driver keeps the runtime's state under its own `--root` below DSEC_HOME, so crash cleanup finds exactly the
+containers dsec started and nothing else on the host.
+
+crun 1.8 refuses this host's hybrid cgroup layout ("cgroups in hybrid mode not supported") because a cgroup2
+hierarchy is mounted at /sys/fs/cgroup/unified (holding no controllers dsec uses). Every crun command therefore
+runs in a private mount namespace in which that one mount is gone, so crun sees plain cgroup v1: the namespace
+lives only as long as the crun command, and the host's mounts are untouched. runc needs nothing of the kind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsec.errors import RuntimeFailure
+
+RUNTIMES = ("crun", "runc")
+HYBRID_CGROUP2 = Path("/sys/fs/cgroup/unified")
+COMMAND_TIMEOUT_S = 60.0
+
+
+def _needs_v1_view(name: str) -> bool:
+    """crun on a hybrid host: a cgroup2 mount next to the v1 controllers."""
+    return name == "crun" and HYBRID_CGROUP2.is_mount()
+
+
+@dataclass(frozen=True)
+class OciRuntime:
+    """One runtime binary with its private state root."""
+
+    name: str
+    root: Path
+
+    def __post_init__(self) -> None:
+        if self.name not in RUNTIMES:
+            raise RuntimeFailure(f"unknown OCI runtime {self.name!r}: choose one of {', '.join(RUNTIMES)}")
+
+    def _argv(self, *args: str) -> list[str]:
+        binary = shutil.which(self.name)
+        if binary is None:
+            raise RuntimeFailure(f"{self.name} is not installed: run infra/setup.sh (it installs crun and runc)")
+        argv = [binary, "--root", str(self.root), *args]
+        if _needs_v1_view(self.name):
+            script = f"umount -l {HYBRID_CGROUP2} 2>/dev/null; exec \"$@\""
+            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv]
+        return argv
+
+    def _call(self, *args: str, sandbox_id: str, stdout: object = subprocess.PIPE, check: bool = True,
+              timeout: float = COMMAND_TIMEOUT_S) -> subprocess.CompletedProcess:
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            proc = subprocess.run(
+                self._argv(*args),
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=subprocess.PIPE if stdout is subprocess.PIPE else subprocess.STDOUT,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeFailure(
+                f"{self.name} {args[0]} of sandbox {sandbox_id} did not finish within {timeout:.0f}s: the host is "
+                "overloaded or the runtime hung; destroy the sandbox",
+                sandbox_id=sandbox_id,
+            ) from exc
+        if check and proc.returncode != 0:
+            raise RuntimeFailure(
+                f"{self.name} {args[0]} of sandbox {sandbox_id} failed (exit {proc.returncode}): "
+                f"{(proc.stderr or b'').decode(errors='replace').strip()[-2000:]}",
+                sandbox_id=sandbox_id,
+            )
+        return proc
+
+    def run(self, container_id: str, bundle: Path, pid_file: Path, log: Path) -> None:
+        """Start the container detached; its PID 1 writes stdout/stderr to `log` (the agent's log)."""
+        with open(log, "ab") as out:
+            proc = self._call(
+                "run", "--detach", "--bundle", str(bundle), "--pid-file", str(pid_file), container_id,
+                sandbox_id=container_id, stdout=out, check=False,
+            )
+        if proc.returncode != 0:
+            tail = log.read_bytes()[-2000:].decode(errors="replace").strip()
+            raise RuntimeFailure(
+                f"{self.name} run of sandbox {container_id} failed (exit {proc.returncode}): {tail}",
+                sandbox_id=container_id,
+            )
+
+    def kill(self, container_id: str, signal: str = "KILL") -> None:
+        """Signal every process of the container; a container already gone is fine."""
+        self._call("kill", "--all", container_id, signal, sandbox_id=container_id, check=False)
+
+    def delete(self, container_id: str) -> None:
+        """Force-delete the container (kills what is left); a container already gone is fine."""
+        proc = self._call("delete", "--force", container_id, sandbox_id=container_id, check=False)
+        if proc.returncode != 0 and self.exists(container_id):
+            raise RuntimeFailure(
+                f"{self.name} delete of sandbox {container_id} failed: {proc.stderr.decode(errors='replace').strip()}",
+                sandbox_id=container_id,
+            )
+
+    def pause(self, container_id: str) -> None:
+        self._call("pause", container_id, sandbox_id=container_id)
+
+    def resume(self, container_id: str) -> None:
+        self._call("resume", container_id, sandbox_id=container_id)
+
+    def state(self, container_id: str) -> dict | None:
+        """The runtime's state of the container, None when it does not know it."""
+        proc = self._call("state", container_id, sandbox_id=container_id, check=False)
+        if proc.returncode != 0:
+            return None
+        return json.loads(proc.stdout)
+
+    def exists(self, container_id: str) -> bool:
+        return (self.root / container_id).exists() or self.state(container_id) is not None
+
+    def list(self) -> list[str]:
+        """Ids of every container this runtime knows under our root."""
+        if not self.root.exists():
+            return []
+        proc = self._call("list", "--format", "json", sandbox_id="*")
+        return [item["id"] for item in json.loads(proc.stdout or b"[]") or []]
