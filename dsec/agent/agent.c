@@ -181,20 +181,23 @@ static void send_frame(conn_t *c, int type, uint32_t id, const void *payload, si
 
 /* A frame whose payload is a list of NUL-terminated strings. */
 static void send_strings(conn_t *c, int type, uint32_t id, int count, ...) {
-    char tmp[PATH_MAX + 512];
+    const char *parts[8];
     size_t n = 0;
     va_list ap;
     va_start(ap, count);
-    for (int i = 0; i < count; i++) {
-        const char *s = va_arg(ap, const char *);
-        size_t l = strlen(s);
-        if (n + l + 1 > sizeof tmp) l = sizeof tmp - n - 1;
-        memcpy(tmp + n, s, l);
-        n += l;
-        tmp[n++] = 0;
+    for (int i = 0; i < count && i < 8; i++) {
+        parts[i] = va_arg(ap, const char *);
+        n += strlen(parts[i]) + 1;
     }
     va_end(ap);
-    send_frame(c, type, id, tmp, n);
+    char *payload = xrealloc(NULL, n), *p = payload;
+    for (int i = 0; i < count && i < 8; i++) {
+        size_t l = strlen(parts[i]) + 1;
+        memcpy(p, parts[i], l);
+        p += l;
+    }
+    send_frame(c, type, id, payload, n);
+    free(payload);
 }
 
 static void send_error(conn_t *c, uint32_t id, int err, const char *fmt, ...) {
@@ -601,7 +604,13 @@ static void do_read_file(conn_t *c, uint32_t id, char *p, uint32_t n) {
         send_error(c, id, errno, "read %s: %s", path, strerror(errno));
         return;
     }
-    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+    if (fstat(fd, &st) < 0) {
+        int e = errno;
+        close(fd);
+        send_error(c, id, e, "read %s: %s", path, strerror(e));
+        return;
+    }
+    if (!S_ISREG(st.st_mode)) {
         int e = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
         close(fd);
         send_error(c, id, e, "read %s: %s", path, e == EISDIR ? "is a directory" : "not a regular file");

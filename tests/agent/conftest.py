@@ -49,7 +49,7 @@ class ListeningAgent:
 
     def __init__(self, binary: Path, sock: Path) -> None:
         self.sock = sock
-        self.proc = start_agent(binary, "--listen", str(sock))
+        self.proc = start_agent(binary, "--listen", str(sock), cwd=sock.parent)
         self.clients: list[AgentClient] = []
 
     def connect(self) -> AgentClient:

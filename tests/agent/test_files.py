@@ -103,3 +103,13 @@ def test_agent_sandbox_delegates(client: AgentClient, tmp_path) -> None:
     assert sandbox.stat(path).size == 3
     assert drain(sandbox.spawn(["cat", path], PATH_ENV, "/"))[0] == b"abc"
     assert sandbox.oom_kill_count() == -1
+
+
+def test_very_long_paths_get_typed_errors(client: AgentClient) -> None:
+    long_path = "/" + "a" * 900_000
+    for call in (client.stat, client.list_dir, client.read_file):
+        with pytest.raises(InvalidPath):
+            call(long_path)
+    with pytest.raises(InvalidPath):
+        client.write_file(long_path, [b"x"])
+    assert client.ping() < 5

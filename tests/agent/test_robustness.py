@@ -12,6 +12,8 @@ import time
 import tty
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dsec.agent.client import HEADER, AgentClient
 from dsec.errors import RuntimeFailure
@@ -200,3 +202,21 @@ def test_a_frozen_agent_fails_requests_instead_of_hanging(listening: ListeningAg
     finally:
         os.kill(listening.proc.pid, signal.SIGCONT)
     assert listening.connect().ping() < 5
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    ftype=st.sampled_from([0x01, 0x02, 0x03, 0x04, 0x10, 0x12, 0x13, 0x20, 0x00, 0x7F, 0x81, 0xFF]),
+    rid=st.integers(0, 2**32 - 1),
+    payload=st.binary(max_size=300) | st.lists(st.binary(max_size=20), max_size=8).map(lambda xs: b"\0".join(xs)),
+)
+def test_fuzzed_frames_never_break_the_stream(listening: ListeningAgent, ftype: int, rid: int, payload: bytes) -> None:
+    """Any frame with a valid header leaves the connection usable: a PING sent after it is answered."""
+    raw = listening.raw()
+    try:
+        raw.sendall(HEADER.pack(ftype, rid, len(payload)) + payload)
+        raw.sendall(HEADER.pack(0x20, 0, 4) + b"done")
+        while recv_frame(raw) != (0xA0, 0, b"done"):
+            pass
+    finally:
+        raw.close()
