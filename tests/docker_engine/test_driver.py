@@ -70,7 +70,7 @@ def test_limits_are_applied(make_sandbox, driver):
     assert not cap_eff & (1 << CAP_NET_RAW), "NET_RAW must be dropped"
     assert "NoNewPrivs:\t1" in status
     assert run(sb, ["ls", "/sys/class/net"])[0].split() == [b"lo"], "no network unless the spec asks for it"
-    out, err, _ = run(sb, ["sh", "-c", "for i in $(seq 60); do sleep 30 & done; wait"])
+    out, err, _ = run(sb, ["sh", "-c", "for i in $(seq 60); do sleep 5 & done; wait"])
     assert b"fork" in err.lower() or b"resource" in err.lower(), err
     run(sb, ["kill", "-9", "-1"])
 

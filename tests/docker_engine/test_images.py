@@ -65,3 +65,10 @@ def test_unreadable_layers_fail_typed_and_leave_no_tag(docker_client, tmp_path):
     empty = ImageRootfs("empty", "sha256:" + secrets.token_hex(32), [], ImageConfig())
     with pytest.raises(RuntimeFailure, match="no layers"):
         ensure_image(docker_client, empty)
+
+
+def test_engine_progress_errors_are_found():
+    from dsec.substrates.container.docker_images import _stream_error
+
+    assert _stream_error('{"status":"sha256:abc"}\n') == ""
+    assert _stream_error('{"status":"x"}\n{"errorDetail":{"message":"no space"},"error":"no space"}\n') == "no space"

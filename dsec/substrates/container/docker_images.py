@@ -107,7 +107,20 @@ def ensure_image(client: docker.DockerClient, image: ImageRootfs) -> str:
                 f"reading layers of image {image.reference} ({image.digest}) for docker import failed: "
                 f"{stderr.decode(errors='replace').strip()}"
             )
-        if '"error"' in str(reply):
+        error = _stream_error(reply)
+        if error:
             _forget(client, tag)
-            raise RuntimeFailure(f"docker import of image {image.reference} ({image.digest}) failed: {reply}")
+            raise RuntimeFailure(f"docker import of image {image.reference} ({image.digest}) failed: {error}")
         return tag
+
+
+def _stream_error(reply: object) -> str:
+    """The error of a JSON-lines progress reply from the engine ('' when it reports none)."""
+    for line in str(reply).splitlines():
+        try:
+            message = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(message, dict) and message.get("error"):
+            return str(message.get("error"))
+    return ""
