@@ -1,0 +1,95 @@
+"""The QEMU drivers below the server: processes, files, limits, snapshot/restore/fork, pause, accelerator."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from dsec.errors import CommandNotFound, FileNotFoundInSandbox, SandboxStateError
+from dsec.substrates.vm.accel import probe_record
+from .conftest import MEMORY_MB, run
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_exec_files_and_errors(driver, busybox_image, make_vm):
+    sb = make_vm(driver, busybox_image)
+    assert run(sb, "echo out; echo err >&2; exit 3") == (b"out\n", b"err\n", 3)
+    assert sb.write_file("/root/data.bin", [b"\x00\xffabc", b"def"]) == 8
+    assert b"".join(sb.read_file("/root/data.bin")) == b"\x00\xffabcdef"
+    assert "data.bin" in {entry.name for entry in sb.list_dir("/root")}
+    with pytest.raises(FileNotFoundInSandbox):
+        b"".join(sb.read_file("/root/missing"))
+    with pytest.raises(CommandNotFound):
+        sb.spawn(["/no/such/binary"], {}, "/")
+
+
+def test_accel_is_reported_and_cached(driver, busybox_image, make_vm):
+    sb = make_vm(driver, busybox_image)
+    record = probe_record(driver.cfg)
+    assert sb.accel == record["accel"] in ("kvm", "tcg")
+    assert record["reason"]
+
+
+def test_resources_become_guest_memory_and_cpus(microvm_driver, busybox_image, make_vm):
+    sb = make_vm(microvm_driver, busybox_image, cpu=1.5)
+    out, _, code = run(sb, "grep MemTotal /proc/meminfo; grep -c ^processor /proc/cpuinfo")
+    assert code == 0
+    mem_kb = int(out.split()[1])
+    assert MEMORY_MB * 1024 * 0.7 < mem_kb <= MEMORY_MB * 1024
+    assert out.split()[-1] == b"2", "cpu=1.5 rounds up to 2 vCPUs"
+    assert sb.memory_limit_mb() == MEMORY_MB
+
+
+def test_guest_oom_kills_the_hog_not_the_agent(microvm_driver, busybox_image, make_vm):
+    sb = make_vm(microvm_driver, busybox_image)
+    before = sb.oom_kill_count()
+    assert before >= 0
+    # `tail` buffers the one endless line of /dev/zero until the guest OOM killer stops it.
+    _, _, code = run(sb, "tail /dev/zero")
+    assert code != 0
+    assert sb.oom_kill_count() > before
+    assert run(sb, "echo alive")[0] == b"alive\n", "the agent (PID 1) survives the OOM kill"
+
+
+def test_snapshot_restore_and_fork_keep_disk_and_memory(driver, busybox_image, make_vm, tmp_path: Path):
+    sb = make_vm(driver, busybox_image)
+    sb.write_file("/root/on-disk", [b"disk state"])
+    run(sb, "echo memory state > /dev/shm/in-ram; (while true; do sleep 1; done) & echo $! > /dev/shm/pid")
+    snap = tmp_path / "snap"
+    assert sb.snapshot(snap) == "memory+disk"
+    sb.write_file("/root/on-disk", [b"changed after the snapshot"])
+    assert run(sb, "echo still running")[0] == b"still running\n", "the source continues after a snapshot"
+
+    forks = [make_vm(driver, busybox_image, snapshot=snap) for _ in range(2)]
+    for index, fork in enumerate(forks):
+        assert b"".join(fork.read_file("/root/on-disk")) == b"disk state"
+        assert b"".join(fork.read_file("/dev/shm/in-ram")) == b"memory state\n"
+        out, _, code = run(fork, "kill -0 $(cat /dev/shm/pid) && echo process-alive")
+        assert (out, code) == (b"process-alive\n", 0), "processes from the snapshot keep running"
+        fork.write_file("/root/mine", [str(index).encode()])
+    assert [b"".join(f.read_file("/root/mine")) for f in forks] == [b"0", b"1"], "forks are independent"
+    assert b"".join(sb.read_file("/root/on-disk")) == b"changed after the snapshot"
+
+
+def test_pause_resume_keeps_file_and_memory_changes(microvm_driver, busybox_image, make_vm):
+    sb = make_vm(microvm_driver, busybox_image)
+    sb.write_file("/root/before-pause", [b"written before pause"])
+    run(sb, "echo 42 > /dev/shm/counter; (while true; do sleep 1; done) & echo $! > /dev/shm/pid")
+    sb.pause()
+    time.sleep(0.5)
+    sb.resume()
+    assert b"".join(sb.read_file("/root/before-pause")) == b"written before pause"
+    assert b"".join(sb.read_file("/dev/shm/counter")) == b"42\n"
+    assert run(sb, "kill -0 $(cat /dev/shm/pid) && echo alive")[0] == b"alive\n"
+    sb.write_file("/root/after-resume", [b"ok"])
+    assert b"".join(sb.read_file("/root/after-resume")) == b"ok"
+
+
+def test_dead_vm_is_reported_not_hung(microvm_driver, busybox_image, make_vm):
+    sb = make_vm(microvm_driver, busybox_image)
+    sb.process.kill()
+    with pytest.raises(SandboxStateError):
+        sb.pause()
