@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dsec.errors import SandboxNotFound, SandboxStateError, SnapshotNotFound
@@ -186,6 +187,20 @@ class Trajectory:
             except SnapshotNotFound:
                 continue
         return None, 0
+
+
+def export(trajectory_ids: list[str], path: str | Path, *, client: Client | None = None) -> int:
+    """Export trajectories from the server as training data: `.parquet` → Parquet, anything else → JSONL."""
+    from dsec.trajectory.export import export_jsonl, export_parquet
+
+    client = client or default_client()
+
+    def steps_of(trajectory_id: str) -> list[tpb.LoggedStep]:
+        return Trajectory(trajectory_id, client).steps(with_results=True)
+
+    path = Path(path)
+    writer = export_parquet if path.suffix == ".parquet" else export_jsonl
+    return writer(steps_of, trajectory_ids, path)
 
 
 def trajectory(trajectory_id: str, *, client: Client | None = None) -> Trajectory:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from dsec.errors import InvalidSpec
 from dsec.trajectory.log import StepRecord, TrajectoryLog
+from dsec.trajectory.records import StepState
 
 _COLUMNS = (
     "trajectory_id", "step", "kind", "state", "request_hash", "sandbox_id", "stored_in", "started_at",
@@ -43,21 +44,38 @@ def _decoded(kind: str, result: bytes | None) -> dict[str, Any]:
     return {}
 
 
-def rows(log: TrajectoryLog, trajectory_ids: Iterable[str]) -> Iterator[dict[str, Any]]:
-    """One dict per logged step, fork prefixes included, in trajectory then step order."""
-    for trajectory_id in trajectory_ids:
+StepsOf = Callable[[str], Sequence[Any]]
+
+
+def log_steps(log: TrajectoryLog) -> StepsOf:
+    """Read steps straight from a log (offline, or inside the server)."""
+
+    def steps_of(trajectory_id: str) -> list[StepRecord]:
         if log.info(trajectory_id) is None:
             raise InvalidSpec(f"cannot export trajectory {trajectory_id!r}: it was never logged (or was deleted)")
-        for record in log.steps(trajectory_id, with_results=True):
-            yield _row(record)
+        return log.steps(trajectory_id, with_results=True)
+
+    return steps_of
 
 
-def _row(record: StepRecord) -> dict[str, Any]:
+def rows(steps_of: StepsOf, trajectory_ids: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """One dict per logged step, fork prefixes included, in trajectory then step order.
+
+    `steps_of` gives a trajectory's steps as StepRecords (`log_steps`) or as TrajectoryService LoggedSteps
+    (the SDK's `Trajectory.steps`), so the same export runs offline and against a live server.
+    """
+    for trajectory_id in trajectory_ids:
+        for record in steps_of(trajectory_id):
+            yield _row(trajectory_id, record)
+
+
+def _row(trajectory_id: str, record: Any) -> dict[str, Any]:
+    state = record.state
     row: dict[str, Any] = {
-        "trajectory_id": record.trajectory_id,
+        "trajectory_id": trajectory_id,
         "step": record.step,
         "kind": record.kind,
-        "state": record.state.value,
+        "state": getattr(state, "value", state),
         "request_hash": record.request_hash,
         "sandbox_id": record.sandbox_id,
         "stored_in": record.stored_in,
@@ -66,9 +84,9 @@ def _row(record: StepRecord) -> dict[str, Any]:
         "exit_code": None,
         "stdout": None,
         "stderr": None,
-        "result": record.result,
+        "result": record.result if record.result is not None and state in ("done", StepState.DONE) else None,
     }
-    row.update(_decoded(record.kind, record.result))
+    row.update(_decoded(record.kind, row["result"]))
     return row
 
 
@@ -76,11 +94,11 @@ def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("utf-8", errors="replace")
 
 
-def export_jsonl(log: TrajectoryLog, trajectory_ids: Iterable[str], path: Path) -> int:
+def export_jsonl(steps_of: StepsOf, trajectory_ids: Iterable[str], path: Path) -> int:
     """Write one JSON object per step; stdout/stderr as text, the raw result base64. Returns rows written."""
     count = 0
     with open(path, "w", encoding="utf-8") as out:
-        for row in rows(log, trajectory_ids):
+        for row in rows(steps_of, trajectory_ids):
             row["stdout"], row["stderr"] = _text(row["stdout"]), _text(row["stderr"])
             row["result"] = None if row["result"] is None else base64.b64encode(row["result"]).decode()
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -88,7 +106,7 @@ def export_jsonl(log: TrajectoryLog, trajectory_ids: Iterable[str], path: Path) 
     return count
 
 
-def export_parquet(log: TrajectoryLog, trajectory_ids: Iterable[str], path: Path) -> int:
+def export_parquet(steps_of: StepsOf, trajectory_ids: Iterable[str], path: Path) -> int:
     """Write a Parquet table (one row per step, binary stdout/stderr/result). Returns rows written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -101,7 +119,7 @@ def export_parquet(log: TrajectoryLog, trajectory_ids: Iterable[str], path: Path
             ("stdout", pa.binary()), ("stderr", pa.binary()), ("result", pa.binary()),
         ]
     )  # fmt: skip
-    table_rows = list(rows(log, trajectory_ids))
+    table_rows = list(rows(steps_of, trajectory_ids))
     columns = {name: [row[name] for row in table_rows] for name in _COLUMNS}
     pq.write_table(pa.table(columns, schema=schema), path)
     return len(table_rows)

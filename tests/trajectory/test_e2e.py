@@ -123,3 +123,40 @@ def test_retry_waits_for_the_exec_its_dead_client_started(client: dsec.Client, d
             victim.kill()
             victim.wait(30)
         sb.destroy()
+
+
+def test_resume_restores_the_latest_snapshot_and_exports(client: dsec.Client, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from dsec.sdk.trajectory import export
+
+    tid = f"e2e/{uuid.uuid4().hex[:8]}"
+    with dsec.trajectory(tid, client=client) as tr:
+        sb = tr.sandbox(_create(client))
+        for step in range(2):
+            sb.exec(f"echo {step} >> /tmp/steps")
+        tr.snapshot(sb)  # the state after step 1
+        sb.exec("echo 2 >> /tmp/steps")
+    sb.destroy()
+    with dsec.trajectory(tid, client=client) as tr:
+        with pytest.raises(SandboxNotFound, match="covers steps < 2"):
+            tr.sandbox(_create(client))
+        restored = tr.sandbox(_create(client), rebuild=True)
+        assert (tr.restored, tr.rebuilt_steps) == ("snapshot+rebuilt", 1)
+        for step in range(3):
+            assert restored.exec(f"echo {step} >> /tmp/steps").replayed
+        assert restored.exec("cat /tmp/steps").text.split() == ["0", "1", "2"]  # step 3, live
+        tr.snapshot(restored)  # the state after step 3: complete
+    restored.destroy()
+    with dsec.trajectory(tid, client=client) as tr:
+        again = tr.sandbox(_create(client))  # no opt-in needed: the snapshot covers every logged step
+        assert (tr.restored, tr.rebuilt_steps) == ("snapshot", 0)
+        for step in range(3):  # the rollout re-issues its calls: all answered from the log
+            assert again.exec(f"echo {step} >> /tmp/steps").replayed
+        assert again.exec("cat /tmp/steps").replayed
+        assert again.exec("cat /tmp/steps").text.split() == ["0", "1", "2"]  # step 4, live
+    again.destroy()
+    assert export([tid], tmp_path / "t.jsonl", client=client) == 5
+    assert export([tid], tmp_path / "t.parquet", client=client) == 5
+    table = pq.read_table(tmp_path / "t.parquet")
+    assert table.column("stdout").to_pylist()[3:] == [b"0\n1\n2\n"] * 2

@@ -11,7 +11,7 @@ import pytest
 
 from dsec import codegen
 from dsec.errors import InvalidSpec
-from dsec.trajectory.export import export_jsonl, export_parquet
+from dsec.trajectory.export import export_jsonl, export_parquet, log_steps
 from dsec.trajectory.filelog import FileLog
 
 codegen.generate()
@@ -33,7 +33,7 @@ def log(tmp_path: Path):
 
 def test_jsonl(log: FileLog, tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
-    assert export_jsonl(log, ["run/p/0", "run/p/1"], path) == 5
+    assert export_jsonl(log_steps(log), ["run/p/0", "run/p/1"], path) == 5
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r["trajectory_id"], r["step"], r["exit_code"], r["stdout"]) for r in lines[:3]] == [
         ("run/p/0", 0, 0, "out 0\n"), ("run/p/0", 1, 1, "out 1\n"), ("run/p/0", 2, 2, "out 2\n"),
@@ -44,7 +44,7 @@ def test_jsonl(log: FileLog, tmp_path: Path) -> None:
 
 def test_parquet(log: FileLog, tmp_path: Path) -> None:
     path = tmp_path / "out.parquet"
-    assert export_parquet(log, ["run/p/0"], path) == 3
+    assert export_parquet(log_steps(log), ["run/p/0"], path) == 3
     table = pq.read_table(path)
     assert table.column("step").to_pylist() == [0, 1, 2]
     assert table.column("stdout").to_pylist() == [b"out 0\n", b"out 1\n", b"out 2\n"]
@@ -52,4 +52,4 @@ def test_parquet(log: FileLog, tmp_path: Path) -> None:
 
 def test_unknown_trajectory(log: FileLog, tmp_path: Path) -> None:
     with pytest.raises(InvalidSpec, match="never logged"):
-        export_jsonl(log, ["nope"], tmp_path / "x.jsonl")
+        export_jsonl(log_steps(log), ["nope"], tmp_path / "x.jsonl")
