@@ -795,7 +795,7 @@ static void drop_conn(conn_t *c) {
 
 /* Read and dispatch what the host sent; returns -1 when the connection must be dropped. */
 static int conn_read(conn_t *c) {
-    static char rbuf[CHUNK];
+    static char rbuf[4 * CHUNK];
     ssize_t r;
     do {
         r = read(c->in_fd, rbuf, sizeof rbuf);
