@@ -5,9 +5,11 @@ Three comparisons, each a speed-up factor (peer p50 / dsec p50; > 1 means dsec i
                             (driver crun, the default) against `docker run --rm IMAGE true` of the same image on
                             dsec's own Docker Engine (docker SDK, so no CLI start-up is charged to Docker).
   exec_vs_docker_exec       one exec round trip (`true`) in a running sandbox through the SDK against `docker exec`
-                            (exec_create + exec_start) in a running container of the same image.
+                            (exec_create + exec_start + exec_inspect) in a running container of the same image.
   function_vs_subprocess    a warm `sb.call(fn)` in a function sandbox against `python3 -c` in a subprocess.
-Every driver (crun, runc, docker) is measured and reported; the last line is key=value pairs.
+Every driver (crun, runc, docker) is measured and reported. Contenders of one comparison run interleaved, one
+sample each per round, so load from other work on the machine hits all of them alike. The last line is
+key=value pairs.
 
 Usage: .venv/bin/python bench/sandbox_latency.py [--n 40] [--exec-n 200] [--drivers crun,runc,docker]
 """
@@ -15,12 +17,14 @@ Usage: .venv/bin/python bench/sandbox_latency.py [--n 40] [--exec-n 200] [--driv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import docker
 
@@ -32,6 +36,7 @@ from dsec.substrates.container.dockerd import ensure_engine
 
 IMAGE = "busybox"
 FUNCTION_IMAGE = "python"
+Stats = dict[str, float]
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -39,20 +44,25 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def measure(label: str, n: int, once: Callable[[], None], warmup: int = 2) -> dict[str, float]:
-    """Run `once` warmup + n times; print and return p50/p99 in milliseconds."""
-    for _ in range(warmup):
-        once()
-    samples: list[float] = []
+def interleaved(title: str, contenders: dict[str, Callable[[], object]], n: int, warmup: int = 2) -> dict[str, Stats]:
+    """Time each contender n times, round-robin; print and return p50/p99 in milliseconds per contender."""
+    print(f"== {title}", flush=True)
+    for once in contenders.values():
+        for _ in range(warmup):
+            once()
+    samples: dict[str, list[float]] = {label: [] for label in contenders}
     for i in range(n):
-        started = time.perf_counter()
-        once()
-        samples.append((time.perf_counter() - started) * 1000)
+        for label, once in contenders.items():
+            started = time.perf_counter()
+            once()
+            samples[label].append((time.perf_counter() - started) * 1000)
         if (i + 1) % max(1, n // 4) == 0:
-            print(f"  {label}: {i + 1}/{n}", flush=True)
-    result = {"p50": percentile(samples, 0.5), "p99": percentile(samples, 0.99)}
-    print(f"{label:<34} p50 {result['p50']:8.2f} ms   p99 {result['p99']:8.2f} ms   (n={n})", flush=True)
-    return result
+            print(f"  {title}: {i + 1}/{n} rounds", flush=True)
+    results: dict[str, Stats] = {}
+    for label, xs in samples.items():
+        results[label] = {"p50": percentile(xs, 0.5), "p99": percentile(xs, 0.99)}
+        print(f"  {label:<32} p50 {results[label]['p50']:8.2f} ms   p99 {results[label]['p99']:8.2f} ms   (n={n})", flush=True)
+    return results
 
 
 def docker_tag_of(image: str, engine: docker.DockerClient) -> str:
@@ -64,44 +74,51 @@ def docker_tag_of(image: str, engine: docker.DockerClient) -> str:
         store.close()
 
 
-def bench_create(client: dsec.Client, drivers: list[str], n: int) -> dict[str, dict[str, float]]:
-    results: dict[str, dict[str, float]] = {}
-    for driver in drivers:
-
-        def once(driver: str = driver) -> None:
-            sb = client.create(IMAGE, "container", driver=driver)
-            try:
-                sb.exec(["true"])
-            finally:
-                sb.destroy()
-
-        try:
-            results[driver] = measure(f"dsec create+exec+destroy [{driver}]", n, once)
-        except dsec.DsecError as exc:
-            print(f"dsec driver {driver} failed, left out: {exc}", flush=True)
-    return results
-
-
-def bench_exec(client: dsec.Client, drivers: list[str], n: int) -> dict[str, dict[str, float]]:
-    results: dict[str, dict[str, float]] = {}
+def working_drivers(client: dsec.Client, drivers: list[str]) -> list[str]:
+    """The drivers that can create a sandbox here; the others are reported and left out."""
+    ok = []
     for driver in drivers:
         try:
-            sb = client.create(IMAGE, "container", driver=driver)
+            client.create(IMAGE, "container", driver=driver).destroy()
+            ok.append(driver)
         except dsec.DsecError as exc:
             print(f"dsec driver {driver} failed, left out: {exc}", flush=True)
-            continue
+    return ok
+
+
+def bench_create(client: dsec.Client, engine: docker.DockerClient, tag: str, drivers: list[str], n: int) -> dict[str, Stats]:
+    def dsec_once(driver: str) -> None:
+        sb = client.create(IMAGE, "container", driver=driver)
         try:
-            results[driver] = measure(f"dsec exec [{driver}]", n, lambda sb=sb: sb.exec(["true"]), warmup=5)
+            sb.exec(["true"])
         finally:
             sb.destroy()
-    return results
+
+    contenders: dict[str, Callable[[], object]] = {d: (lambda d=d: dsec_once(d)) for d in drivers}
+    contenders["docker run --rm"] = lambda: engine.containers.run(tag, ["true"], remove=True, network_mode="none")
+    return interleaved("create + exec true + destroy", contenders, n)
 
 
-def bench_docker(engine: docker.DockerClient, tag: str, n: int, exec_n: int) -> tuple[dict[str, float], dict[str, float]]:
-    run = measure("docker run --rm", n, lambda: engine.containers.run(tag, ["true"], remove=True, network_mode="none"))
-    container = engine.containers.run(tag, ["sleep", "3600"], detach=True, remove=True, network_mode="none")
+@contextlib.contextmanager
+def running(client: dsec.Client, engine: docker.DockerClient, tag: str, drivers: list[str]) -> Iterator[tuple[dict, object]]:
+    """One running dsec sandbox per driver and one running Docker container; all removed afterwards."""
+    sandboxes: dict[str, dsec.Sandbox] = {}
+    container = None
     try:
-        api = engine.api
+        for driver in drivers:
+            sandboxes[driver] = client.create(IMAGE, "container", driver=driver)
+        container = engine.containers.run(tag, ["sleep", "3600"], detach=True, remove=True, network_mode="none")
+        yield sandboxes, container
+    finally:
+        for sb in sandboxes.values():
+            sb.destroy()
+        if container is not None:
+            container.remove(force=True)
+
+
+def bench_exec(client: dsec.Client, engine: docker.DockerClient, tag: str, drivers: list[str], n: int) -> dict[str, Stats]:
+    api = engine.api
+    with running(client, engine, tag, drivers) as (sandboxes, container):
 
         def docker_exec() -> None:
             exec_id = api.exec_create(container.id, ["true"])["Id"]
@@ -109,76 +126,80 @@ def bench_docker(engine: docker.DockerClient, tag: str, n: int, exec_n: int) -> 
             if api.exec_inspect(exec_id)["ExitCode"] != 0:
                 raise RuntimeError("docker exec of `true` failed")
 
-        exec_result = measure("docker exec", exec_n, docker_exec, warmup=5)
-    finally:
-        container.remove(force=True)
-    return run, exec_result
+        contenders: dict[str, Callable[[], object]] = {d: (lambda sb=sb: sb.exec(["true"])) for d, sb in sandboxes.items()}
+        contenders["docker exec"] = docker_exec
+        return interleaved("exec round trip", contenders, n, warmup=5)
 
 
 def square(x: int) -> int:
     return x * x
 
 
-def bench_function(client: dsec.Client, n: int) -> tuple[dict[str, float], dict[str, float]] | None:
+def bench_function(client: dsec.Client, n: int) -> dict[str, Stats] | None:
     try:
         sb = client.create(FUNCTION_IMAGE, "function")
     except dsec.DsecError as exc:
         print(f"function sandbox failed, left out: {exc}", flush=True)
         return None
+    python = shutil.which("python3") or sys.executable
     try:
-        ours = measure("dsec function call (warm)", n, lambda: sb.call(square, 7), warmup=5)
+        contenders: dict[str, Callable[[], object]] = {
+            "call": lambda: sb.call(square, 7),
+            "python3 -c": lambda: subprocess.run([python, "-c", "print(7 * 7)"], check=True, capture_output=True),
+        }
+        return interleaved("warm function call", contenders, n, warmup=5)
     finally:
         sb.destroy()
-    python = "python3" if subprocess.run(["which", "python3"], capture_output=True).returncode == 0 else sys.executable
-    peer = measure(
-        "python3 -c subprocess", n, lambda: subprocess.run([python, "-c", "print(7 * 7)"], check=True, capture_output=True)
-    )
-    return ours, peer
+
+
+def summary(drivers: list[str], create: dict[str, Stats], execs: dict[str, Stats], functions: dict[str, Stats] | None) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    if drivers:
+        main = drivers[0]
+        pairs["driver"] = main
+        pairs["container_vs_docker_run"] = f"{create['docker run --rm']['p50'] / create[main]['p50']:.1f}"
+        pairs["exec_vs_docker_exec"] = f"{execs['docker exec']['p50'] / execs[main]['p50']:.1f}"
+    if functions is not None:
+        pairs["function_vs_subprocess"] = f"{functions['python3 -c']['p50'] / functions['call']['p50']:.1f}"
+    for driver in drivers:
+        pairs[f"create_{driver}_p50_ms"] = f"{create[driver]['p50']:.1f}"
+        pairs[f"create_{driver}_p99_ms"] = f"{create[driver]['p99']:.1f}"
+        pairs[f"exec_{driver}_p50_ms"] = f"{execs[driver]['p50']:.2f}"
+        pairs[f"exec_{driver}_p99_ms"] = f"{execs[driver]['p99']:.2f}"
+    if drivers:
+        pairs["docker_run_p50_ms"] = f"{create['docker run --rm']['p50']:.1f}"
+        pairs["docker_run_p99_ms"] = f"{create['docker run --rm']['p99']:.1f}"
+        pairs["docker_exec_p50_ms"] = f"{execs['docker exec']['p50']:.1f}"
+        pairs["docker_exec_p99_ms"] = f"{execs['docker exec']['p99']:.1f}"
+    if functions is not None:
+        pairs["call_p50_ms"] = f"{functions['call']['p50']:.2f}"
+        pairs["call_p99_ms"] = f"{functions['call']['p99']:.2f}"
+        pairs["python_subprocess_p50_ms"] = f"{functions['python3 -c']['p50']:.1f}"
+    return pairs
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=40, help="samples of each create / docker run")
-    parser.add_argument("--exec-n", type=int, default=200, help="samples of each exec / call")
-    parser.add_argument("--drivers", default="crun,runc,docker")
+    parser.add_argument("--n", type=int, default=40, help="rounds of create / docker run")
+    parser.add_argument("--exec-n", type=int, default=200, help="rounds of exec / call")
+    parser.add_argument("--drivers", default="crun,runc,docker", help="the first one is the one compared")
     args = parser.parse_args()
-    drivers = [d for d in args.drivers.split(",") if d]
 
     print(f"sandbox latency on {os.cpu_count()} cores; embedded dsec server and dsec's Docker Engine", flush=True)
     engine = docker.DockerClient(base_url=ensure_engine(), version="auto", timeout=120)
     client = dsec.Client()
     try:
         tag = docker_tag_of(IMAGE, engine)
-        create = bench_create(client, drivers, args.n)
-        execs = bench_exec(client, drivers, args.exec_n)
-        docker_run, docker_exec = bench_docker(engine, tag, args.n, args.exec_n)
+        drivers = working_drivers(client, [d for d in args.drivers.split(",") if d])
+        create = bench_create(client, engine, tag, drivers, args.n)
+        execs = bench_exec(client, engine, tag, drivers, args.exec_n)
         functions = bench_function(client, args.exec_n)
     finally:
         client.close()
         engine.close()
-
-    main_driver = next((d for d in drivers if d in create and d in execs), None)
-    pairs: dict[str, str] = {}
-    if main_driver is not None:
-        pairs["driver"] = main_driver
-        pairs["container_vs_docker_run"] = f"{docker_run['p50'] / create[main_driver]['p50']:.1f}"
-        pairs["exec_vs_docker_exec"] = f"{docker_exec['p50'] / execs[main_driver]['p50']:.1f}"
-    if functions is not None:
-        function, subprocess_python = functions
-        pairs["function_vs_subprocess"] = f"{subprocess_python['p50'] / function['p50']:.1f}"
-        pairs["call_p50_ms"] = f"{function['p50']:.2f}"
-        pairs["call_p99_ms"] = f"{function['p99']:.2f}"
-        pairs["python_subprocess_p50_ms"] = f"{subprocess_python['p50']:.1f}"
-    for driver, r in create.items():
-        pairs[f"create_{driver}_p50_ms"] = f"{r['p50']:.1f}"
-        pairs[f"create_{driver}_p99_ms"] = f"{r['p99']:.1f}"
-    for driver, r in execs.items():
-        pairs[f"exec_{driver}_p50_ms"] = f"{r['p50']:.2f}"
-    pairs["docker_run_p50_ms"] = f"{docker_run['p50']:.1f}"
-    pairs["docker_run_p99_ms"] = f"{docker_run['p99']:.1f}"
-    pairs["docker_exec_p50_ms"] = f"{docker_exec['p50']:.1f}"
+    pairs = summary(drivers, create, execs, functions)
     print(" ".join(f"{k}={v}" for k, v in pairs.items()), flush=True)
-    return 0 if main_driver is not None and functions is not None else 1
+    return 0 if drivers and functions is not None else 1
 
 
 if __name__ == "__main__":
