@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dsec.errors import CommandNotFound, FileNotFoundInSandbox, RuntimeFailure
+from dsec.errors import CommandNotFound, FileNotFoundInSandbox, RuntimeFailure, SnapshotNotFound
 from dsec.models import Resources, SandboxSpec
 
 from .conftest import run
@@ -175,7 +175,34 @@ def test_snapshot_and_restore_keep_written_and_deleted_files(make_sandbox, drive
 
 
 @pytest.mark.timeout(60)
-def test_restore_from_a_foreign_snapshot_fails_typed(driver, busybox_image, tmp_path):
+def test_restore_from_a_vm_snapshot_fails_typed(driver, busybox_image, tmp_path):
     (tmp_path / "snap").mkdir()
-    with pytest.raises(RuntimeFailure, match="another driver"):
+    (tmp_path / "snap" / "memory.state").write_bytes(b"not a filesystem snapshot")
+    with pytest.raises(SnapshotNotFound, match="no filesystem snapshot"):
         driver.restore("tforeign", spec(), busybox_image, tmp_path / "snap", tmp_path)
+
+
+@pytest.mark.timeout(180)
+def test_snapshots_move_between_docker_and_crun(make_sandbox, driver, busybox_image, tmp_path):
+    """Both drivers snapshot the overlay upper dir as a tar, so a fork may change driver."""
+    from dsec.substrates.container.driver import container_driver
+
+    crun = container_driver("crun", driver.config)
+    sb = make_sandbox(spec())
+    sb.write_file("/work/from-docker", [b"d\n"])
+    sb.snapshot(tmp_path / "docker-snap")
+    state = tmp_path / "crun-state"
+    on_crun = crun.restore(f"t{os.urandom(6).hex()}", spec(), busybox_image, tmp_path / "docker-snap", state)
+    try:
+        assert b"".join(on_crun.read_file("/work/from-docker")) == b"d\n"
+        on_crun.write_file("/work/from-crun", [b"c\n"])
+        on_crun.snapshot(tmp_path / "crun-snap")
+    finally:
+        crun.destroy(on_crun)
+    back_id = f"t{os.urandom(6).hex()}"
+    (tmp_path / back_id).mkdir()
+    back = driver.restore(back_id, spec(), busybox_image, tmp_path / "crun-snap", tmp_path / back_id)
+    try:
+        assert run(back, ["cat", "/work/from-docker", "/work/from-crun"])[0] == b"d\nc\n"
+    finally:
+        driver.destroy(back)

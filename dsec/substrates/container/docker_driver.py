@@ -28,7 +28,7 @@ import docker.errors
 from dsec.agent.build import agent_binary
 from dsec.agent.client import AgentClient, AgentSandbox
 from dsec.config import ServerConfig
-from dsec.errors import RuntimeFailure, SandboxStateError
+from dsec.errors import RuntimeFailure, SandboxStateError, SnapshotNotFound
 from dsec.models import SandboxSpec
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
 from dsec.substrates.container.docker_images import ensure_image
@@ -45,6 +45,8 @@ AGENT_START_TIMEOUT_S = 20.0
 DROPPED_CAPS = ["NET_RAW", "MKNOD", "AUDIT_WRITE", "SETFCAP"]
 MEMORY_CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 SNAPSHOT_ARCHIVE = "docker-upper.tar"
+# crun/runc snapshots are the same layout (an overlay upper dir as tar), so either restores here.
+SNAPSHOT_ARCHIVES = (SNAPSHOT_ARCHIVE, "upper.tar")
 SNAPSHOT_TIMEOUT_S = 600.0
 # Overlay keeps deletions as 0/0 character devices and opaque directories as trusted.overlay.* xattrs.
 _TAR_LAYER = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=trusted.overlay.*"]
@@ -208,12 +210,13 @@ class DockerDriver(SandboxDriver):
         return self._launch(sandbox_id, spec, image, state_dir)
 
     def restore(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, snapshot: Path, state_dir: Path) -> DockerSandbox:
-        """A new container of the same image whose writable layer is the snapshot's, unpacked before it starts."""
-        archive = snapshot / SNAPSHOT_ARCHIVE
-        if not archive.is_file():
-            raise RuntimeFailure(
-                f"snapshot {snapshot} holds no Docker layer archive (taken by another driver?); restore it with the driver "
-                "that took it",
+        """A new container of the same image whose writable layer is the snapshot's (docker, crun or runc), unpacked
+        before it starts."""
+        archive = next((snapshot / name for name in SNAPSHOT_ARCHIVES if (snapshot / name).is_file()), None)
+        if archive is None:
+            raise SnapshotNotFound(
+                f"{snapshot} holds no filesystem snapshot (taken by a VM driver?); restore it with the substrate that "
+                "took it",
                 sandbox_id=sandbox_id,
             )
 
