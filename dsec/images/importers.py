@@ -8,8 +8,6 @@ documents, not a re-extraction.
 from __future__ import annotations
 
 import contextlib
-import json
-import shutil
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -159,25 +157,3 @@ def import_docker_archive(store: "LayerStore", archive: Path, tag: str | None) -
     repo_tags = [t for t in entry.get("RepoTags") or [] if isinstance(t, str)]
     tags = [tag] if tag else repo_tags
     return store.add_image(manifest_bytes, config_bytes, tags, source=f"docker-archive:{archive}")
-
-
-def write_oci_layout(store: "LayerStore", ref: str, dest: Path, ref_name: str | None = None) -> Path:
-    """Export `ref` as an OCI image layout directory (blobs copied from the store, verbatim)."""
-    record = store.inspect(ref)
-    dest = Path(dest)
-    blobs = dest / "blobs" / "sha256"
-    blobs.mkdir(parents=True, exist_ok=True)
-    manifest_bytes = store.read_blob(record.digest)
-    for digest in [record.digest, record.config_digest, *[layer.blob_digest for layer in record.layers]]:
-        target = blobs / hex_of(digest)
-        if target.exists():
-            continue
-        source = store.blob_path(digest)
-        if not source.exists():
-            raise ImageNotFound(f"blob {digest} of {ref!r} is not in the store (its layers were pulled lazily): pull it fully")
-        shutil.copyfile(source, target)  # a copy, not a link: the store's blobs must stay immutable
-    (dest / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-    media_type = oci.load_json(manifest_bytes, "image manifest").get("mediaType", oci.MT_MANIFEST)
-    desc = oci.Descriptor(media_type, record.digest, len(manifest_bytes))
-    (dest / "index.json").write_bytes(oci.build_index(desc, ref_name or (record.tags[0] if record.tags else None)))
-    return dest
