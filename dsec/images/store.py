@@ -119,7 +119,6 @@ class LayerStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
-        self.layer_fetcher: Callable[[ImageRecord, LayerInfo], None] | None = None
         self.sweep_tmp()
 
     def close(self) -> None:
@@ -288,7 +287,7 @@ class LayerStore:
     # ---- image records ----------------------------------------------------------------------------
 
     def add_image(self, manifest_bytes: bytes, config_bytes: bytes, tags: list[str], source: str = "") -> ImageRecord:
-        """Register an image whose layers are already in the store (or fetchable by `layer_fetcher`)."""
+        """Register an image whose layers are already in the store (or fetchable from its registry source)."""
         for tag in tags:
             check_tag(tag)
         manifest = oci.parse_manifest(manifest_bytes)
@@ -365,12 +364,11 @@ class LayerStore:
         with self.lock("gc", shared=True):
             record = self.inspect(ref)
             missing = [layer for layer in record.layers if not self.has_layer(layer.diff_id)]
-            for layer in missing:
-                if self.layer_fetcher is None:
-                    raise ImageNotFound(
-                        f"image {ref!r} ({record.digest}) lacks layer {layer.diff_id} and has no registry source: re-import it"
-                    )
-                self.layer_fetcher(record, layer)
+            if missing:
+                from dsec.images.registry import fetch_layer  # lazy pull: layers come on first use
+
+                for layer in missing:
+                    fetch_layer(self, record, layer)
             with self._tx() as db:
                 db.execute("UPDATE images SET last_used=? WHERE digest=?", (time.time(), record.digest))
             lower = [self.layer_path(layer.diff_id) for layer in reversed(record.layers)]
@@ -417,9 +415,10 @@ class LayerStore:
 
     def acquire(self, ref: str, holder_id: str) -> ImageRootfs:
         """Resolve `ref` and pin it for `holder_id` (a sandbox id) so prune never removes its layers."""
-        rootfs = self.resolve(ref)
-        with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO holds VALUES (?,?,?)", (holder_id, rootfs.digest, time.time()))
+        with self.lock("gc", shared=True):  # no prune between resolving and pinning
+            rootfs = self.resolve(ref)
+            with self._tx() as db:
+                db.execute("INSERT OR REPLACE INTO holds VALUES (?,?,?)", (holder_id, rootfs.digest, time.time()))
         return rootfs
 
     def release(self, holder_id: str) -> None:
