@@ -120,11 +120,12 @@ def pull(store: LayerStore, ref: str, tag: str | None = None, lazy: bool = True)
     config, _ = client.get_small(f"/v2/{remote.repo}/blobs/{manifest.config.digest}")
     if sha256_bytes(config) != manifest.config.digest:
         raise InvalidSpec(f"registry {remote.host}: config blob {manifest.config.digest} failed verification: rejected")
-    record = store.add_image(data, config, [tag or f"{remote.host}/{remote.repo}:{remote.tag}"],
-                             source=f"{SOURCE_PREFIX}{remote.host}/{remote.repo}")
-    if not lazy:
-        for layer in record.layers:
-            fetch_layer(store, record, layer)
+    with store.lock("gc", shared=True):
+        record = store.add_image(data, config, [tag or f"{remote.host}/{remote.repo}:{remote.tag}"],
+                                 source=f"{SOURCE_PREFIX}{remote.host}/{remote.repo}")
+        if not lazy:
+            for layer in record.layers:
+                fetch_layer(store, record, layer)
     return record
 
 

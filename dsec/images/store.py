@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS layers (
     blob_size INTEGER NOT NULL, unpacked INTEGER NOT NULL, last_used REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS holds (holder TEXT PRIMARY KEY, digest TEXT NOT NULL, since REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS build_cache (key TEXT PRIMARY KEY, digest TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS evicted (digest TEXT PRIMARY KEY);
 """
 
 
@@ -371,6 +372,7 @@ class LayerStore:
                     fetch_layer(self, record, layer)
             with self._tx() as db:
                 db.execute("UPDATE images SET last_used=? WHERE digest=?", (time.time(), record.digest))
+                db.execute("DELETE FROM evicted WHERE digest=?", (record.digest,))
             lower = [self.layer_path(layer.diff_id) for layer in reversed(record.layers)]
             return ImageRootfs(reference=ref, digest=record.digest, lower_dirs=lower, config=record.config)
 
@@ -410,6 +412,24 @@ class LayerStore:
             db.execute("DELETE FROM tags WHERE digest=?", (digest,))
             db.execute("DELETE FROM images WHERE digest=?", (digest,))
         return [digest]
+
+    def delete_record(self, digest: str) -> None:
+        """Forget an image (tags, build-cache entries); its layers go at the next prune. Caller holds the gc lock."""
+        with self._tx() as db:
+            for table in ("tags", "images", "build_cache", "evicted"):
+                db.execute(f"DELETE FROM {table} WHERE digest=?", (digest,))
+
+    def forget_layers_of(self, digest: str) -> None:
+        """Let prune free a pulled image's layers while keeping its record: they are re-fetched on next use."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO evicted VALUES (?)", (digest,))
+
+    def layers_wanted(self, digest: str) -> bool:
+        return not self._query("SELECT 1 FROM evicted WHERE digest=?", (digest,))
+
+    def drop_layer_row(self, diff_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM layers WHERE diff_id=?", (diff_id,))
 
     # ---- reference counts from sandboxes ----------------------------------------------------------
 
@@ -453,12 +473,14 @@ class LayerStore:
     def import_oci_layout(self, path: Path, tag: str | None = None) -> ImageRecord:
         from dsec.images.importers import import_oci_layout
 
-        return import_oci_layout(self, Path(path), tag)
+        with self.lock("gc", shared=True):  # prune must not free layers between extraction and the record
+            return import_oci_layout(self, Path(path), tag)
 
     def import_docker_archive(self, tar_path: Path, tag: str | None = None) -> ImageRecord:
         from dsec.images.importers import import_docker_archive
 
-        return import_docker_archive(self, Path(tar_path), tag)
+        with self.lock("gc", shared=True):
+            return import_docker_archive(self, Path(tar_path), tag)
 
 
 def _tree_size(path: Path) -> int:
