@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import signal
@@ -10,6 +11,7 @@ import struct
 import threading
 import time
 import tty
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +23,8 @@ from dsec.errors import RuntimeFailure
 from .conftest import PATH_ENV, ListeningAgent, collect, kill_quietly, start_agent, wait_dead
 
 pytestmark = pytest.mark.timeout(60)
+
+TIOCVHANGUP = 0x5437  # linux/ioctls.h; Python's termios does not export it
 
 
 def recv_frame(sock: socket.socket) -> tuple[int, int, bytes]:
@@ -220,3 +224,45 @@ def test_fuzzed_frames_never_break_the_stream(listening: ListeningAgent, ftype: 
             pass
     finally:
         raw.close()
+
+
+def _wait_reopened(pid: int, device: str, timeout_s: float = 10.0) -> bool:
+    """True once `pid` holds `device` open again (bytes written to a pty before that are not read raw)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        fds = Path(f"/proc/{pid}/fd")
+        for fd in fds.iterdir():
+            try:
+                if os.readlink(fd) == device:
+                    return True
+            except FileNotFoundError:
+                pass
+        time.sleep(0.02)
+    return False
+
+
+def test_device_hangup_kills_the_streams_processes_and_reopens(agent_bin) -> None:
+    """A hung-up device (host side of a virtio port went away) is like a disconnect; the agent then reopens it."""
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    device = os.ttyname(slave)
+    agent = start_agent(agent_bin, "--device", device)
+    first = AgentClient.from_fds(os.dup(master), os.dup(master), sandbox_id="sb-dev")
+    proc = first.spawn(["sleep", "100"], PATH_ENV, "/")
+    try:
+        fcntl.ioctl(slave, TIOCVHANGUP)
+        assert wait_dead(proc.pid)  # the agent kills a stream's processes just before closing the stream
+        first.close()
+        assert _wait_reopened(agent.pid, device), "the agent did not reopen its device"
+        second = AgentClient.from_fds(os.dup(master), os.dup(master), sandbox_id="sb-dev")
+        try:
+            assert collect(second, ["echo", "reopened"])[0] == b"reopened\n"
+        finally:
+            second.close()
+    finally:
+        first.close()
+        kill_quietly(proc.pid)
+        agent.terminate()
+        agent.wait(timeout=10)
+        os.close(slave)
+        os.close(master)
