@@ -123,7 +123,7 @@ class ContainerDriver(SandboxDriver):
 
     def __init__(self, config: ServerConfig | None = None) -> None:
         self.config = config or ServerConfig()
-        self.runtime = OciRuntime(self.name, self.config.home / "oci" / self.name)
+        self.runtime = OciRuntime(self.name, self.config.home / "oci" / self.name, self.config.bin_dir)
 
     # -- create ---------------------------------------------------------------------------------------
     def create(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, state_dir: Path) -> ContainerSandbox:
@@ -178,7 +178,7 @@ class ContainerDriver(SandboxDriver):
             self.runtime.run(record.container_id, state_dir, state_dir / "container.pid", log)
             client = _connect_agent(run_dir, sandbox_id, log)
         except BaseException:
-            _teardown(record, state_dir)
+            _teardown(record, state_dir, self.runtime.bin_dir)
             raise
         return ContainerSandbox(client, record, self.runtime, state_dir)
 
@@ -188,20 +188,20 @@ class ContainerDriver(SandboxDriver):
             raise RuntimeFailure(f"sandbox {sandbox.sandbox_id} was not created by the {self.name} driver")
         sandbox.destroyed = True
         sandbox.close()
-        _teardown(sandbox.record, sandbox.state_dir)
+        _teardown(sandbox.record, sandbox.state_dir, self.runtime.bin_dir)
 
     def cleanup_state_dir(self, state_dir: Path) -> None:
         record = ContainerRecord.read(state_dir)
         if record is not None:
-            _teardown(record, state_dir)
+            _teardown(record, state_dir, self.runtime.bin_dir)
         elif state_dir.exists():
             rootfs.unmount(state_dir / "rootfs")
             shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def _teardown(record: ContainerRecord, state_dir: Path) -> None:
+def _teardown(record: ContainerRecord, state_dir: Path, bin_dir: Path) -> None:
     """Remove everything `record` names; each step tolerates its resource being already gone."""
-    runtime = OciRuntime(record.runtime, Path(record.runtime_root))
+    runtime = OciRuntime(record.runtime, Path(record.runtime_root), bin_dir)
     cgroups.thaw(record.cgroups_path)  # a frozen container cannot be killed
     runtime.delete(record.container_id)
     cgroups.remove(record.cgroups_path, record.sandbox_id)

@@ -5,8 +5,9 @@ containers dsec started and nothing else on the host.
 
 crun 1.8 refuses this host's hybrid cgroup layout ("cgroups in hybrid mode not supported") because a cgroup2
 hierarchy is mounted at /sys/fs/cgroup/unified (holding no controllers dsec uses). Every crun command therefore
-runs in a private mount namespace in which that one mount is gone, so crun sees plain cgroup v1: the namespace
-lives only as long as the crun command, and the host's mounts are untouched. runc needs nothing of the kind.
+runs through `dsec-v1view` (v1view.c): a private mount namespace in which that one mount is gone, so crun sees
+plain cgroup v1; the namespace lives only as long as the crun command and the host's mounts are untouched.
+It costs ~1.3 ms per call against ~7 ms for `unshare -m sh -c 'umount …; exec crun …'`. runc works as-is.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsec.errors import RuntimeFailure
+from dsec.substrates.container.v1view import v1view_binary
 
 RUNTIMES = ("crun", "runc")
 HYBRID_CGROUP2 = Path("/sys/fs/cgroup/unified")
@@ -31,10 +33,11 @@ def _needs_v1_view(name: str) -> bool:
 
 @dataclass(frozen=True)
 class OciRuntime:
-    """One runtime binary with its private state root."""
+    """One runtime binary with its private state root; `bin_dir` holds dsec's compiled helpers."""
 
     name: str
     root: Path
+    bin_dir: Path
 
     def __post_init__(self) -> None:
         if self.name not in RUNTIMES:
@@ -46,8 +49,7 @@ class OciRuntime:
             raise RuntimeFailure(f"{self.name} is not installed: run infra/setup.sh (it installs crun and runc)")
         argv = [binary, "--root", str(self.root), *args]
         if _needs_v1_view(self.name):
-            script = f"umount -l {HYBRID_CGROUP2} 2>/dev/null; exec \"$@\""
-            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv]
+            argv = [str(v1view_binary(self.bin_dir)), str(HYBRID_CGROUP2), *argv]
         return argv
 
     def _call(self, *args: str, sandbox_id: str, stdout: object = subprocess.PIPE, check: bool = True,
@@ -88,10 +90,6 @@ class OciRuntime:
                 f"{self.name} run of sandbox {container_id} failed (exit {proc.returncode}): {tail}",
                 sandbox_id=container_id,
             )
-
-    def kill(self, container_id: str, signal: str = "KILL") -> None:
-        """Signal every process of the container; a container already gone is fine."""
-        self._call("kill", "--all", container_id, signal, sandbox_id=container_id, check=False)
 
     def delete(self, container_id: str) -> None:
         """Force-delete the container (kills what is left); a container already gone is fine."""
