@@ -26,6 +26,7 @@ from dsec.errors import (
     DsecError,
     FileNotFoundInSandbox,
     InvalidPath,
+    InvalidSpec,
     PermissionDeniedInSandbox,
     RuntimeFailure,
 )
@@ -161,6 +162,8 @@ class AgentProcess(ProcessHandle):
         self._client._send(STDIN_EOF, self._request.id, b"")
 
     def signal(self, sig: int) -> None:
+        if not 0 <= int(sig) < 65:
+            raise InvalidSpec(f"signal {sig} is not a Linux signal number (0-64)")
         if self._exited is not None or self._client.closed:
             return  # gone already; on a lost connection the agent killed it
         try:

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from dsec.agent.client import AgentClient
-from dsec.errors import CommandNotFound, FileNotFoundInSandbox, PermissionDeniedInSandbox
+from dsec.errors import CommandNotFound, FileNotFoundInSandbox, InvalidSpec, PermissionDeniedInSandbox
 from dsec.substrates.base import Exited, Output
 
 from .conftest import PATH_ENV, collect, drain, kill_quietly, wait_dead
@@ -67,8 +67,11 @@ def test_spawn_errors_are_typed(client: AgentClient, tmp_path) -> None:
 def test_exit_by_signal(client: AgentClient) -> None:
     assert collect(client, ["sh", "-c", "kill -TERM $$"])[2] == Exited(-signal.SIGTERM, signal.SIGTERM)
     proc = client.spawn(["sleep", "100"], PATH_ENV, "/")
+    with pytest.raises(InvalidSpec):
+        proc.signal(99)
     proc.signal(signal.SIGKILL)
     assert drain(proc)[2] == Exited(-signal.SIGKILL, signal.SIGKILL)
+    proc.signal(signal.SIGKILL)  # after the exit: a no-op
 
 
 def test_signal_kills_the_whole_process_group(client: AgentClient) -> None:
