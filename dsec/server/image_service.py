@@ -11,6 +11,9 @@ from pathlib import Path
 import grpc
 
 from dsec.errors import InvalidSpec
+from dsec.images import gc, registry
+from dsec.images.build import build, parse_dockerfile
+from dsec.images.export import export_docker_archive, export_oci_layout
 from dsec.images.store import ImageRecord, LayerStore
 from dsec.server.errors import rpc_errors
 from dsec.v1 import image_pb2 as pb
@@ -76,6 +79,46 @@ class ImageService(pb_grpc.ImageServiceServicer):
     @rpc_errors
     def Tag(self, request: pb.TagImageRequest, context: grpc.ServicerContext) -> pb.Image:
         return image_to_pb(self.store.tag(request.ref, request.new_tag))
+
+    @rpc_errors
+    def Build(self, request: pb.BuildImageRequest, context: grpc.ServicerContext) -> pb.BuildImageResponse:
+        ctx = Path(request.context_dir) if request.context_dir else None
+        result = build(self.store, parse_dockerfile(request.dockerfile), tag=request.tag or None, context=ctx)
+        return pb.BuildImageResponse(image=image_to_pb(result.record), steps_cached=result.steps_cached,
+                                     steps_run=result.steps_run)
+
+    @rpc_errors
+    def Export(self, request: pb.ExportImageRequest, context: grpc.ServicerContext) -> pb.ExportImageResponse:
+        if not request.path:
+            raise InvalidSpec("Export needs a destination path on the server's machine")
+        fmt = request.format or "oci"
+        if fmt == "oci":
+            return pb.ExportImageResponse(path=str(export_oci_layout(self.store, request.ref, Path(request.path))))
+        if fmt == "docker-archive":
+            return pb.ExportImageResponse(path=str(export_docker_archive(self.store, request.ref, Path(request.path))))
+        raise InvalidSpec(f"unknown image format {fmt!r}: use one of {', '.join(FORMATS)}")
+
+    @rpc_errors
+    def Pull(self, request: pb.PullImageRequest, context: grpc.ServicerContext) -> pb.Image:
+        return image_to_pb(registry.pull(self.store, request.ref, tag=request.tag or None, lazy=not request.eager))
+
+    @rpc_errors
+    def Push(self, request: pb.PushImageRequest, context: grpc.ServicerContext) -> pb.PushImageResponse:
+        return pb.PushImageResponse(digest=registry.push(self.store, request.ref, request.dest))
+
+    @rpc_errors
+    def Prune(self, request: pb.PruneRequest, context: grpc.ServicerContext) -> pb.PruneResponse:
+        if request.budget_bytes < 0:
+            raise InvalidSpec("budget_bytes must be >= 0 (0 = no budget)")
+        result = gc.prune(self.store, budget_bytes=request.budget_bytes or None)
+        return pb.PruneResponse(images_removed=result.images_removed, layers_removed=result.layers_removed,
+                                bytes_freed=result.bytes_freed)
+
+    @rpc_errors
+    def DiskUsage(self, request: pb.DiskUsageRequest, context: grpc.ServicerContext) -> pb.DiskUsageResponse:
+        du = gc.disk_usage(self.store)
+        return pb.DiskUsageResponse(images=du.images, layers=du.layers, layer_bytes=du.layer_bytes,
+                                    blob_bytes=du.blob_bytes, partial_bytes=du.partial_bytes, held_images=du.held_images)
 
 
 def add_image_service(server: grpc.Server, store: LayerStore) -> None:

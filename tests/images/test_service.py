@@ -62,3 +62,29 @@ def test_typed_errors(stub: pb_grpc.ImageServiceStub, tmp_path: Path) -> None:
     with pytest.raises(grpc.RpcError) as err:
         stub.Import(pb.ImportImageRequest(path=str(tmp_path), format="qcow2"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.timeout(60)
+def test_export_prune_disk_usage(stub: pb_grpc.ImageServiceStub, tmp_path: Path) -> None:
+    image = stub.Import(pb.ImportImageRequest(path=str(oci_layout(tmp_path / "l", [LAYER])), tag="e"))
+    out = stub.Export(pb.ExportImageRequest(ref="e", path=str(tmp_path / "out.tar"), format="docker-archive")).path
+    assert Path(out).is_file()
+    assert stub.DiskUsage(pb.DiskUsageRequest()).layers == 1
+    stub.Remove(pb.ImageRef(ref="e"))
+    pruned = stub.Prune(pb.PruneRequest())
+    assert len(pruned.layers_removed) == 1 and stub.DiskUsage(pb.DiskUsageRequest()).layers == 0
+    assert image.digest not in [i.digest for i in stub.List(pb.ListImagesRequest()).images]
+
+
+def test_cli_ls_du_prune(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DSEC_HOME": str(tmp_path / "home")}
+    layout = oci_layout(tmp_path / "l", [LAYER])
+    for argv, expect in ((["import", str(layout), "--tag", "cli"], "cli"), (["ls"], "cli"), (["du"], "layers 1"),
+                         (["rm", "cli"], "deleted"), (["prune"], "1 layers")):
+        proc = subprocess.run([sys.executable, "-m", "dsec.cli", "images", *argv], capture_output=True, text=True,
+                              env=env, timeout=60)
+        assert proc.returncode == 0 and expect in proc.stdout, (argv, proc.stdout, proc.stderr)
