@@ -887,13 +887,13 @@ static void on_signal(int sig) {
     errno = saved;
 }
 
-static void setup_signals(void) {
+static void setup_signals(int exit_on_term) {
     if (pipe2(sig_pipe, O_CLOEXEC | O_NONBLOCK) < 0) die("pipe");
     struct sigaction sa = {.sa_handler = on_signal, .sa_flags = SA_RESTART | SA_NOCLDSTOP};
     sigemptyset(&sa.sa_mask);
     sigaction(SIGCHLD, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
-    if (getpid() == 1) {
+    if (getpid() == 1 && !exit_on_term) {
         /* PID 1: the sandbox dies when the runtime kills it with SIGKILL, not on a stray TERM/INT */
         signal(SIGTERM, SIG_IGN);
         signal(SIGINT, SIG_IGN);
@@ -915,21 +915,25 @@ static void shutdown_all(void) {
 enum { P_SIG, P_LISTEN, P_CONN_IN, P_CONN_OUT, P_OUT, P_ERR, P_STDIN };
 
 static void usage(void) {
-    fprintf(stderr, "usage: dsec-agent --listen SOCKET | --fd N | --device PATH\n");
+    fprintf(stderr, "usage: dsec-agent (--listen SOCKET | --fd N | --device PATH) [--exit-on-term]\n"
+                    "  --exit-on-term  also as PID 1, SIGTERM/SIGINT kill every process group and exit\n");
     exit(2);
 }
 
 int main(int argc, char **argv) {
     const char *listen_path = NULL;
-    int fd = -1;
+    int fd = -1, exit_on_term = 0;
     for (int i = 1; i < argc; i++) {
+        long v;
         if (!strcmp(argv[i], "--listen") && i + 1 < argc) listen_path = argv[++i];
-        else if (!strcmp(argv[i], "--fd") && i + 1 < argc) fd = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--fd") && i + 1 < argc && parse_long(argv[i + 1], 10, &v) == 0 && v >= 0 && v < INT_MAX)
+            fd = (int)v, i++;
+        else if (!strcmp(argv[i], "--exit-on-term")) exit_on_term = 1;
         else if (!strcmp(argv[i], "--device") && i + 1 < argc) device_path = argv[++i];
         else usage();
     }
     if (!!listen_path + (fd >= 0) + !!device_path != 1) usage();
-    setup_signals();
+    setup_signals(exit_on_term);
     if (listen_path) {
         listen_fd = open_listener(listen_path);
     } else if (fd >= 0) {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dsec.agent.client import AgentClient
+from dsec.errors import RuntimeFailure
 
 from .conftest import PATH_ENV, collect, start_agent
 
@@ -36,16 +38,16 @@ def _zombies(pid: int) -> list[int]:
     return out
 
 
-@pytest.fixture
-def pid1_agent(agent_bin: Path, tmp_path: Path) -> Iterator[tuple[AgentClient, int]]:
-    """(client, host pid of the agent) for an agent that is PID 1 of its own PID namespace."""
-    sock = tmp_path / "agent.sock"
-    wrapper = start_agent("/usr/bin/unshare", "--pid", "--fork", "--kill-child", "--mount-proc", str(agent_bin), "--listen", str(sock))
+@contextlib.contextmanager
+def _pid1_agent(agent_bin: Path, sock: Path, *extra: str) -> Iterator[tuple[AgentClient, int, subprocess.Popen]]:
+    """(client, host pid of the agent, unshare wrapper) for an agent that is PID 1 of its own PID namespace."""
+    wrapper = start_agent(
+        "/usr/bin/unshare", "--pid", "--fork", "--kill-child", "--mount-proc", str(agent_bin), "--listen", str(sock), *extra
+    )
     try:
         client = AgentClient.connect_unix(sock, timeout_s=30, sandbox_id="sb-pid1")
-        agent_pid = _children(wrapper.pid)[0]
         try:
-            yield client, agent_pid
+            yield client, _children(wrapper.pid)[0], wrapper
         finally:
             client.close()
     finally:
@@ -53,6 +55,12 @@ def pid1_agent(agent_bin: Path, tmp_path: Path) -> Iterator[tuple[AgentClient, i
             for pid in _children(wrapper.pid):
                 os.kill(pid, signal.SIGKILL)  # PID 1 dies: the kernel kills the rest of the namespace
         wrapper.wait(timeout=10)
+
+
+@pytest.fixture
+def pid1_agent(agent_bin: Path, tmp_path: Path) -> Iterator[tuple[AgentClient, int]]:
+    with _pid1_agent(agent_bin, tmp_path / "agent.sock") as (client, pid, _):
+        yield client, pid
 
 
 def test_agent_is_pid1_and_reaps_orphans(pid1_agent) -> None:
@@ -74,3 +82,12 @@ def test_pid1_agent_ignores_sigterm_and_sigint(pid1_agent) -> None:
     time.sleep(0.2)
     assert client.ping() < 5
     assert collect(client, ["echo", "alive"], env=PATH_ENV)[0] == b"alive\n"
+
+
+def test_pid1_agent_with_exit_on_term_stops_cleanly(agent_bin: Path, tmp_path: Path) -> None:
+    with _pid1_agent(agent_bin, tmp_path / "agent.sock", "--exit-on-term") as (client, agent_pid, wrapper):
+        proc = client.spawn(["sleep", "100"], PATH_ENV, "/")
+        os.kill(agent_pid, signal.SIGTERM)
+        assert wrapper.wait(timeout=10) == 0  # unshare reports its child's exit status: the agent exited 0
+        with pytest.raises(RuntimeFailure):
+            list(proc.events())
