@@ -113,36 +113,42 @@ class StepCoordinator:
         check_trajectory_id(trajectory_id)
         check_step(trajectory_id, step)
         key = (trajectory_id, step)
-        with self._lock:
-            running = self._inflight.get(key)
-            if running is None:
-                logged = self.log.lookup(trajectory_id, step)
-                rebuild = False
-                if logged is not None and logged.state is not StepState.ABANDONED:
-                    if logged.request_hash != request_hash:
-                        raise _diverged(trajectory_id, step, logged.request_hash, request_hash)
-                    if logged.state is StepState.INTENT:
+        while True:
+            with self._lock:
+                running = self._inflight.get(key)
+            if running is not None:
+                running_hash, running_future = running
+                if running_hash != request_hash:
+                    raise _diverged(trajectory_id, step, running_hash, request_hash)
+                return running_future.result(), True
+            logged = self.log.lookup(trajectory_id, step)  # outside the lock: other steps go on meanwhile
+            if logged is not None and logged.state is not StepState.ABANDONED:
+                if logged.request_hash != request_hash:
+                    raise _diverged(trajectory_id, step, logged.request_hash, request_hash)
+            with self._lock:
+                if key in self._inflight:
+                    continue  # another call started this step after our check: wait for it instead
+                if logged is not None and logged.state is StepState.INTENT:
+                    # Stale if a call here finished it since; nothing here runs it now, so re-read once.
+                    logged = self.log.lookup(trajectory_id, step)
+                    if logged is not None and logged.state is StepState.INTENT:
                         raise _indeterminate(trajectory_id, step, logged.kind, logged.started_at, logged.sandbox_id)
+                rebuild = logged is not None and logged.state is StepState.DONE and self._rebuild.get(key) == sandbox_id
+                if logged is not None and logged.state is StepState.DONE and not rebuild:
                     assert logged.result is not None
-                    rebuild = self._rebuild.get(key) == sandbox_id
-                    if not rebuild:
-                        return logged.result, True
+                    return logged.result, True
+                if rebuild:
                     del self._rebuild[key]
                 future: Future = Future()
                 self._inflight[key] = (request_hash, future)
-        if running is not None:
-            running_hash, running_future = running
-            if running_hash != request_hash:
-                raise _diverged(trajectory_id, step, running_hash, request_hash)
-            return running_future.result(), True
+            break
         try:
             if rebuild:
                 assert logged is not None and logged.result is not None
                 self._reexecute(execute)
                 result, replayed = logged.result, True
             else:
-                result = self._execute(trajectory_id, step, request_hash, kind, sandbox_id, execute, request)
-                replayed = False
+                result, replayed = self._execute(trajectory_id, step, request_hash, kind, sandbox_id, execute, request)
         except BaseException as exc:
             future.set_exception(exc)
             raise
@@ -191,9 +197,15 @@ class StepCoordinator:
         sandbox_id: str,
         execute: Callable[[], bytes],
         request: bytes,
-    ) -> bytes:
+    ) -> tuple[bytes, bool]:
         if not self.log.begin(trajectory_id, step, request_hash, kind, sandbox_id, request):
-            # Another server (shared PostgreSQL log) claimed the step between our lookup and our intent.
+            # Logged between our lookup and our intent: by a call here that finished meanwhile, or by another
+            # server sharing a PostgreSQL log.
+            logged = self.log.lookup(trajectory_id, step)
+            if logged is not None and logged.request_hash != request_hash:
+                raise _diverged(trajectory_id, step, logged.request_hash, request_hash)
+            if logged is not None and logged.state is StepState.DONE and logged.result is not None:
+                return logged.result, True
             raise StepIndeterminate(
                 f"trajectory {trajectory_id!r} step {step} is being executed by another server; retry to get "
                 "its result once it is logged",
@@ -210,7 +222,7 @@ class StepCoordinator:
             self.log.abandon(trajectory_id, step, f"{type(exc).__name__}: {exc}")
             raise
         self.log.complete(trajectory_id, step, request_hash, kind, sandbox_id, result, started, time.time())
-        return result
+        return result, False
 
     def rerun_step(self, trajectory_id: str, step: int) -> bool:
         """Operator's opt-in for an indeterminate step: let the next call run it again. False if not indeterminate."""
