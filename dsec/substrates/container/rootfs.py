@@ -4,6 +4,11 @@ Why overlayfs: every sandbox of an image shares the same extracted layer directo
 single mount (a few ms) whatever the image size, and everything the sandbox writes lands in its own upper dir,
 which is also what a filesystem snapshot copies. The mount is done with mount(2) through libc rather than
 `mount(8)`, which saves a process start on every create.
+
+The overlay is mounted `volatile` (Linux >= 5.10): overlayfs then skips syncing the upper filesystem on fsync
+and on unmount, which otherwise costs ~8 ms per destroy here and far more while the host disk is busy. A
+sandbox's writable layer never has to survive a host crash (a restarted server destroys what it finds), so
+its durability buys nothing; snapshots read the upper dir through the page cache and are unaffected.
 """
 
 from __future__ import annotations
@@ -56,13 +61,29 @@ def mount_overlay(lower_dirs: list[Path], upper: Path, work: Path, target: Path,
             sandbox_id=sandbox_id,
         )
     try:
-        _mount("overlay", target, "overlay", 0, options)
+        _mount_upper(target, options)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise DiskFull(f"no space for the writable layer of sandbox {sandbox_id}", sandbox_id=sandbox_id) from exc
         raise RuntimeFailure(
             f"overlay mount of sandbox {sandbox_id} on {target} failed: {exc}", sandbox_id=sandbox_id
         ) from exc
+
+
+_volatile_supported = True
+
+
+def _mount_upper(target: Path, options: str) -> None:
+    global _volatile_supported
+    if _volatile_supported:
+        try:
+            _mount("overlay", target, "overlay", 0, options + ",volatile")
+            return
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            _volatile_supported = False  # kernel older than 5.10
+    _mount("overlay", target, "overlay", 0, options)
 
 
 def is_mounted(target: Path) -> bool:
