@@ -328,16 +328,27 @@ class Gateway(pb_grpc.SandboxServiceServicer):
             route.demand = demand
             return info
 
+    def _lost_info(self, sandbox_id: str, context: grpc.ServicerContext) -> pb.SandboxInfo | None:
+        """The last known info (state "lost") of a sandbox whose node is gone, shown only to its owner."""
+        with self._lock:
+            route = self.routes.get(sandbox_id)
+            node = self.nodes.get(route.node_id) if route else None
+        if route is None or node is None or node.alive:
+            return None
+        if route.owner != _owner(context):
+            raise SandboxNotFound(f"sandbox {sandbox_id} not found")
+        return route.info
+
     @_gateway_errors
     def Get(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.SandboxInfo:
-        with self._lock:
-            route = self.routes.get(request.sandbox_id)
-            node = self.nodes.get(route.node_id) if route else None
-        if route is not None and node is not None and not node.alive:
-            if route.owner != _owner(context):
-                raise SandboxNotFound(f"sandbox {request.sandbox_id} not found")
-            return route.info
-        info = self._unary(request.sandbox_id, "Get", request, context)
+        if (lost := self._lost_info(request.sandbox_id, context)) is not None:
+            return lost
+        try:
+            info = self._unary(request.sandbox_id, "Get", request, context)
+        except SandboxStateError:
+            if (lost := self._lost_info(request.sandbox_id, context)) is not None:
+                return lost  # the node was found lost by this very call
+            raise
         self._record(self.node_of(request.sandbox_id), info, _owner(context), charge=False)
         return info
 

@@ -1,18 +1,26 @@
 """The node agent: one per Ray node, pinned there, running that node's dsec server.
 
-Why a child `dsec serve` process and not the server in the actor's own threads: the server watches the
-actor's pid and destroys its sandboxes the moment the actor dies (node removed, actor killed, even kill -9),
-so a lost node leaves no containers, mounts or cgroups behind — the same guarantee an embedded server gives.
+Why a child `dsec serve` process in its own session, not the server in the actor's threads: the server
+watches the actor's pid and destroys its sandboxes the moment the actor dies (node removed, actor killed,
+even kill -9). Its own session keeps it out of the process group Ray kills with the worker, so it lives
+long enough to clean up: a lost node leaves no containers, mounts or cgroups behind.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import ray
 
-from dsec.sdk.embedded import EmbeddedServer
+from dsec.errors import ServerUnavailable
+
+READY_PREFIX = "DSEC_SERVER_READY "
+START_TIMEOUT_S = 120.0
 
 DEFAULT_OVERCOMMIT = 4.0  # sandboxes mostly wait on the trainer: offer 4 sandbox-cores per core
 
@@ -31,6 +39,35 @@ def _node_cpus(node_id: str) -> float:
     return float(os.cpu_count() or 1)
 
 
+def start_node_server(home: Path, args: list[str]) -> tuple[subprocess.Popen, str]:
+    """`dsec serve` bound to this actor's life (--parent-pid), in a new session; returns (process, address)."""
+    logs = home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"node-{os.getpid()}-{int(time.time())}.log"
+    command = [sys.executable, "-m", "dsec.server.main", "--listen", "127.0.0.1:0", "--home", str(home), "--parent-pid", str(os.getpid()), *args]
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL, start_new_session=True)
+    found: dict[str, str] = {}
+
+    def read() -> None:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = raw.decode(errors="replace").strip()
+            if line.startswith(READY_PREFIX) and "address" not in found:
+                found["address"] = line[len(READY_PREFIX) :]
+                ready.set()
+        ready.set()
+
+    ready = threading.Event()
+    threading.Thread(target=read, daemon=True).start()  # keeps draining stdout after the ready line
+    ready.wait(START_TIMEOUT_S)
+    if "address" not in found:
+        process.kill()
+        process.wait()
+        raise ServerUnavailable(f"node server did not start in {START_TIMEOUT_S:.0f}s; see {log_path}")
+    return process, found["address"]
+
+
 class NodeAgent:
     """Runs as a Ray actor (`ray.remote(NodeAgent)`), scheduled with a hard node affinity."""
 
@@ -45,8 +82,7 @@ class NodeAgent:
         """`server_env` reaches the node's server, e.g. DSEC_TRAJECTORY_DSN so every node logs to one database."""
         self.node_id = ray.get_runtime_context().get_node_id()
         os.environ.update(server_env or {})  # this actor's process exists only to own the server
-        args = ["--max-sandboxes", str(max_sandboxes), *server_args]
-        self.server = EmbeddedServer.start(Path(home), args)
+        self.process, self.address = start_node_server(Path(home), ["--max-sandboxes", str(max_sandboxes), *server_args])
         self.capacity = {
             "cpus": _node_cpus(self.node_id) * overcommit,
             "memory_mb": _memory_mb(),
@@ -55,12 +91,19 @@ class NodeAgent:
 
     def info(self) -> dict:
         """What the gateway needs: where this node's server listens and what it offers."""
-        return {"node_id": self.node_id, "address": self.server.address, "capacity": self.capacity, "server_pid": self.server.process.pid}
+        return {"node_id": self.node_id, "address": self.address, "capacity": self.capacity, "server_pid": self.process.pid}
 
     def ping(self) -> bool:
         """Alive = the actor answers and its server process still runs."""
-        return self.server.process.poll() is None
+        return self.process.poll() is None
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 60.0) -> None:
         """Destroy this node's sandboxes and stop its server (SIGTERM, then SIGKILL if it hangs)."""
-        self.server.stop()
+        if self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
