@@ -144,8 +144,9 @@ class Trajectory:
             except (SandboxNotFound, SandboxStateError):  # never known here, or destroyed
                 pass
             else:
-                self.restored = "live"
-                return live
+                if live.info.state not in ("lost", "destroyed"):  # lost: its cluster node is gone
+                    self.restored = "live"
+                    return live
         logged = self.steps(with_results=False)
         end = max(s.step for s in logged) + 1 if logged else 0
         if end == 0:
@@ -175,8 +176,10 @@ class Trajectory:
         if from_step < end:
             request = tpb.RebuildRequest(trajectory_id=self.id, from_step=from_step, to_step=end, sandbox_id=sandbox.id)
             self.rebuilt_steps = self._client.rpc(self._stub.Rebuild, request).steps
-        kind = "snapshot" if restored is not None else ""
-        self.restored = "+".join(part for part in (kind, "rebuilt" if self.rebuilt_steps else "") if part) or "snapshot"
+        if restored is None:
+            self.restored = "rebuilt"  # a new sandbox in place of the lost one
+        else:
+            self.restored = "snapshot+rebuilt" if self.rebuilt_steps else "snapshot"
         return sandbox
 
     def _restore_latest(self, info: tpb.TrajectoryInfo) -> tuple[Sandbox | None, int]:
