@@ -1,0 +1,179 @@
+"""Benchmark the layered image cache; the last line is `key=value` pairs.
+
+create_2g_over_10m          warm sandbox create time, 2 GB image / 10 MB image (target <= 1.2)
+cold_import_vs_docker_load  `docker load` time / our cold import time of the same ~300 MB docker-save tar
+disk_per_extra_sandbox_mb   disk used per extra running sandbox of the same image (target ~ 0)
+concurrent_cold_pull_downloads  registry layer downloads for 50 concurrent creates on a cold node (target = layers)
+
+Everything runs in a temporary store and temporary registry; sizes: DSEC_BENCH_BIG_MB (default 2048).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from dsec.config import ServerConfig  # noqa: E402
+from dsec.images import registry as reg  # noqa: E402
+from dsec.images.export import export_docker_archive  # noqa: E402
+from dsec.images.layout import write_layout  # noqa: E402
+from dsec.images.store import LayerStore  # noqa: E402
+from dsec.models import SandboxSpec  # noqa: E402
+from dsec.server.drivers import DriverRegistry  # noqa: E402
+from dsec.substrates.container.dockerd import ensure_engine  # noqa: E402
+from tests.images.conftest import _free_port  # noqa: E402
+
+BIG_MB = int(os.environ.get("DSEC_BENCH_BIG_MB", "2048"))
+
+
+def _image(store: LayerStore, work: Path, tag: str, total_mb: int, files: int) -> None:
+    """An image of busybox plus one layer of `files` random-content files totalling `total_mb`."""
+    root = work / f"{tag}-tree"
+    root.mkdir()
+    per = max(1, total_mb * (1 << 20) // files)
+    chunk = os.urandom(1 << 20)
+    for i in range(files):
+        with open(root / f"f{i}", "wb") as fh:
+            left = per
+            while left > 0:
+                fh.write(chunk[: min(left, len(chunk))])
+                left -= len(chunk)
+    base = store.inspect("busybox")
+    tar = work / f"{tag}.tar"
+    subprocess.run(["tar", "-C", str(root), "-cf", str(tar), "."], check=True)
+    shutil.rmtree(root)
+    busybox_tar = work / f"{tag}-busybox.tar"
+    shutil.copyfile(store.blob_path(base.layers[0].blob_digest), busybox_tar)
+    layout = write_layout(work / f"{tag}-oci", [busybox_tar, tar], {"Env": ["PATH=/bin:/usr/bin"], "Cmd": ["sh"]}, tag)
+    store.import_oci_layout(layout, tag=tag)
+    shutil.rmtree(layout)
+
+
+def _create_time(store: LayerStore, driver, tag: str, run_root: Path, repeats: int = 5) -> float:
+    rootfs = store.resolve(tag)
+    times = []
+    for _ in range(repeats):
+        sandbox_id = f"bench-{uuid.uuid4().hex[:10]}"
+        state = run_root / sandbox_id
+        state.mkdir()
+        started = time.perf_counter()
+        sandbox = driver.create(sandbox_id, SandboxSpec(image=tag, driver="crun"), rootfs, state)
+        times.append(time.perf_counter() - started)
+        driver.destroy(sandbox)
+        driver.cleanup_state_dir(state)
+        shutil.rmtree(state, ignore_errors=True)
+    return sorted(times)[len(times) // 2]
+
+
+def _du_bytes(path: Path) -> int:
+    out = subprocess.run(["du", "-sxb", str(path)], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def bench_create_and_disk(store: LayerStore, work: Path) -> dict[str, float]:
+    driver = DriverRegistry(ServerConfig()).get("crun")
+    run_root = work / "run"
+    run_root.mkdir()
+    _image(store, work, "small", 10, 10)
+    _image(store, work, "big", BIG_MB, max(1, BIG_MB // 64))
+    small = _create_time(store, driver, "small", run_root)
+    big = _create_time(store, driver, "big", run_root)
+    print(f"warm create: 10 MB image {small * 1000:.0f} ms, {BIG_MB} MB image {big * 1000:.0f} ms")
+    sandboxes = []
+    rootfs = store.resolve("big")
+    before = _du_bytes(store.root) + _du_bytes(run_root)
+    try:
+        for _ in range(5):
+            sandbox_id = f"bench-{uuid.uuid4().hex[:10]}"
+            state = run_root / sandbox_id
+            state.mkdir()
+            sandboxes.append((driver.create(sandbox_id, SandboxSpec(image="big", driver="crun"), rootfs, state), state))
+        per_sandbox = (_du_bytes(store.root) + _du_bytes(run_root) - before) / len(sandboxes) / 1e6
+    finally:
+        for sandbox, state in sandboxes:
+            driver.destroy(sandbox)
+            driver.cleanup_state_dir(state)
+    print(f"disk per extra sandbox of the {BIG_MB} MB image: {per_sandbox:.2f} MB")
+    return {"create_2g_over_10m": round(big / small, 2), "disk_per_extra_sandbox_mb": round(per_sandbox, 2)}
+
+
+def bench_import_vs_docker(store: LayerStore, work: Path) -> float:
+    _image(store, work, "mid", 300, 30)
+    archive = export_docker_archive(store, "mid", work / "mid.tar", repo_tags=[f"dsec-bench-{uuid.uuid4().hex[:8]}:v1"])
+    cold = LayerStore(work / "cold-import")
+    started = time.perf_counter()
+    cold.import_docker_archive(archive)
+    ours = time.perf_counter() - started
+    cold.close()
+    docker = ["docker", "-H", ensure_engine(use_docker_host=False)]
+    name = subprocess.run(["tar", "-xOf", str(archive), "manifest.json"], capture_output=True, text=True).stdout
+    started = time.perf_counter()
+    subprocess.run([*docker, "load", "-q", "-i", str(archive)], check=True, capture_output=True)
+    theirs = time.perf_counter() - started
+    tag = name.split('"RepoTags": ["')[1].split('"')[0]
+    subprocess.run([*docker, "rmi", "-f", tag], capture_output=True)
+    print(f"cold import of a 300 MB docker-save tar: ours {ours:.2f}s, docker load {theirs:.2f}s")
+    return round(theirs / ours, 2)
+
+
+def bench_concurrent_pull(store: LayerStore, work: Path) -> int:
+    port = _free_port()
+    config = work / "registry.yml"
+    log = work / "registry.log"
+    config.write_text(f"version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {work / 'reg'}\n"
+                      f"http:\n  addr: 127.0.0.1:{port}\n")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["/usr/bin/docker-registry", "serve", str(config)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        ref = f"127.0.0.1:{port}/bench/small:v1"
+        for _ in range(100):
+            try:
+                reg.push(store, "small", ref)
+                break
+            except Exception:  # noqa: BLE001 - registry still starting
+                time.sleep(0.1)
+        cold = LayerStore(work / "cold-pull")
+        record = reg.pull(cold, ref)
+        with ThreadPoolExecutor(max_workers=50) as pool:
+            list(pool.map(lambda i: cold.acquire(ref, f"sb-{i}"), range(50)))
+        time.sleep(0.5)
+        text = log.read_text(errors="replace")
+        downloads = sum(text.count(f"/blobs/{layer.blob_digest} HTTP/1.1\" 200") for layer in record.layers)
+        print(f"50 concurrent creates on a cold node: {downloads} layer downloads for {len(record.layers)} layers")
+        cold.close()
+        return downloads
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="dsec-bench-images-", dir=ServerConfig().home))
+    try:
+        store = LayerStore(work / "images")
+        from dsec.images.base_images import build_busybox
+
+        build_busybox(store)
+        results: dict[str, float] = {}
+        results.update(bench_create_and_disk(store, work))
+        results["cold_import_vs_docker_load"] = bench_import_vs_docker(store, work)
+        results["concurrent_cold_pull_downloads"] = bench_concurrent_pull(store, work)
+        store.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(" ".join(f"{k}={v}" for k, v in results.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
