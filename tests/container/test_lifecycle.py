@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dsec.errors import CommandNotFound, FileNotFoundInSandbox, RuntimeFailure
-from dsec.models import SandboxSpec
+from dsec.errors import CommandNotFound, DiskFull, FileNotFoundInSandbox, RuntimeFailure
+from dsec.models import Resources, SandboxSpec
 from dsec.substrates.base import ImageRootfs
 from dsec.substrates.container import cgroups, rootfs
 from dsec.substrates.container.driver import ContainerDriver, container_driver
@@ -19,10 +19,21 @@ from dsec.substrates.container.driver import ContainerDriver, container_driver
 from .conftest import new_id, run, sh
 
 
+def loop_backing_files() -> list[str]:
+    files = []
+    for path in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            files.append(path.read_text().strip())
+        except OSError:
+            pass  # detached meanwhile
+    return files
+
+
 def assert_gone(driver: ContainerDriver, sandbox_id: str, state_dir: Path, host_pid: int) -> None:
     """No process, mount, cgroup, runtime state or state dir of the sandbox is left on the host."""
     assert not Path(f"/proc/{host_pid}").exists() or "zombie" in Path(f"/proc/{host_pid}/status").read_text().lower()
     assert str(state_dir) not in Path("/proc/self/mounts").read_text()
+    assert not [f for f in loop_backing_files() if f.startswith(str(state_dir))], "the disk's loop device is detached"
     assert cgroups.existing_dirs(f"/dsec/{sandbox_id}") == []
     assert sandbox_id not in driver.runtime.list()
     assert not state_dir.exists()
@@ -51,6 +62,20 @@ def test_files_through_the_agent_land_on_the_writable_layer(make_sandbox):
     assert (sb.upper_dir / "tmp/deep/blob.bin").read_bytes() == payload, "/tmp is the overlay's upper dir, not a tmpfs"
     with pytest.raises(FileNotFoundInSandbox):
         b"".join(sb.read_file("/no/such/file"))
+
+
+@pytest.mark.timeout(120)
+def test_disk_budget_bounds_the_writable_layer(make_sandbox):
+    sb = make_sandbox(SandboxSpec(resources=Resources(disk_mb=32)))
+    out = sh(sb, "dd if=/dev/zero of=/fill bs=1M count=100 2>&1; wc -c < /fill")
+    assert "No space left" in out
+    assert int(out.split()[-1]) <= 32 << 20
+    with pytest.raises(DiskFull):
+        sb.write_file("/tmp/more", [b"x" * (4 << 20)])
+    sh(sb, "rm /fill")
+    assert sb.write_file("/tmp/more", [b"x" * (4 << 20)]) == 4 << 20, "deleting frees the budget again"
+    image = Path(sb.record.disk_image)
+    assert image.stat().st_blocks * 512 < 16 << 20, "the disk image is sparse and gives deleted blocks back"
 
 
 @pytest.mark.timeout(120)
@@ -103,7 +128,7 @@ CRASHING_SERVER = textwrap.dedent(
     import os, pickle, sys
     from pathlib import Path
     from dsec.config import ServerConfig
-    from dsec.models import SandboxSpec
+    from dsec.models import Resources, SandboxSpec
     from dsec.substrates.container.driver import container_driver
     name, home, image_file, sandbox_id, state_dir = sys.argv[1:]
     image = pickle.loads(Path(image_file).read_bytes())

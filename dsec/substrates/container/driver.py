@@ -23,7 +23,7 @@ from dsec.config import ServerConfig
 from dsec.errors import InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound
 from dsec.models import SandboxSpec
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
-from dsec.substrates.container import bundle, cgroups, rootfs
+from dsec.substrates.container import bundle, cgroups, disk, rootfs
 from dsec.substrates.container.record import ContainerRecord
 from dsec.substrates.container.runtime import RUNTIMES, OciRuntime
 
@@ -76,7 +76,7 @@ class ContainerSandbox(AgentSandbox):
         self.record = record
         self.runtime = runtime
         self.state_dir = state_dir
-        self.upper_dir = state_dir / "upper"
+        self.upper_dir = record.upper_dir
         self.destroyed = False
         self.create_timings: dict[str, float] = {}  # seconds per create phase, for benchmarks and metrics
 
@@ -168,6 +168,8 @@ class ContainerDriver(SandboxDriver):
             container_id=sandbox_id,
             cgroups_path=bundle.cgroups_path(sandbox_id),
             rootfs=str(state_dir / "rootfs"),
+            disk=str(state_dir / "disk"),
+            disk_image=str(state_dir / "disk.img"),
         )
         record.write(state_dir)
         timings: dict[str, float] = {}
@@ -180,13 +182,15 @@ class ContainerDriver(SandboxDriver):
             clock = now
 
         try:
-            upper, run_dir, log = state_dir / "upper", state_dir / "agent-run", state_dir / "agent.log"
-            upper.mkdir(exist_ok=True)
+            run_dir, log = state_dir / "agent-run", state_dir / "agent.log"
             run_dir.mkdir(exist_ok=True)
+            disk.create_disk(Path(record.disk_image), Path(record.disk), spec.resources.disk_mb, sandbox_id)
+            lap("disk")
+            record.upper_dir.mkdir()
             if prepare_upper is not None:
-                prepare_upper(upper)
+                prepare_upper(record.upper_dir)
                 lap("restore_upper")
-            rootfs.mount_overlay(image.lower_dirs, upper, state_dir / "work", Path(record.rootfs), sandbox_id)
+            rootfs.mount_overlay(image.lower_dirs, record.upper_dir, record.work_dir, Path(record.rootfs), sandbox_id)
             lap("mount")
             config = bundle.runtime_config(
                 sandbox_id, spec, image.config, Path(record.rootfs), agent_binary(self.config.bin_dir), run_dir
@@ -218,6 +222,7 @@ class ContainerDriver(SandboxDriver):
             _teardown(record, state_dir, self.runtime.bin_dir)
         elif state_dir.exists():
             rootfs.unmount(state_dir / "rootfs")
+            disk.remove_disk(state_dir / "disk.img", state_dir / "disk")
             shutil.rmtree(state_dir, ignore_errors=True)
 
 
@@ -257,11 +262,14 @@ def _teardown(record: ContainerRecord, state_dir: Path, bin_dir: Path) -> None:
     runtime.delete(record.container_id)
     cgroups.remove(record.cgroups_path, record.sandbox_id)
     rootfs.unmount(Path(record.rootfs))
-    if rootfs.is_mounted(Path(record.rootfs)):
-        raise RuntimeFailure(
-            f"rootfs of sandbox {record.sandbox_id} is still mounted at {record.rootfs}; not removing its state",
-            sandbox_id=record.sandbox_id,
-        )
+    if record.disk:
+        disk.remove_disk(Path(record.disk_image), Path(record.disk))
+    for mount_point in (record.rootfs, record.disk):
+        if mount_point and rootfs.is_mounted(Path(mount_point)):
+            raise RuntimeFailure(
+                f"{mount_point} of sandbox {record.sandbox_id} is still mounted; not removing its state",
+                sandbox_id=record.sandbox_id,
+            )
     shutil.rmtree(state_dir, ignore_errors=True)
 
 

@@ -25,6 +25,16 @@ class ContainerRecord:
     container_id: str
     cgroups_path: str  # relative to every hierarchy's root
     rootfs: str  # overlay mount point
+    disk: str = ""  # mount point of the sandbox's own filesystem holding upper/ and work/
+    disk_image: str = ""  # its sparse image file
+
+    @property
+    def upper_dir(self) -> Path:
+        return Path(self.disk) / "upper"
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.disk) / "work"
 
     def write(self, state_dir: Path) -> None:
         tmp = state_dir / (RECORD_NAME + ".tmp")
@@ -40,4 +50,4 @@ class ContainerRecord:
             return None
         except (OSError, ValueError) as exc:
             raise RuntimeFailure(f"unreadable container record in {state_dir}: {exc}; remove the directory by hand") from exc
-        return cls(**{key: str(data[key]) for key in cls.__dataclass_fields__})
+        return cls(**{key: str(data[key]) for key in cls.__dataclass_fields__ if key in data})

@@ -27,8 +27,9 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
-def _mount(source: str, target: Path, fstype: str, flags: int, data: str) -> None:
-    if _libc.mount(source.encode(), str(target).encode(), fstype.encode(), flags, data.encode()) != 0:
+def mount_fs(source: str, target: Path, fstype: str, options: str) -> None:
+    """mount(2) without a `mount` process; raises OSError with the errno."""
+    if _libc.mount(source.encode(), str(target).encode(), fstype.encode(), 0, options.encode()) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(target))
 
@@ -77,13 +78,13 @@ def _mount_upper(target: Path, options: str) -> None:
     global _volatile_supported
     if _volatile_supported:
         try:
-            _mount("overlay", target, "overlay", 0, options + ",volatile")
+            mount_fs("overlay", target, "overlay", options + ",volatile")
             return
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             _volatile_supported = False  # kernel older than 5.10
-    _mount("overlay", target, "overlay", 0, options)
+    mount_fs("overlay", target, "overlay", options)
 
 
 def is_mounted(target: Path) -> bool:

@@ -1,0 +1,111 @@
+"""The writable layer's disk budget (spec.resources.disk_mb): a small ext4 filesystem per sandbox.
+
+Why a filesystem of its own rather than quotas: a full filesystem refuses writes whoever writes (project
+quotas are skipped for writers holding CAP_SYS_RESOURCE, which overlayfs writes with: the mounter's
+credentials), it needs no quota support from the host's filesystem, and it goes away with one unmount. The
+image file is sparse and mounted with `discard`, so it takes only the host space the sandbox really uses and
+gives deleted blocks back. Cost, measured here: mkfs ~7 ms, loop attach + mount ~2 ms.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+from dsec.errors import RuntimeFailure
+from dsec.substrates.container.rootfs import mount_fs, unmount
+
+LOOP_CTL_GET_FREE = 0x4C82
+LOOP_CONFIGURE = 0x4C0A
+LO_FLAGS_AUTOCLEAR = 4  # the loop device detaches itself when the filesystem is unmounted
+LO_NAME_SIZE = 64
+MKFS_TIMEOUT_S = 60.0
+INODES_PER_MB = 64  # one inode per 16 KiB, like a default ext4
+ATTACH_ATTEMPTS = 64
+
+
+def _loop_config(backing_fd: int) -> bytes:
+    """struct loop_config { u32 fd; u32 block_size; struct loop_info64 info; u64 reserved[8]; }"""
+    info = struct.pack(
+        "=QQQQQIIII" + f"{LO_NAME_SIZE}s{LO_NAME_SIZE}s" + "32s" + "2Q",
+        0, 0, 0, 0, 0,  # device, inode, rdevice, offset, sizelimit
+        0, 0, 0, LO_FLAGS_AUTOCLEAR,  # number, encrypt_type, encrypt_key_size, flags
+        b"", b"", b"", 0, 0,
+    )
+    return struct.pack("=II", backing_fd, 0) + info + bytes(64)
+
+
+def _attach_and_mount(image: Path, target: Path, sandbox_id: str) -> None:
+    """Attach `image` to a free loop device (auto-clearing) and mount its ext4 on `target`."""
+    backing = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for _ in range(ATTACH_ATTEMPTS):
+                number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
+                device = f"/dev/loop{number}"
+                try:
+                    loop = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    time.sleep(0.005)  # devtmpfs has not created the node yet
+                    continue
+                try:
+                    fcntl.ioctl(loop, LOOP_CONFIGURE, _loop_config(backing))
+                except OSError as exc:
+                    os.close(loop)
+                    if exc.errno == errno.EBUSY:  # another create took the same free device first
+                        continue
+                    raise
+                try:
+                    mount_fs(device, target, "ext4", "discard")
+                finally:
+                    os.close(loop)  # the mount holds the device now; autoclear detaches it at unmount
+                return
+        finally:
+            os.close(control)
+    finally:
+        os.close(backing)
+    raise RuntimeFailure(f"no free loop device for the disk of sandbox {sandbox_id}: too many sandboxes on this host?")
+
+
+def create_disk(image: Path, target: Path, size_mb: int, sandbox_id: str) -> None:
+    """Make a sparse `size_mb` ext4 image at `image` and mount it on `target` (created if missing)."""
+    with open(image, "wb") as fh:
+        fh.truncate(size_mb << 20)
+    inodes = max(1024, size_mb * INODES_PER_MB)
+    argv = ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal,^resize_inode",
+            "-E", "lazy_itable_init=1,nodiscard", "-N", str(inodes), str(image)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=MKFS_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except FileNotFoundError as exc:
+        raise RuntimeFailure("mkfs.ext4 is not installed: run infra/setup.sh (it installs e2fsprogs)") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeFailure(f"mkfs of the disk of sandbox {sandbox_id} hung; the host is overloaded", sandbox_id=sandbox_id) from exc
+    if proc.returncode != 0:
+        raise RuntimeFailure(
+            f"mkfs of the {size_mb} MB disk of sandbox {sandbox_id} failed: {proc.stderr.decode(errors='replace').strip()}",
+            sandbox_id=sandbox_id,
+        )
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        _attach_and_mount(image, target, sandbox_id)
+    except OSError as exc:
+        raise RuntimeFailure(f"mounting the disk of sandbox {sandbox_id} failed: {exc}", sandbox_id=sandbox_id) from exc
+
+
+def remove_disk(image: Path, target: Path) -> None:
+    """Unmount the disk (its loop device detaches itself) and delete the image. Already gone is fine."""
+    unmount(target)
+    image.unlink(missing_ok=True)
+
+
+def usage_bytes(target: Path) -> int:
+    """Bytes used on the disk mounted at `target`."""
+    stat = os.statvfs(target)
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
