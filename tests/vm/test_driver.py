@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from dsec.errors import CommandNotFound, FileNotFoundInSandbox, SandboxStateError
 from dsec.substrates.vm.accel import probe_record
+from dsec.substrates.vm.template import prune_templates
 from .conftest import MEMORY_MB, run
 
 pytestmark = pytest.mark.timeout(300)
@@ -93,3 +95,18 @@ def test_dead_vm_is_reported_not_hung(microvm_driver, busybox_image, make_vm):
     sb.process.kill()
     with pytest.raises(SandboxStateError):
         sb.pause()
+
+
+def test_prune_keeps_recent_templates(microvm_driver, tmp_path: Path):
+    cfg = microvm_driver.cfg.model_copy(update={"root": tmp_path})
+    cfg.templates_dir.mkdir(parents=True)
+    for index in range(3):
+        directory = cfg.templates_dir / f"t{index}"
+        directory.mkdir()
+        (directory / "meta.json").write_text("{}")
+        os.utime(directory / "meta.json", (1000.0 + index, 1000.0 + index))
+    (cfg.templates_dir / "fresh").mkdir()
+    (cfg.templates_dir / "fresh" / "meta.json").write_text("{}")
+    removed = prune_templates(cfg, keep=2)
+    assert sorted(p.name for p in removed) == ["t0", "t1"]
+    assert sorted(p.name for p in cfg.templates_dir.iterdir()) == ["fresh", "t2"]

@@ -24,6 +24,7 @@ class VmConfig(BaseModel):
     restore_timeout_s: float = Field(30.0, gt=0)
     kvm_probe_timeout_s: float = Field(15.0, gt=0)
     min_memory_mb: int = Field(128, ge=64, description="below this the cloud kernel + initramfs cannot boot")
+    max_templates: int = Field(12, ge=1, description="saved templates kept (LRU); each holds a guest memory image")
     disk_slack_mb: int = Field(2048, ge=64, description="free space in every root disk (sparse, costs nothing)")
     # No `quiet`: with it this kernel stalls before init under TCG on this host (measured: >60 s vs 2.5 s).
     kernel_cmdline: str = "console=ttyS0 loglevel=3 panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"

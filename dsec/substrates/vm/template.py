@@ -98,10 +98,33 @@ def ensure_template(cfg: VmConfig, machine: MachineSpec, base_disk: Path) -> Tem
             os.replace(work, final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    prune_templates(cfg)
     return _load(final, machine)
 
 
+def prune_templates(cfg: VmConfig, keep: int | None = None, idle_s: float = 600.0) -> list[Path]:
+    """Remove the least recently used templates beyond `keep` (each holds a memory image of ~100 MB).
+
+    Why `idle_s`: a template used moments ago may be about to be read by a restore; only idle ones go.
+    """
+    keep = cfg.max_templates if keep is None else keep
+    entries = []
+    for directory in cfg.templates_dir.iterdir():
+        if directory.is_dir() and not directory.name.startswith("."):
+            with contextlib.suppress(OSError):
+                entries.append(((directory / META).stat().st_mtime, directory))
+    entries.sort(reverse=True)
+    removed = []
+    for used_at, directory in entries[keep:]:
+        if time.time() - used_at > idle_s:
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    return removed
+
+
 def _load(directory: Path, machine: MachineSpec) -> Template:
+    with contextlib.suppress(OSError):
+        os.utime(directory / META)  # last use, for prune_templates
     with contextlib.suppress(OSError, ValueError):
         return Template(directory, machine, float(json.loads((directory / META).read_text()).get("boot_s", 0.0)))
     return Template(directory, machine, 0.0)
