@@ -26,8 +26,11 @@ class VmConfig(BaseModel):
     min_memory_mb: int = Field(128, ge=64, description="below this the cloud kernel + initramfs cannot boot")
     max_templates: int = Field(12, ge=1, description="saved templates kept (LRU); each holds a guest memory image")
     disk_slack_mb: int = Field(2048, ge=64, description="free space in every root disk (sparse, costs nothing)")
-    # No `quiet`: with it this kernel stalls before init under TCG on this host (measured: >60 s vs 2.5 s).
-    kernel_cmdline: str = "console=ttyS0 loglevel=3 panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+    # init_on_free=1: freed guest pages are zero, and QEMU skips zero pages when saving, so a 256 MiB template's
+    # state shrinks from 91 to 51 MB and a restored VM's RSS from 184 to 148 MB (measured).
+    kernel_cmdline: str = (
+        "console=ttyS0 loglevel=3 panic=-1 init_on_free=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+    )
 
     @classmethod
     def from_server(cls, config: ServerConfig) -> VmConfig:

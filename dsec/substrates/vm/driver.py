@@ -44,7 +44,9 @@ from dsec.substrates.vm.machine import (
 from dsec.substrates.vm.template import STATE, ensure_template
 
 SNAPSHOT_META = "meta.json"
-SNAPSHOT_BASE = "base.raw"  # a hard link to the image disk, so a snapshot outlives a disk cache cleanup
+# Hard links to the image disk and the initrd, so a snapshot outlives cache cleanups of either.
+SNAPSHOT_BASE = "base.raw"
+SNAPSHOT_INITRD = "initrd.img"
 OWN_FILES = (DISK, PID_FILE, QMP_SOCKET, AGENT_SOCKET, SERIAL_LOG, QEMU_LOG)
 
 
@@ -109,8 +111,9 @@ class VmSandbox(AgentSandbox):
             finally:
                 if not self._paused and self.process.alive():
                     self.process.qmp.execute("cont")
-        with contextlib.suppress(OSError):
-            os.link(self.base_disk, dest / SNAPSHOT_BASE)
+        for source, name in ((self.base_disk, SNAPSHOT_BASE), (Path(self.machine.initrd), SNAPSHOT_INITRD)):
+            with contextlib.suppress(OSError):
+                os.link(source, dest / name)
         meta = {"machine": self.machine.to_dict(), "base_disk": str(self.base_disk), "sandbox_id": self.sandbox_id}
         (dest / SNAPSHOT_META).write_text(json.dumps(meta))
         return "memory+disk"
@@ -173,10 +176,11 @@ class QemuDriver(SandboxDriver):
         if machine.kind != self.kind:
             raise InvalidSpec(f"snapshot {snapshot.parent.name} is a {machine.kind} machine, not {self.kind}")
         base = Path(meta["base_disk"])
-        if not base.exists() and (snapshot / SNAPSHOT_BASE).exists():
-            base.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileExistsError):
-                os.link(snapshot / SNAPSHOT_BASE, base)
+        for path, name in ((base, SNAPSHOT_BASE), (Path(machine.initrd), SNAPSHOT_INITRD)):
+            if not path.exists() and (snapshot / name).exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(FileExistsError):
+                    os.link(snapshot / name, path)
         for needed in (base, Path(machine.kernel), Path(machine.initrd), snapshot / STATE, snapshot / DISK):
             if not needed.exists():
                 raise SnapshotNotFound(f"snapshot {snapshot.parent.name} needs {needed}, which is gone; take a new snapshot")

@@ -139,7 +139,16 @@ def guest_initrd(cfg: VmConfig, kernel: GuestKernel, agent: Path) -> Path:
     path = cfg.guest_dir / f"initrd-{hashlib.sha256(data).hexdigest()[:16]}.img"
     if not path.exists():
         _atomic_write(path, data)
+        _prune_initrds(cfg.guest_dir, keep=path)
     return path
+
+
+def _prune_initrds(guest_dir: Path, keep: Path, newest: int = 4) -> None:
+    """Every agent rebuild makes a new initrd (~14 MB): keep the newest few (snapshots hold hard links to theirs)."""
+    initrds = sorted(guest_dir.glob("initrd-*.img"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in initrds[newest:]:
+        if old != keep:
+            old.unlink(missing_ok=True)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
