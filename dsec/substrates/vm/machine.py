@@ -16,7 +16,9 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -94,6 +96,31 @@ def qemu_argv(qemu: str, machine: MachineSpec, state_dir: Path, incoming: Path |
     return argv
 
 
+_spawner: ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def _launch(argv: list[str], log_path: Path) -> subprocess.Popen:
+    """Start QEMU so that it dies with this process, even on kill -9.
+
+    `setpriv --pdeathsig KILL` makes the kernel kill QEMU when the *thread* that forked it ends, so every QEMU is
+    forked by one long-lived spawner thread (it ends only with the process), never by a short-lived RPC thread.
+    """
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsec-qemu-spawner")
+
+    def start() -> subprocess.Popen:
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(
+                ["setpriv", "--pdeathsig", "KILL", "--", *argv],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
+            )
+
+    return _spawner.submit(start).result()
+
+
 class QemuProcess:
     """A running QEMU plus its monitor and the host end of the agent's serial port."""
 
@@ -107,14 +134,7 @@ class QemuProcess:
             agent_path.unlink()
         listener.bind(str(agent_path))
         listener.listen(1)
-        log = open(state_dir / QEMU_LOG, "ab")
-        try:
-            self.proc = subprocess.Popen(
-                qemu_argv(qemu, machine, state_dir, incoming),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
-            )
-        finally:
-            log.close()
+        self.proc = _launch(qemu_argv(qemu, machine, state_dir, incoming), state_dir / QEMU_LOG)
         (state_dir / PID_FILE).write_text(str(self.proc.pid))
         try:
             self.agent_socket = self._accept(listener, start_timeout_s)
