@@ -1,0 +1,116 @@
+"""Experiment configuration: pydantic models, one YAML per experiment under trainer/configs/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from trainer.encoding import ThinkingMode
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PolicyConfig(_Strict):
+    name: str = "v4-tiny"  # a named config from trainer.policy.NAMED_CONFIGS, or a transformers name/path
+    vocab_size: int = 1024
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class TaskConfig(_Strict):
+    families: list[str] = Field(default_factory=lambda: ["arithmetic", "fix_module"])
+    seed: int = 0
+    heldout_size: int = 32
+
+
+class SandboxConfig(_Strict):
+    address: str | None = None  # dsec server; None: $DSEC_ADDRESS or an embedded local server
+    image: str = "python"
+    substrates: dict[str, str] = Field(default_factory=dict)  # per task family, e.g. {"arithmetic": "function"}
+    default_substrate: str = "container"
+    tool_timeout_s: float = 10.0
+    sandbox_timeout_s: float = 900.0
+
+
+class RolloutConfig(_Strict):
+    thinking: ThinkingMode = "non-think"
+    max_turns: int = 3
+    max_new_tokens: int = 96  # per assistant turn
+    max_total_tokens: int = 768
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+class AlgoConfig(_Strict):
+    advantage: str = "grpo"
+    policy_loss: str = "clipped"
+    loss_agg: str = "seq_mean_token_mean"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.02
+    kl_estimator: str = "k3"
+    drop_zero_variance: bool = False
+    const_len: int = 256  # Dr. GRPO's constant normaliser
+
+    @classmethod
+    def preset(cls, name: str) -> AlgoConfig:
+        """The named variants of the issue; any field can still be overridden in YAML."""
+        presets = {
+            "grpo": {},
+            "dr_grpo": {"advantage": "dr_grpo", "loss_agg": "seq_mean_token_sum_norm"},
+            "dapo": {"loss_agg": "token_mean", "clip_high": 0.28, "drop_zero_variance": True, "kl_coef": 0.0},
+        }
+        if name not in presets:
+            raise ValueError(f"unknown algorithm preset {name!r}; choose one of {sorted(presets)}")
+        return cls(**presets[name])
+
+
+class SFTConfig(_Strict):
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    examples: int = 2000
+
+
+class GRPOConfig(_Strict):
+    steps: int = 10
+    prompts_per_step: int = 4
+    group_size: int = 4
+    lr: float = 5e-4
+    updates_per_step: int = 1
+    num_rollout_workers: int = 1
+    grad_clip: float = 1.0
+
+
+class ExperimentConfig(_Strict):
+    run_name: str = "tiny-cpu"
+    out_dir: Path = Path("runs/tiny-cpu")
+    seed: int = 0
+    torch_threads: int = 2
+    algo_preset: str = "grpo"
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    tasks: TaskConfig = Field(default_factory=TaskConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algo: AlgoConfig | None = None  # None: AlgoConfig.preset(algo_preset)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+
+    def algorithm(self) -> AlgoConfig:
+        return self.algo or AlgoConfig.preset(self.algo_preset)
+
+
+def load_config(path: Path, overrides: dict[str, object] | None = None) -> ExperimentConfig:
+    """Read one experiment YAML; `overrides` use dotted keys (e.g. {"grpo.steps": 2})."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return ExperimentConfig.model_validate(data)

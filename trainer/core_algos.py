@@ -1,0 +1,153 @@
+"""Advantage estimators, policy losses and KL estimators, in registries selected by config name (verl style).
+
+Open for extension: on-policy distillation registers a token-level advantage adjustment (teacher log-probs,
+reverse KL) with `register_token_adjustment` and reuses the same policy losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+AdvantageFn = Callable[[torch.Tensor, int, float], torch.Tensor]
+LossFn = Callable[..., torch.Tensor]
+ADVANTAGES: dict[str, AdvantageFn] = {}
+POLICY_LOSSES: dict[str, LossFn] = {}
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+TOKEN_ADJUSTMENTS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def _register(table: dict[str, Any], name: str) -> Callable[[Any], Any]:
+    def deco(fn: Any) -> Any:
+        if name in table:
+            raise ValueError(f"{name!r} is already registered")
+        table[name] = fn
+        return fn
+
+    return deco
+
+
+def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
+    return _register(ADVANTAGES, name)
+
+
+def register_policy_loss(name: str) -> Callable[[LossFn], LossFn]:
+    return _register(POLICY_LOSSES, name)
+
+
+def register_token_adjustment(name: str) -> Callable[[Any], Any]:
+    return _register(TOKEN_ADJUSTMENTS, name)
+
+
+def _lookup(table: dict[str, Any], name: str, what: str) -> Any:
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; registered: {sorted(table)}")
+    return table[name]
+
+
+def get_advantage(name: str) -> AdvantageFn:
+    return _lookup(ADVANTAGES, name, "advantage estimator")
+
+
+def get_policy_loss(name: str) -> LossFn:
+    return _lookup(POLICY_LOSSES, name, "policy loss")
+
+
+def get_kl(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return _lookup(KL_ESTIMATORS, name, "KL estimator")
+
+
+@register_advantage("grpo")
+def grpo_advantage(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """DeepSeekMath: (r - mean) / (std + eps) within each group of consecutive `group_size` samples."""
+    r = rewards.view(-1, group_size)
+    return ((r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + eps)).view(-1)
+
+
+@register_advantage("dr_grpo")
+def dr_grpo_advantage(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Dr. GRPO: no std division (it over-weights easy/hard groups)."""
+    r = rewards.view(-1, group_size)
+    return (r - r.mean(dim=1, keepdim=True)).view(-1)
+
+
+def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-sample bool: True where the sample's group has equal rewards (DAPO drops these: no signal)."""
+    r = rewards.view(-1, group_size)
+    return (r.max(dim=1).values == r.min(dim=1).values).repeat_interleave(group_size)
+
+
+@_register(KL_ESTIMATORS, "k1")
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    return logp - ref_logp
+
+
+@_register(KL_ESTIMATORS, "k2")
+def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+@_register(KL_ESTIMATORS, "k3")
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's unbiased, always-positive estimator: r - log r - 1 with r = pi_ref / pi."""
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, const_len: int) -> torch.Tensor:
+    """Reduce per-token values to a scalar.
+
+    seq_mean_token_mean: GRPO (each sequence weighs the same); token_mean: DAPO (each token weighs the same);
+    seq_mean_token_sum_norm: Dr. GRPO (token sums over a constant length, no length bias).
+    """
+    mask = mask.to(values.dtype)
+    if mode == "token_mean":
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    if mode == "seq_mean_token_mean":
+        per_seq = (values * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return per_seq.mean()
+    if mode == "seq_mean_token_sum_norm":
+        return ((values * mask).sum(1) / const_len).mean()
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+@register_policy_loss("clipped")
+def clipped_surrogate(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    agg: str,
+    const_len: int,
+) -> torch.Tensor:
+    """PPO/GRPO clipped surrogate, asymmetric clip (DAPO clip-higher when clip_high > clip_low)."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantages
+    return aggregate(-torch.minimum(unclipped, clipped), mask, agg, const_len)
+
+
+@register_policy_loss("gspo")
+def gspo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    agg: str,
+    const_len: int,
+) -> torch.Tensor:
+    """GSPO: one length-normalised sequence-level ratio per sample, clipped like PPO."""
+    m = mask.to(logp.dtype)
+    seq_log_ratio = ((logp - old_logp) * m).sum(1) / m.sum(1).clamp(min=1)
+    ratio = torch.exp(seq_log_ratio)
+    adv = advantages[:, 0]
+    loss = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
+    return loss.mean()
