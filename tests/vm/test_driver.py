@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from dsec.errors import CommandNotFound, FileNotFoundInSandbox, SandboxStateError
+from dsec.errors import (
+    CommandNotFound,
+    FileNotFoundInSandbox,
+    InvalidSpec,
+    SandboxStateError,
+    SnapshotNotFound,
+    Unsupported,
+)
+from dsec.models import SandboxSpec
 from dsec.substrates.vm.accel import probe_record
 from dsec.substrates.vm.template import prune_templates
 from .conftest import MEMORY_MB, run
@@ -63,7 +71,7 @@ def test_snapshot_restore_and_fork_keep_disk_and_memory(driver, busybox_image, m
     snap = tmp_path / "snap"
     assert sb.snapshot(snap) == "memory+disk"
     sb.write_file("/root/on-disk", [b"changed after the snapshot"])
-    assert run(sb, "echo still running")[0] == b"still running\n", "the source continues after a snapshot"
+    assert run(sb, "sync; echo still running") == (b"still running\n", b"", 0), "the source continues, disk too"
 
     forks = [make_vm(driver, busybox_image, snapshot=snap) for _ in range(2)]
     for index, fork in enumerate(forks):
@@ -110,3 +118,28 @@ def test_prune_keeps_recent_templates(microvm_driver, tmp_path: Path):
     removed = prune_templates(cfg, keep=2)
     assert sorted(p.name for p in removed) == ["t0", "t1"]
     assert sorted(p.name for p in cfg.templates_dir.iterdir()) == ["fresh", "t2"]
+
+
+def test_bad_requests_get_typed_errors(microvm_driver, busybox_image, tmp_path: Path):
+    with pytest.raises(Unsupported):
+        microvm_driver.create("sb-net", SandboxSpec(substrate="microvm", network=True), busybox_image, tmp_path / "a")
+    other = "kvm" if microvm_driver.accel == "tcg" else "tcg"
+    with pytest.raises(InvalidSpec):
+        microvm_driver.create("sb-acc", SandboxSpec(substrate="microvm", driver=other), busybox_image, tmp_path / "b")
+    (tmp_path / "not-a-snapshot").mkdir()
+    with pytest.raises(SnapshotNotFound):
+        microvm_driver.restore("sb-r", SandboxSpec(substrate="microvm"), busybox_image, tmp_path / "not-a-snapshot", tmp_path / "c")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_snapshot_of_paused_vm_stays_paused_and_restores_running(microvm_driver, busybox_image, make_vm, tmp_path: Path):
+    sb = make_vm(microvm_driver, busybox_image)
+    sb.write_file("/root/paused-state", [b"kept"])
+    sb.pause()
+    sb.snapshot(tmp_path / "snap")
+    assert sb.process.qmp.execute("query-status")["status"] != "running"
+    restored = make_vm(microvm_driver, busybox_image, snapshot=tmp_path / "snap")
+    assert b"".join(restored.read_file("/root/paused-state")) == b"kept"
+    sb.resume()
+    assert run(sb, "echo resumed > /root/after; sync; cat /root/after") == (b"resumed\n", b"", 0), "disk writable again"
+    assert sb.process.alive()
