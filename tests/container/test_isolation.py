@@ -39,6 +39,8 @@ def test_network_true_shares_the_host_network(make_sandbox):
     host = sorted(os.listdir("/sys/class/net"))
     assert sorted(sh(sb, "ls /sys/class/net").split()) == host
     assert len(host) > 1
+    if Path("/etc/resolv.conf").exists():
+        assert sh(sb, "cat /etc/resolv.conf") == Path("/etc/resolv.conf").read_text()
 
 
 @pytest.mark.timeout(120)

@@ -24,6 +24,7 @@ AGENT_SOCKET = "agent.sock"
 CGROUP_PARENT = "dsec"
 CPU_PERIOD_US = 100_000
 MAX_NOFILE = 20_000  # HOST.md: without CAP_SYS_RESOURCE an rlimit cannot exceed the host's hard limit
+HOST_RESOLV_CONF = Path("/etc/resolv.conf")
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Docker's default capability set minus NET_RAW (packet spoofing), MKNOD (the device cgroup denies new devices
@@ -118,6 +119,11 @@ def _mounts(agent_binary: Path, agent_run_dir: Path, network: bool) -> list[dict
     if network:
         # sysfs can only be mounted fresh inside a network namespace of our own; share the host's, read-only
         mounts.append({"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]})
+        if HOST_RESOLV_CONF.exists():  # on the host network, resolve names like the host does (as Docker does)
+            mounts.append({
+                "destination": "/etc/resolv.conf", "type": "bind", "source": os.path.realpath(HOST_RESOLV_CONF),
+                "options": ["bind", "ro", "nosuid", "nodev", "noexec"],
+            })
     else:
         mounts.append({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]})
     mounts += [
