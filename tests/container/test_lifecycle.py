@@ -168,3 +168,26 @@ def test_cleanup_of_a_directory_without_a_record(driver, tmp_path):
     driver.cleanup_state_dir(state_dir)
     assert not state_dir.exists()
     assert not rootfs.is_mounted(state_dir / "rootfs")
+
+
+@pytest.mark.timeout(180)
+def test_concurrent_creates_on_both_runtimes(config, busybox_image, tmp_path):
+    """Parallel creates (the server runs several at once) race for loop devices and the /dsec cgroup parent."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    drivers = [container_driver(name, config) for name in ("crun", "runc")]
+
+    def cycle(i: int) -> str:
+        driver = drivers[i % 2]
+        sandbox_id = new_id()
+        sb = driver.create(sandbox_id, SandboxSpec(), busybox_image, tmp_path / sandbox_id)
+        try:
+            return sh(sb, "hostname").strip()
+        finally:
+            driver.destroy(sb)
+
+    with ThreadPoolExecutor(6) as pool:
+        names = list(pool.map(cycle, range(12)))
+    assert len(set(names)) == 12
+    assert not [f for f in loop_backing_files() if f.startswith(str(tmp_path))]
+    assert list(tmp_path.iterdir()) == []
