@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -92,7 +93,7 @@ def qemu_argv(qemu: str, machine: MachineSpec, state_dir: Path, incoming: Path |
         "-device", "virtserialport,chardev=agent,name=dsec.agent",
     ]
     if incoming is not None:
-        argv += ["-incoming", f"exec:cat {incoming}"]
+        argv += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
     return argv
 
 
@@ -191,7 +192,7 @@ class QemuProcess:
     def save(self, dest_state: Path, timeout_s: float) -> None:
         """Stop the guest and write its device + memory state to `dest_state` (the guest stays stopped)."""
         self.qmp.execute("stop")
-        self.qmp.execute("migrate", uri=f"exec:cat > {dest_state}")
+        self.qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(dest_state))}")
         self.qmp.wait_migration(timeout_s)
 
     def kill(self) -> None:
