@@ -130,6 +130,7 @@ class ContainerDriver(SandboxDriver):
     def __init__(self, config: ServerConfig | None = None) -> None:
         self.config = config or ServerConfig()
         self.runtime = OciRuntime(self.name, self.config.home / "oci" / self.name, self.config.bin_dir)
+        self.disk_templates = self.config.home / "cache" / "disk-templates"
 
     # -- create ---------------------------------------------------------------------------------------
     def create(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, state_dir: Path) -> ContainerSandbox:
@@ -184,7 +185,9 @@ class ContainerDriver(SandboxDriver):
         try:
             run_dir, log = state_dir / "agent-run", state_dir / "agent.log"
             run_dir.mkdir(exist_ok=True)
-            disk.create_disk(Path(record.disk_image), Path(record.disk), spec.resources.disk_mb, sandbox_id)
+            disk.create_disk(
+                Path(record.disk_image), Path(record.disk), spec.resources.disk_mb, sandbox_id, self.disk_templates
+            )
             lap("disk")
             record.upper_dir.mkdir()
             if prepare_upper is not None:
