@@ -43,6 +43,7 @@ class Rollout:
     tools_live: int = 0
     tools_replayed: int = 0
     parse_errors: int = 0
+    sandbox_id: str = ""
 
 
 @dataclass
@@ -73,11 +74,14 @@ def run_rollouts(
     rollout_cfg: RolloutConfig,
     sandbox_cfg: SandboxConfig,
     seed: int,
+    keep_sandboxes: bool = False,
 ) -> list[Rollout]:
     """Run one rollout per (trajectory id, problem), all batched together; each gets its own sandbox.
 
-    The sampling RNG of a rollout is keyed by (seed, trajectory id) only, so re-running an interrupted step
-    samples the same tokens, re-issues the same tool calls, and the trajectory log answers them.
+    The sampling RNG of a rollout is keyed by (seed, trajectory id minus its leading run component) only, so
+    re-running an interrupted step samples the same tokens, re-issues the same tool calls, and the trajectory log
+    answers them; and two runs with the same seed sample alike. `keep_sandboxes`: the GRPO driver destroys them
+    only after the step's checkpoint, so a step interrupted even after its rollouts finished still replays.
     """
     mode = rollout_cfg.thinking
     live: list[_Live] = []
@@ -87,7 +91,7 @@ def run_rollouts(
             box = open_toolbox(client, tid, image=sandbox_cfg.image, substrate=substrate,
                                timeout_s=sandbox_cfg.tool_timeout_s, sandbox_timeout_s=sandbox_cfg.sandbox_timeout_s)
             live.append(_Live(Rollout(tid, problem.id, problem.family, [], []), problem, box,
-                              sample_generator(seed, tid)))
+                              sample_generator(seed, tid.split("/", 1)[-1])))
             for path, content in problem.files.items():
                 box.write_file(path, content)
             ids = prompt_ids(tok, problem, mode)
@@ -106,10 +110,20 @@ def run_rollouts(
             task = get_task(x.problem.family)
             x.rollout.reward = task.verify(x.problem, x.rollout.final, x.box)
             x.rollout.tools_live, x.rollout.tools_replayed = x.box.stats.live, x.box.stats.replayed
-    finally:
-        for x in live:
-            x.box.close()
+            x.rollout.sandbox_id = x.box.sandbox.id
+    except Exception:
+        _close(live)
+        raise
+    # Not on SystemExit/KeyboardInterrupt (a Ray worker whose trainer died): those sandboxes stay live until
+    # their timeout so the resumed step re-attaches to them and replays its logged calls.
+    if not keep_sandboxes:
+        _close(live)
     return [x.rollout for x in live]
+
+
+def _close(live: list[_Live]) -> None:
+    for x in live:
+        x.box.close()
 
 
 def _advance(x: _Live, new: list[int], tok: V4Tokenizer, mode: str) -> None:

@@ -78,7 +78,7 @@ class ToolBox:
 
     def shell_argv(self, argv: list[str]) -> dsec.ExecResult:
         with self.trajectory:
-            result = self.sandbox.exec(argv, timeout=self.timeout_s, cwd="/work")
+            result = self.sandbox.exec(argv, timeout=self.timeout_s)
         self._count(result.replayed)
         return result
 

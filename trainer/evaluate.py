@@ -1,0 +1,25 @@
+"""Held-out evaluation: greedy rollouts (tools through dsec) on the held-out split; success = mean reward."""
+
+from __future__ import annotations
+
+import dsec
+from transformers import PreTrainedModel
+
+from trainer.config import ExperimentConfig
+from trainer.data import problems
+from trainer.rollout import run_rollouts
+from trainer.tokenizer import V4Tokenizer
+
+
+def heldout_success(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, cfg: ExperimentConfig,
+                    run_id: str, tag: str, batch: int = 16) -> dict[str, float]:
+    """Success rate overall and per family on `cfg.tasks.heldout_size` held-out problems (greedy decoding)."""
+    rollout_cfg = cfg.rollout.model_copy(update={"temperature": 0.0})
+    held = problems(cfg.tasks.families, "heldout", cfg.tasks.heldout_size, cfg.tasks.seed)
+    rewards: dict[str, list[float]] = {}
+    for start in range(0, len(held), batch):
+        jobs = [(f"{run_id}/eval-{tag}/{start + i}", p) for i, p in enumerate(held[start:start + batch])]
+        for r in run_rollouts(model, tok, client, jobs, rollout_cfg, cfg.sandbox, cfg.seed):
+            rewards.setdefault(r.family, []).append(r.reward)
+    flat = [x for v in rewards.values() for x in v]
+    return {"success": sum(flat) / len(flat), **{f: sum(v) / len(v) for f, v in rewards.items()}}

@@ -1,0 +1,193 @@
+"""GRPO on Ray: rollout-worker actors, a learner actor (policy + reference + optimizer), a driver loop.
+
+Each step the learner's weights go into the object store once and every rollout worker loads them from
+there. Each rollout runs in its own sandbox under the trajectory `run/step-S/prompt-P/sample-G`. Before a step
+starts, its in-flight rollout ids are written to the run's state; after it ends, a checkpoint (model, reference,
+optimizer, RNG, data cursor, step) is saved. `--resume` after a kill -9 re-runs the interrupted step with the
+same ids and the same per-rollout RNG: the trajectory log answers the tool calls already made, and the step's
+weights equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import secrets
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import ray
+import torch
+
+from trainer.config import ExperimentConfig, load_config
+from trainer.data import problems
+from trainer.learner import Learner
+from trainer.metrics import MetricsLog
+from trainer.policy import build_policy
+from trainer.rollout import Rollout, run_rollouts
+from trainer.tokenizer import V4Tokenizer
+
+
+def _policy(cfg: ExperimentConfig, tok: V4Tokenizer, weights: Path | None):
+    torch.set_num_threads(cfg.torch_threads)
+    model = build_policy(cfg.policy.name, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, cfg.seed)
+    if weights is not None:
+        model.load_state_dict(torch.load(weights, weights_only=True))
+    return model.eval()
+
+
+@ray.remote(num_cpus=0)
+class RolloutWorker:
+    """Holds a policy copy and a dsec client (shared server address) and runs batches of rollouts."""
+
+    def __init__(self, cfg_json: str, tokenizer_path: str, address: str) -> None:
+        import dsec
+
+        self.cfg = ExperimentConfig.model_validate_json(cfg_json)
+        self.tok = V4Tokenizer.load(Path(tokenizer_path))
+        self.model = _policy(self.cfg, self.tok, None)
+        self.client = dsec.Client(address=address)
+
+    def run(self, weights: dict[str, torch.Tensor], jobs: list[tuple[str, dict]], seed: int) -> list[dict]:
+        from trainer.tasks import Problem
+
+        self.model.load_state_dict(weights)
+        parsed = [(tid, Problem.model_validate(p)) for tid, p in jobs]
+        out = run_rollouts(self.model, self.tok, self.client, parsed, self.cfg.rollout, self.cfg.sandbox, seed,
+                           keep_sandboxes=True)
+        return [asdict(r) for r in out]
+
+
+@ray.remote(num_cpus=0)
+class LearnerActor:
+    def __init__(self, cfg_json: str, tokenizer_path: str, init_weights: str | None) -> None:
+        cfg = ExperimentConfig.model_validate_json(cfg_json)
+        tok = V4Tokenizer.load(Path(tokenizer_path))
+        torch.manual_seed(cfg.seed)
+        model = _policy(cfg, tok, Path(init_weights) if init_weights else None)
+        self.group_size = cfg.grpo.group_size
+        self.updates = cfg.grpo.updates_per_step
+        self.learner = Learner(model, cfg.algorithm(), cfg.grpo.lr, cfg.grpo.grad_clip, tok.pad_id)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.learner.weights()
+
+    def update(self, rollouts: list[dict]) -> dict[str, float]:
+        return self.learner.update([Rollout(**r) for r in rollouts], self.group_size, self.updates)
+
+    def save(self, path: str) -> None:
+        self.learner.save(Path(path))
+
+    def load(self, path: str) -> None:
+        self.learner.load(Path(path))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def step_jobs(cfg: ExperimentConfig, run_id: str, step: int, cursor: int) -> list[tuple[str, dict]]:
+    """The step's (trajectory id, problem) list: `prompts_per_step` train problems × `group_size` samples."""
+    batch = problems(cfg.tasks.families, "train", cfg.grpo.prompts_per_step, cfg.tasks.seed, start=cursor)
+    return [(f"{run_id}/step-{step}/prompt-{cursor + p}/sample-{g}", prob.model_dump())
+            for p, prob in enumerate(batch) for g in range(cfg.grpo.group_size)]
+
+
+def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path | None, *, address: str | None,
+               dsec_address: str, resume: bool, max_steps: int | None = None, progress: bool = True) -> dict:
+    """Run (or resume) GRPO; returns the final state. `max_steps` stops early (tests); checkpoints every step."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path, ckpt = out / "state.json", out / "learner.pt"
+    if resume and state_path.exists():
+        state = json.loads(state_path.read_text())
+    else:
+        state = {"run_id": f"{cfg.run_name}-{secrets.token_hex(4)}", "step": 0, "cursor": 0,
+                 "py_rng": random.Random(cfg.seed).getstate(), "inflight": []}
+    if not ray.is_initialized():
+        ray_tmp = os.environ.get("DSEC_RAY_TMPDIR")
+        ray.init(address=address, num_cpus=None if address else 2, include_dashboard=False,
+                 _temp_dir=ray_tmp, log_to_driver=False, configure_logging=False)
+    cfg_json = cfg.model_dump_json()
+    learner = LearnerActor.remote(cfg_json, str(tokenizer_path), str(init_weights) if init_weights else None)
+    if resume and ckpt.exists():
+        ray.get(learner.load.remote(str(ckpt)))
+    workers = [RolloutWorker.remote(cfg_json, str(tokenizer_path), dsec_address)
+               for _ in range(cfg.grpo.num_rollout_workers)]
+    import dsec
+
+    client = dsec.Client(address=dsec_address)
+    log = MetricsLog(out)
+    last = cfg.grpo.steps if max_steps is None else min(cfg.grpo.steps, max_steps)
+    from tqdm import tqdm
+
+    bar = tqdm(range(state["step"], last), desc="grpo", disable=not progress, initial=state["step"], total=last)
+    for step in bar:
+        started = time.perf_counter()
+        jobs = step_jobs(cfg, state["run_id"], step, state["cursor"])
+        state["inflight"] = [tid for tid, _ in jobs]
+        _write_json(state_path, state)
+        weights = learner.weights.remote()  # one object-store copy, read by every worker
+        shards = [jobs[i::len(workers)] for i in range(len(workers))]
+        seed = cfg.seed
+        results = ray.get([w.run.remote(weights, shard, seed) for w, shard in zip(workers, shards) if shard])
+        by_id = {r["trajectory_id"]: r for shard in results for r in shard}
+        rollouts = [by_id[tid] for tid, _ in jobs]
+        metrics = ray.get(learner.update.remote(rollouts))
+        ray.get(learner.save.remote(str(ckpt)))
+        state.update(step=step + 1, cursor=state["cursor"] + cfg.grpo.prompts_per_step, inflight=[])
+        _write_json(state_path, state)
+        for r in rollouts:  # the step is committed: its sandboxes are no longer needed for replay
+            try:
+                client.destroy(r["sandbox_id"])
+            except dsec.DsecError:
+                pass  # already expired or reaped
+        metrics.update(
+            step=step + 1,
+            step_time_s=time.perf_counter() - started,
+            tools_live=sum(r["tools_live"] for r in rollouts),
+            tools_replayed=sum(r["tools_replayed"] for r in rollouts),
+            sampled_tokens=sum(sum(r["mask"]) for r in rollouts),
+            parse_errors=sum(r["parse_errors"] for r in rollouts),
+        )
+        log.write(metrics)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}")
+    log.close()
+    client.close()
+    final = {"state": state, "checkpoint": str(ckpt)}
+    for w in workers:
+        ray.kill(w)
+    ray.kill(learner)
+    return final
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="GRPO on Ray with tools through dsec")
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--init", type=Path, help="SFT weights to start from (state_dict)")
+    parser.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    parser.add_argument("--dsec-address", help="dsec server (default: $DSEC_ADDRESS, else an embedded server)")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    cfg = load_config(args.config)
+    import dsec
+
+    client = dsec.Client(address=args.dsec_address)
+    try:
+        result = train_grpo(cfg, args.tokenizer, args.init, address=args.address, dsec_address=client.address,
+                            resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
+    finally:
+        client.close()
+    print(json.dumps(result["state"] | {"py_rng": None}))
+
+
+if __name__ == "__main__":
+    main()

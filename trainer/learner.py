@@ -1,0 +1,83 @@
+"""The learner: policy, frozen reference, optimizer, and one GRPO update from a batch of rollouts.
+
+Losses and advantages come from the `core_algos` registries by config name, so variants (Dr. GRPO, DAPO,
+GSPO, and on-policy distillation's token-level adjustment) are configuration, not new trainers.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from trainer.config import AlgoConfig
+from trainer.core_algos import get_advantage, get_kl, get_policy_loss, zero_variance_groups
+from trainer.rollout import Rollout
+from trainer.sampler import right_pad, token_logprobs
+
+
+class Learner:
+    def __init__(self, model: PreTrainedModel, algo: AlgoConfig, lr: float, grad_clip: float, pad_id: int) -> None:
+        self.model = model
+        self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        self.algo = algo
+        self.grad_clip = grad_clip
+        self.pad_id = pad_id
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def update(self, rollouts: list[Rollout], group_size: int, updates: int = 1) -> dict[str, float]:
+        """Group-normalised advantages → clipped surrogate + β·KL(ref), `updates` optimizer steps on the batch."""
+        a = self.algo
+        rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
+        adv = get_advantage(a.advantage)(rewards, group_size, 1e-6)
+        keep = torch.ones_like(rewards, dtype=torch.bool)
+        if a.drop_zero_variance:
+            keep = ~zero_variance_groups(rewards, group_size)
+        metrics = {"reward_mean": rewards.mean().item(), "kept_samples": float(keep.sum()), "loss": 0.0, "kl": 0.0}
+        if not keep.any():
+            return metrics
+        batch = [r for r, k in zip(rollouts, keep.tolist()) if k]
+        seqs = [r.ids for r in batch]
+        mask = right_pad([r.mask for r in batch], 0)[:, 1:].float()
+        adv_tok = adv[keep].unsqueeze(1).expand_as(mask)
+        with torch.no_grad():
+            self.model.eval()
+            old_logp = token_logprobs(self.model, seqs, self.pad_id)
+            ref_logp = token_logprobs(self.ref, seqs, self.pad_id) if a.kl_coef > 0 else None
+        loss_fn = get_policy_loss(a.policy_loss)
+        for _ in range(updates):
+            self.model.train()
+            logp = token_logprobs(self.model, seqs, self.pad_id)
+            loss = loss_fn(logp, old_logp, adv_tok, mask, clip_low=a.clip_low, clip_high=a.clip_high,
+                           agg=a.loss_agg, const_len=a.const_len)
+            if ref_logp is not None:
+                kl = (get_kl(a.kl_estimator)(logp, ref_logp) * mask).sum() / mask.sum().clamp(min=1)
+                loss = loss + a.kl_coef * kl
+                metrics["kl"] = kl.item()
+            self.opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.opt.step()
+            metrics["loss"] = loss.item()
+        self.model.eval()
+        metrics["tokens"] = float(mask.sum())
+        return metrics
+
+    def save(self, path: Path) -> None:
+        """Model, reference, optimizer and torch RNG; written then renamed, so a kill never leaves half a file."""
+        tmp = path.with_suffix(".tmp")
+        torch.save({"model": self.model.state_dict(), "ref": self.ref.state_dict(), "opt": self.opt.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp)
+        tmp.replace(path)
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.ref.load_state_dict(state["ref"])
+        self.opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["torch_rng"])
