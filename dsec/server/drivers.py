@@ -19,7 +19,7 @@ class DriverRegistry:
     def __init__(self, config: ServerConfig) -> None:
         self._config = config
         self._drivers: dict[str, SandboxDriver] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered: a function driver builds its container driver
 
     def name_for(self, spec: SandboxSpec) -> str:
         if spec.substrate in ("container", "function"):
