@@ -1,0 +1,146 @@
+"""A server of our own (its pid is a target), the substrate matrix, host-side bait, and the results table."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+import dsec
+from dsec.sdk.embedded import EmbeddedServer
+
+from .table import ROWS, dump_if_requested, render
+
+# (case id, substrate, driver, image)
+CASES = [
+    pytest.param(("crun", "container", "crun", "busybox"), id="crun"),
+    pytest.param(("runc", "container", "runc", "busybox"), id="runc"),
+    pytest.param(("docker", "container", "docker", "busybox"), id="docker"),
+    pytest.param(("function", "function", "", "python"), id="function"),
+]
+
+
+@pytest.fixture(scope="session")
+def hostile_server():
+    server = EmbeddedServer.start(Path(os.environ["DSEC_HOME"]))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def hostile_client(hostile_server):
+    client = dsec.Client(hostile_server.address)
+    yield client
+    client.close()
+
+
+FIRST_CREATE_TIMEOUT_S = 120.0
+_broken: dict[tuple, str] = {}
+
+
+def _first_create(client, case) -> None:
+    """Fail a case fast (not skip) when its substrate cannot create a sandbox, instead of every test hanging."""
+    if case in _broken:
+        raise AssertionError(_broken[case])
+    _, substrate, driver, image = case
+    outcome: dict[str, object] = {}
+
+    def attempt() -> None:
+        try:
+            client.create(image, substrate, driver=driver, timeout_s=120).destroy()
+            outcome["ok"] = True
+        except Exception as error:  # noqa: BLE001 - reported below with its type
+            outcome["error"] = f"{type(error).__name__}: {error}"
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(FIRST_CREATE_TIMEOUT_S)
+    if not outcome.get("ok"):
+        _broken[case] = f"{case[0]}: no sandbox could be created ({outcome.get('error', f'no answer in {FIRST_CREATE_TIMEOUT_S:.0f}s')})"
+        raise AssertionError(_broken[case])
+
+
+_checked: set[tuple] = set()
+
+
+@pytest.fixture(params=CASES)
+def case(request):
+    if request.param not in _checked:
+        _first_create(request.getfixturevalue("hostile_client"), request.param)
+        _checked.add(request.param)
+    return request.param
+
+
+@pytest.fixture
+def spawn(hostile_client, case):
+    """Create sandboxes of the current case with given limits; all destroyed at teardown."""
+    created = []
+    _, substrate, driver, image = case
+
+    def make(**limits):
+        limits.setdefault("memory_mb", 256)
+        sandbox = hostile_client.create(image, substrate, driver=driver, timeout_s=600, **limits)
+        created.append(sandbox)
+        return sandbox
+
+    yield make
+    for sandbox in created:
+        try:
+            sandbox.destroy()
+        except dsec.DsecError:
+            pass
+
+
+@pytest.fixture
+def bait(tmp_path_factory):
+    """Secret files on the host in places an escape would read; removed afterwards."""
+    secret = "dsec-secret-" + secrets.token_hex(8)
+    paths = [Path("/tmp") / f"dsec-hostile-{secrets.token_hex(4)}", Path("/root") / f"dsec-hostile-{secrets.token_hex(4)}"]
+    for path in paths:
+        path.write_text(secret)
+    yield secret, paths
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def loopback_listener():
+    """A TCP listener on the host's 127.0.0.1: a sandbox reaching it has left its network namespace."""
+    token = "dsec-listener-" + secrets.token_hex(6)
+    connections: list[str] = []
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, peer = server.accept()
+            except OSError:
+                continue
+            connections.append(str(peer))
+            with conn:
+                conn.sendall(f"HTTP/1.0 200 OK\r\n\r\n{token}\n".encode())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1], token, connections
+    stop.set()
+    thread.join(5)
+    server.close()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not ROWS:
+        return
+    terminalreporter.section("hostile suite: attempts and outcomes")
+    for line in render(ROWS):
+        terminalreporter.write_line(line)
+    dump_if_requested(ROWS)

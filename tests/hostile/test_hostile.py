@@ -1,0 +1,273 @@
+"""Hostile workloads against every container-like substrate: each attempt must stay inside its sandbox.
+
+Every test records a row (case, attempt, what happened, contained?) before asserting, so the table printed
+at the end shows all outcomes even when one escapes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import dsec
+from dsec.errors import DsecError, OutOfMemory
+from dsec.v1 import sandbox_pb2 as pb
+
+from .table import record
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _host_process_count() -> int:
+    return sum(1 for p in os.listdir("/proc") if p.isdigit())
+
+
+def _host_pids_with_cmdline(needle: bytes) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").strip() == needle:
+                    pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def _run(sandbox, command: str, timeout: float = 30) -> str:
+    """Run a hostile command; whatever it prints (or the typed error it caused) is the outcome."""
+    try:
+        result = sandbox.exec(command, timeout=timeout)
+    except DsecError as error:
+        return f"{type(error).__name__}: {error.message}"
+    return f"exit={result.exit_code} {result.stdout.decode(errors='replace')} {result.stderr.decode(errors='replace')}"
+
+
+def test_fork_bomb(case, spawn, hostile_client):
+    sandbox = spawn(pids=64)
+    baseline = _host_process_count()
+    peak = [baseline]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], _host_process_count())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    outcome = _run(sandbox, "bomb() { bomb | bomb & }; bomb; sleep 4", timeout=15)
+    done.set()
+    sampler.join()
+    alive = bool(hostile_client.list() is not None)
+    growth = peak[0] - baseline
+    sandbox.destroy()
+    contained = alive and growth <= 64 + 48
+    assert record(case[0], "fork bomb (pids=64)", f"host process growth {growth}; {outcome[:40]}", contained)
+
+
+def test_memory_bomb(case, spawn):
+    sandbox = spawn(memory_mb=64)
+    if case[1] == "function":
+        try:
+            sandbox.call(lambda: len(bytearray(600 << 20)))
+            outcome, contained = "allocated 600 MB in a 64 MB sandbox", False
+        except OutOfMemory as error:
+            outcome, contained = f"OutOfMemory: {error.message}", True
+        except (DsecError, MemoryError) as error:
+            outcome, contained = f"{type(error).__name__}: {error}", True
+    else:
+        try:
+            result = sandbox.exec("v=$(head -c 400000000 /dev/zero | tr '\\0' a); echo ${#v}", timeout=60)
+            outcome = f"exit={result.exit_code} {result.text.strip()}"
+            contained = result.text.strip() != "400000000"
+        except OutOfMemory as error:
+            outcome, contained = f"OutOfMemory: {error.message}", True
+    assert record(case[0], "memory bomb (64 MB)", outcome, contained)
+
+
+def test_disk_fill(case, spawn, request):
+    if case[0] == "docker":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="known escape: the Docker driver has no writable-layer quota on this host (overlay2 on a "
+                "filesystem without project quotas); the table counts it. Remove this mark once it is enforced.",
+            )
+        )
+    sandbox = spawn(disk_mb=32)
+    outcome = _run(sandbox, "dd if=/dev/zero of=/fill bs=1M count=256 2>&1 | tail -n 1; ls -l /fill", timeout=120)
+    size = _run(sandbox, "wc -c < /fill").split()
+    written = int(size[1]) if len(size) > 1 and size[1].isdigit() else 0
+    contained = written <= 48 << 20
+    assert record(case[0], "disk fill (disk=32 MB)", f"wrote {written >> 20} MB; {outcome[-40:]}", contained)
+
+
+def test_read_host_files(case, spawn, bait):
+    secret, paths = bait
+    sandbox = spawn()
+    names = " ".join(str(p) for p in paths)
+    proc_root = " ".join(f"/proc/1/root{p}" for p in paths)
+    outcome = _run(sandbox, f"cat {names} {proc_root} 2>&1; find / -xdev -name 'dsec-hostile-*' 2>/dev/null | head")
+    leaked = secret in outcome
+    for path in [*map(str, paths), f"/proc/1/root{paths[0]}", f"../../../../..{paths[0]}"]:
+        try:
+            leaked |= secret.encode() in sandbox.files.read(path)
+        except DsecError:
+            pass
+    assert record(case[0], "read host files (cat, /proc/1/root, files.read ..)", "secret seen" if leaked else "not visible", not leaked)
+
+
+def test_write_proc_sys(case, spawn):
+    knob = Path("/proc/sys/vm/swappiness")
+    before = knob.read_text().strip()
+    other = "13" if before != "13" else "17"
+    sandbox = spawn()
+    outcome = _run(sandbox, f"echo {other} > {knob} 2>&1; echo rc=$?; cat {knob}")
+    after = knob.read_text().strip()
+    if after != before:
+        knob.write_text(before)  # undo the escape before failing
+    assert record(case[0], "write /proc/sys/vm/swappiness", f"host {before}->{after}; {outcome[:50]}", after == before)
+
+
+def test_mount(case, spawn):
+    sandbox = spawn()
+    outcome = _run(sandbox, "mkdir -p /tmp/m; mount -t tmpfs none /tmp/m 2>&1 && echo MOUNTED-TMPFS; mount -t proc proc /tmp/m 2>&1 && echo MOUNTED-PROC; true")
+    contained = "MOUNTED" not in outcome
+    assert record(case[0], "mount tmpfs/proc", outcome[:60], contained)
+
+
+def test_ptrace_and_signal_other_sandbox(case, spawn):
+    victim, attacker = spawn(), spawn()
+    marker = f"sleep {7_000_000 + secrets.randbelow(1_000_000)}"
+    victim.exec(f"{marker} >/dev/null 2>&1 &")
+    deadline = time.monotonic() + 20
+    while not (pids := _host_pids_with_cmdline(marker.encode())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pids, "the victim's process never appeared on the host"
+    host_pid = pids[0]
+    attack = f"kill -9 {host_pid} 2>&1; echo kill-rc=$?; ls /proc/{host_pid}/cmdline 2>/dev/null && cat /proc/{host_pid}/cmdline"
+    if case[1] == "function":
+        attack += (
+            f"; python3 -c 'import ctypes;l=ctypes.CDLL(None,use_errno=True);"
+            f"r=l.ptrace(16,{host_pid},0,0);print(\"ptrace\",r,ctypes.get_errno())'"
+        )
+    outcome = _run(attacker, attack)
+    time.sleep(0.5)
+    survived = bool(_host_pids_with_cmdline(marker.encode()))
+    traced = "ptrace 0 " in outcome
+    assert record(case[0], "kill/ptrace another sandbox's process", f"victim {'alive' if survived else 'KILLED'}; {outcome[:50]}", survived and not traced)
+
+
+def test_raw_socket(case, spawn):
+    sandbox = spawn()
+    if case[1] == "function":
+        outcome = _run(sandbox, "python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); print(\"RAW-OPEN\")' 2>&1 | tail -n 1")
+    else:
+        outcome = _run(
+            sandbox,
+            "ping -c 1 -W 1 127.0.0.1 >/ping.out 2>&1 && echo RAW-OPEN; tail -n 1 /ping.out; "
+            "arping -c 1 -w 1 -I lo 127.0.0.1 >/arping.out 2>&1 && echo RAW-OPEN; tail -n 1 /arping.out",
+        )
+    assert record(case[0], "raw socket", outcome[:60], "RAW-OPEN" not in outcome)
+
+
+def test_network_egress(case, spawn, loopback_listener):
+    port, token, connections = loopback_listener
+    sandbox = spawn()
+    if case[1] == "function":
+        fetch = f"python3 -c 'import urllib.request;print(urllib.request.urlopen(\"http://127.0.0.1:{port}/\",timeout=3).read())' 2>&1 | tail -n 1"
+    else:
+        fetch = f"echo GET | nc -w 3 127.0.0.1 {port} 2>&1; echo nc-rc=$?"
+    outcome = _run(sandbox, f"{fetch}; cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' ' | tr '\\n' ' '")
+    reached = token in outcome or bool(connections)
+    assert record(case[0], "network egress to host loopback", outcome[-60:], not reached)
+
+
+def _tar(members: list[tuple[str, bytes | None, str | None]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data, link in members:
+            info = tarfile.TarInfo(name)
+            if link is not None:
+                info.type, info.linkname = tarfile.SYMTYPE, link
+                archive.addfile(info)
+            else:
+                info.size = len(data or b"")
+                archive.addfile(info, io.BytesIO(data or b""))
+    return buffer.getvalue()
+
+
+def _raw_upload(client: dsec.Client, sandbox_id: str, dest: str, data: bytes) -> str:
+    requests = [pb.UploadRequest(header=pb.UploadHeader(sandbox_id=sandbox_id, path=dest)), pb.UploadRequest(data=data)]
+    try:
+        client.client_stream(client.sandboxes.Upload, requests)
+        return "accepted"
+    except DsecError as error:
+        return type(error).__name__
+
+
+def _raw_download(client: dsec.Client, sandbox_id: str, path: str) -> bytes:
+    try:
+        return b"".join(c.data for c in client.stream(client.sandboxes.Download, pb.FileRequest(sandbox_id=sandbox_id, path=path)))
+    except DsecError:
+        return b""
+
+
+def test_symlink_and_dotdot_escapes_through_file_api(case, spawn, hostile_client, bait):
+    secret, paths = bait
+    sandbox = spawn()
+    sandbox.exec("ln -s / /rootlink; ln -s /tmp /tmplink; mkdir -p /up")
+    tag = secrets.token_hex(4)
+    targets = [Path("/tmp") / f"dsec-escape-{tag}-{i}" for i in range(6)]
+    outcomes = []
+    for index, path in enumerate([f"../../../../../..{targets[0]}", f"/tmplink/{targets[1].name}", f"/rootlink{targets[2]}"]):
+        try:
+            sandbox.files.write(path, b"escaped")
+            outcomes.append(f"w{index}:ok")
+        except DsecError as error:
+            outcomes.append(f"w{index}:{type(error).__name__}")
+    evil_tars = [
+        _tar([(f"../../../../../..{targets[3]}", b"escaped", None)]),
+        _tar([("lnk", None, "/tmp"), (f"lnk/{targets[4].name}", b"escaped", None)]),
+        _tar([("abs", None, str(targets[5])), ("abs", b"escaped", None)]),
+    ]
+    for index, data in enumerate(evil_tars):
+        outcomes.append(f"u{index}:{_raw_upload(hostile_client, sandbox.id, '/up', data)}")
+    leaked = [str(t) for t in targets if t.exists()]
+    for path in [f"/rootlink{paths[0]}", f"/tmplink/{paths[0].name}"]:
+        try:
+            if secret.encode() in sandbox.files.read(path):
+                leaked.append(f"read {path}")
+        except DsecError:
+            pass
+        if secret.encode() in _raw_download(hostile_client, sandbox.id, path):
+            leaked.append(f"download {path}")
+    try:
+        if any(entry.name == paths[0].name for entry in sandbox.files.list("/tmplink")):
+            leaked.append("list /tmplink shows the host's /tmp")
+    except DsecError:
+        pass
+    for target in targets:
+        target.unlink(missing_ok=True)
+    outcome = ("LEAKED " + ", ".join(leaked)) if leaked else " ".join(outcomes)
+    assert record(case[0], "symlink/.. escapes via files/upload/download", outcome, not leaked)
+
+
+def test_signal_the_server(case, spawn, hostile_server, hostile_client):
+    sandbox = spawn()
+    pid = hostile_server.process.pid
+    outcome = _run(sandbox, f"kill -9 {pid} 2>&1; echo rc=$?; kill -9 -1 2>&1; echo done", timeout=30)
+    time.sleep(0.3)
+    alive = hostile_server.process.poll() is None
+    try:
+        hostile_client.list()
+    except DsecError:
+        alive = False
+    assert record(case[0], f"kill -9 the server (pid {pid})", f"server {'alive' if alive else 'DEAD'}; {outcome[:40]}", alive)
