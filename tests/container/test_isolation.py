@@ -36,9 +36,9 @@ def test_pid_uts_and_network_namespaces(make_sandbox):
 @pytest.mark.timeout(120)
 def test_network_true_shares_the_host_network(make_sandbox):
     sb = make_sandbox(SandboxSpec(network=True))
-    host = sorted(os.listdir("/sys/class/net"))
-    assert sorted(sh(sb, "ls /sys/class/net").split()) == host
-    assert len(host) > 1
+    inside = set(sh(sb, "ls /sys/class/net").split())
+    host = set(os.listdir("/sys/class/net"))
+    assert "lo" in inside and (inside - {"lo"}) & (host - {"lo"}), f"host interfaces visible: {inside} vs {host}"
     if Path("/etc/resolv.conf").exists():
         assert sh(sb, "cat /etc/resolv.conf") == Path("/etc/resolv.conf").read_text()
 
