@@ -183,3 +183,61 @@ def test_many_oversized_stream_chunks_are_bounded(stub):
         stub.WriteFile(iter(requests), timeout=RPC_TIMEOUT_S)
     assert assert_typed(excinfo.value, "WriteFile") == "SandboxNotFound"
     assert_alive(stub)
+
+
+@pytest.fixture(scope="module")
+def live_sandbox(stub):
+    """A real busybox sandbox, so fuzzed requests reach the exec engine and the file API, not just lookup."""
+    info = stub.Create(pb.CreateRequest(spec=pb.SandboxSpec(image="busybox", substrate="container")), timeout=120)
+    yield info.id
+    stub.Destroy(pb.SandboxRef(sandbox_id=info.id), timeout=RPC_TIMEOUT_S)
+
+
+def _bounded(request, sandbox_id: str):
+    """Aim at the live sandbox and cap the exec time, so a fuzzed command cannot run for long."""
+    if hasattr(request, "sandbox_id"):
+        request.sandbox_id = sandbox_id
+    if hasattr(request, "timeout_s"):
+        request.timeout_s = 5.0
+    if isinstance(request, pb.ExecRequest):
+        if request.argv and request.command:
+            del request.argv[:]  # exactly one of them, so most requests reach the exec engine
+        request.ClearField("step")
+    return request
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("method", ["Exec", "ReadFile", "Download", "ListDir", "StartSession"])
+def test_random_requests_against_a_live_sandbox(stub, live_sandbox, method):
+    cls = {**UNARY, **SERVER_STREAM, "StartSession": pb.StartSessionRequest}[method]
+
+    @settings(FUZZ, max_examples=60)
+    @given(request=messages(cls))
+    def run(request):
+        request = _bounded(request, live_sandbox)
+        try:
+            response = getattr(stub, method)(request, timeout=RPC_TIMEOUT_S)
+            if method in SERVER_STREAM:
+                list(response)
+        except grpc.RpcError as exc:
+            assert_typed(exc, method)
+
+    run()
+    assert_alive(stub)
+    assert stub.Get(pb.SandboxRef(sandbox_id=live_sandbox), timeout=RPC_TIMEOUT_S).state == "running"
+
+
+@pytest.mark.timeout(600)
+def test_random_file_writes_against_a_live_sandbox(stub, live_sandbox):
+    @settings(FUZZ, max_examples=60)
+    @given(header=messages(pb.WriteFileHeader), chunks=st.lists(st.binary(max_size=4096), max_size=3))
+    def run(header, chunks):
+        header.sandbox_id = live_sandbox
+        requests = [pb.WriteFileRequest(header=header)] + [pb.WriteFileRequest(data=c) for c in chunks]
+        try:
+            stub.WriteFile(iter(requests), timeout=RPC_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            assert_typed(exc, "WriteFile")
+
+    run()
+    assert_alive(stub)
