@@ -29,18 +29,19 @@ def _trainer(cfg_path: Path, assets: dict, server, ray_tmp: Path, *extra: str) -
 
 
 def _kill_group(proc: subprocess.Popen, ray_tmp: Path) -> None:
-    """SIGKILL the trainer's process group, then any Ray process of its session (found by its temp dir)."""
+    """SIGKILL the trainer's process group, then every process of its Ray session (found by its environment)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait(timeout=30)
+    marker = f"DSEC_RAY_TMPDIR={ray_tmp}\0".encode()
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes() + b"\0"
         except OSError:
             continue
-        if str(ray_tmp).encode() in cmdline:
+        if marker in environ:  # Ray's daemons rename their cmdline, but inherit the trainer's environment
             try:
                 os.kill(int(pid), signal.SIGKILL)
             except ProcessLookupError:

@@ -24,7 +24,7 @@ class Arithmetic:
     system = "You are a careful assistant. Use tools for exact arithmetic."
     tools = [RUN_PYTHON]
 
-    def __init__(self, min_digits: int = 4, max_digits: int = 5) -> None:
+    def __init__(self, min_digits: int = 3, max_digits: int = 4) -> None:
         self.min_digits = min_digits
         self.max_digits = max_digits
 
