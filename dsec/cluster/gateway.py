@@ -40,6 +40,7 @@ from dsec.errors import (  # noqa: E402
 )
 from dsec.v1 import sandbox_pb2 as pb  # noqa: E402
 from dsec.v1 import sandbox_pb2_grpc as pb_grpc  # noqa: E402
+from dsec.v1 import trajectory_pb2 as tpb  # noqa: E402
 
 log = logging.getLogger("dsec.cluster.gateway")
 
@@ -467,7 +468,8 @@ class AnyNodeForwarder(grpc.GenericRpcHandler):
 
     Why any node: in a cluster the nodes share one trajectory log (PostgreSQL), so each answers the same.
     The first live node (in join order) is used, so with node-local file logs calls stay on one node until
-    it is lost; a node found lost mid-call is skipped and the next one is asked.
+    it is lost; a node found lost mid-call is skipped and the next one is asked. Rebuild is the exception:
+    it opens a window in the coordinator of the node running the target sandbox, so it goes there.
     """
 
     def __init__(self, gateway: Gateway, service: str = "dsec.v1.TrajectoryService") -> None:
@@ -481,6 +483,11 @@ class AnyNodeForwarder(grpc.GenericRpcHandler):
 
         @_gateway_errors
         def forward(_self, request: bytes, context: grpc.ServicerContext) -> bytes:
+            if method.endswith("/Rebuild"):
+                # The rebuild window lives in the coordinator of the server that runs the sandbox.
+                sandbox_id = tpb.RebuildRequest.FromString(request).sandbox_id
+                node, _ = self._gateway._route(sandbox_id, context)
+                return self._gateway._call_raw(node, method, request, context)
             for node in self._gateway._live_nodes():
                 try:
                     return self._gateway._call_raw(node, method, request, context)

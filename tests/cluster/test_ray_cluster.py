@@ -89,7 +89,7 @@ def test_spread_then_node_loss_and_trajectory_resume(ray_cluster, deployment):
     with dsec.trajectory("cluster/resume-1", client=client) as tr:
         sandbox = tr.sandbox(lambda: victim_sandbox)
         for step in range(3):
-            outputs.append(sandbox.exec(f"echo step-{step} >> /tmp/log; wc -l < /tmp/log").text)
+            outputs.append(sandbox.exec(f"echo step-{step} >> /log; wc -l < /log").text)
     assert outputs == ["1\n", "2\n", "3\n"]
 
     node = next(n for n in ray_cluster.list_all_nodes() if n.node_id == victim_node)
@@ -107,9 +107,9 @@ def test_spread_then_node_loss_and_trajectory_resume(ray_cluster, deployment):
         resumed = tr.sandbox(lambda: client.create("busybox", memory_mb=64), rebuild=True)
         assert deployment.gateway.node_of(resumed.id) != victim_node
         assert tr.rebuilt_steps == 3  # the lost sandbox had no snapshot: its 3 logged steps rebuild the new one
-        again = [resumed.exec(f"echo step-{step} >> /tmp/log; wc -l < /tmp/log") for step in range(3)]
+        again = [resumed.exec(f"echo step-{step} >> /log; wc -l < /log") for step in range(3)]
         assert [r.text for r in again] == outputs  # the logged results, byte for byte
-        live = resumed.exec("echo step-3 >> /tmp/log; wc -l < /tmp/log")
+        live = resumed.exec("echo step-3 >> /log; wc -l < /log")
     assert not live.replayed and live.text == "4\n"
     for sb in sandboxes:
         if sb.id not in lost_ids:

@@ -44,7 +44,11 @@ def start_server(home: Path, driver: str) -> tuple[subprocess.Popen, str]:
         sys.executable, "-m", "dsec.server.main", "--listen", "127.0.0.1:0", "--home", str(home),
         "--container-driver", driver, "--parent-pid", str(os.getpid()),
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    logs = home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"recovery-{os.getpid()}-{time.time_ns()}.log"
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL)
     found: dict[str, str] = {}
 
     def read() -> None:
@@ -61,7 +65,7 @@ def start_server(home: Path, driver: str) -> tuple[subprocess.Popen, str]:
     if "address" not in found:
         process.kill()
         process.wait()
-        raise RuntimeError(f"dsec server did not become ready in {START_TIMEOUT_S:.0f}s")
+        raise RuntimeError(f"dsec server did not become ready in {START_TIMEOUT_S:.0f}s; log {log_path}:\n{log_path.read_text()[-3000:]}")
     threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()  # type: ignore[union-attr]
     return process, found["address"]
 
