@@ -36,6 +36,7 @@ class RoundsReport:
     destroys: int = 0
     leaks: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # untyped client errors: bugs, not expected crash fallout
+    start_failures: list[str] = field(default_factory=list)  # successors that did not come up in time
 
 
 def start_server(home: Path, driver: str) -> tuple[subprocess.Popen, str]:
@@ -68,6 +69,18 @@ def start_server(home: Path, driver: str) -> tuple[subprocess.Popen, str]:
         raise RuntimeError(f"dsec server did not become ready in {START_TIMEOUT_S:.0f}s; log {log_path}:\n{log_path.read_text()[-3000:]}")
     threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()  # type: ignore[union-attr]
     return process, found["address"]
+
+
+def _start_successor(home: Path, driver: str, report: RoundsReport, attempts: int = 3) -> tuple[subprocess.Popen, str]:
+    """Start the next server; a start that hangs is recorded (it is a recovery failure) and retried."""
+    for attempt in range(attempts):
+        try:
+            return start_server(home, driver)
+        except RuntimeError as error:
+            report.start_failures.append(str(error)[:2000])
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _load(address: str, stop: threading.Event, report: RoundsReport, lock: threading.Lock, rng: random.Random) -> None:
@@ -128,7 +141,7 @@ def run_rounds(rounds: int, home: Path, driver: str = "crun", seed: int = 0, thr
             stop.set()
             for worker in workers:
                 worker.join(timeout=120)
-            process, address = start_server(home, driver)  # the successor reaps before it is ready
+            process, address = _start_successor(home, driver, report)  # it reaps before it is ready
             leaked = _settled_traces(home, run_dir, sandbox_ids)
             report.leaks.extend(f"round {index}: {item}" for item in leaked)
             report.rounds += 1

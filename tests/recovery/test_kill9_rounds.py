@@ -24,6 +24,7 @@ def test_kill9_rounds_leave_nothing_behind():
     assert report.rounds == ROUNDS
     assert report.creates > 0 and report.sandboxes_at_kill > 0, "the kills never hit a sandbox: the rounds tested nothing"
     assert report.errors == []
+    assert report.start_failures == []
     assert report.leaks == []
 
 

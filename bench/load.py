@@ -1,0 +1,141 @@
+"""Load and hardening benchmark: 1,000 concurrent creates, hostile-suite escapes, kill -9 leaks, placement rate.
+
+Run: `.venv/bin/python bench/load.py [--creates 1000] [--rounds 100]`. Progress goes to stderr-like lines
+on stdout; the last line is `key=value` pairs:
+creates_1000_p50_s, creates_1000_p99_s, create_failures, escapes, leaks_after_kill9, placements_per_s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("DSEC_HOME", "/var/lib/dsec")
+
+import dsec  # noqa: E402
+from dsec.cluster.placement import simulate  # noqa: E402
+from dsec.sdk.embedded import EmbeddedServer  # noqa: E402
+from tests.recovery.rounds import run_rounds  # noqa: E402
+
+
+def say(message: str) -> None:
+    print(f"[load] {message}", flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def concurrent_creates(n: int, driver: str) -> tuple[list[float], int]:
+    """Fire `n` creates at once (one thread each) at a fresh server; returns latencies and failures."""
+    server = EmbeddedServer.start(Path(os.environ["DSEC_HOME"]), ["--max-sandboxes", str(n + 64)])
+    client = dsec.Client(server.address)
+    latencies: list[float] = []
+    failures: list[str] = []
+    created: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(n + 1)
+
+    def one() -> None:
+        start.wait()
+        began = time.monotonic()
+        try:
+            sandbox = client.create("busybox", driver=driver, memory_mb=64, timeout_s=1800)
+        except Exception as error:  # noqa: BLE001 - a benchmark counts every failure kind
+            with lock:
+                failures.append(f"{type(error).__name__}: {error}")
+            return
+        with lock:
+            latencies.append(time.monotonic() - began)
+            created.append(sandbox.id)
+            if len(created) % 100 == 0:
+                say(f"{len(created)}/{n} created")
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    began = time.monotonic()
+    start.wait()
+    for thread in threads:
+        thread.join()
+    wall = time.monotonic() - began
+    say(f"{len(created)} created, {len(failures)} failed in {wall:.1f}s ({len(created) / wall:.1f}/s)")
+    for failure in failures[:5]:
+        say(f"failure: {failure}")
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(client.destroy, created))
+    say("destroyed all")
+    client.close()
+    server.stop()
+    return latencies, len(failures)
+
+
+def hostile_escapes() -> tuple[int, int]:
+    """Run the hostile suite; returns (attempts, escapes) from its table."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        report = Path(handle.name)
+    env = dict(os.environ, DSEC_HOSTILE_REPORT=str(report))
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "hostile")]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    rows = json.loads(report.read_text() or "[]") if report.exists() and report.stat().st_size else []
+    report.unlink(missing_ok=True)
+    for line in result.stdout.splitlines()[-12:]:
+        say(f"hostile: {line}")
+    if not rows:
+        raise SystemExit("the hostile suite recorded no attempts; see its output above")
+    return len(rows), sum(not row["contained"] for row in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--creates", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--driver", default="crun")
+    args = parser.parse_args()
+
+    say(f"{args.creates} concurrent {args.driver} creates")
+    latencies, failures = concurrent_creates(args.creates, args.driver)
+
+    say("hostile suite")
+    attempts, escapes = hostile_escapes()
+    say(f"hostile: {attempts} attempts, {escapes} escapes")
+
+    say(f"{args.rounds} kill -9 rounds")
+    rounds = run_rounds(
+        args.rounds,
+        Path(os.environ["DSEC_HOME"]),
+        driver=args.driver,
+        on_round=lambda i, r: say(f"round {i + 1}: {r.creates} creates, {len(r.leaks)} leaks") if (i + 1) % 10 == 0 else None,
+    )
+    for leak in rounds.leaks[:10]:
+        say(f"leak: {leak}")
+    for failure in rounds.start_failures[:3]:
+        say(f"successor start failure: {failure}")
+
+    say("placement simulation: 100,000 sandboxes over 1,000 nodes")
+    sim = simulate(100_000, 1_000)
+    say(f"simulation: {sim}")
+
+    print(
+        f"creates_{args.creates}_p50_s={percentile(latencies, 0.5):.3f} creates_{args.creates}_p99_s={percentile(latencies, 0.99):.3f} "
+        f"create_failures={failures} escapes={escapes} hostile_attempts={attempts} leaks_after_kill9={len(rounds.leaks)} "
+        f"kill9_rounds={rounds.rounds} successor_start_failures={len(rounds.start_failures)} placements_per_s={sim.placements_per_s:.0f}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
