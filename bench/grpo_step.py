@@ -79,6 +79,9 @@ def trl_steps(model, tok: V4Tokenizer, batches) -> list[float]:
         return [reward_text(c, e) for c, e in zip(completions, expr)]
 
     model.generation_config.use_cache = False
+    model.config.router_aux_loss_coef = 0.0  # our learner has no MoE aux loss either: same objective
+    model_dir = "/tmp/dsec-bench-trl/model"  # TRL builds its reference model from a path: give it a local one
+    model.save_pretrained(model_dir)
     args = GRPOConfig(output_dir="/tmp/dsec-bench-trl", per_device_train_batch_size=PROMPTS * G, num_generations=G,
                       max_completion_length=MAX_NEW, max_steps=len(batches), learning_rate=3e-4, beta=0.02,
                       loss_type="grpo", use_cpu=True, report_to="none", logging_steps=1, save_strategy="no",
@@ -92,7 +95,7 @@ def trl_steps(model, tok: V4Tokenizer, batches) -> list[float]:
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t)
 
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=hf_tok,
+    trainer = GRPOTrainer(model=model_dir, reward_funcs=reward, args=args, train_dataset=data, processing_class=hf_tok,
                           callbacks=[Timer()])
     trainer.train()
     return times
@@ -108,15 +111,21 @@ def heldout_gain(cfg: ExperimentConfig) -> float:
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="GRPO step time: ours vs TRL")
+    parser.add_argument("--steps", type=int, default=STEPS, help="timed steps after one warm-up step")
+    parser.add_argument("--sft-steps", type=int, default=150)
+    args = parser.parse_args()
     torch.set_num_threads(2)
     cfg = load_config(REPO / "trainer" / "configs" / "tiny-cpu.yaml")
     tok = train(corpus(["arithmetic"], 0, 300, "non-think"), 1024)
     base = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
     examples = [tokenize_pieces(tok, demo_pieces(p, "non-think")) for p in problems(["arithmetic"], "train", 500, 0)]
-    train_sft(base, examples, SFTConfig(steps=150, batch_size=16, lr=3e-3), tok.pad_id, 0)
+    train_sft(base, examples, SFTConfig(steps=args.sft_steps, batch_size=16, lr=3e-3), tok.pad_id, 0)
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    pool = problems(["arithmetic"], "train", PROMPTS * (STEPS + WARMUP), 1000, start=0)
-    batches = [pool[i * PROMPTS:(i + 1) * PROMPTS] for i in range(STEPS + WARMUP)]
+    pool = problems(["arithmetic"], "train", PROMPTS * (args.steps + WARMUP), 1000, start=0)
+    batches = [pool[i * PROMPTS:(i + 1) * PROMPTS] for i in range(args.steps + WARMUP)]
 
     model = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
     model.load_state_dict(state)

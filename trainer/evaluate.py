@@ -1,4 +1,8 @@
-"""Held-out evaluation: greedy rollouts (tools through dsec) on the held-out split; success = mean reward."""
+"""Held-out evaluation: rollouts (tools through dsec) on the held-out split; success = mean reward.
+
+Sampling at the rollout temperature (V4's recommended 1.0) by default, seeded per problem, so "before" and
+"after" see the same problems and the number measures the policy GRPO trains, not its argmax.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +16,13 @@ from trainer.tokenizer import V4Tokenizer
 
 
 def heldout_success(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, cfg: ExperimentConfig,
-                    run_id: str, tag: str, batch: int = 16) -> dict[str, float]:
-    """Success rate overall and per family on `cfg.tasks.heldout_size` held-out problems (greedy decoding)."""
-    rollout_cfg = cfg.rollout.model_copy(update={"temperature": 0.0})
+                    run_id: str, tag: str, batch: int = 16, greedy: bool = False) -> dict[str, float]:
+    """Success rate overall and per family on `cfg.tasks.heldout_size` held-out problems."""
+    rollout_cfg = cfg.rollout.model_copy(update={"temperature": 0.0}) if greedy else cfg.rollout
     held = problems(cfg.tasks.families, "heldout", cfg.tasks.heldout_size, cfg.tasks.seed)
     rewards: dict[str, list[float]] = {}
     for start in range(0, len(held), batch):
-        jobs = [(f"{run_id}/eval-{tag}/{start + i}", p) for i, p in enumerate(held[start:start + batch])]
+        jobs = [(f"{run_id}-{tag}/eval/{start + i}", p) for i, p in enumerate(held[start:start + batch])]
         for r in run_rollouts(model, tok, client, jobs, rollout_cfg, cfg.sandbox, cfg.seed):
             rewards.setdefault(r.family, []).append(r.reward)
     flat = [x for v in rewards.values() for x in v]

@@ -46,14 +46,15 @@ class Learner:
         mask = right_pad([r.mask for r in batch], 0)[:, 1:].float()
         adv_tok = adv[keep].unsqueeze(1).expand_as(mask)
         with torch.no_grad():
-            self.model.eval()
-            old_logp = token_logprobs(self.model, seqs, self.pad_id)
+            # With one update per batch the policy is the sampler: ratio = 1, so old log-probs are the current
+            # ones, detached (saves a forward pass).
+            old_logp = token_logprobs(self.model, seqs, self.pad_id) if updates > 1 else None
             ref_logp = token_logprobs(self.ref, seqs, self.pad_id) if a.kl_coef > 0 else None
         loss_fn = get_policy_loss(a.policy_loss)
         for _ in range(updates):
             self.model.train()
             logp = token_logprobs(self.model, seqs, self.pad_id)
-            loss = loss_fn(logp, old_logp, adv_tok, mask, clip_low=a.clip_low, clip_high=a.clip_high,
+            loss = loss_fn(logp, logp.detach() if old_logp is None else old_logp, adv_tok, mask, clip_low=a.clip_low, clip_high=a.clip_high,
                            agg=a.loss_agg, const_len=a.const_len)
             if ref_logp is not None:
                 kl = (get_kl(a.kl_estimator)(logp, ref_logp) * mask).sum() / mask.sum().clamp(min=1)

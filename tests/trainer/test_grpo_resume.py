@@ -102,10 +102,12 @@ def test_kill9_mid_step_then_resume_replays_tools_and_matches_uninterrupted(trai
     logged_after = _logged(client, inflight)
     client.close()
     # every step logged before the kill was answered from the log; only new steps executed
+    print(f"resume: {logged_before} steps logged before the kill, server replayed "
+          f"{after['replayed'] - before['replayed']:.0f}, executed {after['executed'] - before['executed']:.0f} new")
     assert after["replayed"] - before["replayed"] >= logged_before, out
     assert after["executed"] - before["executed"] == logged_after - logged_before
     resumed = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert resumed["step"] == 2 and resumed["tools_replayed"] > 0
+    assert resumed["step"] == 2  # (its tools_replayed counts exec replays only; the server counts every kind)
 
     a = torch.load(tmp_path / "a" / "learner.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "learner.pt", weights_only=False)["model"]
