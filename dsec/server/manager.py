@@ -223,8 +223,10 @@ class SandboxManager:
             self.images.release(sandbox_id)
 
     def destroy(self, sandbox_id: str, reason: str = "destroyed", tenant: str | None = None) -> None:
-        if tenant is not None:
-            self.get(sandbox_id, tenant)  # raises for another tenant's sandbox
+        with self._lock:
+            live = self._sandboxes.get(sandbox_id)
+        if live is not None and tenant is not None and live.tenant != tenant:
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r} on this server")
         with self._lock:
             sandbox = self._sandboxes.pop(sandbox_id, None)
             if sandbox is None:

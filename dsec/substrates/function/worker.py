@@ -68,9 +68,11 @@ def _run_call(request, result_fd):
     sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     memory_mb = int(options.get("memory_mb") or 0)
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
     if memory_mb > 0:
+        # Soft limit only: lifting it again to report a MemoryError needs no privilege.
         limit = _vm_size_bytes() + memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     started = time.monotonic()
     response = {"is_error": False}
     try:
@@ -78,6 +80,7 @@ def _run_call(request, result_fd):
         value = fn(*args, **kwargs)
         response["result"] = base64.b64encode(cloudpickle.dumps(value)).decode()
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the caller
+        resource.setrlimit(resource.RLIMIT_AS, (hard, hard))  # room to format and pickle the error
         response["is_error"] = True
         response["error_type"] = type(exc).__name__
         response["traceback"] = traceback.format_exc()
@@ -98,7 +101,7 @@ def _run_call(request, result_fd):
                 break
             chunks.append(chunk)
         response[name] = base64.b64encode(b"".join(chunks)[-(1 << 20) :]).decode()
-    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
     _write_frame(result_fd, json.dumps(response).encode())
 
 
