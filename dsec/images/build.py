@@ -247,7 +247,7 @@ def _run_step(store: LayerStore, parent: str, step: Step, config: ImageConfig, o
                 f"build step RUN {shlex.join(step.args)} failed with exit code {exit_code}: "
                 f"{output.decode(errors='replace')[-OUTPUT_TAIL:]}"
             )
-        return upper_to_layer(state_dir / "upper", out)
+        return upper_to_layer(sandbox.upper_dir, out)
     finally:
         try:
             driver.destroy(sandbox)
