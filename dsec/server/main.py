@@ -44,6 +44,7 @@ class RunningServer:
     address: str
     config: ServerConfig
     metrics_http: object | None  # the /metrics HTTP server, when enabled
+    trajectory_log: object | None  # closed last, after every in-flight step has been logged
     _stopped: threading.Event
     _done: threading.Event
 
@@ -58,6 +59,8 @@ class RunningServer:
             if self.metrics_http is not None:
                 self.metrics_http.shutdown()
             self.manager.shutdown()
+            if self.trajectory_log is not None:
+                self.trajectory_log.close()
             self.manager.state.release()
         finally:
             self._done.set()
@@ -143,7 +146,7 @@ def serve(config: ServerConfig) -> RunningServer:
         "on" if auth.enabled else "off",
         metrics_http.server_port if metrics_http else "off",
     )
-    return RunningServer(server, manager, address, config, metrics_http, threading.Event(), threading.Event())
+    return RunningServer(server, manager, address, config, metrics_http, trajectory_log, threading.Event(), threading.Event())
 
 
 def _watch_parent(parent_pid: int, running: RunningServer) -> None:
