@@ -110,6 +110,8 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
         state = {"run_id": f"{cfg.run_name}-{secrets.token_hex(4)}", "step": 0, "cursor": 0,
                  "py_rng": random.Random(cfg.seed).getstate(), "inflight": []}
     if not ray.is_initialized():
+        if not address:  # a private local cluster on loopback: no token auth (a stray ~/.ray/auth_token breaks it)
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray_tmp = os.environ.get("DSEC_RAY_TMPDIR")
         ray.init(address=address, num_cpus=None if address else 2, include_dashboard=False,
                  _temp_dir=ray_tmp, log_to_driver=False, configure_logging=False)
