@@ -242,10 +242,13 @@ class SandboxManager:
                 session.close()
             try:
                 sandbox.driver.destroy(sandbox.handle)
-            finally:
-                shutil.rmtree(sandbox.state_dir, ignore_errors=True)
-                if hasattr(self.images, "release"):
-                    self.images.release(sandbox_id)
+            except BaseException:
+                # keep the state dir: its records let the next server start finish this cleanup
+                log.exception("destroy of %s failed; its state stays for crash cleanup", sandbox_id)
+                raise
+            shutil.rmtree(sandbox.state_dir, ignore_errors=True)
+            if hasattr(self.images, "release"):
+                self.images.release(sandbox_id)
 
     def set_timeout(self, sandbox_id: str, timeout_s: float, tenant: str | None = None) -> ManagedSandbox:
         if not (0 < timeout_s <= 7 * 24 * 3600):

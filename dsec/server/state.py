@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,8 +33,12 @@ class ServerState:
         return self.run_dir / sandbox_id
 
     def release(self) -> None:
-        """Drop the lock and the (now empty of sandboxes) run directory at clean shutdown."""
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        """Drop the lock and the run directory at clean shutdown. A sandbox whose destroy failed keeps its
+        directory (and records), so the next server start finishes its cleanup instead of losing track of it."""
+        if any(p.is_dir() for p in self.run_dir.iterdir()):
+            (self.run_dir / "server.lock").unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         os.close(self.lock_fd)
 
 
@@ -52,6 +57,15 @@ def write_sandbox_record(sandbox_dir: Path, record: dict) -> None:
     tmp = sandbox_dir / (SANDBOX_RECORD + ".tmp")
     tmp.write_text(json.dumps(record))
     os.replace(tmp, sandbox_dir / SANDBOX_RECORD)
+
+
+def unmount_below(path: Path) -> None:
+    """Lazily unmount every mount at or under `path`, deepest first (a last resort for half-deleted state)."""
+    prefix = str(path.resolve())
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1].encode().decode("unicode_escape") for line in mounts]
+    for point in sorted((p for p in points if p == prefix or p.startswith(prefix + "/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
 def reap_dead_servers(run_root: Path, cleanup: Callable[[str, Path], None]) -> list[str]:
@@ -88,6 +102,7 @@ def reap_dead_servers(run_root: Path, cleanup: Callable[[str, Path], None]) -> l
                 except Exception:  # noqa: BLE001 - keep cleaning the rest; the next start retries
                     log.exception("cleanup of %s failed", sandbox_dir)
                     continue
+                unmount_below(sandbox_dir)  # whatever the driver's records no longer describe
                 shutil.rmtree(sandbox_dir, ignore_errors=True)
                 cleaned.append(sandbox_dir.name)
             if not any(p.is_dir() for p in run_dir.iterdir()):
