@@ -4,10 +4,6 @@ port) and a `log` fixture that runs backend-agnostic tests against both the file
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,46 +13,14 @@ import pytest
 from dsec.trajectory.filelog import FileLog
 from dsec.trajectory.log import TrajectoryLog
 from dsec.trajectory.pglog import PostgresLog
-
-PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _as_postgres(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["runuser", "-u", "postgres", "--", *argv], check=True, capture_output=True, text=True, timeout=timeout
-    )
+from support.postgres import throwaway_postgres
 
 
 @pytest.fixture(scope="session")
 def pg_dsn() -> Iterator[str]:
     """A PostgreSQL server of our own, stopped and deleted at the end of the session (also on failure)."""
-    assert PG_BIN, "PostgreSQL is not installed: run infra/setup.sh (Debian package postgresql)"
-    bindir = PG_BIN[-1]
-    root = Path(tempfile.mkdtemp(prefix="dsec-pg-"))
-    data, sockets = root / "data", root / "sock"
-    sockets.mkdir()
-    shutil.chown(root, "postgres")
-    shutil.chown(sockets, "postgres")
-    port = _free_port()
-    _as_postgres(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
-    try:
-        _as_postgres(
-            str(bindir / "pg_ctl"), "-D", str(data), "-w", "-t", "60", "-l", str(root / "log"), "start", "-o",
-            f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=200",
-        )
-        yield f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
-    finally:
-        subprocess.run(
-            ["runuser", "-u", "postgres", "--", str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-            capture_output=True, timeout=60,
-        )
-        shutil.rmtree(root, ignore_errors=True)
+    with throwaway_postgres("dsec-pg-", max_connections=200) as dsn:
+        yield dsn
 
 
 @pytest.fixture
