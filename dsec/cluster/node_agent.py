@@ -10,17 +10,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import ray
 
-from dsec.errors import ServerUnavailable
-
-READY_PREFIX = "DSEC_SERVER_READY "
-START_TIMEOUT_S = 120.0
+from dsec.server.launch import launch_server, stop_server_process
 
 DEFAULT_OVERCOMMIT = 4.0  # sandboxes mostly wait on the trainer: offer 4 sandbox-cores per core
 
@@ -41,31 +35,8 @@ def _node_cpus(node_id: str) -> float:
 
 def start_node_server(home: Path, args: list[str]) -> tuple[subprocess.Popen, str]:
     """`dsec serve` bound to this actor's life (--parent-pid), in a new session; returns (process, address)."""
-    logs = home / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"node-{os.getpid()}-{int(time.time())}.log"
-    command = [sys.executable, "-m", "dsec.server.main", "--listen", "127.0.0.1:0", "--home", str(home), "--parent-pid", str(os.getpid()), *args]
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL, start_new_session=True)
-    found: dict[str, str] = {}
-
-    def read() -> None:
-        assert process.stdout is not None
-        for raw in process.stdout:
-            line = raw.decode(errors="replace").strip()
-            if line.startswith(READY_PREFIX) and "address" not in found:
-                found["address"] = line[len(READY_PREFIX) :]
-                ready.set()
-        ready.set()
-
-    ready = threading.Event()
-    threading.Thread(target=read, daemon=True).start()  # keeps draining stdout after the ready line
-    ready.wait(START_TIMEOUT_S)
-    if "address" not in found:
-        process.kill()
-        process.wait()
-        raise ServerUnavailable(f"node server did not start in {START_TIMEOUT_S:.0f}s; see {log_path}")
-    return process, found["address"]
+    launched = launch_server(home, args, log_name="node", new_session=True)
+    return launched.process, launched.address
 
 
 class NodeAgent:
@@ -99,11 +70,4 @@ class NodeAgent:
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Destroy this node's sandboxes and stop its server (SIGTERM, then SIGKILL if it hangs)."""
-        if self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_server_process(self.process, timeout_s)

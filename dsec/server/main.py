@@ -25,6 +25,7 @@ codegen.generate()
 from dsec.config import ServerConfig  # noqa: E402 - stubs must exist before anything imports them
 from dsec.server.auth import Authenticator, AuthInterceptor, load_tokens, server_credentials  # noqa: E402
 from dsec.server.drivers import DriverRegistry  # noqa: E402
+from dsec.server.launch import READY_PREFIX  # noqa: E402
 from dsec.server.logs import configure_logging  # noqa: E402
 from dsec.server.manager import SandboxManager  # noqa: E402
 from dsec.server.sandbox_service import SandboxService  # noqa: E402
@@ -34,7 +35,6 @@ from dsec.v1 import sandbox_pb2_grpc as pb_grpc  # noqa: E402
 log = logging.getLogger("dsec.server")
 
 MAX_MESSAGE = 64 << 20
-READY_PREFIX = "DSEC_SERVER_READY "
 
 
 @dataclass

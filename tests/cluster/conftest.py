@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.postgres import throwaway_postgres
 
 from dsec.sdk.embedded import EmbeddedServer
-from support.postgres import throwaway_postgres
 
 
 def home() -> Path:

@@ -7,20 +7,15 @@ their own, so a run never depends on a server someone left running, and nothing 
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from support.ports import free_port
+
 PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _as_postgres(*argv: str, timeout: float = 120) -> None:
@@ -38,7 +33,7 @@ def throwaway_postgres(prefix: str, max_connections: int = 100) -> Iterator[str]
     sockets.mkdir()
     shutil.chown(root, "postgres")
     shutil.chown(sockets, "postgres")
-    port = _free_port()
+    port = free_port()
     _as_postgres(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
     try:
         _as_postgres(

@@ -4,16 +4,20 @@ port) and a `log` fixture that runs backend-agnostic tests against both the file
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.ports import free_port
+from support.postgres import throwaway_postgres
 
 from dsec.trajectory.filelog import FileLog
 from dsec.trajectory.log import TrajectoryLog
 from dsec.trajectory.pglog import PostgresLog
-from support.postgres import throwaway_postgres
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +133,7 @@ def server_args() -> list[str]:
 def dsec_server(server_args: list[str]) -> Iterator[ServerProcess]:
     root = Path(tempfile.mkdtemp(prefix="dt-", dir="/tmp"))  # short: sandboxes' unix sockets live under it
     try:
-        server = ServerProcess(private_home(root), _free_port(), server_args).start()
+        server = ServerProcess(private_home(root), free_port(), server_args).start()
         try:
             yield server
         finally:
