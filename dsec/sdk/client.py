@@ -25,6 +25,7 @@ from dsec.v1 import sandbox_pb2 as pb  # noqa: E402
 from dsec.v1 import sandbox_pb2_grpc as pb_grpc  # noqa: E402
 
 if TYPE_CHECKING:
+    from dsec.sdk.images import Images
     from dsec.sdk.sandbox import Sandbox
 
 T = TypeVar("T")
@@ -80,6 +81,16 @@ class Client:
         else:
             self.channel = grpc.insecure_channel(address, options=options)
         self.sandboxes = pb_grpc.SandboxServiceStub(self.channel)
+        self._images: Images | None = None
+
+    @property
+    def images(self) -> Images:
+        """The server's image store: `client.images.build(...)`, `.pull(...)`, `.ls()`, `.prune()`, ..."""
+        if self._images is None:
+            from dsec.sdk.images import Images  # imports this module: resolved on first use
+
+            self._images = Images(self)
+        return self._images
 
     @property
     def metadata(self) -> list[tuple[str, str]]:

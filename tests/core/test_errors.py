@@ -69,3 +69,11 @@ def test_sandbox_expires_after_its_timeout(client):
     time.sleep(2.5)
     with pytest.raises(dsec.SandboxStateError, match="timeout"):
         sb.exec("true")
+
+
+def test_client_images_lists_and_rejects_unknown_refs(client):
+    """The image store hangs off the client: listing shows the base images; an unknown ref is ImageNotFound."""
+    tags = {tag for image in client.images.ls() for tag in image.tags}
+    assert {"busybox", "python"} <= tags
+    with pytest.raises(dsec.ImageNotFound):
+        client.images.inspect("no-such-image:latest")
