@@ -9,6 +9,7 @@ from dsec.errors import (
     CallTimeout,
     CapacityExceeded,
     CommandNotFound,
+    DiskFull,
     DsecError,
     ExecTimeout,
     FileNotFoundInSandbox,
@@ -16,11 +17,17 @@ from dsec.errors import (
     InvalidPath,
     InvalidSpec,
     OutOfMemory,
+    PermissionDenied,
+    PermissionDeniedInSandbox,
     RuntimeFailure,
     SandboxNotFound,
     SandboxStateError,
     ServerUnavailable,
+    SessionNotFound,
+    SnapshotNotFound,
+    StepIndeterminate,
     TrajectoryDiverged,
+    Unauthenticated,
     Unsupported,
 )
 from dsec.models import ExecResult, FileEntry, Resources, SandboxSpec
@@ -29,10 +36,12 @@ from dsec.sdk.client import Client, default_client
 from dsec.sdk.sandbox import Sandbox, Session
 
 __all__ = [
-    "AsyncSandbox", "CallTimeout", "CapacityExceeded", "Client", "CommandNotFound", "DsecError", "ExecResult",
-    "ExecTimeout", "FileEntry", "FileNotFoundInSandbox", "ImageNotFound", "InvalidPath", "InvalidSpec",
-    "OutOfMemory", "Resources", "RuntimeFailure", "SandboxNotFound", "SandboxSpec", "SandboxStateError", "Sandbox",
-    "ServerUnavailable", "Session", "TrajectoryDiverged", "Unsupported", "default_client", "trajectory",
+    "AsyncSandbox", "CallTimeout", "CapacityExceeded", "Client", "CommandNotFound", "default_client", "DiskFull",
+    "DsecError", "ExecResult", "ExecTimeout", "FileEntry", "FileNotFoundInSandbox", "ImageNotFound", "InvalidPath",
+    "InvalidSpec", "OutOfMemory", "PermissionDenied", "PermissionDeniedInSandbox", "Resources", "RuntimeFailure",
+    "Sandbox", "SandboxNotFound", "SandboxSpec", "SandboxStateError", "ServerUnavailable", "Session",
+    "SessionNotFound", "SnapshotNotFound", "StepIndeterminate", "trajectory", "TrajectoryDiverged",
+    "Unauthenticated", "Unsupported",
 ]  # fmt: skip
 
 

@@ -196,6 +196,14 @@ class Client:
         info = self.rpc(self.sandboxes.Restore, pb.RestoreRequest(snapshot_id=snapshot_id, labels=labels or {}, timeout_s=timeout_s))
         return Sandbox(self, info)
 
+    def snapshots(self, sandbox_id: str = "") -> list[pb.SnapshotRef]:
+        """The caller's snapshots (of one sandbox, or all), oldest first, with their size on disk."""
+        return list(self.rpc(self.sandboxes.ListSnapshots, pb.ListSnapshotsRequest(sandbox_id=sandbox_id)).snapshots)
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        """Free a snapshot's disk; restores already under way from it still finish."""
+        self.rpc(self.sandboxes.DeleteSnapshot, pb.DeleteSnapshotRequest(snapshot_id=snapshot_id))
+
     def close(self) -> None:
         """Close the channel; an embedded server destroys its sandboxes and exits."""
         self.channel.close()

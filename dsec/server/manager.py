@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import shutil
@@ -19,7 +18,6 @@ from dsec.errors import (
     SandboxNotFound,
     SandboxStateError,
     SessionNotFound,
-    SnapshotNotFound,
 )
 from dsec.models import SandboxSpec
 from dsec.server.admission import CreateAdmission
@@ -27,6 +25,7 @@ from dsec.server.auth import DEFAULT_TENANT
 from dsec.server.drivers import DriverRegistry
 from dsec.server.metrics import CREATE_FAILURES, CREATE_SECONDS, IMAGE_RESOLVES
 from dsec.server.sessions import ShellSession
+from dsec.server.snapshots import SnapshotStore
 from dsec.server.state import ServerState, reap_dead_servers, write_sandbox_record
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
 
@@ -82,7 +81,7 @@ class SandboxManager:
             config.max_sandboxes, config.max_concurrent_creates, config.create_queue_limit, config.tenant_max_sandboxes
         )
         self._stop = threading.Event()
-        self.snapshot_root = config.home / "snapshots"
+        self.snapshots = SnapshotStore(config.home / "snapshots")
         self._reaper = threading.Thread(target=self._reap_expired, daemon=True, name="dsec-ttl-reaper")
         self._reaper.start()
 
@@ -325,51 +324,47 @@ class SandboxManager:
 
     def snapshot(self, sandbox_id: str, name: str, tenant: str | None = None) -> dict:
         sandbox = self.running(sandbox_id, tenant)
-        snapshot_id = "snap-" + secrets.token_hex(8)
-        dest = self.snapshot_root / snapshot_id
-        dest.mkdir(parents=True)
+        snapshot_id, data = self.snapshots.new()
         try:
             with sandbox.lock:
-                kind = sandbox.handle.snapshot(dest / "data")
+                kind = sandbox.handle.snapshot(data)
+            meta = {
+                "snapshot_id": snapshot_id,
+                "sandbox_id": sandbox_id,
+                "name": name,
+                "kind": kind,
+                "created_at": time.time(),
+                "spec": sandbox.spec.model_dump(),
+                "image": sandbox.image.digest,
+                "tenant": sandbox.tenant,
+            }
+            self.snapshots.publish(snapshot_id, meta)
         except BaseException:
-            shutil.rmtree(dest, ignore_errors=True)
+            self.snapshots.discard(snapshot_id)
             raise
-        meta = {
-            "snapshot_id": snapshot_id,
-            "sandbox_id": sandbox_id,
-            "name": name,
-            "kind": kind,
-            "created_at": time.time(),
-            "spec": sandbox.spec.model_dump(),
-            "image": sandbox.image.digest,
-            "tenant": sandbox.tenant,
-        }
-        (dest / "meta.json").write_text(json.dumps(meta))
         return meta
 
-    def _snapshot_meta(self, snapshot_id: str, tenant: str | None) -> dict:
-        if not snapshot_id.startswith("snap-") or "/" in snapshot_id:
-            raise SnapshotNotFound(f"invalid snapshot id {snapshot_id!r}")
-        path = self.snapshot_root / snapshot_id / "meta.json"
-        if not path.exists():
-            raise SnapshotNotFound(f"no snapshot {snapshot_id!r}")
-        meta = json.loads(path.read_text())
-        if tenant is not None and meta.get("tenant", DEFAULT_TENANT) != tenant:
-            raise SnapshotNotFound(f"no snapshot {snapshot_id!r}")
-        return meta
+    def list_snapshots(self, tenant: str | None = None, sandbox_id: str = "") -> list[dict]:
+        return self.snapshots.list(tenant, DEFAULT_TENANT, sandbox_id)
+
+    def delete_snapshot(self, snapshot_id: str, tenant: str | None = None) -> None:
+        self.snapshots.meta(snapshot_id, tenant, DEFAULT_TENANT)  # exists and is the caller's
+        self.snapshots.delete(snapshot_id)
 
     def restore(
         self, snapshot_id: str, labels: dict[str, str], timeout_s: float, tenant: str | None = None
     ) -> ManagedSandbox:
-        meta = self._snapshot_meta(snapshot_id, tenant)
+        meta = self.snapshots.meta(snapshot_id, tenant, DEFAULT_TENANT)
         spec = SandboxSpec.model_validate(meta["spec"])
         spec = spec.model_copy(update={"image": meta["image"], "labels": spec.labels | labels})
         if timeout_s > 0:
             spec = spec.model_copy(update={"timeout_s": timeout_s})
         owner = meta.get("tenant", DEFAULT_TENANT)
-        return self._launch(spec, snapshot=self.snapshot_root / snapshot_id / "data", tenant=owner)
+        with self.snapshots.reading(snapshot_id) as data:
+            return self._launch(spec, snapshot=data, tenant=owner)
 
     def fork(self, sandbox_id: str, n: int, tenant: str | None = None) -> list[ManagedSandbox]:
+        """`n` copies of a running sandbox, through a snapshot of its own that is deleted afterwards."""
         if not (1 <= n <= 100):
             raise InvalidSpec(f"fork count must be between 1 and 100, got {n}")
         meta = self.snapshot(sandbox_id, name=f"fork-of-{sandbox_id}", tenant=tenant)
@@ -381,4 +376,6 @@ class SandboxManager:
             for sandbox in forks:
                 self.destroy(sandbox.sandbox_id)
             raise
+        finally:
+            self.snapshots.delete(meta["snapshot_id"])
         return forks

@@ -350,10 +350,17 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
 
     @rpc_errors
     def Snapshot(self, request: pb.SnapshotRequest, context: grpc.ServicerContext) -> pb.SnapshotRef:
-        meta = self.manager.snapshot(request.sandbox_id, request.name, self._tenant(context))
-        return pb.SnapshotRef(
-            snapshot_id=meta["snapshot_id"], sandbox_id=meta["sandbox_id"], created_at=meta["created_at"], kind=meta["kind"]
-        )
+        return _snapshot_ref(self.manager.snapshot(request.sandbox_id, request.name, self._tenant(context)))
+
+    @rpc_errors
+    def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext) -> pb.ListSnapshotsResponse:
+        found = self.manager.list_snapshots(self._tenant(context), request.sandbox_id)
+        return pb.ListSnapshotsResponse(snapshots=[_snapshot_ref(meta) for meta in found])
+
+    @rpc_errors
+    def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest, context: grpc.ServicerContext) -> pb.Empty:
+        self.manager.delete_snapshot(request.snapshot_id, self._tenant(context))
+        return pb.Empty()
 
     @rpc_errors
     def Restore(self, request: pb.RestoreRequest, context: grpc.ServicerContext) -> pb.SandboxInfo:
@@ -364,3 +371,9 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
         forks = self.manager.fork(request.sandbox_id, request.n or 1, self._tenant(context))
         return pb.ForkResponse(sandboxes=[info_to_pb(s) for s in forks])
 
+
+def _snapshot_ref(meta: dict) -> pb.SnapshotRef:
+    return pb.SnapshotRef(
+        snapshot_id=meta["snapshot_id"], sandbox_id=meta["sandbox_id"], created_at=meta["created_at"],
+        kind=meta["kind"], name=meta.get("name", ""), size_bytes=meta.get("size_bytes", 0),
+    )  # fmt: skip

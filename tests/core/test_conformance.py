@@ -136,3 +136,30 @@ def test_get_list_labels_set_timeout(client, case):
         before = sb.refresh().expires_at
         sb.set_timeout(5000)
         assert sb.info.expires_at > before
+
+
+def test_snapshot_restore_fork_list_delete(client, sandbox):
+    """The same snapshot life cycle on every substrate: restore sees the state at snapshot time, forks are
+    independent copies, fork leaves no snapshot behind, and a deleted snapshot is gone for good."""
+    sandbox.files.write("/tmp/state.txt", b"at-snapshot")
+    snapshot_id = sandbox.snapshot("conformance")
+    sandbox.files.write("/tmp/state.txt", b"after")
+    listed = {ref.snapshot_id: ref for ref in client.snapshots(sandbox.id)}
+    assert listed[snapshot_id].name == "conformance" and listed[snapshot_id].size_bytes > 0
+    with client.restore(snapshot_id) as restored:
+        assert restored.files.read("/tmp/state.txt") == b"at-snapshot"
+    forks = sandbox.fork(2)
+    try:
+        forks[0].files.write("/tmp/state.txt", b"fork-0")
+        assert forks[1].files.read("/tmp/state.txt") == b"after"
+        assert sandbox.files.read("/tmp/state.txt") == b"after"
+    finally:
+        for fork in forks:
+            fork.destroy()
+    assert [ref.snapshot_id for ref in client.snapshots(sandbox.id)] == [snapshot_id]  # fork's own is gone
+    client.delete_snapshot(snapshot_id)
+    assert client.snapshots(sandbox.id) == []
+    with pytest.raises(dsec.SnapshotNotFound):
+        client.restore(snapshot_id)
+    with pytest.raises(dsec.SnapshotNotFound):
+        client.delete_snapshot(snapshot_id)

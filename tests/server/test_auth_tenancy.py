@@ -42,6 +42,10 @@ def test_a_tenant_cannot_see_or_touch_another_tenants_sandbox(secured_server):
         snapshot = sandbox.snapshot()
         with pytest.raises(SnapshotNotFound):
             bob.restore(snapshot)
+        assert snapshot not in [ref.snapshot_id for ref in bob.snapshots()]
+        with pytest.raises(SnapshotNotFound):
+            bob.delete_snapshot(snapshot)
+        assert snapshot in [ref.snapshot_id for ref in alice.snapshots()]
         assert sandbox.exec("echo still-mine").ok
 
 
