@@ -1,4 +1,4 @@
-"""`dsec` command line: serve, run, exec, ls, rm, images."""
+"""`dsec` command line: serve, run, exec, ls, rm, snapshots, images."""
 
 from __future__ import annotations
 
@@ -71,6 +71,25 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshots_ls(args: argparse.Namespace) -> int:
+    client = _client(args)
+    print(f"{'SNAPSHOT':<22} {'SANDBOX':<22} {'KIND':<11} {'SIZE':>9}  AGE    NAME")
+    for ref in client.snapshots(args.sandbox):
+        print(
+            f"{ref.snapshot_id:<22} {ref.sandbox_id:<22} {ref.kind:<11} {ref.size_bytes / 1e6:>7.1f}MB "
+            f"{time.time() - ref.created_at:>5.0f}s  {ref.name}"
+        )
+    return 0
+
+
+def cmd_snapshots_rm(args: argparse.Namespace) -> int:
+    client = _client(args)
+    for snapshot_id in args.snapshot_ids:
+        client.delete_snapshot(snapshot_id)
+        print(snapshot_id)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
     from dsec.server.main import main as serve_main
 
@@ -109,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     rm = sub.add_parser("rm", help="destroy sandboxes")
     rm.add_argument("sandbox_ids", nargs="+")
     rm.set_defaults(func=cmd_rm)
+
+    snapshots = sub.add_parser("snapshots", help="list or delete snapshots").add_subparsers(dest="what", required=True)
+    snap_ls = snapshots.add_parser("ls", help="list snapshots (yours, oldest first)")
+    snap_ls.add_argument("--sandbox", default="", help="only those of this sandbox")
+    snap_ls.set_defaults(func=cmd_snapshots_ls)
+    snap_rm = snapshots.add_parser("rm", help="delete snapshots")
+    snap_rm.add_argument("snapshot_ids", nargs="+")
+    snap_rm.set_defaults(func=cmd_snapshots_rm)
 
     try:
         from dsec.images.cli import add_images_commands
