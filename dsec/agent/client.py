@@ -490,6 +490,8 @@ class AgentClient:
 class AgentSandbox(DriverSandbox):
     """A sandbox whose processes and files go through its agent; drivers subclass it for limits and pause."""
 
+    user: tuple[int, int] | None = None  # (uid, gid) every spawn runs as: the image's USER; None = the agent's (root)
+
     def __init__(self, sandbox_id: str, client: AgentClient) -> None:
         self.sandbox_id = sandbox_id
         self.client = client
@@ -497,7 +499,8 @@ class AgentSandbox(DriverSandbox):
             client.sandbox_id = sandbox_id
 
     def spawn(self, argv: list[str], env: dict[str, str], cwd: str, stdin: bool = False) -> ProcessHandle:
-        return self.client.spawn(argv, env, cwd, stdin)
+        uid, gid = self.user if self.user is not None else (None, None)
+        return self.client.spawn(argv, env, cwd, stdin, uid=uid, gid=gid)
 
     def read_file(self, path: str) -> Iterator[bytes]:
         return self.client.read_file(path)

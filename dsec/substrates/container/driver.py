@@ -21,6 +21,7 @@ from dsec.agent.build import agent_binary
 from dsec.agent.client import AgentClient, AgentSandbox
 from dsec.config import ServerConfig
 from dsec.errors import InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound
+from dsec.images.user import resolve_user
 from dsec.models import SandboxSpec
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
 from dsec.substrates.container import bundle, cgroups, disk, rootfs
@@ -195,6 +196,7 @@ class ContainerDriver(SandboxDriver):
                 lap("restore_upper")
             rootfs.mount_overlay(image.lower_dirs, record.upper_dir, record.work_dir, Path(record.rootfs), sandbox_id)
             lap("mount")
+            user = resolve_user(image.config.user, Path(record.rootfs), sandbox_id)
             config = bundle.runtime_config(
                 sandbox_id, spec, image.config, Path(record.rootfs), agent_binary(self.config.bin_dir), run_dir
             )
@@ -208,6 +210,7 @@ class ContainerDriver(SandboxDriver):
             _teardown(record, state_dir, self.runtime.bin_dir)
             raise
         sandbox = ContainerSandbox(client, record, self.runtime, state_dir)
+        sandbox.user = user
         sandbox.create_timings = timings
         return sandbox
 
