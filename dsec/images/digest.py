@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from typing import BinaryIO
 
 from dsec.errors import InvalidSpec
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 CHUNK = 1 << 20
+COPY_CHUNK = 4 << 20  # big reads: hashlib releases the GIL per update, few syscalls per layer
 
 
 def check_digest(digest: str) -> str:
@@ -63,3 +65,24 @@ class HashingReader:
     @property
     def digest(self) -> str:
         return "sha256:" + self._hash.hexdigest()
+
+
+def copy_hashing(src: BinaryIO, dest: Path, limit: int | None = None) -> tuple[str, int]:
+    """Copy `src` into the new file `dest`, returning (sha256 digest, size); longer than `limit` → InvalidSpec.
+
+    Used to land a layer blob on disk before extracting it: one userspace pass (read, hash, write), after
+    which extraction copies file contents out of the landed blob inside the kernel (copy_file_range).
+    """
+    digest = hashlib.sha256()
+    size = 0
+    with open(dest, "wb") as out:
+        while True:
+            data = src.read(COPY_CHUNK)
+            if not data:
+                break
+            size += len(data)
+            if limit is not None and size > limit:
+                raise InvalidSpec(f"stream longer than its declared size {limit}: rejected")
+            digest.update(data)
+            out.write(data)
+    return "sha256:" + digest.hexdigest(), size

@@ -33,8 +33,8 @@ from typing import BinaryIO
 
 from dsec.errors import DiskFull, DsecError, ImageNotFound, InvalidSpec, SandboxStateError
 from dsec.images import oci
-from dsec.images.digest import CHUNK, HashingReader, check_digest, hex_of, sha256_bytes
-from dsec.images.extract import extract_layer
+from dsec.images.digest import CHUNK, HashingReader, check_digest, copy_hashing, hex_of, sha256_bytes
+from dsec.images.extract import extract_layer_file
 from dsec.substrates.base import ImageConfig, ImageRootfs
 
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
@@ -251,21 +251,31 @@ class LayerStore:
             return self._extract_new(diff_id, blob_digest, opener, limit, keep_blob=not have_blob)
 
     def _extract_new(self, diff_id: str, blob_digest: str | None, opener, limit: int | None, keep_blob: bool) -> LayerInfo:
+        """Land the blob in `tmp/` (hashed on the way, rejected before extraction if it lies), extract it, rename.
+
+        When the blob is already stored (verified when it was), the layer is extracted from it without
+        calling `opener` at all.
+        """
         work = self.new_tmp()
         work.mkdir()
         layer_tmp = work / "layer"
         layer_tmp.mkdir()
-        blob_tmp = work / "blob"
         try:
             with disk_errors(f"extracting layer {diff_id}"):
-                with opener() as src, open(blob_tmp, "wb") if keep_blob else contextlib.nullcontext() as tee:
-                    result = extract_layer(src, layer_tmp, blob_tee=tee, limit=limit)
-            if blob_digest is not None and result.blob_digest != blob_digest:
-                raise InvalidSpec(f"layer blob digest mismatch: expected {blob_digest}, got {result.blob_digest}; not cached")
+                if keep_blob:
+                    blob_file = work / "blob"
+                    with opener() as src:
+                        got, _size = copy_hashing(src, blob_file, limit)
+                    if blob_digest is not None and got != blob_digest:
+                        raise InvalidSpec(f"layer blob digest mismatch: expected {blob_digest}, got {got}; not cached")
+                else:
+                    assert blob_digest is not None
+                    blob_file, got = self.blob_path(blob_digest), blob_digest
+                result = extract_layer_file(blob_file, layer_tmp, got)
             if result.diff_id != diff_id:
                 raise InvalidSpec(f"layer diff_id mismatch: config says {diff_id}, content is {result.diff_id}; not cached")
             if keep_blob:
-                os.replace(blob_tmp, self.blob_path(result.blob_digest))
+                os.replace(blob_file, self.blob_path(result.blob_digest))
             os.chmod(layer_tmp, os.stat(layer_tmp).st_mode | 0o755)
             os.rename(layer_tmp, self.layer_path(diff_id))
             info = LayerInfo(result.blob_digest, diff_id, oci.oci_layer_type(result.compressed), result.blob_size)
