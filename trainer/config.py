@@ -45,6 +45,20 @@ class RolloutConfig(_Strict):
     top_p: float = 1.0
 
 
+class OPDConfig(_Strict):
+    """On-policy distillation: per-family teachers score the student's own samples (token-level reverse KL).
+
+    The advantage of a sampled token becomes reward_weight·A_reward − coef·(log π_student − log π_teacher);
+    `full_vocab` replaces the sampled difference by the exact reverse KL over the vocabulary at that position
+    (an analytic loss term: the same expected gradient, without the sampling noise).
+    """
+
+    teachers: dict[str, Path] = Field(default_factory=dict)  # task family -> expert weights (state_dict or learner.pt)
+    kl_estimator: Literal["full_vocab", "sampled_token"] = "full_vocab"
+    reward_weight: float = 0.0  # 0: pure distillation; > 0 mixes in the group-normalised GRPO reward advantage
+    coef: float = 1.0  # λ on the reverse-KL term
+
+
 class AlgoConfig(_Strict):
     advantage: str = "grpo"
     policy_loss: str = "clipped"
@@ -55,6 +69,7 @@ class AlgoConfig(_Strict):
     kl_estimator: str = "k3"
     drop_zero_variance: bool = False
     const_len: int = 256  # Dr. GRPO's constant normaliser
+    opd: OPDConfig | None = None  # set: on-policy distillation (teachers' token adjustment on the same loss)
 
     @classmethod
     def preset(cls, name: str) -> AlgoConfig:
@@ -63,6 +78,7 @@ class AlgoConfig(_Strict):
             "grpo": {},
             "dr_grpo": {"advantage": "dr_grpo", "loss_agg": "seq_mean_token_sum_norm"},
             "dapo": {"loss_agg": "token_mean", "clip_high": 0.28, "drop_zero_variance": True, "kl_coef": 0.0},
+            "opd": {"kl_coef": 0.0, "opd": {}},  # teachers are filled in per experiment
         }
         if name not in presets:
             raise ValueError(f"unknown algorithm preset {name!r}; choose one of {sorted(presets)}")

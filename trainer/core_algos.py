@@ -1,7 +1,7 @@
 """Advantage estimators, policy losses and KL estimators, in registries selected by config name (verl style).
 
-Open for extension: on-policy distillation registers a token-level advantage adjustment (teacher log-probs,
-reverse KL) with `register_token_adjustment` and reuses the same policy losses.
+On-policy distillation is a token-level adjustment (`TOKEN_ADJUSTMENTS`, keyed by KL estimator name): it turns
+the teachers' log-probs into per-token advantages and/or an extra loss term, and reuses the same policy losses.
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ def get_advantage(name: str) -> AdvantageFn:
 
 def get_policy_loss(name: str) -> LossFn:
     return _lookup(POLICY_LOSSES, name, "policy loss")
+
+
+def get_token_adjustment(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    return _lookup(TOKEN_ADJUSTMENTS, name, "token adjustment")
 
 
 def get_kl(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -151,3 +155,57 @@ def gspo_loss(
     adv = advantages[:, 0]
     loss = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
     return loss.mean()
+
+
+def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-masked-token values (row-major order of `mask`) back into a [B, T] tensor, zeros elsewhere."""
+    return torch.zeros(mask.shape, dtype=values.dtype).masked_scatter(mask.bool(), values)
+
+
+@register_token_adjustment("sampled_token")
+def opd_sampled_token(
+    adv_tok: torch.Tensor,
+    logp: torch.Tensor,
+    full_logp: torch.Tensor | None,
+    teacher: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    reward_weight: float,
+    coef: float,
+    agg: str,
+    const_len: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Advantage w·A − λ·(log π_s − log π_t) at each sampled token (tinker-cookbook's OPD; one-sample reverse KL).
+
+    `teacher`: teacher log-probs of the sampled tokens at the masked positions, shape [N]. Returns (advantages,
+    extra loss = 0, per-token KL estimate for logging).
+    """
+    kl_tok = (logp.detach() - _scatter(teacher, mask)) * mask
+    return reward_weight * adv_tok - coef * kl_tok, torch.zeros(()), kl_tok
+
+
+@register_token_adjustment("full_vocab")
+def opd_full_vocab(
+    adv_tok: torch.Tensor,
+    logp: torch.Tensor,
+    full_logp: torch.Tensor | None,
+    teacher: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    reward_weight: float,
+    coef: float,
+    agg: str,
+    const_len: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact reverse KL(π_s‖π_t) summed over the vocabulary at each sampled position, as a differentiable loss.
+
+    Its gradient is the expectation of the sampled-token estimator's at that position, without its variance
+    (DeepSeek-V4's full-vocabulary distillation). `teacher`: teacher log-probs over the vocabulary at the masked
+    positions, [N, V]; `full_logp`: the student's, [B, T, V], with gradient. The reward term stays an advantage.
+    """
+    if full_logp is None:
+        raise ValueError("full_vocab OPD needs the student's full-vocabulary log-probs")
+    student = full_logp[mask.bool()]
+    kl_pos = (student.exp() * (student - teacher)).sum(-1)
+    kl_tok = _scatter(kl_pos, mask)
+    return reward_weight * adv_tok, coef * aggregate(kl_tok, mask, agg, const_len), kl_tok.detach()

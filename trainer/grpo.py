@@ -6,6 +6,9 @@ starts, its in-flight rollout ids are written to the run's state; after it ends,
 optimizer, RNG, data cursor, step) is saved. `--resume` after a kill -9 re-runs the interrupted step with the
 same ids and the same per-rollout RNG: the trajectory log answers the tool calls already made, and the step's
 weights equal those of an uninterrupted run.
+
+On-policy distillation is this same loop with `algo.opd` set: per-family `TeacherActor`s (trainer/teachers.py)
+score each step's rollouts between sampling and the update, and the learner's OPD token adjustment uses them.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import random
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from trainer.learner import Learner
 from trainer.metrics import MetricsLog
 from trainer.policy import build_policy
 from trainer.rollout import Rollout, run_rollouts
+from trainer.teachers import score_rollouts, start_teachers
 from trainer.tokenizer import V4Tokenizer
 
 
@@ -75,8 +80,8 @@ class LearnerActor:
     def weights(self) -> dict[str, torch.Tensor]:
         return self.learner.weights()
 
-    def update(self, rollouts: list[dict]) -> dict[str, float]:
-        return self.learner.update([Rollout(**r) for r in rollouts], self.group_size, self.updates)
+    def update(self, rollouts: list[dict], teacher: list[torch.Tensor] | None = None) -> dict[str, float]:
+        return self.learner.update([Rollout(**r) for r in rollouts], self.group_size, self.updates, teacher)
 
     def save(self, path: str) -> None:
         self.learner.save(Path(path))
@@ -99,8 +104,10 @@ def step_jobs(cfg: ExperimentConfig, run_id: str, step: int, cursor: int) -> lis
 
 
 def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path | None, *, address: str | None,
-               dsec_address: str, resume: bool, max_steps: int | None = None, progress: bool = True) -> dict:
-    """Run (or resume) GRPO; returns the final state. `max_steps` stops early (tests); checkpoints every step."""
+               dsec_address: str, resume: bool, max_steps: int | None = None, progress: bool = True,
+               on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict:
+    """Run (or resume) GRPO (or OPD, with `algo.opd`); returns the final state. `max_steps` stops early (tests);
+    checkpoints every step; `on_step(step, metrics)` runs after each step's checkpoint (e.g. a held-out eval)."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_path, ckpt = out / "state.json", out / "learner.pt"
@@ -116,6 +123,8 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
         ray.init(address=address, num_cpus=None if address else 2, include_dashboard=False,
                  _temp_dir=ray_tmp, log_to_driver=False, configure_logging=False)
     cfg_json = cfg.model_dump_json()
+    opd = cfg.algorithm().opd
+    teachers = start_teachers(cfg, tokenizer_path)  # checks every family has a teacher before anything starts
     learner = LearnerActor.remote(cfg_json, str(tokenizer_path), str(init_weights) if init_weights else None)
     if resume and ckpt.exists():
         ray.get(learner.load.remote(str(ckpt)))
@@ -140,7 +149,8 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
         results = ray.get([w.run.remote(weights, shard, seed) for w, shard in zip(workers, shards) if shard])
         by_id = {r["trajectory_id"]: r for shard in results for r in shard}
         rollouts = [by_id[tid] for tid, _ in jobs]
-        metrics = ray.get(learner.update.remote(rollouts))
+        scores = score_rollouts(teachers, rollouts, opd) if opd is not None else None
+        metrics = ray.get(learner.update.remote(rollouts, scores))
         ray.get(learner.save.remote(str(ckpt)))
         state.update(step=step + 1, cursor=state["cursor"] + cfg.grpo.prompts_per_step, inflight=[])
         _write_json(state_path, state)
@@ -154,17 +164,19 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
             step_time_s=time.perf_counter() - started,
             tools_live=sum(r["tools_live"] for r in rollouts),
             tools_replayed=sum(r["tools_replayed"] for r in rollouts),
+            samples=len(rollouts),
             sampled_tokens=sum(sum(r["mask"]) for r in rollouts),
             parse_errors=sum(r["parse_errors"] for r in rollouts),
         )
         log.write(metrics)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}")
+        if on_step is not None:
+            on_step(step + 1, metrics)
     log.close()
     client.close()
     final = {"state": state, "checkpoint": str(ckpt)}
-    for w in workers:
-        ray.kill(w)
-    ray.kill(learner)
+    for actor in [*workers, *teachers.values(), learner]:
+        ray.kill(actor)
     return final
 
 

@@ -1,7 +1,8 @@
 """The learner: policy, frozen reference, optimizer, and one GRPO update from a batch of rollouts.
 
 Losses and advantages come from the `core_algos` registries by config name, so variants (Dr. GRPO, DAPO,
-GSPO, and on-policy distillation's token-level adjustment) are configuration, not new trainers.
+GSPO, and on-policy distillation's token-level adjustment from teacher log-probs) are configuration, not new
+trainers.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from trainer.config import AlgoConfig
-from trainer.core_algos import get_advantage, get_kl, get_policy_loss, zero_variance_groups
+from trainer.core_algos import get_advantage, get_kl, get_policy_loss, get_token_adjustment, zero_variance_groups
 from trainer.rollout import Rollout
 from trainer.sampler import right_pad, token_logprobs
 
@@ -30,9 +31,18 @@ class Learner:
     def weights(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    def update(self, rollouts: list[Rollout], group_size: int, updates: int = 1) -> dict[str, float]:
-        """Group-normalised advantages → clipped surrogate + β·KL(ref), `updates` optimizer steps on the batch."""
+    def update(self, rollouts: list[Rollout], group_size: int, updates: int = 1,
+               teacher: list[torch.Tensor] | None = None) -> dict[str, float]:
+        """Group-normalised advantages → clipped surrogate + β·KL(ref), `updates` optimizer steps on the batch.
+
+        With `algo.opd`, `teacher` holds per rollout the teacher's log-probs at its sampled (mask=1) positions
+        ([n] for the sampled-token estimator, [n, V] for full-vocab), and the OPD token adjustment reshapes the
+        advantages (and adds its loss term) before the same policy loss.
+        """
         a = self.algo
+        if a.opd is not None and (teacher is None or len(teacher) != len(rollouts)):
+            raise ValueError(f"OPD needs teacher scores for each of the {len(rollouts)} rollouts "
+                             f"(got {None if teacher is None else len(teacher)}): start the trainer with teachers")
         rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
         adv = get_advantage(a.advantage)(rewards, group_size, 1e-6)
         keep = torch.ones_like(rewards, dtype=torch.bool)
@@ -45,6 +55,14 @@ class Learner:
         seqs = [r.ids for r in batch]
         mask = right_pad([r.mask for r in batch], 0)[:, 1:].float()
         adv_tok = adv[keep].unsqueeze(1).expand_as(mask)
+        opd = a.opd
+        full = opd is not None and opd.kl_estimator == "full_vocab"
+        if opd is not None:
+            metrics["opd_kl"] = 0.0
+            teacher_tok = torch.cat([t for t, k in zip(teacher, keep.tolist()) if k]).float()
+            if teacher_tok.shape[0] != int(mask.sum()):
+                raise ValueError(f"teacher scores cover {teacher_tok.shape[0]} tokens, the batch samples "
+                                 f"{int(mask.sum())}: score exactly the mask=1 positions of each rollout")
         with torch.no_grad():
             # With one update per batch the policy is the sampler: ratio = 1, so old log-probs are the current
             # ones, detached (saves a forward pass).
@@ -53,9 +71,17 @@ class Learner:
         loss_fn = get_policy_loss(a.policy_loss)
         for _ in range(updates):
             self.model.train()
-            logp = token_logprobs(self.model, seqs, self.pad_id)
-            loss = loss_fn(logp, logp.detach() if old_logp is None else old_logp, adv_tok, mask, clip_low=a.clip_low, clip_high=a.clip_high,
-                           agg=a.loss_agg, const_len=a.const_len)
+            logp, full_logp = _logprobs(self.model, seqs, self.pad_id, full)
+            step_adv, extra = adv_tok, None
+            if opd is not None:
+                step_adv, extra, kl_tok = get_token_adjustment(opd.kl_estimator)(
+                    adv_tok, logp, full_logp, teacher_tok, mask, reward_weight=opd.reward_weight, coef=opd.coef,
+                    agg=a.loss_agg, const_len=a.const_len)
+                metrics["opd_kl"] = ((kl_tok * mask).sum() / mask.sum().clamp(min=1)).item()
+            loss = loss_fn(logp, logp.detach() if old_logp is None else old_logp, step_adv, mask, clip_low=a.clip_low,
+                           clip_high=a.clip_high, agg=a.loss_agg, const_len=a.const_len)
+            if extra is not None:
+                loss = loss + extra
             if ref_logp is not None:
                 kl = (get_kl(a.kl_estimator)(logp, ref_logp) * mask).sum() / mask.sum().clamp(min=1)
                 loss = loss + a.kl_coef * kl
@@ -82,3 +108,13 @@ class Learner:
         self.ref.load_state_dict(state["ref"])
         self.opt.load_state_dict(state["opt"])
         torch.set_rng_state(state["torch_rng"])
+
+
+def _logprobs(model: PreTrainedModel, seqs: list[list[int]], pad_id: int, full: bool
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sampled-token log-probs [B, T-1], plus the full-vocabulary ones [B, T-1, V] when `full` (one forward)."""
+    if not full:
+        return token_logprobs(model, seqs, pad_id), None
+    batch = right_pad(seqs, pad_id)
+    full_logp = torch.log_softmax(model(input_ids=batch).logits.float()[:, :-1], dim=-1)
+    return full_logp.gather(-1, batch[:, 1:].unsqueeze(-1)).squeeze(-1), full_logp
