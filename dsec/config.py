@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -45,6 +46,10 @@ class ServerConfig(BaseModel):
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set → mutual TLS
     metrics_listen: str = ""  # e.g. "127.0.0.1:9464"; "" = no metrics endpoint
+    # Image layers as overlay lower dirs: extracted directories, or loop-mounted erofs images (docs/images.md).
+    layer_format: Literal["dir", "erofs"] = Field(
+        default_factory=lambda: os.environ.get("DSEC_LAYER_FORMAT", "dir"), validate_default=True
+    )
 
     @property
     def images_dir(self) -> Path:
