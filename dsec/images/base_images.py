@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("which", nargs="?", default="all", choices=[*BUILDERS, "all"])
     parser.add_argument("--quiet", action="store_true", help="print nothing for images already imported")
     args = parser.parse_args(argv)
-    store = LayerStore(ServerConfig().images_dir)
+    config = ServerConfig()
+    store = LayerStore(config.images_dir, config.layer_format)
     try:
         for name in BUILDERS if args.which == "all" else [args.which]:
             if args.quiet and _already(store, name) is not None:

@@ -231,7 +231,12 @@ def _run_step(store: LayerStore, parent: str, step: Step, config: ImageConfig, o
     state_dir.mkdir()
     spec = SandboxSpec(image=parent, substrate="container", driver=RUN_DRIVER, timeout_s=RUN_TIMEOUT_S)
     env = dict(e.split("=", 1) for e in config.env if "=" in e)
-    sandbox = driver.create(sandbox_id, spec, store.resolve(parent), state_dir)
+    try:
+        sandbox = driver.create(sandbox_id, spec, store.acquire(parent, sandbox_id), state_dir)
+    except BaseException:
+        store.release(sandbox_id)
+        driver.cleanup_state_dir(state_dir)
+        raise
     try:
         output = bytearray()
         exit_code = None
@@ -253,6 +258,7 @@ def _run_step(store: LayerStore, parent: str, step: Step, config: ImageConfig, o
             driver.destroy(sandbox)
         finally:
             driver.cleanup_state_dir(state_dir)
+            store.release(sandbox_id)  # lets erofs layer mounts of the parent go
 
 
 def _child_image(store: LayerStore, parent: ImageRecord, step: Step, layer_tar: Path | None) -> ImageRecord:

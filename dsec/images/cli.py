@@ -18,7 +18,8 @@ from dsec.images.store import ImageRecord, LayerStore
 
 
 def _store() -> LayerStore:
-    return LayerStore(ServerConfig().images_dir)
+    config = ServerConfig()
+    return LayerStore(config.images_dir, config.layer_format)
 
 
 def _mb(n: int) -> str:

@@ -21,7 +21,7 @@ from dsec.images.store import LayerStore, ImageRecord
 class DiskUsage:
     images: int
     layers: int
-    layer_bytes: int  # extracted layer dirs
+    layer_bytes: int  # extracted layer dirs or erofs images
     blob_bytes: int  # blobs/ (layer tars, manifests, configs)
     partial_bytes: int  # resumable downloads in progress
     held_images: int
@@ -113,11 +113,14 @@ def prune(store: LayerStore, budget_bytes: int | None = None, all_untagged: bool
             if store.layers_wanted(record.digest):
                 needed_layers.update(hex_of(layer.diff_id) for layer in record.layers)
                 needed_blobs.update(hex_of(layer.blob_digest) for layer in record.layers)
-        for layer_dir in list(store.layers_dir.iterdir()):
-            if layer_dir.name not in needed_layers:
-                _trash(store, layer_dir)
-                store.drop_layer_row("sha256:" + layer_dir.name)
-                result.layers_removed.append("sha256:" + layer_dir.name)
+        store.unmount_unused()  # erofs layer mounts no sandbox holds (before their images may go)
+        for entry in list(store.layers_dir.iterdir()):
+            key = entry.name.removesuffix(".erofs")
+            if key not in needed_layers:
+                _trash(store, entry)
+                store.drop_layer_row("sha256:" + key)
+                if "sha256:" + key not in result.layers_removed:
+                    result.layers_removed.append("sha256:" + key)
         for blob in list(store.blobs_dir.iterdir()):
             if blob.name not in needed_blobs:
                 blob.unlink(missing_ok=True)

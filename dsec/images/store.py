@@ -3,7 +3,9 @@
 Layout under `root` (= `ServerConfig().images_dir`):
 
     blobs/sha256/<hex>     OCI blobs (manifests, configs, layer tars) exactly as received
-    layers/<diff hex>/     extracted layers, the overlay lower dirs every sandbox shares read-only
+    layers/<diff hex>/     extracted layers, the overlay lower dirs every sandbox shares read-only (format dir)
+    layers/<diff hex>.erofs  the same layer as one erofs image (format erofs)
+    mounts/<diff hex>/     where an erofs layer is loop-mounted read-only, once per machine, while in use
     tmp/<pid>-<rand>       work in progress; renamed into place when complete, swept when its pid is dead
     locks/                 flock files: one per layer (single extraction) and `gc` (prune vs. users)
     store.db               SQLite (WAL): images, tags, layers, holders
@@ -32,11 +34,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dsec.errors import DiskFull, DsecError, ImageNotFound, InvalidSpec, SandboxStateError
-from dsec.images import oci
+from dsec.images import erofs, oci
 from dsec.images.digest import CHUNK, HashingReader, check_digest, copy_hashing, hex_of, sha256_bytes
 from dsec.images.extract import extract_layer_file
 from dsec.substrates.base import ImageConfig, ImageRootfs
 
+LAYER_FORMATS = ("dir", "erofs")
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 
 _SCHEMA = """
@@ -106,13 +109,18 @@ def disk_errors(what: str) -> Iterator[None]:
 class LayerStore:
     """Process-safe layer store; see the module docstring for the on-disk layout and its invariants."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, layer_format: str | None = None) -> None:
+        """`layer_format`: "dir" or "erofs" (None: $DSEC_LAYER_FORMAT, else "dir"); see ServerConfig.layer_format."""
         self.root = Path(root)
+        self.layer_format = layer_format or os.environ.get("DSEC_LAYER_FORMAT") or "dir"
+        if self.layer_format not in LAYER_FORMATS:
+            raise InvalidSpec(f"unknown layer_format {self.layer_format!r}: use one of {', '.join(LAYER_FORMATS)}")
         self.blobs_dir = self.root / "blobs" / "sha256"
         self.layers_dir = self.root / "layers"
+        self.mounts_dir = self.root / "mounts"
         self.tmp_dir = self.root / "tmp"
         self.locks_dir = self.root / "locks"
-        for d in (self.blobs_dir, self.layers_dir, self.tmp_dir, self.locks_dir):
+        for d in (self.blobs_dir, self.layers_dir, self.mounts_dir, self.tmp_dir, self.locks_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._db_lock = threading.RLock()
         self._db = sqlite3.connect(self.root / "store.db", timeout=60, isolation_level=None, check_same_thread=False)
@@ -123,6 +131,8 @@ class LayerStore:
         self.sweep_tmp()
 
     def close(self) -> None:
+        """Detach the erofs layer mounts no sandbox holds, then close the database."""
+        self.unmount_unused()
         with self._db_lock:
             self._db.close()
 
@@ -217,7 +227,16 @@ class LayerStore:
     def layer_path(self, diff_id: str) -> Path:
         return self.layers_dir / hex_of(diff_id)
 
+    def erofs_path(self, diff_id: str) -> Path:
+        return self.layers_dir / f"{hex_of(diff_id)}.erofs"
+
+    def mount_path(self, diff_id: str) -> Path:
+        return self.mounts_dir / hex_of(diff_id)
+
     def has_layer(self, diff_id: str) -> bool:
+        """Whether the layer exists in this store's format (a layer in the other format is rebuilt from its blob)."""
+        if self.layer_format == "erofs":
+            return self.erofs_path(diff_id).is_file()
         return self.layer_path(diff_id).is_dir()
 
     def ensure_layer(
@@ -246,7 +265,7 @@ class LayerStore:
                 compressed = self.blob_path(got).open("rb").read(2) == b"\x1f\x8b"
                 info = LayerInfo(got, diff_id, oci.oci_layer_type(compressed), size)
                 if not known:
-                    self._record_layer(info, _tree_size(self.layer_path(diff_id)))
+                    self._record_layer(info, self._layer_bytes(diff_id))
                 return info
             return self._extract_new(diff_id, blob_digest, opener, limit, keep_blob=not have_blob)
 
@@ -277,12 +296,23 @@ class LayerStore:
             if keep_blob:
                 os.replace(blob_file, self.blob_path(result.blob_digest))
             os.chmod(layer_tmp, os.stat(layer_tmp).st_mode | 0o755)
-            os.rename(layer_tmp, self.layer_path(diff_id))
+            if self.layer_format == "erofs":
+                image_tmp = work / "layer.erofs"
+                with disk_errors(f"packing layer {diff_id}"):
+                    erofs.build_image(layer_tmp, image_tmp, f"layer {diff_id}")
+                os.rename(image_tmp, self.erofs_path(diff_id))
+            else:
+                os.rename(layer_tmp, self.layer_path(diff_id))
             info = LayerInfo(result.blob_digest, diff_id, oci.oci_layer_type(result.compressed), result.blob_size)
-            self._record_layer(info, result.unpacked_bytes)
+            self._record_layer(info, self._layer_bytes(diff_id) if self.layer_format == "erofs" else result.unpacked_bytes)
             return info
         finally:
             _remove_path(work)
+
+    def _layer_bytes(self, diff_id: str) -> int:
+        if self.layer_format == "erofs":
+            return self.erofs_path(diff_id).stat().st_size
+        return _tree_size(self.layer_path(diff_id))
 
     def _record_layer(self, info: LayerInfo, unpacked: int) -> None:
         with self._tx() as db:
@@ -375,16 +405,57 @@ class LayerStore:
         with self.lock("gc", shared=True):
             record = self.inspect(ref)
             missing = [layer for layer in record.layers if not self.has_layer(layer.diff_id)]
-            if missing:
-                from dsec.images.registry import fetch_layer  # lazy pull: layers come on first use
+            for layer in missing:
+                if self.has_blob(layer.blob_digest):  # e.g. the layer exists only in the other format
+                    self.ensure_layer(layer.diff_id, layer.blob_digest, _no_source(layer.blob_digest))
+                else:
+                    from dsec.images.registry import fetch_layer  # lazy pull: layers come on first use
 
-                for layer in missing:
                     fetch_layer(self, record, layer)
             with self._tx() as db:
                 db.execute("UPDATE images SET last_used=? WHERE digest=?", (time.time(), record.digest))
                 db.execute("DELETE FROM evicted WHERE digest=?", (record.digest,))
-            lower = [self.layer_path(layer.diff_id) for layer in reversed(record.layers)]
+            if self.layer_format == "erofs":
+                with self.lock("mounts", shared=True):
+                    lower = [self._mounted(layer.diff_id) for layer in reversed(record.layers)]
+            else:
+                lower = [self.layer_path(layer.diff_id) for layer in reversed(record.layers)]
             return ImageRootfs(reference=ref, digest=record.digest, lower_dirs=lower, config=record.config)
+
+    def _mounted(self, diff_id: str) -> Path:
+        """The read-only mount point of an erofs layer, mounting it if this is its first use on the machine."""
+        target = self.mount_path(diff_id)
+        if erofs.is_mounted(target):
+            return target
+        with self.lock(f"layer-{hex_of(diff_id)}"):
+            if not erofs.is_mounted(target):
+                erofs.mount_layer(self.erofs_path(diff_id), target, f"layer {diff_id}")
+        return target
+
+    def held_layers(self) -> set[str]:
+        """Hex diff_ids of every layer some holder (a live sandbox) needs."""
+        wanted: set[str] = set()
+        for (digest,) in self._query("SELECT DISTINCT digest FROM holds"):
+            with contextlib.suppress(DsecError):
+                wanted.update(hex_of(layer.diff_id) for layer in self.get(digest).layers)
+        return wanted
+
+    def unmount_unused(self, keep: set[str] | None = None) -> list[str]:
+        """Detach every erofs layer mount no holder needs (`keep`: hex diff_ids; default: the held layers).
+
+        The reference count is the holds table: a layer stays mounted while a sandbox holds an image that uses
+        it. A sandbox created without a hold keeps a detached layer alive inside its overlay until it ends.
+        """
+        detached = []
+        with self.lock("mounts"):  # no acquire between computing what is held and detaching
+            keep = self.held_layers() if keep is None else keep
+            for target in list(self.mounts_dir.iterdir()):
+                if target.name in keep:
+                    continue
+                with self.lock(f"layer-{target.name}"):
+                    erofs.unmount_layer(target)
+                detached.append(target.name)
+        return detached
 
     def source_of(self, digest: str) -> str:
         rows = self._query("SELECT source FROM images WHERE digest=?", (digest,))
@@ -445,16 +516,22 @@ class LayerStore:
 
     def acquire(self, ref: str, holder_id: str) -> ImageRootfs:
         """Resolve `ref` and pin it for `holder_id` (a sandbox id) so prune never removes its layers."""
-        with self.lock("gc", shared=True):  # no prune between resolving and pinning
+        # no prune, and no release detaching a layer mount, between resolving and pinning
+        with self.lock("gc", shared=True), self.lock("mounts", shared=True):
             rootfs = self.resolve(ref)
             with self._tx() as db:
                 db.execute("INSERT OR REPLACE INTO holds VALUES (?,?,?)", (holder_id, rootfs.digest, time.time()))
         return rootfs
 
     def release(self, holder_id: str) -> None:
-        """Unpin whatever `holder_id` acquired (idempotent; called at sandbox destroy and crash cleanup)."""
+        """Unpin whatever `holder_id` acquired (idempotent; called at sandbox destroy and crash cleanup).
+
+        With erofs layers, the layers its image no longer shares with another holder are unmounted.
+        """
         with self._tx() as db:
             db.execute("DELETE FROM holds WHERE holder=?", (holder_id,))
+        if any(self.mounts_dir.iterdir()):
+            self.unmount_unused()
 
     def holders(self) -> dict[str, str]:
         return dict(self._query("SELECT holder, digest FROM holds"))
@@ -491,6 +568,15 @@ class LayerStore:
 
         with self.lock("gc", shared=True):
             return import_docker_archive(self, Path(tar_path), tag)
+
+
+def _no_source(blob_digest: str) -> Callable[[], contextlib.AbstractContextManager[BinaryIO]]:
+    """The opener for a layer whose blob is already stored: ensure_layer extracts from the blob and never calls it."""
+
+    def opener() -> contextlib.AbstractContextManager[BinaryIO]:
+        raise ImageNotFound(f"blob {blob_digest} vanished from the store: re-import or pull the image")
+
+    return opener
 
 
 def _tree_size(path: Path) -> int:

@@ -18,11 +18,30 @@ from dsec.images.store import LayerStore
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[LayerStore]:
-    s = LayerStore(tmp_path / "images")
+    s = LayerStore(tmp_path / "images", "dir")
     try:
         yield s
     finally:
         s.close()
+
+
+def mounts_under(root: Path) -> list[str]:
+    """Lines of /proc/mounts whose mount point lies under `root` (what a leak check looks for)."""
+    with open("/proc/mounts") as fh:
+        return [line for line in fh if line.split(" ")[1].startswith(str(root))]
+
+
+@pytest.fixture(params=["dir", "erofs"])
+def fmt_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LayerStore]:
+    """A store in each layer format; afterwards no mount of it may remain (held or not)."""
+    root = tmp_path / "images"
+    s = LayerStore(root, request.param)
+    try:
+        yield s
+    finally:
+        s.unmount_unused(keep=set())
+        s.close()
+        assert mounts_under(root) == []
 
 
 @dataclass

@@ -36,9 +36,9 @@ def test_whiteouts_translate_to_overlay_markers(store: LayerStore, tmp_path: Pat
 
 
 @pytest.mark.timeout(60)
-def test_whiteouts_honoured_across_two_layers_by_overlayfs(store: LayerStore, tmp_path: Path) -> None:
-    store.import_oci_layout(oci_layout(tmp_path / "l", [BOTTOM, TOP]), tag="wh")
-    rootfs = store.resolve("wh")
+def test_whiteouts_honoured_across_two_layers_by_overlayfs(fmt_store: LayerStore, tmp_path: Path) -> None:
+    fmt_store.import_oci_layout(oci_layout(tmp_path / "l", [BOTTOM, TOP]), tag="wh")
+    rootfs = fmt_store.resolve("wh")
     upper, work, merged = (tmp_path / n for n in ("upper", "work", "merged"))
     for d in (upper, work, merged):
         d.mkdir()

@@ -17,26 +17,26 @@ ONLY_A = layer_tar([Entry("a", b"a" * 50_000)])
 ONLY_B = layer_tar([Entry("b", b"b" * 50_000)])
 
 
-def test_prune_keeps_shared_layers_and_frees_unreferenced(store: LayerStore, tmp_path: Path) -> None:
-    a = store.import_oci_layout(oci_layout(tmp_path / "a", [SHARED, ONLY_A]), tag="a")
-    store.import_oci_layout(oci_layout(tmp_path / "b", [SHARED, ONLY_B]), tag="b")
-    assert prune(store).layers_removed == []  # everything is tagged
-    store.remove("a")
-    result = prune(store)
+def test_prune_keeps_shared_layers_and_frees_unreferenced(fmt_store: LayerStore, tmp_path: Path) -> None:
+    a = fmt_store.import_oci_layout(oci_layout(tmp_path / "a", [SHARED, ONLY_A]), tag="a")
+    fmt_store.import_oci_layout(oci_layout(tmp_path / "b", [SHARED, ONLY_B]), tag="b")
+    assert prune(fmt_store).layers_removed == []  # everything is tagged
+    fmt_store.remove("a")
+    result = prune(fmt_store)
     assert result.layers_removed == [sha(ONLY_A)] and result.bytes_freed > 50_000
-    assert store.has_layer(sha(SHARED)) and store.has_layer(sha(ONLY_B))
-    assert not store.has_blob(a.digest)
-    assert (store.resolve("b").lower_dirs[0] / "b").read_bytes() == b"b" * 50_000
+    assert fmt_store.has_layer(sha(SHARED)) and fmt_store.has_layer(sha(ONLY_B))
+    assert not fmt_store.has_blob(a.digest)
+    assert (fmt_store.resolve("b").lower_dirs[0] / "b").read_bytes() == b"b" * 50_000
 
 
-def test_held_image_survives_removal_of_its_tag_and_prune(store: LayerStore, tmp_path: Path) -> None:
-    store.import_oci_layout(oci_layout(tmp_path / "a", [ONLY_A]), tag="a")
-    rootfs = store.acquire("a", "sb-held")
-    store.remove("a")
-    prune(store)
+def test_held_image_survives_removal_of_its_tag_and_prune(fmt_store: LayerStore, tmp_path: Path) -> None:
+    fmt_store.import_oci_layout(oci_layout(tmp_path / "a", [ONLY_A]), tag="a")
+    rootfs = fmt_store.acquire("a", "sb-held")
+    fmt_store.remove("a")
+    prune(fmt_store)
     assert rootfs.lower_dirs[0].is_dir()
-    store.release("sb-held")
-    prune(store)
+    fmt_store.release("sb-held")
+    prune(fmt_store)
     assert not rootfs.lower_dirs[0].exists()
 
 

@@ -18,12 +18,12 @@ TOP = layer_tar([Entry("etc", kind="dir"), Entry("etc/motd", b"top\n"), Entry("e
 
 
 @pytest.mark.parametrize("gz", [False, True], ids=["tar", "tar+gzip"])
-def test_import_oci_layout_and_resolve(store: LayerStore, tmp_path: Path, gz: bool) -> None:
+def test_import_oci_layout_and_resolve(fmt_store: LayerStore, tmp_path: Path, gz: bool) -> None:
     layout = oci_layout(tmp_path / "layout", [BASE, TOP], gzip_layers=gz, cmd=["echo", "x"])
-    record = store.import_oci_layout(layout, tag="demo:1")
+    record = fmt_store.import_oci_layout(layout, tag="demo:1")
     assert record.tags == ["demo:1"]
     assert [layer.diff_id for layer in record.layers] == [sha(BASE), sha(TOP)]
-    rootfs = store.resolve("demo:1")
+    rootfs = fmt_store.resolve("demo:1")
     assert rootfs.digest == record.digest
     top, base = rootfs.lower_dirs
     assert (top / "etc/motd").read_bytes() == b"top\n" and (base / "etc/motd").read_bytes() == b"base\n"
@@ -33,8 +33,8 @@ def test_import_oci_layout_and_resolve(store: LayerStore, tmp_path: Path, gz: bo
     assert (os.stat(base / "etc/owned").st_uid, os.stat(base / "etc/owned").st_gid) == (1234, 99)
     assert rootfs.config.cmd == ["echo", "x"] and rootfs.config.workdir == "/work" and rootfs.config.user == "1000"
     assert "A=1" in rootfs.config.env
-    assert store.resolve(record.digest).digest == record.digest  # by full digest
-    assert store.resolve(record.digest[:15]).digest == record.digest  # by unique prefix
+    assert fmt_store.resolve(record.digest).digest == record.digest  # by full digest
+    assert fmt_store.resolve(record.digest[:15]).digest == record.digest  # by unique prefix
 
 
 def test_import_docker_archive_keeps_repo_tags(store: LayerStore, tmp_path: Path) -> None:
@@ -68,22 +68,24 @@ def test_tag_list_remove(store: LayerStore, tmp_path: Path) -> None:
         store.tag(record.digest, "bad tag with spaces")
 
 
-def test_dedup_same_layer_extracted_once(store: LayerStore, tmp_path: Path) -> None:
-    one = store.import_oci_layout(oci_layout(tmp_path / "one", [BASE]), tag="one")
-    layer_dir = store.layer_path(sha(BASE))
+def test_dedup_same_layer_extracted_once(fmt_store: LayerStore, tmp_path: Path) -> None:
+    one = fmt_store.import_oci_layout(oci_layout(tmp_path / "one", [BASE]), tag="one")
+    erofs = fmt_store.layer_format == "erofs"
+    layer_dir = fmt_store.erofs_path(sha(BASE)) if erofs else fmt_store.layer_path(sha(BASE))
     inode = os.stat(layer_dir).st_ino
     # Same layer again, this time gzip-compressed (different blob, same diff_id), under a second image.
-    two = store.import_oci_layout(oci_layout(tmp_path / "two", [BASE, TOP], gzip_layers=True), tag="two")
+    two = fmt_store.import_oci_layout(oci_layout(tmp_path / "two", [BASE, TOP], gzip_layers=True), tag="two")
     assert two.digest != one.digest
     assert os.stat(layer_dir).st_ino == inode
-    assert sorted(p.name for p in store.layers_dir.iterdir()) == sorted([sha(BASE)[7:], sha(TOP)[7:]])
+    suffix = ".erofs" if erofs else ""
+    assert sorted(p.name for p in fmt_store.layers_dir.iterdir()) == sorted([sha(BASE)[7:] + suffix, sha(TOP)[7:] + suffix])
     calls = []
 
     def opener():
         calls.append(1)
         raise AssertionError("a present layer must not be re-read")
 
-    store.ensure_layer(sha(TOP), two.layers[1].blob_digest, opener)
+    fmt_store.ensure_layer(sha(TOP), two.layers[1].blob_digest, opener)
     assert calls == []
 
 
@@ -104,14 +106,14 @@ def test_not_a_layout_or_archive(store: LayerStore, tmp_path: Path) -> None:
         store.import_docker_archive(junk)
 
 
-def test_acquire_pins_against_remove(store: LayerStore, tmp_path: Path) -> None:
-    record = store.import_oci_layout(oci_layout(tmp_path / "l", [BASE]), tag="pinned")
-    rootfs = store.acquire("pinned", "sb-1")
-    assert rootfs.digest == record.digest and store.inspect("pinned").holders == 1
+def test_acquire_pins_against_remove(fmt_store: LayerStore, tmp_path: Path) -> None:
+    record = fmt_store.import_oci_layout(oci_layout(tmp_path / "l", [BASE]), tag="pinned")
+    rootfs = fmt_store.acquire("pinned", "sb-1")
+    assert rootfs.digest == record.digest and fmt_store.inspect("pinned").holders == 1
     from dsec.errors import SandboxStateError
 
     with pytest.raises(SandboxStateError, match="sb-1"):
-        store.remove(record.digest)
-    store.release("sb-1")
-    store.release("sb-1")  # idempotent
-    assert store.remove(record.digest) == [record.digest]
+        fmt_store.remove(record.digest)
+    fmt_store.release("sb-1")
+    fmt_store.release("sb-1")  # idempotent
+    assert fmt_store.remove(record.digest) == [record.digest]

@@ -66,7 +66,8 @@ def _run(sandbox, argv: list[str]) -> tuple[int, str]:
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("runtime", ["crun", "runc"])
-def test_user_applies_to_run_steps_and_execs(store: LayerStore, tmp_path: Path, runtime: str) -> None:
+def test_user_applies_to_run_steps_and_execs(fmt_store: LayerStore, tmp_path: Path, runtime: str) -> None:
+    store = fmt_store
     build_busybox(store)
     ctx = tmp_path / "ctx"
     ctx.mkdir()
