@@ -72,7 +72,7 @@ class RunningServer:
 def _open_image_store(config: ServerConfig):
     from dsec.images.store import LayerStore
 
-    return LayerStore(config.images_dir)
+    return LayerStore(config.images_dir, config.layer_format)
 
 
 def _open_step_coordinator(config: ServerConfig):
