@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import dsec
-from dsec.errors import DsecError, OutOfMemory
+from dsec.errors import DiskFull, DsecError, OutOfMemory
 from dsec.v1 import sandbox_pb2 as pb
 
 from .table import record
@@ -92,21 +92,19 @@ def test_memory_bomb(case, spawn):
     assert record(case[0], "memory bomb (64 MB)", outcome, contained)
 
 
-def test_disk_fill(case, spawn, request):
-    if case[0] == "docker":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="known escape: the Docker driver has no writable-layer quota on this host (overlay2 on a "
-                "filesystem without project quotas); the table counts it. Remove this mark once it is enforced.",
-            )
-        )
+def test_disk_fill(case, spawn):
     sandbox = spawn(disk_mb=32)
-    outcome = _run(sandbox, "dd if=/dev/zero of=/fill bs=1M count=256 2>&1 | tail -n 1; ls -l /fill", timeout=120)
+    outcome = _run(sandbox, "dd if=/dev/zero of=/fill bs=1M count=256 2>&1 | grep -o 'No space left on device'", timeout=120)
     size = _run(sandbox, "wc -c < /fill").split()
     written = int(size[1]) if len(size) > 1 and size[1].isdigit() else 0
-    contained = written <= 48 << 20
-    assert record(case[0], "disk fill (disk=32 MB)", f"wrote {written >> 20} MB; {outcome[-40:]}", contained)
+    try:
+        sandbox.files.write("/fill-api", b"x" * (64 << 20))
+        api = "files.write 64 MB accepted"
+    except DiskFull:
+        api = "files.write: DiskFull"
+    enospc = "No space left on device" in outcome
+    contained = written <= 48 << 20 and enospc and api.endswith("DiskFull")
+    assert record(case[0], "disk fill (disk=32 MB)", f"wrote {written >> 20} MB; dd {'ENOSPC' if enospc else outcome[-30:]}; {api}", contained)
 
 
 def test_read_host_files(case, spawn, bait):

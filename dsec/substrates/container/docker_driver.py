@@ -31,6 +31,7 @@ from dsec.config import ServerConfig
 from dsec.errors import RuntimeFailure, SandboxStateError, SnapshotNotFound
 from dsec.models import SandboxSpec
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
+from dsec.substrates.container import docker_disk
 from dsec.substrates.container.docker_images import ensure_image
 from dsec.substrates.container.dockerd import ensure_engine
 
@@ -88,9 +89,13 @@ def _read_oom_kills(cgroup_dir: Path) -> int:
 class DockerSandbox(AgentSandbox):
     """A Docker container whose PID 1 is the dsec agent."""
 
-    def __init__(self, sandbox_id: str, client: AgentClient, container: str, api: docker.APIClient, spec: SandboxSpec) -> None:
+    def __init__(
+        self, sandbox_id: str, client: AgentClient, container: str, api: docker.APIClient, spec: SandboxSpec,
+        state_dir: Path | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(sandbox_id, client)
         self.container = container
+        self.state_dir = state_dir  # holds the sandbox's disk image and the egress allowlist's network record
         self._api = api
         self._memory_mb = spec.resources.memory_mb
         self._cgroup_dir: Path | None = None
@@ -188,6 +193,7 @@ class DockerDriver(SandboxDriver):
         self.client = docker.DockerClient(base_url=base_url, timeout=None, version="auto")
         self.api: docker.APIClient = self.client.api
         self.agent_path = agent_binary(config.bin_dir)
+        self.disk_templates = config.home / "cache" / "disk-templates"
 
     def _host_config(self, spec: SandboxSpec, run_dir: Path) -> dict:
         res = spec.resources
@@ -249,6 +255,8 @@ class DockerDriver(SandboxDriver):
         except docker.errors.APIError as exc:
             raise RuntimeFailure(f"docker could not create sandbox {sandbox_id}: {exc.explanation}", sandbox_id=sandbox_id) from exc
         try:
+            layer = _upper_dir(self.api.inspect_container(container), sandbox_id).parent
+            docker_disk.attach(layer, state_dir, spec.resources.disk_mb, sandbox_id, self.disk_templates)
             if before_start is not None:
                 before_start(container)
             self.api.start(container)
@@ -256,12 +264,13 @@ class DockerDriver(SandboxDriver):
         except BaseException as exc:
             why = self._why_not_running(container)
             self._remove(container)
+            docker_disk.remove(state_dir)
             if isinstance(exc, docker.errors.APIError):
                 raise RuntimeFailure(f"docker could not start sandbox {sandbox_id}: {exc.explanation}", sandbox_id=sandbox_id) from exc
             if isinstance(exc, RuntimeFailure) and why:
                 raise RuntimeFailure(f"{exc.message}; container: {why}", sandbox_id=sandbox_id) from exc
             raise
-        return DockerSandbox(sandbox_id, client, container, self.api, spec)
+        return DockerSandbox(sandbox_id, client, container, self.api, spec, state_dir)
 
     def _why_not_running(self, container: str) -> str:
         """The container's state and last log lines, for the error of a create that failed."""
@@ -296,7 +305,10 @@ class DockerDriver(SandboxDriver):
         assert isinstance(sandbox, DockerSandbox)
         sandbox.close()
         self._remove(sandbox.container)
+        if sandbox.state_dir is not None:
+            docker_disk.remove(sandbox.state_dir)
 
     def cleanup_state_dir(self, state_dir: Path) -> None:
         for container in self.api.containers(all=True, quiet=True, filters={"label": f"{STATE_DIR_LABEL}={state_dir.resolve()}"}):
             self._remove(container["Id"])
+        docker_disk.remove(state_dir)
