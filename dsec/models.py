@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dsec.allowlist import parse_allowlist
 
 Substrate = Literal["function", "container", "microvm", "vm"]
 SUBSTRATES: tuple[str, ...] = ("function", "container", "microvm", "vm")
@@ -29,6 +31,9 @@ class SandboxSpec(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
     network: bool = False
+    network_allow: list[str] = Field(
+        default_factory=list, description="egress allowlist: host-or-ipv4[:port] or ipv4-cidr[:port]; [] = none"
+    )
     driver: str = ""
     workdir: str = ""
 
@@ -39,6 +44,18 @@ class SandboxSpec(BaseModel):
             if not key or "=" in key or "\0" in key or "\0" in value:
                 raise ValueError(f"invalid environment variable name or value: {key!r}")
         return env
+
+    @field_validator("network_allow")
+    @classmethod
+    def _allowlist(cls, entries: list[str]) -> list[str]:
+        parse_allowlist(entries)
+        return entries
+
+    @model_validator(mode="after")
+    def _one_network_mode(self) -> SandboxSpec:
+        if self.network and self.network_allow:
+            raise ValueError("network=True gives the host network; an egress allowlist needs network=False")
+        return self
 
 
 class ExecResult(BaseModel):

@@ -137,6 +137,7 @@ class Client:
         env: dict[str, str] | None = None,
         labels: dict[str, str] | None = None,
         network: bool = False,
+        network_allow: list[str] | None = None,
         driver: str = "",
         workdir: str = "",
         trust_results: bool = False,
@@ -156,6 +157,7 @@ class Client:
                 env=env or {},
                 labels=labels or {},
                 network=network,
+                network_allow=network_allow or [],
                 driver=driver,
                 workdir=workdir,
             )
@@ -171,6 +173,7 @@ class Client:
                 env=spec.env,
                 labels=spec.labels,
                 network=spec.network,
+                network_allow=spec.network_allow,
                 driver=spec.driver,
                 workdir=spec.workdir,
             )

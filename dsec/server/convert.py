@@ -29,6 +29,7 @@ def spec_from_pb(message: pb.SandboxSpec, config: ServerConfig) -> SandboxSpec:
             env=dict(message.env),
             labels=dict(message.labels),
             network=message.network,
+            network_allow=list(message.network_allow),
             driver=message.driver,
             workdir=message.workdir,
         )
@@ -46,6 +47,7 @@ def spec_to_pb(spec: SandboxSpec) -> pb.SandboxSpec:
         env=spec.env,
         labels=spec.labels,
         network=spec.network,
+        network_allow=spec.network_allow,
         driver=spec.driver,
         workdir=spec.workdir,
     )

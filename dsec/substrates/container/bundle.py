@@ -93,7 +93,7 @@ def _nofile() -> int:
     return MAX_NOFILE if hard == resource.RLIM_INFINITY else min(MAX_NOFILE, hard)
 
 
-def _mounts(agent_binary: Path, agent_run_dir: Path, network: bool) -> list[dict]:
+def _mounts(agent_binary: Path, agent_run_dir: Path, network: bool, hosts_file: Path | None = None) -> list[dict]:
     mounts = [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
         {
@@ -126,6 +126,8 @@ def _mounts(agent_binary: Path, agent_run_dir: Path, network: bool) -> list[dict
             })
     else:
         mounts.append({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]})
+    if hosts_file is not None:  # an allowlist's names, resolved on the host: the sandbox has no DNS
+        mounts.append({"destination": "/etc/hosts", "type": "bind", "source": str(hosts_file), "options": ["bind", "ro", "nosuid", "nodev", "noexec"]})
     mounts += [
         {"destination": AGENT_PATH, "type": "bind", "source": str(agent_binary), "options": ["bind", "ro", "nosuid", "nodev"]},
         {"destination": AGENT_RUN_DIR, "type": "bind", "source": str(agent_run_dir), "options": ["bind", "rw", "nosuid", "nodev", "noexec"]},
@@ -157,11 +159,16 @@ def runtime_config(
     rootfs: Path,
     agent_binary: Path,
     agent_run_dir: Path,
+    netns: Path | None = None,
+    hosts_file: Path | None = None,
 ) -> dict:
-    """The config.json of a sandbox whose PID 1 is the agent (see module docstring for the why of each part)."""
+    """The config.json of a sandbox whose PID 1 is the agent (see module docstring for the why of each part).
+
+    `netns`: join this prepared network namespace (an egress allowlist's, see network.py) instead of a new one.
+    """
     namespaces = [{"type": ns} for ns in ("pid", "ipc", "uts", "mount")]
     if not spec.network:
-        namespaces.append({"type": "network"})
+        namespaces.append({"type": "network", "path": str(netns)} if netns is not None else {"type": "network"})
     nofile = _nofile()
     return {
         "ociVersion": "1.0.2",
@@ -177,7 +184,7 @@ def runtime_config(
         },
         "root": {"path": str(rootfs), "readonly": False},
         "hostname": sandbox_id,
-        "mounts": _mounts(agent_binary, agent_run_dir, spec.network),
+        "mounts": _mounts(agent_binary, agent_run_dir, spec.network, hosts_file),
         "linux": {
             "namespaces": namespaces,
             "cgroupsPath": cgroups_path(sandbox_id),

@@ -31,7 +31,7 @@ from dsec.config import ServerConfig
 from dsec.errors import RuntimeFailure, SandboxStateError, SnapshotNotFound
 from dsec.models import SandboxSpec
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
-from dsec.substrates.container import docker_disk
+from dsec.substrates.container import docker_disk, network
 from dsec.substrates.container.docker_images import ensure_image
 from dsec.substrates.container.dockerd import ensure_engine
 
@@ -195,13 +195,16 @@ class DockerDriver(SandboxDriver):
         self.agent_path = agent_binary(config.bin_dir)
         self.disk_templates = config.home / "cache" / "disk-templates"
 
-    def _host_config(self, spec: SandboxSpec, run_dir: Path) -> dict:
+    def _host_config(self, spec: SandboxSpec, run_dir: Path, hosts: Path | None = None) -> dict:
         res = spec.resources
+        binds = {
+            str(self.agent_path): {"bind": AGENT_PATH, "mode": "ro"},
+            str(run_dir): {"bind": AGENT_RUN_DIR, "mode": "rw"},
+        }
+        if hosts is not None:  # an egress allowlist's names, resolved on the host: the sandbox has no DNS
+            binds[str(hosts)] = {"bind": "/etc/hosts", "mode": "ro"}
         return self.api.create_host_config(
-            binds={
-                str(self.agent_path): {"bind": AGENT_PATH, "mode": "ro"},
-                str(run_dir): {"bind": AGENT_RUN_DIR, "mode": "rw"},
-            },
+            binds=binds,
             mem_limit=res.memory_mb << 20,
             memswap_limit=res.memory_mb << 20,
             pids_limit=res.pids,
@@ -239,6 +242,7 @@ class DockerDriver(SandboxDriver):
         run_dir = state_dir / "agent-run"
         run_dir.mkdir(parents=True, exist_ok=True)
         env = dict(e.split("=", 1) for e in image.config.env if "=" in e) | spec.env
+        hosts = network.prepare(sandbox_id, spec.network_allow, state_dir) if spec.network_allow else None
         try:
             container = self.api.create_container(
                 tag,
@@ -248,7 +252,7 @@ class DockerDriver(SandboxDriver):
                 working_dir=spec.workdir or image.config.workdir or "/",
                 hostname="sandbox",
                 labels={SANDBOX_LABEL: sandbox_id, STATE_DIR_LABEL: str(state_dir.resolve())},
-                host_config=self._host_config(spec, run_dir),
+                host_config=self._host_config(spec, run_dir, hosts),
                 name=_container_name(sandbox_id),
                 network_disabled=not spec.network,
             )["Id"]
@@ -260,11 +264,14 @@ class DockerDriver(SandboxDriver):
             if before_start is not None:
                 before_start(container)
             self.api.start(container)
+            if spec.network_allow:  # the container's own netns (network_mode none) gets the allowlisted link
+                network.connect(state_dir, self.api.inspect_container(container)["State"]["Pid"])
             client = AgentClient.connect_unix(run_dir / AGENT_SOCKET, timeout_s=AGENT_START_TIMEOUT_S, sandbox_id=sandbox_id)
         except BaseException as exc:
             why = self._why_not_running(container)
             self._remove(container)
             docker_disk.remove(state_dir)
+            network.teardown(state_dir)
             if isinstance(exc, docker.errors.APIError):
                 raise RuntimeFailure(f"docker could not start sandbox {sandbox_id}: {exc.explanation}", sandbox_id=sandbox_id) from exc
             if isinstance(exc, RuntimeFailure) and why:
@@ -307,8 +314,10 @@ class DockerDriver(SandboxDriver):
         self._remove(sandbox.container)
         if sandbox.state_dir is not None:
             docker_disk.remove(sandbox.state_dir)
+            network.teardown(sandbox.state_dir)
 
     def cleanup_state_dir(self, state_dir: Path) -> None:
         for container in self.api.containers(all=True, quiet=True, filters={"label": f"{STATE_DIR_LABEL}={state_dir.resolve()}"}):
             self._remove(container["Id"])
         docker_disk.remove(state_dir)
+        network.teardown(state_dir)

@@ -24,7 +24,7 @@ from dsec.errors import InvalidSpec, RuntimeFailure, SandboxStateError, Snapshot
 from dsec.images.user import resolve_user
 from dsec.models import SandboxSpec
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
-from dsec.substrates.container import bundle, cgroups, disk, rootfs
+from dsec.substrates.container import bundle, cgroups, disk, network, rootfs
 from dsec.substrates.container.record import ContainerRecord
 from dsec.substrates.container.runtime import RUNTIMES, OciRuntime
 
@@ -197,9 +197,15 @@ class ContainerDriver(SandboxDriver):
             rootfs.mount_overlay(image.lower_dirs, record.upper_dir, record.work_dir, Path(record.rootfs), sandbox_id)
             lap("mount")
             user = resolve_user(image.config.user, Path(record.rootfs), sandbox_id)
+            netns = hosts = None
+            if spec.network_allow:
+                hosts = network.prepare(sandbox_id, spec.network_allow, state_dir)
+                netns = network.connect(state_dir)
+                lap("network")
             config = bundle.runtime_config(
-                sandbox_id, spec, image.config, Path(record.rootfs), agent_binary(self.config.bin_dir), run_dir
-            )
+                sandbox_id, spec, image.config, Path(record.rootfs), agent_binary(self.config.bin_dir), run_dir,
+                netns=netns, hosts_file=hosts,
+            )  # fmt: skip
             bundle.write_bundle(state_dir, config)
             lap("bundle")
             self.runtime.run(record.container_id, state_dir, state_dir / PID_FILE, log)
@@ -267,6 +273,7 @@ def _teardown(record: ContainerRecord, state_dir: Path, bin_dir: Path) -> None:
     _kill_init(state_dir / PID_FILE, record.cgroups_path)
     runtime.delete(record.container_id)
     cgroups.remove(record.cgroups_path, record.sandbox_id)
+    network.teardown(state_dir)
     rootfs.unmount(Path(record.rootfs))
     if record.disk:
         disk.remove_disk(Path(record.disk_image), Path(record.disk))

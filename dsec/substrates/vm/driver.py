@@ -147,6 +147,11 @@ class QemuDriver(SandboxDriver):
     def machine_for(self, spec: SandboxSpec) -> MachineSpec:
         if spec.network:
             raise Unsupported(f"{self.substrate} sandboxes have no network device; create it with network=False")
+        if spec.network_allow:
+            raise Unsupported(
+                f"{self.substrate} sandboxes have no network device, so no egress allowlist; use the container or "
+                "function substrate (crun, runc, docker) for network_allow"
+            )
         accel = self.accel
         if spec.driver in ("kvm", "tcg") and spec.driver != accel:
             raise InvalidSpec(f"accelerator {spec.driver!r} was asked for but this host uses {accel!r} (KVM probe)")
