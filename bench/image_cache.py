@@ -5,6 +5,13 @@ cold_import_vs_docker_load  `docker load` time / our cold import time of the sam
 disk_per_extra_sandbox_mb   disk used per extra running sandbox of the same image (target ~ 0)
 concurrent_cold_pull_downloads  registry layer downloads for 50 concurrent creates on a cold node (target = layers)
 
+Layer formats (dir = extracted directories, erofs = loop-mounted erofs images), same run, the python base image:
+prep_s_<fmt>          cold import of its docker-save tar (extract, or extract + mkfs.erofs)
+cold_create_ms_<fmt>  acquire + create when no sandbox uses the image (erofs: includes the loop mounts)
+warm_create_ms_<fmt>  acquire + create while another sandbox holds it
+find_ms_<fmt>, py_import_ms_<fmt>  `find / -xdev | wc -l` and `python3 -c 'import json,email,http.client'` (medians)
+layers_mb_<fmt>       disk used by the layers (du)
+
 Everything runs in a temporary store and temporary registry; sizes: DSEC_BENCH_BIG_MB (default 2048).
 """
 
@@ -30,6 +37,7 @@ from dsec.images.layout import write_layout  # noqa: E402
 from dsec.images.store import LayerStore  # noqa: E402
 from dsec.models import SandboxSpec  # noqa: E402
 from dsec.server.drivers import DriverRegistry  # noqa: E402
+from dsec.substrates.base import Exited  # noqa: E402
 from dsec.substrates.container.dockerd import ensure_engine  # noqa: E402
 from tests.images.conftest import _free_port  # noqa: E402
 
@@ -159,10 +167,111 @@ def bench_concurrent_pull(store: LayerStore, work: Path) -> int:
         proc.wait()
 
 
+def _exec_s(sandbox, command: str) -> float:
+    started = time.perf_counter()
+    code = None
+    for event in sandbox.spawn(["sh", "-c", command], {"PATH": "/usr/bin:/bin"}, "/").events():
+        if isinstance(event, Exited):
+            code = event.exit_code
+    if code != 0:
+        raise RuntimeError(f"bench command {command!r} exited {code}")
+    return time.perf_counter() - started
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+class _FormatStore:
+    """One store of one layer format plus the sandboxes the benchmark made in it."""
+
+    def __init__(self, work: Path, fmt: str, driver) -> None:
+        self.fmt = fmt
+        self.store = LayerStore(work / f"fmt-{fmt}", fmt)
+        self.driver = driver
+        self.made: list[tuple[object, Path, str]] = []
+
+    def create(self) -> float:
+        """acquire + create of one sandbox of the python image; seconds."""
+        holder = f"bench-{uuid.uuid4().hex[:10]}"
+        state = self.store.new_tmp("-bench")
+        state.mkdir()
+        started = time.perf_counter()
+        rootfs = self.store.acquire("python", holder)
+        self.made.append((self.driver.create(holder, SandboxSpec(image="python", driver="crun"), rootfs, state), state, holder))
+        return time.perf_counter() - started
+
+    def destroy_all(self) -> None:
+        while self.made:
+            sandbox, state, holder = self.made.pop()
+            self.driver.destroy(sandbox)
+            self.driver.cleanup_state_dir(state)
+            self.store.release(holder)  # the last release of an erofs layer unmounts it: next create is cold
+
+    def close(self) -> None:
+        self.destroy_all()
+        self.store.close()
+
+
+def bench_layer_formats(work: Path, rounds: int = 5) -> dict[str, float]:
+    """The python base image in a fresh store per layer format: prep, cold/warm create, file-heavy execs, disk.
+
+    Measurements alternate between the formats round by round, so load from other work on the machine hits both
+    alike; each figure is the median of `rounds`.
+    """
+    from dsec.images.base_images import build_python
+
+    home = LayerStore(ServerConfig().images_dir)
+    if "python" not in home.tags():
+        build_python(home)
+    archive = export_docker_archive(home, "python", work / "python.tar")
+    home.close()
+    driver = DriverRegistry(ServerConfig()).get("crun")
+    stores = [_FormatStore(work, fmt, driver) for fmt in ("dir", "erofs")]
+    samples: dict[str, list[float]] = {}
+
+    def sample(key: str, fmt: str, seconds: float) -> None:
+        samples.setdefault(f"{key}_{fmt}", []).append(seconds * 1000)
+
+    try:
+        results: dict[str, float] = {}
+        for fs in stores:
+            os.sync()
+            started = time.perf_counter()
+            fs.store.import_docker_archive(archive, tag="python")
+            results[f"prep_s_{fs.fmt}"] = round(time.perf_counter() - started, 2)
+            results[f"layers_mb_{fs.fmt}"] = round(_du_bytes(fs.store.layers_dir) / 1e6, 1)
+        for _ in range(rounds):
+            for fs in stores:
+                sample("cold_create_ms", fs.fmt, fs.create())
+                fs.destroy_all()
+        for fs in stores:
+            fs.create()  # held for the rest: later creates find the layers mounted
+        for _ in range(rounds):
+            for fs in stores:
+                sample("warm_create_ms", fs.fmt, fs.create())
+                first = fs.made[0][0]
+                sample("find_ms", fs.fmt, _exec_s(first, "find / -xdev | wc -l >/dev/null"))
+                sample("py_import_ms", fs.fmt, _exec_s(first, "python3 -c 'import json,email,http.client'"))
+        for key, values in samples.items():
+            results[key] = round(_median(values), 1)
+    finally:
+        for fs in stores:
+            fs.close()
+    for fs in stores:
+        print(f"layer format {fs.fmt}: " + ", ".join(f"{k}={v}" for k, v in results.items() if k.endswith(fs.fmt)))
+    return results
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="dsec-bench-images-", dir=ServerConfig().home))
+    only_formats = "--formats" in sys.argv[1:]
     try:
-        store = LayerStore(work / "images")
+        if only_formats:
+            results = bench_layer_formats(work)
+            print(" ".join(f"{k}={v}" for k, v in results.items()))
+            return 0
+        store = LayerStore(work / "images", "dir")
         from dsec.images.base_images import build_busybox
 
         build_busybox(store)
@@ -171,6 +280,7 @@ def main() -> int:
         results["cold_import_vs_docker_load"] = bench_import_vs_docker(store, work)
         results["concurrent_cold_pull_downloads"] = bench_concurrent_pull(store, work)
         store.close()
+        results.update(bench_layer_formats(work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(" ".join(f"{k}={v}" for k, v in results.items()))
