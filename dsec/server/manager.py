@@ -20,6 +20,7 @@ from dsec.errors import (
     SessionNotFound,
 )
 from dsec.models import SandboxSpec
+from dsec.server import orphans
 from dsec.server.admission import CreateAdmission
 from dsec.server.auth import DEFAULT_TENANT
 from dsec.server.drivers import DriverRegistry
@@ -87,15 +88,21 @@ class SandboxManager:
 
     # -- crash recovery --------------------------------------------------------------------------------
     def reap_dead_servers(self) -> list[str]:
-        """Destroy whatever sandboxes servers that died (kill -9) left behind."""
+        """Destroy whatever sandboxes servers that died (kill -9) left behind: first what their run directories
+        describe, then (orphans.sweep) what no live server owns although its records are lost."""
 
         def cleanup(driver_name: str, sandbox_dir: Path) -> None:
             if driver_name:
                 self.drivers.get(driver_name).cleanup_state_dir(sandbox_dir)
+                orphans.unregister(sandbox_dir.name)  # without a record, only the sweep below can find its remains
             if self.images is not None and hasattr(self.images, "release"):
                 self.images.release(sandbox_dir.name)
 
         cleaned = reap_dead_servers(self.config.run_root, cleanup)
+        try:
+            orphans.sweep()
+        except Exception:  # noqa: BLE001 - a failed sweep must not stop the server; the next start retries
+            log.exception("sweeping orphaned sandbox resources failed")
         if cleaned:
             log.warning("cleaned %d sandboxes left by dead servers: %s", len(cleaned), ", ".join(cleaned))
         return cleaned
@@ -181,6 +188,7 @@ class SandboxManager:
             write_sandbox_record(
                 state_dir, {"driver": driver_name, "sandbox_id": sandbox_id, "image": image.digest, "tenant": tenant}
             )
+            orphans.register(sandbox_id, state_dir)
             if hasattr(self.images, "acquire"):
                 self.images.acquire(image.digest, sandbox_id)
             if snapshot is None:
@@ -215,7 +223,8 @@ class SandboxManager:
     def _discard_state(self, driver: SandboxDriver, driver_name: str, state_dir: Path, sandbox_id: str) -> None:
         try:
             driver.cleanup_state_dir(state_dir)
-        except Exception:  # noqa: BLE001
+            orphans.unregister(sandbox_id)
+        except Exception:  # noqa: BLE001 - still registered: the orphan sweep after this server dies finishes it
             log.exception("cleanup after failed create of %s", sandbox_id)
         shutil.rmtree(state_dir, ignore_errors=True)
         if hasattr(self.images, "release"):
@@ -246,6 +255,7 @@ class SandboxManager:
                 log.exception("destroy of %s failed; its state stays for crash cleanup", sandbox_id)
                 raise
             shutil.rmtree(sandbox.state_dir, ignore_errors=True)
+            orphans.unregister(sandbox_id)
             if hasattr(self.images, "release"):
                 self.images.release(sandbox_id)
 
