@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from dsec.allowlist import parse_allowlist
 
@@ -47,15 +47,11 @@ class SandboxSpec(BaseModel):
 
     @field_validator("network_allow")
     @classmethod
-    def _allowlist(cls, entries: list[str]) -> list[str]:
+    def _allowlist(cls, entries: list[str], info: ValidationInfo) -> list[str]:
+        if entries and info.data.get("network"):
+            raise ValueError("network=True gives the host network; an egress allowlist needs network=False")
         parse_allowlist(entries)
         return entries
-
-    @model_validator(mode="after")
-    def _one_network_mode(self) -> SandboxSpec:
-        if self.network and self.network_allow:
-            raise ValueError("network=True gives the host network; an egress allowlist needs network=False")
-        return self
 
 
 class ExecResult(BaseModel):

@@ -23,7 +23,7 @@ import dsec
 from dsec.sdk.embedded import EmbeddedServer
 from dsec.substrates.container import network
 
-DRIVERS = ["crun", "docker"]
+DRIVERS = ["crun", "runc", "docker"]
 LOCAL_A, LOCAL_B = "198.18.77.1", "198.18.77.2"  # benchmark range (RFC 2544): never routed anywhere
 OUTSIDE_HOST, OUTSIDE_PEER = "198.19.77.1", "198.19.77.2"
 

@@ -36,6 +36,7 @@ RECORD_NAME = "network.json"
 HOSTS_NAME = "hosts"
 SANDBOX_IF = "eth0"
 COMMAND_TIMEOUT_S = 30.0
+FORWARDING = Path("/proc/sys/net/ipv4/ip_forward")
 
 
 @dataclass
@@ -114,6 +115,17 @@ def _run(argv: list[str], sandbox_id: str, stdin: str | None = None, missing_ok:
     if missing_ok and any(s in err for s in ("No such file", "Cannot find device", "does not exist")):
         return
     raise RuntimeFailure(f"sandbox {sandbox_id}: `{' '.join(argv)}` failed: {err[-800:]}", sandbox_id=sandbox_id)
+
+
+def _enable_forwarding(sandbox_id: str) -> None:
+    """Routing to destinations beyond the host needs IPv4 forwarding; the per-sandbox tables decide what passes."""
+    try:
+        if FORWARDING.read_text().strip() != "1":
+            FORWARDING.write_text("1")
+    except OSError as exc:
+        raise RuntimeFailure(
+            f"sandbox {sandbox_id}: cannot enable IPv4 forwarding ({exc}); run the server as root", sandbox_id=sandbox_id
+        ) from exc
 
 
 # -- slot allocation -------------------------------------------------------------------------------------------
@@ -235,6 +247,7 @@ def connect(state_dir: Path, container_pid: int | None = None) -> Path:
         raise RuntimeFailure(f"no {RECORD_NAME} in {state_dir}: call network.prepare first")
     sandbox_id = record.sandbox_id
     destinations = [Destination(e.network, e.port, e.text) for e in parse_allowlist(record.destinations) if e.network]
+    _enable_forwarding(sandbox_id)
     try:
         record.slot = allocate_slot(sandbox_id)
         record.write(state_dir)
