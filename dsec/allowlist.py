@@ -11,12 +11,14 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import threading
 from dataclasses import dataclass
 
 from dsec.errors import InvalidSpec
 
 MAX_ENTRIES = 64
 MAX_ENTRY_LENGTH = 260  # a 253-character name plus ":65535"
+RESOLVE_TIMEOUT_S = 10.0
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOSTNAME = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}\.?", re.IGNORECASE)
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -82,17 +84,33 @@ def resolve(entries: list[str], sandbox_id: str) -> list[Destination]:
         if entry.network is not None:
             destinations.append(Destination(entry.network, entry.port, entry.text))
             continue
-        try:
-            infos = socket.getaddrinfo(entry.hostname, None, socket.AF_INET, socket.SOCK_STREAM)
-        except OSError as exc:
-            raise InvalidSpec(
-                f"sandbox {sandbox_id}: allowlist entry {entry.text!r} does not resolve on the server ({exc}); "
-                "use an address or a name the server's resolver knows",
-                sandbox_id=sandbox_id,
-            ) from None
-        for address in sorted({info[4][0] for info in infos}):
+        for address in _lookup(entry, sandbox_id):
             destinations.append(Destination(ipaddress.IPv4Network(address), entry.port, entry.text))
     return destinations
+
+
+def _lookup(entry: AllowEntry, sandbox_id: str) -> list[str]:
+    """The name's IPv4 addresses; bounded in time (a slow resolver must not hang a create: getaddrinfo cannot be
+    cancelled, so it runs in a daemon thread that is abandoned after the deadline)."""
+    found: dict[str, object] = {}
+
+    def lookup() -> None:
+        try:
+            found["infos"] = socket.getaddrinfo(entry.hostname, None, socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as exc:
+            found["error"] = exc
+
+    worker = threading.Thread(target=lookup, daemon=True, name=f"dsec-resolve-{entry.hostname[:32]}")
+    worker.start()
+    worker.join(RESOLVE_TIMEOUT_S)
+    if "infos" not in found:
+        why = found.get("error", f"no answer in {RESOLVE_TIMEOUT_S:.0f}s")
+        raise InvalidSpec(
+            f"sandbox {sandbox_id}: allowlist entry {entry.text!r} does not resolve on the server ({why}); "
+            "use an address or a name the server's resolver knows",
+            sandbox_id=sandbox_id,
+        )
+    return sorted({info[4][0] for info in found["infos"]})  # type: ignore[union-attr]
 
 
 def hosts_lines(entries: list[str], destinations: list[Destination]) -> list[str]:
