@@ -10,7 +10,7 @@ prep_s_<fmt>          cold import of its docker-save tar (extract, or extract + 
 cold_create_ms_<fmt>  acquire + create when no sandbox uses the image (erofs: includes the loop mounts)
 warm_create_ms_<fmt>  acquire + create while another sandbox holds it
 find_ms_<fmt>, py_import_ms_<fmt>  `find / -xdev | wc -l` and `python3 -c 'import json,email,http.client'` (medians)
-layers_mb_<fmt>       disk used by the layers (du)
+layers_mb_<fmt>       disk used by the layers (du, allocated blocks)
 
 Everything runs in a temporary store and temporary registry; sizes: DSEC_BENCH_BIG_MB (default 2048).
 """
@@ -84,7 +84,7 @@ def _create_time(store: LayerStore, driver, tag: str, run_root: Path, repeats: i
 
 
 def _du_bytes(path: Path) -> int:
-    out = subprocess.run(["du", "-sxb", str(path)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["du", "-sx", "--block-size=1", str(path)], capture_output=True, text=True, check=True).stdout
     return int(out.split()[0])
 
 

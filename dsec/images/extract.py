@@ -10,6 +10,7 @@ pass hashes the compressed stream (blob digest), the uncompressed stream (diff_i
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import shutil
 import stat
@@ -84,9 +85,10 @@ def _normalize(name: str, what: str) -> str:
 class _LayerWriter:
     """Applies tar entries under `root`, tracking which parent directories are known to be real directories."""
 
-    def __init__(self, root: Path, data_fd: int | None = None) -> None:
+    def __init__(self, root: Path, data_fd: int | None = None, data_start: int = 0) -> None:
         self.root = root
-        self._data_fd = data_fd  # the uncompressed tar as a file: contents are copied in the kernel from it
+        self._data_fd = data_fd  # the uncompressed tar as a file region: contents are copied in the kernel from it
+        self._data_start = data_start
         self._dirs: set[str] = {""}
         self._dir_times: list[tuple[str, float]] = []
         self.unpacked = 0
@@ -176,7 +178,7 @@ class _LayerWriter:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as dst:
             if self._data_fd is not None and not member.issparse():
-                _copy_range(self._data_fd, dst.fileno(), member.offset_data, member.size, member.name)
+                _copy_range(self._data_fd, dst.fileno(), self._data_start + member.offset_data, member.size, member.name)
             else:
                 src = tar.extractfile(member)
                 assert src is not None
@@ -245,27 +247,81 @@ def _apply_entries(tar: tarfile.TarFile, writer: _LayerWriter) -> None:
             writer.add(tar, member, rel)
 
 
-def extract_layer_file(blob: Path, dest: Path, blob_digest: str) -> ExtractResult:
-    """Extract a landed, already verified layer blob (`blob_digest`) into the empty directory `dest`.
+@dataclass(frozen=True)
+class FileRegion:
+    """A layer blob that lies in a file at [offset, offset + size): a layout blob, a member of a docker-save tar."""
 
-    A gzip blob streams through `extract_layer` (its diff_id must be computed); a plain tar's diff_id *is* its
-    blob digest, so it is read with random access: tarfile parses only the headers and each file's bytes are
-    copied inside the kernel (copy_file_range), which is what makes a cold import of big layers cheap.
+    path: Path
+    offset: int
+    size: int
+
+    def head(self, n: int) -> bytes:
+        with open(self.path, "rb") as fh:
+            return os.pread(fh.fileno(), min(n, self.size), self.offset)
+
+    def is_gzip(self) -> bool:
+        return self.head(2) == _GZIP_MAGIC
+
+
+class _RegionReader(io.RawIOBase):
+    """A seekable read-only view of [start, start + size) of `fd` (so tarfile sees the region as a whole file)."""
+
+    def __init__(self, fd: int, start: int, size: int) -> None:
+        super().__init__()
+        self._fd, self._start, self._size, self._pos = fd, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        n = max(0, min(len(buffer), self._size - self._pos))
+        data = os.pread(self._fd, n, self._start + self._pos) if n else b""
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def extract_plain_region(region: FileRegion, dest: Path) -> int:
+    """Extract the uncompressed layer tar in `region` into the empty directory `dest`; returns bytes unpacked.
+
+    Random access: tarfile parses only the headers and each file's bytes are copied inside the kernel
+    (copy_file_range), which is what makes a cold import of big layers cheap. The caller verifies the digest.
     """
-    with open(blob, "rb") as fh:
-        if fh.read(2) == _GZIP_MAGIC:
-            fh.seek(0)
-            return extract_layer(fh, dest)
-        fh.seek(0)
-        writer = _LayerWriter(dest, data_fd=fh.fileno())
+    with open(region.path, "rb") as fh:
+        writer = _LayerWriter(dest, data_fd=fh.fileno(), data_start=region.offset)
+        view = io.BufferedReader(_RegionReader(fh.fileno(), region.offset, region.size), 64 << 10)
         try:
-            with tarfile.open(fileobj=fh, mode="r:", tarinfo=_BoundedTarInfo) as tar:  # type: ignore[call-overload]
+            with tarfile.open(fileobj=view, mode="r:", tarinfo=_BoundedTarInfo) as tar:  # type: ignore[call-overload]
                 _apply_entries(tar, writer)
         except (tarfile.TarError, EOFError) as exc:
             raise InvalidSpec(f"layer is not a valid tar stream: {exc}") from exc
         writer.finish()
-        size = os.fstat(fh.fileno()).st_size
-    return ExtractResult(blob_digest, size, blob_digest, writer.unpacked, False)
+    return writer.unpacked
+
+
+def extract_layer_file(blob: Path, dest: Path, blob_digest: str) -> ExtractResult:
+    """Extract a landed, already verified layer blob (`blob_digest`) into the empty directory `dest`.
+
+    A gzip blob streams through `extract_layer` (its diff_id must be computed); a plain tar's diff_id *is* its
+    blob digest, so it goes through `extract_plain_region`.
+    """
+    region = FileRegion(blob, 0, blob.stat().st_size)
+    if region.is_gzip():
+        with open(blob, "rb") as fh:
+            return extract_layer(fh, dest)
+    unpacked = extract_plain_region(region, dest)
+    return ExtractResult(blob_digest, region.size, blob_digest, unpacked, False)
 
 
 def extract_layer(src: BinaryIO, dest: Path, blob_tee: BinaryIO | None = None, limit: int | None = None) -> ExtractResult:

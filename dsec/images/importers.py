@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from dsec.errors import ImageNotFound, InvalidSpec
 from dsec.images import oci
 from dsec.images.digest import check_digest, hex_of, sha256_bytes
+from dsec.images.extract import FileRegion
 
 if TYPE_CHECKING:
     from dsec.images.store import ImageRecord, LayerStore
@@ -79,7 +80,8 @@ def import_oci_layout(store: "LayerStore", layout: Path, tag: str | None, ref_na
         path = _layout_blob(layout, desc.digest)
         if not store.has_layer(diff_id) and not path.is_file():
             raise InvalidSpec(f"OCI layout {layout}: layer blob {desc.digest} is missing")
-        store.ensure_layer(diff_id, desc.digest, _file_opener(path), limit=desc.size)
+        source = FileRegion(path, 0, path.stat().st_size) if path.is_file() else None
+        store.ensure_layer(diff_id, desc.digest, _file_opener(path), limit=desc.size, source=source)
     return store.add_image(manifest_bytes, config_bytes, [tag] if tag else [], source=f"oci:{layout}")
 
 
@@ -150,7 +152,9 @@ def import_docker_archive(store: "LayerStore", archive: Path, tag: str | None) -
             if member is None or not member.isfile():
                 raise InvalidSpec(f"{archive}: layer {name!r} is missing")
             declared = f"sha256:{name.rsplit('/', 1)[-1]}" if name.startswith("blobs/sha256/") else None
-            info = store.ensure_layer(diff_id, declared and check_digest(declared), _member_opener(tar, member), limit=member.size)
+            source = FileRegion(archive, member.offset_data, member.size)
+            info = store.ensure_layer(diff_id, declared and check_digest(declared), _member_opener(tar, member),
+                                      limit=member.size, source=source)
             layers.append(oci.Descriptor(info.media_type, info.blob_digest, info.size))
     config_desc = oci.Descriptor(oci.MT_CONFIG, sha256_bytes(config_bytes), len(config_bytes))
     manifest_bytes = oci.build_manifest(config_desc, layers)

@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -36,7 +37,7 @@ from typing import BinaryIO
 from dsec.errors import DiskFull, DsecError, ImageNotFound, InvalidSpec, SandboxStateError
 from dsec.images import erofs, oci
 from dsec.images.digest import CHUNK, HashingReader, check_digest, copy_hashing, hex_of, sha256_bytes
-from dsec.images.extract import extract_layer_file
+from dsec.images.extract import ExtractResult, FileRegion, extract_layer_file, extract_plain_region
 from dsec.substrates.base import ImageConfig, ImageRootfs
 
 LAYER_FORMATS = ("dir", "erofs")
@@ -245,11 +246,14 @@ class LayerStore:
         blob_digest: str | None,
         opener: Callable[[], contextlib.AbstractContextManager[BinaryIO]],
         limit: int | None = None,
+        source: FileRegion | None = None,
     ) -> LayerInfo:
         """Make `layers/<diff_id>` and its blob exist, extracting at most once machine-wide (dedup by diff_id).
 
-        `opener` yields the layer blob's bytes; it is only called when something is missing. Both digests are
-        verified before anything is renamed into place, so a corrupt or lying source leaves no trace.
+        `opener` yields the layer blob's bytes; it is only called when something is missing. `source`, when the
+        blob lies in a local file, lets an uncompressed layer be extracted straight from it while the blob is
+        landed and hashed on a second core. Both digests are verified before anything is renamed into place, so
+        a corrupt or lying source leaves no trace.
         """
         check_digest(diff_id)
         with self.lock(f"layer-{hex_of(diff_id)}"):
@@ -267,9 +271,11 @@ class LayerStore:
                 if not known:
                     self._record_layer(info, self._layer_bytes(diff_id))
                 return info
-            return self._extract_new(diff_id, blob_digest, opener, limit, keep_blob=not have_blob)
+            return self._extract_new(diff_id, blob_digest, opener, limit, keep_blob=not have_blob, source=source)
 
-    def _extract_new(self, diff_id: str, blob_digest: str | None, opener, limit: int | None, keep_blob: bool) -> LayerInfo:
+    def _extract_new(
+        self, diff_id: str, blob_digest: str | None, opener, limit: int | None, keep_blob: bool, source: FileRegion | None
+    ) -> LayerInfo:
         """Land the blob in `tmp/` (hashed on the way, rejected before extraction if it lies), extract it, rename.
 
         When the blob is already stored (verified when it was), the layer is extracted from it without
@@ -281,16 +287,21 @@ class LayerStore:
         layer_tmp.mkdir()
         try:
             with disk_errors(f"extracting layer {diff_id}"):
-                if keep_blob:
-                    blob_file = work / "blob"
+                blob_file = work / "blob"
+                if keep_blob and source is not None and not source.is_gzip():
+                    result = _extract_while_landing(source, layer_tmp, blob_file, limit)
+                    if blob_digest is not None and result.blob_digest != blob_digest:
+                        raise InvalidSpec(f"layer blob digest mismatch: expected {blob_digest}, got {result.blob_digest}; not cached")
+                elif keep_blob:
                     with opener() as src:
                         got, _size = copy_hashing(src, blob_file, limit)
                     if blob_digest is not None and got != blob_digest:
                         raise InvalidSpec(f"layer blob digest mismatch: expected {blob_digest}, got {got}; not cached")
+                    result = extract_layer_file(blob_file, layer_tmp, got)
                 else:
                     assert blob_digest is not None
-                    blob_file, got = self.blob_path(blob_digest), blob_digest
-                result = extract_layer_file(blob_file, layer_tmp, got)
+                    blob_file = self.blob_path(blob_digest)
+                    result = extract_layer_file(blob_file, layer_tmp, blob_digest)
             if result.diff_id != diff_id:
                 raise InvalidSpec(f"layer diff_id mismatch: config says {diff_id}, content is {result.diff_id}; not cached")
             if keep_blob:
@@ -568,6 +579,43 @@ class LayerStore:
 
         with self.lock("gc", shared=True):
             return import_docker_archive(self, Path(tar_path), tag)
+
+
+def _extract_while_landing(source: FileRegion, dest: Path, blob_file: Path, limit: int | None) -> ExtractResult:
+    """Extract the plain tar in `source` into `dest` while a second thread copies and hashes it into `blob_file`.
+
+    Two cores: the hash (hashlib releases the GIL) and blob write overlap the in-kernel copies of extraction.
+    Nothing is visible until the caller has checked the digest, so a lying source still leaves no trace.
+    """
+
+    def land() -> tuple[str, int]:
+        with open(source.path, "rb") as fh:
+            fh.seek(source.offset)
+            return copy_hashing(_Limited(fh, source.size), blob_file, limit)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="dsec-land") as pool:
+        landing = pool.submit(land)
+        try:
+            unpacked = extract_plain_region(source, dest)
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                landing.result()
+            raise
+        digest, size = landing.result()
+    return ExtractResult(digest, size, digest, unpacked, False)
+
+
+class _Limited:
+    """At most `size` bytes of `raw` (a docker-save member ends where the next entry begins)."""
+
+    def __init__(self, raw: BinaryIO, size: int) -> None:
+        self._raw, self._left = raw, size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n is None or n < 0 else min(n, self._left)
+        data = self._raw.read(n) if n else b""
+        self._left -= len(data)
+        return data
 
 
 def _no_source(blob_digest: str) -> Callable[[], contextlib.AbstractContextManager[BinaryIO]]:
