@@ -252,12 +252,11 @@ def connect(state_dir: Path, container_pid: int | None = None) -> Path:
         record.slot = allocate_slot(sandbox_id)
         record.write(state_dir)
         link = Link(record.slot)
-        if container_pid is None:
-            _run(["ip", "netns", "add", record.netns], sandbox_id)
-        else:
-            _run(["ip", "netns", "attach", record.netns, str(container_pid)], sandbox_id)
-        _run(["ip", "link", "add", link.host_if, "type", "veth", "peer", "name", link.peer_if, "netns", record.netns], sandbox_id)
-        host_cmds = f"addr add {link.host_ip}/{SLOT_PREFIX} dev {link.host_if}\nlink set {link.host_if} up\n"
+        netns = f"netns add {record.netns}" if container_pid is None else f"netns attach {record.netns} {container_pid}"
+        host_cmds = (
+            f"{netns}\nlink add {link.host_if} type veth peer name {link.peer_if} netns {record.netns}\n"
+            f"addr add {link.host_ip}/{SLOT_PREFIX} dev {link.host_if}\nlink set {link.host_if} up\n"
+        )
         _run(["ip", "-batch", "-"], sandbox_id, stdin=host_cmds)
         ns_cmds = (
             f"link set lo up\nlink set {link.peer_if} name {SANDBOX_IF}\n"
