@@ -77,3 +77,37 @@ def test_destroy_removes_netns_table_veth_and_slot(spawn, targets):
     assert leftovers(record) == [f"netns {record.netns}", f"nft table {record.table}", f"veth dsh{record.slot}", f"slot {record.slot}"]
     sandbox.destroy()
     assert leftovers(record) == []
+
+
+def test_restored_sandbox_gets_its_own_link_and_the_same_allowlist(spawn, net_client, targets):
+    original = spawn(network_allow=[f"{LOCAL_A}:{targets.allowed.port}"])
+    snapshot_id = original.snapshot()
+    try:
+        restored = net_client.restore(snapshot_id)
+        try:
+            assert targets.allowed.token in connect(restored, LOCAL_A, targets.allowed.port)
+            assert connect(restored, LOCAL_A, targets.other_port.port) == ""
+            assert network_record(restored.id).slot != network_record(original.id).slot
+        finally:
+            restored.destroy()
+    finally:
+        net_client.delete_snapshot(snapshot_id)
+
+
+def _fetch(address: str, port: int) -> str:
+    import socket
+
+    try:
+        with socket.create_connection((address, port), timeout=5) as conn:
+            return conn.recv(100).decode()
+    except OSError as error:
+        return f"error: {error}"
+
+
+def test_function_substrate_inherits_the_allowlist(net_client, targets):
+    sandbox = net_client.create("python", "function", timeout_s=300, network_allow=[f"{LOCAL_A}:{targets.allowed.port}"])
+    try:
+        assert targets.allowed.token in sandbox.call(_fetch, LOCAL_A, targets.allowed.port)
+        assert sandbox.call(_fetch, LOCAL_A, targets.other_port.port).startswith("error")
+    finally:
+        sandbox.destroy()
