@@ -8,8 +8,10 @@ us read host files) and read with a size cap.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import stat
 from pathlib import Path
 
 from dsec.errors import InvalidSpec
@@ -41,8 +43,26 @@ def _read_in_root(root: Path, rel: str) -> str | None:
     return data.decode("utf-8", "replace")
 
 
-def _entries(root: Path, rel: str) -> list[list[str]]:
-    text = _read_in_root(root, rel) or ""
+def _read_in_layers(layers: list[Path], rel: str) -> str | None:
+    """`rel` as the overlay of `layers` (top-most first) would show it: the top-most copy, unless whited out."""
+    for layer in layers:
+        path = layer / rel
+        try:
+            st = os.lstat(path)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            return None  # a whiteout hides the file in every lower layer
+        if st is not None:
+            return _read_in_root(layer, rel)
+        with contextlib.suppress(OSError):
+            if os.getxattr(path.parent, "trusted.overlay.opaque", follow_symlinks=False) == b"y":
+                return None  # an opaque directory hides the lower layers' contents
+    return None
+
+
+def _entries(roots: list[Path], rel: str) -> list[list[str]]:
+    text = (_read_in_root(roots[0], rel) if len(roots) == 1 else _read_in_layers(roots, rel)) or ""
     return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
 
 
@@ -54,8 +74,11 @@ def _numeric(text: str) -> int | None:
     return None
 
 
-def resolve_user(user: str, root: Path, sandbox_id: str = "") -> tuple[int, int] | None:
+def resolve_user(user: str, root: Path | list[Path], sandbox_id: str = "") -> tuple[int, int] | None:
     """`(uid, gid)` for the image config's `User` as seen in the image rooted at `root`; None when unset (root).
+
+    `root` is a mounted root filesystem, or the image's layer dirs (top-most first) when none is mounted on
+    this host (the Docker driver: dockerd mounts the rootfs).
 
     Same rules as Docker: a user name or a numeric uid; the gid is the explicit `:group` (name or number) or
     else the user's primary group from /etc/passwd (0 for a numeric uid the image does not list).
@@ -67,7 +90,8 @@ def resolve_user(user: str, root: Path, sandbox_id: str = "") -> tuple[int, int]
     name, _, group = user.partition(":")
     if not name or (":" in group):
         raise InvalidSpec(f"image USER {user!r} is malformed{where}: use name, uid, name:group or uid:gid")
-    passwd = _entries(root, "etc/passwd")
+    roots = root if isinstance(root, list) else [root]
+    passwd = _entries(roots, "etc/passwd")
     uid = _numeric(name)
     gid: int | None = None
     if uid is None:
@@ -81,7 +105,7 @@ def resolve_user(user: str, root: Path, sandbox_id: str = "") -> tuple[int, int]
     if group:
         gid = _numeric(group)
         if gid is None:
-            row = next((r for r in _entries(root, "etc/group") if len(r) >= 3 and r[0] == group), None)
+            row = next((r for r in _entries(roots, "etc/group") if len(r) >= 3 and r[0] == group), None)
             if row is None or _numeric(row[2]) is None:
                 raise InvalidSpec(f"image USER group {group!r} is not in the image's /etc/group{where}: add it or use a numeric gid")
             gid = _numeric(row[2])

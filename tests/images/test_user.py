@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -90,3 +92,37 @@ def test_user_applies_to_run_steps_and_execs(fmt_store: LayerStore, tmp_path: Pa
             finally:
                 driver.cleanup_state_dir(state)
     assert numeric.record.config.user == "1234:5678"
+
+
+def test_resolve_in_layers_honours_whiteouts_and_the_top_most_copy(tmp_path: Path) -> None:
+    top, mid, base = (tmp_path / n / "etc" for n in ("top", "mid", "base"))
+    for etc in (top, mid, base):
+        etc.mkdir(parents=True)
+    (base / "passwd").write_text("old:x:5:5::/:/bin/sh\n")
+    (mid / "passwd").write_text("new:x:6:6::/:/bin/sh\n")
+    layers = [top.parent, mid.parent, base.parent]
+    assert resolve_user("new", layers) == (6, 6)
+    with pytest.raises(InvalidSpec):
+        resolve_user("old", layers)  # hidden by the upper copy
+    os.mknod(top / "passwd", 0o020000, os.makedev(0, 0))  # whiteout: no passwd at all in the merged view
+    with pytest.raises(InvalidSpec):
+        resolve_user("new", layers)
+
+
+@pytest.mark.timeout(240)
+def test_docker_driver_applies_image_user(store: LayerStore, tmp_path: Path) -> None:
+    build_busybox(store)
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    build(store, parse_dockerfile("FROM busybox\nUSER nobody:0\n"), tag="u:docker", context=ctx)
+    driver = DriverRegistry(ServerConfig()).get("docker")
+    state = Path(tempfile.mkdtemp(prefix="dsec-u-"))  # short: the agent socket path lives under it
+    sandbox = driver.create(f"user-{uuid.uuid4().hex[:10]}", SandboxSpec(image="u:docker", driver="docker"), store.resolve("u:docker"), state)
+    try:
+        assert _run(sandbox, ["sh", "-c", 'echo "$(id -u) $(id -g)"']) == (0, "65534 0\n")
+    finally:
+        try:
+            driver.destroy(sandbox)
+        finally:
+            driver.cleanup_state_dir(state)
+            shutil.rmtree(state, ignore_errors=True)

@@ -29,6 +29,7 @@ from dsec.agent.build import agent_binary
 from dsec.agent.client import AgentClient, AgentSandbox
 from dsec.config import ServerConfig
 from dsec.errors import RuntimeFailure, SandboxStateError, SnapshotNotFound
+from dsec.images.user import resolve_user
 from dsec.models import SandboxSpec
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
 from dsec.substrates.container import docker_disk, network
@@ -238,6 +239,7 @@ class DockerDriver(SandboxDriver):
     def _launch(
         self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, state_dir: Path, before_start: Callable[[str], None] | None = None
     ) -> DockerSandbox:
+        user = resolve_user(image.config.user, list(image.lower_dirs), sandbox_id)  # the image's USER, for every spawn
         tag = ensure_image(self.client, image)
         run_dir = state_dir / "agent-run"
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -277,7 +279,9 @@ class DockerDriver(SandboxDriver):
             if isinstance(exc, RuntimeFailure) and why:
                 raise RuntimeFailure(f"{exc.message}; container: {why}", sandbox_id=sandbox_id) from exc
             raise
-        return DockerSandbox(sandbox_id, client, container, self.api, spec, state_dir)
+        sandbox = DockerSandbox(sandbox_id, client, container, self.api, spec, state_dir)
+        sandbox.user = user
+        return sandbox
 
     def _why_not_running(self, container: str) -> str:
         """The container's state and last log lines, for the error of a create that failed."""
