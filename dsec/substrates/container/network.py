@@ -196,7 +196,8 @@ def nft_ruleset(table: str, link: Link, destinations: list[Destination]) -> str:
     """
     host_if = link.host_if
     allows = "\n".join(f"    {_allow_rule(host_if, d)}" for d in destinations)
-    egress = f"""    iifname "{host_if}" ct state established,related accept
+    egress = f"""    iifname "{host_if}" ip saddr != {link.sandbox_ip} drop
+    iifname "{host_if}" ct state established,related accept
 {allows}
     iifname "{host_if}" reject with icmpx type admin-prohibited"""
     return f"""table inet {table} {{
