@@ -96,7 +96,8 @@ def hostile_escapes() -> tuple[int, int]:
         say(f"hostile: {line}")
     if not rows:
         raise SystemExit("the hostile suite recorded no attempts; see its output above")
-    return len(rows), sum(not row["contained"] for row in rows)
+    attempts = [row for row in rows if row.get("applies", True)]  # "n/a" rows (e.g. ptrace on a VM) are listed, not counted
+    return len(attempts), sum(not row["contained"] for row in attempts)
 
 
 def main() -> None:

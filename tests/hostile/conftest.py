@@ -21,7 +21,17 @@ CASES = [
     pytest.param(("runc", "container", "runc", "busybox"), id="runc"),
     pytest.param(("docker", "container", "docker", "busybox"), id="docker"),
     pytest.param(("function", "function", "", "python"), id="function"),
+    pytest.param(("microvm", "microvm", "", "busybox"), id="microvm"),
+    pytest.param(("vm", "vm", "", "busybox"), id="vm"),
 ]
+VM_SUBSTRATES = ("microvm", "vm")
+# VM sandboxes come from a booted template per (kind, image, memory): one shape for the whole suite (the one
+# tests/vm uses too), so each kind boots at most once and every other VM is a ~0.3 s restore.
+VM_MEMORY_MB = 256
+
+
+def is_vm(case: tuple) -> bool:
+    return case[1] in VM_SUBSTRATES
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +93,8 @@ def spawn(hostile_client, case):
 
     def make(**limits):
         limits.setdefault("memory_mb", 256)
+        if is_vm(case):
+            limits["memory_mb"] = VM_MEMORY_MB
         sandbox = hostile_client.create(image, substrate, driver=driver, timeout_s=600, **limits)
         created.append(sandbox)
         return sandbox

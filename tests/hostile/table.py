@@ -16,6 +16,7 @@ class Row:
     attempt: str
     outcome: str
     contained: bool
+    applies: bool = True  # False: the attempt has no meaning on this substrate; the outcome says why
 
 
 ROWS: list[Row] = []
@@ -27,6 +28,11 @@ def record(case: str, attempt: str, outcome: str, contained: bool) -> bool:
     return contained
 
 
+def not_applicable(case: str, attempt: str, reason: str) -> None:
+    """Add an "n/a" row: listed in the table with its reason, counted neither as attempt nor as escape."""
+    ROWS.append(Row(case, attempt, " ".join(reason.split())[:90], True, applies=False))
+
+
 def render(rows: list[Row]) -> list[str]:
     if not rows:
         return []
@@ -34,9 +40,10 @@ def render(rows: list[Row]) -> list[str]:
     widths = [max(w, len(h)) for w, h in zip(widths, ("case", "attempt", "outcome"))]
     lines = [f"{'case':<{widths[0]}}  {'attempt':<{widths[1]}}  {'outcome':<{widths[2]}}  result"]
     for r in rows:
-        lines.append(f"{r.case:<{widths[0]}}  {r.attempt:<{widths[1]}}  {r.outcome:<{widths[2]}}  {'contained' if r.contained else 'ESCAPED'}")
+        result = "n/a" if not r.applies else "contained" if r.contained else "ESCAPED"
+        lines.append(f"{r.case:<{widths[0]}}  {r.attempt:<{widths[1]}}  {r.outcome:<{widths[2]}}  {result}")
     escapes = sum(not r.contained for r in rows)
-    lines.append(f"{len(rows)} attempts, {escapes} escapes")
+    lines.append(f"{sum(r.applies for r in rows)} attempts, {escapes} escapes, {sum(not r.applies for r in rows)} n/a")
     return lines
 
 
