@@ -3,7 +3,7 @@
 Which ids: a server records each sandbox in its run directory (`run/<server>/<sandbox>/`, lock file holding
 its pid) *before* the driver starts creating it, so the run directory of a killed server names every sandbox
 it touched — also creates in flight whose ids the client never learned. `traces` then finds anything left
-of those ids (mounts, cgroups, processes, state directories); `host_snapshot` is the id-free view used to
+of those ids (mounts, cgroups, processes, loop devices, ownership registrations, state directories); `host_snapshot` is the id-free view used to
 check the audit itself.
 """
 
@@ -56,6 +56,25 @@ def _processes(home: Path) -> set[str]:
     return found
 
 
+def _loops() -> set[str]:
+    """Loop devices backed by a sandbox's file (its disk image): attached, they pin the image and a device."""
+    found = set()
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            match = SANDBOX_ID.search(backing.read_text())
+        except OSError:
+            continue
+        if match:
+            found.add(f"loop {backing.parent.parent.name} ({match.group(0)})")
+    return found
+
+
+def _registrations() -> set[str]:
+    """Machine-wide ownership entries (dsec.server.orphans): a reaped sandbox must have dropped its own."""
+    registry = Path("/run/dsec/sandboxes")
+    return {f"registration {p.name}" for p in registry.iterdir()} if registry.is_dir() else set()
+
+
 def _dead_run_dirs(home: Path) -> set[str]:
     """Run directories whose server is gone (nobody holds their lock) — a successor should have reaped them."""
     found = set()
@@ -80,7 +99,7 @@ def _dead_run_dirs(home: Path) -> set[str]:
 
 def host_snapshot(home: Path) -> set[str]:
     """Everything sandbox-shaped on this host right now."""
-    return _mounts(home) | _cgroups() | _processes(home) | _dead_run_dirs(home)
+    return _mounts(home) | _cgroups() | _processes(home) | _loops() | _dead_run_dirs(home)
 
 
 def sandbox_ids_of_server(home: Path, pid: int) -> tuple[Path | None, list[str]]:
@@ -100,6 +119,7 @@ def traces(home: Path, sandbox_ids: list[str]) -> list[str]:
     wanted = set(sandbox_ids)
     if not wanted:
         return []
-    found = [item for item in _mounts(home) | _cgroups() | _processes(home) if any(sid in item for sid in wanted)]
+    candidates = _mounts(home) | _cgroups() | _processes(home) | _loops() | _registrations()
+    found = [item for item in candidates if any(sid in item for sid in wanted)]
     found += [f"state dir {p}" for p in (home / "run").glob("*/sb-*") if p.name in wanted]
     return sorted(found)
