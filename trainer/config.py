@@ -120,13 +120,31 @@ class ExperimentConfig(_Strict):
         return self.algo or AlgoConfig.preset(self.algo_preset)
 
 
-def load_config(path: Path, overrides: dict[str, object] | None = None) -> ExperimentConfig:
-    """Read one experiment YAML; `overrides` use dotted keys (e.g. {"grpo.steps": 2})."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+def load_config(path: Path, overrides: dict[str, object] | None = None, model: type[ExperimentConfig] = ExperimentConfig
+                ) -> ExperimentConfig:
+    """Read one experiment YAML; `overrides` use dotted keys (e.g. {"grpo.steps": 2}).
+
+    A top-level `base: other.yaml` (relative to this file) is read first and deep-merged under this file, so a
+    recipe's YAML inherits the tuned experiment it builds on. `model`: a subclass adding recipe sections.
+    """
+    data = _read_yaml(Path(path))
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return ExperimentConfig.model_validate(data)
+    return model.model_validate(data)
+
+
+def _read_yaml(path: Path) -> dict:
+    data = yaml.safe_load(path.read_text()) or {}
+    base = data.pop("base", None)
+    return _merge(_read_yaml(path.parent / base), data) if base else data
+
+
+def _merge(under: dict, over: dict) -> dict:
+    out = dict(under)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

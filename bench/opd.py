@@ -1,0 +1,42 @@
+"""On-policy distillation benchmark: the whole OPD recipe (trainer/opd.py) on CPU, bounded by its config.
+
+Per family an expert (SFT + GRPO on that family), a briefly SFT'd student distilled from both experts on its
+own samples (tools through dsec), and GRPO from the same student on the same budget as the baseline.
+
+    .venv/bin/python bench/opd.py [--config trainer/configs/opd-tiny-cpu.yaml] [--set recipe.steps=8 ...]
+
+Last line: student_over_expert_min=<worst family's student/expert held-out score> (target ≥ 0.9)
+samples_vs_grpo=<worst family's OPD samples / GRPO samples to the same target score> (target < 1; computed with
+GRPO's whole budget when GRPO never reached the target, i.e. an upper bound). Report under the run's out_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from trainer.config import load_config  # noqa: E402
+from trainer.opd import DEFAULT_CONFIG, OPDExperiment, run_recipe  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    overrides = {"out_dir": str(REPO / "runs" / "bench-opd")}
+    overrides |= {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
+    exp = load_config(args.config, overrides, model=OPDExperiment)
+    s = run_recipe(exp)
+    print((Path(exp.out_dir) / "report.md").read_text())
+    print(f"student_over_expert_min={s['student_over_expert_min']:.3f} samples_vs_grpo={s['samples_vs_grpo']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

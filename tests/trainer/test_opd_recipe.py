@@ -1,0 +1,53 @@
+"""The OPD recipe's config (inherits the tuned experiment via `base:`) and its report arithmetic and plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from trainer.config import load_config
+from trainer.opd import DEFAULT_CONFIG, OPDExperiment
+from trainer.opd_report import samples_to, summarize, write_report
+
+
+def test_recipe_config_inherits_the_base_experiment_and_takes_overrides():
+    exp = load_config(DEFAULT_CONFIG, {"recipe.steps": 3, "grpo.group_size": 2}, model=OPDExperiment)
+    base = load_config(DEFAULT_CONFIG.parent / "tiny-cpu.yaml")
+    assert exp.policy == base.policy and exp.rollout == base.rollout and exp.sft == base.sft
+    assert exp.run_name == "opd-tiny-cpu" and exp.recipe.steps == 3 and exp.grpo.group_size == 2
+    one = exp.experiment(**{"tasks.families": ["fix_module"], "sft.steps": 7})
+    assert one.tasks.families == ["fix_module"] and one.sft.steps == 7 and not hasattr(one, "recipe")
+    assert exp.tasks.families == base.tasks.families  # the recipe itself is untouched
+    with pytest.raises(ValueError, match="kl_estimator"):
+        load_config(DEFAULT_CONFIG, {"recipe.opd.kl_estimator": "forward"}, model=OPDExperiment)
+
+
+def _curve(points: list[tuple[int, float, float]]) -> list[dict]:
+    return [{"step": i, "samples": n, "scores": {"a": a, "b": b}} for i, (n, a, b) in enumerate(points)]
+
+
+def test_summary_targets_ratios_and_report_files(tmp_path: Path):
+    opd = _curve([(0, 0.0, 0.5), (16, 0.5, 0.75), (32, 0.75, 0.875)])
+    grpo = _curve([(0, 0.0, 0.5), (16, 0.25, 0.5), (32, 0.5, 0.875)])
+    s = summarize({"a": 0.75, "b": 1.0}, opd, grpo, {"a": 64, "b": 64})
+    a, b = s["families"]["a"], s["families"]["b"]
+    assert a["target"] == pytest.approx(0.675) and a["opd_samples_to_target"] == 32 and not a["grpo_reached"]
+    assert a["samples_vs_grpo"] == 1.0  # GRPO never got there: its whole budget is the denominator (upper bound)
+    assert b["target"] == pytest.approx(0.875) and b["grpo_samples_to_target"] == 32 and b["samples_vs_grpo"] == 1.0
+    assert s["student_over_expert_min"] == pytest.approx(0.875)
+    assert samples_to(grpo, "b", 0.5) == 0 and samples_to(grpo, "a", 0.9) is None
+    write_report(tmp_path, s, opd, grpo, {"total_s": 1.0, "stage_s": {"opd": 1.0}})
+    assert json.loads((tmp_path / "report.json").read_text())["grpo_curve"] == grpo
+    assert "| a | 0.750 |" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "opd_vs_grpo.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_family_whose_expert_scores_zero_is_flagged_not_counted():
+    curve = _curve([(0, 0.0, 0.5), (16, 0.0, 0.75)])
+    s = summarize({"a": 0.0, "b": 0.75}, curve, curve, {})
+    assert math.isnan(s["families"]["a"]["student_over_expert"]) and s["families_without_expert_signal"] == ["a"]
+    assert s["student_over_expert_min"] == 1.0 and math.isnan(s["families"]["a"]["samples_vs_grpo"])
+    assert s["samples_vs_grpo"] == 1.0  # b: both runs reach the target at 16 samples

@@ -1,0 +1,216 @@
+"""The on-policy distillation recipe on CPU: experts per family → student SFT → OPD, against GRPO from scratch.
+
+    .venv/bin/python -m trainer.opd [CONFIG] [--set recipe.steps=4 ...] [--no-progress]
+
+1. One expert per task family: the existing SFT + GRPO path on that family only (or `recipe.experts` given).
+2. The student: a brief SFT on the format of every family.
+3. OPD: the GRPO driver loop with `algo.opd` (teachers = the experts, routed by task tag), held-out eval every
+   `recipe.eval_every` steps; then GRPO from the same student on the same budget, evaluated alike.
+4. report.json / report.md / opd_vs_grpo.png under out_dir (trainer/opd_report.py).
+Why the comparison starts both runs from the same SFT'd student: it isolates what the teachers' dense signal
+buys over the sparse reward, per sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import dsec
+import ray
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from trainer.config import ExperimentConfig, OPDConfig, load_config
+from trainer.demo import stage_sft, stage_tokenizer
+from trainer.evaluate import heldout_success
+from trainer.grpo import train_grpo
+from trainer.opd_report import summarize, write_report
+from trainer.teachers import load_weights
+from trainer.tokenizer import V4Tokenizer
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "opd-tiny-cpu.yaml"
+
+
+class RecipeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    expert_sft_steps: int = 500
+    expert_grpo_steps: int = 8
+    student_sft_steps: int = 150
+    steps: int = 12  # OPD steps, and the GRPO-from-scratch baseline's (same prompts × G per step)
+    eval_every: int = 4
+    eval_size: int = 16  # held-out problems per family
+    eval_greedy: bool = True  # deterministic scores: the small eval is not drowned in sampling noise
+    experts: dict[str, Path] = Field(default_factory=dict)  # family -> given expert weights: not trained here
+    opd: OPDConfig = Field(default_factory=OPDConfig)  # estimator, λ, reward weight (teachers: the experts)
+    ref_kl_coef: float = 0.0  # KL to the SFT'd student during OPD (off: the teacher is the anchor)
+
+
+class OPDExperiment(ExperimentConfig):
+    """An experiment YAML (usually `base: tiny-cpu.yaml`) plus the recipe section."""
+
+    recipe: RecipeConfig = Field(default_factory=RecipeConfig)
+
+    def experiment(self, **update: object) -> ExperimentConfig:
+        data = self.model_dump(exclude={"recipe"})
+        return ExperimentConfig.model_validate(_deep_update(data, update))
+
+
+def _deep_update(data: dict, update: dict) -> dict:
+    for dotted, value in update.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return data
+
+
+class _Stages:
+    """Timing per stage, printed as it goes (the recipe runs for minutes)."""
+
+    def __init__(self, progress: bool) -> None:
+        self.seconds: dict[str, float] = {}
+        self.progress = progress
+
+    def run(self, name: str, fn, *args, **kwargs):
+        if self.progress:
+            print(f"== {name}", flush=True)
+        started = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+        return result
+
+
+def _evaluate(model, tok, client, cfg: ExperimentConfig, families: list[str], size: int, greedy: bool, tag: str
+              ) -> dict[str, float]:
+    scoped = cfg.model_copy(update={"tasks": cfg.tasks.model_copy(update={"families": families,
+                                                                            "heldout_size": size * len(families)})})
+    scores = heldout_success(model, tok, client, scoped, f"{cfg.run_name}-{int(time.time())}", tag, greedy=greedy)
+    return {f: scores[f] for f in families}
+
+
+def train_expert(exp: OPDExperiment, family: str, tok: V4Tokenizer, tok_path: Path, dsec_address: str,
+                 stages: _Stages, progress: bool) -> Path:
+    """SFT then GRPO on one family only; returns the expert's weights file."""
+    out = Path(exp.out_dir) / "experts" / family
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("state.json", "learner.pt", "metrics.jsonl"):
+        (out / stale).unlink(missing_ok=True)
+    r = exp.recipe
+    cfg = exp.experiment(**{"out_dir": str(out), "run_name": f"{exp.run_name}-expert-{family}",
+                            "tasks.families": [family], "sft.steps": r.expert_sft_steps,
+                            "grpo.steps": r.expert_grpo_steps})
+    stages.run(f"expert {family}: sft", stage_sft, cfg, tok, out, progress)
+    if r.expert_grpo_steps == 0:
+        return out / "sft.pt"
+    result = stages.run(f"expert {family}: grpo", train_grpo, cfg, tok_path, out / "sft.pt", address=None,
+                        dsec_address=dsec_address, resume=False, progress=progress)
+    return Path(result["checkpoint"])
+
+
+def _curve_run(exp: OPDExperiment, name: str, cfg: ExperimentConfig, tok: V4Tokenizer, tok_path: Path,
+               init: Path, client: dsec.Client, start: dict[str, float], progress: bool) -> list[dict]:
+    """Train with the GRPO driver (GRPO or OPD by `cfg.algo`), evaluating every `eval_every` steps."""
+    r = exp.recipe
+    families = cfg.tasks.families
+    per_step = cfg.grpo.prompts_per_step * cfg.grpo.group_size
+    curve = [{"step": 0, "samples": 0, "scores": start}]
+    from trainer.policy import build_policy
+
+    model = build_policy(cfg.policy.name, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, cfg.seed).eval()
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        if step % r.eval_every and step != cfg.grpo.steps:
+            return
+        model.load_state_dict(load_weights(Path(cfg.out_dir) / "learner.pt"))
+        scores = _evaluate(model, tok, client, cfg, families, r.eval_size, r.eval_greedy, f"{name}-{step}")
+        curve.append({"step": step, "samples": step * per_step, "scores": scores})
+        if progress:
+            print(f"   {name} step {step} ({step * per_step} samples): {scores}", flush=True)
+
+    for stale in ("state.json", "learner.pt", "metrics.jsonl"):
+        (Path(cfg.out_dir) / stale).unlink(missing_ok=True)
+    train_grpo(cfg, tok_path, init, address=None, dsec_address=client.address, resume=False, progress=progress,
+               on_step=on_step)
+    return curve
+
+
+def run_recipe(exp: OPDExperiment, progress: bool = True) -> dict:
+    """The whole recipe; returns the summary (also written to out_dir/report.json)."""
+    out = Path(exp.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    stages = _Stages(progress)
+    r = exp.recipe
+    families = exp.tasks.families
+    torch.set_num_threads(exp.torch_threads)
+    tok = stages.run("tokenizer", stage_tokenizer, exp.experiment(), out)
+    tok_path = out / "tokenizer.json"
+    try:
+        with dsec.Client(address=exp.sandbox.address) as client:
+            experts = {f: Path(r.experts[f]) if f in r.experts else
+                       train_expert(exp, f, tok, tok_path, client.address, stages, progress) for f in families}
+            expert_samples = {f: 0 if f in r.experts else r.expert_grpo_steps * exp.grpo.prompts_per_step
+                              * exp.grpo.group_size for f in families}
+            from trainer.policy import build_policy
+
+            teacher = build_policy(exp.policy.name, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, exp.seed)
+            expert_scores: dict[str, float] = {}
+            for f in families:
+                teacher.load_state_dict(load_weights(experts[f]))
+                expert_scores.update(stages.run(f"expert {f}: eval", _evaluate, teacher.eval(), tok, client,
+                                                exp.experiment(), [f], r.eval_size, r.eval_greedy, f"expert-{f}"))
+            student_dir = out / "student"
+            student_dir.mkdir(exist_ok=True)
+            student, _ = stages.run("student: sft", stage_sft, exp.experiment(**{"sft.steps": r.student_sft_steps}),
+                                    tok, student_dir, progress)
+            start = stages.run("student: eval", _evaluate, student, tok, client, exp.experiment(), families,
+                               r.eval_size, r.eval_greedy, "student-sft")
+            opd_algo = exp.algorithm().model_copy(update={
+                "kl_coef": r.ref_kl_coef, "opd": r.opd.model_copy(update={"teachers": experts})})
+            opd_cfg = exp.experiment(**{"out_dir": str(out / "opd"), "run_name": f"{exp.run_name}-opd"})
+            opd_cfg = opd_cfg.model_copy(update={"algo": opd_algo})
+            opd_cfg = opd_cfg.model_copy(update={"grpo": opd_cfg.grpo.model_copy(update={"steps": r.steps})})
+            opd_curve = stages.run("student: opd", _curve_run, exp, "opd", opd_cfg, tok, tok_path,
+                                   student_dir / "sft.pt", client, start, progress)
+            grpo_cfg = exp.experiment(**{"out_dir": str(out / "grpo"), "run_name": f"{exp.run_name}-grpo",
+                                         "grpo.steps": r.steps})
+            grpo_curve = stages.run("student: grpo from scratch", _curve_run, exp, "grpo", grpo_cfg, tok, tok_path,
+                                    student_dir / "sft.pt", client, start, progress)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    summary = summarize(expert_scores, opd_curve, grpo_curve, expert_samples)
+    meta = {"total_s": time.perf_counter() - started, "stage_s": stages.seconds,
+            "experts": {f: str(p) for f, p in experts.items()}, "kl_estimator": r.opd.kl_estimator,
+            "reward_weight": r.opd.reward_weight, "coef": r.opd.coef, "config": json.loads(exp.model_dump_json())}
+    write_report(out, summary, opd_curve, grpo_curve, meta)
+    return summary | {"total_s": meta["total_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path, nargs="?", default=DEFAULT_CONFIG)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, YAML value (e.g. recipe.steps=4)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    exp = load_config(args.config, overrides, model=OPDExperiment)
+    s = run_recipe(exp, progress=not args.no_progress)
+    print((Path(exp.out_dir) / "report.md").read_text())
+    print(f"student_over_expert_min={s['student_over_expert_min']:.3f} samples_vs_grpo={s['samples_vs_grpo']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
