@@ -7,6 +7,7 @@ import fcntl
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -185,3 +186,41 @@ def test_unregistered_cgroups_are_never_touched():
     finally:
         for directory in made:
             directory.rmdir()
+
+
+def _dead_registered_sandbox(tmp_path: Path) -> tuple[str, Path]:
+    """A registered sandbox dir in a run directory whose server is dead (lock file present, nobody holds it)."""
+    sandbox_id = "sb-" + os.urandom(8).hex()
+    sandbox_dir = tmp_path / "run" / "deadserver" / sandbox_id
+    sandbox_dir.mkdir(parents=True)
+    (sandbox_dir.parent / "server.lock").write_text("0")
+    orphans.register(sandbox_id, sandbox_dir)
+    return sandbox_id, sandbox_dir
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_servers_qemu_and_loop_device_are_swept(tmp_path):
+    """The sweep's QEMU and loop paths on real kernel objects: a process named like QEMU with the sandbox's pidfile,
+    and a loop device (not auto-clearing) backed by the sandbox's disk image."""
+    sandbox_id, sandbox_dir = _dead_registered_sandbox(tmp_path)
+    (sandbox_dir / "disk.img").write_bytes(b"\0" * (1 << 20))
+    qemu = subprocess.Popen(
+        ["qemu-system-x86_64", "-c", "import time; time.sleep(600)", "-pidfile", str(sandbox_dir / "qemu.pid")],
+        executable=sys.executable,
+    )
+    device = subprocess.run(
+        ["losetup", "--find", "--show", str(sandbox_dir / "disk.img")], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        swept = orphans.sweep()
+        qemu.wait(timeout=15)  # the sweep reaped it already (it is our child): the exit status is lost, not the kill
+        assert not Path(f"/proc/{qemu.pid}").exists()
+        assert qemu.pid in swept.qemus and device in swept.loops and sandbox_id in swept.registrations
+        assert not Path(f"/sys/block/{device.removeprefix('/dev/')}/loop/backing_file").exists()
+        assert orphans.registered_dir(sandbox_id) is None and not sandbox_dir.exists()
+    finally:
+        if qemu.poll() is None:
+            qemu.kill()
+            qemu.wait()
+        subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
+        orphans.unregister(sandbox_id)
