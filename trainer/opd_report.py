@@ -4,7 +4,8 @@ Curves are lists of eval points `{"samples": n, "step": s, "scores": {family: su
 samples (the SFT'd student). A family's target is min(0.9 × expert score, the student's final OPD score): the
 issue's bar when OPD clears it, otherwise the score OPD did reach. "Samples to target" is the first eval point
 at or above it; a GRPO curve that never gets there within the same budget is reported as not reached, and its
-ratio uses the whole GRPO budget (so the ratio printed is then an upper bound of the true one).
+ratio uses the whole GRPO budget (so the ratio printed is then an upper bound of the true one). A family whose
+expert scores 0, or whose student OPD did not improve, has no ratio (nan): there is no target to race to.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def summarize(experts: dict[str, float], opd: list[dict], grpo: list[dict], expe
         opd_n = samples_to(opd, family, target)
         grpo_n = samples_to(grpo, family, target)
         denominator = grpo_n if grpo_n is not None else int(grpo[-1]["samples"])
-        if expert <= 0 or opd_n is None:
-            ratio = math.nan  # no expert signal to distil (or to reach): nothing to compare
+        if expert <= 0 or opd_n is None or student <= opd[0]["scores"][family]:
+            ratio = math.nan  # no expert signal to distil, or OPD gained nothing: no target to race to
         else:
             ratio = opd_n / denominator if denominator else 1.0  # both at the target before training: a tie
         families[family] = {

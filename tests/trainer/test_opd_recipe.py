@@ -51,3 +51,9 @@ def test_a_family_whose_expert_scores_zero_is_flagged_not_counted():
     assert math.isnan(s["families"]["a"]["student_over_expert"]) and s["families_without_expert_signal"] == ["a"]
     assert s["student_over_expert_min"] == 1.0 and math.isnan(s["families"]["a"]["samples_vs_grpo"])
     assert s["samples_vs_grpo"] == 1.0  # b: both runs reach the target at 16 samples
+
+
+def test_no_opd_gain_means_no_sample_ratio():
+    curve = _curve([(0, 0.25, 0.5), (16, 0.25, 0.5)])
+    s = summarize({"a": 1.0, "b": 1.0}, curve, curve, {})
+    assert math.isnan(s["samples_vs_grpo"]) and s["student_over_expert_min"] == 0.25
