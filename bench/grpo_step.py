@@ -116,9 +116,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="GRPO step time: ours vs TRL")
     parser.add_argument("--steps", type=int, default=STEPS, help="timed steps after one warm-up step")
     parser.add_argument("--sft-steps", type=int, default=150)
+    parser.add_argument("--threads", type=int, help="torch threads for both trainers (default: the demo config's)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
     cfg = load_config(REPO / "trainer" / "configs" / "tiny-cpu.yaml")
+    torch.set_num_threads(args.threads or cfg.torch_threads)
     tok = train(corpus(["arithmetic"], 0, 300, "non-think"), 1024)
     base = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
     examples = [tokenize_pieces(tok, demo_pieces(p, "non-think")) for p in problems(["arithmetic"], "train", 500, 0)]
