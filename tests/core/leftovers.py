@@ -11,9 +11,9 @@ def leftovers(sandbox_id: str) -> list[str]:
     for line in Path("/proc/mounts").read_text().splitlines():
         if sandbox_id in line:
             found.append(f"mount: {line}")
-    for controller in Path("/sys/fs/cgroup").iterdir():
-        for path in controller.glob(f"**/*{sandbox_id}*"):
-            found.append(f"cgroup: {path}")
+    # os.walk skips directories that vanish mid-walk (other tests create and remove cgroups meanwhile)
+    for root, dirs, _ in os.walk("/sys/fs/cgroup", onerror=lambda _error: None):
+        found.extend(f"cgroup: {root}/{name}" for name in dirs if sandbox_id in name)
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue

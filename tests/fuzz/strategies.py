@@ -17,6 +17,14 @@ TEXT = st.one_of(EDGE_STRINGS, st.text(max_size=64))
 INT64_EDGES = st.sampled_from([0, -1, 1, 2**31 - 1, -(2**31), 2**63 - 1, -(2**63)])
 FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -1.0, 1e-9, 1e308]))
 
+# Fields whose valid values make the server act outside this machine: a hostname in `network_allow` is resolved
+# through the configured nameserver, so the fuzzer draws only addresses, CIDRs and strings no parser accepts.
+ALLOW_ENTRIES = st.sampled_from(
+    ["127.0.0.1", "198.18.0.1:80", "10.0.0.0/8", "0.0.0.0/0:443", "1.2.3.4:0", "1.2.3.4:99999", "300.1.1.1",
+     "10.0.0.0/33", "", " ", "a b", "..", "a\0b", "::1", "[::1]:80", "x" * 5000, "-bad-:80", "host:port"]
+)  # fmt: skip
+FIELD_OVERRIDES: dict[str, st.SearchStrategy] = {"network_allow": st.lists(ALLOW_ENTRIES, max_size=4)}
+
 _INT_RANGES = {
     FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
     FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
@@ -55,7 +63,9 @@ def message_dicts(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy:
         return st.just({})
     optional: dict[str, st.SearchStrategy] = {}
     for field in descriptor.fields:
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        if field.name in FIELD_OVERRIDES:
+            optional[field.name] = FIELD_OVERRIDES[field.name]
+        elif field.message_type is not None and field.message_type.GetOptions().map_entry:
             key, value = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
             optional[field.name] = st.dictionaries(_scalar(key, depth), _scalar(value, depth), max_size=4)
         elif field.is_repeated:
