@@ -46,7 +46,7 @@ class Learner:
         rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
         adv = get_advantage(a.advantage)(rewards, group_size, 1e-6)
         keep = torch.ones_like(rewards, dtype=torch.bool)
-        if a.drop_zero_variance:
+        if a.drop_zero_variance and a.opd is None:  # with OPD, equal rewards still carry the teachers' signal
             keep = ~zero_variance_groups(rewards, group_size)
         metrics = {"reward_mean": rewards.mean().item(), "kept_samples": float(keep.sum()), "loss": 0.0, "kl": 0.0}
         if not keep.any():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -123,3 +124,13 @@ def test_teachers_must_cover_every_family(tmp_path, make_config, trainer_assets)
     with pytest.raises(ValueError, match="has no teacher"):
         score_rollouts({}, [{"trajectory_id": "r/1", "family": "arithmetic", "ids": [1], "mask": [0]}],
                        cfg.algo.opd)
+
+
+def test_opd_keeps_groups_with_equal_rewards(tiny):
+    """DAPO drops zero-variance groups (no reward signal); under OPD they still carry the teachers' signal."""
+    tok, student, teacher, rollouts = tiny
+    flat = [dataclasses.replace(r, reward=0.0) for r in rollouts]
+    algo = AlgoConfig.preset("dapo").model_copy(update={"opd": OPDConfig(kl_estimator="sampled_token")})
+    learner = Learner(copy.deepcopy(student), algo, lr=1e-3, grad_clip=1.0, pad_id=tok.pad_id)
+    scores = score(teacher, [r.ids for r in flat], [r.mask for r in flat], tok.pad_id, full_vocab=False)
+    assert learner.update(flat, group_size=2, teacher=scores)["kept_samples"] == len(flat)
