@@ -79,7 +79,7 @@ def main() -> None:
         image = busybox_image(work, config)
         spec = SandboxSpec(substrate="microvm", resources={"memory_mb": MEMORY_MB})
         machine = microvm.machine_for(spec)
-        base = image_disk(image, microvm.cfg.disks_dir, microvm.cfg.disk_slack_mb)
+        base = image_disk(image, microvm.cfg.disks_dir, spec.resources.disk_mb)
         ensure_template(microvm.cfg, machine, base)
         cold: list[float] = []
         restore: list[float] = []

@@ -102,16 +102,7 @@ def test_memory_bomb(case, spawn):
     assert record(case[0], f"memory bomb ({limit_mb} MB)", outcome, contained)
 
 
-def test_disk_fill(case, spawn, request):
-    if is_vm(case):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="known limit: the VM drivers ignore disk_mb (every guest disk is the image plus disk_slack_mb, "
-                "2 GB, of sparse qcow2): a guest fills its own disk, never the host's; the table counts it. Remove "
-                "this mark once the VM drivers size the guest disk by disk_mb.",
-            )
-        )
+def test_disk_fill(case, spawn):
     sandbox = spawn(disk_mb=32)
     count, api_mb = (64, 1) if is_vm(case) else (256, 64)  # enough to pass 32 MB; writes are slow in an emulated guest
     outcome = _run(sandbox, f"dd if=/dev/zero of=/fill bs=1M count={count} 2>&1 | grep -o 'No space left on device'", timeout=120)

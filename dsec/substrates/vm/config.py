@@ -25,7 +25,6 @@ class VmConfig(BaseModel):
     kvm_probe_timeout_s: float = Field(15.0, gt=0)
     min_memory_mb: int = Field(128, ge=64, description="below this the cloud kernel + initramfs cannot boot")
     max_templates: int = Field(12, ge=1, description="saved templates kept (LRU); each holds a guest memory image")
-    disk_slack_mb: int = Field(2048, ge=64, description="free space in every root disk (sparse, costs nothing)")
     # init_on_free=1: freed guest pages are zero, and QEMU skips zero pages when saving, so a 256 MiB template's
     # state shrinks from 91 to 51 MB and a restored VM's RSS from 184 to 148 MB (measured).
     kernel_cmdline: str = (

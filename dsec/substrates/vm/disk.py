@@ -1,7 +1,7 @@
 """Root disks for VMs, built from the same image-store layers the containers stack with overlayfs.
 
-One raw ext4 image per image digest (built once from the merged read-only view of the layers, cached under
-`$DSEC_HOME/vm/disks/`, published by an atomic rename so a kill -9 mid-build never leaves a half disk), and a
+One raw ext4 image per image digest and disk budget (built once from the merged read-only view of the layers, cached under
+`$DSEC_HOME/vm/disks/`, sized by the sandbox's disk budget, published by an atomic rename so a kill -9 mid-build never leaves a half disk), and a
 thin qcow2 overlay per sandbox whose backing file is that image: create cost does not grow with image size,
 and every write a sandbox makes stays in its own overlay.
 """
@@ -59,24 +59,30 @@ def _merged_view(lower_dirs: list[Path]) -> Iterator[Path]:
             mountpoint.rmdir()
 
 
-def image_disk(image: ImageRootfs, disks_dir: Path, slack_mb: int) -> Path:
-    """The cached raw ext4 root disk of `image` (built on first use; concurrent callers build it once)."""
+def image_disk(image: ImageRootfs, disks_dir: Path, free_mb: int) -> Path:
+    """The cached raw ext4 root disk of `image` with about `free_mb` of free space (built on first use; concurrent
+    callers build it once).
+
+    The free space is the sandbox's disk budget (spec.resources.disk_mb): the guest's own filesystem says ENOSPC
+    when it is spent, exactly where a container's writable layer does, and the sparse qcow2 overlay on the host
+    can never outgrow the filesystem inside it. One disk (and one template) per (image, budget) pair.
+    """
     disks_dir.mkdir(parents=True, exist_ok=True)
     digest = image.digest.split(":", 1)[-1]
-    path = disks_dir / f"{digest}.ext4"
+    path = disks_dir / f"{digest}.{free_mb}m.ext4"
     if path.exists():
         return path
     with open(disks_dir / f".{digest}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists():
             return path
-        size_mb = _tree_bytes(image.lower_dirs) * 5 // 4 // (1 << 20) + slack_mb
+        size_mb = _tree_bytes(image.lower_dirs) * 9 // 8 // (1 << 20) + free_mb + 2  # + ext4 metadata
         tmp = disks_dir / f".{digest}.{os.getpid()}.tmp"
         try:
             with _merged_view(image.lower_dirs) as root:
                 _check(
                     [
-                        "mkfs.ext4", "-q", "-F", "-L", "dsec-root", "-O", "^has_journal",
+                        "mkfs.ext4", "-q", "-F", "-L", "dsec-root", "-O", "^has_journal", "-m", "0",
                         "-E", "root_owner=0:0,lazy_itable_init=1", "-d", str(root), str(tmp), f"{size_mb}M",
                     ],
                     f"building the VM root disk of {image.reference}",

@@ -168,7 +168,7 @@ class QemuDriver(SandboxDriver):
 
     def create(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, state_dir: Path) -> VmSandbox:
         machine = self.machine_for(spec)
-        base = image_disk(image, self.cfg.disks_dir, self.cfg.disk_slack_mb)
+        base = image_disk(image, self.cfg.disks_dir, spec.resources.disk_mb)
         template = ensure_template(self.cfg, machine, base)
         return self._start(sandbox_id, machine, template.state, template.disk, base, state_dir)
 
