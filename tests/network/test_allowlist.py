@@ -82,13 +82,6 @@ def test_sdk_and_server_reject_bad_entries(net_client):
         net_client.rpc(net_client.sandboxes.Create, request)
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("substrate", ["microvm", "vm"])
-def test_vms_refuse_an_allowlist_naming_the_alternative(net_client, substrate):
-    with pytest.raises(Unsupported, match="container"):
-        net_client.create("busybox", substrate, network_allow=["10.0.0.1:80"])
-
-
 def test_ruleset_is_valid_nft():
     """`nft -c` checks the generated table against the kernel without installing it."""
     destinations = resolve(["10.0.0.0/8:80", "192.0.2.7"], "sb-test")

@@ -24,6 +24,7 @@ from dsec.config import ServerConfig
 from dsec.errors import DsecError, InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound, Unsupported
 from dsec.models import SandboxSpec
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
+from dsec.substrates.container import network
 from dsec.substrates.vm.accel import host_accel
 from dsec.substrates.vm.config import VmConfig
 from dsec.substrates.vm.disk import copy_overlay, image_disk
@@ -41,13 +42,14 @@ from dsec.substrates.vm.machine import (
     guest_cmdline,
     kill_from_state_dir,
 )
+from dsec.substrates.vm.net import connect_vm, guest_net_cmdline
 from dsec.substrates.vm.template import STATE, ensure_template
 
 SNAPSHOT_META = "meta.json"
 # Hard links to the image disk and the initrd, so a snapshot outlives cache cleanups of either.
 SNAPSHOT_BASE = "base.raw"
 SNAPSHOT_INITRD = "initrd.img"
-OWN_FILES = (DISK, PID_FILE, QMP_SOCKET, AGENT_SOCKET, SERIAL_LOG, QEMU_LOG)
+OWN_FILES = (DISK, PID_FILE, QMP_SOCKET, AGENT_SOCKET, SERIAL_LOG, QEMU_LOG, network.HOSTS_NAME)
 
 
 def _vmstat_oom_kills(text: str) -> int:
@@ -146,16 +148,16 @@ class QemuDriver(SandboxDriver):
 
     def machine_for(self, spec: SandboxSpec) -> MachineSpec:
         if spec.network:
-            raise Unsupported(f"{self.substrate} sandboxes have no network device; create it with network=False")
-        if spec.network_allow:
             raise Unsupported(
-                f"{self.substrate} sandboxes have no network device, so no egress allowlist; use the container or "
-                "function substrate (crun, runc, docker) for network_allow"
+                f"{self.substrate} sandboxes have no host network; create it with network=False, or list what it may "
+                "reach in network_allow"
             )
         accel = self.accel
         if spec.driver in ("kvm", "tcg") and spec.driver != accel:
             raise InvalidSpec(f"accelerator {spec.driver!r} was asked for but this host uses {accel!r} (KVM probe)")
         boot = self.boot()
+        nic = bool(spec.network_allow)
+        cmdline = guest_cmdline(self.cfg.kernel_cmdline, accel)
         return MachineSpec(
             kind=self.kind,
             accel=accel,
@@ -163,14 +165,15 @@ class QemuDriver(SandboxDriver):
             cpus=max(1, math.ceil(spec.resources.cpu)),
             kernel=str(boot.kernel.vmlinuz),
             initrd=str(boot.initrd),
-            cmdline=guest_cmdline(self.cfg.kernel_cmdline, accel),
+            cmdline=f"{cmdline} {guest_net_cmdline()}" if nic else cmdline,
+            nic=nic,
         )
 
     def create(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, state_dir: Path) -> VmSandbox:
         machine = self.machine_for(spec)
         base = image_disk(image, self.cfg.disks_dir, spec.resources.disk_mb)
         template = ensure_template(self.cfg, machine, base)
-        return self._start(sandbox_id, machine, template.state, template.disk, base, state_dir)
+        return self._start(sandbox_id, spec, machine, template.state, template.disk, base, state_dir)
 
     def restore(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, snapshot: Path, state_dir: Path) -> VmSandbox:
         try:
@@ -180,6 +183,11 @@ class QemuDriver(SandboxDriver):
         machine = MachineSpec(**meta["machine"])
         if machine.kind != self.kind:
             raise InvalidSpec(f"snapshot {snapshot.parent.name} is a {machine.kind} machine, not {self.kind}")
+        if machine.nic != bool(spec.network_allow):
+            raise InvalidSpec(
+                f"snapshot {snapshot.parent.name} was taken {'with' if machine.nic else 'without'} a NIC; restore it "
+                f"{'with' if machine.nic else 'without'} a network_allow list"
+            )
         base = Path(meta["base_disk"])
         for path, name in ((base, SNAPSHOT_BASE), (Path(machine.initrd), SNAPSHOT_INITRD)):
             if not path.exists() and (snapshot / name).exists():
@@ -189,34 +197,49 @@ class QemuDriver(SandboxDriver):
         for needed in (base, Path(machine.kernel), Path(machine.initrd), snapshot / STATE, snapshot / DISK):
             if not needed.exists():
                 raise SnapshotNotFound(f"snapshot {snapshot.parent.name} needs {needed}, which is gone; take a new snapshot")
-        return self._start(sandbox_id, machine, snapshot / STATE, snapshot / DISK, base, state_dir)
+        return self._start(sandbox_id, spec, machine, snapshot / STATE, snapshot / DISK, base, state_dir)
 
-    def _start(self, sandbox_id: str, machine: MachineSpec, state: Path, disk: Path, base: Path, state_dir: Path) -> VmSandbox:
+    def _start(
+        self, sandbox_id: str, spec: SandboxSpec, machine: MachineSpec, state: Path, disk: Path, base: Path, state_dir: Path
+    ) -> VmSandbox:
+        """Restore `state` over a copy of `disk`; an allowlisted machine runs in its own netns (see net.py)."""
         started = time.monotonic()
         state_dir.mkdir(parents=True, exist_ok=True)
-        copy_overlay(disk, state_dir / DISK)
-        process = QemuProcess(self.cfg.qemu, machine, state_dir, state, self.cfg.restore_timeout_s)
+        try:
+            netns, hosts = connect_vm(sandbox_id, spec.network_allow, state_dir) if machine.nic else (None, None)
+            copy_overlay(disk, state_dir / DISK)
+            process = QemuProcess(self.cfg.qemu, machine, state_dir, state, self.cfg.restore_timeout_s, netns)
+        except BaseException:
+            network.teardown(state_dir)
+            raise
         client = AgentClient(process.agent_socket, sandbox_id=sandbox_id)
+        sandbox = VmSandbox(sandbox_id, client, process, base, 0.0)
         try:
             process.finish_incoming(self.cfg.restore_timeout_s)
             client.ping(timeout=self.cfg.restore_timeout_s)
+            if hosts is not None:
+                sandbox.write_file("/etc/hosts", [hosts.read_bytes()])
         except BaseException as exc:
             client.close()
             tail = process.log_tail()
             process.kill()
+            network.teardown(state_dir)
             if isinstance(exc, DsecError):
                 raise RuntimeFailure(f"VM {sandbox_id} did not come back from its snapshot: {exc.message}; {tail}") from exc
             raise
-        return VmSandbox(sandbox_id, client, process, base, time.monotonic() - started)
+        sandbox.start_s = time.monotonic() - started
+        return sandbox
 
     def destroy(self, sandbox: DriverSandbox) -> None:
         assert isinstance(sandbox, VmSandbox)
         sandbox.close()
         sandbox.process.kill()
+        network.teardown(sandbox.process.state_dir)
         self._remove_files(sandbox.process.state_dir)
 
     def cleanup_state_dir(self, state_dir: Path) -> None:
         kill_from_state_dir(state_dir)
+        network.teardown(state_dir)
         self._remove_files(state_dir)
 
     @staticmethod

@@ -27,8 +27,9 @@ from dsec.substrates.vm.cpio import CpioEntry, char_device, cpio_archive, direct
 
 BUSYBOX = Path("/bin/busybox")
 INIT_SCRIPT = Path(__file__).with_name("init.sh")
-# Loaded in this order after their dependencies; virtio_mmio serves -M microvm, virtio_pci serves q35.
-GUEST_MODULES = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_console")
+# Loaded in this order after their dependencies; virtio_mmio serves -M microvm, virtio_pci serves q35; virtio_net
+# serves the NIC of allowlisted machines (it finds no device in the others).
+GUEST_MODULES = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_console", "virtio_net")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,27 @@ while [ ! -b /dev/vda ]; do
 done
 mount -t ext4 -o noatime /dev/vda /newroot || fail "cannot mount /dev/vda"
 
+# Allowlisted machines have a NIC and get its address on the command line (dsec/substrates/vm/net.py).
+guest_ip=""
+guest_gw=""
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+    dsec.ip=*) guest_ip="${word#dsec.ip=}" ;;
+    dsec.gw=*) guest_gw="${word#dsec.gw=}" ;;
+    esac
+done
+if [ -n "$guest_ip" ]; then
+    tries=0
+    while [ ! -e /sys/class/net/eth0 ]; do
+        tries=$((tries + 1))
+        [ $tries -gt 500 ] && fail "no network device eth0"
+        usleep 10000
+    done
+    ip link set lo up
+    ip addr add "$guest_ip" dev eth0 && ip link set eth0 up && ip route add default via "$guest_gw" \
+        || fail "cannot configure eth0 as $guest_ip via $guest_gw"
+fi
+
 port=""
 tries=0
 while [ -z "$port" ]; do

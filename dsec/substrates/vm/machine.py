@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from dsec.errors import RuntimeFailure
+from dsec.substrates.vm.net import GUEST_MAC, TAP
 from dsec.substrates.vm.qmp import QmpClient
 
 MachineKind = Literal["microvm", "q35"]
@@ -47,6 +48,7 @@ class MachineSpec:
     kernel: str
     initrd: str
     cmdline: str
+    nic: bool = False  # a virtio-net NIC (allowlisted sandboxes only); part of the device model, so of the template key
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,8 +75,18 @@ def guest_cmdline(base: str, accel: str) -> str:
     return f"{base} tsc_early_khz={khz}" if khz else base
 
 
-def qemu_argv(qemu: str, machine: MachineSpec, state_dir: Path, incoming: Path | None) -> list[str]:
-    """The QEMU command line of a machine whose files live in `state_dir`."""
+def nic_args(transport: str, tap: bool) -> list[str]:
+    """The NIC of an allowlisted machine: virtio-net on a tap in the sandbox's netns, or (template boot) on a hub.
+
+    Why a hub for the template: the saved state holds the device, not its backend, and a tap exists only inside
+    a sandbox's netns. `vnet_hdr=off` keeps the tap's offered features equal to the hub's, so a restore matches.
+    """
+    backend = f"tap,id=net0,ifname={TAP},script=no,downscript=no,vnet_hdr=off" if tap else "hubport,id=net0,hubid=0"
+    return ["-netdev", backend, "-device", f"virtio-net-{transport},netdev=net0,mac={GUEST_MAC}"]
+
+
+def qemu_argv(qemu: str, machine: MachineSpec, state_dir: Path, incoming: Path | None, netns: Path | None = None) -> list[str]:
+    """The QEMU command line of a machine whose files live in `state_dir` (run inside `netns` when given)."""
     transport = "device" if machine.kind == "microvm" else "pci"
     machine_opt = "microvm,x-option-roms=off,rtc=on" if machine.kind == "microvm" else "q35"
     argv = [
@@ -92,6 +104,8 @@ def qemu_argv(qemu: str, machine: MachineSpec, state_dir: Path, incoming: Path |
         "-chardev", f"socket,id=agent,path={state_dir / AGENT_SOCKET}",
         "-device", "virtserialport,chardev=agent,name=dsec.agent",
     ]
+    if machine.nic:
+        argv += nic_args(transport, tap=netns is not None)
     if incoming is not None:
         argv += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
     return argv
@@ -101,8 +115,8 @@ _spawner: ThreadPoolExecutor | None = None
 _spawner_lock = threading.Lock()
 
 
-def _launch(argv: list[str], log_path: Path) -> subprocess.Popen:
-    """Start QEMU so that it dies with this process, even on kill -9.
+def _launch(argv: list[str], log_path: Path, netns: Path | None = None) -> subprocess.Popen:
+    """Start QEMU so that it dies with this process, even on kill -9 (inside `netns` when given).
 
     `setpriv --pdeathsig KILL` makes the kernel kill QEMU when the *thread* that forked it ends, so every QEMU is
     forked by one long-lived spawner thread (it ends only with the process), never by a short-lived RPC thread.
@@ -112,10 +126,12 @@ def _launch(argv: list[str], log_path: Path) -> subprocess.Popen:
         if _spawner is None:
             _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsec-qemu-spawner")
 
+    enter = ["nsenter", f"--net={netns}", "--"] if netns is not None else []
+
     def start() -> subprocess.Popen:
         with open(log_path, "ab") as log:
             return subprocess.Popen(
-                ["setpriv", "--pdeathsig", "KILL", "--", *argv],
+                ["setpriv", "--pdeathsig", "KILL", "--", *enter, *argv],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
             )
 
@@ -125,7 +141,9 @@ def _launch(argv: list[str], log_path: Path) -> subprocess.Popen:
 class QemuProcess:
     """A running QEMU plus its monitor and the host end of the agent's serial port."""
 
-    def __init__(self, qemu: str, machine: MachineSpec, state_dir: Path, incoming: Path | None, start_timeout_s: float) -> None:
+    def __init__(
+        self, qemu: str, machine: MachineSpec, state_dir: Path, incoming: Path | None, start_timeout_s: float, netns: Path | None = None
+    ) -> None:
         self.machine = machine
         self.state_dir = state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -135,7 +153,7 @@ class QemuProcess:
             agent_path.unlink()
         listener.bind(str(agent_path))
         listener.listen(1)
-        self.proc = _launch(qemu_argv(qemu, machine, state_dir, incoming), state_dir / QEMU_LOG)
+        self.proc = _launch(qemu_argv(qemu, machine, state_dir, incoming, netns), state_dir / QEMU_LOG, netns)
         (state_dir / PID_FILE).write_text(str(self.proc.pid))
         try:
             self.agent_socket = self._accept(listener, start_timeout_s)
