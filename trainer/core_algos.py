@@ -175,7 +175,7 @@ def opd_sampled_token(
     agg: str,
     const_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Advantage w·A − λ·(log π_s − log π_t) at each sampled token (tinker-cookbook's OPD; one-sample reverse KL).
+    """Advantage w·A − λ·(log π_s − log π_t) at each sampled token: a one-sample reverse KL (tinker-cookbook).
 
     `teacher`: teacher log-probs of the sampled tokens at the masked positions, shape [N]. Returns (advantages,
     extra loss = 0, per-token KL estimate for logging).

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import dsec
 import ray
@@ -29,6 +31,7 @@ from trainer.demo import stage_sft, stage_tokenizer
 from trainer.evaluate import heldout_success
 from trainer.grpo import train_grpo
 from trainer.opd_report import summarize, write_report
+from trainer.policy import build_policy
 from trainer.teachers import load_weights
 from trainer.tokenizer import V4Tokenizer
 
@@ -77,7 +80,7 @@ class _Stages:
         self.seconds: dict[str, float] = {}
         self.progress = progress
 
-    def run(self, name: str, fn, *args, **kwargs):
+    def run(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self.progress:
             print(f"== {name}", flush=True)
         started = time.perf_counter()
@@ -86,8 +89,8 @@ class _Stages:
         return result
 
 
-def _evaluate(model, tok, client, cfg: ExperimentConfig, families: list[str], size: int, greedy: bool, tag: str
-              ) -> dict[str, float]:
+def _evaluate(model: torch.nn.Module, tok: V4Tokenizer, client: dsec.Client, cfg: ExperimentConfig,
+              families: list[str], size: int, greedy: bool, tag: str) -> dict[str, float]:
     scoped = cfg.model_copy(update={"tasks": cfg.tasks.model_copy(update={"families": families,
                                                                             "heldout_size": size * len(families)})})
     scores = heldout_success(model, tok, client, scoped, f"{cfg.run_name}-{int(time.time())}", tag, greedy=greedy)
@@ -120,8 +123,6 @@ def _curve_run(exp: OPDExperiment, name: str, cfg: ExperimentConfig, tok: V4Toke
     families = cfg.tasks.families
     per_step = cfg.grpo.prompts_per_step * cfg.grpo.group_size
     curve = [{"step": 0, "samples": 0, "scores": start}]
-    from trainer.policy import build_policy
-
     model = build_policy(cfg.policy.name, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, cfg.seed).eval()
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
@@ -157,8 +158,6 @@ def run_recipe(exp: OPDExperiment, progress: bool = True) -> dict:
                        train_expert(exp, f, tok, tok_path, client.address, stages, progress) for f in families}
             expert_samples = {f: 0 if f in r.experts else r.expert_grpo_steps * exp.grpo.prompts_per_step
                               * exp.grpo.group_size for f in families}
-            from trainer.policy import build_policy
-
             teacher = build_policy(exp.policy.name, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, exp.seed)
             expert_scores: dict[str, float] = {}
             for f in families:
