@@ -14,29 +14,18 @@ unmounting never breaks a running sandbox and never leaks a loop device.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import fcntl
 import os
 import shutil
-import struct
 import subprocess
-import time
 from pathlib import Path
 
 from dsec.errors import DiskFull, RuntimeFailure
+from dsec.loopdev import mount_image
 from dsec.substrates.container.rootfs import unmount
 
 MKFS = "mkfs.erofs"
 MKFS_TIMEOUT_S = 1800  # multi-GB layers on a loaded 2-core machine
-LOOP_CTL_GET_FREE = 0x4C82
-LOOP_CONFIGURE = 0x4C0A
-LO_FLAGS_READ_ONLY = 1
-LO_FLAGS_AUTOCLEAR = 4  # the loop device detaches itself when the last mount using it goes
-MS_RDONLY = 1
-ATTACH_ATTEMPTS = 64
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 
 
 def available() -> bool:
@@ -68,17 +57,6 @@ def build_image(src_dir: Path, dest: Path, what: str) -> None:
         raise RuntimeFailure(f"{MKFS} failed for {what}: {message}")
 
 
-def _loop_config(backing_fd: int) -> bytes:
-    """struct loop_config { u32 fd; u32 block_size; struct loop_info64 info; u64 reserved[8]; }, read-only."""
-    info = struct.pack(
-        "=QQQQQIIII64s64s32s2Q",
-        0, 0, 0, 0, 0,  # device, inode, rdevice, offset, sizelimit
-        0, 0, 0, LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,  # number, encrypt_type, encrypt_key_size, flags
-        b"", b"", b"", 0, 0,
-    )
-    return struct.pack("=II", backing_fd, 0) + info + bytes(64)
-
-
 def mount_layer(image: Path, target: Path, what: str) -> None:
     """Mount `image` read-only on `target` (created if missing). The caller holds the layer's lock.
 
@@ -86,39 +64,12 @@ def mount_layer(image: Path, target: Path, what: str) -> None:
     of a cold create's cost.
     """
     target.mkdir(parents=True, exist_ok=True)
-    backing = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            for _ in range(ATTACH_ATTEMPTS):
-                device = f"/dev/loop{fcntl.ioctl(control, LOOP_CTL_GET_FREE)}"
-                try:
-                    loop = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    time.sleep(0.005)  # devtmpfs has not created the node yet
-                    continue
-                try:
-                    fcntl.ioctl(loop, LOOP_CONFIGURE, _loop_config(backing))
-                except OSError as exc:
-                    os.close(loop)
-                    if exc.errno == errno.EBUSY:  # another process took the same free device first
-                        continue
-                    raise
-                try:
-                    if _libc.mount(device.encode(), str(target).encode(), b"erofs", MS_RDONLY, b"") != 0:
-                        err = ctypes.get_errno()
-                        raise RuntimeFailure(
-                            f"cannot mount {what} ({image}): {os.strerror(err)}; "
-                            "check that the kernel has erofs, or use layer_format=dir"
-                        )
-                finally:
-                    os.close(loop)  # the mount holds the device now; autoclear detaches it at unmount
-                return
-        finally:
-            os.close(control)
-    finally:
-        os.close(backing)
-    raise RuntimeFailure(f"no free loop device to mount {what}: too many mounts on this host?")
+        mount_image(image, target, "erofs", read_only=True, what=what)
+    except OSError as exc:
+        raise RuntimeFailure(
+            f"cannot mount {what} ({image}): {exc.strerror}; check that the kernel has erofs, or use layer_format=dir"
+        ) from exc
 
 
 def unmount_layer(target: Path) -> None:

@@ -13,65 +13,20 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import struct
 import subprocess
-import time
 from pathlib import Path
 
 from dsec.errors import RuntimeFailure
-from dsec.substrates.container.rootfs import mount_fs, unmount
+from dsec.loopdev import mount_image
+from dsec.substrates.container.rootfs import unmount
 
-LOOP_CTL_GET_FREE = 0x4C82
-LOOP_CONFIGURE = 0x4C0A
-LO_FLAGS_AUTOCLEAR = 4  # the loop device detaches itself when the filesystem is unmounted
-LO_NAME_SIZE = 64
 MKFS_TIMEOUT_S = 60.0
 INODES_PER_MB = 64  # one inode per 16 KiB, like a default ext4
-ATTACH_ATTEMPTS = 64
-
-
-def _loop_config(backing_fd: int) -> bytes:
-    """struct loop_config { u32 fd; u32 block_size; struct loop_info64 info; u64 reserved[8]; }"""
-    info = struct.pack(
-        "=QQQQQIIII" + f"{LO_NAME_SIZE}s{LO_NAME_SIZE}s" + "32s" + "2Q",
-        0, 0, 0, 0, 0,  # device, inode, rdevice, offset, sizelimit
-        0, 0, 0, LO_FLAGS_AUTOCLEAR,  # number, encrypt_type, encrypt_key_size, flags
-        b"", b"", b"", 0, 0,
-    )
-    return struct.pack("=II", backing_fd, 0) + info + bytes(64)
 
 
 def _attach_and_mount(image: Path, target: Path, sandbox_id: str) -> None:
     """Attach `image` to a free loop device (auto-clearing) and mount its ext4 on `target`."""
-    backing = os.open(image, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            for _ in range(ATTACH_ATTEMPTS):
-                number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
-                device = f"/dev/loop{number}"
-                try:
-                    loop = os.open(device, os.O_RDWR | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    time.sleep(0.005)  # devtmpfs has not created the node yet
-                    continue
-                try:
-                    fcntl.ioctl(loop, LOOP_CONFIGURE, _loop_config(backing))
-                except OSError as exc:
-                    os.close(loop)
-                    if exc.errno == errno.EBUSY:  # another create took the same free device first
-                        continue
-                    raise
-                try:
-                    mount_fs(device, target, "ext4", "discard")
-                finally:
-                    os.close(loop)  # the mount holds the device now; autoclear detaches it at unmount
-                return
-        finally:
-            os.close(control)
-    finally:
-        os.close(backing)
-    raise RuntimeFailure(f"no free loop device for the disk of sandbox {sandbox_id}: too many sandboxes on this host?")
+    mount_image(image, target, "ext4", "discard", what=f"the disk of sandbox {sandbox_id}")
 
 
 def _mkfs(image: Path, size_mb: int) -> None:
