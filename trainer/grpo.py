@@ -103,6 +103,23 @@ def step_jobs(cfg: ExperimentConfig, run_id: str, step: int, cursor: int) -> lis
             for p, prob in enumerate(batch) for g in range(cfg.grpo.group_size)]
 
 
+def _init_ray(address: str | None, attempts: int = 3) -> None:
+    """Connect to `address`, or start a private local Ray on loopback (no token auth: a stray
+    ~/.ray/auth_token breaks it). A local start is retried: on a loaded machine the raylet can miss Ray's fixed
+    30 s registration window (measured here at load average > 8), and a fresh start then succeeds."""
+    if not address:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    for attempt in range(1 if address else attempts):
+        try:
+            ray.init(address=address, num_cpus=None if address else 2, include_dashboard=False,
+                     _temp_dir=os.environ.get("DSEC_RAY_TMPDIR"), log_to_driver=False, configure_logging=False)
+            return
+        except Exception:  # noqa: BLE001 - Ray raises a bare Exception on a startup timeout
+            ray.shutdown()
+            if address or attempt == attempts - 1:
+                raise
+
+
 def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path | None, *, address: str | None,
                dsec_address: str, resume: bool, max_steps: int | None = None, progress: bool = True,
                on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict:
@@ -117,11 +134,7 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
         state = {"run_id": f"{cfg.run_name}-{secrets.token_hex(4)}", "step": 0, "cursor": 0,
                  "py_rng": random.Random(cfg.seed).getstate(), "inflight": []}
     if not ray.is_initialized():
-        if not address:  # a private local cluster on loopback: no token auth (a stray ~/.ray/auth_token breaks it)
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray_tmp = os.environ.get("DSEC_RAY_TMPDIR")
-        ray.init(address=address, num_cpus=None if address else 2, include_dashboard=False,
-                 _temp_dir=ray_tmp, log_to_driver=False, configure_logging=False)
+        _init_ray(address)
     cfg_json = cfg.model_dump_json()
     opd = cfg.algorithm().opd
     teachers = start_teachers(cfg, tokenizer_path)  # checks every family has a teacher before anything starts

@@ -43,6 +43,19 @@ def _write_cfg(make_config, path: Path, out: Path, teachers: dict[str, Path]) ->
     return path
 
 
+def _settled(server, client: dsec.Client, ids: list[str]) -> tuple[dict[str, float], int]:
+    """Server counters and logged steps once a tool call in flight at the kill has finished on the server
+    (it still executes and logs it): both read the same moment only when two readings 1 s apart agree."""
+    last = (server.steps(), _logged(client, ids))
+    for _ in range(60):
+        time.sleep(1)
+        now = (server.steps(), _logged(client, ids))
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 @pytest.mark.timeout(900)
 def test_opd_kill9_mid_step_then_resume_matches_uninterrupted(trainer_assets, teacher_weights, dsec_server,
                                                               tmp_path, ray_tmp, make_config):
@@ -68,8 +81,7 @@ def test_opd_kill9_mid_step_then_resume_matches_uninterrupted(trainer_assets, te
     finally:
         _kill_group(proc, ray_tmp / "b")
     assert inflight, "step 2 never started with tool calls in flight"
-    before = dsec_server.steps()
-    logged_before = _logged(client, inflight)
+    before, logged_before = _settled(dsec_server, client, inflight)
 
     out = _finish(_trainer(cfg_b, trainer_assets, dsec_server, ray_tmp / "b2", "--resume"), ray_tmp / "b2", 600)
     after = dsec_server.steps()
