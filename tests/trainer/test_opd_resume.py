@@ -7,7 +7,6 @@ with weights equal to those of an uninterrupted run.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,14 @@ import yaml
 
 import dsec
 
-from .test_grpo_resume import _finish, _kill_group, _logged, _trainer
+from .resume_harness import (
+    finish,
+    kill_during_step_two,
+    logged_steps,
+    max_weight_difference,
+    settled_counters,
+    start_trainer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,49 +49,25 @@ def _write_cfg(make_config, path: Path, out: Path, teachers: dict[str, Path]) ->
     return path
 
 
-def _settled(server, client: dsec.Client, ids: list[str]) -> tuple[dict[str, float], int]:
-    """Server counters and logged steps once a tool call in flight at the kill has finished on the server
-    (it still executes and logs it): both read the same moment only when two readings 1 s apart agree."""
-    last = (server.steps(), _logged(client, ids))
-    for _ in range(60):
-        time.sleep(1)
-        now = (server.steps(), _logged(client, ids))
-        if now == last:
-            return now
-        last = now
-    return last
-
-
 @pytest.mark.timeout(900)
 def test_opd_kill9_mid_step_then_resume_matches_uninterrupted(trainer_assets, teacher_weights, dsec_server,
                                                               tmp_path, ray_tmp, make_config):
     cfg_a = _write_cfg(make_config, tmp_path / "a.yaml", tmp_path / "a", teacher_weights)
-    _finish(_trainer(cfg_a, trainer_assets, dsec_server, ray_tmp / "a"), ray_tmp / "a", 600)
+    finish(start_trainer(cfg_a, trainer_assets, dsec_server, ray_tmp / "a"), ray_tmp / "a", 600)
     metrics_a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics_a] == [1, 2]
     assert all(m["tools_live"] > 0 and m["opd_kl"] > 0 for m in metrics_a), metrics_a
 
     cfg_b = _write_cfg(make_config, tmp_path / "b.yaml", tmp_path / "b", teacher_weights)
     state_path = tmp_path / "b" / "state.json"
-    proc = _trainer(cfg_b, trainer_assets, dsec_server, ray_tmp / "b")
+    proc = start_trainer(cfg_b, trainer_assets, dsec_server, ray_tmp / "b")
     client = dsec.Client(address=dsec_server.address)
-    inflight: list[str] = []
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None:
-            state = json.loads(state_path.read_text()) if state_path.exists() else {}
-            if state.get("step") == 1 and state.get("inflight") and _logged(client, state["inflight"]) > 0:
-                inflight = state["inflight"]
-                break
-            time.sleep(0.05)
-    finally:
-        _kill_group(proc, ray_tmp / "b")
-    assert inflight, "step 2 never started with tool calls in flight"
-    before, logged_before = _settled(dsec_server, client, inflight)
+    inflight = kill_during_step_two(proc, state_path, client, ray_tmp / "b")
+    before, logged_before = settled_counters(dsec_server, client, inflight)
 
-    out = _finish(_trainer(cfg_b, trainer_assets, dsec_server, ray_tmp / "b2", "--resume"), ray_tmp / "b2", 600)
+    out = finish(start_trainer(cfg_b, trainer_assets, dsec_server, ray_tmp / "b2", "--resume"), ray_tmp / "b2", 600)
     after = dsec_server.steps()
-    logged_after = _logged(client, inflight)
+    logged_after = logged_steps(client, inflight)
     client.close()
     replayed, executed = after["replayed"] - before["replayed"], after["executed"] - before["executed"]
     print(f"opd resume: {logged_before} steps logged before the kill, replayed {replayed:.0f}, "
@@ -95,8 +77,6 @@ def test_opd_kill9_mid_step_then_resume_matches_uninterrupted(trainer_assets, te
     metrics_b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert metrics_b[-1]["step"] == 2 and metrics_b[-1]["opd_kl"] == metrics_a[-1]["opd_kl"]
 
-    a = torch.load(tmp_path / "a" / "learner.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "b" / "learner.pt", weights_only=False)["model"]
-    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    diff = max_weight_difference(tmp_path / "a" / "learner.pt", tmp_path / "b" / "learner.pt")
     print(f"opd: max abs weight difference resumed vs uninterrupted: {diff}")
     assert diff == 0.0
