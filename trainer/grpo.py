@@ -75,7 +75,7 @@ class LearnerActor:
         model = _policy(cfg, tok, Path(init_weights) if init_weights else None)
         self.group_size = cfg.grpo.group_size
         self.updates = cfg.grpo.updates_per_step
-        self.learner = Learner(model, cfg.algorithm(), cfg.grpo.lr, cfg.grpo.grad_clip, tok.pad_id)
+        self.learner = Learner(model, cfg.algorithm(), cfg.grpo.lr, cfg.grpo.grad_clip, tok.pad_id, cfg.grpo.freeze)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.learner.weights()

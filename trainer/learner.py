@@ -8,6 +8,7 @@ trainers.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,13 +21,20 @@ from trainer.sampler import right_pad, token_logprobs
 
 
 class Learner:
-    def __init__(self, model: PreTrainedModel, algo: AlgoConfig, lr: float, grad_clip: float, pad_id: int) -> None:
+    def __init__(self, model: PreTrainedModel, algo: AlgoConfig, lr: float, grad_clip: float, pad_id: int,
+                 freeze: Sequence[str] = ()) -> None:
+        """`freeze`: parameter-name substrings the updates leave unchanged (see `GRPOConfig.freeze`)."""
         self.model = model
         self.ref = copy.deepcopy(model).eval().requires_grad_(False)
         self.algo = algo
         self.grad_clip = grad_clip
         self.pad_id = pad_id
-        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+        for name, param in model.named_parameters():
+            param.requires_grad_(not any(part in name for part in freeze))
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"freeze={list(freeze)} leaves no parameter to train")
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -88,7 +96,7 @@ class Learner:
                 metrics["kl"] = kl.item()
             self.opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
             self.opt.step()
             metrics["loss"] = loss.item()
         self.model.eval()
