@@ -90,6 +90,10 @@ class SFTConfig(_Strict):
     batch_size: int = 16
     lr: float = 3e-3
     examples: int = 2000
+    # Share of demonstrations, in families that have one, that answer straight away without a tool call. The
+    # answers are correct, but a tiny model cannot compute them in its head: the warm-started policy then calls
+    # the tool on only part of the problems, and RL has to discover that the tool is what gets rewarded.
+    direct_answer_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class GRPOConfig(_Strict):

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from trainer.config import ExperimentConfig, load_config
-from trainer.data import corpus, demo_pieces, problems, tokenize_pieces
+from trainer.data import corpus, sft_examples
 from trainer.evaluate import heldout_success
 from trainer.grpo import train_grpo
 from trainer.metrics import plot_rewards
@@ -35,11 +35,14 @@ def stage_tokenizer(cfg: ExperimentConfig, out: Path) -> V4Tokenizer:
     return tok
 
 
-def stage_sft(cfg: ExperimentConfig, tok: V4Tokenizer, out: Path, progress: bool = True):
+def stage_sft(cfg: ExperimentConfig, tok: V4Tokenizer, out: Path, progress: bool = True, init: Path | None = None):
+    """SFT from random init, or from `init` (a state_dict file: e.g. an expert fine-tuned from the student)."""
     torch.set_num_threads(cfg.torch_threads)
-    examples = [tokenize_pieces(tok, demo_pieces(p, cfg.rollout.thinking))
-                for p in problems(cfg.tasks.families, "train", cfg.sft.examples, cfg.tasks.seed)]
+    examples = sft_examples(tok, cfg.tasks.families, cfg.sft.examples, cfg.tasks.seed, cfg.rollout.thinking,
+                            cfg.sft.direct_answer_fraction)
     model = build_policy(cfg.policy.name, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, cfg.seed)
+    if init is not None:
+        model.load_state_dict(torch.load(init, weights_only=True))
     bar = tqdm(total=cfg.sft.steps, desc="sft", disable=not progress)
 
     def on_step(step: int, loss: float) -> None:
@@ -63,12 +66,12 @@ def run_demo(cfg: ExperimentConfig, progress: bool = True) -> dict:
     sft_s = time.perf_counter() - started
     with dsec.Client(address=cfg.sandbox.address) as client:
         tag = f"{cfg.run_name}-{int(time.time())}"
-        before = heldout_success(model, tok, client, cfg, tag, "before")
+        before = heldout_success(model, tok, client, cfg, tag, "before", progress=progress)
         result = train_grpo(cfg, out / "tokenizer.json", out / "sft.pt", address=None, dsec_address=client.address,
                             resume=False, progress=progress)
         state = torch.load(result["checkpoint"], weights_only=False)
         model.load_state_dict(state["model"])
-        after = heldout_success(model, tok, client, cfg, tag, "after")
+        after = heldout_success(model, tok, client, cfg, tag, "after", progress=progress)
     plot_rewards(out, out / "reward_curve.png")
     summary = {"heldout_before": before, "heldout_after": after, "sft_final_loss": losses[-1], "sft_s": sft_s,
                "total_s": time.perf_counter() - started,

@@ -7,6 +7,7 @@ Sampling at the rollout temperature (V4's recommended 1.0) by default, seeded pe
 from __future__ import annotations
 
 import dsec
+from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from trainer.config import ExperimentConfig
@@ -16,14 +17,20 @@ from trainer.tokenizer import V4Tokenizer
 
 
 def heldout_success(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, cfg: ExperimentConfig,
-                    run_id: str, tag: str, batch: int = 16, greedy: bool = False) -> dict[str, float]:
-    """Success rate overall and per family on `cfg.tasks.heldout_size` held-out problems."""
+                    run_id: str, tag: str, batch: int = 16, greedy: bool = False, progress: bool = False
+                    ) -> dict[str, float]:
+    """Success rate overall and per family on `cfg.tasks.heldout_size` held-out problems (a bar if `progress`)."""
     rollout_cfg = cfg.rollout.model_copy(update={"temperature": 0.0}) if greedy else cfg.rollout
     held = problems(cfg.tasks.families, "heldout", cfg.tasks.heldout_size, cfg.tasks.seed)
     rewards: dict[str, list[float]] = {}
+    bar = tqdm(total=len(held), desc=f"eval {tag}", disable=not progress)
     for start in range(0, len(held), batch):
         jobs = [(f"{run_id}-{tag}/eval/{start + i}", p) for i, p in enumerate(held[start:start + batch])]
         for r in run_rollouts(model, tok, client, jobs, rollout_cfg, cfg.sandbox, cfg.seed):
             rewards.setdefault(r.family, []).append(r.reward)
+        done = sum(map(len, rewards.values()))
+        bar.update(len(jobs))
+        bar.set_postfix(success=f"{sum(map(sum, rewards.values())) / done:.3f}")
+    bar.close()
     flat = [x for v in rewards.values() for x in v]
     return {"success": sum(flat) / len(flat), **{f: sum(v) / len(v) for f, v in rewards.items()}}

@@ -96,6 +96,13 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+def fresh_state(cfg: ExperimentConfig) -> dict:
+    """A new run's state. RL prompts start after the SFT demonstrations' problems: a policy that memorised a
+    demonstrated answer must not be rewarded for recalling it."""
+    return {"run_id": f"{cfg.run_name}-{secrets.token_hex(4)}", "step": 0, "cursor": cfg.sft.examples,
+            "py_rng": random.Random(cfg.seed).getstate(), "inflight": []}
+
+
 def step_jobs(cfg: ExperimentConfig, run_id: str, step: int, cursor: int) -> list[tuple[str, dict]]:
     """The step's (trajectory id, problem) list: `prompts_per_step` train problems × `group_size` samples."""
     batch = problems(cfg.tasks.families, "train", cfg.grpo.prompts_per_step, cfg.tasks.seed, start=cursor)
@@ -131,8 +138,7 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
     if resume and state_path.exists():
         state = json.loads(state_path.read_text())
     else:
-        state = {"run_id": f"{cfg.run_name}-{secrets.token_hex(4)}", "step": 0, "cursor": 0,
-                 "py_rng": random.Random(cfg.seed).getstate(), "inflight": []}
+        state = fresh_state(cfg)
     if not ray.is_initialized():
         _init_ray(address)
     cfg_json = cfg.model_dump_json()

@@ -2,8 +2,10 @@
 
     .venv/bin/python -m trainer.opd [CONFIG] [--set recipe.steps=4 ...] [--no-progress]
 
-1. One expert per task family: the existing SFT + GRPO path on that family only (or `recipe.experts` given).
-2. The student: a brief SFT on the format of every family.
+1. The student: the experiment's SFT on every family (the demo's warm start, `recipe.student_sft_steps`).
+2. One expert per task family: the existing SFT + GRPO path on that family only, started from the student's SFT
+   weights (`recipe.experts_from_student`, as V4's specialists start from a common base) on the family's
+   tool-using demonstrations only (`recipe.expert_direct_answer_fraction`); or `recipe.experts` given.
 3. OPD: the GRPO driver loop with `algo.opd` (teachers = the experts, routed by task tag), held-out eval every
    `recipe.eval_every` steps; then GRPO from the same student on the same budget, evaluated alike.
 4. report.json / report.md / opd_vs_grpo.png under out_dir (trainer/opd_report.py).
@@ -42,6 +44,9 @@ class RecipeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     expert_sft_steps: int = 500
+    expert_sft_lr: float | None = None  # None: the experiment's sft.lr
+    expert_direct_answer_fraction: float = Field(default=0.0, ge=0.0, le=1.0)  # the specialist's curated data
+    experts_from_student: bool = True  # expert SFT starts from the student's SFT weights (else random init)
     expert_grpo_steps: int = 8
     student_sft_steps: int = 150
     steps: int = 12  # OPD steps, and the GRPO-from-scratch baseline's (same prompts × G per step)
@@ -98,8 +103,8 @@ def _evaluate(model: torch.nn.Module, tok: V4Tokenizer, client: dsec.Client, cfg
 
 
 def train_expert(exp: OPDExperiment, family: str, tok: V4Tokenizer, tok_path: Path, dsec_address: str,
-                 stages: _Stages, progress: bool) -> Path:
-    """SFT then GRPO on one family only; returns the expert's weights file."""
+                 stages: _Stages, progress: bool, init: Path | None = None) -> Path:
+    """SFT (from `init` if given) then GRPO on one family only; returns the expert's weights file."""
     out = Path(exp.out_dir) / "experts" / family
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("state.json", "learner.pt", "metrics.jsonl"):
@@ -107,8 +112,10 @@ def train_expert(exp: OPDExperiment, family: str, tok: V4Tokenizer, tok_path: Pa
     r = exp.recipe
     cfg = exp.experiment(**{"out_dir": str(out), "run_name": f"{exp.run_name}-expert-{family}",
                             "tasks.families": [family], "sft.steps": r.expert_sft_steps,
+                            "sft.lr": r.expert_sft_lr or exp.sft.lr,
+                            "sft.direct_answer_fraction": r.expert_direct_answer_fraction,
                             "grpo.steps": r.expert_grpo_steps})
-    stages.run(f"expert {family}: sft", stage_sft, cfg, tok, out, progress)
+    stages.run(f"expert {family}: sft", stage_sft, cfg, tok, out, progress, init)
     if r.expert_grpo_steps == 0:
         return out / "sft.pt"
     result = stages.run(f"expert {family}: grpo", train_grpo, cfg, tok_path, out / "sft.pt", address=None,
@@ -154,8 +161,13 @@ def run_recipe(exp: OPDExperiment, progress: bool = True) -> dict:
     tok_path = out / "tokenizer.json"
     try:
         with dsec.Client(address=exp.sandbox.address) as client:
+            student_dir = out / "student"
+            student_dir.mkdir(exist_ok=True)
+            student, _ = stages.run("student: sft", stage_sft, exp.experiment(**{"sft.steps": r.student_sft_steps}),
+                                    tok, student_dir, progress)
+            init = student_dir / "sft.pt" if r.experts_from_student else None
             experts = {f: Path(r.experts[f]) if f in r.experts else
-                       train_expert(exp, f, tok, tok_path, client.address, stages, progress) for f in families}
+                       train_expert(exp, f, tok, tok_path, client.address, stages, progress, init) for f in families}
             expert_samples = {f: 0 if f in r.experts else r.expert_grpo_steps * exp.grpo.prompts_per_step
                               * exp.grpo.group_size for f in families}
             teacher = build_policy(exp.policy.name, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, exp.seed)
@@ -164,10 +176,6 @@ def run_recipe(exp: OPDExperiment, progress: bool = True) -> dict:
                 teacher.load_state_dict(load_weights(experts[f]))
                 expert_scores.update(stages.run(f"expert {f}: eval", _evaluate, teacher.eval(), tok, client,
                                                 exp.experiment(), [f], r.eval_size, r.eval_greedy, f"expert-{f}"))
-            student_dir = out / "student"
-            student_dir.mkdir(exist_ok=True)
-            student, _ = stages.run("student: sft", stage_sft, exp.experiment(**{"sft.steps": r.student_sft_steps}),
-                                    tok, student_dir, progress)
             start = stages.run("student: eval", _evaluate, student, tok, client, exp.experiment(), families,
                                r.eval_size, r.eval_greedy, "student-sft")
             opd_algo = exp.algorithm().model_copy(update={

@@ -57,3 +57,45 @@ def test_no_opd_gain_means_no_sample_ratio():
     curve = _curve([(0, 0.25, 0.5), (16, 0.25, 0.5)])
     s = summarize({"a": 1.0, "b": 1.0}, curve, curve, {})
     assert math.isnan(s["samples_vs_grpo"]) and s["student_over_expert_min"] == 0.25
+
+
+def test_recipe_runs_end_to_end_with_experts_fine_tuned_from_the_student(tmp_path: Path, dsec_server, ray_tmp):
+    """The whole command at toy size: student SFT first, experts from its weights, OPD and GRPO, the report."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    import yaml
+
+    from trainer.policy import build_policy
+    from trainer.tokenizer import V4Tokenizer
+
+    out = tmp_path / "run"
+    cfg = tmp_path / "opd.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "base": str(DEFAULT_CONFIG), "out_dir": str(out), "sandbox": {"address": dsec_server.address},
+        "sft": {"examples": 64}, "rollout": {"max_new_tokens": 40, "max_total_tokens": 400},
+        "grpo": {"prompts_per_step": 1, "group_size": 2},
+        "recipe": {"student_sft_steps": 3, "expert_sft_steps": 2, "expert_grpo_steps": 0, "steps": 1,
+                   "eval_every": 1, "eval_size": 1}}))
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, DSEC_RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(repo))
+    done = subprocess.run([sys.executable, "-m", "trainer.opd", str(cfg), "--no-progress"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "student_over_expert_min=" in done.stdout.splitlines()[-1]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["families"]) == {"arithmetic", "fix_module"}
+    assert [c["step"] for c in report["opd_curve"]] == [0, 1] and [c["step"] for c in report["grpo_curve"]] == [0, 1]
+    assert list(report["stage_s"])[:3] == ["tokenizer", "student: sft", "expert arithmetic: sft"]
+    assert (out / "opd_vs_grpo.png").stat().st_size > 0
+    # Each expert starts from the student's weights: two SFT steps leave it far closer to them than a fresh init.
+    student = torch.load(out / "student" / "sft.pt", weights_only=True)
+    tok = V4Tokenizer.load(out / "tokenizer.json")
+    fresh = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 1).state_dict()
+    for family in ("arithmetic", "fix_module"):
+        expert = torch.load(out / "experts" / family / "sft.pt", weights_only=True)
+        to_student = max((expert[k] - student[k]).abs().max().item() for k in student)
+        to_fresh = max((fresh[k] - student[k]).abs().max().item() for k in student if k in fresh)
+        assert to_student < to_fresh / 10, (family, to_student, to_fresh)

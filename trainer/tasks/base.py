@@ -46,6 +46,10 @@ class Task(Protocol):
         """A correct conversation after the user prompt: assistant turns and tool-result user turns."""
         ...
 
+    def direct_demonstration(self, problem: Problem) -> list[Message] | None:
+        """A correct conversation that answers without any tool call, or None where the family has none."""
+        ...
+
     def verify(self, problem: Problem, final: str, box: ToolBox) -> float:
         """Reward in [0, 1] for the final assistant content; checks run in the rollout's sandbox."""
         ...

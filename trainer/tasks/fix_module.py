@@ -81,6 +81,9 @@ class FixModule:
             Message(role="assistant", content="Fixed."),
         ]
 
+    def direct_demonstration(self, problem: Problem) -> None:
+        """None: the fix has to be written into the sandbox, so there is no answer without a tool call."""
+
     def verify(self, problem: Problem, final: str, box: ToolBox) -> float:
         """Reward = the hidden-from-edits test file passes; it is rewritten first so editing it cannot win."""
         box.write_file("/work/test_mod.py", problem.files["/work/test_mod.py"])
