@@ -23,14 +23,14 @@ def heldout_success(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Clien
     rollout_cfg = cfg.rollout.model_copy(update={"temperature": 0.0}) if greedy else cfg.rollout
     held = problems(cfg.tasks.families, "heldout", cfg.tasks.heldout_size, cfg.tasks.seed)
     rewards: dict[str, list[float]] = {}
+    solved = 0.0
     bar = tqdm(total=len(held), desc=f"eval {tag}", disable=not progress)
     for start in range(0, len(held), batch):
         jobs = [(f"{run_id}-{tag}/eval/{start + i}", p) for i, p in enumerate(held[start:start + batch])]
         for r in run_rollouts(model, tok, client, jobs, rollout_cfg, cfg.sandbox, cfg.seed):
             rewards.setdefault(r.family, []).append(r.reward)
-        done = sum(map(len, rewards.values()))
+            solved += r.reward
         bar.update(len(jobs))
-        bar.set_postfix(success=f"{sum(map(sum, rewards.values())) / done:.3f}")
+        bar.set_postfix(success=f"{solved / (start + len(jobs)):.3f}")
     bar.close()
-    flat = [x for v in rewards.values() for x in v]
-    return {"success": sum(flat) / len(flat), **{f: sum(v) / len(v) for f, v in rewards.items()}}
+    return {"success": solved / len(held), **{f: sum(v) / len(v) for f, v in rewards.items()}}

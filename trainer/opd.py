@@ -112,7 +112,7 @@ def train_expert(exp: OPDExperiment, family: str, tok: V4Tokenizer, tok_path: Pa
     r = exp.recipe
     cfg = exp.experiment(**{"out_dir": str(out), "run_name": f"{exp.run_name}-expert-{family}",
                             "tasks.families": [family], "sft.steps": r.expert_sft_steps,
-                            "sft.lr": r.expert_sft_lr or exp.sft.lr,
+                            "sft.lr": exp.sft.lr if r.expert_sft_lr is None else r.expert_sft_lr,
                             "sft.direct_answer_fraction": r.expert_direct_answer_fraction,
                             "grpo.steps": r.expert_grpo_steps})
     stages.run(f"expert {family}: sft", stage_sft, cfg, tok, out, progress, init)

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from trainer.config import load_config
 from trainer.opd import DEFAULT_CONFIG, OPDExperiment
 from trainer.opd_report import samples_to, summarize, write_report
+from trainer.policy import build_policy
+from trainer.tokenizer import V4Tokenizer
 
 
 def test_recipe_config_inherits_the_base_experiment_and_takes_overrides():
@@ -61,16 +68,6 @@ def test_no_opd_gain_means_no_sample_ratio():
 
 def test_recipe_runs_end_to_end_with_experts_fine_tuned_from_the_student(tmp_path: Path, dsec_server, ray_tmp):
     """The whole command at toy size: student SFT first, experts from its weights, OPD and GRPO, the report."""
-    import os
-    import subprocess
-    import sys
-
-    import torch
-    import yaml
-
-    from trainer.policy import build_policy
-    from trainer.tokenizer import V4Tokenizer
-
     out = tmp_path / "run"
     cfg = tmp_path / "opd.yaml"
     cfg.write_text(yaml.safe_dump({
