@@ -65,8 +65,14 @@ def get_kl(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
 
 @register_advantage("grpo")
 def grpo_advantage(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """DeepSeekMath: (r - mean) / (std + eps) within each group of consecutive `group_size` samples."""
+    """DeepSeekMath: (r - mean) / (std + eps) within each group of consecutive `group_size` samples.
+
+    A group of one has no baseline: its advantage is 0 (not the NaN of a one-sample std, which would poison an
+    OPD batch whose reward weight is 0 through 0 × NaN).
+    """
     r = rewards.view(-1, group_size)
+    if group_size == 1:
+        return torch.zeros_like(rewards, dtype=torch.float32)
     return ((r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + eps)).view(-1)
 
 

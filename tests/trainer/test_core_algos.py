@@ -19,6 +19,13 @@ def test_grpo_advantage_is_group_normalised():
     assert zero_variance_groups(r, 4).tolist() == [False] * 4 + [True] * 4
 
 
+def test_groups_of_one_have_zero_advantage_not_nan():
+    """OPD may sample one completion per prompt; a NaN advantage would poison its loss through 0 × NaN."""
+    r = torch.tensor([1.0, 0.0, 1.0])
+    for name in ("grpo", "dr_grpo"):
+        assert torch.equal(get_advantage(name)(r, 1, 1e-6), torch.zeros(3))
+
+
 def test_k3_is_nonnegative_and_zero_at_equality():
     logp = torch.randn(100)
     ref = torch.randn(100)
