@@ -26,9 +26,9 @@ import dsec
 import ray
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trainer.config import ExperimentConfig, OPDConfig, load_config
+from trainer.config import ExperimentConfig, GRPOConfig, OPDConfig, load_config
 from trainer.demo import stage_sft, stage_tokenizer
 from trainer.evaluate import heldout_success
 from trainer.grpo import train_grpo
@@ -56,12 +56,28 @@ class RecipeConfig(BaseModel):
     experts: dict[str, Path] = Field(default_factory=dict)  # family -> given expert weights: not trained here
     opd: OPDConfig = Field(default_factory=OPDConfig)  # estimator, λ, reward weight (teachers: the experts)
     ref_kl_coef: float = 0.0  # KL to the SFT'd student during OPD (off: the teacher is the anchor)
+    # The OPD run's changes to the experiment's grpo section (the GRPO baseline keeps it as tuned for GRPO): the
+    # dense per-token signal tolerates a larger lr and a second optimizer step per batch, and needs no group of
+    # samples per prompt (group_size 1 spreads the same samples over more prompts)
+    opd_grpo: dict[str, Any] = Field(default_factory=dict)
 
 
 class OPDExperiment(ExperimentConfig):
     """An experiment YAML (usually `base: tiny-cpu.yaml`) plus the recipe section."""
 
     recipe: RecipeConfig = Field(default_factory=RecipeConfig)
+
+    @model_validator(mode="after")
+    def _opd_grpo_is_valid(self) -> OPDExperiment:
+        opd = self.opd_grpo()
+        if self.recipe.opd.reward_weight > 0 and opd.group_size < 2:
+            raise ValueError(f"recipe.opd.reward_weight={self.recipe.opd.reward_weight} mixes in the group-"
+                             f"normalised reward, which needs recipe.opd_grpo group_size >= 2 (got {opd.group_size})")
+        return self
+
+    def opd_grpo(self) -> GRPOConfig:
+        """The OPD run's grpo section: the experiment's, with `recipe.opd_grpo` applied (validated: no typos)."""
+        return GRPOConfig.model_validate(self.grpo.model_dump() | self.recipe.opd_grpo | {"steps": self.recipe.steps})
 
     def experiment(self, **update: object) -> ExperimentConfig:
         data = self.model_dump(exclude={"recipe"})
@@ -182,7 +198,7 @@ def run_recipe(exp: OPDExperiment, progress: bool = True) -> dict:
                 "kl_coef": r.ref_kl_coef, "opd": r.opd.model_copy(update={"teachers": experts})})
             opd_cfg = exp.experiment(**{"out_dir": str(out / "opd"), "run_name": f"{exp.run_name}-opd"})
             opd_cfg = opd_cfg.model_copy(update={"algo": opd_algo})
-            opd_cfg = opd_cfg.model_copy(update={"grpo": opd_cfg.grpo.model_copy(update={"steps": r.steps})})
+            opd_cfg = opd_cfg.model_copy(update={"grpo": exp.opd_grpo()})
             opd_curve = stages.run("student: opd", _curve_run, exp, "opd", opd_cfg, tok, tok_path,
                                    student_dir / "sft.pt", client, start, progress)
             grpo_cfg = exp.experiment(**{"out_dir": str(out / "grpo"), "run_name": f"{exp.run_name}-grpo",

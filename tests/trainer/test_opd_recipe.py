@@ -32,6 +32,20 @@ def test_recipe_config_inherits_the_base_experiment_and_takes_overrides():
         load_config(DEFAULT_CONFIG, {"recipe.opd.kl_estimator": "forward"}, model=OPDExperiment)
 
 
+def test_opd_run_takes_its_own_grpo_section_and_the_baseline_keeps_the_experiment_one():
+    exp = load_config(DEFAULT_CONFIG, {"recipe.opd_grpo": {"lr": 0.002, "group_size": 1, "prompts_per_step": 32},
+                                       "recipe.steps": 5}, model=OPDExperiment)
+    opd = exp.opd_grpo()
+    assert (opd.lr, opd.group_size, opd.prompts_per_step, opd.steps) == (0.002, 1, 32, 5)
+    assert exp.grpo.group_size > 1 and exp.grpo.lr != 0.002  # GRPO from the student: unchanged
+    assert opd.freeze == exp.grpo.freeze  # what opd_grpo does not name is inherited
+    with pytest.raises(ValueError, match="lrr"):
+        load_config(DEFAULT_CONFIG, {"recipe.opd_grpo": {"lrr": 0.1}}, model=OPDExperiment)
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        load_config(DEFAULT_CONFIG, {"recipe.opd_grpo": {"group_size": 1}, "recipe.opd.reward_weight": 0.5},
+                    model=OPDExperiment)
+
+
 def _curve(points: list[tuple[int, float, float]]) -> list[dict]:
     return [{"step": i, "samples": n, "scores": {"a": a, "b": b}} for i, (n, a, b) in enumerate(points)]
 
@@ -75,7 +89,7 @@ def test_recipe_runs_end_to_end_with_experts_fine_tuned_from_the_student(tmp_pat
         "sft": {"examples": 64}, "rollout": {"max_new_tokens": 40, "max_total_tokens": 400},
         "grpo": {"prompts_per_step": 1, "group_size": 2},
         "recipe": {"student_sft_steps": 3, "expert_sft_steps": 2, "expert_grpo_steps": 0, "steps": 1,
-                   "eval_every": 1, "eval_size": 1}}))
+                   "eval_every": 1, "eval_size": 1, "opd_grpo": {"prompts_per_step": 2, "group_size": 1}}}))
     repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, DSEC_RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(repo))
     done = subprocess.run([sys.executable, "-m", "trainer.opd", str(cfg), "--no-progress"], cwd=repo, env=env,
@@ -85,6 +99,10 @@ def test_recipe_runs_end_to_end_with_experts_fine_tuned_from_the_student(tmp_pat
     report = json.loads((out / "report.json").read_text())
     assert set(report["families"]) == {"arithmetic", "fix_module"}
     assert [c["step"] for c in report["opd_curve"]] == [0, 1] and [c["step"] for c in report["grpo_curve"]] == [0, 1]
+    # OPD ran its own batch shape (2 prompts x 1 sample), the GRPO baseline the experiment's (1 prompt x 2)
+    assert report["opd_curve"][1]["samples"] == 2 and report["grpo_curve"][1]["samples"] == 2
+    cursors = {run: json.loads((out / run / "state.json").read_text())["cursor"] for run in ("opd", "grpo")}
+    assert cursors == {"opd": 64 + 2, "grpo": 64 + 1}  # prompts after the 64 SFT problems
     assert list(report["stage_s"])[:3] == ["tokenizer", "student: sft", "expert arithmetic: sft"]
     assert (out / "opd_vs_grpo.png").stat().st_size > 0
     # Each expert starts from the student's weights: two SFT steps leave it far closer to them than a fresh init.
