@@ -5,7 +5,8 @@ samples (the SFT'd student). A family's target is min(0.9 × expert score, the s
 issue's bar when OPD clears it, otherwise the score OPD did reach. "Samples to target" is the first eval point
 at or above it; a GRPO curve that never gets there within the same budget is reported as not reached, and its
 ratio uses the whole GRPO budget (so the ratio printed is then an upper bound of the true one). A family whose
-expert scores 0, or whose student OPD did not improve, has no ratio (nan): there is no target to race to.
+expert scores 0, whose student OPD did not improve, or whose student met the target before any training has no
+ratio (nan): there is no race to time.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ def summarize(experts: dict[str, float], opd: list[dict], grpo: list[dict], expe
         opd_n = samples_to(opd, family, target)
         grpo_n = samples_to(grpo, family, target)
         denominator = grpo_n if grpo_n is not None else int(grpo[-1]["samples"])
-        if expert <= 0 or opd_n is None or student <= opd[0]["scores"][family]:
-            ratio = math.nan  # no expert signal to distil, or OPD gained nothing: no target to race to
+        if expert <= 0 or opd_n is None or opd_n == 0 or student <= opd[0]["scores"][family]:
+            # no expert signal to distil, OPD gained nothing, or the student met the target before training
+            # (both runs need 0 samples: 0/0): no race to time
+            ratio = math.nan
         else:
-            ratio = opd_n / denominator if denominator else 1.0  # both at the target before training: a tie
+            ratio = opd_n / denominator
         families[family] = {
             "expert": expert,
             "student_opd": student,

@@ -74,6 +74,15 @@ def test_a_family_whose_expert_scores_zero_is_flagged_not_counted():
     assert s["samples_vs_grpo"] == 1.0  # b: both runs reach the target at 16 samples
 
 
+def test_a_family_at_the_target_before_training_has_no_sample_ratio():
+    """Both runs need 0 samples (0/0): such a family must not pin the worst-family ratio at a 'tie' of 1.0."""
+    opd = _curve([(0, 0.25, 0.9), (16, 0.75, 0.95), (32, 0.75, 0.95)])
+    grpo = _curve([(0, 0.25, 0.9), (16, 0.25, 0.9), (32, 0.5, 0.7)])
+    s = summarize({"a": 0.8, "b": 1.0}, opd, grpo, {})
+    assert s["families"]["b"]["opd_samples_to_target"] == 0 and math.isnan(s["families"]["b"]["samples_vs_grpo"])
+    assert s["families"]["a"]["samples_vs_grpo"] == 0.5 and s["samples_vs_grpo"] == 0.5
+
+
 def test_no_opd_gain_means_no_sample_ratio():
     curve = _curve([(0, 0.25, 0.5), (16, 0.25, 0.5)])
     s = summarize({"a": 1.0, "b": 1.0}, curve, curve, {})
