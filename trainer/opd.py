@@ -57,7 +57,7 @@ class RecipeConfig(BaseModel):
     opd: OPDConfig = Field(default_factory=OPDConfig)  # estimator, λ, reward weight (teachers: the experts)
     ref_kl_coef: float = 0.0  # KL to the SFT'd student during OPD (off: the teacher is the anchor)
     # The OPD run's changes to the experiment's grpo section (the GRPO baseline keeps it as tuned for GRPO): the
-    # dense per-token signal tolerates a larger lr and a second optimizer step per batch, and needs no group of
+    # dense per-token signal tolerates a larger lr and several optimizer steps per batch, and needs no group of
     # samples per prompt (group_size 1 spreads the same samples over more prompts)
     opd_grpo: dict[str, Any] = Field(default_factory=dict)
 
