@@ -1,7 +1,8 @@
 """On-policy distillation benchmark: the whole OPD recipe (trainer/opd.py) on CPU, bounded by its config.
 
-Per family an expert (the student + SFT + GRPO on that family), the demo's SFT'd student distilled from both experts on its
-own samples (tools through dsec), and GRPO from the same student on the same budget as the baseline.
+Per family an expert (the student + SFT + GRPO on that family), the demo's SFT'd student distilled from both
+experts on its own samples (tools through dsec), and GRPO from the same student on the same budget as the
+baseline.
 
     .venv/bin/python bench/opd.py [--config trainer/configs/opd-tiny-cpu.yaml] [--set recipe.steps=8 ...]
 
