@@ -110,7 +110,7 @@ def step_jobs(cfg: ExperimentConfig, run_id: str, step: int, cursor: int) -> lis
             for p, prob in enumerate(batch) for g in range(cfg.grpo.group_size)]
 
 
-def _init_ray(address: str | None, attempts: int = 3) -> None:
+def init_ray(address: str | None, attempts: int = 3) -> None:
     """Connect to `address`, or start a private local Ray on loopback (no token auth: a stray
     ~/.ray/auth_token breaks it). A local start is retried: on a loaded machine the raylet can miss Ray's fixed
     30 s registration window (measured here at load average > 8), and a fresh start then succeeds."""
@@ -140,7 +140,7 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
     else:
         state = fresh_state(cfg)
     if not ray.is_initialized():
-        _init_ray(address)
+        init_ray(address)
     cfg_json = cfg.model_dump_json()
     opd = cfg.algorithm().opd
     teachers = start_teachers(cfg, tokenizer_path)  # checks every family has a teacher before anything starts

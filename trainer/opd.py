@@ -17,21 +17,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-import dsec
 import ray
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+import dsec
 from trainer.config import ExperimentConfig, GRPOConfig, OPDConfig, load_config
 from trainer.demo import stage_sft, stage_tokenizer
 from trainer.evaluate import heldout_success
-from trainer.grpo import train_grpo
+from trainer.grpo import init_ray, train_grpo
 from trainer.opd_report import summarize, write_report
 from trainer.policy import build_policy
 from trainer.teachers import load_weights
@@ -60,6 +62,9 @@ class RecipeConfig(BaseModel):
     # dense per-token signal tolerates a larger lr and several optimizer steps per batch, and needs no group of
     # samples per prompt (group_size 1 spreads the same samples over more prompts)
     opd_grpo: dict[str, Any] = Field(default_factory=dict)
+    # OPD and the GRPO baseline train side by side (each run's actors and evals are one torch thread: on 2 cores
+    # this halves the recipe's longest stage); false runs them one after the other
+    concurrent_runs: bool = True
 
 
 class OPDExperiment(ExperimentConfig):
@@ -139,9 +144,15 @@ def train_expert(exp: OPDExperiment, family: str, tok: V4Tokenizer, tok_path: Pa
     return Path(result["checkpoint"])
 
 
+class RunAborted(RuntimeError):
+    """A curve run stopped because the run beside it failed (its own error is the one raised)."""
+
+
 def _curve_run(exp: OPDExperiment, name: str, cfg: ExperimentConfig, tok: V4Tokenizer, tok_path: Path,
-               init: Path, client: dsec.Client, start: dict[str, float], progress: bool) -> list[dict]:
-    """Train with the GRPO driver (GRPO or OPD by `cfg.algo`), evaluating every `eval_every` steps."""
+               init: Path, client: dsec.Client, start: dict[str, float], progress: bool,
+               abort: threading.Event | None = None) -> list[dict]:
+    """Train with the GRPO driver (GRPO or OPD by `cfg.algo`), evaluating every `eval_every` steps; stops after
+    the current step once `abort` is set."""
     r = exp.recipe
     families = cfg.tasks.families
     per_step = cfg.grpo.prompts_per_step * cfg.grpo.group_size
@@ -149,6 +160,8 @@ def _curve_run(exp: OPDExperiment, name: str, cfg: ExperimentConfig, tok: V4Toke
     model = build_policy(cfg.policy.name, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, cfg.seed).eval()
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
+        if abort is not None and abort.is_set():
+            raise RunAborted(f"{name} stopped at step {step}: the run beside it failed")
         if step % r.eval_every and step != cfg.grpo.steps:
             return
         model.load_state_dict(load_weights(Path(cfg.out_dir) / "learner.pt"))
@@ -162,6 +175,35 @@ def _curve_run(exp: OPDExperiment, name: str, cfg: ExperimentConfig, tok: V4Toke
     train_grpo(cfg, tok_path, init, address=None, dsec_address=client.address, resume=False, progress=progress,
                on_step=on_step)
     return curve
+
+
+def _train_curves(exp: OPDExperiment, runs: dict[str, tuple[str, ExperimentConfig]], tok: V4Tokenizer,
+                  tok_path: Path, init: Path, client: dsec.Client, start: dict[str, float], stages: _Stages,
+                  progress: bool) -> dict[str, list[dict]]:
+    """Each run's eval curve (stage name -> curve): side by side in threads sharing one Ray and one dsec server
+    (`recipe.concurrent_runs`), or one after the other. If one run fails, the other stops after its current step
+    and the first failure is raised."""
+    if not exp.recipe.concurrent_runs:
+        return {stage: stages.run(stage, _curve_run, exp, name, cfg, tok, tok_path, init, client, start, progress)
+                for stage, (name, cfg) in runs.items()}
+    if not ray.is_initialized():
+        init_ray(None)  # once, before the threads: both drivers share it
+    abort = threading.Event()
+
+    def one(stage: str, name: str, cfg: ExperimentConfig) -> list[dict]:
+        try:
+            return stages.run(stage, _curve_run, exp, name, cfg, tok, tok_path, init, client, start, progress, abort)
+        except BaseException:
+            abort.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="curve") as pool:
+        futures = {stage: pool.submit(one, stage, name, cfg) for stage, (name, cfg) in runs.items()}
+        wait(futures.values())
+    errors = [f.exception() for f in futures.values() if f.exception() is not None]
+    if errors:
+        raise next((e for e in errors if not isinstance(e, RunAborted)), errors[0])
+    return {stage: f.result() for stage, f in futures.items()}
 
 
 def run_recipe(exp: OPDExperiment, progress: bool = True) -> dict:
@@ -196,15 +238,14 @@ def run_recipe(exp: OPDExperiment, progress: bool = True) -> dict:
                                r.eval_size, r.eval_greedy, "student-sft")
             opd_algo = exp.algorithm().model_copy(update={
                 "kl_coef": r.ref_kl_coef, "opd": r.opd.model_copy(update={"teachers": experts})})
-            opd_cfg = exp.experiment(**{"out_dir": str(out / "opd"), "run_name": f"{exp.run_name}-opd"})
-            opd_cfg = opd_cfg.model_copy(update={"algo": opd_algo})
-            opd_cfg = opd_cfg.model_copy(update={"grpo": exp.opd_grpo()})
-            opd_curve = stages.run("student: opd", _curve_run, exp, "opd", opd_cfg, tok, tok_path,
-                                   student_dir / "sft.pt", client, start, progress)
+            opd_cfg = exp.experiment(**{"out_dir": str(out / "opd"), "run_name": f"{exp.run_name}-opd",
+                                        "algo": opd_algo.model_dump(), "grpo": exp.opd_grpo().model_dump()})
             grpo_cfg = exp.experiment(**{"out_dir": str(out / "grpo"), "run_name": f"{exp.run_name}-grpo",
                                          "grpo.steps": r.steps})
-            grpo_curve = stages.run("student: grpo from scratch", _curve_run, exp, "grpo", grpo_cfg, tok, tok_path,
-                                    student_dir / "sft.pt", client, start, progress)
+            runs = {"student: opd": ("opd", opd_cfg), "student: grpo from scratch": ("grpo", grpo_cfg)}
+            curves = _train_curves(exp, runs, tok, tok_path, student_dir / "sft.pt", client, start, stages,
+                                   progress)
+            opd_curve, grpo_curve = curves["student: opd"], curves["student: grpo from scratch"]
     finally:
         if ray.is_initialized():
             ray.shutdown()

@@ -7,14 +7,23 @@ import math
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+import trainer.opd
 from trainer.config import load_config
-from trainer.opd import DEFAULT_CONFIG, OPDExperiment
+from trainer.opd import (
+    DEFAULT_CONFIG,
+    OPDExperiment,
+    RunAborted,
+    _Stages,
+    _train_curves,
+)
 from trainer.opd_report import samples_to, summarize, write_report
 from trainer.policy import build_policy
 from trainer.tokenizer import V4Tokenizer
@@ -44,6 +53,37 @@ def test_opd_run_takes_its_own_grpo_section_and_the_baseline_keeps_the_experimen
     with pytest.raises(ValueError, match="group_size >= 2"):
         load_config(DEFAULT_CONFIG, {"recipe.opd_grpo": {"group_size": 1}, "recipe.opd.reward_weight": 0.5},
                     model=OPDExperiment)
+
+
+def test_side_by_side_runs_stop_together_and_raise_the_real_failure(monkeypatch):
+    """OPD and the GRPO baseline train in two threads: when one fails, the other stops at its next step and
+    the recipe raises the first run's own error, not the sibling's RunAborted."""
+    steps: dict[str, int] = {}
+
+    def fake_curve_run(exp, name, cfg, tok, tok_path, init, client, start, progress, abort=None):
+        for step in range(1, 200):
+            if abort is not None and abort.is_set():
+                raise RunAborted(name)
+            steps[name] = step
+            if name == "opd" and step == 3:
+                raise ValueError("teacher checkpoint missing")
+            time.sleep(0.01)
+        return [{"step": 0}]
+
+    monkeypatch.setattr(trainer.opd, "_curve_run", fake_curve_run)
+    monkeypatch.setattr(trainer.opd.ray, "is_initialized", lambda: True)
+    exp = load_config(DEFAULT_CONFIG, model=OPDExperiment)
+    runs = {"student: opd": ("opd", None), "student: grpo from scratch": ("grpo", None)}
+    with pytest.raises(ValueError, match="teacher checkpoint missing"):
+        _train_curves(exp, runs, None, Path("t"), Path("i"), None, {}, _Stages(False), False)
+    assert steps["opd"] == 3 and steps["grpo"] < 50  # the baseline did not run on to its 199 steps
+    assert not [t for t in threading.enumerate() if t.name.startswith("curve")]  # both threads joined
+    # one after the other when asked: each run in order, no threads
+    exp = load_config(DEFAULT_CONFIG, {"recipe.concurrent_runs": False}, model=OPDExperiment)
+    steps.clear()
+    with pytest.raises(ValueError, match="teacher checkpoint missing"):
+        _train_curves(exp, runs, None, Path("t"), Path("i"), None, {}, _Stages(False), False)
+    assert steps == {"opd": 3}
 
 
 def _curve(points: list[tuple[int, float, float]]) -> list[dict]:
