@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainer.encoding import ThinkingMode
 
@@ -97,12 +97,12 @@ class SFTConfig(_Strict):
 
 
 class GRPOConfig(_Strict):
-    steps: int = 10
-    prompts_per_step: int = 4
-    group_size: int = 4
-    lr: float = 5e-4
-    updates_per_step: int = 1
-    num_rollout_workers: int = 1
+    steps: int = Field(default=10, ge=0)
+    prompts_per_step: int = Field(default=4, ge=1)
+    group_size: int = Field(default=4, ge=1)  # >= 2 wherever the group-normalised reward is used (checked below)
+    lr: float = Field(default=5e-4, gt=0)
+    updates_per_step: int = Field(default=1, ge=1)
+    num_rollout_workers: int = Field(default=1, ge=1)
     grad_clip: float = 1.0
     # parameter-name substrings held fixed during RL (e.g. ["embed_tokens", "self_attn"]); measured on v4-tiny:
     # a policy-gradient step of norm 0.1 along the attention weights breaks the SFT-learned copy circuit (log-prob
@@ -126,6 +126,18 @@ class ExperimentConfig(_Strict):
 
     def algorithm(self) -> AlgoConfig:
         return self.algo or AlgoConfig.preset(self.algo_preset)
+
+    @model_validator(mode="after")
+    def _reward_needs_a_group(self) -> ExperimentConfig:
+        """A group of one has no baseline: its reward advantage is 0, so a reward-only run would learn nothing
+        while looking healthy. Only pure distillation (OPD with reward_weight 0) may sample once per prompt."""
+        algo = self.algorithm()  # also reports an unknown algo_preset at load time
+        uses_reward = algo.opd is None or algo.opd.reward_weight > 0
+        if uses_reward and self.grpo.group_size < 2:
+            raise ValueError(f"grpo.group_size={self.grpo.group_size}: the group-normalised reward advantage needs "
+                             "at least 2 samples per prompt (group_size 1 only works for pure OPD, "
+                             "algo.opd.reward_weight 0)")
+        return self
 
 
 def load_config(path: Path, overrides: dict[str, object] | None = None, model: type[ExperimentConfig] = ExperimentConfig

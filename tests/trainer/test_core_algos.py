@@ -57,3 +57,19 @@ def test_presets_and_unknown_names():
         get_advantage("nope")
     with pytest.raises(ValueError):
         AlgoConfig.preset("nope")
+
+
+def test_reward_runs_refuse_groups_of_one_at_load_time():
+    """GRPO with one sample a prompt has no baseline (every advantage 0): refused, not silently a no-op run."""
+    from trainer.config import ExperimentConfig
+
+    with pytest.raises(ValueError, match="at least 2 samples per prompt"):
+        ExperimentConfig.model_validate({"grpo": {"group_size": 1}})
+    with pytest.raises(ValueError, match="at least 2 samples per prompt"):
+        ExperimentConfig.model_validate({"grpo": {"group_size": 1}, "algo": {"opd": {"reward_weight": 0.5}}})
+    with pytest.raises(ValueError, match="unknown algorithm preset"):
+        ExperimentConfig.model_validate({"algo_preset": "nope"})
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        ExperimentConfig.model_validate({"grpo": {"prompts_per_step": 0}})
+    pure_opd = ExperimentConfig.model_validate({"grpo": {"group_size": 1}, "algo_preset": "opd"})
+    assert pure_opd.grpo.group_size == 1 and pure_opd.algorithm().opd.reward_weight == 0.0
