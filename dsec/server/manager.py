@@ -17,6 +17,7 @@ from dsec.errors import (
     InvalidSpec,
     SandboxNotFound,
     SandboxStateError,
+    ServerUnavailable,
     SessionNotFound,
 )
 from dsec.models import SandboxSpec
@@ -33,6 +34,9 @@ from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
 log = logging.getLogger("dsec.server.manager")
 
 _TOMBSTONES = 4096
+# How long shutdown waits for creates already under way (a VM boot included) before destroying what exists
+_LAUNCH_DRAIN_S = 120.0
+_SHUTTING_DOWN = "the server is shutting down; create the sandbox on a running server"
 
 
 @dataclass
@@ -78,6 +82,11 @@ class SandboxManager:
         self._sandboxes: dict[str, ManagedSandbox] = {}
         self._gone: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
+        # Creates under way, so shutdown can wait for them: a create that finishes after shutdown listed the
+        # sandboxes would otherwise leave a live sandbox (agent, cgroup, overlay mount) behind an exited server
+        self._launches = 0
+        self._launches_done = threading.Condition(self._lock)
+        self._closing = False
         self.admission = CreateAdmission(
             config.max_sandboxes, config.max_concurrent_creates, config.create_queue_limit, config.tenant_max_sandboxes
         )
@@ -178,6 +187,24 @@ class SandboxManager:
             return sandbox
 
     def _launch_admitted(self, spec: SandboxSpec, snapshot: Path | None, tenant: str, driver_name: str) -> ManagedSandbox:
+        with self._lock:
+            if self._closing:
+                raise ServerUnavailable(_SHUTTING_DOWN)
+            self._launches += 1
+        try:
+            sandbox = self._launch_tracked(spec, snapshot, tenant, driver_name)
+            with self._lock:
+                closing = self._closing
+            if closing:  # destroyed before the count drops: shutdown returns only once it is gone
+                self.destroy(sandbox.sandbox_id, reason="destroyed at server shutdown")
+                raise ServerUnavailable(_SHUTTING_DOWN)
+            return sandbox
+        finally:
+            with self._lock:
+                self._launches -= 1
+                self._launches_done.notify_all()
+
+    def _launch_tracked(self, spec: SandboxSpec, snapshot: Path | None, tenant: str, driver_name: str) -> ManagedSandbox:
         started = time.monotonic()
         image = self._resolve_image(spec.image)
         resolved = time.monotonic()
@@ -280,8 +307,13 @@ class SandboxManager:
                     log.exception("TTL destroy of %s failed", sandbox_id)
 
     def shutdown(self) -> None:
+        """Refuse new creates, let the ones under way finish (bounded), then destroy every sandbox."""
         self._stop.set()
         with self._lock:
+            self._closing = True
+            if not self._launches_done.wait_for(lambda: self._launches == 0, timeout=_LAUNCH_DRAIN_S):
+                log.warning("%d creates still under way at shutdown; each destroys its sandbox when it ends",
+                            self._launches)
             ids = list(self._sandboxes)
         for sandbox_id in ids:
             try:
