@@ -1,8 +1,8 @@
 """On-policy distillation benchmark: the whole OPD recipe (trainer/opd.py) on CPU, bounded by its config.
 
 Per family an expert (the student + SFT + GRPO on that family), the demo's SFT'd student distilled from both
-experts on its own samples (tools through dsec), and GRPO from the same student on the same budget as the
-baseline.
+experts on its own samples (tools through dsec), and beside it GRPO from the same student as the baseline (on
+`recipe.grpo_steps`, a larger budget than OPD's, so its samples to the same score are timed).
 
     .venv/bin/python bench/opd.py [--config trainer/configs/opd-tiny-cpu.yaml] [--set recipe.steps=8 ...]
 

@@ -7,7 +7,8 @@
    weights (`recipe.experts_from_student`, as V4's specialists start from a common base) on the family's
    tool-using demonstrations only (`recipe.expert_direct_answer_fraction`); or `recipe.experts` given.
 3. OPD: the GRPO driver loop with `algo.opd` (teachers = the experts, routed by task tag), held-out eval every
-   `recipe.eval_every` steps; then GRPO from the same student on the same budget, evaluated alike.
+   `recipe.eval_every` steps; beside it GRPO from the same student (`recipe.grpo_steps`, at least OPD's budget),
+   evaluated alike.
 4. report.json / report.md / opd_vs_grpo.png under out_dir (trainer/opd_report.py).
 Why the comparison starts both runs from the same SFT'd student: it isolates what the teachers' dense signal
 buys over the sparse reward, per sample.
@@ -51,7 +52,10 @@ class RecipeConfig(BaseModel):
     experts_from_student: bool = True  # expert SFT starts from the student's SFT weights (else random init)
     expert_grpo_steps: int = 8
     student_sft_steps: int = 150
-    steps: int = 12  # OPD steps, and the GRPO-from-scratch baseline's (same prompts × G per step)
+    steps: int = 12  # OPD steps
+    # The GRPO-from-scratch baseline's steps (None: `steps`). Longer than OPD's, "GRPO samples to the same score"
+    # is measured instead of being cut off at OPD's budget (a GRPO that never gets there gives an upper bound)
+    grpo_steps: int | None = None
     eval_every: int = 4
     eval_size: int = 16  # held-out problems per family
     eval_greedy: bool = True  # deterministic scores: the small eval is not drowned in sampling noise
@@ -75,6 +79,9 @@ class OPDExperiment(ExperimentConfig):
     @model_validator(mode="after")
     def _opd_grpo_is_valid(self) -> OPDExperiment:
         opd = self.opd_grpo()
+        if self.recipe.grpo_steps is not None and self.recipe.grpo_steps < self.recipe.steps:
+            raise ValueError(f"recipe.grpo_steps={self.recipe.grpo_steps} < recipe.steps={self.recipe.steps}: the "
+                             "GRPO baseline needs at least OPD's budget to time the race to the same score")
         if self.recipe.opd.reward_weight > 0 and opd.group_size < 2:
             raise ValueError(f"recipe.opd.reward_weight={self.recipe.opd.reward_weight} mixes in the group-"
                              f"normalised reward, which needs recipe.opd_grpo group_size >= 2 (got {opd.group_size})")
@@ -241,7 +248,7 @@ def run_recipe(exp: OPDExperiment, progress: bool = True) -> dict:
             opd_cfg = exp.experiment(**{"out_dir": str(out / "opd"), "run_name": f"{exp.run_name}-opd",
                                         "algo": opd_algo.model_dump(), "grpo": exp.opd_grpo().model_dump()})
             grpo_cfg = exp.experiment(**{"out_dir": str(out / "grpo"), "run_name": f"{exp.run_name}-grpo",
-                                         "grpo.steps": r.steps})
+                                         "grpo.steps": r.grpo_steps or r.steps})
             runs = {"student: opd": ("opd", opd_cfg), "student: grpo from scratch": ("grpo", grpo_cfg)}
             curves = _train_curves(exp, runs, tok, tok_path, student_dir / "sft.pt", client, start, stages,
                                    progress)

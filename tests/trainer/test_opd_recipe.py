@@ -50,6 +50,8 @@ def test_opd_run_takes_its_own_grpo_section_and_the_baseline_keeps_the_experimen
     assert opd.freeze == exp.grpo.freeze  # what opd_grpo does not name is inherited
     with pytest.raises(ValueError, match="lrr"):
         load_config(DEFAULT_CONFIG, {"recipe.opd_grpo": {"lrr": 0.1}}, model=OPDExperiment)
+    with pytest.raises(ValueError, match="grpo_steps=4 < recipe.steps=8"):
+        load_config(DEFAULT_CONFIG, {"recipe.steps": 8, "recipe.grpo_steps": 4}, model=OPDExperiment)
     with pytest.raises(ValueError, match="group_size >= 2"):
         load_config(DEFAULT_CONFIG, {"recipe.opd_grpo": {"group_size": 1}, "recipe.opd.reward_weight": 0.5},
                     model=OPDExperiment)
@@ -138,7 +140,7 @@ def test_recipe_runs_end_to_end_with_experts_fine_tuned_from_the_student(tmp_pat
         "sft": {"examples": 64}, "rollout": {"max_new_tokens": 40, "max_total_tokens": 400},
         "grpo": {"prompts_per_step": 1, "group_size": 2},
         "recipe": {"student_sft_steps": 3, "expert_sft_steps": 2, "expert_grpo_steps": 0, "steps": 1,
-                   "eval_every": 1, "eval_size": 1, "opd_grpo": {"prompts_per_step": 2, "group_size": 1}}}))
+                   "grpo_steps": 2, "eval_every": 1, "eval_size": 1, "opd_grpo": {"prompts_per_step": 2, "group_size": 1}}}))
     repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, DSEC_RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(repo))
     done = subprocess.run([sys.executable, "-m", "trainer.opd", str(cfg), "--no-progress"], cwd=repo, env=env,
@@ -147,11 +149,12 @@ def test_recipe_runs_end_to_end_with_experts_fine_tuned_from_the_student(tmp_pat
     assert "student_over_expert_min=" in done.stdout.splitlines()[-1]
     report = json.loads((out / "report.json").read_text())
     assert set(report["families"]) == {"arithmetic", "fix_module"}
-    assert [c["step"] for c in report["opd_curve"]] == [0, 1] and [c["step"] for c in report["grpo_curve"]] == [0, 1]
+    # OPD for recipe.steps, the GRPO baseline for recipe.grpo_steps (side by side)
+    assert [c["step"] for c in report["opd_curve"]] == [0, 1] and [c["step"] for c in report["grpo_curve"]] == [0, 1, 2]
     # OPD ran its own batch shape (2 prompts x 1 sample), the GRPO baseline the experiment's (1 prompt x 2)
-    assert report["opd_curve"][1]["samples"] == 2 and report["grpo_curve"][1]["samples"] == 2
+    assert report["opd_curve"][1]["samples"] == 2 and report["grpo_curve"][2]["samples"] == 4
     cursors = {run: json.loads((out / run / "state.json").read_text())["cursor"] for run in ("opd", "grpo")}
-    assert cursors == {"opd": 64 + 2, "grpo": 64 + 1}  # prompts after the 64 SFT problems
+    assert cursors == {"opd": 64 + 2, "grpo": 64 + 2}  # prompts after the 64 SFT problems
     assert list(report["stage_s"])[:3] == ["tokenizer", "student: sft", "expert arithmetic: sft"]
     assert (out / "opd_vs_grpo.png").stat().st_size > 0
     # Each expert starts from the student's weights: two SFT steps leave it far closer to them than a fresh init.
