@@ -245,8 +245,8 @@ def run_recipe(exp: OPDExperiment, progress: bool = True) -> dict:
                                r.eval_size, r.eval_greedy, "student-sft")
             opd_algo = exp.algorithm().model_copy(update={
                 "kl_coef": r.ref_kl_coef, "opd": r.opd.model_copy(update={"teachers": experts})})
-            opd_cfg = exp.experiment(**{"out_dir": str(out / "opd"), "run_name": f"{exp.run_name}-opd",
-                                        "algo": opd_algo.model_dump(), "grpo": exp.opd_grpo().model_dump()})
+            opd_cfg = exp.experiment(out_dir=str(out / "opd"), run_name=f"{exp.run_name}-opd",
+                                     algo=opd_algo.model_dump(), grpo=exp.opd_grpo().model_dump())
             grpo_cfg = exp.experiment(**{"out_dir": str(out / "grpo"), "run_name": f"{exp.run_name}-grpo",
                                          "grpo.steps": r.grpo_steps or r.steps})
             runs = {"student: opd": ("opd", opd_cfg), "student: grpo from scratch": ("grpo", grpo_cfg)}
