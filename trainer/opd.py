@@ -257,7 +257,7 @@ def run_recipe(exp: OPDExperiment, progress: bool = True) -> dict:
         if ray.is_initialized():
             ray.shutdown()
     summary = summarize(expert_scores, opd_curve, grpo_curve, expert_samples)
-    meta = {"total_s": time.perf_counter() - started, "stage_s": stages.seconds,
+    meta = {"total_s": time.perf_counter() - started, "stage_s": stages.seconds, "concurrent_runs": r.concurrent_runs,
             "experts": {f: str(p) for f, p in experts.items()}, "kl_estimator": r.opd.kl_estimator,
             "reward_weight": r.opd.reward_weight, "coef": r.opd.coef, "config": json.loads(exp.model_dump_json())}
     write_report(out, summary, opd_curve, grpo_curve, meta)

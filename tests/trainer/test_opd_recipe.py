@@ -102,9 +102,11 @@ def test_summary_targets_ratios_and_report_files(tmp_path: Path):
     assert b["target"] == pytest.approx(0.875) and b["grpo_samples_to_target"] == 32 and b["samples_vs_grpo"] == 1.0
     assert s["student_over_expert_min"] == pytest.approx(0.875)
     assert samples_to(grpo, "b", 0.5) == 0 and samples_to(grpo, "a", 0.9) is None
-    write_report(tmp_path, s, opd, grpo, {"total_s": 1.0, "stage_s": {"opd": 1.0}})
+    assert not s["samples_vs_grpo_is_upper_bound"]  # tied at 1.0: b's is exact, a's (never reached) at most 1.0
+    write_report(tmp_path, s, opd, grpo, {"total_s": 1.0, "stage_s": {"opd": 1.0}, "concurrent_runs": True})
     assert json.loads((tmp_path / "report.json").read_text())["grpo_curve"] == grpo
-    assert "| a | 0.750 |" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "| a | 0.750 |" in report and "side by side" in report and "upper bound" not in report
     assert (tmp_path / "opd_vs_grpo.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -116,13 +118,16 @@ def test_a_family_whose_expert_scores_zero_is_flagged_not_counted():
     assert s["samples_vs_grpo"] == 1.0  # b: both runs reach the target at 16 samples
 
 
-def test_a_family_at_the_target_before_training_has_no_sample_ratio():
+def test_a_family_at_the_target_before_training_has_no_sample_ratio(tmp_path: Path):
     """Both runs need 0 samples (0/0): such a family must not pin the worst-family ratio at a 'tie' of 1.0."""
     opd = _curve([(0, 0.25, 0.9), (16, 0.75, 0.95), (32, 0.75, 0.95)])
     grpo = _curve([(0, 0.25, 0.9), (16, 0.25, 0.9), (32, 0.5, 0.7)])
     s = summarize({"a": 0.8, "b": 1.0}, opd, grpo, {})
     assert s["families"]["b"]["opd_samples_to_target"] == 0 and math.isnan(s["families"]["b"]["samples_vs_grpo"])
     assert s["families"]["a"]["samples_vs_grpo"] == 0.5 and s["samples_vs_grpo"] == 0.5
+    assert s["samples_vs_grpo_is_upper_bound"]  # GRPO never reached a's target: its 32 samples stand in
+    write_report(tmp_path, s, opd, grpo, {"total_s": 1.0, "stage_s": {}})
+    assert "an upper bound: GRPO did not reach the target in its 32 samples" in (tmp_path / "report.md").read_text()
 
 
 def test_no_opd_gain_means_no_sample_ratio():
