@@ -21,7 +21,6 @@ from trainer.config import ExperimentConfig, load_config
 from trainer.data import corpus, sft_examples
 from trainer.evaluate import heldout_success
 from trainer.grpo import train_grpo
-from trainer.metrics import plot_rewards
 from trainer.policy import build_policy
 from trainer.sft import train_sft
 from trainer.tokenizer import V4Tokenizer, train
@@ -72,7 +71,6 @@ def run_demo(cfg: ExperimentConfig, progress: bool = True) -> dict:
         state = torch.load(result["checkpoint"], weights_only=False)
         model.load_state_dict(state["model"])
         after = heldout_success(model, tok, client, cfg, tag, "after", progress=progress)
-    plot_rewards(out, out / "reward_curve.png")
     summary = {"heldout_before": before, "heldout_after": after, "sft_final_loss": losses[-1], "sft_s": sft_s,
                "total_s": time.perf_counter() - started,
                "heldout_gain_points": 100 * (after["success"] - before["success"])}

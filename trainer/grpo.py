@@ -29,7 +29,7 @@ import torch
 from trainer.config import ExperimentConfig, load_config
 from trainer.data import problems
 from trainer.learner import Learner
-from trainer.metrics import MetricsLog
+from trainer.metrics import MetricsLog, plot_rewards
 from trainer.policy import build_policy
 from trainer.rollout import Rollout, run_rollouts
 from trainer.teachers import score_rollouts, start_teachers
@@ -192,6 +192,7 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
         if on_step is not None:
             on_step(step + 1, metrics)
     log.close()
+    plot_rewards(out, out / "reward_curve.png")
     client.close()
     final = {"state": state, "checkpoint": str(ckpt)}
     for actor in [*workers, *teachers.values(), learner]:

@@ -34,15 +34,16 @@ def read_metrics(out_dir: Path) -> list[dict[str, float]]:
 
 
 def plot_rewards(out_dir: Path, png: Path) -> None:
-    """Mean train reward per GRPO step (the last record per step counts: a resumed step overwrites)."""
-    import matplotlib
+    """Mean train reward per GRPO step (the last record per step counts: a resumed step overwrites).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a bare `Figure`, not pyplot: the OPD recipe trains two runs in threads of one process, and pyplot's
+    global figure state is not thread-safe."""
+    from matplotlib.figure import Figure
 
     by_step = {int(m["step"]): m["reward_mean"] for m in read_metrics(out_dir)}
     steps = sorted(by_step)
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig = Figure(figsize=(5, 3))
+    ax = fig.subplots()
     ax.plot(steps, [by_step[s] for s in steps], marker="o")
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("mean reward")
@@ -50,4 +51,3 @@ def plot_rewards(out_dir: Path, png: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png)
-    plt.close(fig)

@@ -81,6 +81,7 @@ def test_address_runs_the_trainer_on_an_existing_cluster(trainer_assets, dsec_se
     assert proc.returncode == 0, out[-4000:]
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1] and metrics[0]["tools_live"] > 0
+    assert (tmp_path / "run" / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"  # the CLI plots its rewards too
     # The actors ran in the cluster we started: its session (not a private one of the driver) holds their logs.
     worker_logs = "".join(p.read_text(errors="replace") for p in ray_tmp.glob("session_*/logs/worker-*"))
     assert "RolloutWorker" in worker_logs and "LearnerActor" in worker_logs
