@@ -156,7 +156,8 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
     last = cfg.grpo.steps if max_steps is None else min(cfg.grpo.steps, max_steps)
     from tqdm import tqdm
 
-    bar = tqdm(range(state["step"], last), desc="grpo", disable=not progress, initial=state["step"], total=last)
+    bar = tqdm(range(state["step"], last), desc="opd" if opd is not None else "grpo", disable=not progress,
+               initial=state["step"], total=last)
     for step in bar:
         started = time.perf_counter()
         jobs = step_jobs(cfg, state["run_id"], step, state["cursor"])
