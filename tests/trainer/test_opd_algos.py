@@ -134,3 +134,40 @@ def test_opd_keeps_groups_with_equal_rewards(tiny):
     learner = Learner(copy.deepcopy(student), algo, lr=1e-3, grad_clip=1.0, pad_id=tok.pad_id)
     scores = score(teacher, [r.ids for r in flat], [r.mask for r in flat], tok.pad_id, full_vocab=False)
     assert learner.update(flat, group_size=2, teacher=scores)["kept_samples"] == len(flat)
+
+
+def test_each_rollout_is_scored_by_its_familys_teacher_actor(tmp_path, make_config, trainer_assets, ray_tmp):
+    """Two distinct teachers as real Ray actors, rollouts of both families interleaved: every rollout's scores
+    are its own family's teacher's log-probs, in the rollouts' order (a swap would pass a shape check)."""
+    import ray
+
+    base = torch.load(trainer_assets["sft"], weights_only=True)
+    weights, models = {}, {}
+    tok = V4Tokenizer.load(trainer_assets["tokenizer"])
+    for seed, family in enumerate(["arithmetic", "fix_module"], start=1):
+        gen = torch.Generator().manual_seed(seed)
+        state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                 for k, v in base.items()}
+        weights[family] = tmp_path / f"{family}.pt"
+        torch.save(state, weights[family])
+        models[family] = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
+        models[family].load_state_dict(state)
+        models[family].eval()
+    cfg = make_config(tmp_path).model_copy(update={"algo": AlgoConfig(kl_coef=0.0, opd=OPDConfig(
+        teachers=weights, kl_estimator="sampled_token"))})
+    gen = torch.Generator().manual_seed(0)
+    rollouts = []
+    for i, family in enumerate(["arithmetic", "fix_module", "fix_module", "arithmetic", "fix_module"]):
+        ids = torch.randint(5, tok.vocab_size, (12 + i,), generator=gen).tolist()
+        rollouts.append({"trajectory_id": f"r/{i}", "family": family, "ids": ids, "mask": [0] * 4 + [1] * (8 + i)})
+    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=str(ray_tmp), log_to_driver=False)
+    try:
+        got = score_rollouts(start_teachers(cfg, trainer_assets["tokenizer"]), rollouts, cfg.algo.opd)
+    finally:
+        ray.shutdown()
+    for r, scores in zip(rollouts, got):
+        own = score(models[r["family"]], [r["ids"]], [r["mask"]], tok.pad_id, full_vocab=False)[0]
+        other = "fix_module" if r["family"] == "arithmetic" else "arithmetic"
+        theirs = score(models[other], [r["ids"]], [r["mask"]], tok.pad_id, full_vocab=False)[0]
+        assert scores.shape == (sum(r["mask"][1:]),)
+        assert torch.allclose(scores, own, atol=1e-5) and not torch.allclose(scores, theirs, atol=1e-3)
