@@ -88,3 +88,18 @@ def tiny_config(out: Path, **grpo: object) -> ExperimentConfig:
 @pytest.fixture
 def make_config():
     return tiny_config
+
+
+@pytest.fixture(scope="session")
+def teacher_weights(trainer_assets, tmp_path_factory) -> dict[str, Path]:
+    """Two distinct experts (OPD teachers): the SFT policy perturbed with a different seed per family."""
+    out = tmp_path_factory.mktemp("opd-teachers")
+    base = torch.load(trainer_assets["sft"], weights_only=True)
+    paths = {}
+    for seed, family in enumerate(["arithmetic", "fix_module"], start=1):
+        gen = torch.Generator().manual_seed(seed)
+        state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                 for k, v in base.items()}
+        paths[family] = out / f"{family}.pt"
+        torch.save({"model": state}, paths[family])  # a learner checkpoint's layout
+    return paths

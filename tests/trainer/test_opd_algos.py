@@ -136,25 +136,20 @@ def test_opd_keeps_groups_with_equal_rewards(tiny):
     assert learner.update(flat, group_size=2, teacher=scores)["kept_samples"] == len(flat)
 
 
-def test_each_rollout_is_scored_by_its_familys_teacher_actor(tmp_path, make_config, trainer_assets, ray_tmp):
+def test_each_rollout_is_scored_by_its_familys_teacher_actor(tmp_path, make_config, trainer_assets, teacher_weights,
+                                                           ray_tmp):
     """Two distinct teachers as real Ray actors, rollouts of both families interleaved: every rollout's scores
     are its own family's teacher's log-probs, in the rollouts' order (a swap would pass a shape check)."""
     import ray
 
-    base = torch.load(trainer_assets["sft"], weights_only=True)
-    weights, models = {}, {}
     tok = V4Tokenizer.load(trainer_assets["tokenizer"])
-    for seed, family in enumerate(["arithmetic", "fix_module"], start=1):
-        gen = torch.Generator().manual_seed(seed)
-        state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
-                 for k, v in base.items()}
-        weights[family] = tmp_path / f"{family}.pt"
-        torch.save(state, weights[family])
+    models = {}
+    for family, path in teacher_weights.items():
         models[family] = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
-        models[family].load_state_dict(state)
+        models[family].load_state_dict(load_weights(path))
         models[family].eval()
     cfg = make_config(tmp_path).model_copy(update={"algo": AlgoConfig(kl_coef=0.0, opd=OPDConfig(
-        teachers=weights, kl_estimator="sampled_token"))})
+        teachers=teacher_weights, kl_estimator="sampled_token"))})
     gen = torch.Generator().manual_seed(0)
     rollouts = []
     for i, family in enumerate(["arithmetic", "fix_module", "fix_module", "arithmetic", "fix_module"]):
