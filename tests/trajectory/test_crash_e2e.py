@@ -13,7 +13,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -49,14 +48,20 @@ def _finish(process: subprocess.Popen) -> tuple[list[str], str]:
     return lines, "\n".join(lines[-30:])
 
 
-def _await_progress(process: subprocess.Popen) -> list[str]:
-    """Read the rollout's output up to its first acknowledged step (or its exit); returns the lines read."""
+def _await_acks(process: subprocess.Popen, count: int) -> list[str]:
+    """Read the rollout's output up to its `count`-th acknowledged step (or its exit); returns the lines read.
+
+    Kills land at these protocol points, not after a sleep, so a fast or a slow machine kills at the same steps.
+    """
     assert process.stdout is not None
     lines: list[str] = []
+    seen = 0
     for line in process.stdout:  # the test's timeout bounds this if the rollout hangs
         lines.append(line.rstrip("\n"))
         if line.startswith("ACK"):
-            break
+            seen += 1
+            if seen >= count:
+                break
     return lines
 
 
@@ -92,13 +97,17 @@ def test_client_killed_at_random_points(dsec_server: ServerProcess) -> None:
     kills = 0
     for _attempt in range(CLIENT_KILLS * 3 + 10):
         process = _rollout(dsec_server.address, tid)
+        early: list[str] = []
         if kills < CLIENT_KILLS:
-            time.sleep(rng.uniform(0.5, 2.5))  # interpreter start is ~0.5 s; a 50-step rollout takes ~2-5 s
-            if process.poll() is None:
-                process.kill()
-                kills += 1
+            # Kill after a random acknowledged step that this attempt runs live (a replayed prefix acks too), and
+            # before the last one, so the kill always lands inside the rollout whatever the machine's speed.
+            live_from = len(acks.get(tid, ())) + 1
+            early = _await_acks(process, rng.randint(min(live_from, STEPS - 1), STEPS - 1))
+            process.kill()
         lines, err = _finish(process)
+        lines = early + lines
         assert process.returncode in (0, -9), err
+        kills += process.returncode == -9  # a kill sent after the rollout's own exit did not land: not counted
         acks.setdefault(tid, set()).update(line for line in lines if line.startswith("ACK"))
         sandboxes.setdefault(tid, set()).update(line.split()[1] for line in lines if line.startswith("SANDBOX"))
         if "DONE" in lines:
@@ -128,8 +137,8 @@ def test_server_killed_at_random_points(dsec_server: ServerProcess) -> None:
         process = _rollout(dsec_server.address, tid, rebuild=True)
         early: list[str] = []
         if server_kills < 3:
-            early = _await_progress(process)  # kill while steps run, however slow the client is to start
-            time.sleep(rng.uniform(0.0, 1.0))
+            # kill while steps run: after a random acknowledged step, however fast or slow the machine is
+            early = _await_acks(process, rng.randint(1, STEPS // 2))
             dsec_server.kill9()
             server_kills += 1
         lines, err = _finish(process)
