@@ -118,6 +118,16 @@ def _settled_traces(home: Path, run_dir: Path | None, sandbox_ids: list[str]) ->
         time.sleep(0.25)
 
 
+def _await_creates(report: RoundsReport, lock: threading.Lock, target: int, timeout_s: float = 120.0) -> None:
+    """Return once `target` creates have been acknowledged in all (a protocol point, not a timed guess)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with lock:
+            if report.creates >= target or report.errors:
+                return
+        time.sleep(0.02)
+
+
 def run_rounds(rounds: int, home: Path, driver: str = "crun", seed: int = 0, threads: int = 2, on_round=None) -> RoundsReport:
     """Run `rounds` kill -9 rounds; `report.leaks` lists anything a successor failed to clean."""
     rng = random.Random(seed)
@@ -131,9 +141,11 @@ def run_rounds(rounds: int, home: Path, driver: str = "crun", seed: int = 0, thr
                 threading.Thread(target=_load, args=(address, stop, report, lock, random.Random(rng.random())), daemon=True)
                 for _ in range(threads)
             ]
+            with lock:
+                target = report.creates + rng.randint(1, 4)
             for worker in workers:
                 worker.start()
-            time.sleep(rng.uniform(0.2, 2.5))
+            _await_creates(report, lock, target)  # kill after the k-th acknowledged create, whatever the speed
             process.send_signal(signal.SIGKILL)
             process.wait()
             run_dir, sandbox_ids = sandbox_ids_of_server(home, process.pid)

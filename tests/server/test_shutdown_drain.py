@@ -31,9 +31,11 @@ def test_a_create_under_way_at_shutdown_is_destroyed_and_new_creates_are_refused
     driver = running.manager.drivers.get("crun")
     real_create, created = driver.create, []
 
-    def slow_create(sandbox_id, *args, **kwargs):  # the real create, started late: shutdown lands mid-create
+    def slow_create(sandbox_id, *args, **kwargs):  # the real create, held until shutdown has begun: it lands mid-create
         created.append(sandbox_id)
-        time.sleep(1.5)
+        deadline = time.monotonic() + 30
+        while not running.manager._closing and time.monotonic() < deadline:
+            time.sleep(0.01)
         return real_create(sandbox_id, *args, **kwargs)
 
     driver.create = slow_create
