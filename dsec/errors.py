@@ -108,6 +108,12 @@ class PermissionDenied(DsecError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class PortUnreachable(DsecError):
+    """Nothing accepts TCP connections on that port inside the sandbox (not started yet, or crashed)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class RuntimeFailure(DsecError):
     """The substrate (OCI runtime, Docker, QEMU) failed; the message says which and why."""
 
