@@ -107,6 +107,17 @@ class DriverSandbox(abc.ABC):
         """Write a restorable snapshot into `dest`; return its kind (e.g. 'filesystem', 'memory+disk')."""
         raise Unsupported(f"snapshot is not supported by this substrate (sandbox {self.sandbox_id})")
 
+    def netns_path(self) -> Path:
+        """The network namespace the sandbox's processes use (e.g. /proc/<init pid>/ns/net).
+
+        Why: the port service opens TCP connections to ports inside the sandbox from the host by creating the
+        socket in this namespace; a substrate whose network is not a host namespace (a VM) cannot offer one.
+        """
+        raise Unsupported(
+            f"reaching ports inside sandbox {self.sandbox_id} is not supported by this substrate; "
+            "use a container or function sandbox"
+        )
+
 
 class SandboxDriver(abc.ABC):
     """Creates and destroys sandboxes of one substrate with one runtime."""

@@ -127,6 +127,16 @@ class DockerSandbox(AgentSandbox):
     def memory_limit_mb(self) -> int:
         return self._memory_mb
 
+    def netns_path(self) -> Path:
+        """The network namespace of the container's PID 1, as Docker reports it."""
+        try:
+            pid = self._api.inspect_container(self.container)["State"]["Pid"]
+        except docker.errors.NotFound:
+            pid = 0
+        if not pid:
+            raise SandboxStateError(f"the container of sandbox {self.sandbox_id} is not running")
+        return Path(f"/proc/{pid}/ns/net")
+
     def pause(self) -> None:
         try:
             self._api.pause(self.container)

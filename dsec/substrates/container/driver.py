@@ -103,6 +103,11 @@ class ContainerSandbox(AgentSandbox):
         self._check_alive("resume")
         self.runtime.resume(self.record.container_id)
 
+    def netns_path(self) -> Path:
+        """The network namespace of the container's PID 1 (the agent), checked to still be this sandbox's."""
+        self._check_alive("reach a port of")
+        return init_netns_path(self.state_dir / PID_FILE, self.record.cgroups_path, self.sandbox_id)
+
     def snapshot(self, dest: Path) -> str:
         """Tar the writable layer into `dest` while the sandbox is frozen (a paused sandbox stays paused)."""
         self._check_alive("snapshot")
@@ -236,6 +241,19 @@ class ContainerDriver(SandboxDriver):
             rootfs.unmount(state_dir / "rootfs")
             disk.remove_disk(state_dir / "disk.img", state_dir / "disk")
             shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def init_netns_path(pid_file: Path, cgroups_path: str, sandbox_id: str) -> Path:
+    """/proc/<pid>/ns/net of the container's PID 1, refusing a pid that is not in the sandbox's cgroup (a stale
+    pid file could name a recycled pid of an unrelated process)."""
+    try:
+        pid = int(pid_file.read_text())
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except (OSError, ValueError):
+        lines = []
+    if not any(line.split(":", 2)[-1] == cgroups_path for line in lines):
+        raise SandboxStateError(f"the init process of sandbox {sandbox_id} is gone", sandbox_id=sandbox_id)
+    return Path(f"/proc/{pid}/ns/net")
 
 
 def _kill_init(pid_file: Path, cgroups_path: str) -> None:

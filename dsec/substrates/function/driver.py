@@ -130,6 +130,9 @@ class FunctionSandbox(DriverSandbox):
     def snapshot(self, dest: Path) -> str:
         return self.inner.snapshot(dest)
 
+    def netns_path(self) -> Path:
+        return self.inner.netns_path()
+
 
 class FunctionDriver(SandboxDriver):
     name = "function"
