@@ -46,6 +46,7 @@ class ServerConfig(BaseModel):
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set → mutual TLS
     metrics_listen: str = ""  # e.g. "127.0.0.1:9464"; "" = no metrics endpoint
+    http_listen: str = ""  # e.g. "127.0.0.1:3000": the E2B/SandboxFusion HTTP front door (docs/compat.md); "" = off
     # Image layers as overlay lower dirs: extracted directories, or loop-mounted erofs images (docs/images.md).
     layer_format: Literal["dir", "erofs"] = Field(
         default_factory=lambda: os.environ.get("DSEC_LAYER_FORMAT", "dir"), validate_default=True

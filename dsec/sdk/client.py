@@ -59,13 +59,15 @@ class Client:
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        http_listen: str | None = None,
     ) -> None:
         """`token` (or $DSEC_TOKEN) authenticates; `tls_ca` (or $DSEC_TLS_CA) switches to TLS, and
-        `tls_cert`/`tls_key` add a client certificate for servers that require mutual TLS."""
+        `tls_cert`/`tls_key` add a client certificate for servers that require mutual TLS. `http_listen`
+        (or $DSEC_HTTP_LISTEN) makes the embedded server also serve the E2B/SandboxFusion HTTP front door."""
         address = address or os.environ.get("DSEC_ADDRESS") or None
         self._embedded: EmbeddedServer | None = None
         if address is None:
-            self._embedded = EmbeddedServer.start()
+            self._embedded = EmbeddedServer.start(http_listen=http_listen)
             address = self._embedded.address
         self.address = address
         self._token = token or os.environ.get("DSEC_TOKEN") or None

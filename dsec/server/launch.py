@@ -18,6 +18,7 @@ from pathlib import Path
 from dsec.errors import ServerUnavailable
 
 READY_PREFIX = "DSEC_SERVER_READY "
+HTTP_READY_PREFIX = "DSEC_HTTP_READY "  # printed just before the ready line when the HTTP front door is on
 START_TIMEOUT_S = 120.0
 
 
@@ -26,6 +27,7 @@ class LaunchedServer:
     process: subprocess.Popen
     address: str
     log_path: Path
+    http_address: str | None = None  # host:port of the HTTP front door (`--http-listen`), when started
 
 
 def launch_server(home: Path, args: list[str], log_name: str, new_session: bool = False,
@@ -53,6 +55,8 @@ def launch_server(home: Path, args: list[str], log_name: str, new_session: bool 
         assert process.stdout is not None
         for raw in process.stdout:
             line = raw.decode(errors="replace").strip()
+            if line.startswith(HTTP_READY_PREFIX) and "http" not in found:
+                found["http"] = line[len(HTTP_READY_PREFIX) :]
             if line.startswith(READY_PREFIX) and "address" not in found:
                 found["address"] = line[len(READY_PREFIX) :]
                 ready.set()
@@ -65,7 +69,7 @@ def launch_server(home: Path, args: list[str], log_name: str, new_session: bool 
         process.wait()
         tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
         raise ServerUnavailable(f"dsec server did not start in {timeout_s:.0f}s; log {log_path}:\n{tail}")
-    return LaunchedServer(process, found["address"], log_path)
+    return LaunchedServer(process, found["address"], log_path, found.get("http"))
 
 
 def stop_server_process(process: subprocess.Popen, timeout_s: float = 60.0) -> None:

@@ -25,7 +25,7 @@ codegen.generate()
 from dsec.config import ServerConfig  # noqa: E402 - stubs must exist before anything imports them
 from dsec.server.auth import Authenticator, AuthInterceptor, load_tokens, server_credentials  # noqa: E402
 from dsec.server.drivers import DriverRegistry  # noqa: E402
-from dsec.server.launch import READY_PREFIX  # noqa: E402
+from dsec.server.launch import HTTP_READY_PREFIX, READY_PREFIX  # noqa: E402
 from dsec.server.logs import configure_logging  # noqa: E402
 from dsec.server.manager import SandboxManager  # noqa: E402
 from dsec.server.sandbox_service import SandboxService  # noqa: E402
@@ -47,6 +47,7 @@ class RunningServer:
     trajectory_log: object | None  # closed last, after every in-flight step has been logged
     _stopped: threading.Event
     _done: threading.Event
+    http_door: object | None = None  # the E2B/SandboxFusion front door (dsec.compat), when enabled
 
     def stop(self, grace: float = 2.0) -> None:
         """Stop serving, destroy every sandbox, release the run directory. Safe to call twice."""
@@ -55,6 +56,8 @@ class RunningServer:
             return
         self._stopped.set()
         try:
+            if self.http_door is not None:
+                self.http_door.stop()  # first: it is a client of the gRPC server
             self.server.stop(grace)
             if self.metrics_http is not None:
                 self.metrics_http.shutdown()
@@ -138,15 +141,38 @@ def serve(config: ServerConfig) -> RunningServer:
         from dsec.server.metrics import start_metrics_server
 
         metrics_http = start_metrics_server(config.metrics_listen, manager)
+    try:
+        http_door = _start_http_door(config, address) if config.http_listen else None
+    except BaseException:
+        server.stop(0)
+        if metrics_http is not None:
+            metrics_http.shutdown()
+        manager.shutdown()
+        state.release()
+        raise
     log.info(
-        "dsec server %s listening on %s (home %s, auth %s, metrics %s)",
+        "dsec server %s listening on %s (home %s, auth %s, metrics %s, http %s)",
         state.server_id,
         address,
         config.home,
         "on" if auth.enabled else "off",
         metrics_http.server_port if metrics_http else "off",
+        http_door.url if http_door else "off",
     )
-    return RunningServer(server, manager, address, config, metrics_http, trajectory_log, threading.Event(), threading.Event())
+    return RunningServer(server, manager, address, config, metrics_http, trajectory_log, threading.Event(), threading.Event(),
+                         http_door=http_door)
+
+
+def _start_http_door(config: ServerConfig, address: str):
+    """The HTTP front door is a gRPC client of this server (same auth, admission, metrics, logs)."""
+    from dsec.compat.http_server import start_http_door
+
+    tls = None
+    if config.tls_cert and config.tls_key:
+        if config.tls_client_ca:
+            raise RuntimeError("--http-listen with --tls-client-ca (mTLS) is not supported: the door has no client certificate")
+        tls = grpc.ssl_channel_credentials(root_certificates=config.tls_cert.read_bytes())
+    return start_http_door(config.http_listen, address, tls)
 
 
 def _watch_parent(parent_pid: int, running: RunningServer) -> None:
@@ -167,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default=os.environ.get("DSEC_LOG_LEVEL", "INFO"))
     parser.add_argument("--log-format", default=os.environ.get("DSEC_LOG_FORMAT", "text"), choices=["text", "json"])
     parser.add_argument("--metrics-listen", default=os.environ.get("DSEC_METRICS_LISTEN", ""), help="host:port for /metrics")
+    parser.add_argument("--http-listen", default=os.environ.get("DSEC_HTTP_LISTEN", ""),
+                        help="host:port for the E2B/SandboxFusion-compatible HTTP front door (docs/compat.md)")
     parser.add_argument("--tokens-file", default=None, help="YAML {token: tenant}; enables token auth")
     parser.add_argument("--tls-cert", default=None)
     parser.add_argument("--tls-key", default=None)
@@ -175,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tenant-max-sandboxes", type=int, default=None)
     args = parser.parse_args(argv)
     configure_logging(args.log_level, args.log_format)
-    overrides: dict = {"listen": args.listen, "parent_pid": args.parent_pid, "metrics_listen": args.metrics_listen}
+    overrides: dict = {"listen": args.listen, "parent_pid": args.parent_pid, "metrics_listen": args.metrics_listen,
+                       "http_listen": args.http_listen}
     for name in ("tokens_file", "tls_cert", "tls_key", "tls_client_ca", "max_sandboxes", "tenant_max_sandboxes"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
@@ -194,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     if args.parent_pid:
         threading.Thread(target=_watch_parent, args=(args.parent_pid, running), daemon=True).start()
+    if running.http_door is not None:
+        print(HTTP_READY_PREFIX + running.http_door.address, flush=True)  # before the ready line: launch reads both
     print(READY_PREFIX + running.address, flush=True)
     running.wait()
     return 0
