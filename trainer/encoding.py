@@ -30,22 +30,43 @@ INVOKE_CLOSE = f"</{DSML}invoke>"
 PARAM_CLOSE = f"</{DSML}parameter>"
 
 ThinkingMode = Literal["non-think", "high", "max"]
+# Verbatim from the published V4 encoder (shared/DSML.md): the Think-Max preamble and the tools section. The
+# tools section ends with a newline, so the next turn's `<｜User｜>` starts a line.
 THINK_MAX_PREFIX = (
-    "Reasoning Effort: Absolute maximum with no shortcuts permitted. Think through every step before answering.\n\n"
+    "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
+    "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the root cause,"
+    " rigorously stress-testing your logic against all potential paths, edge cases, and adversarial scenarios.\n"
+    "Explicitly write out your entire deliberation process, documenting every intermediate step, considered"
+    " alternative, and rejected hypothesis to ensure absolutely no assumption is left unchecked.\n\n"
 )
 
-TOOLS_HEADER = (
+TOOLS_TEMPLATE = (
     "## Tools\n\n"
-    "You can call tools by ending your reply with one block in this format:\n\n"
+    "You have access to a set of tools to help answer the user's question. You can invoke tools by writing a"
+    f' "{TOOL_CALLS_OPEN}" block like the following:\n\n'
     f"{TOOL_CALLS_OPEN}\n"
-    f'<{DSML}invoke name="TOOL_NAME">\n'
-    f'<{DSML}parameter name="NAME" string="true">raw string value{PARAM_CLOSE}\n'
-    f'<{DSML}parameter name="NAME" string="false">JSON value{PARAM_CLOSE}\n'
+    f'<{DSML}invoke name="$TOOL_NAME">\n'
+    f'<{DSML}parameter name="$PARAMETER_NAME" string="true|false">$PARAMETER_VALUE{PARAM_CLOSE}\n'
+    "...\n"
+    f"{INVOKE_CLOSE}\n"
+    f'<{DSML}invoke name="$TOOL_NAME2">\n'
+    "...\n"
     f"{INVOKE_CLOSE}\n"
     f"{TOOL_CALLS_CLOSE}\n\n"
-    "Results come back in the next user turn as <tool_result> blocks, in the order of the calls.\n\n"
+    'String parameters should be specified as is and set `string="true"`. For all other types (numbers, booleans,'
+    ' arrays, objects), pass the value in JSON format and set `string="false"`.\n\n'
+    f"If thinking_mode is enabled (triggered by {THINK}), you MUST output your complete reasoning inside"
+    f" {THINK}...{END_THINK} BEFORE any tool calls or final response.\n\n"
+    f"Otherwise, output directly after {END_THINK} with tool calls or final response.\n\n"
     "### Available Tool Schemas\n\n"
+    "{tool_schemas}\n\n"
+    "You MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.\n"
 )
+
+
+def to_json(value: Any) -> str:
+    """JSON as V4 writes it: non-ASCII characters kept (a tokenizer sees `é`, not `\\u00e9`)."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 class DSMLParseError(ValueError):
@@ -73,13 +94,16 @@ class Message(BaseModel):
     tool_results: list[str] = Field(default_factory=list)
 
 
+def render_tools(tools: list[ToolSchema]) -> str:
+    """The V4 tools section: one JSON line per tool (the OpenAI `function` object) in the verbatim template."""
+    return TOOLS_TEMPLATE.replace("{tool_schemas}", "\n".join(to_json(t.model_dump()) for t in tools))
+
+
 def render_system(system: str, tools: list[ToolSchema], mode: ThinkingMode) -> str:
-    """System prompt text: Think-Max prefix, the caller's text, then the Tools section when tools exist."""
+    """System prompt text: Think-Max prefix, the caller's text, then "\\n\\n" and the tools section when tools
+    exist (as V4 renders a system message that carries tools, even an empty one)."""
     text = (THINK_MAX_PREFIX if mode == "max" else "") + system
-    if tools:
-        lines = "\n".join(json.dumps(t.model_dump(), ensure_ascii=False) for t in tools)
-        text = (text + "\n\n" if text else "") + TOOLS_HEADER + lines
-    return text
+    return text + "\n\n" + render_tools(tools) if tools else text
 
 
 def render_tool_calls(calls: list[ToolCall]) -> str:
@@ -91,7 +115,7 @@ def render_tool_calls(calls: list[ToolCall]) -> str:
             if isinstance(value, str):
                 out.append(f'<{DSML}parameter name="{name}" string="true">{value}{PARAM_CLOSE}')
             else:
-                out.append(f'<{DSML}parameter name="{name}" string="false">{json.dumps(value)}{PARAM_CLOSE}')
+                out.append(f'<{DSML}parameter name="{name}" string="false">{to_json(value)}{PARAM_CLOSE}')
         out.append(INVOKE_CLOSE)
     out.append(TOOL_CALLS_CLOSE)
     return "\n".join(out)
@@ -105,9 +129,10 @@ def render_assistant_body(reasoning: str, content: str, calls: list[ToolCall]) -
     return body + EOS
 
 
-def assistant_opener(mode: ThinkingMode) -> str:
-    """Generation prompt: thinking modes open `<think>`, chat mode closes it at once."""
-    return ASSISTANT + (END_THINK if mode == "non-think" else THINK)
+def assistant_opener(mode: ThinkingMode, reasoning_dropped: bool = False) -> str:
+    """Generation prompt: thinking modes open `<think>`, chat mode closes it at once. A turn whose reasoning is
+    dropped (thinking mode, no tools, before the last user message) is opened like a chat turn, as V4 does."""
+    return ASSISTANT + (END_THINK if mode == "non-think" or reasoning_dropped else THINK)
 
 
 def render_tool_results(results: list[str]) -> str:
@@ -127,7 +152,8 @@ def render_segments(messages: list[Message], tools: list[ToolSchema], mode: Thin
     pieces: list[tuple[str, bool]] = []
     prompt = BOS + render_system(system, tools, mode)
     turns = [m for m in messages if m.role != "system"]
-    last_user = max((i for i, m in enumerate(turns) if m.role == "user" and not m.tool_results), default=-1)
+    # V4 counts a tool-result turn as a user message here: it is one after tool messages are merged
+    last_user = max((i for i, m in enumerate(turns) if m.role == "user"), default=-1)
     for i, m in enumerate(turns):
         if m.role == "user":
             parts = [render_tool_results(m.tool_results)] if m.tool_results else []
@@ -135,13 +161,12 @@ def render_segments(messages: list[Message], tools: list[ToolSchema], mode: Thin
                 parts.append(m.content)
             prompt += USER + "\n\n".join(parts)
         else:
-            keep = bool(tools) or i > last_user
-            reasoning = m.reasoning if keep and mode != "non-think" else ""
-            pieces.append((prompt + assistant_opener(mode), False))
+            dropped = mode != "non-think" and not tools and i < last_user
+            pieces.append((prompt + assistant_opener(mode, dropped), False))
             prompt = ""
-            body = render_assistant_body(reasoning, m.content, m.tool_calls)
-            # the opener of non-think mode already wrote `</think>`
-            pieces.append((body[len(END_THINK):] if mode == "non-think" else body, True))
+            body = render_assistant_body("" if dropped else m.reasoning, m.content, m.tool_calls)
+            # a closed opener (chat mode, dropped reasoning) already wrote `</think>`
+            pieces.append((body[len(END_THINK):] if mode == "non-think" or dropped else body, True))
     if add_generation_prompt:
         prompt += assistant_opener(mode)
     if prompt:
