@@ -2,10 +2,10 @@
 
 `busybox`: one layer, the static busybox with its applet symlinks. `python`: two layers, a debootstrap
 minbase bookworm and python3 (3.11, the host's version; --no-install-recommends) on top, so every sandbox test also
-exercises layering. Both are written as real OCI layouts under `<store>/base-cache/`, then imported; the slow
+exercises layering. `base`: python plus E2B's default user, the `base` template of the E2B front door. Both are written as real OCI layouts under `<store>/base-cache/`, then imported; the slow
 debootstrap is cached there, so a rerun with the image already imported is a no-op and a rebuild is quick.
 
-CLI: `python -m dsec.images.base_images [busybox|python|all]`.
+CLI: `python -m dsec.images.base_images [busybox|python|base|all]`.
 """
 
 from __future__ import annotations
@@ -183,7 +183,23 @@ def build_python(store: LayerStore, tag: str = "python") -> ImageRecord:
     return store.import_oci_layout(layout, tag=tag)
 
 
-BUILDERS = {"busybox": build_busybox, "python": build_python}
+BASE_USER_COMMAND = "useradd --create-home --uid 1000 --user-group --shell /bin/bash user"
+
+
+def build_base(store: LayerStore, tag: str = "base") -> ImageRecord:
+    """E2B's `base` template: the python image (bash, coreutils, python3) plus E2B's default user `user`
+    (uid 1000, home /home/user), which the envd API runs commands as unless told otherwise. One RUN step,
+    built like any user image (docs/compat.md)."""
+    from dsec.images.build import BuildSpec, build  # build runs a sandbox: import it only when needed
+
+    record = _already(store, tag)
+    if record is not None:
+        return record
+    build_python(store)
+    return build(store, BuildSpec("python").run(BASE_USER_COMMAND), tag=tag).record
+
+
+BUILDERS = {"busybox": build_busybox, "python": build_python, "base": build_base}
 
 
 def main(argv: list[str] | None = None) -> int:
