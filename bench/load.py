@@ -1,8 +1,12 @@
 """Load and hardening benchmark: 1,000 concurrent creates, hostile-suite escapes, kill -9 leaks, placement rate.
 
-Run: `.venv/bin/python bench/load.py [--creates 1000] [--rounds 100]`. Progress goes to stderr-like lines
-on stdout; the last line is `key=value` pairs:
-creates_1000_p50_s, creates_1000_p99_s, create_failures, escapes, leaks_after_kill9, placements_per_s.
+Run: `.venv/bin/python bench/load.py [--creates 1000] [--rounds 100] [--parts creates,hostile,kill9,placement]`.
+Progress goes to stderr-like lines on stdout; the last line is `key=value` pairs:
+creates_1000_p50_s, creates_1000_p99_s, create_failures, escapes, hostile_attempts, leaks_after_kill9,
+kill9_rounds, successor_start_failures, placements_per_s.
+
+The hostile part exits non-zero (no last line) when the suite fails or when any (case, attempt) pair it defines
+recorded no row: `hostile_attempts` is then every attempt on every substrate case, never a silent subset.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ os.environ.setdefault("DSEC_HOME", "/var/lib/dsec")
 import dsec  # noqa: E402
 from dsec.cluster.placement import simulate  # noqa: E402
 from dsec.sdk.embedded import EmbeddedServer  # noqa: E402
+from tests.hostile.table import load as load_rows  # noqa: E402
+from tests.hostile.table import tally  # noqa: E402
 from tests.recovery.rounds import run_rounds  # noqa: E402
 
 
@@ -83,21 +89,48 @@ def concurrent_creates(n: int, driver: str) -> tuple[list[float], int]:
     return latencies, len(failures)
 
 
-def hostile_escapes() -> tuple[int, int]:
-    """Run the hostile suite; returns (attempts, escapes) from its table."""
+class HostileRunFailed(SystemExit):
+    """The hostile suite failed or reported fewer attempts than it defines: its escape count proves nothing."""
+
+
+def audit_hostile(returncode: int, data: dict) -> tuple[int, int]:
+    """(attempts, escapes) of a hostile run, or HostileRunFailed: a failed run or a defined attempt without a row
+    must never pass as "N attempts, 0 escapes"."""
+    rows, defined = load_rows(data)
+    counts = tally(rows, defined)
+    problems = []
+    if returncode != 0:
+        problems.append(f"pytest exited {returncode}")
+    if not defined:
+        problems.append("the run defined no attempts (nothing collected)")
+    if counts.missing:
+        shown = ", ".join(f"{case}/{test}" for case, test in counts.missing[:8])
+        problems.append(f"{len(counts.missing)} of {len(defined)} defined attempts recorded no row ({shown})")
+    if problems:
+        raise HostileRunFailed(
+            f"hostile suite failed: {'; '.join(problems)}; {counts.attempts} attempts and {counts.escapes} escapes "
+            "were recorded; see its output above"
+        )
+    return counts.attempts, counts.escapes
+
+
+def hostile_escapes(select: str = "") -> tuple[int, int]:
+    """Run the hostile suite; returns (attempts, escapes) from its table, every case's every attempt counted."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         report = Path(handle.name)
     env = dict(os.environ, DSEC_HOSTILE_REPORT=str(report))
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "hostile")]
+    if select:
+        command += ["-k", select]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    rows = json.loads(report.read_text() or "[]") if report.exists() and report.stat().st_size else []
+    data = json.loads(report.read_text()) if report.exists() and report.stat().st_size else {}
     report.unlink(missing_ok=True)
     for line in result.stdout.splitlines()[-12:]:
         say(f"hostile: {line}")
-    if not rows:
-        raise SystemExit("the hostile suite recorded no attempts; see its output above")
-    attempts = [row for row in rows if row.get("applies", True)]  # "n/a" rows (e.g. ptrace on a VM) are listed, not counted
-    return len(attempts), sum(not row["contained"] for row in attempts)
+    return audit_hostile(result.returncode, data)
+
+
+PARTS = ("creates", "hostile", "kill9", "placement")
 
 
 def main() -> None:
@@ -105,37 +138,56 @@ def main() -> None:
     parser.add_argument("--creates", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--driver", default="crun")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--hostile-select", default="", help="pytest -k expression: run part of the hostile suite "
+                        "(the attempts it leaves out count as missing, so the run fails)")
     args = parser.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown parts {unknown}; choose from {','.join(PARTS)}")
+    figures: list[str] = []
 
-    say(f"{args.creates} concurrent {args.driver} creates")
-    latencies, failures = concurrent_creates(args.creates, args.driver)
+    if "creates" in parts:
+        say(f"{args.creates} concurrent {args.driver} creates")
+        latencies, failures = concurrent_creates(args.creates, args.driver)
+        figures += [
+            f"creates_{args.creates}_p50_s={percentile(latencies, 0.5):.3f}",
+            f"creates_{args.creates}_p99_s={percentile(latencies, 0.99):.3f}",
+            f"create_failures={failures}",
+        ]
 
-    say("hostile suite")
-    attempts, escapes = hostile_escapes()
-    say(f"hostile: {attempts} attempts, {escapes} escapes")
+    if "hostile" in parts:
+        say("hostile suite")
+        attempts, escapes = hostile_escapes(args.hostile_select)  # raises (exit 1) on a failed or short run
+        say(f"hostile: {attempts} attempts, {escapes} escapes")
+        figures += [f"escapes={escapes}", f"hostile_attempts={attempts}"]
 
-    say(f"{args.rounds} kill -9 rounds")
-    rounds = run_rounds(
-        args.rounds,
-        Path(os.environ["DSEC_HOME"]),
-        driver=args.driver,
-        on_round=lambda i, r: say(f"round {i + 1}: {r.creates} creates, {len(r.leaks)} leaks") if (i + 1) % 10 == 0 else None,
-    )
-    for leak in rounds.leaks[:10]:
-        say(f"leak: {leak}")
-    for failure in rounds.start_failures[:3]:
-        say(f"successor start failure: {failure}")
+    if "kill9" in parts:
+        say(f"{args.rounds} kill -9 rounds")
+        rounds = run_rounds(
+            args.rounds,
+            Path(os.environ["DSEC_HOME"]),
+            driver=args.driver,
+            on_round=lambda i, r: say(f"round {i + 1}: {r.creates} creates, {len(r.leaks)} leaks") if (i + 1) % 10 == 0 else None,
+        )
+        for leak in rounds.leaks[:10]:
+            say(f"leak: {leak}")
+        for failure in rounds.start_failures[:3]:
+            say(f"successor start failure: {failure}")
+        figures += [
+            f"leaks_after_kill9={len(rounds.leaks)}",
+            f"kill9_rounds={rounds.rounds}",
+            f"successor_start_failures={len(rounds.start_failures)}",
+        ]
 
-    say("placement simulation: 100,000 sandboxes over 1,000 nodes")
-    sim = simulate(100_000, 1_000)
-    say(f"simulation: {sim}")
+    if "placement" in parts:
+        say("placement simulation: 100,000 sandboxes over 1,000 nodes")
+        sim = simulate(100_000, 1_000)
+        say(f"simulation: {sim}")
+        figures.append(f"placements_per_s={sim.placements_per_s:.0f}")
 
-    print(
-        f"creates_{args.creates}_p50_s={percentile(latencies, 0.5):.3f} creates_{args.creates}_p99_s={percentile(latencies, 0.99):.3f} "
-        f"create_failures={failures} escapes={escapes} hostile_attempts={attempts} leaks_after_kill9={len(rounds.leaks)} "
-        f"kill9_rounds={rounds.rounds} successor_start_failures={len(rounds.start_failures)} placements_per_s={sim.placements_per_s:.0f}",
-        flush=True,
-    )
+    print(" ".join(figures), flush=True)
 
 
 if __name__ == "__main__":

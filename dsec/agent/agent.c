@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -43,7 +44,7 @@
 #define MAX_ARGS 4096
 
 enum {
-    H_SPAWN = 0x01, H_STDIN = 0x02, H_STDIN_EOF = 0x03, H_SIGNAL = 0x04,
+    H_SPAWN = 0x01, H_STDIN = 0x02, H_STDIN_EOF = 0x03, H_SIGNAL = 0x04, H_RESIZE = 0x05,
     H_READ_FILE = 0x10, H_WRITE_FILE = 0x11, H_LIST_DIR = 0x12, H_STAT = 0x13, H_PING = 0x20,
     A_STDOUT = 0x81, A_STDERR = 0x82, A_EXIT = 0x83, A_SPAWNED = 0x84, A_DATA = 0x85, A_END = 0x86,
     A_ENTRY = 0x87, A_OK = 0x88, A_ERROR = 0x8F, A_PONG = 0xA0,
@@ -76,6 +77,7 @@ typedef struct task {
     /* K_PROC */
     pid_t pid;
     int in_fd, out_fd, err_fd;
+    int pty_fd;             /* the PTY master kept for RESIZE (-1 unless spawned with a PTY) */
     buf_t in;
     int in_eof_pending;     /* close stdin once `in` is drained */
     int reaped, status;
@@ -224,7 +226,7 @@ static task_t *new_task(conn_t *c, uint32_t id, int kind) {
     t->kind = kind;
     t->conn = c;
     t->id = id;
-    t->in_fd = t->out_fd = t->err_fd = t->file_fd = -1;
+    t->in_fd = t->out_fd = t->err_fd = t->file_fd = t->pty_fd = -1;
     t->next = tasks;
     tasks = t;
     return t;
@@ -252,6 +254,7 @@ static void free_task(task_t *t) {
     close_fd(&t->out_fd);
     close_fd(&t->err_fd);
     close_fd(&t->file_fd);
+    close_fd(&t->pty_fd);
     free(t);
 }
 
@@ -383,15 +386,25 @@ static void exec_search(char **argv, char **env) {
     errno = saw_eacces ? EACCES : ENOENT;
 }
 
-/* In the forked child: never returns. Reports a failure as (errno, stage) through `errfd`. */
+/* In the forked child: never returns. Reports a failure as (errno, stage) through `errfd`. With a PTY
+   (`pty_name` set) the slave becomes the controlling terminal of the new session and stdin/stdout/stderr. */
 static void child_exec(char **argv, char **env, const char *cwd, long uid, long gid,
-                       int in_fd, int out_fd, int err_fd, int errfd) {
+                       int in_fd, int out_fd, int err_fd, int errfd, const char *pty_name) {
     struct { int err; int stage; } report;
     sigset_t all;
     sigemptyset(&all);
     sigprocmask(SIG_SETMASK, &all, NULL);
     for (int s = 1; s < NSIG; s++) signal(s, SIG_DFL);
     setsid();
+    if (pty_name) {
+        int slave = open(pty_name, O_RDWR);
+        if (slave < 0 || ioctl(slave, TIOCSCTTY, 0) < 0) {
+            report.stage = 0;
+            goto fail;
+        }
+        if (uid >= 0 && fchown(slave, (uid_t)uid, (gid_t)-1) < 0) { /* the user's shell can still use it */ }
+        in_fd = out_fd = err_fd = slave;
+    }
     if (dup2(in_fd, 0) < 0 || dup2(out_fd, 1) < 0 || dup2(err_fd, 2) < 0) {
         report.stage = 0;
         goto fail;
@@ -422,7 +435,7 @@ static void do_spawn(conn_t *c, uint32_t id, char *p, uint32_t n) {
     static char *fields[2 * MAX_ARGS + 16];
     char *argv[MAX_ARGS + 1], *env[MAX_ARGS + 1];
     int argc = 0, envc = 0, want_stdin = 0;
-    long uid = -1, gid = -1;
+    long uid = -1, gid = -1, cols = -1, rows = -1;
     const char *cwd = NULL;
     int nf = split_strings(p, n, fields, (int)(sizeof fields / sizeof *fields));
     if (nf < 0 || nf % 2) {
@@ -450,6 +463,10 @@ static void do_spawn(conn_t *c, uint32_t id, char *p, uint32_t n) {
             if (parse_long(v, 10, &uid) < 0 || uid < 0) goto badnum;
         } else if (!strcmp(k, "gid")) {
             if (parse_long(v, 10, &gid) < 0 || gid < 0) goto badnum;
+        } else if (!strcmp(k, "pty_cols")) {
+            if (parse_long(v, 10, &cols) < 0 || cols < 1 || cols > 65535) goto badsize;
+        } else if (!strcmp(k, "pty_rows")) {
+            if (parse_long(v, 10, &rows) < 0 || rows < 1 || rows > 65535) goto badsize;
         } else {
             send_error(c, id, EINVAL, "unknown SPAWN key '%s'", k);
             return;
@@ -459,23 +476,37 @@ static void do_spawn(conn_t *c, uint32_t id, char *p, uint32_t n) {
         send_error(c, id, EINVAL, "SPAWN needs at least one 'arg'");
         return;
     }
+    if ((cols < 0) != (rows < 0)) goto badsize;
     argv[argc] = NULL;
     env[envc] = NULL;
 
-    int in_p[2] = {-1, -1}, out_p[2] = {-1, -1}, err_p[2] = {-1, -1}, exec_p[2] = {-1, -1};
-    if (want_stdin) {
+    int in_p[2] = {-1, -1}, out_p[2] = {-1, -1}, err_p[2] = {-1, -1}, exec_p[2] = {-1, -1}, master = -1;
+    char pty_name[64];
+    if (cols > 0) {
+        /* PTY: the master is read as stdout and written as stdin (two dups, so closing stdin keeps reading) and
+           kept once more for RESIZE; the child opens the slave itself, after setsid, to make it its terminal */
+        struct winsize ws = {.ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols};
+        master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+        if (master < 0 || grantpt(master) < 0 || unlockpt(master) < 0 ||
+            ptsname_r(master, pty_name, sizeof pty_name) != 0 || ioctl(master, TIOCSWINSZ, &ws) < 0)
+            goto syserr;
+        if ((in_p[1] = fcntl(master, F_DUPFD_CLOEXEC, 0)) < 0 || (out_p[0] = fcntl(master, F_DUPFD_CLOEXEC, 0)) < 0)
+            goto syserr;
+    } else if (want_stdin) {
         if (pipe2(in_p, O_CLOEXEC) < 0) goto syserr;
     } else {
         in_p[0] = open("/dev/null", O_RDONLY | O_CLOEXEC);
         if (in_p[0] < 0) goto syserr;
     }
-    if (pipe2(out_p, O_CLOEXEC) < 0 || pipe2(err_p, O_CLOEXEC) < 0 || pipe2(exec_p, O_CLOEXEC) < 0) goto syserr;
+    if (master < 0 && (pipe2(out_p, O_CLOEXEC) < 0 || pipe2(err_p, O_CLOEXEC) < 0)) goto syserr;
+    if (pipe2(exec_p, O_CLOEXEC) < 0) goto syserr;
     pid_t pid = fork();
     if (pid < 0) goto syserr;
-    if (pid == 0) child_exec(argv, env, cwd, uid, gid, in_p[0], out_p[1], err_p[1], exec_p[1]);
-    close(in_p[0]);
-    close(out_p[1]);
-    close(err_p[1]);
+    if (pid == 0)
+        child_exec(argv, env, cwd, uid, gid, in_p[0], out_p[1], err_p[1], exec_p[1], master >= 0 ? pty_name : NULL);
+    close_fd(&in_p[0]);
+    close_fd(&out_p[1]);
+    close_fd(&err_p[1]);
     close(exec_p[1]);
     struct { int err; int stage; } report;
     ssize_t r;
@@ -486,8 +517,9 @@ static void do_spawn(conn_t *c, uint32_t id, char *p, uint32_t n) {
     if (r == (ssize_t)sizeof report) {
         /* exec failed: the child exits 127 and is reaped by reap_children as an unknown pid */
         close_fd(&in_p[1]);
-        close(out_p[0]);
-        close(err_p[0]);
+        close_fd(&out_p[0]);
+        close_fd(&err_p[0]);
+        close_fd(&master);
         static const char *stage[] = {"setting up stdio", "chdir", "setuid/setgid", "exec"};
         if (report.stage == 1)
             send_error(c, id, report.err, "chdir %s: %s", cwd, strerror(report.err));
@@ -502,16 +534,17 @@ static void do_spawn(conn_t *c, uint32_t id, char *p, uint32_t n) {
     t->in_fd = in_p[1];
     t->out_fd = out_p[0];
     t->err_fd = err_p[0];
+    t->pty_fd = master;
     if (t->in_fd >= 0) set_nonblock(t->in_fd);
     set_nonblock(t->out_fd);
-    set_nonblock(t->err_fd);
+    if (t->err_fd >= 0) set_nonblock(t->err_fd);
     char num[16];
     snprintf(num, sizeof num, "%d", (int)pid);
     send_strings(c, A_SPAWNED, id, 1, num);
     return;
 syserr:;
     int e = errno;
-    int *fds[] = {&in_p[0], &in_p[1], &out_p[0], &out_p[1], &err_p[0], &err_p[1], &exec_p[0], &exec_p[1]};
+    int *fds[] = {&in_p[0], &in_p[1], &out_p[0], &out_p[1], &err_p[0], &err_p[1], &exec_p[0], &exec_p[1], &master};
     for (size_t i = 0; i < sizeof fds / sizeof *fds; i++) close_fd(fds[i]);
     send_error(c, id, e, "cannot start %s: %s", argv[0], strerror(e));
     return;
@@ -520,6 +553,9 @@ toomany:
     return;
 badnum:
     send_error(c, id, EINVAL, "uid/gid must be a non-negative decimal number");
+    return;
+badsize:
+    send_error(c, id, EINVAL, "a PTY needs both pty_cols and pty_rows, each 1-65535");
 }
 
 static void flush_stdin(task_t *t) {
@@ -729,14 +765,33 @@ static void handle_frame(conn_t *c, int type, uint32_t id, char *p, uint32_t n) 
         }
         break;
     case H_SIGNAL: {
-        char *f[1];
+        /* the process group by default (so `sh -c` children die too); scope "pid": the process alone */
+        char *f[2] = {NULL, NULL};
         long sig;
-        if (split_strings(p, n, f, 1) != 1 || parse_long(f[0], 10, &sig) < 0 || sig < 0 || sig >= NSIG) {
-            send_error(c, id, EINVAL, "SIGNAL needs one decimal signal number");
+        int nf = split_strings(p, n, f, 2);
+        if (nf < 1 || parse_long(f[0], 10, &sig) < 0 || sig < 0 || sig >= NSIG ||
+            (nf == 2 && strcmp(f[1], "pid") && strcmp(f[1], "group"))) {
+            send_error(c, id, EINVAL, "SIGNAL needs a decimal signal number and optionally the scope pid|group");
             break;
         }
         t = find_task(c, id);
-        if (t && t->kind == K_PROC) kill(-t->pid, (int)sig);
+        if (t && t->kind == K_PROC && !t->reaped) kill(nf == 2 && !strcmp(f[1], "pid") ? t->pid : -t->pid, (int)sig);
+        break;
+    }
+    case H_RESIZE: {
+        char *f[2];
+        long cols, rows;
+        if (split_strings(p, n, f, 2) != 2 || parse_long(f[0], 10, &cols) < 0 || parse_long(f[1], 10, &rows) < 0 ||
+            cols < 1 || cols > 65535 || rows < 1 || rows > 65535) {
+            send_error(c, id, EINVAL, "RESIZE needs cols and rows, each 1-65535");
+            break;
+        }
+        t = find_task(c, id);
+        if (t && t->kind == K_PROC && t->pty_fd >= 0) {
+            /* the kernel sends SIGWINCH to the terminal's foreground process group */
+            struct winsize ws = {.ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols};
+            if (ioctl(t->pty_fd, TIOCSWINSZ, &ws) < 0) { /* the terminal is gone: raced with the exit */ }
+        }
         break;
     }
     case H_READ_FILE: do_read_file(c, id, p, n); break;

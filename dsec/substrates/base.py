@@ -67,8 +67,12 @@ class ProcessHandle(abc.ABC):
     def close_stdin(self) -> None: ...
 
     @abc.abstractmethod
-    def signal(self, sig: int) -> None:
-        """Signal the whole process group (so `sh -c` children die too)."""
+    def signal(self, sig: int, group: bool = True) -> None:
+        """Signal the whole process group (so `sh -c` children die too), or with group=False the process alone."""
+
+    def resize(self, cols: int, rows: int) -> None:
+        """Set the window size of a process started with a PTY (it gets SIGWINCH)."""
+        raise Unsupported("this process has no PTY to resize")
 
 
 class DriverSandbox(abc.ABC):
@@ -78,8 +82,17 @@ class DriverSandbox(abc.ABC):
     accel: str = ""
 
     @abc.abstractmethod
-    def spawn(self, argv: list[str], env: dict[str, str], cwd: str, stdin: bool = False) -> ProcessHandle:
-        """Start a process; raises CommandNotFound / PermissionDeniedInSandbox when exec fails."""
+    def spawn(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str,
+        stdin: bool = False,
+        pty: tuple[int, int] | None = None,
+        user: tuple[int, int] | None = None,
+    ) -> ProcessHandle:
+        """Start a process; raises CommandNotFound / PermissionDeniedInSandbox when exec fails.
+        `pty=(cols, rows)` runs it on a terminal of that size; `user=(uid, gid)` overrides the sandbox's user."""
 
     @abc.abstractmethod
     def read_file(self, path: str) -> Iterator[bytes]: ...

@@ -13,7 +13,7 @@ import pytest
 import dsec
 from dsec.sdk.embedded import EmbeddedServer
 
-from .table import ROWS, dump_if_requested, render
+from .table import DEFINED, ROWS, dump_if_requested, render, set_current_test
 
 # (case id, substrate, driver, image)
 CASES = [
@@ -149,10 +149,27 @@ def loopback_listener():
     server.close()
 
 
+@pytest.hookimpl(tryfirst=True)  # before -k/-m deselect: a deselected attempt is still defined, so it shows as missing
+def pytest_collection_modifyitems(session, config, items):
+    """What the run defines: one (case, test) pair per collected attempt; each must leave a row in the table."""
+    DEFINED.clear()
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "case" in callspec.params:
+            DEFINED.append((callspec.params["case"][0], item.originalname))
+
+
+@pytest.fixture(autouse=True)
+def _name_rows_after_their_test(request):
+    set_current_test(request.node.originalname)
+    yield
+    set_current_test("")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not ROWS:
+    if not ROWS and not DEFINED:
         return
     terminalreporter.section("hostile suite: attempts and outcomes")
-    for line in render(ROWS):
+    for line in render(ROWS, DEFINED):
         terminalreporter.write_line(line)
-    dump_if_requested(ROWS)
+    dump_if_requested(ROWS, DEFINED)

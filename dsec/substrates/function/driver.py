@@ -103,8 +103,16 @@ class FunctionSandbox(DriverSandbox):
             return self._next_frame(timeout_s + HOST_GRACE_S if timeout_s > 0 else None)
 
     # -- everything else is the container's ----------------------------------------------------------
-    def spawn(self, argv: list[str], env: dict[str, str], cwd: str, stdin: bool = False) -> ProcessHandle:
-        return self.inner.spawn(argv, env, cwd, stdin)
+    def spawn(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str,
+        stdin: bool = False,
+        pty: tuple[int, int] | None = None,
+        user: tuple[int, int] | None = None,
+    ) -> ProcessHandle:
+        return self.inner.spawn(argv, env, cwd, stdin, pty=pty, user=user)
 
     def read_file(self, path: str) -> Iterator[bytes]:
         return self.inner.read_file(path)
