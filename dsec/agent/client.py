@@ -38,7 +38,7 @@ MAX_PAYLOAD = 1 << 20
 CHUNK = 256 * 1024  # STDIN / file content frames sent to the agent
 READ_SIZE = 256 * 1024
 
-SPAWN, STDIN, STDIN_EOF, SIGNAL = 0x01, 0x02, 0x03, 0x04
+SPAWN, STDIN, STDIN_EOF, SIGNAL, RESIZE = 0x01, 0x02, 0x03, 0x04, 0x05
 READ_FILE, WRITE_FILE, LIST_DIR, STAT, PING = 0x10, 0x11, 0x12, 0x13, 0x20
 STDOUT, STDERR, EXIT, SPAWNED, DATA, END, ENTRY, OK, ERROR, PONG = (
     0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x8F, 0xA0,
@@ -125,10 +125,11 @@ class _Request:
 class AgentProcess(ProcessHandle):
     """A process started through the agent; its output arrives on the request's queue."""
 
-    def __init__(self, request: _Request, pid: int) -> None:
+    def __init__(self, request: _Request, pid: int, pty: bool = False) -> None:
         self._request = request
         self._client = request.client
         self.pid = pid
+        self.pty = pty
         self._exited: Exited | None = None
         self._stdin_error: str = ""
 
@@ -161,13 +162,25 @@ class AgentProcess(ProcessHandle):
     def close_stdin(self) -> None:
         self._client._send(STDIN_EOF, self._request.id, b"")
 
-    def signal(self, sig: int) -> None:
+    def signal(self, sig: int, group: bool = True) -> None:
         if not 0 <= int(sig) < 65:
             raise InvalidSpec(f"signal {sig} is not a Linux signal number (0-64)")
         if self._exited is not None or self._client.closed:
             return  # gone already; on a lost connection the agent killed it
         try:
-            self._client._send(SIGNAL, self._request.id, _strings(str(int(sig))))
+            self._client._send(SIGNAL, self._request.id, _strings(str(int(sig)), "group" if group else "pid"))
+        except RuntimeFailure:
+            return
+
+    def resize(self, cols: int, rows: int) -> None:
+        if not self.pty:
+            raise InvalidSpec(f"process {self.pid}{self._client.where} has no PTY to resize; start it with a PTY")
+        if not (1 <= cols <= 65535 and 1 <= rows <= 65535):
+            raise InvalidSpec(f"PTY size {cols}x{rows} out of range: cols and rows must be 1-65535")
+        if self._exited is not None or self._client.closed:
+            return
+        try:
+            self._client._send(RESIZE, self._request.id, _strings(str(cols), str(rows)))
         except RuntimeFailure:
             return
 
@@ -367,8 +380,11 @@ class AgentClient:
         stdin: bool = False,
         uid: int | None = None,
         gid: int | None = None,
+        pty: tuple[int, int] | None = None,
     ) -> AgentProcess:
-        """Start `argv` (PATH of `env` is searched) in its own process group; `env` is the whole environment."""
+        """Start `argv` (PATH of `env` is searched) in its own process group; `env` is the whole environment.
+        With `pty=(cols, rows)` it runs on a new terminal of that size (its controlling tty: stdin, stdout and
+        stderr), so output arrives as stdout only and `stdin` is always open."""
         if not argv:
             raise InvalidPath(f"empty argv{self.where}: give at least the command")
         fields: list[str] = []
@@ -381,9 +397,14 @@ class AgentClient:
             fields += ["uid", str(uid)]
         if gid is not None:
             fields += ["gid", str(gid)]
+        if pty is not None:
+            cols, rows = pty
+            if not (1 <= cols <= 65535 and 1 <= rows <= 65535):
+                raise InvalidSpec(f"PTY size {cols}x{rows} out of range: cols and rows must be 1-65535")
+            fields += ["pty_cols", str(cols), "pty_rows", str(rows)]
         request, rtype, reply = self._simple(SPAWN, _strings(*fields), f"spawn of {argv[0]}")
         if rtype == SPAWNED:
-            return AgentProcess(request, int(_split(reply)[0]))
+            return AgentProcess(request, int(_split(reply)[0]), pty=pty is not None)
         request.done()
         self._raise(reply, "spawn")
         raise AssertionError("unreachable")
@@ -498,9 +519,17 @@ class AgentSandbox(DriverSandbox):
         if not client.sandbox_id:
             client.sandbox_id = sandbox_id
 
-    def spawn(self, argv: list[str], env: dict[str, str], cwd: str, stdin: bool = False) -> ProcessHandle:
-        uid, gid = self.user if self.user is not None else (None, None)
-        return self.client.spawn(argv, env, cwd, stdin, uid=uid, gid=gid)
+    def spawn(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str,
+        stdin: bool = False,
+        pty: tuple[int, int] | None = None,
+        user: tuple[int, int] | None = None,
+    ) -> ProcessHandle:
+        uid, gid = user or self.user or (None, None)
+        return self.client.spawn(argv, env, cwd, stdin, uid=uid, gid=gid, pty=pty)
 
     def read_file(self, path: str) -> Iterator[bytes]:
         return self.client.read_file(path)
