@@ -17,6 +17,7 @@ import cloudpickle
 from dsec.errors import CallTimeout, DsecError, OutOfMemory, RuntimeFailure
 from dsec.models import ExecResult, FileEntry
 from dsec.sdk.client import Client, default_client
+from dsec.sdk.ports import PortConnection
 from dsec.sdk.results import decode_result
 from dsec.v1 import sandbox_pb2 as pb
 
@@ -211,6 +212,11 @@ class Sandbox:
         """Snapshot the sandbox; returns a snapshot id for `Sandbox.restore`."""
         return self._client.rpc(self._client.sandboxes.Snapshot, pb.SnapshotRequest(sandbox_id=self.id, name=name)).snapshot_id
 
+    def connect_port(self, port: int) -> PortConnection:
+        """A socket-like connection to `127.0.0.1:port` inside the sandbox (a server you started there);
+        raises PortUnreachable while nothing listens, Unsupported on VM substrates."""
+        return PortConnection(self._client, self.id, port)
+
     def fork(self, n: int = 1) -> list[Sandbox]:
         reply = self._client.rpc(self._client.sandboxes.Fork, pb.ForkRequest(sandbox_id=self.id, n=n))
         return [Sandbox(self._client, info, trust_results=self.trust_results) for info in reply.sandboxes]
@@ -249,10 +255,13 @@ class Sandbox:
         events = self._client.stream(self._client.sandboxes.Exec, request, _rpc_deadline(timeout))
         return _result_from_events(events, on_stdout, on_stderr)
 
-    def session(self, *, env: dict[str, str] | None = None, cwd: str = "", shell: str = "") -> Session:
-        ref = self._client.rpc(
-            self._client.sandboxes.StartSession, pb.StartSessionRequest(sandbox_id=self.id, env=env or {}, cwd=cwd, shell=shell)
-        )
+    def session(
+        self, *, env: dict[str, str] | None = None, cwd: str = "", shell: str = "", on_timeout: str = "interrupt"
+    ) -> Session:
+        """A persistent shell. A command past its `timeout` is interrupted (SIGINT, then SIGKILL) and the shell
+        keeps its cwd, env and `$?`; `on_timeout="kill_session"` kills the shell instead (the session ends)."""
+        request = pb.StartSessionRequest(sandbox_id=self.id, env=env or {}, cwd=cwd, shell=shell, on_timeout=on_timeout)
+        ref = self._client.rpc(self._client.sandboxes.StartSession, request)
         return Session(self, ref)
 
     # -- trees --------------------------------------------------------------------------------------------------
