@@ -1,0 +1,53 @@
+"""E2B control API (`E2B_API_URL`): the REST routes of the `e2b` SDK, served on dsec's gRPC API (docs/compat.md)."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from dsec.compat.context import CompatContext
+from dsec.compat.e2b_api.errors import ApiError
+from dsec.compat.e2b_api.sandboxes import SandboxRoutes
+
+
+async def _health(_request: Request) -> Response:
+    return Response(status_code=200)
+
+
+async def _api_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = {404: f"no E2B API route {request.url.path}", 405: f"method {request.method} not allowed on {request.url.path}"}
+    return JSONResponse({"code": exc.status_code, "message": message.get(exc.status_code, exc.detail)}, exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+def make_app(ctx: CompatContext) -> Starlette:
+    r = SandboxRoutes(ctx)
+    sid = "{sandbox_id:str}"
+    routes = [
+        Route("/health", _health, methods=["GET"]),
+        Route("/sandboxes", r.create, methods=["POST"]),
+        Route("/v2/sandboxes", r.create, methods=["POST"]),
+        Route("/sandboxes", r.list_v1, methods=["GET"]),
+        Route("/v2/sandboxes", r.list_v2, methods=["GET"]),
+        Route(f"/sandboxes/{sid}", r.get, methods=["GET"]),
+        Route(f"/sandboxes/{sid}", r.kill, methods=["DELETE"]),
+        Route(f"/sandboxes/{sid}/timeout", r.set_timeout, methods=["POST"]),
+        Route(f"/sandboxes/{sid}/pause", r.pause, methods=["POST"]),
+        Route(f"/sandboxes/{sid}/resume", r.resume, methods=["POST"]),
+        Route(f"/sandboxes/{sid}/connect", r.connect, methods=["POST"]),
+        Route(f"/v2/sandboxes/{sid}/connect", r.connect, methods=["POST"]),
+        Route(f"/sandboxes/{sid}/snapshots", r.create_snapshot, methods=["POST"]),
+        Route("/snapshots", r.list_snapshots, methods=["GET"]),
+        Route("/templates/{template_id:str}", r.delete_template, methods=["DELETE"]),
+        Route(f"/sandboxes/{sid}/fork", r.fork, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={ApiError: _api_error, HTTPException: _http_error})
