@@ -58,6 +58,12 @@ class CommandNotFound(DsecError):
 
 class PermissionDeniedInSandbox(DsecError):
     code = grpc.StatusCode.PERMISSION_DENIED
+class FileExistsInSandbox(InvalidPath):
+    """The path exists already (e.g. make_dir of an existing directory)."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 
 
 class ExecTimeout(DsecError):

@@ -83,3 +83,11 @@ class FileEntry(BaseModel):
     size: int = 0
     mode: int = 0
     mtime: float = 0.0
+
+
+class FileInfo(FileEntry):
+    """A FileEntry plus ownership and link target: what E2B-style stat/list calls report."""
+
+    uid: int = 0
+    gid: int = 0
+    symlink_target: str = ""

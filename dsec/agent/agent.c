@@ -243,7 +243,10 @@ static void drop_stdin(task_t *t) {
     t->in_eof_pending = 0;
 }
 
+static void watch_forget(task_t *t);  /* filesystem section: frees a watch's directory table */
+
 static void free_task(task_t *t) {
+    watch_forget(t);
     for (task_t **p = &tasks; *p; p = &(*p)->next) {
         if (*p == t) {
             *p = t->next;
@@ -735,6 +738,399 @@ static void finish_write(task_t *t) {
     free_task(t);
 }
 
+/* ---- filesystem operations and directory watches (MKDIR, MOVE, REMOVE, STATX, LIST_DIRX, CHOWN, WATCH) -- */
+/* Why in the agent: these run inside the sandbox's root like every other file op, so `..` and symlinks
+   cannot leave it, and they behave the same on every substrate. */
+
+#include <sys/inotify.h>
+
+enum {
+    H_MKDIR = 0x14, H_MOVE = 0x15, H_REMOVE = 0x16, H_STATX = 0x17, H_LIST_DIRX = 0x18, H_CHOWN = 0x19,
+    H_WATCH = 0x1A, H_CANCEL = 0x1B,
+    A_EVENT = 0x89,
+};
+enum { K_WATCH = 16 };
+enum { P_WATCH = 64 };
+#define WATCH_MAX_DIRS 8192      /* recursive watches stop adding directories past this many */
+#define WATCH_MASK (IN_CREATE | IN_MOVED_TO | IN_MODIFY | IN_DELETE | IN_MOVED_FROM | IN_ATTRIB | IN_DELETE_SELF \
+                    | IN_MOVE_SELF | IN_ONLYDIR | IN_DONT_FOLLOW)
+
+typedef struct watch {
+    task_t *task;            /* the K_WATCH task whose file_fd is the inotify fd */
+    char *root;
+    int recursive;
+    int root_wd;
+    int n, cap;
+    int *wds;
+    char **rels;             /* path of each watched directory relative to root ("" = root) */
+    struct watch *next;
+} watch_t;
+
+static watch_t *watches;
+
+static watch_t *watch_of(task_t *t) {
+    for (watch_t *w = watches; w; w = w->next)
+        if (w->task == t) return w;
+    return NULL;
+}
+
+static void watch_forget(task_t *t) {
+    for (watch_t **p = &watches; *p; p = &(*p)->next) {
+        watch_t *w = *p;
+        if (w->task != t) continue;
+        *p = w->next;
+        for (int i = 0; i < w->n; i++) free(w->rels[i]);
+        free(w->rels);
+        free(w->wds);
+        free(w->root);
+        free(w);
+        return;
+    }
+}
+
+static int parse_id(const char *s, long *out) {
+    return parse_long(s, 10, out) < 0 || *out < -1 ? -1 : 0;
+}
+
+static void maybe_chown(const char *path, long uid, long gid) {
+    if (uid >= 0 || gid >= 0)
+        if (lchown(path, (uid_t)uid, (gid_t)gid) < 0) { /* best effort: the entry exists either way */ }
+}
+
+/* mkdir -p of every component before `end` (exclusive); new directories get uid/gid. */
+static int make_parents_owned(char *path, char *end, long uid, long gid) {
+    for (char *s = path + 1; s < end; s++) {
+        if (*s != '/') continue;
+        *s = 0;
+        int rc = mkdir(path, 0755);
+        int e = errno;
+        if (rc == 0) maybe_chown(path, uid, gid);
+        *s = '/';
+        if (rc < 0 && e != EEXIST) {
+            errno = e;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void do_mkdir(conn_t *c, uint32_t id, char *p, uint32_t n) {
+    char *f[5];
+    long mode, uid, gid;
+    if (split_strings(p, n, f, 5) != 5 || !*f[0] || parse_long(f[1], 8, &mode) < 0 || mode < 0 || mode > 07777 ||
+        parse_id(f[3], &uid) < 0 || parse_id(f[4], &gid) < 0) {
+        send_error(c, id, EINVAL, "MKDIR needs path, octal mode, parents, uid, gid");
+        return;
+    }
+    char *path = f[0];
+    size_t len = strlen(path);
+    while (len > 1 && path[len - 1] == '/') path[--len] = 0;
+    if (!strcmp(f[2], "1") && make_parents_owned(path, path + len, uid, gid) < 0) {
+        send_error(c, id, errno, "mkdir %s: %s", path, strerror(errno));
+        return;
+    }
+    if (mkdir(path, (mode_t)mode) < 0) {
+        int e = errno;
+        struct stat st;
+        if (e == EEXIST && stat(path, &st) == 0 && !S_ISDIR(st.st_mode)) e = ENOTDIR;
+        send_error(c, id, e, "mkdir %s: %s", path, e == ENOTDIR ? "exists and is not a directory" : strerror(e));
+        return;
+    }
+    if (chmod(path, (mode_t)mode) < 0) { /* umask only narrowed it; keep what mkdir made */ }
+    maybe_chown(path, uid, gid);
+    send_strings(c, A_OK, id, 1, "1");
+}
+
+static void do_move(conn_t *c, uint32_t id, char *p, uint32_t n) {
+    char *f[5];
+    long uid, gid;
+    if (split_strings(p, n, f, 5) != 5 || !*f[0] || !*f[1] || parse_id(f[3], &uid) < 0 || parse_id(f[4], &gid) < 0) {
+        send_error(c, id, EINVAL, "MOVE needs source, destination, make_parents, uid, gid");
+        return;
+    }
+    char *slash = strrchr(f[1], '/');
+    if (!strcmp(f[2], "1") && slash && slash != f[1] && make_parents_owned(f[1], slash + 1, uid, gid) < 0) {
+        send_error(c, id, errno, "move to %s: %s", f[1], strerror(errno));
+        return;
+    }
+    if (rename(f[0], f[1]) < 0) {
+        send_error(c, id, errno, "move %s to %s: %s", f[0], f[1], strerror(errno));
+        return;
+    }
+    send_strings(c, A_OK, id, 1, "0");
+}
+
+/* Remove `name` under `dirfd` and, for a directory, everything below it; symlinks are removed, never followed. */
+static int remove_tree(int dirfd, const char *name, int depth) {
+    struct stat st;
+    if (fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0) return -1;
+    if (!S_ISDIR(st.st_mode)) return unlinkat(dirfd, name, 0);
+    if (depth > 4096) {
+        errno = ELOOP;
+        return -1;
+    }
+    int fd = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) return -1;
+    DIR *d = fdopendir(fd);
+    if (!d) {
+        close(fd);
+        return -1;
+    }
+    int rc = 0;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+        if (remove_tree(fd, de->d_name, depth + 1) < 0 && errno != ENOENT) {
+            rc = -1;
+            break;
+        }
+    }
+    int e = errno;
+    closedir(d);
+    if (rc < 0) {
+        errno = e;
+        return -1;
+    }
+    return unlinkat(dirfd, name, AT_REMOVEDIR);
+}
+
+static void do_remove(conn_t *c, uint32_t id, char *p, uint32_t n) {
+    char *f[2];
+    if (split_strings(p, n, f, 2) != 2 || !*f[0]) {
+        send_error(c, id, EINVAL, "REMOVE needs path, recursive");
+        return;
+    }
+    if (!strcmp(f[0], "/")) {
+        send_error(c, id, EBUSY, "remove /: refusing to remove the sandbox root");
+        return;
+    }
+    int rc;
+    if (!strcmp(f[1], "1")) {
+        rc = remove_tree(AT_FDCWD, f[0], 0);
+    } else {
+        struct stat st;
+        rc = lstat(f[0], &st);
+        if (rc == 0) rc = S_ISDIR(st.st_mode) ? rmdir(f[0]) : unlink(f[0]);
+    }
+    if (rc < 0) {
+        send_error(c, id, errno, "remove %s: %s", f[0], strerror(errno));
+        return;
+    }
+    send_strings(c, A_OK, id, 1, "0");
+}
+
+/* ENTRY with three more fields: uid, gid, symlink target ("" when not a symlink). */
+static void send_entry_x(conn_t *c, uint32_t id, int dirfd, const char *name, const char *shown, const struct stat *st) {
+    char size[32], mode[16], mtime[48], uid[16], gid[16], target[PATH_MAX];
+    target[0] = 0;
+    if (S_ISLNK(st->st_mode)) {
+        ssize_t l = readlinkat(dirfd, name, target, sizeof target - 1);
+        target[l > 0 ? l : 0] = 0;
+    }
+    snprintf(size, sizeof size, "%lld", (long long)st->st_size);
+    snprintf(mode, sizeof mode, "%o", (unsigned)(st->st_mode & 07777));
+    snprintf(mtime, sizeof mtime, "%lld.%09ld", (long long)st->st_mtim.tv_sec, st->st_mtim.tv_nsec);
+    snprintf(uid, sizeof uid, "%u", (unsigned)st->st_uid);
+    snprintf(gid, sizeof gid, "%u", (unsigned)st->st_gid);
+    send_strings(c, A_ENTRY, id, 8, shown, type_name(st->st_mode), size, mode, mtime, uid, gid, target);
+}
+
+static void do_statx(conn_t *c, uint32_t id, char *p, uint32_t n) {
+    char *path;
+    struct stat st;
+    if (one_path(c, id, p, n, "STATX", &path) < 0) return;
+    if (lstat(path, &st) < 0) {
+        send_error(c, id, errno, "stat %s: %s", path, strerror(errno));
+        return;
+    }
+    send_entry_x(c, id, AT_FDCWD, path, path, &st);
+}
+
+static void do_list_dirx(conn_t *c, uint32_t id, char *p, uint32_t n) {
+    char *path;
+    if (one_path(c, id, p, n, "LIST_DIRX", &path) < 0) return;
+    int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *d = dfd < 0 ? NULL : fdopendir(dfd);
+    if (!d) {
+        int e = errno;
+        if (dfd >= 0) close(dfd);
+        send_error(c, id, e, "list %s: %s", path, strerror(e));
+        return;
+    }
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        struct stat st;
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+        if (fstatat(dfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) continue;  /* removed meanwhile */
+        send_entry_x(c, id, dfd, de->d_name, de->d_name, &st);
+    }
+    closedir(d);
+    send_frame(c, A_END, id, NULL, 0);
+}
+
+static void do_chown(conn_t *c, uint32_t id, char *p, uint32_t n) {
+    char *f[3];
+    long uid, gid;
+    if (split_strings(p, n, f, 3) != 3 || !*f[0] || parse_id(f[1], &uid) < 0 || parse_id(f[2], &gid) < 0) {
+        send_error(c, id, EINVAL, "CHOWN needs path, uid, gid");
+        return;
+    }
+    if (lchown(f[0], (uid_t)uid, (gid_t)gid) < 0) {
+        send_error(c, id, errno, "chown %s: %s", f[0], strerror(errno));
+        return;
+    }
+    send_strings(c, A_OK, id, 1, "0");
+}
+
+static void watch_add_dir(watch_t *w, const char *rel, int depth) {
+    if (w->n >= WATCH_MAX_DIRS) return;
+    char full[PATH_MAX];
+    if (*rel) snprintf(full, sizeof full, "%s/%s", w->root, rel);
+    else snprintf(full, sizeof full, "%s", w->root);
+    int wd = inotify_add_watch(w->task->file_fd, full, WATCH_MASK);
+    if (wd < 0) return;
+    int known = 0;
+    for (int i = 0; i < w->n; i++) {
+        if (w->wds[i] == wd) {  /* the same directory again (e.g. moved back): refresh its name */
+            free(w->rels[i]);
+            w->rels[i] = strdup(rel);
+            known = 1;
+        }
+    }
+    if (!known) {
+        if (w->n == w->cap) {
+            w->cap = w->cap ? w->cap * 2 : 16;
+            w->wds = xrealloc(w->wds, (size_t)w->cap * sizeof *w->wds);
+            w->rels = xrealloc(w->rels, (size_t)w->cap * sizeof *w->rels);
+        }
+        w->wds[w->n] = wd;
+        w->rels[w->n] = strdup(rel);
+        w->n++;
+    }
+    if (!w->recursive || depth > 64) return;
+    DIR *d = opendir(full);
+    if (!d) return;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+        struct stat st;
+        if (fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 || !S_ISDIR(st.st_mode)) continue;
+        char sub[PATH_MAX];
+        if (*rel) snprintf(sub, sizeof sub, "%s/%s", rel, de->d_name);
+        else snprintf(sub, sizeof sub, "%s", de->d_name);
+        watch_add_dir(w, sub, depth + 1);
+    }
+    closedir(d);
+}
+
+static void do_watch(conn_t *c, uint32_t id, char *p, uint32_t n) {
+    char *f[2];
+    struct stat st;
+    if (split_strings(p, n, f, 2) != 2 || !*f[0]) {
+        send_error(c, id, EINVAL, "WATCH needs path, recursive");
+        return;
+    }
+    if (find_task(c, id)) {
+        send_error(c, id, EINVAL, "request id %u is already in use on this connection", id);
+        return;
+    }
+    if (stat(f[0], &st) < 0) {
+        send_error(c, id, errno, "watch %s: %s", f[0], strerror(errno));
+        return;
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        send_error(c, id, ENOTDIR, "watch %s: not a directory", f[0]);
+        return;
+    }
+    int fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (fd < 0) {
+        send_error(c, id, errno, "watch %s: inotify: %s", f[0], strerror(errno));
+        return;
+    }
+    task_t *t = new_task(c, id, K_WATCH);
+    t->file_fd = fd;
+    watch_t *w = calloc(1, sizeof *w);
+    if (!w) die("calloc");
+    w->task = t;
+    w->root = strdup(f[0]);
+    w->recursive = !strcmp(f[1], "1");
+    w->next = watches;
+    watches = w;
+    watch_add_dir(w, "", 0);
+    if (w->n == 0) {
+        int e = errno;
+        send_error(c, id, e, "watch %s: %s", f[0], strerror(e));
+        free_task(t);
+        return;
+    }
+    w->root_wd = w->wds[0];
+    send_strings(c, A_OK, id, 1, "0");
+}
+
+static void watch_drop_wd(watch_t *w, int wd) {
+    for (int i = 0; i < w->n; i++) {
+        if (w->wds[i] != wd) continue;
+        free(w->rels[i]);
+        w->wds[i] = w->wds[w->n - 1];
+        w->rels[i] = w->rels[w->n - 1];
+        w->n--;
+        return;
+    }
+}
+
+/* Read what inotify queued and send one EVENT (kind, name relative to the root) per change; returns 1 when the
+   watched directory itself is gone (the watch then ends with END). */
+static int pump_watch(task_t *t) {
+    watch_t *w = watch_of(t);
+    char ev_buf[16384] __attribute__((aligned(__alignof__(struct inotify_event))));
+    if (!w) return 1;
+    for (;;) {
+        ssize_t r = read(t->file_fd, ev_buf, sizeof ev_buf);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return 0;
+        for (char *q = ev_buf; q < ev_buf + r;) {
+            struct inotify_event *ev = (struct inotify_event *)q;
+            q += sizeof *ev + ev->len;
+            const char *rel = NULL;
+            for (int i = 0; i < w->n; i++)
+                if (w->wds[i] == ev->wd) rel = w->rels[i];
+            if (ev->mask & IN_IGNORED) {
+                int was_root = ev->wd == w->root_wd;
+                watch_drop_wd(w, ev->wd);
+                if (was_root) return 1;
+                continue;
+            }
+            if (!rel || !ev->len) continue;  /* events about a watched directory itself: its parent reports them */
+            char name[PATH_MAX];
+            if (*rel) snprintf(name, sizeof name, "%s/%s", rel, ev->name);
+            else snprintf(name, sizeof name, "%s", ev->name);
+            const char *kind = NULL;
+            if (ev->mask & (IN_CREATE | IN_MOVED_TO)) kind = "create";
+            else if (ev->mask & IN_MODIFY) kind = "write";
+            else if (ev->mask & IN_DELETE) kind = "remove";
+            else if (ev->mask & IN_MOVED_FROM) kind = "rename";
+            else if (ev->mask & IN_ATTRIB) kind = "chmod";
+            if (!kind) continue;
+            send_strings(t->conn, A_EVENT, t->id, 2, kind, name);
+            if (w->recursive && (ev->mask & (IN_CREATE | IN_MOVED_TO)) && (ev->mask & IN_ISDIR)) watch_add_dir(w, name, 0);
+        }
+        if (buf_size(&t->conn->out) >= OUT_HIGH) return 0;  /* backpressure: the rest waits in the kernel */
+    }
+}
+
+static void finish_watch(task_t *t) {
+    send_frame(t->conn, A_END, t->id, NULL, 0);
+    free_task(t);
+}
+
+/* CANCEL ends a WATCH (reply END); for any other id it is ignored (it raced with the request's end). */
+static void do_cancel(conn_t *c, uint32_t id) {
+    task_t *t = find_task(c, id);
+    if (t && t->kind == K_WATCH) finish_watch(t);
+}
+
+/* ---- end of filesystem operations ------------------------------------------------------------------- */
+
 /* ---- dispatch --------------------------------------------------------------------------------------- */
 
 static void handle_frame(conn_t *c, int type, uint32_t id, char *p, uint32_t n) {
@@ -799,6 +1195,14 @@ static void handle_frame(conn_t *c, int type, uint32_t id, char *p, uint32_t n) 
     case H_LIST_DIR: do_list_dir(c, id, p, n); break;
     case H_STAT: do_stat(c, id, p, n); break;
     case H_PING: send_frame(c, A_PONG, id, p, n); break;
+    case H_MKDIR: do_mkdir(c, id, p, n); break;
+    case H_MOVE: do_move(c, id, p, n); break;
+    case H_REMOVE: do_remove(c, id, p, n); break;
+    case H_STATX: do_statx(c, id, p, n); break;
+    case H_LIST_DIRX: do_list_dirx(c, id, p, n); break;
+    case H_CHOWN: do_chown(c, id, p, n); break;
+    case H_WATCH: do_watch(c, id, p, n); break;
+    case H_CANCEL: do_cancel(c, id); break;
     default: send_error(c, id, EINVAL, "unknown frame type 0x%02x", type);
     }
 }
@@ -1037,6 +1441,8 @@ int main(int argc, char **argv) {
                 }
             } else if (t->kind == K_READ && room) {
                 timeout = 0;   /* regular files are always readable: pump one chunk per round */
+            } else if (t->kind == K_WATCH && room) {
+                ADD(t->file_fd, POLLIN, t, P_WATCH);
             }
         }
         if (device_path && device_retry_at_ms >= 0) {
@@ -1085,6 +1491,10 @@ int main(int argc, char **argv) {
                 if (!t) continue;
                 if (role[i] == P_STDIN) {
                     if (t->in_fd == pfd[i].fd) flush_stdin(t);
+                    continue;
+                }
+                if (role[i] == P_WATCH) {
+                    if (t->file_fd == pfd[i].fd && pump_watch(t)) finish_watch(t);
                     continue;
                 }
                 int *fdp = role[i] == P_OUT ? &t->out_fd : &t->err_fd;

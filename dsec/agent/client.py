@@ -24,14 +24,15 @@ from dsec.errors import (
     CommandNotFound,
     DiskFull,
     DsecError,
+    FileExistsInSandbox,
     FileNotFoundInSandbox,
     InvalidPath,
     InvalidSpec,
     PermissionDeniedInSandbox,
     RuntimeFailure,
 )
-from dsec.models import FileEntry
-from dsec.substrates.base import DriverSandbox, Exited, Output, ProcessEvent, ProcessHandle
+from dsec.models import FileEntry, FileInfo
+from dsec.substrates.base import DirWatch, DriverSandbox, Exited, FsEvent, Output, ProcessEvent, ProcessHandle
 
 HEADER = struct.Struct(">BII")
 MAX_PAYLOAD = 1 << 20
@@ -43,6 +44,9 @@ READ_FILE, WRITE_FILE, LIST_DIR, STAT, PING = 0x10, 0x11, 0x12, 0x13, 0x20
 STDOUT, STDERR, EXIT, SPAWNED, DATA, END, ENTRY, OK, ERROR, PONG = (
     0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x8F, 0xA0,
 )
+# filesystem operations and directory watches (docs/agent-protocol.md, "Filesystem operations")
+MKDIR, MOVE, REMOVE, STATX, LIST_DIRX, CHOWN, WATCH, CANCEL = 0x14, 0x15, 0x16, 0x17, 0x18, 0x19, 0x1A, 0x1B
+EVENT = 0x89
 
 DEFAULT_REQUEST_TIMEOUT_S = 120.0
 """How long a control request (spawn, stat, one file chunk) may wait for the agent before it is declared stuck
@@ -70,6 +74,18 @@ def _entry(payload: bytes) -> FileEntry:
     return FileEntry(name=name, type=kind, size=int(size), mode=int(mode, 8), mtime=float(mtime))
 
 
+def _entry_info(payload: bytes) -> FileInfo:
+    name, kind, size, mode, mtime, uid, gid, target = _split(payload)[:8]
+    return FileInfo(
+        name=name, type=kind, size=int(size), mode=int(mode, 8), mtime=float(mtime), uid=int(uid), gid=int(gid),
+        symlink_target=target,
+    )  # fmt: skip
+
+
+def _owner_fields(owner: tuple[int, int] | None) -> list[str]:
+    return [str(owner[0]), str(owner[1])] if owner is not None else ["-1", "-1"]
+
+
 def error_for(err: int, message: str, *, op: str, sandbox_id: str = "") -> DsecError:
     """The typed error for an agent ERROR frame, with the sandbox named and a hint of what to do next."""
     where = f" (sandbox {sandbox_id})" if sandbox_id else ""
@@ -85,6 +101,8 @@ def error_for(err: int, message: str, *, op: str, sandbox_id: str = "") -> DsecE
             return RuntimeFailure(f"{message}{where}: the sandbox's process limit (resources.pids) is reached", **details)
     if err in (errno_mod.ENOENT,):
         return FileNotFoundInSandbox(f"{message}{where}", **details)
+    if err == errno_mod.EEXIST:
+        return FileExistsInSandbox(f"{message}{where}", **details)
     if err in (errno_mod.EACCES, errno_mod.EPERM, errno_mod.EROFS):
         return PermissionDeniedInSandbox(f"{message}{where}", **details)
     if err in (errno_mod.ENOSPC, errno_mod.EDQUOT):
@@ -183,6 +201,40 @@ class AgentProcess(ProcessHandle):
             self._client._send(RESIZE, self._request.id, _strings(str(cols), str(rows)))
         except RuntimeFailure:
             return
+
+
+class AgentDirWatch(DirWatch):
+    """A WATCH request: EVENT frames until CANCEL (or the directory's removal) ends it with END."""
+
+    def __init__(self, request: _Request) -> None:
+        self._request = request
+        self._client = request.client
+        self._cancelled = False
+
+    def events(self) -> Iterator[FsEvent]:
+        try:
+            while True:
+                ftype, payload = self._request.get(None, "watch events")
+                if ftype == EVENT:
+                    kind, name = _split(payload)[:2]
+                    yield FsEvent(kind, name)
+                elif ftype == ERROR:
+                    self._client._raise(payload, "watch")
+                else:  # END
+                    return
+        finally:
+            self._request.done()
+
+    def cancel(self) -> None:
+        """Stop watching (idempotent); the events iterator ends once the agent confirms."""
+        if self._cancelled or self._client.closed:
+            self._request.queue.put((END, b""))
+            return
+        self._cancelled = True
+        try:
+            self._client._send(CANCEL, self._request.id, b"")
+        except RuntimeFailure:
+            self._request.queue.put((END, b""))
 
 
 class AgentClient:
@@ -465,6 +517,60 @@ class AgentClient:
             self._raise(reply, "stat")
         return _entry(reply)
 
+    # -- filesystem operations ------------------------------------------------------------------------------
+    def _expect_ok(self, ftype: int, fields: list[str], op: str, what: str) -> None:
+        request, rtype, reply = self._simple(ftype, _strings(*fields), what)
+        request.done()
+        if rtype == ERROR:
+            self._raise(reply, op)
+
+    def stat_info(self, path: str) -> FileInfo:
+        """lstat of `path` with owner ids and the link target."""
+        request, rtype, reply = self._simple(STATX, _strings(path), f"stat of {path}")
+        request.done()
+        if rtype == ERROR:
+            self._raise(reply, "stat")
+        return _entry_info(reply)
+
+    def list_dir_info(self, path: str) -> list[FileInfo]:
+        request, rtype, reply = self._simple(LIST_DIRX, _strings(path), f"listing of {path}")
+        entries = []
+        try:
+            while rtype == ENTRY:
+                entries.append(_entry_info(reply))
+                rtype, reply = request.get(self.request_timeout_s, f"listing of {path}")
+        finally:
+            request.done()
+        if rtype == ERROR:
+            self._raise(reply, "list_dir")
+        return entries
+
+    def make_dir(self, path: str, mode: int = 0o755, parents: bool = True, owner: tuple[int, int] | None = None) -> None:
+        """mkdir (-p with `parents`); EEXIST when `path` is a directory already, ENOTDIR when it is something else.
+        Directories it creates get `owner` (uid, gid)."""
+        fields = [path, f"{mode & 0o7777:o}", "1" if parents else "0", *_owner_fields(owner)]
+        self._expect_ok(MKDIR, fields, "make_dir", f"mkdir of {path}")
+
+    def move(self, source: str, destination: str, make_parents: bool = True, owner: tuple[int, int] | None = None) -> None:
+        """rename(2); with `make_parents` the destination's missing parents are created first (owned by `owner`)."""
+        fields = [source, destination, "1" if make_parents else "0", *_owner_fields(owner)]
+        self._expect_ok(MOVE, fields, "move", f"move of {source}")
+
+    def remove(self, path: str, recursive: bool = True) -> None:
+        """Remove a file, a symlink (never its target) or a directory (with `recursive`, and all below it)."""
+        self._expect_ok(REMOVE, [path, "1" if recursive else "0"], "remove", f"remove of {path}")
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        self._expect_ok(CHOWN, [path, str(uid), str(gid)], "chown", f"chown of {path}")
+
+    def watch_dir(self, path: str, recursive: bool = False) -> AgentDirWatch:
+        """Watch a directory with inotify; returns once the watch is armed (so later changes are all seen)."""
+        request, rtype, reply = self._simple(WATCH, _strings(path, "1" if recursive else "0"), f"watch of {path}")
+        if rtype == ERROR:
+            request.done()
+            self._raise(reply, "watch")
+        return AgentDirWatch(request)
+
     def ping(self, timeout: float = 10.0) -> float:
         """Round trip to the agent in seconds (a liveness check)."""
         request = self._request()
@@ -542,6 +648,27 @@ class AgentSandbox(DriverSandbox):
 
     def stat(self, path: str) -> FileEntry:
         return self.client.stat(path)
+
+    def stat_info(self, path: str) -> FileInfo:
+        return self.client.stat_info(path)
+
+    def list_dir_info(self, path: str) -> list[FileInfo]:
+        return self.client.list_dir_info(path)
+
+    def make_dir(self, path: str, mode: int = 0o755, parents: bool = True, owner: tuple[int, int] | None = None) -> None:
+        self.client.make_dir(path, mode, parents, owner)
+
+    def move(self, source: str, destination: str, make_parents: bool = True, owner: tuple[int, int] | None = None) -> None:
+        self.client.move(source, destination, make_parents, owner)
+
+    def remove(self, path: str, recursive: bool = True) -> None:
+        self.client.remove(path, recursive)
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        self.client.chown(path, uid, gid)
+
+    def watch_dir(self, path: str, recursive: bool = False) -> DirWatch:
+        return self.client.watch_dir(path, recursive)
 
     def close(self) -> None:
         """Drop the agent connection (its processes die with it); the driver then tears the sandbox down."""

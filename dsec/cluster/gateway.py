@@ -38,6 +38,7 @@ from dsec.errors import (  # noqa: E402
     ServerUnavailable,
     SnapshotNotFound,
 )
+from dsec.v1 import ports_pb2 as ppb  # noqa: E402
 from dsec.v1 import sandbox_pb2 as pb  # noqa: E402
 from dsec.v1 import sandbox_pb2_grpc as pb_grpc  # noqa: E402
 from dsec.v1 import trajectory_pb2 as tpb  # noqa: E402
@@ -498,6 +499,50 @@ class AnyNodeForwarder(grpc.GenericRpcHandler):
         return grpc.unary_unary_rpc_method_handler(functools.partial(forward, None))
 
 
+class PortForwarder(grpc.GenericRpcHandler):
+    """Forwards PortService.ForwardPort streams, as raw bytes, to the node that runs the sandbox.
+
+    Why raw bytes: only the first message (it names the sandbox) is parsed to pick the node; the rest of
+    the byte stream is relayed message by message in both directions, so a long-lived connection (a
+    WebSocket, a kernel) costs the gateway no decoding. Cancelling either side cancels the other.
+    """
+
+    METHOD = "/dsec.v1.PortService/ForwardPort"
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def service(self, handler_call_details):  # type: ignore[no-untyped-def]
+        if handler_call_details.method != self.METHOD:
+            return None
+
+        @_gateway_errors
+        def forward(_self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+            first = next(request_iterator, None)
+            if first is None:
+                raise InvalidSpec("ForwardPort stream must start with an `open` message")
+            opening = ppb.PortChunk.FromString(first)
+            if opening.WhichOneof("kind") != "open":
+                raise InvalidSpec("ForwardPort stream must start with an `open` message naming sandbox_id and port")
+            node, _ = self._gateway._route(opening.open.sandbox_id, context)
+
+            def upstream() -> Iterator[bytes]:
+                yield first
+                yield from request_iterator
+
+            call = node.channel.stream_stream(self.METHOD)(upstream(), timeout=_timeout(context), metadata=_outgoing(context))
+            context.add_callback(call.cancel)
+            try:
+                yield from call
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.CANCELLED:
+                    raise self._gateway._relay(node, exc) from None
+            finally:
+                call.cancel()
+
+        return grpc.stream_stream_rpc_method_handler(functools.partial(forward, None))
+
+
 @dataclass
 class RunningGateway:
     gateway: Gateway
@@ -524,7 +569,7 @@ def serve_gateway(
         maximum_concurrent_rpcs=workers * 16,
     )
     pb_grpc.add_SandboxServiceServicer_to_server(gateway, server)
-    server.add_generic_rpc_handlers((AnyNodeForwarder(gateway),))
+    server.add_generic_rpc_handlers((AnyNodeForwarder(gateway), PortForwarder(gateway)))
     port = server.add_insecure_port(listen)
     if port == 0:
         raise ServerUnavailable(f"gateway could not bind {listen}; pick another address")

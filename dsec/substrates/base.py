@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from dsec.errors import Unsupported
-from dsec.models import FileEntry, SandboxSpec
+from dsec.models import FileEntry, FileInfo, SandboxSpec
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,26 @@ class Exited:
 
 
 ProcessEvent = Output | Exited
+
+
+@dataclass(frozen=True)
+class FsEvent:
+    """One change seen by a directory watch: kind is create | write | remove | rename | chmod; name is relative
+    to the watched directory."""
+
+    kind: str
+    name: str
+
+
+class DirWatch(abc.ABC):
+    """A live watch on a directory inside a sandbox. `events()` yields FsEvents until `cancel()` is called or
+    the directory goes away; both end the iterator."""
+
+    @abc.abstractmethod
+    def events(self) -> Iterator[FsEvent]: ...
+
+    @abc.abstractmethod
+    def cancel(self) -> None: ...
 
 
 class ProcessHandle(abc.ABC):
@@ -102,6 +122,31 @@ class DriverSandbox(abc.ABC):
 
     @abc.abstractmethod
     def list_dir(self, path: str) -> list[FileEntry]: ...
+
+    # -- filesystem operations (E2B-style files API); every agent-based sandbox implements them ----------------
+    def stat_info(self, path: str) -> FileInfo:
+        """Like lstat, with owner ids and the link target."""
+        raise Unsupported(f"stat is not supported by this substrate (sandbox {self.sandbox_id})")
+
+    def list_dir_info(self, path: str) -> list[FileInfo]:
+        raise Unsupported(f"listing with owners is not supported by this substrate (sandbox {self.sandbox_id})")
+
+    def make_dir(self, path: str, mode: int = 0o755, parents: bool = True, owner: tuple[int, int] | None = None) -> None:
+        """Create a directory (and its parents); raises InvalidPath (EEXIST) when it exists already."""
+        raise Unsupported(f"make_dir is not supported by this substrate (sandbox {self.sandbox_id})")
+
+    def move(self, source: str, destination: str, make_parents: bool = True, owner: tuple[int, int] | None = None) -> None:
+        raise Unsupported(f"move is not supported by this substrate (sandbox {self.sandbox_id})")
+
+    def remove(self, path: str, recursive: bool = True) -> None:
+        raise Unsupported(f"remove is not supported by this substrate (sandbox {self.sandbox_id})")
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        raise Unsupported(f"chown is not supported by this substrate (sandbox {self.sandbox_id})")
+
+    def watch_dir(self, path: str, recursive: bool = False) -> DirWatch:
+        """Start watching; returns once the watch is armed, so a change made after it returns is reported."""
+        raise Unsupported(f"directory watches are not supported by this substrate (sandbox {self.sandbox_id})")
 
     def oom_kill_count(self) -> int:
         """How many processes the kernel OOM-killed in this sandbox so far (-1 if unknown)."""

@@ -14,8 +14,8 @@ import cloudpickle
 
 from dsec.config import ServerConfig
 from dsec.errors import InvalidSpec, RuntimeFailure
-from dsec.models import FileEntry, SandboxSpec
-from dsec.substrates.base import DriverSandbox, Exited, ImageRootfs, Output, ProcessHandle, SandboxDriver
+from dsec.models import FileEntry, FileInfo, SandboxSpec
+from dsec.substrates.base import DirWatch, DriverSandbox, Exited, ImageRootfs, Output, ProcessHandle, SandboxDriver
 
 WORKER_DIR = "/.dsec-fn"
 WORKER_START_TIMEOUT_S = 30.0
@@ -122,6 +122,27 @@ class FunctionSandbox(DriverSandbox):
 
     def list_dir(self, path: str) -> list[FileEntry]:
         return self.inner.list_dir(path)
+
+    def stat_info(self, path: str) -> FileInfo:
+        return self.inner.stat_info(path)
+
+    def list_dir_info(self, path: str) -> list[FileInfo]:
+        return self.inner.list_dir_info(path)
+
+    def make_dir(self, path: str, mode: int = 0o755, parents: bool = True, owner: tuple[int, int] | None = None) -> None:
+        self.inner.make_dir(path, mode, parents, owner)
+
+    def move(self, source: str, destination: str, make_parents: bool = True, owner: tuple[int, int] | None = None) -> None:
+        self.inner.move(source, destination, make_parents, owner)
+
+    def remove(self, path: str, recursive: bool = True) -> None:
+        self.inner.remove(path, recursive)
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        self.inner.chown(path, uid, gid)
+
+    def watch_dir(self, path: str, recursive: bool = False) -> DirWatch:
+        return self.inner.watch_dir(path, recursive)
 
     def oom_kill_count(self) -> int:
         return self.inner.oom_kill_count()
