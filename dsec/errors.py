@@ -40,6 +40,12 @@ class SessionNotFound(DsecError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class ProcessNotFound(DsecError):
+    """No running (or recently ended) process with that pid or tag in the sandbox."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
 class SnapshotNotFound(DsecError):
     code = grpc.StatusCode.NOT_FOUND
 

@@ -29,6 +29,7 @@ from dsec.server.launch import HTTP_READY_PREFIX, READY_PREFIX  # noqa: E402
 from dsec.server.logs import configure_logging  # noqa: E402
 from dsec.server.manager import SandboxManager  # noqa: E402
 from dsec.server.port_service import add_port_service  # noqa: E402
+from dsec.server.process_service import add_process_service  # noqa: E402
 from dsec.server.sandbox_service import SandboxService  # noqa: E402
 from dsec.server.state import claim_run_dir  # noqa: E402
 from dsec.v1 import sandbox_pb2_grpc as pb_grpc  # noqa: E402
@@ -125,6 +126,7 @@ def serve(config: ServerConfig) -> RunningServer:
     )
     pb_grpc.add_SandboxServiceServicer_to_server(SandboxService(config, manager, steps, auth), server)
     add_port_service(server, manager, auth)
+    add_process_service(server, manager, auth)
     _add_optional_services(server, images, trajectory_log, auth)
     listen = config.listen
     if config.tls_cert and config.tls_key:

@@ -26,6 +26,7 @@ from dsec.server.admission import CreateAdmission
 from dsec.server.auth import DEFAULT_TENANT
 from dsec.server.drivers import DriverRegistry
 from dsec.server.metrics import CREATE_FAILURES, CREATE_SECONDS, IMAGE_RESOLVES
+from dsec.server.processes import ProcessTable
 from dsec.server.sessions import ShellSession
 from dsec.server.snapshots import SnapshotStore
 from dsec.server.state import ServerState, reap_dead_servers, write_sandbox_record
@@ -55,6 +56,10 @@ class ManagedSandbox:
     timings_ms: dict[str, float] = field(default_factory=dict)
     sessions: dict[str, ShellSession] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    processes: ProcessTable = field(init=False)  # ProcessService's long-lived processes; closed on destroy
+
+    def __post_init__(self) -> None:
+        self.processes = ProcessTable(self.sandbox_id)
 
     def require_running(self) -> None:
         if self.state == "paused":
@@ -273,6 +278,7 @@ class SandboxManager:
                 self._gone.popitem(last=False)
         with sandbox.lock:
             sandbox.state = "destroyed"
+            sandbox.processes.close()
             for session in sandbox.sessions.values():
                 session.close()
             try:

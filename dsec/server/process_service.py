@@ -1,0 +1,173 @@
+"""ProcessService: gRPC glue over each sandbox's ProcessTable (dsec/server/processes.py).
+
+The caller names a user by name; it is looked up in the sandbox's own /etc/passwd (read through the agent, so
+users added at run time count) and the process runs with that uid/gid, HOME, USER and LOGNAME, starting in the
+home directory unless a cwd is given: the same shape as E2B's envd, whose API maps onto this service.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from dsec.errors import DsecError, InvalidSpec, ProcessNotFound
+from dsec.server.auth import Authenticator
+from dsec.server.errors import rpc_errors
+from dsec.server.manager import ManagedSandbox, SandboxManager
+from dsec.server.paths import sandbox_path
+from dsec.server.processes import Chunk, Ended, ManagedProcess, Started, Subscription
+from dsec.v1 import process_pb2 as ppb
+from dsec.v1 import process_pb2_grpc as ppb_grpc
+from dsec.v1 import sandbox_pb2 as pb
+
+PASSWD_MAX_BYTES = 4 << 20
+MAX_INPUT = 1 << 20
+POLL_S = 1.0  # how often an idle attached stream checks that its client is still there
+
+
+def _event_pb(event: Started | Chunk | Ended) -> ppb.ProcessEvent:
+    if isinstance(event, Started):
+        return ppb.ProcessEvent(started=ppb.ProcessStarted(pid=event.pid, tag=event.tag))
+    if isinstance(event, Chunk):
+        return ppb.ProcessEvent(**{event.stream: event.data})
+    return ppb.ProcessEvent(
+        ended=ppb.ProcessEnded(exit_code=event.exit_code, signal=event.signal, status=event.status, error=event.error)
+    )
+
+
+def stream_events(subscription: Subscription, context: grpc.ServicerContext) -> Iterator[ppb.ProcessEvent]:
+    """Forward a subscription until the end event or until the client goes away (then detach, never kill)."""
+    try:
+        while context.is_active():
+            event = subscription.get(timeout=POLL_S)
+            if event is None:
+                continue
+            yield _event_pb(event)
+            if isinstance(event, Ended):
+                return
+    finally:
+        subscription.close()
+
+
+def lookup_user(sandbox: ManagedSandbox, name: str) -> tuple[int, int, str]:
+    """(uid, gid, home) of `name` in the sandbox's /etc/passwd."""
+    data = b""
+    try:
+        for chunk in sandbox.handle.read_file("/etc/passwd"):
+            data += chunk
+            if len(data) > PASSWD_MAX_BYTES:
+                raise InvalidSpec(f"/etc/passwd of sandbox {sandbox.sandbox_id} is larger than {PASSWD_MAX_BYTES} bytes")
+    except DsecError as exc:
+        if isinstance(exc, InvalidSpec):
+            raise
+        raise InvalidSpec(f"user {name!r}: sandbox {sandbox.sandbox_id} has no readable /etc/passwd ({exc.message})") from exc
+    for line in data.decode("utf-8", "replace").splitlines():
+        fields = line.split(":")
+        if len(fields) >= 6 and fields[0] == name and fields[2].isdigit() and fields[3].isdigit():
+            return int(fields[2]), int(fields[3]), fields[5] or "/"
+    raise InvalidSpec(f"user {name!r} does not exist in sandbox {sandbox.sandbox_id} (not in its /etc/passwd)")
+
+
+class ProcessService(ppb_grpc.ProcessServiceServicer):
+    def __init__(self, manager: SandboxManager, auth: Authenticator | None = None) -> None:
+        self.manager = manager
+        self.auth = auth or Authenticator({})
+
+    def _sandbox(self, sandbox_id: str, context: grpc.ServicerContext) -> ManagedSandbox:
+        return self.manager.running(sandbox_id, self.auth.tenant(context))
+
+    def _process(self, selector: ppb.ProcessSelector, context: grpc.ServicerContext) -> ManagedProcess:
+        sandbox = self._sandbox(selector.sandbox_id, context)
+        which = selector.WhichOneof("selector")
+        if which is None or (which == "pid" and not selector.pid) or (which == "tag" and not selector.tag):
+            raise InvalidSpec("name the process by a non-zero pid or a non-empty tag")
+        return sandbox.processes.find(pid=selector.pid, tag=selector.tag)
+
+    def _running(self, selector: ppb.ProcessSelector, context: grpc.ServicerContext) -> ManagedProcess:
+        process = self._process(selector, context)
+        if not process.running:
+            raise ProcessNotFound(f"process {process.pid} has ended ({process.ended.status})", pid=process.pid)
+        return process
+
+    @rpc_errors
+    def Start(self, request: ppb.StartProcessRequest, context: grpc.ServicerContext) -> Iterator[ppb.ProcessEvent]:
+        sandbox = self._sandbox(request.sandbox_id, context)
+        if not request.argv or not request.argv[0]:
+            raise InvalidSpec("argv must name the command to run")
+        pty = None
+        if request.HasField("pty"):
+            pty = (request.pty.cols, request.pty.rows)
+            if not (1 <= pty[0] <= 65535 and 1 <= pty[1] <= 65535):
+                raise InvalidSpec(f"PTY size {pty[0]}x{pty[1]} out of range: cols and rows must be 1-65535")
+        env = sandbox.default_env()
+        cwd = sandbox.default_cwd()
+        user = None
+        if request.user:
+            uid, gid, home = lookup_user(sandbox, request.user)
+            user = (uid, gid)
+            env |= {"HOME": home, "USER": request.user, "LOGNAME": request.user}
+            cwd = home
+        env |= dict(request.env)
+        if request.cwd:
+            cwd = sandbox_path(request.cwd, cwd)
+        argv = list(request.argv)
+
+        def spawn():
+            try:
+                return sandbox.handle.spawn(argv, env, cwd, stdin=request.stdin, pty=pty, user=user)
+            except DsecError as exc:
+                if not request.cwd and exc.message.startswith("chdir"):  # a home that does not exist: envd uses /
+                    return sandbox.handle.spawn(argv, env, "/", stdin=request.stdin, pty=pty, user=user)
+                raise
+
+        subscription = sandbox.processes.start(
+            spawn, argv, dict(request.env), request.cwd or cwd, request.tag, pty is not None, request.stdin
+        )
+        yield from stream_events(subscription, context)
+
+    @rpc_errors
+    def Connect(self, request: ppb.ProcessSelector, context: grpc.ServicerContext) -> Iterator[ppb.ProcessEvent]:
+        yield from stream_events(self._process(request, context).subscribe(), context)
+
+    @rpc_errors
+    def List(self, request: ppb.ListProcessesRequest, context: grpc.ServicerContext) -> ppb.ListProcessesResponse:
+        sandbox = self._sandbox(request.sandbox_id, context)
+        return ppb.ListProcessesResponse(
+            processes=[
+                ppb.ProcessInfo(pid=p.pid, tag=p.tag, argv=p.argv, env=p.env, cwd=p.cwd, pty=p.pty)
+                for p in sorted(sandbox.processes.running(), key=lambda p: p.pid)
+            ]
+        )
+
+    @rpc_errors
+    def SendInput(self, request: ppb.ProcessInput, context: grpc.ServicerContext) -> pb.Empty:
+        if len(request.data) > MAX_INPUT:
+            raise InvalidSpec(f"input larger than {MAX_INPUT} bytes; send it in pieces")
+        self._running(request.process, context).write(request.data)
+        return pb.Empty()
+
+    @rpc_errors
+    def CloseStdin(self, request: ppb.ProcessSelector, context: grpc.ServicerContext) -> pb.Empty:
+        self._running(request, context).close_stdin()
+        return pb.Empty()
+
+    @rpc_errors
+    def SendSignal(self, request: ppb.SignalProcessRequest, context: grpc.ServicerContext) -> pb.Empty:
+        if not 1 <= request.signal <= 64:
+            raise InvalidSpec(f"signal {request.signal} is not a Linux signal number (1-64)")
+        self._running(request.process, context).signal(request.signal, group=not request.leader_only)
+        return pb.Empty()
+
+    @rpc_errors
+    def ResizePty(self, request: ppb.ResizePtyRequest, context: grpc.ServicerContext) -> pb.Empty:
+        cols, rows = request.size.cols, request.size.rows
+        if not (1 <= cols <= 65535 and 1 <= rows <= 65535):
+            raise InvalidSpec(f"PTY size {cols}x{rows} out of range: cols and rows must be 1-65535")
+        self._running(request.process, context).resize(cols, rows)
+        return pb.Empty()
+
+
+def add_process_service(server: grpc.Server, manager: SandboxManager, auth: Authenticator | None = None) -> None:
+    ppb_grpc.add_ProcessServiceServicer_to_server(ProcessService(manager, auth), server)
+
