@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import random
 from typing import TYPE_CHECKING
 
 from trainer.encoding import Message, ToolCall, ToolSchema
-from trainer.tasks.base import Problem, Split, problem_rng
+from trainer.tasks.base import ContentSplitTask, Problem
 
 if TYPE_CHECKING:
     from trainer.tools import ToolBox
@@ -19,7 +20,7 @@ RUN_PYTHON = ToolSchema(
 _OPS = ("+", "-", "*")
 
 
-class Arithmetic:
+class Arithmetic(ContentSplitTask):
     name = "arithmetic"
     system = "You are a careful assistant. Use tools for exact arithmetic."
     tools = [RUN_PYTHON]
@@ -28,14 +29,16 @@ class Arithmetic:
         self.min_digits = min_digits
         self.max_digits = max_digits
 
-    def generate(self, split: Split, index: int, seed: int) -> Problem:
-        rng = problem_rng(self.name, split, index, seed)
+    def generator_params(self) -> tuple:
+        return (self.min_digits, self.max_digits)
+
+    def candidate(self, rng: random.Random) -> Problem:
         a, b = (rng.randrange(10 ** (rng.randint(self.min_digits, self.max_digits) - 1), 10 ** self.max_digits)
                 for _ in range(2))
         op = rng.choice(_OPS)
         expr = f"{a} {op} {b}"
         return Problem(
-            id=f"{self.name}-{split}-{index}",
+            id="",
             family=self.name,
             prompt=f"What is {expr}? Reply with the number only.",
             answer=str(eval(expr)),  # noqa: S307 - expr is built from two ints and one operator above

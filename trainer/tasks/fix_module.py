@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import random
 from typing import TYPE_CHECKING
 
 from trainer.encoding import Message, ToolCall, ToolSchema
-from trainer.tasks.base import Problem, Split, problem_rng
+from trainer.tasks.base import ContentSplitTask, Problem
 
 if TYPE_CHECKING:
     from trainer.tools import ToolBox
@@ -25,15 +27,21 @@ RUN_SHELL = ToolSchema(
     parameters={"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]},
 )
 
-# what the docstring promises, the correct expression, and the python operator
+# what the docstring promises -> the correct expression
 _OPS = {
     "sum": "a + b",
     "difference": "a - b",
     "product": "a * b",
     "maximum": "max(a, b)",
     "minimum": "min(a, b)",
+    "absolute difference": "abs(a - b)",
+    "remainder": "a % b",
 }
-_NAMES = ("combine", "mix", "join", "fold", "merge", "blend", "apply", "reduce2", "pair", "calc")
+# function names: 16 verbs x 12 endings = 192, so with 7 x 6 (promised, written) operator pairs there are 8,064
+# distinct prompts (the earlier 10 names x 5 x 4 = 200 let every held-out prompt appear in a 2,000-example SFT set)
+_VERBS = ("combine", "mix", "join", "fold", "merge", "blend", "apply", "pair", "calc", "compute", "mash", "fuse",
+          "link", "tally", "weigh", "rate")
+_ENDINGS = ("", "_nums", "_pair", "_vals", "_two", "_ab", "_items", "_terms", "_args", "_parts", "2", "_it")
 TEST_COMMAND = "python3 test_mod.py"
 
 
@@ -41,32 +49,44 @@ def _module(name: str, what: str, expr: str) -> str:
     return f'def {name}(a, b):\n    """Return the {what} of a and b."""\n    return {expr}\n'
 
 
+def _value(expr: str, a: int, b: int) -> int:
+    return eval(expr, {}, {"a": a, "b": b})  # noqa: S307 - expr is one of _OPS's values
+
+
 def _tests(name: str, expr: str, cases: list[tuple[int, int]]) -> str:
     lines = ["import unittest", f"from mod import {name}", "", "", "class T(unittest.TestCase):", "    def test(self):"]
     for a, b in cases:
-        lines.append(f"        self.assertEqual({name}({a}, {b}), {eval(expr, {}, {'a': a, 'b': b})})")  # noqa: S307
+        lines.append(f"        self.assertEqual({name}({a}, {b}), {_value(expr, a, b)})")
     lines += ["", "", "unittest.main()", ""]
     return "\n".join(lines)
 
 
-class FixModule:
+def _cases(buggy: str, right: str, wrong: str) -> list[tuple[int, int]]:
+    """Three distinct-operand cases, at least one of which the buggy module fails; drawn from a stream seeded by
+    the buggy module itself, so the test file is a function of the prompt (one prompt, one content, one split)."""
+    rng = random.Random(hashlib.sha256(buggy.encode()).digest())
+    while True:
+        cases = [(a, b) for a, b in ((rng.randint(2, 99), rng.randint(2, 99)) for _ in range(3)) if a != b]
+        if cases and any(_value(right, a, b) != _value(wrong, a, b) for a, b in cases):
+            return cases
+
+
+class FixModule(ContentSplitTask):
     name = "fix_module"
     system = "You are a careful assistant. Fix the code in the sandbox so its tests pass."
     tools = [WRITE_FILE, RUN_SHELL]
 
-    def generate(self, split: Split, index: int, seed: int) -> Problem:
-        rng = problem_rng(self.name, split, index, seed)
+    def candidate(self, rng: random.Random) -> Problem:
         what = rng.choice(sorted(_OPS))
-        wrong = rng.choice(sorted(w for w in _OPS if _OPS[w] != _OPS[what]))
-        fname = rng.choice(_NAMES)
-        cases = [(rng.randint(2, 99), rng.randint(2, 99)) for _ in range(3)]
-        cases = [(a, b) for a, b in cases if a != b] or [(3, 7)]
+        wrong = rng.choice(sorted(w for w in _OPS if w != what))
+        fname = rng.choice(_VERBS) + rng.choice(_ENDINGS)
         buggy = _module(fname, what, _OPS[wrong])
         return Problem(
-            id=f"{self.name}-{split}-{index}",
+            id="",
             family=self.name,
             prompt=f"/work/mod.py fails its tests (/work/test_mod.py). Fix it:\n{buggy}",
-            files={"/work/mod.py": buggy, "/work/test_mod.py": _tests(fname, _OPS[what], cases)},
+            files={"/work/mod.py": buggy,
+                   "/work/test_mod.py": _tests(fname, _OPS[what], _cases(buggy, _OPS[what], _OPS[wrong]))},
             answer=_module(fname, what, _OPS[what]),
         )
 
