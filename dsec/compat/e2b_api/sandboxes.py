@@ -6,6 +6,7 @@ for pausing a paused sandbox or resuming a running one.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 import urllib.parse
@@ -30,6 +31,7 @@ TEMPLATE_IMAGES = {"base": "base", "code-interpreter-v1": "code-interpreter", "c
 SUBSTRATES = ("container", "function", "microvm", "vm")
 ALL_TRAFFIC = "0.0.0.0/0"
 GONE_STATES = ("destroyed", "lost")
+SNAPSHOT_ID = re.compile(r"^snap-[0-9a-f]{16}$")  # dsec/server/snapshots.py
 
 
 class SandboxRoutes:
@@ -89,7 +91,7 @@ class SandboxRoutes:
                              wire.LABEL_INTERNET: "1" if internet else "0"}
         timeout_s = float(body.timeout or wire.DEFAULT_TIMEOUT_S)
         api = self._api(request)
-        if body.templateID.startswith("snap-"):
+        if SNAPSHOT_ID.match(body.templateID):
             info = await self._restore(api, body.templateID, labels, timeout_s)
         else:
             spec = pb.SandboxSpec(
@@ -235,7 +237,7 @@ class SandboxRoutes:
     async def delete_template(self, request: Request) -> Response:
         """`Sandbox.delete_snapshot` deletes the snapshot's template; dsec templates that are images are not deleted here."""
         template_id = request.path_params["template_id"]
-        if not template_id.startswith("snap-"):
+        if not SNAPSHOT_ID.match(template_id):
             raise ApiError(404, f"no snapshot {template_id!r} (images are removed with `dsec images rm`)")
         await self._rpc(lambda: self._api(request).DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=template_id)))
         return Response(status_code=204)
