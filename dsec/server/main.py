@@ -25,6 +25,7 @@ codegen.generate()
 from dsec.config import ServerConfig  # noqa: E402 - stubs must exist before anything imports them
 from dsec.server.auth import Authenticator, AuthInterceptor, load_tokens, server_credentials  # noqa: E402
 from dsec.server.drivers import DriverRegistry  # noqa: E402
+from dsec.server.filesystem_service import add_filesystem_service  # noqa: E402
 from dsec.server.launch import HTTP_READY_PREFIX, READY_PREFIX  # noqa: E402
 from dsec.server.logs import configure_logging  # noqa: E402
 from dsec.server.manager import SandboxManager  # noqa: E402
@@ -127,6 +128,7 @@ def serve(config: ServerConfig) -> RunningServer:
     pb_grpc.add_SandboxServiceServicer_to_server(SandboxService(config, manager, steps, auth), server)
     add_port_service(server, manager, auth)
     add_process_service(server, manager, auth)
+    add_filesystem_service(server, manager, auth)
     _add_optional_services(server, images, trajectory_log, auth)
     listen = config.listen
     if config.tls_cert and config.tls_key:
