@@ -19,6 +19,7 @@ from dsec.errors import (
     OutOfMemory,
     PermissionDenied,
     PermissionDeniedInSandbox,
+    ProcessNotFound,
     RuntimeFailure,
     SandboxNotFound,
     SandboxStateError,
@@ -38,7 +39,7 @@ from dsec.sdk.sandbox import Sandbox, Session
 __all__ = [
     "AsyncSandbox", "CallTimeout", "CapacityExceeded", "Client", "CommandNotFound", "default_client", "DiskFull",
     "DsecError", "ExecResult", "ExecTimeout", "FileEntry", "FileNotFoundInSandbox", "ImageNotFound", "InvalidPath",
-    "InvalidSpec", "OutOfMemory", "PermissionDenied", "PermissionDeniedInSandbox", "Resources", "RuntimeFailure",
+    "InvalidSpec", "OutOfMemory", "PermissionDenied", "PermissionDeniedInSandbox", "ProcessNotFound", "Resources", "RuntimeFailure",
     "Sandbox", "SandboxNotFound", "SandboxSpec", "SandboxStateError", "ServerUnavailable", "Session",
     "SessionNotFound", "SnapshotNotFound", "StepIndeterminate", "trajectory", "TrajectoryDiverged",
     "Unauthenticated", "Unsupported",

@@ -18,6 +18,7 @@ from dsec.errors import CallTimeout, DsecError, OutOfMemory, RuntimeFailure
 from dsec.models import ExecResult, FileEntry
 from dsec.sdk.client import Client, default_client
 from dsec.sdk.ports import PortConnection
+from dsec.sdk.processes import Processes
 from dsec.sdk.results import decode_result
 from dsec.v1 import sandbox_pb2 as pb
 
@@ -168,6 +169,7 @@ class Sandbox:
         self.id = info.id
         self.trust_results = trust_results
         self.files = Files(self)
+        self.processes = Processes(self)
 
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
