@@ -39,6 +39,7 @@ from dsec.errors import (  # noqa: E402
     SnapshotNotFound,
 )
 from dsec.v1 import ports_pb2 as ppb  # noqa: E402
+from dsec.v1 import process_pb2 as procpb  # noqa: E402
 from dsec.v1 import sandbox_pb2 as pb  # noqa: E402
 from dsec.v1 import sandbox_pb2_grpc as pb_grpc  # noqa: E402
 from dsec.v1 import trajectory_pb2 as tpb  # noqa: E402
@@ -543,6 +544,65 @@ class PortForwarder(grpc.GenericRpcHandler):
         return grpc.stream_stream_rpc_method_handler(functools.partial(forward, None))
 
 
+class ProcessForwarder(grpc.GenericRpcHandler):
+    """Forwards ProcessService calls, as raw bytes, to the node that runs the named sandbox.
+
+    Every request names its sandbox (a selector's or its own `sandbox_id`), so only that is parsed; output
+    streams (Start, Connect) are relayed message by message and cancelled together with the caller.
+    """
+
+    PREFIX = "/dsec.v1.ProcessService/"
+    # method → (request type, how to read its sandbox id, server-streaming)
+    METHODS: dict[str, tuple[type, Callable[[Any], str], bool]] = {
+        "Start": (procpb.StartProcessRequest, lambda r: r.sandbox_id, True),
+        "Connect": (procpb.ProcessSelector, lambda r: r.sandbox_id, True),
+        "List": (procpb.ListProcessesRequest, lambda r: r.sandbox_id, False),
+        "SendInput": (procpb.ProcessInput, lambda r: r.process.sandbox_id, False),
+        "CloseStdin": (procpb.ProcessSelector, lambda r: r.sandbox_id, False),
+        "SendSignal": (procpb.SignalProcessRequest, lambda r: r.process.sandbox_id, False),
+        "ResizePty": (procpb.ResizePtyRequest, lambda r: r.process.sandbox_id, False),
+    }
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def service(self, handler_call_details):  # type: ignore[no-untyped-def]
+        method = handler_call_details.method
+        if not method.startswith(self.PREFIX) or method[len(self.PREFIX) :] not in self.METHODS:
+            return None
+        request_type, sandbox_of, streaming = self.METHODS[method[len(self.PREFIX) :]]
+
+        def node_for(request: bytes, context: grpc.ServicerContext) -> Node:
+            try:
+                parsed = request_type.FromString(request)
+            except Exception as exc:  # noqa: BLE001 - a malformed message is the caller's error
+                raise InvalidSpec(f"malformed {method} request: {exc}") from None
+            return self._gateway._route(sandbox_of(parsed), context)[0]
+
+        if not streaming:
+
+            @_gateway_errors
+            def unary(_self, request: bytes, context: grpc.ServicerContext) -> bytes:
+                return self._gateway._call_raw(node_for(request, context), method, request, context)
+
+            return grpc.unary_unary_rpc_method_handler(functools.partial(unary, None))
+
+        @_gateway_errors
+        def stream(_self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+            node = node_for(request, context)
+            call = node.channel.unary_stream(method)(request, timeout=_timeout(context), metadata=_outgoing(context))
+            context.add_callback(call.cancel)
+            try:
+                yield from call
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.CANCELLED:
+                    raise self._gateway._relay(node, exc) from None
+            finally:
+                call.cancel()
+
+        return grpc.unary_stream_rpc_method_handler(functools.partial(stream, None))
+
+
 @dataclass
 class RunningGateway:
     gateway: Gateway
@@ -569,7 +629,7 @@ def serve_gateway(
         maximum_concurrent_rpcs=workers * 16,
     )
     pb_grpc.add_SandboxServiceServicer_to_server(gateway, server)
-    server.add_generic_rpc_handlers((AnyNodeForwarder(gateway), PortForwarder(gateway)))
+    server.add_generic_rpc_handlers((AnyNodeForwarder(gateway), PortForwarder(gateway), ProcessForwarder(gateway)))
     port = server.add_insecure_port(listen)
     if port == 0:
         raise ServerUnavailable(f"gateway could not bind {listen}; pick another address")
