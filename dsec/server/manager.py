@@ -27,7 +27,7 @@ from dsec.server.auth import DEFAULT_TENANT
 from dsec.server.drivers import DriverRegistry
 from dsec.server.metrics import CREATE_FAILURES, CREATE_SECONDS, IMAGE_RESOLVES
 from dsec.server.processes import ProcessTable
-from dsec.server.sessions import ShellSession
+from dsec.server.sessions import OnTimeout, ShellSession
 from dsec.server.snapshots import SnapshotStore
 from dsec.server.state import ServerState, reap_dead_servers, write_sandbox_record
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
@@ -329,12 +329,15 @@ class SandboxManager:
 
     # -- sessions -------------------------------------------------------------------------------------------
     def start_session(
-        self, sandbox_id: str, env: dict[str, str], cwd: str, shell: str, tenant: str | None = None
+        self, sandbox_id: str, env: dict[str, str], cwd: str, shell: str, tenant: str | None = None,
+        on_timeout: OnTimeout = "interrupt",
     ) -> ShellSession:
         sandbox = self.running(sandbox_id, tenant)
         session_id = "ss-" + secrets.token_hex(6)
         merged = sandbox.default_env() | env
-        session = ShellSession(sandbox.handle, session_id, shell or "/bin/sh", merged, cwd or sandbox.default_cwd())
+        session = ShellSession(
+            sandbox.handle, session_id, shell or "/bin/sh", merged, cwd or sandbox.default_cwd(), on_timeout
+        )
         with sandbox.lock:
             sandbox.sessions[session_id] = session
         return session

@@ -20,6 +20,7 @@ from dsec.server.execution import run_process
 from dsec.server.manager import ManagedSandbox, SandboxManager
 from dsec.server.metrics import EXEC_SECONDS, EXECS, STEPS
 from dsec.server.paths import sandbox_path
+from dsec.server.sessions import check_on_timeout
 from dsec.server.transfer import download_tar, upload_tar
 from dsec.substrates.function.driver import FunctionSandbox
 from dsec.v1 import sandbox_pb2 as pb
@@ -208,7 +209,10 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
     @rpc_errors
     def StartSession(self, request: pb.StartSessionRequest, context: grpc.ServicerContext) -> pb.SessionRef:
         cwd = sandbox_path(request.cwd) if request.cwd else ""
-        session = self.manager.start_session(request.sandbox_id, dict(request.env), cwd, request.shell, self._tenant(context))
+        on_timeout = check_on_timeout(request.on_timeout)
+        session = self.manager.start_session(
+            request.sandbox_id, dict(request.env), cwd, request.shell, self._tenant(context), on_timeout
+        )
         return pb.SessionRef(sandbox_id=request.sandbox_id, session_id=session.session_id)
 
     @rpc_errors
