@@ -5,8 +5,11 @@
   fsyncs_per_append       fdatasync calls per durable append in that run (1.0 = no batching)
   replay_10k_steps_s      a resumed 10,000-step trajectory: StepCoordinator.run_once for every step, each
                           answered from the log without executing
-  double_executions       crash suite: kill -9 the log owner at --kills random points, restart, audit
+  double_executions       crash suite: kill -9 the log owner (the worker process that holds the FileLog and runs
+                          the StepCoordinator; never the client) at --kills random points, restart, audit; every
+                          execution of a step's effect counts, re-runs in forks included (dsec/trajectory/crashsuite.py)
   lost_records            acknowledged records missing or altered after the restarts
+  killed                  which process the crash suite kills: log_owner
 The last line is key=value pairs.
 
 Usage: .venv/bin/python bench/trajectory_log.py [--threads 64] [--appends 40000] [--kills 100]
@@ -22,7 +25,7 @@ import time
 from pathlib import Path
 
 from dsec.trajectory.coordinator import StepCoordinator
-from dsec.trajectory.crashsuite import run_crash_suite
+from dsec.trajectory.crashsuite import KILLED_PROCESS, run_crash_suite
 from dsec.trajectory.filelog import FileLog
 
 
@@ -78,10 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         replay_s = replay(root / "replay", 10_000)
         print(f"replay of 10,000 logged steps: {replay_s:.3f} s", flush=True)
         started = time.perf_counter()
+        print(f"crash suite: kill -9 of the {KILLED_PROCESS}", flush=True)
         report = run_crash_suite(root / "crash", kills=args.kills, seed=1)
         print(
-            f"crash suite: {report.kills} kills, {report.restarts} starts, {report.acked} acknowledged, "
-            f"{report.executions} executions, {report.indeterminate} indeterminate steps reported (re-run only where their effect never happened), "
+            f"crash suite: {report.kills} kills of the log owner, {report.restarts} starts, {report.acked} acknowledged, "
+            f"{report.executions} effect executions, {report.indeterminate} indeterminate steps reported "
+            f"({report.resolved_from_effect} resolved from their effect, the rest re-run: their effect never happened), "
             f"{report.torn_tails_injected} torn tails injected ({report.torn_bytes_truncated} bytes truncated), "
             f"{time.perf_counter() - started:.0f} s",
             flush=True,
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             print("PROBLEM:", problem, flush=True)
     print(
         f"durable_appends_per_s={rate:.0f} fsyncs_per_append={fsyncs:.4f} replay_10k_steps_s={replay_s:.3f} "
-        f"double_executions={report.double_executions} lost_records={report.lost_records}"
+        f"double_executions={report.double_executions} lost_records={report.lost_records} killed=log_owner"
     )
     ok = report.double_executions == 0 and report.lost_records == 0 and not report.problems
     return 0 if ok else 1

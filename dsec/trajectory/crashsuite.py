@@ -7,6 +7,16 @@ with a real server's sandboxes). It prints ``ACK trajectory step crc`` only afte
 after the result was durable — exactly what a client would have seen. The driver kills it, sometimes appends
 a torn half-record to the log tail, restarts it, and finally audits the log against the ACKs and effects.
 Used by tests/trajectory (few kills) and bench/trajectory_log.py (many).
+
+The process killed is the log owner (`KILLED_PROCESS`): the worker holding the FileLog and the coordinator. The
+driver, standing in for the client, is never killed.
+
+`double_executions` comes from the effects themselves, not from the coordinator's bookkeeping: every execution
+appends `<rollout> <step> <ran-in> <crc>` where `<rollout>` is the trajectory id without fork suffixes, so a
+step's effect re-run in a fork (`id~`) counts against the same step as its first run. An indeterminate step (a
+kill between the effect and its result record) is recovered as an operator would: no effect → `rerun_step`;
+effect present → by default ("resolve") its result is read back from the effect and logged, so the step never
+runs twice; `recovery="fork"` instead continues in a fork that runs the step again, which the count shows.
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ from dsec.trajectory.filelog import FileLog
 from dsec.trajectory.records import Record, RecordType, StepState
 
 WORKER_START_TIMEOUT_S = 60.0
+KILLED_PROCESS = "log owner (the worker process holding the FileLog and the StepCoordinator; the client is not killed)"
+RECOVERIES = ("resolve", "fork")
 
 
 def _payload(trajectory: str, step: int) -> bytes:
@@ -44,11 +56,36 @@ def _current_id(log: FileLog, trajectory: str) -> str:
     return max(forks, key=len, default=trajectory)
 
 
-def _has_effect(effects: Path, trajectory: str, step: int) -> bool:
-    return f"{trajectory} {step}" in effects.read_text().splitlines() if effects.exists() else False
+def _rollout(trajectory_id: str) -> str:
+    """The rollout a trajectory id belongs to: forks (`id~`, `id~~`) run the same steps of the same rollout."""
+    return trajectory_id.rstrip("~")
 
 
-def _worker(log_dir: Path, effects: Path, prefix: str, trajectories: int, steps: int, step_delay_s: float) -> None:
+def _effect_crc(effects: Path, rollout: str, step: int) -> int | None:
+    """The result crc the step's (first) effect recorded, None if the step's effect never happened."""
+    if not effects.exists():
+        return None
+    for line in effects.read_text().splitlines():
+        parts = line.split()
+        if parts[0] == rollout and int(parts[1]) == step:
+            return int(parts[3])
+    return None
+
+
+def _worker(
+    log_dir: Path,
+    effects: Path,
+    prefix: str,
+    trajectories: int,
+    steps: int,
+    step_delay_s: float,
+    recovery: str = "resolve",
+    crash_after_effect: int = -1,
+    double_effect: int = -1,
+) -> None:
+    """`crash_after_effect`/`double_effect`: step numbers of the first trajectory at which this process kills
+    itself right after the effect (a kill at that exact protocol point) or writes the effect twice (the fault a
+    test injects to prove the count sees it)."""
     log = FileLog(log_dir)
     print(f"OPEN torn={log.stats().torn_bytes_truncated}", flush=True)
     coordinator = StepCoordinator(log)
@@ -59,15 +96,22 @@ def _worker(log_dir: Path, effects: Path, prefix: str, trajectories: int, steps:
         with out_lock:
             print(line, flush=True)
 
+    first = f"{prefix}/0"
+
     def run(trajectory: str) -> None:
         current = _current_id(log, trajectory)
         step = 0
         while step < steps:
             def execute(current: str = current, step: int = step) -> bytes:
                 time.sleep(step_delay_s)  # the command's own run time: widens the window a kill can hit
-                os.write(effects_fd, f"{current} {step}\n".encode())
+                result = _payload(trajectory, step)
+                line = f"{trajectory} {step} {current} {zlib.crc32(result)}\n".encode()
+                for _ in range(2 if trajectory == first and step == double_effect else 1):
+                    os.write(effects_fd, line)
                 os.fsync(effects_fd)
-                return _payload(trajectory, step)
+                if trajectory == first and step == crash_after_effect:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return result
 
             try:
                 result, _ = coordinator.run_once(current, step, f"h{step}", "exec", "sb", execute)
@@ -76,12 +120,20 @@ def _worker(log_dir: Path, effects: Path, prefix: str, trajectories: int, steps:
                 # never run it twice here; continue in a fork that shares the steps before it.
                 say(f"INDET {current} {step}")
                 with out_lock:
-                    effect = _has_effect(effects, current, step)
-                if effect:
+                    effect_crc = _effect_crc(effects, trajectory, step)
+                if effect_crc is None:
+                    coordinator.rerun_step(current, step)
+                elif recovery == "fork":
                     log.fork(current, step, current + "~")
                     current += "~"
                 else:
-                    coordinator.rerun_step(current, step)
+                    # the effect holds the result (as a sandbox holds a command's output): log it, never re-run
+                    result = _payload(trajectory, step)
+                    if zlib.crc32(result) != effect_crc:
+                        raise RuntimeError(f"{current} step {step}: the effect's result does not match its record")
+                    now = time.time()
+                    log.complete(current, step, f"h{step}", "exec", "sb", result, now, now)
+                    say(f"RESOLVED {current} {step}")
                 continue
             say(f"ACK {current} {step} {zlib.crc32(result)}")
             step += 1
@@ -106,6 +158,7 @@ class CrashReport:
     lost_records: int = 0
     double_executions: int = 0
     indeterminate: int = 0
+    resolved_from_effect: int = 0  # indeterminate steps whose effect had happened: result logged, not re-run
     executions: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -118,9 +171,17 @@ def run_crash_suite(
     seed: int = 0,
     step_delay_s: float = 0.002,
     max_delay_s: float = 0.5,
+    recovery: str = "resolve",
+    crash_after_effect: int = -1,
+    double_effect: int = -1,
 ) -> CrashReport:
     """Kill the worker `kills` times at random moments (new rounds of rollouts start when one completes),
-    let the last round finish, and audit the log against what was acknowledged and what ran."""
+    let the last round finish, and audit the log against what was acknowledged and what ran.
+
+    `crash_after_effect` / `double_effect` (steps of the first round's first trajectory, -1 = off) inject a kill
+    right after that step's effect in the first worker, or a doubled effect, deterministically."""
+    if recovery not in RECOVERIES:
+        raise ValueError(f"recovery must be one of {RECOVERIES}, got {recovery!r}")
     rng = random.Random(seed)
     log_dir, effects = workdir / "log", workdir / "effects.txt"
     report = CrashReport()
@@ -130,7 +191,9 @@ def run_crash_suite(
         kill_now = report.kills < kills
         process = subprocess.Popen(
             [sys.executable, "-m", "dsec.trajectory.crashsuite", "worker", str(log_dir), str(effects),
-             f"crash/r{round_number}", str(trajectories), str(steps), str(step_delay_s)],
+             f"crash/r{round_number}", str(trajectories), str(steps), str(step_delay_s), "--recovery", recovery,
+             "--crash-after-effect", str(crash_after_effect if report.restarts == 0 else -1),
+             "--double-effect", str(double_effect if round_number == 0 else -1)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         report.restarts += 1
@@ -160,6 +223,8 @@ def run_crash_suite(
                 report.torn_bytes_truncated += int(parts[1].split("=")[1])
             elif parts[0] == "INDET":
                 report.indeterminate += 1
+            elif parts[0] == "RESOLVED":
+                report.resolved_from_effect += 1
             elif parts[0] == "FINISHED":
                 finished = True
         if process.returncode not in (0, -signal.SIGKILL):
@@ -195,14 +260,15 @@ def _inject_torn_tail(log_dir: Path, rng: random.Random) -> None:
 
 def _audit(log_dir: Path, effects: Path, acks: dict[tuple[str, int], int], report: CrashReport) -> None:
     report.acked = len(acks)
-    counts: dict[tuple[str, int], int] = {}
+    counts: dict[tuple[str, int], int] = {}  # (rollout, step) -> executions of its effect, forks included
     if effects.exists():
         for line in effects.read_text().splitlines():
-            trajectory, step = line.split()
-            key = (trajectory, int(step))
+            rollout, step = line.split()[:2]
+            key = (rollout, int(step))
             counts[key] = counts.get(key, 0) + 1
     report.executions = sum(counts.values())
     report.double_executions = sum(n - 1 for n in counts.values() if n > 1)
+    done: set[tuple[str, int]] = set()
     with FileLog(log_dir) as log:
         report.torn_bytes_truncated += log.stats().torn_bytes_truncated
         for (trajectory, step), crc in acks.items():
@@ -212,9 +278,16 @@ def _audit(log_dir: Path, effects: Path, acks: dict[tuple[str, int], int], repor
                 report.problems.append(f"acknowledged {trajectory} step {step} is not in the log intact")
         for info in log.list():
             for record in log.steps(info.trajectory_id, with_results=False):
-                ran = counts.get((record.stored_in, record.step), 0)
-                if record.state is StepState.DONE and ran != 1:
-                    report.problems.append(f"{record.stored_in} step {record.step} is logged done but ran {ran} times")
+                if record.stored_in != info.trajectory_id:
+                    continue  # a fork's shared step: audited with the trajectory that stores it
+                key = (_rollout(record.stored_in), record.step)
+                ran = counts.get(key, 0)
+                if record.state is StepState.DONE:
+                    done.add(key)
+                    if ran != 1:
+                        report.problems.append(f"{record.stored_in} step {record.step} is logged done but ran {ran} times")
+    for rollout, step in sorted(set(counts) - done):
+        report.problems.append(f"{rollout} step {step} ran but no trajectory of it logged a result")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,8 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("trajectories", type=int)
     worker.add_argument("steps", type=int)
     worker.add_argument("step_delay_s", type=float)
+    worker.add_argument("--recovery", choices=RECOVERIES, default="resolve")
+    worker.add_argument("--crash-after-effect", type=int, default=-1)
+    worker.add_argument("--double-effect", type=int, default=-1)
     args = parser.parse_args(argv)
-    _worker(args.log_dir, args.effects, args.prefix, args.trajectories, args.steps, args.step_delay_s)
+    _worker(
+        args.log_dir, args.effects, args.prefix, args.trajectories, args.steps, args.step_delay_s,
+        args.recovery, args.crash_after_effect, args.double_effect,
+    )  # fmt: skip
     return 0
 
 
