@@ -17,6 +17,7 @@ import cloudpickle
 from dsec.errors import CallTimeout, DsecError, OutOfMemory, RuntimeFailure
 from dsec.models import ExecResult, FileEntry
 from dsec.sdk.client import Client, default_client
+from dsec.sdk.fs_ops import FileOps
 from dsec.sdk.ports import PortConnection
 from dsec.sdk.processes import Processes
 from dsec.sdk.results import decode_result
@@ -86,8 +87,9 @@ def _rpc_deadline(timeout: float | None) -> float | None:
     return None if not timeout else timeout + 30.0
 
 
-class Files:
-    """`sb.files`: read, write and list files inside the sandbox (streamed; large files are fine)."""
+class Files(FileOps):
+    """`sb.files`: read, write and list files inside the sandbox (streamed; large files are fine); stat, make_dir,
+    rename, remove, list_tree and watch come from FileOps (dsec/sdk/fs_ops.py)."""
 
     def __init__(self, sandbox: Sandbox) -> None:
         self._sb = sandbox
