@@ -135,6 +135,8 @@ class SandboxRoutes:
     async def list_v2(self, request: Request) -> Response:
         query = request.query_params
         states = _states(query.get("state"))
+        if query.get("startedAfter"):
+            _timestamp(query["startedAfter"])  # a bad time is 400 even when nothing would be filtered
         infos = await self._list(request, _metadata_filter(query.get("metadata")))
         infos = [i for i in infos if i.state not in GONE_STATES and wire.state_of(i) in states]
         template = query.get("template")
@@ -142,7 +144,8 @@ class SandboxRoutes:
             infos = [i for i in infos if template in (wire.template_of(i), i.spec.image)]
         started_after = query.get("startedAfter")
         if started_after:
-            infos = [i for i in infos if i.created_at >= _timestamp(started_after)]
+            since = _timestamp(started_after)
+            infos = [i for i in infos if i.created_at >= since]
         page, next_token = _paginate(infos, lambda i: (i.created_at, i.id), query)
         headers = {"x-next-token": next_token} if next_token else {}
         return JSONResponse([wire.listed(i) for i in page], headers=headers)
