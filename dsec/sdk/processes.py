@@ -155,12 +155,15 @@ class Processes:
         pty: tuple[int, int] | None = None,
         tag: str = "",
         stdin: bool = False,
+        timeout: float = 0.0,
     ) -> Process:
         """Start a process (a string runs under `/bin/sh -c`); returns once it runs. `pty=(cols, rows)` gives it
-        a terminal; `user` is a name in the sandbox's /etc/passwd (default: the sandbox's user)."""
+        a terminal; `user` is a name in the sandbox's /etc/passwd (default: the sandbox's user); `timeout` > 0
+        kills it (its process group) that many seconds after the start, attached or not."""
         argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
         request = ppb.StartProcessRequest(
-            sandbox_id=self._sb.id, argv=argv, env=env or {}, cwd=cwd, user=user, tag=tag, stdin=stdin
+            sandbox_id=self._sb.id, argv=argv, env=env or {}, cwd=cwd, user=user, tag=tag, stdin=stdin,
+            timeout_s=timeout,
         )
         if pty is not None:
             request.pty.CopyFrom(ppb.PtySize(cols=pty[0], rows=pty[1]))

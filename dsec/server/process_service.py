@@ -121,8 +121,11 @@ class ProcessService(ppb_grpc.ProcessServiceServicer):
                     return sandbox.handle.spawn(argv, env, "/", stdin=request.stdin, pty=pty, user=user)
                 raise
 
+        if request.timeout_s < 0:
+            raise InvalidSpec("timeout_s must be >= 0")
         subscription = sandbox.processes.start(
-            spawn, argv, dict(request.env), request.cwd or cwd, request.tag, pty is not None, request.stdin
+            spawn, argv, dict(request.env), request.cwd or cwd, request.tag, pty is not None, request.stdin,
+            request.timeout_s,
         )
         yield from stream_events(subscription, context)
 

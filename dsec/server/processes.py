@@ -119,6 +119,7 @@ class ManagedProcess:
     handle: ProcessHandle
     stdin: bool
     ended: Ended | None = None
+    deadline: threading.Timer | None = None
     _subscribers: list[Subscription] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -162,7 +163,16 @@ class ManagedProcess:
             log.exception("process %d pump failed", self.pid)
             ended = Ended(-1, 0, f"{type(exc).__name__}: {exc}")
         self._publish(ended or Ended(-1, 0, "the process's output stream ended without an exit status"))
+        if self.deadline is not None:
+            self.deadline.cancel()
         on_end(self)
+
+    def kill_if_running(self) -> None:
+        if self.ended is None:
+            try:
+                self.handle.signal(9)
+            except DsecError:
+                pass  # it ended meanwhile, or the sandbox is going away
 
     @property
     def running(self) -> bool:
@@ -216,8 +226,11 @@ class ProcessTable:
         tag: str,
         pty: bool,
         stdin: bool,
+        timeout_s: float = 0.0,
     ) -> Subscription:
-        """Spawn and register a process; the returned subscription sees all of its output from the start."""
+        """Spawn and register a process; the returned subscription sees all of its output from the start.
+        With `timeout_s` > 0 its process group is killed that long after the start (as envd does with the
+        Connect deadline of the Start call), whether or not anyone is still attached."""
         with self._lock:
             if self._closed:
                 raise SandboxStateError(f"sandbox {self.sandbox_id} is being destroyed")
@@ -235,6 +248,10 @@ class ProcessTable:
         threading.Thread(
             target=process.pump, args=(self._on_end,), daemon=True, name=f"dsec-proc-{self.sandbox_id}-{process.pid}"
         ).start()
+        if timeout_s > 0:
+            process.deadline = threading.Timer(timeout_s, process.kill_if_running)
+            process.deadline.daemon = True
+            process.deadline.start()
         return subscription
 
     def _on_end(self, process: ManagedProcess) -> None:
