@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from dsec.compat.context import STATE_API_KEY, CompatContext, error_name
 from dsec.compat.e2b_api import wire
 from dsec.compat.e2b_api.errors import ApiError, from_grpc, from_validation, parse_json
+from dsec.compat.template_start import StartFailed, run_start_command
 from dsec.v1 import sandbox_pb2 as pb
 from dsec.v1 import sandbox_pb2_grpc as pb_grpc
 
@@ -108,6 +109,10 @@ class SandboxRoutes:
                     raise ApiError(404, f"template {body.templateID!r} not found: no dsec image or snapshot by that name "
                                         "(dsec images ls)") from None
                 info = await self._restore(api, snapshot_id, labels, timeout_s)
+        try:
+            await run_start_command(self.ctx, _key(request), info)  # a template's service (code interpreter)
+        except StartFailed as exc:
+            raise ApiError(502, str(exc)) from None
         self.ctx.remember_sandbox(info.id, _key(request), info.spec.labels.get(wire.LABEL_ENVD_TOKEN))
         return JSONResponse(wire.created(info), 201)
 
