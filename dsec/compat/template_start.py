@@ -23,6 +23,9 @@ from dsec.v1 import sandbox_pb2_grpc as pb_grpc
 
 START_TIMEOUT_S = 180.0
 OUTPUT_TAIL = 2000
+# image digest → start command: a digest names immutable content, so the answer never goes stale
+_BY_DIGEST: dict[str, list[str]] = {}
+_CACHE_LIMIT = 4096
 
 
 class StartFailed(Exception):
@@ -32,6 +35,8 @@ class StartFailed(Exception):
 async def start_command(ctx: CompatContext, api_key: str | None, info: pb.SandboxInfo) -> list[str]:
     """ENTRYPOINT + CMD of the sandbox's image, or [] when it has no ENTRYPOINT (or the backend has no
     image service, e.g. a cluster gateway: then templates start nothing)."""
+    if info.image_digest in _BY_DIGEST:
+        return _BY_DIGEST[info.image_digest]
     images = ctx.stub(ipb_grpc.ImageServiceStub, api_key)
     try:
         image = await images.Inspect(ipb.ImageRef(ref=info.image_digest or info.spec.image))
@@ -39,9 +44,10 @@ async def start_command(ctx: CompatContext, api_key: str | None, info: pb.Sandbo
         if exc.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND):
             return []
         raise
-    if not image.config.entrypoint:
-        return []
-    return [*image.config.entrypoint, *image.config.cmd]
+    argv = [*image.config.entrypoint, *image.config.cmd] if image.config.entrypoint else []
+    if info.image_digest and len(_BY_DIGEST) < _CACHE_LIMIT:
+        _BY_DIGEST[info.image_digest] = argv
+    return argv
 
 
 async def run_start_command(ctx: CompatContext, api_key: str | None, info: pb.SandboxInfo) -> None:
