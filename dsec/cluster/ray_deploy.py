@@ -16,6 +16,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from dsec.cluster.gateway import Gateway, Node, RunningGateway, channel_probe, serve_gateway
 from dsec.cluster.node_agent import NodeAgent
 from dsec.cluster.placement import Capacity
+from dsec.compat.http_server import HttpDoor, start_http_door
 from dsec.errors import RuntimeFailure
 
 log = logging.getLogger("dsec.cluster")
@@ -33,10 +34,15 @@ class RayGateway:
     agents: dict[str, ray.actor.ActorHandle] = field(default_factory=dict)
     server_args: tuple[str, ...] = ()
     server_env: dict[str, str] = field(default_factory=dict)
+    http_door: HttpDoor | None = None  # the E2B/SandboxFusion front door in front of the gateway (docs/compat.md)
 
     @property
     def address(self) -> str:
         return self.running.address
+
+    @property
+    def http_url(self) -> str | None:
+        return self.http_door.url if self.http_door else None
 
     @property
     def gateway(self) -> Gateway:
@@ -63,7 +69,9 @@ class RayGateway:
         return list(started)
 
     def stop(self) -> None:
-        """Stop the gateway, then every agent (each destroys its node's sandboxes)."""
+        """Stop the HTTP door and the gateway, then every agent (each destroys its node's sandboxes)."""
+        if self.http_door is not None:
+            self.http_door.stop()
         self.running.stop()
         for node_id, agent in self.agents.items():
             try:
@@ -94,12 +102,14 @@ def deploy(
     probe_interval_s: float = 1.0,
     server_args: tuple[str, ...] = (),
     server_env: dict[str, str] | None = None,
+    http_listen: str = "",
 ) -> RayGateway:
     """Start node agents on every alive node of the connected Ray cluster and a gateway on `listen`.
 
     `home` is each node server's DSEC_HOME (node-local paths; on one machine the nodes share it safely:
     each server owns its own run directory). Set `server_env={"DSEC_TRAJECTORY_DSN": ...}` so trajectories
-    logged on one node resume on another.
+    logged on one node resume on another. `http_listen` (host:port) also serves the HTTP front door — the
+    E2B and SandboxFusion APIs — as a client of the gateway, so one address fronts the whole cluster.
     """
     if not ray.is_initialized():
         raise RuntimeFailure("connect to a Ray cluster first (ray.init(address=...))")
@@ -108,6 +118,8 @@ def deploy(
     deployment = RayGateway(serve_gateway(gateway, listen, probe_interval_s), home, agents, tuple(server_args), dict(server_env or {}))
     try:
         deployment.add_nodes()
+        if http_listen:
+            deployment.http_door = start_http_door(http_listen, deployment.address)
     except BaseException:
         deployment.stop()
         raise

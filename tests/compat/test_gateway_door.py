@@ -1,0 +1,51 @@
+"""The HTTP front door in front of the Ray cluster gateway: the unchanged e2b SDK creates, lists and kills
+sandboxes spread over a 3-node Ray cluster through one address."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="ray is installed by infra/setup.d (trainer extras)")
+
+from e2b import Sandbox, SandboxQuery  # noqa: E402
+from e2b.exceptions import SandboxNotFoundException  # noqa: E402
+
+from cluster.test_ray_cluster import ray_cluster  # noqa: E402,F401 - the multi-node Ray fixture
+from dsec.cluster.ray_deploy import deploy  # noqa: E402
+
+pytestmark = pytest.mark.timeout(420)
+
+
+@pytest.fixture(scope="module")
+def door_deployment(ray_cluster):  # noqa: F811
+    deployed = deploy(os.environ["DSEC_HOME"], probe_interval_s=0.5, http_listen="127.0.0.1:0")
+    yield deployed
+    deployed.stop()
+
+
+def test_e2b_sdk_through_the_gateway_door(door_deployment, monkeypatch):
+    url = door_deployment.http_url
+    assert url
+    for key, value in {"E2B_API_URL": url, "E2B_SANDBOX_URL": url, "E2B_API_KEY": "e2b_cluster"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("E2B_DEBUG", raising=False)
+    tag = uuid.uuid4().hex
+    sandboxes = [Sandbox.create(template="busybox", timeout=120, metadata={"suite": tag}, allow_internet_access=False)
+                 for _ in range(3)]
+    try:
+        owners = {door_deployment.gateway.node_of(sb.sandbox_id) for sb in sandboxes}
+        assert len(owners) == 3, "placement spreads the creates over the three nodes"
+        listed = Sandbox.list(query=SandboxQuery(metadata={"suite": tag})).next_items()
+        assert {s.sandbox_id for s in listed} == {sb.sandbox_id for sb in sandboxes}
+        info = sandboxes[1].get_info()
+        assert info.metadata == {"suite": tag} and info.template_id == "busybox"
+        sandboxes[2].set_timeout(300)
+    finally:
+        for sb in sandboxes:
+            assert sb.kill() is True
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.get_info(sandboxes[0].sandbox_id)
+    assert Sandbox.list(query=SandboxQuery(metadata={"suite": tag})).next_items() == []
