@@ -35,6 +35,9 @@ PORTS = "dsec.compat.ports"
 FUSION = "dsec.compat.fusion"
 
 _SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# E2B's `get_host(port)` is `<port>-<sandbox id>.<domain>`: with wildcard DNS for the domain pointing here, the
+# Host header alone routes a request to that port of that sandbox (as E2B's own edge proxy does).
+_SANDBOX_HOST = re.compile(r"^(?P<port>[0-9]{1,5})-(?P<id>[A-Za-z0-9][A-Za-z0-9_-]{0,127})\.")
 
 
 async def send_json(send: Callable[[dict], Awaitable[None]], status: int, body: dict, headers: list | None = None) -> None:
@@ -118,11 +121,13 @@ class FrontDoor:
         headers = _headers(scope)
         state: dict[str, Any] = scope.setdefault("state", {})
         sandbox_id = headers.get("e2b-sandbox-id")
+        port_text = headers.get("e2b-sandbox-port", str(ENVD_PORT))
+        if sandbox_id is None and (by_host := _SANDBOX_HOST.match(headers.get("host", ""))):
+            port_text, sandbox_id = by_host.group("port"), by_host.group("id")  # `sandbox.get_host(port)`
         if sandbox_id is not None:
             if not _SANDBOX_ID.match(sandbox_id):
                 await self._reject(scope, send, 400, "E2b-Sandbox-Id is not a sandbox id")
                 return
-            port_text = headers.get("e2b-sandbox-port", str(ENVD_PORT))
             if not port_text.isdigit() or not 0 < int(port_text) < 65536:
                 await self._reject(scope, send, 400, "E2b-Sandbox-Port must be a TCP port number")
                 return
