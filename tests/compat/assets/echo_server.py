@@ -1,7 +1,8 @@
-"""A WebSocket echo server on the standard library only (the sandbox image has no `websockets`).
+"""An HTTP + WebSocket echo server on the standard library only (the sandbox image has no `websockets`).
 
-Run inside a sandbox by tests/compat/test_ports.py: `python3 ws_echo.py PORT`. Echoes text and binary
-messages, answers pings, and replies to a close with a close; offers the subprotocol "echo" when asked.
+Run inside a sandbox by tests/compat/test_ports.py: `python3 echo_server.py PORT`. A WebSocket upgrade gets an
+echo of text and binary messages (pings answered, close replied to; subprotocol "echo" when asked); any other
+request gets its body back as a chunked response, with its method, path and Host in `X-Echo-*` headers.
 """
 
 import base64
@@ -35,10 +36,13 @@ def send_frame(wfile, opcode, payload):
 class Handler(socketserver.StreamRequestHandler):
     def handle(self):
         headers = {}
-        self.rfile.readline()
+        request_line = self.rfile.readline().decode().split()
         while (line := self.rfile.readline().strip()):
             key, _, value = line.decode().partition(":")
             headers[key.strip().lower()] = value.strip()
+        if headers.get("upgrade", "").lower() != "websocket":
+            self.echo_http(request_line, headers)
+            return
         accept = base64.b64encode(hashlib.sha1(headers["sec-websocket-key"].encode() + GUID).digest())
         reply = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         reply += b"Sec-WebSocket-Accept: " + accept + b"\r\n"
@@ -71,6 +75,25 @@ class Handler(socketserver.StreamRequestHandler):
                     send_frame(self.wfile, message_opcode, message)
         except EOFError:
             return
+
+
+    def echo_http(self, request_line, headers):
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            body = b""
+            while (size := int(self.rfile.readline().strip() or b"0", 16)):
+                body += read_exact(self.rfile, size)
+                self.rfile.readline()
+            self.rfile.readline()
+        else:
+            body = read_exact(self.rfile, int(headers.get("content-length", "0")))
+        head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+        head += f"X-Echo-Method: {request_line[0]}\r\nX-Echo-Path: {request_line[1]}\r\nX-Echo-Host: {headers.get('host', '')}\r\n\r\n"
+        self.wfile.write(head.encode())
+        for start in range(0, len(body), 65536):
+            piece = body[start : start + 65536]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
 
 
 class Server(socketserver.ThreadingTCPServer):

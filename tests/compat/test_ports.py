@@ -1,0 +1,175 @@
+"""Port routing: servers started inside a sandbox, reached through the HTTP front door, dsec's SDK and a gateway.
+
+The sandbox is created with the real `e2b` SDK; servers in it are started with dsec's SDK (the test is about
+routing, not commands). Readiness is a protocol point: the port is polled until a connection is accepted.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets.sync.client as ws_client
+from e2b import Sandbox as E2BSandbox
+from websockets.exceptions import InvalidStatus
+
+from dsec.cluster.gateway import Gateway, serve_gateway
+from dsec.cluster.placement import Capacity
+from dsec.errors import InvalidSpec, PortUnreachable, SandboxNotFound
+from dsec.sdk.client import Client
+from dsec.sdk.embedded import EmbeddedServer
+from dsec.sdk.sandbox import Sandbox
+
+pytestmark = pytest.mark.timeout(300)
+
+ECHO_SERVER = Path(__file__).parent / "assets" / "echo_server.py"
+STATIC_PORT, ECHO_PORT, CLOSED_PORT = 8000, 8001, 8009
+READY_S = 60.0
+
+
+def wait_listening(sandbox: Sandbox, port: int) -> None:
+    """Until a connection to `port` inside the sandbox is accepted (PortUnreachable until then)."""
+    deadline = time.monotonic() + READY_S
+    while True:
+        try:
+            sandbox.connect_port(port).close()
+            return
+        except PortUnreachable:
+            if time.monotonic() > deadline:
+                raise
+
+
+def start_servers(sandbox: Sandbox) -> None:
+    sandbox.files.write("/tmp/www/index.html", "hello from the sandbox\n")
+    sandbox.files.write("/tmp/echo_server.py", ECHO_SERVER.read_text())
+    sandbox.exec(
+        f"cd /tmp/www && (setsid python3 -m http.server {STATIC_PORT} --bind 127.0.0.1 >/tmp/static.log 2>&1 &); "
+        f"(setsid python3 /tmp/echo_server.py {ECHO_PORT} >/tmp/echo.log 2>&1 &)"
+    )
+    wait_listening(sandbox, STATIC_PORT)
+    wait_listening(sandbox, ECHO_PORT)
+
+
+@pytest.fixture(scope="module")
+def served(dsec_http) -> Iterator[tuple[E2BSandbox, Sandbox]]:
+    """One `base` sandbox made by the e2b SDK, with a static file server and an HTTP/WebSocket echo server."""
+    e2b = E2BSandbox.create(template="base", api_key=dsec_http.api_key, api_url=dsec_http.http_url,
+                            sandbox_url=dsec_http.http_url)  # fmt: skip
+    client = Client(dsec_http.grpc_address, token=dsec_http.api_key)
+    try:
+        sandbox = client.connect(e2b.sandbox_id)
+        start_servers(sandbox)
+        yield e2b, sandbox
+    finally:
+        e2b.kill()
+        client.close()
+
+
+def routed(sandbox_id: str, port: int) -> dict[str, str]:
+    return {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": str(port)}
+
+
+def test_get_host_reaches_a_server_in_the_sandbox(dsec_http, served):
+    e2b, _ = served
+    host = e2b.get_host(STATIC_PORT)
+    assert host.startswith(f"{STATIC_PORT}-{e2b.sandbox_id}.")
+    # wildcard DNS for the sandbox domain would send this name to the door; the Host header is what routes it
+    response = httpx.get(f"{dsec_http.http_url}/index.html", headers={"Host": host})
+    assert response.status_code == 200
+    assert response.text == "hello from the sandbox\n"
+    by_headers = httpx.get(f"{dsec_http.http_url}/index.html", headers=routed(e2b.sandbox_id, STATIC_PORT))
+    assert by_headers.status_code == 200 and by_headers.text == response.text
+    missing = httpx.get(f"{dsec_http.http_url}/nope.html", headers={"Host": host})
+    assert missing.status_code == 404  # the sandbox server's own answer, relayed
+
+
+def test_bodies_stream_both_ways(dsec_http, served):
+    e2b, _ = served
+    payload = os.urandom(3 << 20)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the door sends it on chunked
+        for start in range(0, len(payload), 100_000):
+            yield payload[start : start + 100_000]
+
+    with httpx.Client(base_url=dsec_http.http_url, headers=routed(e2b.sandbox_id, ECHO_PORT), timeout=60) as http:
+        sized = http.post("/upload?x=1", content=payload)
+        assert sized.status_code == 200
+        assert sized.headers["x-echo-method"] == "POST" and sized.headers["x-echo-path"] == "/upload?x=1"
+        assert sized.content == payload
+        with http.stream("PUT", "/stream", content=chunks()) as streamed:
+            assert streamed.status_code == 200
+            received = b"".join(streamed.iter_bytes())
+        assert received == payload
+        assert http.delete("/thing").headers["x-echo-method"] == "DELETE"
+
+
+def test_websocket_echo_through_the_door(dsec_http, served):
+    e2b, _ = served
+    url = dsec_http.http_url.replace("http://", "ws://") + "/socket?room=1"
+    with ws_client.connect(url, additional_headers=routed(e2b.sandbox_id, ECHO_PORT), subprotocols=["echo"]) as ws:
+        assert ws.subprotocol == "echo"
+        ws.send("hello")
+        assert ws.recv() == "hello"
+        blob = os.urandom(300_000)
+        ws.send(blob)
+        assert ws.recv() == blob
+        ws.ping().wait(10)
+
+
+def test_closed_port_is_502(dsec_http, served):
+    e2b, _ = served
+    response = httpx.get(f"{dsec_http.http_url}/", headers=routed(e2b.sandbox_id, CLOSED_PORT))
+    assert response.status_code == 502
+    assert f"port {CLOSED_PORT}" in response.json()["message"]
+    url = dsec_http.http_url.replace("http://", "ws://") + "/"
+    with pytest.raises(InvalidStatus) as refused:
+        ws_client.connect(url, additional_headers=routed(e2b.sandbox_id, CLOSED_PORT)).close()
+    assert refused.value.response.status_code == 502
+
+
+def test_unknown_sandbox_is_502(dsec_http):
+    response = httpx.get(f"{dsec_http.http_url}/", headers=routed("sb-0000000000000000", STATIC_PORT))
+    assert response.status_code == 502
+    assert "sb-0000000000000000" in response.json()["message"]
+
+
+def test_sdk_connect_port_with_half_close(dsec_http, served):
+    _, sandbox = served
+    with sandbox.connect_port(ECHO_PORT) as conn:
+        conn.sendall(b"POST /half HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        conn.shutdown_write()  # the server still answers after our EOF
+        reply = conn.recv_all()
+    assert reply.startswith(b"HTTP/1.1 200 OK") and reply.endswith(b"5\r\nhello\r\n0\r\n\r\n")
+    with pytest.raises(PortUnreachable):
+        sandbox.connect_port(CLOSED_PORT)
+    with pytest.raises(InvalidSpec):
+        sandbox.connect_port(70000)
+
+
+def test_gateway_forwards_port_streams(tmp_path):
+    from compat.conftest import private_home
+
+    node = EmbeddedServer.start(private_home(Path(tmp_path)))
+    gateway = Gateway()
+    gateway.add_node("node-0", node.address, Capacity(cpus=8, memory_mb=8192, sandboxes=64))
+    running = serve_gateway(gateway, probe_interval_s=0.5)
+    client = Client(running.address)
+    try:
+        sandbox = client.create("python")
+        start_servers(sandbox)
+        with sandbox.connect_port(STATIC_PORT) as conn:
+            conn.sendall(b"GET /index.html HTTP/1.0\r\n\r\n")
+            assert conn.recv_all().endswith(b"hello from the sandbox\n")
+        with pytest.raises(PortUnreachable):
+            sandbox.connect_port(CLOSED_PORT)
+        sandbox.destroy()
+        with pytest.raises(SandboxNotFound):
+            sandbox.connect_port(STATIC_PORT)
+    finally:
+        client.close()
+        running.stop()
+        node.stop()
