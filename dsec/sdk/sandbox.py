@@ -209,6 +209,15 @@ class Sandbox:
     def pause(self) -> None:
         self.info = self._client.rpc(self._client.sandboxes.Pause, pb.SandboxRef(sandbox_id=self.id))
 
+    def metrics(self) -> pb.SandboxMetrics:
+        """CPU (% since the previous call), memory and disk use now; `Unsupported` on the Docker driver."""
+        return self._client.rpc(self._client.sandboxes.Metrics, pb.SandboxRef(sandbox_id=self.id))
+
+    def logs(self, start: float = 0.0, limit: int = 0) -> list[pb.SandboxLogEntry]:
+        """What happened to this sandbox (created, commands and their exit, pause/resume, timeouts), oldest first."""
+        reply = self._client.rpc(self._client.sandboxes.Logs, pb.LogsRequest(sandbox_id=self.id, start=start, limit=limit))
+        return list(reply.entries)
+
     def resume(self) -> None:
         self.info = self._client.rpc(self._client.sandboxes.Resume, pb.SandboxRef(sandbox_id=self.id))
 

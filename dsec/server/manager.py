@@ -27,6 +27,7 @@ from dsec.server.auth import DEFAULT_TENANT
 from dsec.server.drivers import DriverRegistry
 from dsec.server.metrics import CREATE_FAILURES, CREATE_SECONDS, IMAGE_RESOLVES
 from dsec.server.processes import ProcessTable
+from dsec.server.sandbox_events import SandboxEvents
 from dsec.server.sessions import OnTimeout, ShellSession
 from dsec.server.snapshots import SnapshotStore
 from dsec.server.state import ServerState, reap_dead_servers, write_sandbox_record
@@ -57,6 +58,8 @@ class ManagedSandbox:
     sessions: dict[str, ShellSession] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
     processes: ProcessTable = field(init=False)  # ProcessService's long-lived processes; closed on destroy
+    events: SandboxEvents = field(default_factory=SandboxEvents)  # what happened to it (the Logs RPC)
+    last_usage: tuple[float, float] | None = None  # (time, cpu seconds) of the previous Metrics sample
 
     def __post_init__(self) -> None:
         self.processes = ProcessTable(self.sandbox_id)
@@ -248,6 +251,9 @@ class SandboxManager:
                 "total": (time.monotonic() - started) * 1000,
             },
         )
+        sandbox.events.add("sandbox restored from a snapshot" if snapshot is not None else "sandbox created",
+                           image=spec.image, substrate=spec.substrate, driver=driver_name,
+                           create_ms=round(sandbox.timings_ms["total"]))
         with self._lock:
             self._sandboxes[sandbox_id] = sandbox
         return sandbox
@@ -297,6 +303,7 @@ class SandboxManager:
             raise InvalidSpec(f"timeout_s must be in (0, 604800], got {timeout_s}")
         sandbox = self.get(sandbox_id, tenant)
         sandbox.expires_at = time.time() + timeout_s
+        sandbox.events.add("timeout set", timeout_s=timeout_s)
         return sandbox
 
     def _reap_expired(self) -> None:
@@ -362,6 +369,7 @@ class SandboxManager:
         with sandbox.lock:
             sandbox.handle.pause()
             sandbox.state = "paused"
+        sandbox.events.add("sandbox paused")
         return sandbox
 
     def resume(self, sandbox_id: str, tenant: str | None = None) -> ManagedSandbox:
@@ -371,6 +379,7 @@ class SandboxManager:
                 raise SandboxStateError(f"sandbox {sandbox_id} is {sandbox.state}, not paused")
             sandbox.handle.resume()
             sandbox.state = "running"
+        sandbox.events.add("sandbox resumed")
         return sandbox
 
     def snapshot(self, sandbox_id: str, name: str, tenant: str | None = None) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import queue
 import threading
 import time
@@ -79,6 +80,33 @@ def _observed(substrate: str, events: Iterator[pb.ExecEvent]) -> Iterator[pb.Exe
             EXEC_SECONDS.labels(substrate).observe(time.monotonic() - started)
             EXECS.labels(substrate, _outcome(event.status)).inc()
         yield event
+
+
+def _evented(sandbox: ManagedSandbox, kind: str, command: str, events: Iterator[pb.ExecEvent]) -> Iterator[pb.ExecEvent]:
+    """Pass events through, noting the command and how it ended in the sandbox's own log (the Logs RPC)."""
+    for event in events:
+        if event.HasField("status"):
+            status = event.status
+            level = "info" if status.exit_code == 0 and not status.timed_out and not status.oom_killed else "warn"
+            sandbox.events.add(f"{kind} finished", level, command=command, exit_code=status.exit_code,
+                               outcome=_outcome(status), duration_s=round(status.duration_s, 3))
+        yield event
+
+
+def _metrics_pb(sandbox: ManagedSandbox) -> pb.SandboxMetrics:
+    """One sample; CPU % is over the time since the previous sample of this sandbox (or since its create)."""
+    usage = sandbox.handle.usage()
+    now = time.time()
+    previous_time, previous_cpu = sandbox.last_usage or (sandbox.created_at, 0.0)
+    sandbox.last_usage = (now, usage.cpu_seconds)
+    cores = max(usage.cpu_limit, 0.01)
+    elapsed = max(now - previous_time, 1e-3)
+    pct = max(0.0, min(100.0, 100.0 * (usage.cpu_seconds - previous_cpu) / (elapsed * cores)))
+    return pb.SandboxMetrics(
+        timestamp=now, cpu_count=max(1, math.ceil(cores - 1e-9)), cpu_used_pct=pct,
+        mem_used_bytes=usage.mem_used_bytes, mem_total_bytes=usage.mem_total_bytes, mem_cache_bytes=usage.mem_cache_bytes,
+        disk_used_bytes=usage.disk_used_bytes, disk_total_bytes=usage.disk_total_bytes,
+    )  # fmt: skip
 
 
 class SandboxService(pb_grpc.SandboxServiceServicer):
@@ -203,7 +231,9 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
                 oom_kills_before=oom_before,
             )
 
-        yield from _observed(sandbox.spec.substrate, self._stream_logged(sandbox, "exec", request, produce))
+        described = request.command or " ".join(request.argv)
+        yield from _observed(sandbox.spec.substrate,
+                             _evented(sandbox, "exec", described, self._stream_logged(sandbox, "exec", request, produce)))
 
     # -- sessions -------------------------------------------------------------------------------------------
     @rpc_errors
@@ -224,7 +254,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
         def produce() -> Iterator[pb.ExecEvent]:
             return session.run(request.command, request.timeout_s, max_output)
 
-        yield from self._stream_logged(sandbox, "session", request, produce)
+        yield from _evented(sandbox, "session command", request.command, self._stream_logged(sandbox, "session", request, produce))
 
     @rpc_errors
     def CloseSession(self, request: pb.SessionRef, context: grpc.ServicerContext) -> pb.Empty:
@@ -369,6 +399,25 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
     @rpc_errors
     def Restore(self, request: pb.RestoreRequest, context: grpc.ServicerContext) -> pb.SandboxInfo:
         return info_to_pb(self.manager.restore(request.snapshot_id, dict(request.labels), request.timeout_s, self._tenant(context)))
+
+    @rpc_errors
+    def Metrics(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.SandboxMetrics:
+        sandbox = self.manager.get(request.sandbox_id, self._tenant(context))
+        if sandbox.state not in ("running", "paused"):
+            sandbox.require_running()  # names the state
+        with sandbox.lock:
+            return _metrics_pb(sandbox)
+
+    @rpc_errors
+    def Logs(self, request: pb.LogsRequest, context: grpc.ServicerContext) -> pb.LogsResponse:
+        if request.limit < 0:
+            raise InvalidSpec("limit must be >= 0")
+        sandbox = self.manager.get(request.sandbox_id, self._tenant(context))
+        entries = [
+            pb.SandboxLogEntry(timestamp=e.timestamp, level=e.level, message=e.message, fields=e.fields)
+            for e in sandbox.events.since(request.start, request.limit)
+        ]
+        return pb.LogsResponse(entries=entries)
 
     @rpc_errors
     def Fork(self, request: pb.ForkRequest, context: grpc.ServicerContext) -> pb.ForkResponse:

@@ -55,6 +55,20 @@ ProcessEvent = Output | Exited
 
 
 @dataclass(frozen=True)
+class Usage:
+    """Resource use of a sandbox, read where its substrate keeps it (cgroups, the guest's /proc); counters are
+    cumulative so the server turns two samples into a CPU percentage. Why: `Metrics` (E2B's get_metrics)."""
+
+    cpu_seconds: float
+    cpu_limit: float  # cores the sandbox may use
+    mem_used_bytes: int
+    mem_total_bytes: int
+    mem_cache_bytes: int = 0
+    disk_used_bytes: int = 0
+    disk_total_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class FsEvent:
     """One change seen by a directory watch: kind is create | write | remove | rename | chmod; name is relative
     to the watched directory."""
@@ -154,6 +168,10 @@ class DriverSandbox(abc.ABC):
 
     def memory_limit_mb(self) -> int:
         return 0
+
+    def usage(self) -> Usage:
+        """CPU, memory and disk use now (see `Usage`)."""
+        raise Unsupported(f"resource metrics are not supported by this substrate (sandbox {self.sandbox_id})")
 
     def pause(self) -> None:
         raise Unsupported(f"pause is not supported by this substrate (sandbox {self.sandbox_id})")

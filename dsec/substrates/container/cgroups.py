@@ -77,6 +77,27 @@ def memory_limit_bytes(path: str) -> int:
     return int(text) if text else 0
 
 
+def cpu_usage_ns(path: str) -> int:
+    """CPU time used by cgroup `path` so far, in nanoseconds (cpuacct.usage; 0 if unknown)."""
+    directory = controller_dir("cpuacct", path)
+    text = _read(directory / "cpuacct.usage").strip() if directory else ""
+    return int(text) if text.isdigit() else 0
+
+
+def memory_usage(path: str) -> tuple[int, int]:
+    """(bytes used, of which page cache) of cgroup `path` (memory.usage_in_bytes, memory.stat); (0, 0) if unknown."""
+    directory = controller_dir("memory", path)
+    if directory is None:
+        return 0, 0
+    used = _read(directory / "memory.usage_in_bytes").strip()
+    cache = 0
+    for line in _read(directory / "memory.stat").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "total_cache" and value.strip().isdigit():
+            cache = int(value)
+    return (int(used) if used.isdigit() else 0), cache
+
+
 def cpu_quota(path: str) -> tuple[int, int]:
     """(cfs_quota_us, cfs_period_us) of cgroup `path`; quota -1 means unlimited, (0, 0) unknown."""
     directory = controller_dir("cpu", path)

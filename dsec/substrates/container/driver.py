@@ -23,7 +23,7 @@ from dsec.config import ServerConfig
 from dsec.errors import InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound
 from dsec.images.user import resolve_user
 from dsec.models import SandboxSpec
-from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
+from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, Usage
 from dsec.substrates.container import bundle, cgroups, disk, network, rootfs
 from dsec.substrates.container.record import ContainerRecord
 from dsec.substrates.container.runtime import RUNTIMES, OciRuntime
@@ -90,6 +90,27 @@ class ContainerSandbox(AgentSandbox):
 
     def memory_limit_mb(self) -> int:
         return cgroups.memory_limit_bytes(self.record.cgroups_path) >> 20
+
+    def usage(self) -> Usage:
+        """From the sandbox's cgroups (CPU, memory) and its own ext4 disk (the writable layer)."""
+        self._check_alive("measure")
+        path = self.record.cgroups_path
+        quota, period = cgroups.cpu_quota(path)
+        used, cache = cgroups.memory_usage(path)
+        try:
+            fs = os.statvfs(self.record.disk)
+            disk_total, disk_used = fs.f_blocks * fs.f_frsize, (fs.f_blocks - fs.f_bfree) * fs.f_frsize
+        except OSError:
+            disk_total = disk_used = 0
+        return Usage(
+            cpu_seconds=cgroups.cpu_usage_ns(path) / 1e9,
+            cpu_limit=quota / period if quota > 0 and period > 0 else float(os.cpu_count() or 1),
+            mem_used_bytes=used,
+            mem_total_bytes=cgroups.memory_limit_bytes(path),
+            mem_cache_bytes=cache,
+            disk_used_bytes=disk_used,
+            disk_total_bytes=disk_total,
+        )
 
     def is_paused(self) -> bool:
         return cgroups.is_frozen(self.record.cgroups_path)

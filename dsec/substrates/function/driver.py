@@ -15,7 +15,7 @@ import cloudpickle
 from dsec.config import ServerConfig
 from dsec.errors import InvalidSpec, RuntimeFailure
 from dsec.models import FileEntry, FileInfo, SandboxSpec
-from dsec.substrates.base import DirWatch, DriverSandbox, Exited, ImageRootfs, Output, ProcessHandle, SandboxDriver
+from dsec.substrates.base import DirWatch, DriverSandbox, Exited, ImageRootfs, Output, ProcessHandle, SandboxDriver, Usage
 
 WORKER_DIR = "/.dsec-fn"
 WORKER_START_TIMEOUT_S = 30.0
@@ -149,6 +149,9 @@ class FunctionSandbox(DriverSandbox):
 
     def memory_limit_mb(self) -> int:
         return self.inner.memory_limit_mb()
+
+    def usage(self) -> Usage:
+        return self.inner.usage()
 
     def pause(self) -> None:
         self.inner.pause()

@@ -23,7 +23,7 @@ from dsec.agent.client import AgentClient, AgentSandbox
 from dsec.config import ServerConfig
 from dsec.errors import DsecError, InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound, Unsupported
 from dsec.models import SandboxSpec
-from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
+from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, Usage
 from dsec.substrates.container import network
 from dsec.substrates.vm.accel import host_accel
 from dsec.substrates.vm.config import VmConfig
@@ -60,6 +60,28 @@ def _vmstat_oom_kills(text: str) -> int:
     return -1
 
 
+USER_HZ = 100  # the unit of /proc/stat on Linux (sysconf(_SC_CLK_TCK)) whatever the kernel's HZ
+
+
+def _guest_cpu_seconds(stat: str) -> float:
+    """Busy CPU time from /proc/stat's first line: user nice system idle iowait irq softirq steal…"""
+    for line in stat.splitlines():
+        if line.startswith("cpu "):
+            fields = [int(v) for v in line.split()[1:] if v.isdigit()]
+            busy = sum(fields[:3]) + sum(fields[5:8])  # not idle (3) nor iowait (4)
+            return busy / USER_HZ
+    return 0.0
+
+
+def _meminfo_kb(meminfo: str, key: str) -> int:
+    for line in meminfo.splitlines():
+        name, _, rest = line.partition(":")
+        if name == key:
+            value = rest.split()
+            return int(value[0]) if value and value[0].isdigit() else 0
+    return 0
+
+
 class VmSandbox(AgentSandbox):
     """A running QEMU machine whose guest agent serves this sandbox."""
 
@@ -85,6 +107,21 @@ class VmSandbox(AgentSandbox):
             return _vmstat_oom_kills(b"".join(self.read_file("/proc/vmstat")).decode())
         except DsecError:
             return -1
+
+    def usage(self) -> Usage:
+        """From the guest kernel's own counters (/proc/stat, /proc/meminfo): the host only sees QEMU's RSS, which
+        counts guest memory once touched and never gives it back. The guest disk's fill is not measured here."""
+        if self._paused:
+            raise SandboxStateError(f"sandbox {self.sandbox_id} is paused: its guest cannot report usage; resume it first")
+        stat = b"".join(self.read_file("/proc/stat")).decode()
+        meminfo = b"".join(self.read_file("/proc/meminfo")).decode()
+        return Usage(
+            cpu_seconds=_guest_cpu_seconds(stat),
+            cpu_limit=float(self.machine.cpus),
+            mem_used_bytes=max(0, _meminfo_kb(meminfo, "MemTotal") - _meminfo_kb(meminfo, "MemAvailable")) * 1024,
+            mem_total_bytes=_meminfo_kb(meminfo, "MemTotal") * 1024,
+            mem_cache_bytes=_meminfo_kb(meminfo, "Cached") * 1024,
+        )
 
     def _qmp(self, command: str) -> None:
         if not self.process.alive():
