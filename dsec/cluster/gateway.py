@@ -395,6 +395,14 @@ class Gateway(pb_grpc.SandboxServiceServicer):
     def Resume(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.SandboxInfo:
         return self._unary(request.sandbox_id, "Resume", request, context)
 
+    @_gateway_errors
+    def Metrics(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.SandboxMetrics:
+        return self._unary(request.sandbox_id, "Metrics", request, context)
+
+    @_gateway_errors
+    def Logs(self, request: pb.LogsRequest, context: grpc.ServicerContext) -> pb.LogsResponse:
+        return self._unary(request.sandbox_id, "Logs", request, context)
+
     # -- exec, sessions, files, calls ---------------------------------------------------------------------------
     @_gateway_errors
     def Exec(self, request: pb.ExecRequest, context: grpc.ServicerContext) -> Iterator[pb.ExecEvent]:
