@@ -38,6 +38,7 @@ from dsec.errors import (  # noqa: E402
     ServerUnavailable,
     SnapshotNotFound,
 )
+from dsec.v1 import filesystem_pb2 as fpb  # noqa: E402
 from dsec.v1 import ports_pb2 as ppb  # noqa: E402
 from dsec.v1 import process_pb2 as procpb  # noqa: E402
 from dsec.v1 import sandbox_pb2 as pb  # noqa: E402
@@ -611,6 +612,61 @@ class ProcessForwarder(grpc.GenericRpcHandler):
         return grpc.unary_stream_rpc_method_handler(functools.partial(stream, None))
 
 
+class FilesystemForwarder(grpc.GenericRpcHandler):
+    """Forwards FilesystemService calls, as raw bytes, to the node that runs the call's sandbox.
+
+    Why raw bytes: the request is decoded only to read its sandbox id; request and response (or the Watch
+    stream, message by message) are relayed unchanged, so a new field in filesystem.proto needs no gateway change.
+    """
+
+    SERVICE = "/dsec.v1.FilesystemService/"
+    SANDBOX_OF: dict[str, Callable[[bytes], str]] = {
+        "Stat": lambda raw: fpb.FsPath.FromString(raw).sandbox_id,
+        "Chown": lambda raw: fpb.FsPath.FromString(raw).sandbox_id,
+        "MakeDir": lambda raw: fpb.MakeDirRequest.FromString(raw).target.sandbox_id,
+        "Move": lambda raw: fpb.MoveRequest.FromString(raw).source.sandbox_id,
+        "Remove": lambda raw: fpb.RemoveRequest.FromString(raw).target.sandbox_id,
+        "ListTree": lambda raw: fpb.ListTreeRequest.FromString(raw).target.sandbox_id,
+        "Resolve": lambda raw: fpb.ResolveRequest.FromString(raw).target.sandbox_id,
+        "Watch": lambda raw: fpb.WatchRequest.FromString(raw).target.sandbox_id,
+    }
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def service(self, handler_call_details):  # type: ignore[no-untyped-def]
+        method = handler_call_details.method
+        name = method[len(self.SERVICE) :] if method.startswith(self.SERVICE) else ""
+        sandbox_of = self.SANDBOX_OF.get(name)
+        if sandbox_of is None:
+            return None
+        gateway = self._gateway
+
+        if name == "Watch":
+
+            @_gateway_errors
+            def stream(_self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+                node, _ = gateway._route(sandbox_of(request), context)
+                call = node.channel.unary_stream(method)(request, timeout=_timeout(context), metadata=_outgoing(context))
+                context.add_callback(call.cancel)
+                try:
+                    yield from call
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.CANCELLED:
+                        raise gateway._relay(node, exc) from None
+                finally:
+                    call.cancel()
+
+            return grpc.unary_stream_rpc_method_handler(functools.partial(stream, None))
+
+        @_gateway_errors
+        def unary(_self, request: bytes, context: grpc.ServicerContext) -> bytes:
+            node, _ = gateway._route(sandbox_of(request), context)
+            return gateway._call_raw(node, method, request, context)
+
+        return grpc.unary_unary_rpc_method_handler(functools.partial(unary, None))
+
+
 @dataclass
 class RunningGateway:
     gateway: Gateway
@@ -637,7 +693,7 @@ def serve_gateway(
         maximum_concurrent_rpcs=workers * 16,
     )
     pb_grpc.add_SandboxServiceServicer_to_server(gateway, server)
-    server.add_generic_rpc_handlers((AnyNodeForwarder(gateway), PortForwarder(gateway), ProcessForwarder(gateway)))
+    server.add_generic_rpc_handlers((AnyNodeForwarder(gateway), PortForwarder(gateway), ProcessForwarder(gateway), FilesystemForwarder(gateway)))
     port = server.add_insecure_port(listen)
     if port == 0:
         raise ServerUnavailable(f"gateway could not bind {listen}; pick another address")
