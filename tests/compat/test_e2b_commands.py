@@ -1,0 +1,250 @@
+"""The real `e2b` SDK (sync and async) driving commands and PTYs through dsec's envd `process.Process` door,
+on every substrate that runs bash: foreground runs (stdout/stderr, env, cwd, user, streaming callbacks),
+non-zero exits, background handles (wait, kill, list, connect by pid without replay), stdin (send, close),
+the Start deadline killing the process, PTYs (create, input, resize, kill), bad selectors; and the same
+ProcessService through dsec's own SDK, directly and through a cluster gateway.
+
+Every wait is on a protocol event (an output marker, the end event, a listed pid), never a sleep."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+from e2b import AsyncSandbox, CommandExitException, Sandbox
+from e2b.exceptions import InvalidArgumentException, NotFoundException, TimeoutException
+from e2b.sandbox.commands.command_handle import PtySize
+
+import dsec
+from dsec.cluster.gateway import Gateway, serve_gateway
+from dsec.cluster.placement import Capacity
+
+pytestmark = pytest.mark.timeout(300)
+
+SUBSTRATES = [pytest.param({}, id="container"), pytest.param({"dsec.substrate": "function"}, id="function")]
+
+
+@pytest.fixture(scope="module", params=SUBSTRATES)
+def sandbox(request, dsec_http):
+    """One E2B sandbox of the `base` template per substrate, shared by the tests of this module."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in dsec_http.env.items():
+            patch.setenv(key, value)
+        patch.delenv("E2B_DEBUG", raising=False)
+        sb = Sandbox.create("base", timeout=600, metadata={"suite": "commands", **request.param}, envs={"SANDBOX_VAR": "sv"})
+        try:
+            yield sb
+        finally:
+            sb.kill()
+
+
+@pytest.fixture
+def sb(sandbox, e2b_env):
+    return sandbox
+
+
+def until(handle, marker: str) -> str:
+    """Consume a handle's output until `marker` appeared (stdout, stderr or PTY bytes)."""
+    seen = ""
+    for stdout, stderr, pty in handle:
+        seen += stdout or stderr or (pty.decode(errors="replace") if pty else "")
+        if marker in seen:
+            return seen
+    raise AssertionError(f"stream ended before {marker!r}: {seen!r}")
+
+
+def test_foreground_output_env_cwd_and_user(sb):
+    result = sb.commands.run("echo out; echo err >&2; echo $FOO $SANDBOX_VAR; pwd; whoami", envs={"FOO": "bar"})
+    assert result.exit_code == 0 and result.error is None
+    assert result.stdout == "out\nbar sv\n/home/user\nuser\n"
+    assert result.stderr == "err\n"
+    assert sb.commands.run("pwd", cwd="/tmp").stdout == "/tmp\n"
+    root = sb.commands.run("whoami; echo $HOME; pwd", user="root")
+    assert root.stdout == "root\n/root\n/root\n"
+
+
+def test_on_stdout_streams_before_the_command_ends(sb):
+    handle = sb.commands.run("echo first; read line; echo second $line >&2", background=True, stdin=True)
+    chunks: list[str] = []
+    for stdout, _, _ in handle:
+        chunks.append(stdout)
+        if "first" in "".join(chunks):
+            break  # the process is blocked on stdin: this output was streamed, not buffered to the end
+    handle.send_stdin("go\n")
+    errors: list[str] = []
+    result = handle.wait(on_stderr=errors.append)
+    assert "".join(errors) == "second go\n" and result.exit_code == 0
+
+
+def test_non_zero_exit_raises_the_exit_exception(sb):
+    with pytest.raises(CommandExitException) as caught:
+        sb.commands.run("echo partial; echo bad >&2; exit 3")
+    assert caught.value.exit_code == 3
+    assert caught.value.stdout == "partial\n" and caught.value.stderr == "bad\n"
+    assert caught.value.error == "exit status 3"
+
+
+def test_background_list_kill_wait(sb):
+    handle = sb.commands.run("sleep 600", background=True)
+    listed = {p.pid: p for p in sb.commands.list()}
+    assert handle.pid in listed
+    assert listed[handle.pid].cmd == "/bin/bash" and listed[handle.pid].args == ["-l", "-c", "sleep 600"]
+    assert handle.kill() is True
+    with pytest.raises(CommandExitException) as caught:
+        handle.wait()
+    assert caught.value.exit_code == -1 and caught.value.error == "signal: killed"
+    assert handle.pid not in {p.pid for p in sb.commands.list()}
+    assert sb.commands.kill(handle.pid) is False  # ended: envd answers NOT_FOUND, the SDK says False
+
+
+def test_connect_reattaches_without_replay(sb):
+    handle = sb.commands.run("echo one; read x; echo two $x", background=True, stdin=True)
+    assert "one" in until(handle, "one")
+    handle.disconnect()
+    again = sb.commands.connect(handle.pid)
+    assert again.pid == handle.pid
+    sb.commands.send_stdin(handle.pid, "yes\n")
+    result = again.wait()
+    assert result.stdout == "two yes\n", "a re-attached stream sees what comes next, nothing replayed"
+    assert result.exit_code == 0
+
+
+def test_stdin_send_and_close(sb):
+    handle = sb.commands.run("cat; echo done", background=True, stdin=True)
+    handle.send_stdin("abc ")
+    sb.commands.send_stdin(handle.pid, b"def")
+    handle.close_stdin()
+    assert handle.wait().stdout == "abc defdone\n"
+
+
+def test_the_start_deadline_kills_the_command(sb):
+    with pytest.raises(TimeoutException):
+        sb.commands.run("sleep 600", timeout=2)
+    handle = sb.commands.run("echo started; sleep 600", background=True, timeout=3)
+    until(handle, "started")
+    handle.disconnect()
+    with pytest.raises(CommandExitException) as caught:
+        sb.commands.connect(handle.pid, timeout=60).wait()  # the end event comes once dsec killed it
+    assert caught.value.error == "signal: killed"
+
+
+def test_pty_create_input_resize_kill(sb):
+    output: list[bytes] = []
+    terminal = sb.pty.create(PtySize(cols=80, rows=24))
+    sb.pty.send_stdin(terminal.pid, b"stty size; tty; echo $((6*7))-$TERM\n")
+    text = until(terminal, "42-xterm-256color")
+    assert "24 80" in text and "/dev/pts/" in text
+    sb.pty.resize(terminal.pid, PtySize(cols=132, rows=43))
+    sb.pty.send_stdin(terminal.pid, b"stty size\n")
+    assert "43 132" in until(terminal, "43 132")
+    assert terminal.pid in {p.pid for p in sb.commands.list()}
+    assert sb.pty.kill(terminal.pid) is True
+    with pytest.raises(CommandExitException):
+        terminal.wait(on_pty=output.append)
+    assert sb.pty.kill(terminal.pid) is False
+
+
+def test_pty_exit_code_and_ctrl_d(sb):
+    terminal = sb.pty.create(PtySize(cols=40, rows=10), cwd="/tmp", envs={"X": "1"})
+    sb.pty.send_stdin(terminal.pid, b"echo $X:$(pwd)\n")
+    until(terminal, "1:/tmp")
+    sb.pty.send_stdin(terminal.pid, b"\x04")  # Ctrl-D: the interactive shell ends
+    assert terminal.wait().exit_code == 0
+
+
+def test_unknown_pids_users_and_closed_stdin(sb):
+    assert sb.commands.kill(999_999) is False
+    with pytest.raises(NotFoundException):
+        sb.commands.send_stdin(999_999, "x")
+    with pytest.raises(NotFoundException):
+        sb.commands.connect(999_999).wait()
+    with pytest.raises(InvalidArgumentException, match="does not exist"):
+        sb.commands.run("true", user="nobody-here")
+    handle = sb.commands.run("sleep 600", background=True)  # stdin=False (the SDK's default)
+    try:
+        with pytest.raises(InvalidArgumentException, match="without stdin"):
+            handle.send_stdin("x")
+    finally:
+        handle.kill()
+
+
+def test_async_sdk_commands_and_pty(e2b_env):
+    async def scenario() -> None:
+        sb = await AsyncSandbox.create("base", timeout=120, metadata={"suite": uuid.uuid4().hex})
+        try:
+            result = await sb.commands.run("echo async $((1+1))")
+            assert result.stdout == "async 2\n"
+            with pytest.raises(CommandExitException):
+                await sb.commands.run("exit 4")
+            seen: list[str] = []
+            handle = await sb.commands.run("echo bg; sleep 600", background=True, on_stdout=seen.append)
+            assert handle.pid in {p.pid for p in await sb.commands.list()}
+            assert await handle.kill() is True
+            with pytest.raises(CommandExitException):
+                await handle.wait()
+            chunks: list[bytes] = []
+            terminal = await sb.pty.create(PtySize(cols=80, rows=24), on_data=chunks.append)
+            await sb.pty.send_stdin(terminal.pid, b"echo pty-$((40+2)); exit 9\n")
+            with pytest.raises(CommandExitException) as caught:
+                await terminal.wait()
+            assert caught.value.exit_code == 9 and b"pty-42" in b"".join(chunks)
+        finally:
+            await sb.kill()
+
+    asyncio.run(scenario())
+
+
+# -- the same service through dsec's own SDK ---------------------------------------------------------------
+
+
+def _exercise_native(client: dsec.Client) -> None:
+    with client.create("base", "container") as sb:
+        done = sb.processes.start(["bash", "-c", "echo $HOME; id -un"], user="user", tag="who").wait()
+        assert done.stdout == b"/home/user\nuser\n" and done.exit_code == 0
+        assert sb.processes.connect(tag="who").wait().status == "exit status 0", "the end is kept for late connectors"
+        terminal = sb.processes.start(["sh"], pty=(80, 24), tag="tty")
+        terminal.send_input("stty size; echo mark-$((2*21))\n")
+        seen = b""
+        for output in terminal:
+            assert output.stream == "pty"
+            seen += output.data
+            if b"mark-42" in seen:
+                break
+        assert b"24 80" in seen
+        sb.processes.resize(100, 30, tag="tty")
+        assert [p.tag for p in sb.processes.list()] == ["tty"]
+        sb.processes.kill(tag="tty")
+        assert terminal.wait().signal == 9
+        with pytest.raises(dsec.ProcessNotFound):
+            sb.processes.send_input("x", tag="tty")
+        with pytest.raises(dsec.InvalidSpec):
+            sb.processes.start(["true"], pty=(0, 10))
+
+
+def test_native_sdk_processes(dsec_http):
+    with dsec.Client(dsec_http.grpc_address) as client:
+        _exercise_native(client)
+
+
+def test_native_sdk_processes_through_a_gateway(dsec_http):
+    gateway = Gateway()
+    gateway.add_node("node-0", dsec_http.grpc_address, Capacity(cpus=8, memory_mb=8192, sandboxes=64))
+    running = serve_gateway(gateway, probe_interval_s=0.5)
+    try:
+        with dsec.Client(running.address) as client:
+            _exercise_native(client)
+    finally:
+        running.stop()
+
+
+def test_processes_die_with_their_sandbox(dsec_http):
+    with dsec.Client(dsec_http.grpc_address) as client:
+        sb = client.create("base", "container")
+        process = sb.processes.start("echo up; sleep 600")
+        assert next(iter(process)).data == b"up\n"
+        started = time.monotonic()
+        sb.destroy()
+        result = process.wait()  # the stream ends with the sandbox instead of hanging
+        assert result.exit_code == -1 and time.monotonic() - started < 60
