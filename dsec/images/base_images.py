@@ -2,10 +2,11 @@
 
 `busybox`: one layer, the static busybox with its applet symlinks. `python`: two layers, a debootstrap
 minbase bookworm and python3 (3.11, the host's version; --no-install-recommends) on top, so every sandbox test also
-exercises layering. `base`: python plus E2B's default user, the `base` template of the E2B front door. Both are written as real OCI layouts under `<store>/base-cache/`, then imported; the slow
+exercises layering. `base`: python plus E2B's default user, the `base` template of the E2B front door.
+`code-interpreter`: python, IPython kernels and dsec's kernel server, the E2B `code-interpreter` template. All are written as real OCI layouts under `<store>/base-cache/`, then imported; the slow
 debootstrap is cached there, so a rerun with the image already imported is a no-op and a rebuild is quick.
 
-CLI: `python -m dsec.images.base_images [busybox|python|base|all]`.
+CLI: `python -m dsec.images.base_images [busybox|python|base|code-interpreter|all]`.
 """
 
 from __future__ import annotations
@@ -137,8 +138,8 @@ def _clean_tree(root: Path) -> None:
                 shutil.rmtree(entry)
 
 
-def _with_python(base: Path, cache: Path) -> Path:
-    """`base` plus python3 installed by apt inside a chroot (maintainer scripts run as on Debian)."""
+def _with_python(base: Path, cache: Path, packages: tuple[str, ...] = (PYTHON_PACKAGE,)) -> Path:
+    """`base` plus python3 (or `packages`) installed by apt inside a chroot (maintainer scripts run as on Debian)."""
     full = cache / f"bookworm-python.{os.getpid()}.tmp"
     shutil.rmtree(full, ignore_errors=True)
     _run(["cp", "-a", str(base), str(full)], "copying the minbase tree")
@@ -147,7 +148,7 @@ def _with_python(base: Path, cache: Path) -> Path:
     shutil.copyfile("/etc/resolv.conf", resolv)
     try:
         env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
-        for cmd in (["apt-get", "-qq", "update"], ["apt-get", "-qq", "-y", "--no-install-recommends", "install", PYTHON_PACKAGE],
+        for cmd in (["apt-get", "-qq", "update"], ["apt-get", "-qq", "-y", "--no-install-recommends", "install", *packages],
                     ["apt-get", "clean"]):
             proc = subprocess.run(["chroot", str(full), *cmd], capture_output=True, text=True, env=env)
             if proc.returncode != 0:
@@ -199,7 +200,44 @@ def build_base(store: LayerStore, tag: str = "base") -> ImageRecord:
     return build(store, BuildSpec("python").run(BASE_USER_COMMAND), tag=tag).record
 
 
-BUILDERS = {"busybox": build_busybox, "python": build_python, "base": build_base}
+# The code-interpreter template: IPython kernels (Debian's ipykernel + jupyter_client) behind dsec's own kernel server
+CODE_INTERPRETER_PACKAGES = (PYTHON_PACKAGE, "python3-ipykernel", "python3-jupyter-client")
+KERNEL_SERVER = Path(__file__).with_name("kernel_server.py")
+KERNEL_SERVER_PATH = "opt/dsec/kernel_server.py"
+
+
+def build_code_interpreter(store: LayerStore, tag: str = "code-interpreter") -> ImageRecord:
+    """E2B's `code-interpreter` template: python3 with IPython kernels and `kernel_server.py` (the routes
+    `e2b-code-interpreter` calls on port 49999), E2B's user `user`, workdir /home/user. Its ENTRYPOINT starts
+    the server and returns once it serves: the front door runs it at create (docs/compat.md). Two layers:
+    the shared minbase, and everything else installed by apt in a chroot (no network inside a build sandbox)."""
+    record = _already(store, tag)
+    if record is not None:
+        return record
+    cache = _cache(store)
+    base = _debootstrap(cache)
+    full = _with_python(base, cache, CODE_INTERPRETER_PACKAGES)
+    try:
+        _run(["chroot", str(full), *BASE_USER_COMMAND.split()], "adding the user `user`")
+        server = full / KERNEL_SERVER_PATH
+        server.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(KERNEL_SERVER, server)
+        server.chmod(0o755)
+        base_tar = cache / f"ci-base.{os.getpid()}.tar"
+        tar_tree(base, base_tar)
+        changed, deleted = tree_diff(base, full)
+        top_tar = tar_paths(full, changed, cache / f"ci-top.{os.getpid()}.tar", whiteouts=deleted)
+    finally:
+        shutil.rmtree(full, ignore_errors=True)
+    runtime = {"Env": [DEFAULT_PATH, "LANG=C.UTF-8"], "Entrypoint": ["python3", f"/{KERNEL_SERVER_PATH}", "--daemon"],
+               "WorkingDir": "/home/user"}
+    layout = write_layout(cache / "code-interpreter-oci", [base_tar, top_tar], runtime, tag,
+                          ["debootstrap --variant=minbase bookworm",
+                           f"apt-get install {' '.join(CODE_INTERPRETER_PACKAGES)}; {BASE_USER_COMMAND}; COPY kernel_server.py"])
+    return store.import_oci_layout(layout, tag=tag)
+
+
+BUILDERS = {"busybox": build_busybox, "python": build_python, "base": build_base, "code-interpreter": build_code_interpreter}
 
 
 def main(argv: list[str] | None = None) -> int:
