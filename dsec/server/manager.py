@@ -99,7 +99,7 @@ class SandboxManager:
             config.max_sandboxes, config.max_concurrent_creates, config.create_queue_limit, config.tenant_max_sandboxes
         )
         self._stop = threading.Event()
-        self.snapshots = SnapshotStore(config.home / "snapshots")
+        self.snapshots = SnapshotStore(config.home / "snapshots", owner=state.run_dir)
         self._reaper = threading.Thread(target=self._reap_expired, daemon=True, name="dsec-ttl-reaper")
         self._reaper.start()
 
@@ -118,6 +118,7 @@ class SandboxManager:
         cleaned = reap_dead_servers(self.config.run_root, cleanup)
         try:
             orphans.sweep()
+            orphans.sweep_snapshots(self.snapshots.root)
         except Exception:  # noqa: BLE001 - a failed sweep must not stop the server; the next start retries
             log.exception("sweeping orphaned sandbox resources failed")
         if cleaned:
@@ -382,9 +383,9 @@ class SandboxManager:
         sandbox.events.add("sandbox resumed")
         return sandbox
 
-    def snapshot(self, sandbox_id: str, name: str, tenant: str | None = None) -> dict:
+    def snapshot(self, sandbox_id: str, name: str, tenant: str | None = None, temporary: bool = False) -> dict:
         sandbox = self.running(sandbox_id, tenant)
-        snapshot_id, data = self.snapshots.new()
+        snapshot_id, data = self.snapshots.new(temporary)
         try:
             with sandbox.lock:
                 kind = sandbox.handle.snapshot(data)
@@ -427,7 +428,7 @@ class SandboxManager:
         """`n` copies of a running sandbox, through a snapshot of its own that is deleted afterwards."""
         if not (1 <= n <= 100):
             raise InvalidSpec(f"fork count must be between 1 and 100, got {n}")
-        meta = self.snapshot(sandbox_id, name=f"fork-of-{sandbox_id}", tenant=tenant)
+        meta = self.snapshot(sandbox_id, name=f"fork-of-{sandbox_id}", tenant=tenant, temporary=True)
         forks: list[ManagedSandbox] = []
         try:
             for _ in range(n):

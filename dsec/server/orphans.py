@@ -2,18 +2,29 @@
 
 Why next to the run-dir reaper (state.py): the reaper tears down what a dead server's records describe; a
 sandbox whose records are lost (a crash between creating its cgroup and writing its record, a state
-directory removed by hand) is invisible to it, while its cgroups, processes, loop device, QEMU or Docker
-container live on. This sweep starts from the host's side instead: every `/dsec/<id>` cgroup, every loop
-device backed by a `…/<id>/disk.img`, every QEMU whose pidfile is `…/<id>/qemu.pid`, every container
-labelled `dsec.sandbox=<id>`.
+directory removed by hand) is invisible to it, while its cgroups, processes, loop device, netns, veth, nftables
+table, QEMU or Docker container live on. This sweep starts from the host's side instead: every `/dsec/<id>`
+cgroup, every loop device backed by a `…/<id>/disk.img`, every `/run/netns/dsec-<id>`, every `inet dsec_<id>`
+nftables table, every `dsh<slot>` veth (its owner is the id in its slot file), every QEMU whose pidfile is
+`…/<id>/qemu.pid`, every container labelled `dsec.sandbox=<id>`.
 
 Ownership must hold across several servers with different `$DSEC_HOME`s on one machine, so before a server
 creates anything for a sandbox it registers it machine-wide: `/run/dsec/sandboxes/<id>` is a symlink to the
 sandbox's state directory, whose parent is the owning server's run directory with its `server.lock`. The
 owner is alive exactly while some process holds that flock, which `/proc/locks` tells without touching the
-lock (taking it, even briefly, could make a concurrent reaper skip a dead server). A resource is removed only
-when it is registered and its owner is dead: what cannot be attributed (a driver used without a server, a
-sandbox of another tool) is never touched.
+lock (taking it, even briefly, could make a concurrent reaper skip a dead server).
+
+The ownership mark is the name: `sb-<16 hex>` ids are made only by servers (`SandboxManager._new_id`), which
+register an id before creating anything for it and unregister it only after all of it is gone. So a resource
+named for such an id is removed when its registration points at a dead server, and also when it has no
+registration at all (its records are lost: nothing live can own it). Other names (a driver used without a
+server: tests' `ct-…`, image builds' `build-…`) cannot be attributed and are never touched, nor is a resource
+whose state directory sits in a live server's run directory. Sweeps take a machine-wide lock, so two servers
+starting together never race over a loop device or a network slot one of them just freed.
+
+Snapshots (`sweep_snapshots`) carry their own mark: `SnapshotStore` creates each snapshot directory with an
+`owner` link to its server's run directory (and a `temporary` file for a fork's own snapshot); a snapshot never
+published, or a temporary one, whose owner is dead is removed. Published snapshots are the users' and stay.
 """
 
 from __future__ import annotations
@@ -26,7 +37,9 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,12 +51,21 @@ from dsec.server.state import unmount_below
 from dsec.substrates.container import cgroups
 from dsec.substrates.container.bundle import CGROUP_PARENT
 from dsec.substrates.container.dockerd import DSEC_DOCKER_SOCKET, ping
+from dsec.substrates.container.network import ALLOC_DIR, NETNS_DIR, Link, netns_name, release_slot, table_name
 from dsec.substrates.container.rootfs import unmount
 
 log = logging.getLogger("dsec.server.orphans")
 
 REGISTRY = Path("/run/dsec/sandboxes")
-SANDBOX_ID = re.compile(r"sb-[0-9a-f]{16}")
+SWEEP_LOCK = Path("/run/dsec/sweep.lock")
+SANDBOX_ID = re.compile(r"sb-[0-9a-f]{16}")  # the server's id scheme (SandboxManager._new_id): the ownership mark
+NETNS_NAME = re.compile(r"dsec-(sb-[0-9a-f]{16})")
+NFT_TABLE = re.compile(r"table inet (dsec_sb_[0-9a-f]{16})")
+VETH_NAME = re.compile(r"dsh(\d+)")
+SNAPSHOT_OWNER = "owner"  # in a snapshot dir: symlink to the run directory of the server that made it
+SNAPSHOT_TEMPORARY = "temporary"  # in a snapshot dir: the snapshot is a fork's own, deleted once the fork is done
+SNAPSHOT_META = "meta.json"
+COMMAND_TIMEOUT_S = 30.0
 LOCK_NAME = "server.lock"
 DISK_IMAGE = "disk.img"
 QEMU_PIDFILE = "qemu.pid"
@@ -91,13 +113,18 @@ def _held_locks() -> set[tuple[int, int, int]]:
     return held
 
 
-def owner_alive(sandbox_dir: Path, held: set[tuple[int, int, int]] | None = None) -> bool:
-    """Whether the server whose run directory holds `sandbox_dir` is alive (holds its `server.lock`)."""
+def run_dir_alive(run_dir: Path, held: set[tuple[int, int, int]] | None = None) -> bool:
+    """Whether the server of `run_dir` is alive (some process holds its `server.lock`)."""
     try:
-        st = os.stat(sandbox_dir.parent / LOCK_NAME)
-    except FileNotFoundError:
+        st = os.stat(run_dir / LOCK_NAME)
+    except OSError:
         return False  # a run directory without lock: its server is gone (clean exit or never fully started)
     return (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in (held if held is not None else _held_locks())
+
+
+def owner_alive(sandbox_dir: Path, held: set[tuple[int, int, int]] | None = None) -> bool:
+    """Whether the server whose run directory holds `sandbox_dir` is alive (holds its `server.lock`)."""
+    return run_dir_alive(sandbox_dir.parent, held)
 
 
 @dataclass
@@ -108,10 +135,16 @@ class Orphans:
     loops: list[str] = field(default_factory=list)  # /dev/loopN backed by a sandbox's disk image
     qemus: list[int] = field(default_factory=list)  # QEMU pids
     containers: list[str] = field(default_factory=list)  # Docker container ids
+    netns: list[str] = field(default_factory=list)  # /run/netns names
+    veths: list[str] = field(default_factory=list)  # host ends (dsh<slot>)
+    slots: list[int] = field(default_factory=list)  # network slots released
+    nft_tables: list[str] = field(default_factory=list)  # inet tables
     registrations: list[str] = field(default_factory=list)  # registry entries dropped
+    unrecorded: list[str] = field(default_factory=list)  # sandbox ids found with no registration at all
 
     def __bool__(self) -> bool:
-        return bool(self.cgroups or self.loops or self.qemus or self.containers)
+        return bool(self.cgroups or self.loops or self.qemus or self.containers or self.netns or self.veths
+                    or self.slots or self.nft_tables)
 
 
 def _cgroup_ids() -> set[str]:
@@ -175,6 +208,60 @@ def _remove_container(container: str) -> None:
         client.close()
 
 
+def _netns() -> dict[str, str]:
+    """Named netns -> sandbox id, for the `dsec-<id>` ones (allowlisted containers and VMs)."""
+    found: dict[str, str] = {}
+    for entry in NETNS_DIR.iterdir() if NETNS_DIR.is_dir() else ():
+        if match := NETNS_NAME.fullmatch(entry.name):
+            found[entry.name] = match.group(1)
+    return found
+
+
+def _nft_tables() -> dict[str, str]:
+    """`inet dsec_<id>` nftables table -> sandbox id ({} when nft is not installed)."""
+    try:
+        listed = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    found: dict[str, str] = {}
+    for line in listed.stdout.splitlines():
+        if match := NFT_TABLE.fullmatch(line.strip()):
+            found[match.group(1)] = "sb-" + match.group(1).removeprefix("dsec_sb_")
+    return found
+
+
+def _slot_owners() -> dict[int, str]:
+    """Network slot -> the sandbox id its claim file names."""
+    found: dict[int, str] = {}
+    for path in ALLOC_DIR.iterdir() if ALLOC_DIR.is_dir() else ():
+        if path.name.isdigit():
+            with contextlib.suppress(OSError):
+                found[int(path.name)] = path.read_text()
+    return found
+
+
+def _veth_slots() -> list[int]:
+    """Slots whose host-side veth end (`dsh<slot>`) exists in this network namespace."""
+    return sorted(int(m.group(1)) for p in Path("/sys/class/net").iterdir() if (m := VETH_NAME.fullmatch(p.name)))
+
+
+def _slot_owner(slot: int) -> str | None:
+    try:
+        return (ALLOC_DIR / str(slot)).read_text()
+    except OSError:
+        return None
+
+
+def _command(argv: list[str], missing_ok: bool = True) -> None:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeFailure(f"orphan sweep: `{' '.join(argv)}` hung for {COMMAND_TIMEOUT_S:.0f}s") from exc
+    err = proc.stderr.strip()
+    if proc.returncode != 0 and not (missing_ok and any(s in err for s in ("No such file", "Cannot find device", "does not exist"))):
+        raise RuntimeFailure(f"orphan sweep: `{' '.join(argv)}` failed: {err[-800:]}")
+
+
 def _kill_pid(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
@@ -196,13 +283,26 @@ def _mounts_of(device: str) -> list[str]:
     return points
 
 
-def _detach_loop(device: str) -> None:
-    """Unmount the loop device everywhere in this namespace, then detach it (autoclear ones go by themselves)."""
+def _backing(device: str) -> str | None:
+    try:
+        return Path(f"/sys/block/{device.removeprefix('/dev/')}/loop/backing_file").read_text().strip().removesuffix(" (deleted)")
+    except OSError:
+        return None
+
+
+def _detach_loop(device: str, backing: Path) -> None:
+    """Unmount the loop device everywhere in this namespace, then detach it (autoclear ones go by themselves).
+
+    Each step re-reads the device's backing file: once the orphan's processes are killed its autoclear device
+    may detach by itself and be reused by a live sandbox, whose disk must not be unmounted."""
+    if _backing(device) != str(backing):
+        return
     for point in sorted(_mounts_of(device), key=len, reverse=True):
+        if _backing(device) != str(backing):
+            return
         unmount(Path(point))
     deadline = time.monotonic() + LOOP_DETACH_WAIT_S
-    name = device.removeprefix("/dev/")
-    while Path(f"/sys/block/{name}/loop/backing_file").exists():
+    while _backing(device) == str(backing):
         try:
             fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -226,51 +326,152 @@ def _clean_state(sandbox_id: str, sandbox_dir: Path) -> None:
         shutil.rmtree(home / "oci" / runtime / sandbox_id, ignore_errors=True)
 
 
+@dataclass
+class _Owners:
+    """Who owns each sandbox id the sweep meets, decided once per id from one reading of /proc/locks."""
+
+    held: set[tuple[int, int, int]]
+    dead: dict[str, Path | None] = field(default_factory=dict)  # id -> its state dir (None: not known)
+    unrecorded: set[str] = field(default_factory=set)
+
+    def gone(self, sandbox_id: str, expected: Path | None = None) -> bool:
+        """Whether `sandbox_id`'s resources are an orphan's: registered to a dead server, or a server's id with no
+        registration at all. `expected`: the state dir the resource itself names (loop backing, QEMU pidfile)."""
+        registered = registered_dir(sandbox_id)
+        if registered is not None:
+            if owner_alive(registered, self.held):
+                return False
+            if expected is not None and expected.resolve() != registered:
+                return False  # another sandbox dir of the same id name: not the registered one
+            self.dead.setdefault(sandbox_id, registered)
+            return True
+        if not SANDBOX_ID.fullmatch(sandbox_id):
+            return False  # not a server's id: a driver used without a server, or another tool's; never ours to judge
+        if expected is not None and owner_alive(expected, self.held):
+            return False  # in a live server's run dir: its owner is removing it right now
+        self.unrecorded.add(sandbox_id)
+        known = expected if expected is not None and (expected.parent / LOCK_NAME).exists() else None
+        if self.dead.get(sandbox_id) is None:
+            self.dead[sandbox_id] = known  # only a dead server's run dir is ours to delete
+        return True
+
+
+@contextlib.contextmanager
+def _exclusive() -> Iterator[None]:
+    """One sweep at a time on this machine: two would race over devices and slots the other just freed."""
+    SWEEP_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(SWEEP_LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def sweep() -> Orphans:
-    """Remove everything of every registered sandbox whose server is dead; returns what was removed.
+    """Remove everything of every sandbox whose server is dead or whose records are lost; returns what went.
 
     Safe while other servers run: their sandboxes are registered to run directories whose lock they hold.
-    Processes go first (cgroup members, QEMUs, containers), then cgroups, loop devices and mounts.
+    Processes go first (containers, QEMUs, cgroup members), then network plumbing (netns, veths, slots,
+    nftables tables), then loop devices and mounts, then the registrations.
     """
-    held = _held_locks()
-    dead: dict[str, Path] = {}
+    with _exclusive():
+        removed = _sweep(_Owners(_held_locks()))
+    if removed:
+        log.warning(
+            "removed orphans of dead servers: cgroups %s, loops %s, qemu pids %s, containers %s, netns %s, veths %s, "
+            "slots %s, nft tables %s; without any record: %s",
+            removed.cgroups, removed.loops, removed.qemus, [c[:12] for c in removed.containers], removed.netns,
+            removed.veths, removed.slots, removed.nft_tables, removed.unrecorded,
+        )  # fmt: skip
+    return removed
 
-    def dead_dir(sandbox_id: str, expected: Path | None = None) -> Path | None:
-        if sandbox_id not in dead:
-            registered = registered_dir(sandbox_id)
-            if registered is None or owner_alive(registered, held):
-                return None
-            dead[sandbox_id] = registered
-        if expected is not None and expected.resolve() != dead[sandbox_id]:
-            return None  # another sandbox dir of the same id name: not the registered one
-        return dead[sandbox_id]
 
+def _sweep(owners: _Owners) -> Orphans:
     removed = Orphans()
     for container, sandbox_id in _docker_containers().items():
-        if dead_dir(sandbox_id) is not None:
+        if owners.gone(sandbox_id):
             _remove_container(container)
             removed.containers.append(container)
     for pid, state_dir in _qemus().items():
-        if dead_dir(state_dir.name, state_dir) is not None:
+        if owners.gone(state_dir.name, state_dir):
             _kill_pid(pid)
             removed.qemus.append(pid)
     for sandbox_id in sorted(_cgroup_ids()):
-        if dead_dir(sandbox_id) is not None:
+        if owners.gone(sandbox_id):
             cgroups.remove(f"/{CGROUP_PARENT}/{sandbox_id}", sandbox_id)
             removed.cgroups.append(sandbox_id)
+    for table, sandbox_id in _nft_tables().items():
+        if owners.gone(sandbox_id) and table == table_name(sandbox_id):
+            _command(["nft", "delete", "table", "inet", table])
+            removed.nft_tables.append(table)
+    for name, sandbox_id in _netns().items():
+        if owners.gone(sandbox_id) and name == netns_name(sandbox_id):
+            _command(["ip", "netns", "delete", name])  # the veth peer inside goes with it, and so its host end
+            removed.netns.append(name)
+    for slot, sandbox_id in _slot_owners().items():
+        if not owners.gone(sandbox_id):
+            continue
+        # The slot still names the dead sandbox, and only a sweep (one at a time) releases a dead sandbox's slot:
+        # the `dsh<slot>` link is its own, not a live sandbox's that claimed the slot since.
+        if Path(f"/sys/class/net/{Link(slot).host_if}").exists() and _slot_owner(slot) == sandbox_id:
+            _command(["ip", "link", "delete", Link(slot).host_if])
+            removed.veths.append(Link(slot).host_if)
+        release_slot(slot, sandbox_id)
+        removed.slots.append(slot)
     for device, backing in _loops().items():
-        if dead_dir(backing.parent.name, backing.parent) is not None:
-            _clean_state(backing.parent.name, backing.parent)
-            _detach_loop(device)
+        if owners.gone(backing.parent.name, backing.parent):
+            known = owners.dead.get(backing.parent.name)
+            if known is not None:
+                _clean_state(backing.parent.name, known)
+            _detach_loop(device, backing)
             removed.loops.append(device)
+    for claim in ALLOC_DIR.glob(".claim-*") if ALLOC_DIR.is_dir() else ():
+        if owners.gone(claim.name.removeprefix(".claim-")):
+            claim.unlink(missing_ok=True)
     for entry in list(REGISTRY.iterdir()) if REGISTRY.is_dir() else []:
-        if SANDBOX_ID.fullmatch(entry.name) and dead_dir(entry.name) is not None:
-            _clean_state(entry.name, dead[entry.name])
+        if SANDBOX_ID.fullmatch(entry.name) and owners.gone(entry.name):
+            known = owners.dead.get(entry.name)
+            if known is not None:
+                _clean_state(entry.name, known)
             unregister(entry.name)
             removed.registrations.append(entry.name)
+    removed.unrecorded = sorted(owners.unrecorded)
+    return removed
+
+
+def sweep_snapshots(root: Path) -> list[str]:
+    """Remove snapshot leftovers of dead servers under `root`: never-published (half-written) snapshot dirs and
+    a fork's temporary snapshot, whose `owner` mark names a run directory nobody holds; returns their names.
+
+    A published snapshot without the `temporary` mark is a user's and stays, whoever made it. A `snap-*` dir with
+    neither `meta.json` nor an owner mark is a half-deleted one (delete drops `meta.json` first) or one from
+    before owner marks: nothing writes into it any more. A staging dir (`.new-snap-*`) without its mark yet is
+    left alone: its server may be between creating it and marking it.
+    """
+    removed: list[str] = []
+    if not root.is_dir():
+        return removed
+    held = _held_locks()
+    for entry in sorted(root.iterdir()):
+        staging = entry.name.startswith(".new-snap-")
+        if not entry.is_dir() or not (staging or entry.name.startswith("snap-")):
+            continue
+        try:
+            owner: Path | None = Path(os.readlink(entry / SNAPSHOT_OWNER))
+        except OSError:
+            owner = None
+        published = (entry / SNAPSHOT_META).exists()
+        temporary = (entry / SNAPSHOT_TEMPORARY).exists()
+        if owner is not None and run_dir_alive(owner, held):
+            continue
+        if owner is None and (staging or published):
+            continue  # cannot be attributed: a staging dir being marked, or a published snapshot of old
+        if published and not temporary:
+            continue
+        (entry / SNAPSHOT_META).unlink(missing_ok=True)  # invisible first, as SnapshotStore deletes
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry.name)
     if removed:
-        log.warning(
-            "removed orphans of dead servers: cgroups %s, loops %s, qemu pids %s, containers %s",
-            removed.cgroups, removed.loops, removed.qemus, [c[:12] for c in removed.containers],
-        )  # fmt: skip
+        log.warning("removed snapshot leftovers of dead servers: %s", removed)
     return removed

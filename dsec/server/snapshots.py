@@ -5,6 +5,10 @@ of `data/` before the new sandbox runs (containers unpack the writable layer, VM
 load the device state at start), so a snapshot can go as soon as no restore is reading it: deleting one that
 restores are using hides it at once and removes it when the last of them finishes. Snapshots that fork takes
 for itself are deleted when the fork is done, so forking never accumulates disk.
+
+Each snapshot dir is born (renamed into place) with an `owner` link to its server's run directory, and a fork's
+own snapshot with a `temporary` file: when that server dies mid-capture or mid-fork, the next server's start
+(`orphans.sweep_snapshots`) removes what it left half-written or temporary.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from dsec.errors import SnapshotNotFound
 
 META = "meta.json"
 DATA = "data"
+OWNER = "owner"  # orphans.SNAPSHOT_OWNER
+TEMPORARY = "temporary"  # orphans.SNAPSHOT_TEMPORARY
 
 
 def _size(path: Path) -> int:
@@ -36,16 +42,23 @@ def _size(path: Path) -> int:
 
 
 class SnapshotStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, owner: Path | None = None) -> None:
         self.root = root
+        self.owner = owner  # the server's run directory: whether it is alive says if a half-made snapshot is a leftover
         self._lock = threading.Lock()
         self._readers: dict[str, int] = {}
         self._doomed: set[str] = set()
 
-    def new(self) -> tuple[str, Path]:
-        """A fresh snapshot id and its data directory (invisible until `publish`)."""
+    def new(self, temporary: bool = False) -> tuple[str, Path]:
+        """A fresh snapshot id and its data directory (invisible until `publish`); `temporary`: a fork's own."""
         snapshot_id = "snap-" + secrets.token_hex(8)
-        (self.root / snapshot_id).mkdir(parents=True)
+        staging = self.root / f".new-{snapshot_id}"
+        staging.mkdir(parents=True)
+        if self.owner is not None:
+            (staging / OWNER).symlink_to(self.owner.resolve())
+        if temporary:
+            (staging / TEMPORARY).touch()
+        os.rename(staging, self.root / snapshot_id)  # never a snapshot dir without its marks
         return snapshot_id, self.root / snapshot_id / DATA  # the driver creates it
 
     def publish(self, snapshot_id: str, meta: dict) -> None:

@@ -170,9 +170,10 @@ def test_owner_is_alive_exactly_while_its_lock_is_held(tmp_path):
         os.close(fd)
 
 
-def test_unregistered_cgroups_are_never_touched():
-    """A /dsec/<id> cgroup nobody registered (a driver used without a server) is not the sweep's to remove."""
-    sandbox_id = "sb-" + os.urandom(8).hex()
+def test_cgroups_of_ids_no_server_makes_are_never_touched():
+    """A /dsec/<id> cgroup whose id is not a server's (`sb-<16 hex>`), e.g. a driver used without a server, is not
+    the sweep's to remove, registered or not. (Unregistered server ids: tests/recovery/test_sweep_unrecorded.py.)"""
+    sandbox_id = "ct-" + os.urandom(6).hex()
     made = []
     try:
         for mount, controllers in cgroups.hierarchies():
