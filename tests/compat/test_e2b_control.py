@@ -5,6 +5,7 @@ Files are checked through dsec's own SDK on the same sandbox, so these tests do 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import time
 import uuid
 
@@ -238,3 +239,51 @@ def test_async_sdk_lifecycle(e2b_env, native):
             await AsyncSandbox.get_info(sb.sandbox_id)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("case", [SUBSTRATE_CASES[0], SUBSTRATE_CASES[2]])
+def test_metrics(e2b_env, native, case):
+    template, extra, internet = case
+    sb = Sandbox.create(template=template, timeout=120, metadata=extra, allow_internet_access=internet)
+    try:
+        native.connect(sb.sandbox_id).exec("i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done")
+        (metric,) = sb.get_metrics()
+        assert metric.cpu_count >= 1 and 0 <= metric.cpu_used_pct <= 100
+        assert 0 < metric.mem_used < metric.mem_total <= 1 << 40
+        assert abs(metric.timestamp.timestamp() - time.time()) < 60
+        if extra.get("dsec.substrate") is None:  # containers report their own disk; VMs do not (docs/compat.md)
+            assert 0 < metric.disk_used < metric.disk_total
+        assert sb.get_metrics(end=datetime.datetime.now() - datetime.timedelta(hours=1)) == []
+    finally:
+        sb.kill()
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.get_metrics(sb.sandbox_id)
+
+
+def test_logs_through_the_generated_client(e2b_env, native):
+    """The Python SDK has no logs method; its generated API client (the same HTTP code) calls both log routes."""
+    from e2b.api.client.api.sandboxes import get_sandboxes_sandbox_id_logs, get_v_2_sandboxes_sandbox_id_logs
+    from e2b.api.client.models import LogLevel, LogsDirection
+    from e2b.api.client_sync import get_api_client
+    from e2b.connection_config import ConnectionConfig
+
+    sb = Sandbox.create(timeout=120)
+    try:
+        native.connect(sb.sandbox_id).exec("true")
+        native.connect(sb.sandbox_id).exec("exit 3")
+        sb.pause()
+        Sandbox.connect(sb.sandbox_id)
+        api = get_api_client(ConnectionConfig())
+        v1 = get_sandboxes_sandbox_id_logs.sync_detailed(sb.sandbox_id, client=api)
+        assert v1.status_code == 200
+        messages = [e.message for e in v1.parsed.log_entries]
+        assert messages == ["sandbox created", "exec finished", "exec finished", "sandbox paused", "sandbox resumed"]
+        assert "exit_code=3" in v1.parsed.logs[2].line
+        warn = get_v_2_sandboxes_sandbox_id_logs.sync_detailed(sb.sandbox_id, client=api, level=LogLevel.WARN)
+        assert [(e.message, e.fields["exit_code"]) for e in warn.parsed.logs] == [("exec finished", "3")]
+        newest = get_v_2_sandboxes_sandbox_id_logs.sync_detailed(sb.sandbox_id, client=api, direction=LogsDirection.BACKWARD, limit=1)
+        assert [e.message for e in newest.parsed.logs] == ["sandbox resumed"]
+        missing = get_sandboxes_sandbox_id_logs.sync_detailed("sb-" + "0" * 16, client=api)
+        assert missing.status_code == 404
+    finally:
+        sb.kill()

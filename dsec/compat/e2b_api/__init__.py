@@ -11,6 +11,7 @@ from starlette.routing import Route
 from dsec.compat.context import CompatContext
 from dsec.compat.e2b_api.errors import ApiError
 from dsec.compat.e2b_api.sandboxes import SandboxRoutes
+from dsec.compat.e2b_api.telemetry import TelemetryRoutes
 
 
 async def _health(_request: Request) -> Response:
@@ -31,6 +32,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def make_app(ctx: CompatContext) -> Starlette:
     r = SandboxRoutes(ctx)
+    t = TelemetryRoutes(r)
     sid = "{sandbox_id:str}"
     routes = [
         Route("/health", _health, methods=["GET"]),
@@ -49,5 +51,8 @@ def make_app(ctx: CompatContext) -> Starlette:
         Route("/snapshots", r.list_snapshots, methods=["GET"]),
         Route("/templates/{template_id:str}", r.delete_template, methods=["DELETE"]),
         Route(f"/sandboxes/{sid}/fork", r.fork, methods=["POST"]),
+        Route(f"/sandboxes/{sid}/metrics", t.metrics, methods=["GET"]),
+        Route(f"/sandboxes/{sid}/logs", t.logs_v1, methods=["GET"]),
+        Route(f"/v2/sandboxes/{sid}/logs", t.logs_v2, methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={ApiError: _api_error, HTTPException: _http_error})
