@@ -23,7 +23,11 @@ from dsec.cluster.placement import Capacity
 
 pytestmark = pytest.mark.timeout(300)
 
-SUBSTRATES = [pytest.param({}, id="container"), pytest.param({"dsec.substrate": "function"}, id="function")]
+SUBSTRATES = [
+    pytest.param({}, id="container"),
+    pytest.param({"dsec.substrate": "function"}, id="function"),
+    pytest.param({"dsec.substrate": "microvm"}, id="microvm"),  # the agent runs as the guest agent
+]
 
 
 @pytest.fixture(scope="module", params=SUBSTRATES)
