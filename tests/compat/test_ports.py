@@ -15,11 +15,12 @@ import httpx
 import pytest
 import websockets.sync.client as ws_client
 from e2b import Sandbox as E2BSandbox
+from support.ports import free_port
 from websockets.exceptions import InvalidStatus
 
 from dsec.cluster.gateway import Gateway, serve_gateway
 from dsec.cluster.placement import Capacity
-from dsec.errors import InvalidSpec, PortUnreachable, SandboxNotFound
+from dsec.errors import InvalidSpec, PortUnreachable, SandboxNotFound, Unsupported
 from dsec.sdk.client import Client
 from dsec.sdk.embedded import EmbeddedServer
 from dsec.sdk.sandbox import Sandbox
@@ -148,6 +149,46 @@ def test_sdk_connect_port_with_half_close(dsec_http, served):
         sandbox.connect_port(CLOSED_PORT)
     with pytest.raises(InvalidSpec):
         sandbox.connect_port(70000)
+
+
+@pytest.mark.parametrize(
+    ("substrate", "driver", "options"),
+    [
+        pytest.param("container", "runc", {}, id="runc"),
+        pytest.param("container", "docker", {}, id="docker"),
+        pytest.param("function", "", {}, id="function"),
+        pytest.param("container", "", {"network_allow": ["127.0.0.1"]}, id="allowlist-netns"),
+        pytest.param("container", "", {"network": True}, id="host-network"),
+    ],
+)
+def test_ports_on_every_container_substrate(dsec_http, substrate, driver, options):
+    """Every substrate whose network is a host netns: the runtimes, Docker, function workers, an egress
+    allowlist's named netns, and a sandbox on the host network (where 127.0.0.1 is the host's own)."""
+    client = Client(dsec_http.grpc_address)
+    sandbox = client.create("python", substrate, driver=driver, **options)
+    try:
+        port = free_port() if options.get("network") else STATIC_PORT  # on the host network: a port free there
+        sandbox.files.write("/tmp/www/index.html", "hello from the sandbox\n")
+        sandbox.exec(f"cd /tmp/www && (setsid python3 -m http.server {port} --bind 127.0.0.1 >/tmp/static.log 2>&1 &)")
+        wait_listening(sandbox, port)
+        response = httpx.get(f"{dsec_http.http_url}/index.html", headers=routed(sandbox.id, port))
+        assert response.status_code == 200 and response.text == "hello from the sandbox\n"
+    finally:
+        sandbox.destroy()
+        client.close()
+
+
+def test_vm_ports_are_unsupported(dsec_http):
+    """A VM's network is not a host namespace: the typed Unsupported error, 501 at the door (docs/compat.md)."""
+    client = Client(dsec_http.grpc_address)
+    sandbox = client.create("busybox", "microvm")
+    try:
+        with pytest.raises(Unsupported):
+            sandbox.connect_port(STATIC_PORT)
+        assert httpx.get(f"{dsec_http.http_url}/", headers=routed(sandbox.id, STATIC_PORT)).status_code == 501
+    finally:
+        sandbox.destroy()
+        client.close()
 
 
 def test_gateway_forwards_port_streams(tmp_path):
