@@ -8,7 +8,7 @@ code-interpreter image's `kernel_server.py --daemon` does exactly that), so read
 a sleep. Images without an ENTRYPOINT (busybox, python, base, most user images) start nothing.
 
 dsec's own SDK does not run it: `Sandbox.create("code-interpreter")` is a plain sandbox until you run the
-entrypoint yourself (docs/compat.md).
+entrypoint yourself (docs/ports.md).
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ KERNEL_SERVER_PATH = "opt/dsec/kernel_server.py"
 def build_code_interpreter(store: LayerStore, tag: str = "code-interpreter") -> ImageRecord:
     """E2B's `code-interpreter` template: python3 with IPython kernels and `kernel_server.py` (the routes
     `e2b-code-interpreter` calls on port 49999), E2B's user `user`, workdir /home/user. Its ENTRYPOINT starts
-    the server and returns once it serves: the front door runs it at create (docs/compat.md). Two layers:
+    the server and returns once it serves: the front door runs it at create (docs/ports.md). Two layers:
     the shared minbase, and everything else installed by apt in a chroot (no network inside a build sandbox)."""
     record = _already(store, tag)
     if record is not None:

@@ -16,7 +16,7 @@ Routes (bodies as the SDK sends and parses them, e2b_code_interpreter/code_inter
   GET  /contexts                  → [context, ...]
   DELETE /contexts/{id}           → 204
   POST /contexts/{id}/restart     → 204
-Only Python contexts exist (other languages → 400, docs/compat.md). A client that disconnects mid-execution
+Only Python contexts exist (other languages → 400, docs/ports.md). A client that disconnects mid-execution
 (the SDK's timeout) interrupts the kernel, so the next call is not stuck behind it.
 
 `--daemon` is the image's start command: it forks the server, waits until the default kernel is ready and

@@ -4,7 +4,7 @@ Why from the host and not through the agent: a container sandbox's network is a 
 the host can create a socket *in* that namespace (a short-lived thread `setns`es into it, creates the socket
 and leaves; a socket keeps the namespace it was created in) and connect to 127.0.0.1:PORT there. Nothing runs
 inside the sandbox, nothing listens on the host, and a sandbox without network (`network=False`) is reachable
-all the same. VMs have no host-side network namespace; their drivers answer `Unsupported` (docs/compat.md).
+all the same. VMs have no host-side network namespace; their drivers answer `Unsupported` (docs/ports.md).
 
 Stream shape: the client's first message names sandbox + port; the server answers `opened` once connected (or
 a typed error: PortUnreachable when nothing accepts connections), then bytes flow both ways. `close_write`
