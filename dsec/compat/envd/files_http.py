@@ -14,6 +14,7 @@ inside the sandbox, so `..` or a symlink cannot reach the host.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import posixpath
 import zlib
@@ -255,7 +256,7 @@ class FilesHttpApp:
 
         try:
             await self.ctx.stub(pb_grpc.SandboxServiceStub, key).WriteFile(requests())
-        except grpc.RpcError:
+        except (grpc.RpcError, asyncio.CancelledError):  # grpc.aio cancels the call when the requests fail
             if failure:
                 raise failure[0] from None
             raise
