@@ -252,3 +252,55 @@ def test_processes_die_with_their_sandbox(dsec_http):
         sb.destroy()
         result = process.wait()  # the stream ends with the sandbox instead of hanging
         assert result.exit_code == -1 and time.monotonic() - started < 60
+
+
+# -- bad input on the raw Connect routes ---------------------------------------------------------------------
+
+PROCESS_METHODS = ["List", "Connect", "Start", "Update", "StreamInput", "SendInput", "SendSignal", "CloseStdin"]
+
+
+def _post(url: str, sandbox_id: str, method: str, body: bytes, content_type: str = "application/json"):
+    import httpx
+
+    headers = {"E2b-Sandbox-Id": sandbox_id, "Content-Type": content_type}
+    return httpx.post(f"{url}/process.Process/{method}", content=body, headers=headers, timeout=60)
+
+
+def test_malformed_requests_get_client_errors(dsec_http):
+    with dsec.Client(dsec_http.grpc_address) as client, client.create("base", "container") as sb:
+        url = dsec_http.http_url
+        assert _post(url, sb.id, "List", b"not json").status_code == 400
+        assert _post(url, sb.id, "List", b"\xff\x00", "application/proto").status_code == 400
+        assert _post(url, "sb-nothere", "List", b"{}").status_code == 404
+        assert _post(url, sb.id, "Update", b"{}").status_code == 400  # no process selector
+        assert _post(url, sb.id, "SendSignal", b'{"process": {"pid": 1}}').status_code == 400  # unspecified signal
+        assert _post(url, sb.id, "SendInput", b'{"process": {"pid": 999999}, "input": {"stdin": "eA=="}}').status_code == 404
+        assert _post(url, sb.id, "Nope", b"{}").status_code == 404
+        listed = _post(url, sb.id, "List", b"{}")
+        assert listed.status_code == 200 and listed.json() == {}
+
+
+def test_fuzzed_bodies_never_get_a_server_error(dsec_http):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    with dsec.Client(dsec_http.grpc_address) as client, client.create("base", "container") as sb:
+        url = dsec_http.http_url
+        json_values = st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(
+                ["process", "pid", "tag", "cmd", "args", "envs", "cwd", "pty", "size", "cols", "rows", "input", "stdin",
+                 "signal", "start", "data"]), inner, max_size=4),
+            max_leaves=12,
+        )
+
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(method=st.sampled_from(["List", "Update", "SendInput", "SendSignal", "CloseStdin", "Connect"]),
+               body=json_values | st.binary(max_size=64))
+        def check(method, body):
+            import json
+
+            raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+            assert _post(url, sb.id, method, raw).status_code < 500
+
+        check()

@@ -15,14 +15,21 @@ from collections.abc import AsyncIterator
 
 import grpc
 from connectrpc.code import Code
-from connectrpc.compat import google_protobuf_codecs
 from connectrpc.errors import ConnectError
 from connectrpc.method import IdempotencyLevel, MethodInfo
 from connectrpc.request import RequestContext
 from connectrpc.server import ConnectASGIApplication, Endpoint
 
 from dsec.compat.context import CompatContext
-from dsec.compat.envd.rpc import caller, envd_user, keepalive_interval, scoped, to_connect_error, with_idle_ticks
+from dsec.compat.envd.rpc import (
+    caller,
+    envd_codecs,
+    envd_user,
+    keepalive_interval,
+    scoped,
+    to_connect_error,
+    with_idle_ticks,
+)
 from dsec.envd.process import process_pb2 as epb
 from dsec.v1 import process_pb2 as ppb
 from dsec.v1 import process_pb2_grpc as ppb_grpc
@@ -161,9 +168,10 @@ class ProcessHandler:
 
     async def update(self, request: epb.UpdateRequest, ctx: RequestContext) -> epb.UpdateResponse:
         sandbox_id, _ = self._stub()
+        selector = _selector(sandbox_id, request.process)
         if request.HasField("pty"):
             size = ppb.PtySize(cols=request.pty.size.cols, rows=request.pty.size.rows)
-            await self._unary("ResizePty", ppb.ResizePtyRequest(process=_selector(sandbox_id, request.process), size=size))
+            await self._unary("ResizePty", ppb.ResizePtyRequest(process=selector, size=size))
         return epb.UpdateResponse()
 
     async def send_input(self, request: epb.SendInputRequest, ctx: RequestContext) -> epb.SendInputResponse:
@@ -245,7 +253,7 @@ class ProcessApp(ConnectASGIApplication[ProcessHandler]):
                     method=_method("CloseStdin", epb.CloseStdinRequest, epb.CloseStdinResponse), function=svc.close_stdin
                 ),
             },
-            codecs=google_protobuf_codecs(),
+            codecs=envd_codecs(),
         )
 
     @property

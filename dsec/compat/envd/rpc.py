@@ -16,6 +16,8 @@ from typing import TypeVar
 
 import grpc
 from connectrpc.code import Code
+from connectrpc.codec import Codec
+from connectrpc.compat import google_protobuf_codecs
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
@@ -90,6 +92,30 @@ def to_connect_error(exc: grpc.RpcError) -> ConnectError:
     if name == "SandboxNotFound" or (name == "SandboxStateError" and "destroyed" in grpc_message(exc)):
         code = Code.NOT_FOUND
     return ConnectError(code, grpc_message(exc) or code.value)
+
+
+class _StrictCodec(Codec):
+    """google.protobuf's codec, with an undecodable request answered INVALID_ARGUMENT (HTTP 400): the
+    library would call it UNKNOWN (500), and bad input is the caller's error, not the server's."""
+
+    def __init__(self, inner: Codec) -> None:
+        self._inner = inner
+
+    def name(self) -> str:
+        return self._inner.name()
+
+    def encode(self, message):  # type: ignore[no-untyped-def]
+        return self._inner.encode(message)
+
+    def decode(self, data, message_class):  # type: ignore[no-untyped-def]
+        try:
+            return self._inner.decode(data, message_class)
+        except Exception as exc:  # noqa: BLE001 - any decode failure is a malformed request
+            raise ConnectError(Code.INVALID_ARGUMENT, f"malformed {message_class.DESCRIPTOR.full_name}: {exc}") from None
+
+
+def envd_codecs() -> list[Codec]:
+    return [_StrictCodec(codec) for codec in google_protobuf_codecs()]
 
 
 def keepalive_interval(ctx: RequestContext) -> float:
