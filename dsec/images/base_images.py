@@ -3,10 +3,11 @@
 `busybox`: one layer, the static busybox with its applet symlinks. `python`: two layers, a debootstrap
 minbase bookworm and python3 (3.11, the host's version; --no-install-recommends) on top, so every sandbox test also
 exercises layering. `base`: python plus E2B's default user, the `base` template of the E2B front door.
-`code-interpreter`: python, IPython kernels and dsec's kernel server, the E2B `code-interpreter` template. All are written as real OCI layouts under `<store>/base-cache/`, then imported; the slow
+`code-interpreter`: python, IPython kernels and dsec's kernel server, the E2B `code-interpreter` template.
+`cpp`: minbase and g++, the SandboxFusion door's C++ image. All are written as real OCI layouts under `<store>/base-cache/`, then imported; the slow
 debootstrap is cached there, so a rerun with the image already imported is a no-op and a rebuild is quick.
 
-CLI: `python -m dsec.images.base_images [busybox|python|base|code-interpreter|all]`.
+CLI: `python -m dsec.images.base_images [busybox|python|base|code-interpreter|cpp|all]`.
 """
 
 from __future__ import annotations
@@ -237,7 +238,33 @@ def build_code_interpreter(store: LayerStore, tag: str = "code-interpreter") -> 
     return store.import_oci_layout(layout, tag=tag)
 
 
-BUILDERS = {"busybox": build_busybox, "python": build_python, "base": build_base, "code-interpreter": build_code_interpreter}
+# The SandboxFusion front door's C++ image (dsec/compat/fusion_runner.py): g++ on the shared minbase layer.
+CPP_PACKAGES = ("g++",)
+
+
+def build_cpp(store: LayerStore, tag: str = "cpp") -> ImageRecord:
+    """minbase + g++ (Debian's, --no-install-recommends): what SandboxFusion's `cpp` language compiles with."""
+    record = _already(store, tag)
+    if record is not None:
+        return record
+    cache = _cache(store)
+    base = _debootstrap(cache)
+    full = _with_python(base, cache, CPP_PACKAGES)
+    try:
+        base_tar = cache / f"cpp-base.{os.getpid()}.tar"
+        tar_tree(base, base_tar)
+        changed, deleted = tree_diff(base, full)
+        top_tar = tar_paths(full, changed, cache / f"cpp-top.{os.getpid()}.tar", whiteouts=deleted)
+    finally:
+        shutil.rmtree(full, ignore_errors=True)
+    runtime = {"Env": [DEFAULT_PATH, "LANG=C.UTF-8"], "Cmd": ["bash"]}
+    layout = write_layout(cache / "cpp-oci", [base_tar, top_tar], runtime, tag,
+                          ["debootstrap --variant=minbase bookworm", f"apt-get install {' '.join(CPP_PACKAGES)}"])
+    return store.import_oci_layout(layout, tag=tag)
+
+
+BUILDERS = {"busybox": build_busybox, "python": build_python, "base": build_base, "code-interpreter": build_code_interpreter,
+            "cpp": build_cpp}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the base images (busybox, python, base and code-interpreter = E2B's templates) locally and import them into the node's layer store
+# Build the base images (busybox, python, base and code-interpreter = E2B's templates, cpp = SandboxFusion's C++) locally and import them into the node's layer store
 # ($DSEC_HOME/images); needs busybox-static and debootstrap (00-apt.sh). Idempotent and quiet: images
 # already imported are a no-op; the debootstrap tree is cached under $DSEC_HOME/images/base-cache.
 # layer_format=erofs (tests/images run both formats) needs mkfs.erofs (erofs-utils, 00-apt.sh) and the

@@ -1,0 +1,217 @@
+"""SandboxFusion's HTTP API (`POST /run_code`, `GET /v1/ping`) on dsec, for the `sandbox-fusion` client and
+verl's SandboxFusion tool and code reward: point their endpoint at the dsec front door.
+
+Each call is three gRPC calls as the caller's tenant: Create a sandbox of the language's image (memory =
+`memory_limit_MB`), one Exec of the runner (dsec/compat/fusion_runner.py) and Destroy. Status codes and bodies
+follow SandboxFusion's FastAPI server: 422 with a `detail` list for a body that is not JSON or not a valid
+request (an unknown language included), 200 with `status: SandboxError` when the call could not run (the
+client raises on it), 200 with Success/Failed otherwise. With `trajectory_id` and `step` the exec carries that
+step key, so the server logs the call once and a repeated call returns the logged response without running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import grpc
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from dsec.compat.context import STATE_API_KEY, CompatContext, error_name, grpc_code, grpc_message, http_status_for
+from dsec.compat.fusion_runner import (
+    RESULT_CAP,
+    FusionInputError,
+    LanguageRecipe,
+    RunCodeRequest,
+    exec_timeout,
+    parse_result,
+    payload,
+    recipe_for,
+    runner_argv,
+)
+from dsec.v1 import sandbox_pb2 as pb
+from dsec.v1 import sandbox_pb2_grpc as pb_grpc
+
+log = logging.getLogger("dsec.compat.fusion")
+
+MAX_BODY = 256 << 20  # base64 files ride in the JSON body
+MIN_MEMORY_MB = 64  # below this not even the runner and python3 start; smaller limits are raised to it
+DEFAULT_MEMORY_MB = 1024  # memory_limit_MB <= 0: SandboxFusion's default is no limit of its own
+LABELS = {"dsec.compat": "sandbox-fusion"}
+# gRPC errors that are the caller's (or the server's load) to answer with an HTTP status; the client retries
+# non-200 answers. Anything else becomes a SandboxError body, as SandboxFusion reports failed runs.
+HTTP_ERRORS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+               grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE)  # fmt: skip
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(str(detail))
+        self.status, self.detail = status, detail
+
+
+def _sandbox_error(message: str) -> JSONResponse:
+    return JSONResponse({"status": "SandboxError", "message": message, "compile_result": None, "run_result": None,
+                         "executor_pod_name": None, "files": {}})  # fmt: skip
+
+
+async def _body(request: Request) -> dict:
+    """The JSON object body, or the 422/413 FastAPI would answer."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise _HttpError(413, f"request body over {MAX_BODY} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise _HttpError(413, f"request body over {MAX_BODY} bytes")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _HttpError(422, [{"type": "json_invalid", "loc": ["body", 0], "msg": "JSON decode error",
+                                "input": {}, "ctx": {"error": str(exc)[:200]}}]) from None  # fmt: skip
+    if not isinstance(body, dict):
+        raise _HttpError(422, [{"type": "model_attributes_type", "loc": ["body"],
+                                "msg": "Input should be a valid dictionary or object to extract fields from"}])  # fmt: skip
+    return body
+
+
+def _validation_detail(exc: ValidationError) -> list[dict]:
+    return [{"type": e["type"], "loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors(include_url=False)]
+
+
+class FusionRoutes:
+    def __init__(self, ctx: CompatContext) -> None:
+        self.ctx = ctx
+
+    async def run_code(self, request: Request) -> Response:
+        try:
+            body = await _body(request)
+            try:
+                call = RunCodeRequest.model_validate(body)
+            except ValidationError as exc:
+                raise _HttpError(422, _validation_detail(exc)) from None
+            if (call.trajectory_id is None) != (call.step is None):
+                raise _HttpError(422, [{"type": "missing", "loc": ["body", "step" if call.step is None else "trajectory_id"],
+                                        "msg": "trajectory_id and step go together"}])  # fmt: skip
+            try:
+                recipe = recipe_for(call.language)
+                stdin, argv = payload(call, recipe), runner_argv(call, recipe)
+            except FusionInputError as exc:
+                return _sandbox_error(str(exc))
+            return await self._run(request.scope.get("state", {}).get(STATE_API_KEY), call, recipe, stdin, argv)
+        except _HttpError as exc:
+            return JSONResponse({"detail": exc.detail}, exc.status)
+
+    async def _run(self, api_key: str | None, call: RunCodeRequest, recipe: LanguageRecipe, stdin: bytes,
+                   argv: list[str]) -> Response:  # fmt: skip
+        api = self.ctx.stub(pb_grpc.SandboxServiceStub, api_key)
+        memory = DEFAULT_MEMORY_MB if call.memory_limit_MB <= 0 else max(call.memory_limit_MB, MIN_MEMORY_MB)
+        spec = pb.SandboxSpec(image=recipe.image, substrate="container", resources=pb.Resources(memory_mb=memory),
+                              timeout_s=exec_timeout(call) + 60, labels=LABELS)  # fmt: skip
+        try:
+            info = await api.Create(pb.CreateRequest(spec=spec))
+        except grpc.RpcError as exc:
+            return self._grpc_answer(exc, f"creating a {recipe.image!r} sandbox for {call.language}")
+        try:
+            return await self._exec(api, info.id, call, stdin, argv)
+        finally:
+            await asyncio.shield(self._destroy(api, info.id))
+
+    async def _exec(self, api: Any, sandbox_id: str, call: RunCodeRequest, stdin: bytes, argv: list[str]) -> Response:
+        request = pb.ExecRequest(sandbox_id=sandbox_id, argv=argv, stdin=stdin, timeout_s=exec_timeout(call),
+                                 max_output_bytes=RESULT_CAP)  # fmt: skip
+        if call.trajectory_id is not None and call.step is not None:
+            request.step.CopyFrom(pb.StepKey(trajectory_id=call.trajectory_id, step=call.step))
+        stdout, stderr = bytearray(), bytearray()
+        status: pb.ExecStatus | None = None
+        try:
+            async for event in api.Exec(request):
+                which = event.WhichOneof("event")
+                if which == "stdout":
+                    stdout += event.stdout
+                elif which == "stderr":
+                    stderr += event.stderr
+                elif which == "status":
+                    status = event.status
+        except grpc.RpcError as exc:
+            return self._grpc_answer(exc, f"running the {call.language} program in sandbox {sandbox_id}")
+        if status is None:
+            return _sandbox_error(f"sandbox {sandbox_id}: the exec stream ended without a status")
+        problem = _runner_problem(status, bytes(stderr))
+        if problem:
+            return _sandbox_error(f"sandbox {sandbox_id}: {problem}")
+        try:
+            outcome = parse_result(call, bytes(stdout))
+        except Exception as exc:  # noqa: BLE001 - a result we cannot read is the sandbox's error, not a 500
+            return _sandbox_error(f"sandbox {sandbox_id}: unreadable runner result ({exc})")
+        return JSONResponse({
+            "status": outcome.status,
+            "message": "",
+            "compile_result": outcome.compile.as_json() if outcome.compile else None,
+            "run_result": outcome.run.as_json() if outcome.run else None,
+            "executor_pod_name": None,
+            "files": outcome.files,
+        })  # fmt: skip
+
+    async def _destroy(self, api: Any, sandbox_id: str) -> None:
+        try:
+            await api.Destroy(pb.SandboxRef(sandbox_id=sandbox_id))
+        except grpc.RpcError as exc:  # its TTL still ends it; say why it lingers
+            log.warning("fusion: destroying sandbox %s failed: %s", sandbox_id, grpc_message(exc))
+
+    def _grpc_answer(self, exc: grpc.RpcError, doing: str) -> Response:
+        name, message = error_name(exc), grpc_message(exc) or grpc_code(exc).name.lower()
+        text = f"{doing}: {name + ': ' if name else ''}{message}"
+        if grpc_code(exc) in HTTP_ERRORS:
+            return JSONResponse({"detail": text}, http_status_for(exc))
+        return _sandbox_error(text)
+
+
+def _runner_problem(status: pb.ExecStatus, stderr: bytes) -> str:
+    """Why the runner itself (not the program) failed, or ''."""
+    if status.timed_out:
+        return "the runner outlived the call's time budget (compile + run timeouts + setup)"
+    if status.stdout_truncated:
+        return f"the result (outputs and fetched files) is larger than {RESULT_CAP} bytes"
+    if status.exit_code != 0:
+        oom = " (out of memory: raise memory_limit_MB)" if status.oom_killed else ""
+        return f"the runner failed with exit {status.exit_code}{oom}: {stderr.decode(errors='replace')[-500:]}"
+    return ""
+
+
+async def _ping(_request: Request) -> Response:
+    return JSONResponse("pong")
+
+
+async def _not_served(request: Request) -> Response:
+    return JSONResponse({"detail": f"{request.url.path} is not served by dsec's SandboxFusion API (docs/compat.md)"}, 501)
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"detail": {404: "Not Found", 405: "Method Not Allowed"}.get(exc.status_code, exc.detail)},
+                        exc.status_code)  # fmt: skip
+
+
+def make_app(ctx: CompatContext) -> Starlette:
+    routes = FusionRoutes(ctx)
+    return Starlette(
+        routes=[
+            Route("/run_code", routes.run_code, methods=["POST"]),
+            Route("/v1/ping", _ping, methods=["GET"]),
+            Route("/run_jupyter", _not_served, methods=["POST"]),
+            Route("/get_prompts", _not_served, methods=["POST"]),
+            Route("/get_prompt_by_id", _not_served, methods=["POST"]),
+            Route("/submit", _not_served, methods=["POST"]),
+        ],
+        exception_handlers={HTTPException: _http_error},
+    )
