@@ -330,3 +330,25 @@ def test_dsec_sdk_filesystem_ops(dsec_http, through_gateway):
         client.close()
         if running is not None:
             running.stop()
+
+
+def test_files_on_a_microvm(dsec_http, e2b_env):
+    """The same envd files API on a QEMU microVM (busybox: no user `user`, so root owns what is written)."""
+    sb = Sandbox.create("busybox", timeout=300, metadata={"suite": "files", "dsec.substrate": "microvm"})
+    try:
+        handle = sb.files.watch_dir("/tmp")
+        info = sb.files.write("/tmp/vm/file.txt", "in a vm")
+        assert info.path == "/tmp/vm/file.txt"
+        assert sb.files.read("/tmp/vm/file.txt") == "in a vm"
+        assert sb.files.get_info("/tmp/vm/file.txt").owner == "root"
+        assert {e.path for e in sb.files.list("/tmp", depth=2)} >= {"/tmp/vm", "/tmp/vm/file.txt"}
+        _poll_until(handle, {("vm", FilesystemEventType.CREATE)})
+        sb.files.rename("/tmp/vm/file.txt", "/tmp/moved.txt")
+        _poll_until(handle, {("moved.txt", FilesystemEventType.CREATE)})
+        handle.stop()
+        sb.files.remove("/tmp/vm")
+        assert not sb.files.exists("/tmp/vm")
+        with pytest.raises(InvalidArgumentException):
+            sb.files.read("/../../etc/passwd/../../..")
+    finally:
+        sb.kill()
