@@ -30,10 +30,11 @@ log = logging.getLogger("dsec.compat.ports")
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
-# Per-hop headers (RFC 9110 §7.6.1) and the door's own routing headers never go upstream.
+# Per-hop headers (RFC 9110 §7.6.1; `Expect: 100-continue` was answered by the door's HTTP server) and the door's
+# own routing headers never go upstream.
 _REQUEST_DROP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization", b"te", b"trailer",
-    b"transfer-encoding", b"upgrade", b"content-length", b"e2b-sandbox-id", b"e2b-sandbox-port",
+    b"transfer-encoding", b"upgrade", b"content-length", b"expect", b"e2b-sandbox-id", b"e2b-sandbox-port",
 })  # fmt: skip
 _RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"trailer", b"transfer-encoding", b"upgrade"})
 

@@ -132,6 +132,14 @@ def test_closed_port_is_502(dsec_http, served):
     assert refused.value.response.status_code == 502
 
 
+@pytest.mark.parametrize("path", ["/garbage", "/close"])
+def test_a_broken_server_in_the_sandbox_is_502(dsec_http, served, path):
+    e2b, _ = served
+    response = httpx.get(f"{dsec_http.http_url}{path}", headers=routed(e2b.sandbox_id, ECHO_PORT))
+    assert response.status_code == 502
+    assert f"port {ECHO_PORT}" in response.json()["message"]
+
+
 def test_unknown_sandbox_is_502(dsec_http):
     response = httpx.get(f"{dsec_http.http_url}/", headers=routed("sb-0000000000000000", STATIC_PORT))
     assert response.status_code == 502

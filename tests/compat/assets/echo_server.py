@@ -2,7 +2,8 @@
 
 Run inside a sandbox by tests/compat/test_ports.py: `python3 echo_server.py PORT`. A WebSocket upgrade gets an
 echo of text and binary messages (pings answered, close replied to; subprotocol "echo" when asked); any other
-request gets its body back as a chunked response, with its method, path and Host in `X-Echo-*` headers.
+request gets its body back as a chunked response, with its method, path and Host in `X-Echo-*` headers
+(except `/garbage`, answered with bytes that are not HTTP, and `/close`, answered by hanging up).
 """
 
 import base64
@@ -78,6 +79,11 @@ class Handler(socketserver.StreamRequestHandler):
 
 
     def echo_http(self, request_line, headers):
+        if request_line[1] == "/garbage":  # not HTTP at all
+            self.wfile.write(b"NOT HTTP AT ALL\r\n\r\n")
+            return
+        if request_line[1] == "/close":  # hang up without an answer
+            return
         if headers.get("transfer-encoding", "").lower() == "chunked":
             body = b""
             while (size := int(self.rfile.readline().strip() or b"0", 16)):
