@@ -18,6 +18,8 @@ CREATE_FAILURES = Counter("dsec_create_failures_total", "Failed creates by error
 STEPS = Counter("dsec_trajectory_steps_total", "Logged tool calls by outcome (executed / replayed)", ["kind", "outcome"], registry=REGISTRY)
 IMAGE_RESOLVES = Counter("dsec_image_resolves_total", "Image resolutions by outcome (hit / miss)", ["outcome"], registry=REGISTRY)
 ADMISSION_REJECTS = Counter("dsec_admission_rejects_total", "Creates rejected by admission control", ["reason"], registry=REGISTRY)
+PORT_CONNECTIONS = Counter("dsec_port_connections_total", "PortService connections by outcome", ["outcome"], registry=REGISTRY)
+PORT_BYTES = Counter("dsec_port_bytes_total", "Bytes relayed by PortService (in = into the sandbox)", ["direction"], registry=REGISTRY)
 
 
 class SandboxCollector:

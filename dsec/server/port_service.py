@@ -25,10 +25,11 @@ from pathlib import Path
 
 import grpc
 
-from dsec.errors import InvalidSpec, PortUnreachable
+from dsec.errors import DsecError, InvalidSpec, PortUnreachable
 from dsec.server.auth import Authenticator
 from dsec.server.errors import rpc_errors
 from dsec.server.manager import SandboxManager
+from dsec.server.metrics import PORT_BYTES, PORT_CONNECTIONS
 from dsec.v1 import ports_pb2 as ppb
 from dsec.v1 import ports_pb2_grpc as ppb_grpc
 
@@ -115,6 +116,7 @@ def _pump_to_sandbox(requests: Iterator[ppb.PortChunk], sock: socket.socket, don
             kind = message.WhichOneof("kind")
             if kind == "data":
                 sock.sendall(message.data)
+                PORT_BYTES.labels("in").inc(len(message.data))
             elif kind == "close_write":
                 break
             else:
@@ -143,8 +145,14 @@ class PortService(ppb_grpc.PortServiceServicer):
         sandbox_id, port = first.open.sandbox_id, first.open.port
         if not 0 < port < 65536:
             raise InvalidSpec(f"port must be 1..65535, got {port}")
-        sandbox = self.manager.running(sandbox_id, self.auth.tenant(context))
-        sock = connect_in_netns(sandbox.handle.netns_path(), port, sandbox_id)
+        try:
+            sandbox = self.manager.running(sandbox_id, self.auth.tenant(context))
+            sock = connect_in_netns(sandbox.handle.netns_path(), port, sandbox_id)
+        except DsecError as exc:
+            PORT_CONNECTIONS.labels(type(exc).__name__).inc()
+            raise
+        PORT_CONNECTIONS.labels("opened").inc()
+        log.debug("sandbox %s: port %d connected", sandbox_id, port)
         closed = threading.Lock()
 
         def close() -> None:
@@ -170,6 +178,7 @@ class PortService(ppb_grpc.PortServiceServicer):
                     break
                 if not data:
                     break
+                PORT_BYTES.labels("out").inc(len(data))
                 yield ppb.PortChunk(data=data)
             if context.is_active():
                 yield ppb.PortChunk(close_write=True)

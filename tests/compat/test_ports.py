@@ -200,9 +200,11 @@ def test_vm_ports_are_unsupported(dsec_http):
 
 
 def test_gateway_forwards_port_streams(tmp_path):
+    """A node behind a cluster gateway: streams are relayed to the sandbox's node; the node counts them."""
     from compat.conftest import private_home
 
-    node = EmbeddedServer.start(private_home(Path(tmp_path)))
+    metrics_port = free_port()
+    node = EmbeddedServer.start(private_home(Path(tmp_path)), extra_args=["--metrics-listen", f"127.0.0.1:{metrics_port}"])
     gateway = Gateway()
     gateway.add_node("node-0", node.address, Capacity(cpus=8, memory_mb=8192, sandboxes=64))
     running = serve_gateway(gateway, probe_interval_s=0.5)
@@ -215,6 +217,10 @@ def test_gateway_forwards_port_streams(tmp_path):
             assert conn.recv_all().endswith(b"hello from the sandbox\n")
         with pytest.raises(PortUnreachable):
             sandbox.connect_port(CLOSED_PORT)
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        assert 'dsec_port_connections_total{outcome="opened"}' in metrics
+        assert 'dsec_port_connections_total{outcome="PortUnreachable"}' in metrics
+        assert 'dsec_port_bytes_total{direction="out"}' in metrics
         sandbox.destroy()
         with pytest.raises(SandboxNotFound):
             sandbox.connect_port(STATIC_PORT)
