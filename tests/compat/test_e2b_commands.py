@@ -123,6 +123,17 @@ def test_stdin_send_and_close(sb):
     assert handle.wait().stdout == "abc defdone\n"
 
 
+def test_stream_input_keeps_order(sb):
+    handle = sb.commands.run("cat", background=True, stdin=True)
+    sb.commands.stream_input(handle.pid, (f"{i}," for i in range(200)))
+    handle.close_stdin()
+    assert handle.wait().stdout == "".join(f"{i}," for i in range(200))
+    terminal = sb.pty.create(PtySize(cols=80, rows=24))
+    sb.pty.stream_input(terminal.pid, [b"echo ab", b"c-$((1+1))\n"])
+    until(terminal, "abc-2")
+    sb.pty.kill(terminal.pid)
+
+
 def test_the_start_deadline_kills_the_command(sb):
     with pytest.raises(TimeoutException):
         sb.commands.run("sleep 600", timeout=2)
