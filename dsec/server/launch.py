@@ -45,9 +45,12 @@ def launch_server(home: Path, args: list[str], log_name: str, new_session: bool 
         "--parent-pid", str(os.getpid()),
         *args,
     ]  # fmt: skip
+    # The HTTP front door is the caller's choice (`--http-listen` in args): an inherited $DSEC_HTTP_LISTEN would make
+    # every node server of a cluster on one machine try to bind the same port.
+    env = {k: v for k, v in os.environ.items() if k != "DSEC_HTTP_LISTEN"}
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL,
-                                   start_new_session=new_session)
+                                   start_new_session=new_session, env=env)
     found: dict[str, str] = {}
     ready = threading.Event()
 
