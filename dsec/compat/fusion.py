@@ -12,6 +12,8 @@ step key, so the server logs the call once and a repeated call returns the logge
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 from typing import Any
@@ -41,7 +43,7 @@ from dsec.v1 import sandbox_pb2_grpc as pb_grpc
 
 log = logging.getLogger("dsec.compat.fusion")
 
-MAX_BODY = 256 << 20  # base64 files ride in the JSON body
+MAX_BODY = 64 << 20  # base64 files ride in the JSON body; the exec's stdin (the payload) is capped at 64 MiB too
 MIN_MEMORY_MB = 64  # below this not even the runner and python3 start; smaller limits are raised to it
 DEFAULT_MEMORY_MB = 1024  # memory_limit_MB <= 0: SandboxFusion's default is no limit of its own
 LABELS = {"dsec.compat": "sandbox-fusion"}
@@ -84,8 +86,31 @@ async def _body(request: Request) -> dict:
     return body
 
 
+def _safe(value: object) -> str | int:
+    """JSON-safe: an int stays, anything else becomes text without lone surrogates (they cannot be UTF-8)."""
+    return value if isinstance(value, int) else str(value).encode("utf-8", "replace").decode()
+
+
 def _validation_detail(exc: ValidationError) -> list[dict]:
-    return [{"type": e["type"], "loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors(include_url=False)]
+    return [{"type": e["type"], "loc": ["body", *map(_safe, e["loc"])], "msg": _safe(e["msg"])}
+            for e in exc.errors(include_url=False)]  # fmt: skip
+
+
+def _api_key(request: Request) -> str | None:
+    """The key the door resolved (X-API-Key / Bearer), else HTTP basic auth's password (or user name, when the
+    password is empty): SandboxFusion clients cannot set headers, but `http://dsec:KEY@host:port` as their
+    endpoint makes requests and aiohttp send it."""
+    key = request.scope.get("state", {}).get(STATE_API_KEY)
+    if key:
+        return key
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, ValueError):
+        return None
+    return password or user or None
 
 
 class FusionRoutes:
@@ -99,15 +124,12 @@ class FusionRoutes:
                 call = RunCodeRequest.model_validate(body)
             except ValidationError as exc:
                 raise _HttpError(422, _validation_detail(exc)) from None
-            if (call.trajectory_id is None) != (call.step is None):
-                raise _HttpError(422, [{"type": "missing", "loc": ["body", "step" if call.step is None else "trajectory_id"],
-                                        "msg": "trajectory_id and step go together"}])  # fmt: skip
             try:
                 recipe = recipe_for(call.language)
                 stdin, argv = payload(call, recipe), runner_argv(call, recipe)
             except FusionInputError as exc:
                 return _sandbox_error(str(exc))
-            return await self._run(request.scope.get("state", {}).get(STATE_API_KEY), call, recipe, stdin, argv)
+            return await self._run(_api_key(request), call, recipe, stdin, argv)
         except _HttpError as exc:
             return JSONResponse({"detail": exc.detail}, exc.status)
 

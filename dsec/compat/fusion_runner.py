@@ -18,13 +18,16 @@ import tarfile
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 WORKDIR = "/tmp/dsec-fusion"  # the program's cwd; relative `files` and `fetch_files` names are under it
 OUTDIR = "/tmp/.dsec-fusion"  # the runner's results (and the program's stdin), kept apart from the program's files
 OUTPUT_CAP = 1 << 20  # per phase and stream, as SandboxFusion captures (1 MiB)
 RESULT_CAP = 64 << 20  # the whole result tar, fetched files included
 SETUP_SLACK_S = 60.0  # on top of compile + run timeouts: unpacking, fetching, packing
+MAX_TIMEOUT_S = 24 * 3600.0
+MAX_FETCH_FILES = 1000  # their names travel as the runner's argv (one agent frame: at most 1 MiB)
+MAX_NAME = 512
 
 # Every language SandboxFusion's API names (its `Language` literal): anything else is a 422, as there.
 FusionLanguage = Literal[
@@ -56,21 +59,39 @@ RECIPES: dict[str, LanguageRecipe] = {
 
 class RunCodeRequest(BaseModel):
     """SandboxFusion's `RunCodeRequest` (server side, memory_limit_MB included, as verl sends it), plus dsec's
-    optional `trajectory_id` + `step`: log the call as that step of a trajectory, exactly once."""
+    optional `trajectory_id` + `step`: log the call as that step of a trajectory, exactly once.
 
-    model_config = ConfigDict(extra="ignore")
+    Bounds SandboxFusion leaves open are closed here (a 422, not a failure deep in the call): timeouts are finite
+    and at most a day, the memory limit fits a sandbox spec, and every string is encodable as UTF-8."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     code: str
     language: FusionLanguage
-    compile_timeout: float = 10
-    run_timeout: float = 10
-    memory_limit_MB: int = -1
+    compile_timeout: float = Field(10, ge=0, le=MAX_TIMEOUT_S)
+    run_timeout: float = Field(10, ge=0, le=MAX_TIMEOUT_S)
+    memory_limit_MB: int = Field(-1, le=1 << 20)
     stdin: str | None = None
     files: dict[str, str | None] = Field(default_factory=dict)
-    fetch_files: list[str] = Field(default_factory=list)
+    fetch_files: list[str] = Field(default_factory=list, max_length=MAX_FETCH_FILES)
     args: list[str] = Field(default_factory=list)
     trajectory_id: str | None = Field(None, min_length=1, max_length=512)
-    step: int | None = Field(None, ge=0)
+    step: int | None = Field(None, ge=0, lt=1 << 63)
+
+    @model_validator(mode="after")
+    def _utf8(self) -> RunCodeRequest:
+        strings = [self.code, self.stdin or "", self.trajectory_id or "", *self.fetch_files, *self.files]
+        strings += [content for content in self.files.values() if content]
+        for text in strings:
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise ValueError("a string in the request is not valid Unicode (a lone surrogate escape)") from None
+        if any(len(name) > MAX_NAME for name in [*self.fetch_files, *self.files]):
+            raise ValueError(f"a file name is longer than {MAX_NAME} characters")
+        if (self.trajectory_id is None) != (self.step is None):
+            raise ValueError("trajectory_id and step go together: give both or neither")
+        return self
 
 
 class FusionInputError(ValueError):
@@ -128,9 +149,10 @@ def _member(tar: tarfile.TarFile, path: str, data: bytes) -> None:
 
 
 def _in_workdir(name: str) -> str:
-    if not name or "\0" in name:
-        raise FusionInputError(f"file name {name!r} is empty or contains NUL")
-    return posixpath.normpath(posixpath.join(WORKDIR, name))
+    path = posixpath.normpath(posixpath.join(WORKDIR, name)) if name else "/"
+    if "\0" in name or path in ("/", WORKDIR) or path.startswith(OUTDIR + "/") or path == OUTDIR:
+        raise FusionInputError(f"file name {name!r} is empty, names the working directory or the runner's, or has NUL")
+    return path
 
 
 def payload(request: RunCodeRequest, recipe: LanguageRecipe) -> bytes:

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import requests
 import sandbox_fusion as sf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sandbox_fusion import RunCodeRequest
 
 import dsec
+
+from .conftest import start_dsec_http
 
 
 class DsecRunCodeRequest(RunCodeRequest):
@@ -165,3 +173,66 @@ def test_bad_input_gets_the_status_the_client_expects(url):
     assert requests.get(f"{url}/run_code").status_code == 405
     assert requests.get(f"{url}/v1/ping").json() == "pong"
     assert requests.post(f"{url}/run_jupyter", json={"cells": ["1"]}).status_code == 501
+
+
+FUZZ = settings(max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=10,
+)
+FIELD_VALUES = {
+    "code": st.sampled_from(["print(1)", "exit 3", ""]) | JSON,
+    "language": st.sampled_from(["python", "bash", "cobol", "go", ""]) | JSON,
+    "compile_timeout": st.floats(allow_nan=True) | JSON,
+    "run_timeout": st.floats(allow_nan=True, allow_infinity=True) | JSON,
+    "memory_limit_MB": st.integers(-(2**40), 2**40) | JSON,
+    "stdin": st.text(max_size=20) | JSON,
+    "files": st.dictionaries(st.text(max_size=12), st.text(max_size=12) | st.none()) | JSON,
+    "fetch_files": st.lists(st.text(max_size=12), max_size=3) | JSON,
+    "trajectory_id": st.text(max_size=12) | JSON,
+    "step": st.integers(-(2**70), 2**70) | JSON,
+}
+BODIES = st.one_of(
+    st.fixed_dictionaries({}, optional=FIELD_VALUES).map(lambda d: json.dumps(d).encode()),
+    JSON.map(lambda v: json.dumps(v).encode()),
+    st.binary(max_size=100),
+)
+
+
+@FUZZ
+@given(body=BODIES)
+def test_fuzz_run_code_never_5xx(url, body):
+    response = requests.post(f"{url}/run_code", data=body, headers={"content-type": "application/json"}, timeout=120)
+    assert response.status_code < 500, f"{body[:200]!r} → {response.status_code} {response.text[:300]}"
+    assert "Traceback" not in response.text
+    if response.status_code == 200:
+        assert response.json()["status"] in ("Success", "Failed", "SandboxError")
+
+
+def test_server_answers_after_the_fuzz(url):
+    assert run(url, code="print('still here')", language="python").run_result.stdout == "still here\n"
+
+
+def test_auth_on_the_key_rides_in_the_endpoint_url():
+    root = Path(tempfile.mkdtemp(prefix="dcf-", dir="/tmp"))  # short: sandboxes' unix sockets live under it
+    tokens = root / "tokens.yaml"
+    tokens.write_text("tok-fusion-0123456789: fusion\n")
+    server = start_dsec_http(root, ["--tokens-file", str(tokens)])
+    try:
+        plain = server.http_url
+        with pytest.raises(Exception, match="401"):
+            run(plain, code="print(1)", language="python")
+        wrong = plain.replace("http://", "http://dsec:tok-wrong@")
+        with pytest.raises(Exception, match="401"):
+            run(wrong, code="print(1)", language="python")
+        keyed = plain.replace("http://", "http://dsec:tok-fusion-0123456789@")
+        assert run(keyed, code="print('as fusion')", language="python").run_result.stdout == "as fusion\n"
+        request = RunCodeRequest(code="print('async')", language="python")
+        assert asyncio.run(sf.run_code_async(request, endpoint=keyed, max_attempts=1)).run_result.stdout == "async\n"
+        header = requests.post(f"{plain}/run_code", json={"code": "print(2)", "language": "python"},
+                               headers={"X-API-Key": "tok-fusion-0123456789"})
+        assert header.json()["run_result"]["stdout"] == "2\n"
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
