@@ -126,8 +126,10 @@ def test_set_timeout_extends_and_a_short_timeout_kills(e2b_env):
         sb.kill()
 
 
-def test_pause_resume_keeps_files(e2b_env, native):
-    sb = Sandbox.create(timeout=120)
+@pytest.mark.parametrize("case", SUBSTRATE_CASES)
+def test_pause_resume_keeps_files(e2b_env, native, case):
+    template, extra, internet = case
+    sb = Sandbox.create(template=template, timeout=120, metadata=extra, allow_internet_access=internet)
     try:
         native.connect(sb.sandbox_id).files.write("/tmp/kept.txt", "before pause")
         assert sb.pause() is True
