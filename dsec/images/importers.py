@@ -131,7 +131,11 @@ def import_docker_archive(store: "LayerStore", archive: Path, tag: str | None) -
     except (OSError, tarfile.TarError) as exc:
         raise InvalidSpec(f"{archive} is not a readable tar archive: {exc}") from exc
     with tar:
-        members = {m.name[2:] if m.name.startswith("./") else m.name: m for m in tar.getmembers()}
+        try:
+            listed = tar.getmembers()
+        except (tarfile.TarError, EOFError) as exc:  # a truncated or corrupt archive (found by bench/fuzz.py)
+            raise InvalidSpec(f"{archive} is a corrupt tar archive: {exc}") from exc
+        members = {m.name[2:] if m.name.startswith("./") else m.name: m for m in listed}
         entry = _docker_manifest(archive, members, tar)[0]
         config_name = entry.get("Config")
         layer_names = entry.get("Layers")
