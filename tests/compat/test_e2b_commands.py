@@ -169,6 +169,32 @@ def test_pty_exit_code_and_ctrl_d(sb):
     assert terminal.wait().exit_code == 0
 
 
+def test_quiet_streams_get_keepalives(sb):
+    """With the SDK's own Connect client and a 1 s keepalive interval, a quiet process's stream carries envd's
+    keepalive events (which is also how the door notices a client that went away)."""
+    from e2b.envd.process import process_pb
+    from protobuf import Oneof
+
+    request = process_pb.StartRequest(
+        process=process_pb.ProcessConfig(cmd="/bin/bash", args=["-c", "read x; echo got $x"]), stdin=True
+    )
+    events = sb.commands._rpc.start(request, headers={"Keepalive-Ping-Interval": "1"}, timeout_ms=120_000)
+    kinds = []
+    for response in events:
+        match response.event.event:
+            case Oneof(field="start", value=start):
+                pid = start.pid
+            case Oneof(field="keepalive"):
+                if "keepalive" not in kinds:
+                    sb.commands.send_stdin(pid, "ping\n")
+            case Oneof(field="data", value=data):
+                assert data.output.value == b"got ping\n"
+            case Oneof(field="end", value=end):
+                assert end.exit_code == 0
+        kinds.append(response.event.event.field)
+    assert kinds[0] == "start" and kinds[-1] == "end" and "keepalive" in kinds
+
+
 def test_unknown_pids_users_and_closed_stdin(sb):
     assert sb.commands.kill(999_999) is False
     with pytest.raises(NotFoundException):
