@@ -16,6 +16,7 @@ import asyncio
 import gzip
 import http.client
 import io
+import json
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +24,8 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from e2b import AsyncSandbox, FileType, Sandbox
 from e2b.exceptions import FileNotFoundException, InvalidArgumentException, NotFoundException, SandboxException
 from e2b.sandbox.filesystem.watch_handle import FilesystemEventType
@@ -352,3 +355,59 @@ def test_files_on_a_microvm(dsec_http, e2b_env):
             sb.files.read("/../../etc/passwd/../../..")
     finally:
         sb.kill()
+
+
+# -- fuzz: envd's file routes and Connect endpoints never answer 5xx or a traceback ------------------------------
+FUZZ = settings(max_examples=120, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+PATHS = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(["", "/", "..", "../../..", "/etc/../../x", "~", "~/..", "/proc/self/root", "a\x00b", "//x//y/"]),
+    st.text(min_size=4097, max_size=4200),
+)
+UNARY = ["Stat", "MakeDir", "Move", "ListDir", "Remove", "CreateWatcher", "GetWatcherEvents", "RemoveWatcher"]
+
+
+@FUZZ
+@given(
+    method=st.sampled_from(["GET", "POST"]), path=PATHS, user=st.one_of(st.just(""), st.text(max_size=12)),
+    body=st.binary(max_size=300), content_type=st.sampled_from(["application/octet-stream", "multipart/form-data; boundary=b", "text/plain", ""]),
+    gzip_body=st.booleans(),
+)  # fmt: skip
+def test_fuzz_files_route_never_5xx(fuzz_envd, method, path, user, body, content_type, gzip_body):
+    params = {"path": path, **({"username": user} if user else {})}
+    headers = {"Content-Type": content_type, **({"Content-Encoding": "gzip"} if gzip_body else {})}
+    response = fuzz_envd.request(method, "/files", params=params, content=body if method == "POST" else None, headers=headers)
+    assert response.status_code < 500, f"{method} {params} {headers} {body[:60]!r} → {response.status_code} {response.text[:300]}"
+    assert "Traceback" not in response.text
+
+
+@FUZZ
+@given(endpoint=st.sampled_from(UNARY), body=st.one_of(st.binary(max_size=200), st.builds(lambda p: p.encode(), PATHS)),
+       as_json=st.booleans())  # fmt: skip
+def test_fuzz_connect_filesystem_never_5xx(fuzz_envd, endpoint, body, as_json):
+    if as_json:
+        body = b'{"path": ' + json.dumps(body.decode("utf-8", "replace")).encode() + b', "depth": 3}'
+    content_type = "application/json" if as_json else "application/proto"
+    response = fuzz_envd.post(f"/filesystem.Filesystem/{endpoint}", content=body, headers={"Content-Type": content_type})
+    assert response.status_code < 500, f"{endpoint} {body[:80]!r} → {response.status_code} {response.text[:300]}"
+    assert "Traceback" not in response.text
+
+
+@pytest.fixture(scope="module")
+def fuzz_sandbox(dsec_http):
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in dsec_http.env.items():
+            patch.setenv(key, value)
+        sb = Sandbox.create("base", timeout=600, metadata={"suite": "files-fuzz"})
+        try:
+            yield sb
+        finally:
+            sb.kill()
+
+
+@pytest.fixture(scope="module")
+def fuzz_envd(dsec_http, fuzz_sandbox):
+    with _envd(dsec_http, fuzz_sandbox.sandbox_id, fuzz_sandbox._envd_access_token) as client:
+        yield client
+    assert fuzz_sandbox.files.exists("/etc/hostname")  # the sandbox survived the fuzz

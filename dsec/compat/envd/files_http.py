@@ -15,6 +15,7 @@ inside the sandbox, so `..` or a symlink cannot reach the host.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import posixpath
 import zlib
@@ -28,7 +29,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from dsec.compat.context import STATE_API_KEY, STATE_SANDBOX_ID, CompatContext, error_name, grpc_code, grpc_message, http_status_for
-from dsec.compat.envd.filesystem import UserDefaults, basic_auth_user
+from dsec.compat.envd.filesystem import UserDefaults
 from dsec.v1 import filesystem_pb2 as fpb
 from dsec.v1 import filesystem_pb2_grpc as fpb_grpc
 from dsec.v1 import sandbox_pb2 as pb
@@ -40,6 +41,17 @@ CHUNK = 1 << 20
 GZIP_LEVEL = 1  # downloads: fast, still a good ratio on text
 Send = Callable[[dict], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict]]
+
+
+def basic_auth_user(header: str) -> str:
+    """The user named by envd's `Authorization: Basic base64(user:)` header ("" when absent or malformed)."""
+    if not header.lower().startswith("basic "):
+        return ""
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    return decoded.split(":", 1)[0]
 
 
 class HttpError(Exception):

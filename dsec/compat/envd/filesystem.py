@@ -18,8 +18,6 @@ the backend until it is removed, idle for WATCHER_IDLE_S, or its sandbox goes aw
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextvars
 import logging
 import time
 import uuid
@@ -29,14 +27,14 @@ from typing import Any
 
 import grpc
 from connectrpc.code import Code
-from connectrpc.compat import google_protobuf_codecs
 from connectrpc.errors import ConnectError
 from connectrpc.method import IdempotencyLevel, MethodInfo
 from connectrpc.request import RequestContext
 from connectrpc.server import ConnectASGIApplication, Endpoint
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from dsec.compat.context import STATE_API_KEY, STATE_SANDBOX_ID, CompatContext, error_name, grpc_code, grpc_message
+from dsec.compat.context import CompatContext, error_name, grpc_code, grpc_message
+from dsec.compat.envd.rpc import caller, envd_codecs, envd_user, scoped
 from dsec.envd.filesystem import filesystem_pb2 as epb
 from dsec.v1 import filesystem_pb2 as fpb
 from dsec.v1 import filesystem_pb2_grpc as fpb_grpc
@@ -58,21 +56,8 @@ _EVENTS = {
 }  # fmt: skip
 _TYPE_CHARS = {"file": "-", "dir": "d", "symlink": "L", "other": "?"}  # Go's FileMode.String(), which envd reports
 
-_request_state: contextvars.ContextVar[dict] = contextvars.ContextVar("dsec_envd_request_state")
-
 
 # -- shared with the /files routes ---------------------------------------------------------------------------
-def basic_auth_user(header: str) -> str:
-    """The user named by envd's `Authorization: Basic base64(user:)` header ("" when absent or malformed)."""
-    if not header.lower().startswith("basic "):
-        return ""
-    try:
-        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
-    except (ValueError, UnicodeDecodeError):
-        return ""
-    return decoded.split(":", 1)[0]
-
-
 class UserDefaults:
     """Per sandbox: whether envd's default user exists there (asked once; users are rarely removed)."""
 
@@ -159,13 +144,9 @@ class FilesystemService:
     # -- plumbing -----------------------------------------------------------------------------------------
     def _caller(self, rctx: RequestContext) -> tuple[Any, str, str]:
         """(stub, sandbox id, user named by the request)."""
-        state = _request_state.get({})
-        sandbox_id = state.get(STATE_SANDBOX_ID)
-        if not sandbox_id:
-            raise ConnectError(Code.INVALID_ARGUMENT, "missing E2b-Sandbox-Id header")
-        stub = self.ctx.stub(fpb_grpc.FilesystemServiceStub, state.get(STATE_API_KEY))
-        user = basic_auth_user(rctx.request_headers.get("authorization", ""))
-        return stub, sandbox_id, user
+        who = caller()
+        stub = self.ctx.stub(fpb_grpc.FilesystemServiceStub, who.api_key)
+        return stub, who.sandbox_id, envd_user(rctx) or ""
 
     async def _target(self, rctx: RequestContext, path: str) -> tuple[Any, fpb.FsPath]:
         stub, sandbox_id, user = self._caller(rctx)
@@ -386,7 +367,7 @@ class FilesystemConnectApp(ConnectASGIApplication[FilesystemService]):
                     function=svc.remove_watcher,
                 ),
             },
-            codecs=google_protobuf_codecs(),
+            codecs=envd_codecs(),
         )
 
     @property
@@ -394,20 +375,6 @@ class FilesystemConnectApp(ConnectASGIApplication[FilesystemService]):
         return f"/{SERVICE}"
 
 
-class FilesystemApp:
-    """ASGI wrapper: hands the dispatcher's `scope["state"]` (sandbox id, caller's key) to the handlers."""
-
-    def __init__(self, ctx: CompatContext) -> None:
-        self.service = FilesystemService(ctx)
-        self._connect = FilesystemConnectApp(self.service)
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        token = _request_state.set(scope.get("state") or {})
-        try:
-            await self._connect(scope, receive, send)
-        finally:
-            _request_state.reset(token)
-
-
-def make_app(ctx: CompatContext) -> FilesystemApp:
-    return FilesystemApp(ctx)
+def make_app(ctx: CompatContext) -> Any:
+    """The Connect app, wrapped so handlers see the dispatcher's `scope["state"]` (sandbox id, caller's key)."""
+    return scoped(FilesystemConnectApp(FilesystemService(ctx)))
