@@ -186,7 +186,10 @@ class AgentProcess(ProcessHandle):
         if self._exited is not None or self._client.closed:
             return  # gone already; on a lost connection the agent killed it
         try:
-            self._client._send(SIGNAL, self._request.id, _strings(str(int(sig)), "group" if group else "pid"))
+            # the scope is sent only when it is not the default, so an agent older than it (one running in a
+            # restored memory snapshot) still gets the frame it knows
+            scope = () if group else ("pid",)
+            self._client._send(SIGNAL, self._request.id, _strings(str(int(sig)), *scope))
         except RuntimeFailure:
             return
 
