@@ -30,6 +30,7 @@ class ServerConfig(BaseModel):
     container_driver: str = Field(default_factory=lambda: os.environ.get("DSEC_CONTAINER_DRIVER", "crun"))
     default_resources: Resources = Field(default_factory=Resources)
     default_timeout_s: float = 3600.0
+    paused_ttl_s: float = 86400.0  # a sandbox with on_timeout=pause stays paused this long after its timeout, then goes
     max_output_bytes: int = 16 << 20
     max_sandboxes: int = 1024
     workers: int = 64

@@ -36,6 +36,9 @@ class SandboxSpec(BaseModel):
     )
     driver: str = ""
     workdir: str = ""
+    on_timeout: Literal["destroy", "pause"] = Field(
+        "destroy", description="when timeout_s expires: destroy, or pause (kept paused for the server's paused_ttl_s)"
+    )
 
     @field_validator("env")
     @classmethod

@@ -142,9 +142,11 @@ class Client:
         network_allow: list[str] | None = None,
         driver: str = "",
         workdir: str = "",
+        on_timeout: str = "destroy",
         trust_results: bool = False,
     ) -> Sandbox:
-        """Create a sandbox; validated locally first so a typo fails before any RPC."""
+        """Create a sandbox; validated locally first so a typo fails before any RPC. `on_timeout="pause"` pauses it
+        when `timeout_s` expires instead of destroying it (resume gives it a whole timeout again)."""
         from dsec.sdk.sandbox import Sandbox
 
         resources = {
@@ -162,6 +164,7 @@ class Client:
                 network_allow=network_allow or [],
                 driver=driver,
                 workdir=workdir,
+                on_timeout=on_timeout,  # type: ignore[arg-type]
             )
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
@@ -178,6 +181,7 @@ class Client:
                 network_allow=spec.network_allow,
                 driver=spec.driver,
                 workdir=spec.workdir,
+                on_timeout=spec.on_timeout,
             )
         )
         info = self.rpc(self.sandboxes.Create, request)

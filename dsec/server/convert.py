@@ -32,6 +32,7 @@ def spec_from_pb(message: pb.SandboxSpec, config: ServerConfig) -> SandboxSpec:
             network_allow=list(message.network_allow),
             driver=message.driver,
             workdir=message.workdir,
+            on_timeout=message.on_timeout or "destroy",
         )
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
@@ -50,6 +51,7 @@ def spec_to_pb(spec: SandboxSpec) -> pb.SandboxSpec:
         network_allow=spec.network_allow,
         driver=spec.driver,
         workdir=spec.workdir,
+        on_timeout=spec.on_timeout,
     )
 
 

@@ -60,6 +60,7 @@ class ManagedSandbox:
     processes: ProcessTable = field(init=False)  # ProcessService's long-lived processes; closed on destroy
     events: SandboxEvents = field(default_factory=SandboxEvents)  # what happened to it (the Logs RPC)
     last_usage: tuple[float, float] | None = None  # (time, cpu seconds) of the previous Metrics sample
+    parked: bool = False  # on_timeout=pause: its timeout expired and it now waits paused for paused_ttl_s
 
     def __post_init__(self) -> None:
         self.processes = ProcessTable(self.sandbox_id)
@@ -312,6 +313,11 @@ class SandboxManager:
             now = time.time()
             with self._lock:
                 expired = [s.sandbox_id for s in self._sandboxes.values() if s.expires_at <= now]
+                parking = [s for s in self._sandboxes.values()
+                           if s.sandbox_id in expired and s.spec.on_timeout == "pause" and not s.parked]
+            for sandbox in parking:
+                if self._park(sandbox, now):
+                    expired.remove(sandbox.sandbox_id)
             for sandbox_id in expired:
                 try:
                     self.destroy(sandbox_id, reason="destroyed after its timeout expired")
@@ -319,6 +325,23 @@ class SandboxManager:
                     pass
                 except Exception:  # noqa: BLE001 - keep reaping the others
                     log.exception("TTL destroy of %s failed", sandbox_id)
+
+    def _park(self, sandbox: ManagedSandbox, now: float) -> bool:
+        """on_timeout=pause: pause the sandbox (if it runs) and keep it for paused_ttl_s; False if that failed."""
+        try:
+            with sandbox.lock:
+                if sandbox.state == "running":
+                    sandbox.handle.pause()
+                    sandbox.state = "paused"
+                elif sandbox.state != "paused":
+                    return False
+                sandbox.parked = True
+                sandbox.expires_at = now + self.config.paused_ttl_s
+        except Exception:  # noqa: BLE001 - a sandbox that cannot pause is destroyed as its timeout says otherwise
+            log.exception("pause at the timeout of %s failed; destroying it", sandbox.sandbox_id)
+            return False
+        sandbox.events.add("sandbox paused at its timeout", paused_ttl_s=self.config.paused_ttl_s)
+        return True
 
     def shutdown(self) -> None:
         """Refuse new creates, let the ones under way finish (bounded), then destroy every sandbox."""
@@ -380,6 +403,9 @@ class SandboxManager:
                 raise SandboxStateError(f"sandbox {sandbox_id} is {sandbox.state}, not paused")
             sandbox.handle.resume()
             sandbox.state = "running"
+            if sandbox.spec.on_timeout == "pause":  # back from its timeout's pause: a whole timeout again
+                sandbox.parked = False
+                sandbox.expires_at = time.time() + sandbox.spec.timeout_s
         sandbox.events.add("sandbox resumed")
         return sandbox
 
