@@ -70,6 +70,9 @@ class AlgoConfig(_Strict):
     drop_zero_variance: bool = False
     const_len: int = 256  # Dr. GRPO's constant normaliser
     opd: OPDConfig | None = None  # set: on-policy distillation (teachers' token adjustment on the same loss)
+    # trainer.tito: a sample whose trainable ids are not the ids sampled (or whose prompt is trainable) fails the
+    # step ("refuse"), or is left out of the loss ("drop"); either way `tito_violations` counts it
+    tito_check: Literal["refuse", "drop"] = "refuse"
 
     @classmethod
     def preset(cls, name: str) -> AlgoConfig:

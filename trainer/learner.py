@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from trainer import tito
 from trainer.config import AlgoConfig
 from trainer.core_algos import get_advantage, get_kl, get_policy_loss, get_token_adjustment, zero_variance_groups
 from trainer.rollout import Rollout
@@ -51,12 +52,18 @@ class Learner:
         if a.opd is not None and (teacher is None or len(teacher) != len(rollouts)):
             raise ValueError(f"OPD needs teacher scores for each of the {len(rollouts)} rollouts "
                              f"(got {None if teacher is None else len(teacher)}): start the trainer with teachers")
+        drift = tito.check((r.trajectory_id, r.ids, r.mask, r.sampled_hash) for r in rollouts)
+        if drift.violations and a.tito_check == "refuse":
+            raise tito.TitoViolation(f"{len(drift.violations)} of {len(rollouts)} samples break token-in/token-out: "
+                                     + "; ".join(drift.violations[:3])
+                                     + " (the step trains on nothing; algo.tito_check: drop leaves them out instead)")
         rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
         adv = get_advantage(a.advantage)(rewards, group_size, 1e-6)
-        keep = torch.ones_like(rewards, dtype=torch.bool)
+        keep = ~torch.tensor(drift.drifted, dtype=torch.bool)
         if a.drop_zero_variance and a.opd is None:  # with OPD, equal rewards still carry the teachers' signal
-            keep = ~zero_variance_groups(rewards, group_size)
-        metrics = {"reward_mean": rewards.mean().item(), "kept_samples": float(keep.sum()), "loss": 0.0, "kl": 0.0}
+            keep &= ~zero_variance_groups(rewards, group_size)
+        metrics = {"reward_mean": rewards.mean().item(), "kept_samples": float(keep.sum()), "loss": 0.0, "kl": 0.0,
+                   "tito_violations": float(len(drift.violations)), "tito_unchecked": float(drift.unchecked)}
         if not keep.any():
             return metrics
         batch = [r for r, k in zip(rollouts, keep.tolist()) if k]

@@ -23,6 +23,7 @@ from trainer.encoding import (
     render_segments,
     render_tool_results,
 )
+from trainer import tito
 from trainer.sampler import sample, sample_generator
 from trainer.tasks import Problem, get_task
 from trainer.tokenizer import V4Tokenizer
@@ -44,6 +45,7 @@ class Rollout:
     tools_replayed: int = 0
     parse_errors: int = 0
     sandbox_id: str = ""
+    sampled_hash: int | None = None  # trainer.tito rolling hash of every sampled id, in order (None: none yet)
 
 
 @dataclass
@@ -131,6 +133,7 @@ def _advance(x: _Live, new: list[int], tok: V4Tokenizer, mode: str) -> None:
     r = x.rollout
     r.ids += new
     r.mask += [1] * len(new)
+    r.sampled_hash = tito.extend(r.sampled_hash, new)
     r.turns += 1
     text = tok.decode(new)
     try:
