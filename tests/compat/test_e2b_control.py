@@ -213,10 +213,27 @@ def test_internet_off_is_no_network(e2b_env, native):
         sb.kill()
 
 
-def test_auto_pause_is_refused_with_the_documented_error(e2b_env):
+def test_auto_pause_pauses_at_the_timeout_and_connect_resumes(e2b_env, native):
+    sb = Sandbox.create(timeout=60, lifecycle={"on_timeout": "pause"})
+    try:
+        assert sb.get_info().lifecycle["on_timeout"] == "pause"
+        native.connect(sb.sandbox_id).files.write("/tmp/auto.txt", "kept while paused")
+        sb.set_timeout(1)
+        deadline = time.monotonic() + DEADLINE_S
+        while sb.get_info().state != SandboxState.PAUSED:  # one control-API request per poll
+            assert time.monotonic() < deadline, "the timeout did not pause the sandbox"
+        Sandbox.connect(sb.sandbox_id, timeout=120)
+        info = sb.get_info()
+        assert info.state == SandboxState.RUNNING and (info.end_at - datetime.datetime.now(datetime.timezone.utc)).total_seconds() > 60
+        assert native.connect(sb.sandbox_id).files.read_text("/tmp/auto.txt") == "kept while paused"
+    finally:
+        sb.kill()
+
+
+def test_auto_resume_is_refused_with_the_documented_error(e2b_env):
     with pytest.raises(SandboxException) as caught:
-        Sandbox.create(timeout=60, lifecycle={"on_timeout": "pause"})
-    assert caught.value.status_code == 400 and "autoPause" in str(caught.value)
+        Sandbox.create(timeout=60, lifecycle={"on_timeout": "pause", "auto_resume": True})
+    assert caught.value.status_code == 400 and "autoResume" in str(caught.value)
 
 
 def test_async_sdk_lifecycle(e2b_env, native):

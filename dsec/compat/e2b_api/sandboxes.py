@@ -77,9 +77,9 @@ class SandboxRoutes:
         bad = [k for k in metadata if k.startswith(wire.LABEL_PREFIX)]
         if bad:
             raise ApiError(400, f"metadata keys starting with {wire.LABEL_PREFIX!r} are reserved by dsec: {bad}")
-        if body.autoPause:
-            raise ApiError(400, "autoPause (on_timeout='pause') is not supported: dsec destroys a sandbox when its timeout "
-                                "expires; pause it yourself with Sandbox.pause() before then (docs/compat.md)")
+        if isinstance(body.autoResume, dict) and body.autoResume.get("enabled"):
+            raise ApiError(400, "autoResume is not supported: dsec does not resume a paused sandbox on traffic; "
+                                "resume it with Sandbox.connect() (docs/compat.md)")
         for name in ("volumeMounts", "mcp", "iam"):
             if getattr(body, name):
                 raise ApiError(400, f"{name} is not supported by dsec (docs/compat.md)")
@@ -92,12 +92,16 @@ class SandboxRoutes:
                              wire.LABEL_INTERNET: "1" if internet else "0"}
         timeout_s = float(body.timeout or wire.DEFAULT_TIMEOUT_S)
         api = self._api(request)
+        on_timeout = "pause" if body.autoPause else "destroy"
+        if SNAPSHOT_ID.match(body.templateID) and body.autoPause:
+            raise ApiError(400, "autoPause with a snapshot as the template is not supported: the sandbox keeps the "
+                                "snapshot's timeout behaviour (docs/compat.md)")
         if SNAPSHOT_ID.match(body.templateID):
             info = await self._restore(api, body.templateID, labels, timeout_s)
         else:
             spec = pb.SandboxSpec(
                 image=TEMPLATE_IMAGES.get(body.templateID, body.templateID), substrate=substrate, timeout_s=timeout_s,
-                env=body.envVars or {}, labels=labels, network=False, network_allow=network_allow,
+                env=body.envVars or {}, labels=labels, network=False, network_allow=network_allow, on_timeout=on_timeout,
             )
             try:
                 info = await api.Create(pb.CreateRequest(spec=spec))
