@@ -14,12 +14,13 @@ sandbox's own user (the image's USER) owns what is created.
 from __future__ import annotations
 
 import posixpath
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
 
-from dsec.errors import DsecError, FileExistsInSandbox, FileNotFoundInSandbox, InvalidPath, InvalidSpec
+from dsec.errors import CapacityExceeded, DsecError, FileExistsInSandbox, FileNotFoundInSandbox, InvalidPath, InvalidSpec
 from dsec.models import FileInfo
 from dsec.server.auth import Authenticator
 from dsec.server.errors import rpc_errors
@@ -31,6 +32,7 @@ from dsec.v1 import filesystem_pb2_grpc as fpb_grpc
 ACCOUNTS_MAX_BYTES = 4 << 20
 MAX_TREE_ENTRIES = 100_000  # a listing larger than this is refused: ask for a smaller depth or a subdirectory
 MAX_DEPTH = 64
+WATCH_SHARE_OF_WORKERS = 4  # at most workers / 4 watches at once: each holds an RPC thread while it is open
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ class FilesystemService(fpb_grpc.FilesystemServiceServicer):
     def __init__(self, manager: SandboxManager, auth: Authenticator | None = None) -> None:
         self.manager = manager
         self.auth = auth or Authenticator({})
+        self.max_watches = max(1, manager.config.workers // WATCH_SHARE_OF_WORKERS)
+        self._watches = threading.BoundedSemaphore(self.max_watches)
 
     def _open(self, target: fpb.FsPath, context: grpc.ServicerContext) -> tuple[ManagedSandbox, Accounts, Account, str]:
         sandbox = self.manager.running(target.sandbox_id, self.auth.tenant(context))
@@ -197,14 +201,23 @@ class FilesystemService(fpb_grpc.FilesystemServiceServicer):
     @rpc_errors
     def Watch(self, request: fpb.WatchRequest, context: grpc.ServicerContext) -> Iterator[fpb.WatchEvent]:
         sandbox, _, _, path = self._open(request.target, context)
-        watch = sandbox.handle.watch_dir(path, request.recursive)
-        context.add_callback(watch.cancel)  # the client went away or cancelled: stop the agent's watch
+        if not self._watches.acquire(blocking=False):
+            raise CapacityExceeded(
+                f"this server has {self.max_watches} directory watches open (each holds an RPC thread); stop one, "
+                "or raise the server's workers",
+                retry_after_s=1.0,
+            )
         try:
-            yield fpb.WatchEvent(started=fpb.WatchEvent.Started(path=path))
-            for event in watch.events():
-                yield fpb.WatchEvent(change=fpb.WatchEvent.Change(kind=event.kind, name=event.name))
+            watch = sandbox.handle.watch_dir(path, request.recursive)
+            context.add_callback(watch.cancel)  # the client went away or cancelled: stop the agent's watch
+            try:
+                yield fpb.WatchEvent(started=fpb.WatchEvent.Started(path=path))
+                for event in watch.events():
+                    yield fpb.WatchEvent(change=fpb.WatchEvent.Change(kind=event.kind, name=event.name))
+            finally:
+                watch.cancel()
         finally:
-            watch.cancel()
+            self._watches.release()
 
     @rpc_errors
     def Resolve(self, request: fpb.ResolveRequest, context: grpc.ServicerContext) -> fpb.ResolvedPath:

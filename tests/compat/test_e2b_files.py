@@ -357,6 +357,34 @@ def test_files_on_a_microvm(dsec_http, e2b_env):
         sb.kill()
 
 
+
+def test_open_watches_are_capped_and_freed(dsec_http):
+    """Each open watch holds a server RPC thread, so a server keeps at most workers/4 open: one more is
+    CapacityExceeded (RESOURCE_EXHAUSTED), and stopping one frees its slot."""
+    from dsec.errors import CapacityExceeded
+
+    client = dsec.Client(dsec_http.grpc_address)
+    watches = []
+    try:
+        with client.create(image="base", timeout_s=300) as sb:
+            with pytest.raises(CapacityExceeded):
+                for _ in range(200):  # other tests' watches may hold slots too: open until refused
+                    watches.append(sb.files.watch("/tmp"))
+            assert watches, "not even one watch could be opened"
+            watches.pop().stop()
+            deadline = time.monotonic() + DEADLINE_S
+            while True:  # the stopped watch's slot is released once the server sees the cancel
+                try:
+                    watches.append(sb.files.watch("/tmp"))
+                    break
+                except CapacityExceeded:
+                    assert time.monotonic() < deadline, "a stopped watch never released its slot"
+                    time.sleep(0.05)
+    finally:
+        for watch in watches:
+            watch.stop()
+        client.close()
+
 # -- fuzz: envd's file routes and Connect endpoints never answer 5xx or a traceback ------------------------------
 FUZZ = settings(max_examples=120, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip

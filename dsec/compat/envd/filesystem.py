@@ -43,9 +43,9 @@ log = logging.getLogger("dsec.compat.envd")
 
 SERVICE = "filesystem.Filesystem"
 ENVD_DEFAULT_USER = "user"  # E2B templates' default user; used when the sandbox has one
-WATCHER_IDLE_S = 600.0  # a polling watcher nobody asked for events this long is dropped
+WATCHER_IDLE_S = 300.0  # a polling watcher nobody asked for events this long is dropped (it holds a server watch)
 WATCHER_MAX_EVENTS = 10_000  # buffered per polling watcher; older events are dropped beyond this
-MAX_WATCHERS_PER_SANDBOX = 64
+MAX_WATCHERS_PER_SANDBOX = 8  # each is a backend Watch stream; the server caps those too
 MAX_KEEPALIVE_S = 300.0
 MAX_REMEMBERED_SANDBOXES = 10_000
 
