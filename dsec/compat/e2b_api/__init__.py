@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grpc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -9,7 +10,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from dsec.compat.context import CompatContext
-from dsec.compat.e2b_api.errors import ApiError
+from dsec.compat.e2b_api.errors import ApiError, from_grpc
 from dsec.compat.e2b_api.sandboxes import SandboxRoutes
 from dsec.compat.e2b_api.telemetry import TelemetryRoutes
 
@@ -21,6 +22,17 @@ async def _health(_request: Request) -> Response:
 async def _api_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return exc.response()
+
+
+async def _grpc_error(_request: Request, exc: Exception) -> Response:
+    """A backend error no route translated itself: still the status its gRPC code means, never a 500."""
+    assert isinstance(exc, grpc.RpcError)
+    return from_grpc(exc).response()
+
+
+async def _internal_error(_request: Request, _exc: Exception) -> Response:
+    """A JSON 500 without the traceback; Starlette re-raises the error, and the front door logs it."""
+    return JSONResponse({"code": 500, "message": "internal error in dsec's E2B API; see the server log"}, 500)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -55,4 +67,5 @@ def make_app(ctx: CompatContext) -> Starlette:
         Route(f"/sandboxes/{sid}/logs", t.logs_v1, methods=["GET"]),
         Route(f"/v2/sandboxes/{sid}/logs", t.logs_v2, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={ApiError: _api_error, HTTPException: _http_error})
+    handlers = {ApiError: _api_error, HTTPException: _http_error, grpc.RpcError: _grpc_error, Exception: _internal_error}
+    return Starlette(routes=routes, exception_handlers=handlers)
