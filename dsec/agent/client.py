@@ -47,6 +47,7 @@ STDOUT, STDERR, EXIT, SPAWNED, DATA, END, ENTRY, OK, ERROR, PONG = (
 # filesystem operations and directory watches (docs/agent-protocol.md, "Filesystem operations")
 MKDIR, MOVE, REMOVE, STATX, LIST_DIRX, CHOWN, WATCH, CANCEL = 0x14, 0x15, 0x16, 0x17, 0x18, 0x19, 0x1A, 0x1B
 EVENT = 0x89
+MV_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # `mv` for cross-device moves
 
 DEFAULT_REQUEST_TIMEOUT_S = 120.0
 """How long a control request (spawn, stat, one file chunk) may wait for the agent before it is declared stuck
@@ -662,7 +663,27 @@ class AgentSandbox(DriverSandbox):
         self.client.make_dir(path, mode, parents, owner)
 
     def move(self, source: str, destination: str, make_parents: bool = True, owner: tuple[int, int] | None = None) -> None:
-        self.client.move(source, destination, make_parents, owner)
+        """rename(2); where it cannot (EXDEV: overlayfs renames a directory of the image only by copying, or the
+        two paths are on different mounts) `mv` in the sandbox copies and removes, as a shell user would."""
+        try:
+            self.client.move(source, destination, make_parents, owner)
+        except RuntimeFailure as exc:
+            if exc.details.get("errno") != errno_mod.EXDEV:
+                raise
+            self._mv(source, destination)
+
+    def _mv(self, source: str, destination: str) -> None:
+        process = self.spawn(["mv", "-f", "--", source, destination], {"PATH": MV_PATH}, "/")
+        stderr = b""
+        for event in process.events():
+            if isinstance(event, Output) and event.stream == "stderr":
+                stderr = (stderr + event.data)[-2000:]
+            elif isinstance(event, Exited) and event.exit_code != 0:
+                raise InvalidPath(
+                    f"move {source} to {destination}{self.client.where}: mv exited {event.exit_code}: "
+                    f"{stderr.decode(errors='replace').strip()}",
+                    sandbox_id=self.sandbox_id,
+                )
 
     def remove(self, path: str, recursive: bool = True) -> None:
         self.client.remove(path, recursive)

@@ -153,6 +153,10 @@ def test_rename_remove_make_dir(sandbox, workdir):
     assert not sandbox.files.exists(f"{workdir}/old.txt")
     with pytest.raises(FileNotFoundException):
         sandbox.files.rename(f"{workdir}/old.txt", f"{workdir}/x.txt")
+    image_dir = sandbox.files.rename("/etc/apt", f"{workdir}/apt")  # a directory of the image: EXDEV on overlayfs
+    assert image_dir.type == FileType.DIR and sandbox.files.exists(f"{workdir}/apt/sources.list.d")
+    assert not sandbox.files.exists("/etc/apt")
+    sandbox.files.rename(f"{workdir}/apt", "/etc/apt")  # put back what other tests of the module may expect
     assert sandbox.files.make_dir(f"{workdir}/made/deep") is True
     assert sandbox.files.make_dir(f"{workdir}/made/deep") is False
     with pytest.raises(InvalidArgumentException):
