@@ -143,8 +143,10 @@ def test_pause_resume_keeps_files(e2b_env, native, case):
         sb.kill()
 
 
-def test_snapshot_create_list_restore_delete(e2b_env, native):
-    sb = Sandbox.create(timeout=120)
+@pytest.mark.parametrize("case", SUBSTRATE_CASES)
+def test_snapshot_create_list_restore_delete(e2b_env, native, case):
+    template, extra, internet = case
+    sb = Sandbox.create(template=template, timeout=120, metadata=extra, allow_internet_access=internet)
     restored = None
     try:
         native.connect(sb.sandbox_id).files.write("/tmp/snap.txt", "in the snapshot")
@@ -165,8 +167,10 @@ def test_snapshot_create_list_restore_delete(e2b_env, native):
             restored.kill()
 
 
-def test_fork(e2b_env, native):
-    sb = Sandbox.create(timeout=120, metadata={"role": "parent"})
+@pytest.mark.parametrize("case", SUBSTRATE_CASES)
+def test_fork(e2b_env, native, case):
+    template, extra, internet = case
+    sb = Sandbox.create(template=template, timeout=120, metadata={"role": "parent", **extra}, allow_internet_access=internet)
     forks: list[Sandbox] = []
     try:
         native.connect(sb.sandbox_id).files.write("/tmp/forked.txt", "from the parent")
