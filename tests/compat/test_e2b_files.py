@@ -88,6 +88,8 @@ def test_write_and_read_text_bytes_streams(sandbox, workdir):
     sandbox.files.write(f"{workdir}/gz.bin", blob, gzip=True)  # Content-Encoding: gzip upload
     for name in ("io.bin", "it.bin", "gz.bin"):
         assert sandbox.files.read(f"{workdir}/{name}", format="bytes", gzip=True) == bytearray(blob), name
+    sandbox.files.write(f"{workdir}/text-io.txt", io.StringIO(text))  # text file object: encoded while streamed
+    assert sandbox.files.read(f"{workdir}/text-io.txt") == text
     sandbox.files.write(f"{workdir}/empty", b"")
     assert sandbox.files.read(f"{workdir}/empty") == ""
 
@@ -211,6 +213,15 @@ def test_async_sdk_files_and_streamed_watch(sandbox, workdir):
         events: asyncio.Queue = asyncio.Queue()
         handle = await asb.files.watch_dir(workdir, on_event=events.put_nowait, include_entry=True)
         await asb.files.write(f"{workdir}/async.txt", "async data")
+
+        async def chunks():
+            for part in (b"streamed ", b"from an ", b"async iterable"):
+                yield part
+
+        await asb.files.write(f"{workdir}/aiter.txt", chunks())
+        assert await asb.files.read(f"{workdir}/aiter.txt") == "streamed from an async iterable"
+        many = await asb.files.write_files([{"path": f"{workdir}/m{i}.txt", "data": str(i)} for i in range(3)])
+        assert [w.name for w in many] == ["m0.txt", "m1.txt", "m2.txt"]
         assert await asb.files.read(f"{workdir}/async.txt") == "async data"
         deadline = time.monotonic() + DEADLINE_S
         while True:
