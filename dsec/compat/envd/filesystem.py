@@ -34,7 +34,7 @@ from connectrpc.server import ConnectASGIApplication, Endpoint
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from dsec.compat.context import CompatContext, error_name, grpc_code, grpc_message
-from dsec.compat.envd.rpc import caller, envd_codecs, envd_user, scoped
+from dsec.compat.envd.rpc import caller, envd_codecs, envd_user, keepalive_interval, scoped
 from dsec.envd.filesystem import filesystem_pb2 as epb
 from dsec.v1 import filesystem_pb2 as fpb
 from dsec.v1 import filesystem_pb2_grpc as fpb_grpc
@@ -46,7 +46,6 @@ ENVD_DEFAULT_USER = "user"  # E2B templates' default user; used when the sandbox
 WATCHER_IDLE_S = 300.0  # a polling watcher nobody asked for events this long is dropped (it holds a server watch)
 WATCHER_MAX_EVENTS = 10_000  # buffered per polling watcher; older events are dropped beyond this
 MAX_WATCHERS_PER_SANDBOX = 8  # each is a backend Watch stream; the server caps those too
-MAX_KEEPALIVE_S = 300.0
 MAX_REMEMBERED_SANDBOXES = 10_000
 
 _TYPES = {"file": epb.FILE_TYPE_FILE, "dir": epb.FILE_TYPE_DIRECTORY, "symlink": epb.FILE_TYPE_SYMLINK}
@@ -231,7 +230,7 @@ class FilesystemService:
 
     async def watch_dir(self, request: epb.WatchDirRequest, rctx: RequestContext) -> AsyncIterator[epb.WatchDirResponse]:
         stub, target, call = await self._open_watch(rctx, request.path, request.recursive)
-        interval = _keepalive_interval(rctx.request_headers.get("keepalive-ping-interval", ""))
+        interval = keepalive_interval(rctx)
         try:
             yield epb.WatchDirResponse(start=epb.WatchDirResponse.StartEvent())
             reader = asyncio.ensure_future(call.read())
@@ -319,14 +318,6 @@ class FilesystemService:
         for watcher_id, watcher in list(self.watchers.items()):
             if now - watcher.last_poll > WATCHER_IDLE_S or (watcher.ended and watcher.error is not None and not watcher.events):
                 self._drop(watcher_id)
-
-
-def _keepalive_interval(header: str) -> float | None:
-    try:
-        seconds = float(header)
-    except ValueError:
-        return None
-    return min(seconds, MAX_KEEPALIVE_S) if seconds > 0 else None
 
 
 def _method(name: str, request: type, response: type) -> MethodInfo:
