@@ -58,18 +58,18 @@ class FileNotFoundInSandbox(DsecError):
     code = grpc.StatusCode.NOT_FOUND
 
 
-class CommandNotFound(DsecError):
-    code = grpc.StatusCode.NOT_FOUND
-
-
-class PermissionDeniedInSandbox(DsecError):
-    code = grpc.StatusCode.PERMISSION_DENIED
 class FileExistsInSandbox(InvalidPath):
     """The path exists already (e.g. make_dir of an existing directory)."""
 
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
+class CommandNotFound(DsecError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class PermissionDeniedInSandbox(DsecError):
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class ExecTimeout(DsecError):
