@@ -1,0 +1,222 @@
+"""The policy gateway (`python -m trainer.gateway`) driven by the real `openai` client and a small agent harness
+whose tool calls run in a dsec sandbox inside `dsec.trajectory(...)`.
+
+The policy is the tiny V4 model over-fitted on one arithmetic demonstration, so greedy decoding reliably calls
+`run_python` and then copies the tool result: the test can follow a real multi-turn tool conversation.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+import dsec
+from trainer import tito
+from trainer.config import AlgoConfig, SFTConfig
+from trainer.data import corpus, demo_pieces, problems, tokenize_pieces
+from trainer.encoding import USER
+from trainer.learner import Learner
+from trainer.policy import build_policy
+from trainer.rollout import Rollout
+from trainer.sft import train_sft
+from trainer.tasks import get_task
+from trainer.tokenizer import V4Tokenizer, train
+
+MODEL = "dsec-policy"
+
+
+@pytest.fixture(scope="module")
+def overfit(tmp_path_factory) -> dict:
+    """A tokenizer and a tiny V4 policy that has memorised one arithmetic demonstration (tool call, then answer)."""
+    torch.set_num_threads(2)
+    out = tmp_path_factory.mktemp("gateway")
+    tok = train(corpus(["arithmetic", "fix_module"], 0, 200, "non-think"), 1024)
+    tok.save(out / "tokenizer.json")
+    problem = problems(["arithmetic"], "train", 1, 0)[0]
+    model = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
+    train_sft(model, [tokenize_pieces(tok, demo_pieces(problem, "non-think"))], SFTConfig(steps=60, batch_size=1, lr=1e-2),
+              tok.pad_id, 0)
+    torch.save(model.state_dict(), out / "policy.pt")
+    return {"tokenizer": out / "tokenizer.json", "weights": out / "policy.pt", "problem": problem}
+
+
+@pytest.fixture(scope="module")
+def gateway(overfit):
+    """`python -m trainer.gateway` on a free port; the test waits on its ready line, not on a sleep."""
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.gateway", "--tokenizer", str(overfit["tokenizer"]),
+                             "--weights", str(overfit["weights"]), "--port", "0", "--max-tokens", "96"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("gateway listening on "), line
+        yield line.split()[-1]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _openai_tools(family: str) -> list[dict]:
+    return [{"type": "function", "function": t.model_dump()} for t in get_task(family).tools]
+
+
+def run_harness(base_url: str, client: dsec.Client, tid: str, problem, sandboxes: list) -> list:
+    """A minimal agent: OpenAI chat calls; each tool call runs in this trajectory's dsec sandbox."""
+    oa = openai.OpenAI(base_url=base_url, api_key="unused", default_headers={"X-Dsec-Trajectory": tid}, max_retries=0)
+    task = get_task(problem.family)
+    trajectory = dsec.trajectory(tid, client=client)
+    sandbox = trajectory.sandbox(lambda: client.create(image="python", substrate="container", timeout_s=600))
+    sandboxes.append(sandbox)
+    messages: list = [{"role": "system", "content": task.system}, {"role": "user", "content": problem.prompt}]
+    responses = []
+    for _ in range(3):
+        resp = oa.chat.completions.create(model=MODEL, messages=messages, tools=_openai_tools(problem.family),
+                                          temperature=0, logprobs=True, top_logprobs=2, max_tokens=96)
+        responses.append(resp)
+        message = resp.choices[0].message
+        messages.append(message)  # the client's own object, echoed back as harnesses do
+        if not message.tool_calls:
+            break
+        for call in message.tool_calls:
+            code = json.loads(call.function.arguments)["code"]
+            with trajectory:
+                result = sandbox.exec(["python3", "-c", code], timeout=30)
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": result.stdout.decode()})
+    return responses
+
+
+@pytest.mark.timeout(600)
+def test_harness_through_the_gateway_yields_exact_samples_and_tools_run_once(gateway, overfit, dsec_server):
+    problem = overfit["problem"]
+    tok = V4Tokenizer.load(overfit["tokenizer"])
+    tid = f"gw-{time.time_ns()}/prompt-0/sample-0"
+    sandboxes: list = []
+    with dsec.Client(address=dsec_server.address) as client:
+        try:
+            before = dsec_server.steps()
+            first = run_harness(gateway, client, tid, problem, sandboxes)
+            after_first = dsec_server.steps()
+            # turn 1: a DSML tool call, parsed into OpenAI tool_calls; turn 2: the answer copied from the result
+            call_turn, answer_turn = first[0].choices[0], first[-1].choices[0]
+            assert call_turn.finish_reason == "tool_calls"
+            assert call_turn.message.tool_calls[0].function.name == "run_python"
+            assert json.loads(call_turn.message.tool_calls[0].function.arguments) == {
+                "code": f"print({problem.data['expr']})"}
+            assert answer_turn.finish_reason == "stop" and answer_turn.message.content == problem.answer
+            assert all(lp.logprob <= 0 and len(lp.top_logprobs) == 2 for lp in call_turn.logprobs.content)
+            assert after_first["executed"] - before["executed"] == 1
+
+            samples = httpx.get(f"{gateway}/trajectories/{tid}/samples").json()["samples"]
+            assert len(samples) == 1
+            s = samples[0]
+            r = Rollout(**s["rollout"])
+            assert r.turns == 2 and r.tool_calls == 1 and len(s["logprobs"]) == sum(r.mask)
+            # the sample is the exact sequence: prompt ids of turn 1 + sampled ids + tool result + sampled ids
+            sampled = [t for resp in first for t in resp.choices[0].model_extra["token_ids"]]
+            assert [i for i, m in zip(r.ids, r.mask) if m] == sampled
+            last_prompt = first[-1].model_extra["prompt_token_ids"]
+            assert r.ids == last_prompt + first[-1].choices[0].model_extra["token_ids"]
+            # the tool result's tokens are in the sample and masked out of the loss
+            result_ids = tok.encode(USER + f"<tool_result>{problem.answer}\n</tool_result>")
+            start = next(i for i in range(len(r.ids)) if r.ids[i:i + len(result_ids)] == result_ids)
+            assert not any(r.mask[start:start + len(result_ids)])
+            assert not tito.check([(r.trajectory_id, r.ids, r.mask, r.sampled_hash)]).violations
+
+            # re-running the harness with the same trajectory id replays the tool call: nothing executes again
+            second = run_harness(gateway, client, tid, problem, sandboxes)
+            after_second = dsec_server.steps()
+            assert after_second["executed"] == after_first["executed"]
+            assert after_second["replayed"] - after_first["replayed"] == 1
+            assert second[-1].choices[0].message.content == problem.answer
+
+            # reward, then both runs' samples go through one real GRPO update with the TITO check on
+            assert httpx.post(f"{gateway}/trajectories/{tid}/reward", json={"reward": 1.0}).status_code == 200
+            samples = httpx.get(f"{gateway}/trajectories/{tid}/samples").json()["samples"]
+            rollouts = [Rollout(**x["rollout"]) for x in samples]
+            assert len(rollouts) == 2 and all(x.reward == 1.0 for x in rollouts)
+            model = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
+            model.load_state_dict(torch.load(overfit["weights"], weights_only=True))
+            metrics = Learner(model, AlgoConfig(kl_coef=0.0), 1e-4, 1.0, tok.pad_id).update(rollouts, group_size=2)
+            assert metrics["tito_violations"] == 0 and metrics["tito_unchecked"] == 0
+        finally:
+            for sb in sandboxes:
+                try:
+                    sb.destroy()
+                except dsec.DsecError:
+                    pass
+
+
+@pytest.mark.timeout(300)
+def test_grouping_n_choices_and_streaming(gateway, overfit):
+    problem = overfit["problem"]
+    oa = openai.OpenAI(base_url=gateway, api_key="unused", max_retries=0)
+    user = f"by-user-{time.time_ns()}"
+    messages = [{"role": "user", "content": problem.prompt}]
+    resp = oa.chat.completions.create(model=MODEL, messages=messages, n=2, seed=7, max_tokens=8, user=user)
+    assert len(resp.choices) == 2 and resp.usage.completion_tokens == sum(len(c.model_extra["token_ids"])
+                                                                          for c in resp.choices)
+    again = oa.chat.completions.create(model=MODEL, messages=messages, n=2, seed=7, max_tokens=8, user=user)
+    assert [c.model_extra["token_ids"] for c in again.choices] == [c.model_extra["token_ids"] for c in resp.choices]
+    samples = httpx.get(f"{gateway}/trajectories/{user}/samples").json()["samples"]
+    assert len(samples) == 4  # grouped by `user`: two requests x two choices, each its own leaf
+    assert all(s["rollout"]["sampled_hash"] is not None for s in samples)
+
+    chunks = list(oa.chat.completions.create(model=MODEL, messages=messages, tools=_openai_tools("arithmetic"),
+                                             temperature=0, max_tokens=96, stream=True))
+    calls = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls" and calls[0].function.name == "run_python"
+
+
+@pytest.mark.timeout(300)
+def test_bad_requests_get_the_status_the_client_expects(gateway, overfit):
+    oa = openai.OpenAI(base_url=gateway, api_key="unused", max_retries=0)
+    user = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.NotFoundError):
+        oa.chat.completions.create(model="gpt-9", messages=user)
+    bad = [
+        dict(messages=[]),
+        dict(messages=user, temperature=5),
+        dict(messages=user, n=0),
+        dict(messages=user, tool_choice="required", tools=_openai_tools("arithmetic")),
+        dict(messages=user, stop=["\n"]),
+        dict(messages=user, top_logprobs=3),
+        dict(messages=[*user, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "run_python", "arguments": "{not json"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "1"}]),
+        dict(messages=[*user, {"role": "tool", "tool_call_id": "nobody", "content": "1"}]),
+        dict(messages=[{"role": "user", "content": "12345 " * 1000}]),
+    ]
+    for kwargs in bad:
+        with pytest.raises(openai.BadRequestError) as info:
+            oa.chat.completions.create(model=MODEL, max_tokens=4, **kwargs)
+        assert info.value.body["message"], kwargs
+    raw = httpx.post(f"{gateway}/chat/completions", content=b"{oops", headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and "not JSON" in raw.json()["error"]["message"]
+    assert httpx.get(f"{gateway}/trajectories/nope/samples").status_code == 404
+    assert httpx.post(f"{gateway}/trajectories/nope/reward", json={"reward": "x"}).status_code == 400
+
+
+def test_weights_file_changes_are_served(overfit, tmp_path):
+    """The gateway follows a trainer that rewrites its checkpoint: a new file means a new policy version."""
+    from trainer.gateway import PolicySource
+
+    tok = V4Tokenizer.load(overfit["tokenizer"])
+    path = tmp_path / "learner.pt"
+    path.write_bytes(Path(overfit["weights"]).read_bytes())
+    source = PolicySource(tok, "v4-tiny", path)
+    assert source.version == 1
+    source.refresh()
+    assert source.version == 1
+    state = torch.load(overfit["weights"], weights_only=True)
+    torch.save({"model": {k: v * 0 for k, v in state.items()}}, tmp_path / "next.pt")
+    (tmp_path / "next.pt").replace(path)  # as the learner writes it: temp file, then rename
+    source.refresh()
+    assert source.version == 2
+    assert all(float(p.detach().abs().sum()) == 0 for p in source.model.parameters())

@@ -1,0 +1,123 @@
+"""What the gateway remembers: every sampled choice's token ids and log-probs, grouped into trajectories.
+
+Why keep ids and not text: an agent harness sends the conversation back as text and JSON, and re-tokenising
+that text need not give the ids the policy sampled (token drift). So when a later request of the same
+trajectory contains an assistant message the gateway produced, the gateway splices in that turn's sampled ids
+instead of tokenising the message; the resulting training sample is the exact token sequence the policy saw
+and produced, with mask 1 only on sampled ids (prompts, tool results and anything the harness wrote: 0).
+
+A trajectory's samples are its leaf turns (turns no later request continued): each is the chain of turns
+spliced into its prompt plus its own completion. Samples have the learner's `Rollout` shape, with the rollout
+log-probs alongside and the `trainer.tito` hash of the sampled ids taken from the records (not from the mask),
+so the learner's check cross-examines the splice.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from trainer import tito
+from trainer.encoding import ToolCall
+from trainer.rollout import Rollout
+
+
+@dataclass
+class Turn:
+    """One sampled choice of one request."""
+
+    turn_id: str  # the OpenAI tool-call id prefix of this choice: f"call_{request id}_{choice}"
+    request_id: str
+    choice: int
+    prompt_ids: list[int]
+    prompt_mask: list[int]  # 1 where the prompt holds ids spliced from an earlier turn's completion
+    prompt_logprobs: list[float | None]  # those ids' rollout log-probs (None at mask 0)
+    completion_ids: list[int]
+    logprobs: list[float]
+    content: str
+    reasoning: str
+    tool_calls: list[ToolCall]
+    finish_reason: str
+    policy_version: int
+    parents: list[str] = field(default_factory=list)  # turn ids spliced into the prompt, in order
+
+
+@dataclass
+class GatewaySample:
+    """One training sample: the learner's `Rollout` plus what only the gateway knows."""
+
+    rollout: Rollout
+    logprobs: list[float]  # rollout-time log-probs of the mask = 1 ids, in order
+    turn_ids: list[str]
+    policy_versions: list[int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rollout": asdict(self.rollout), "logprobs": self.logprobs, "turn_ids": self.turn_ids,
+                "policy_versions": self.policy_versions}
+
+
+class Recorder:
+    """Thread-safe store of turns by trajectory id (in memory: the gateway process owns it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._turns: dict[str, list[Turn]] = {}
+        self._rewards: dict[str, float] = {}
+
+    def record(self, trajectory_id: str, turn: Turn) -> None:
+        with self._lock:
+            self._turns.setdefault(trajectory_id, []).append(turn)
+
+    def set_reward(self, trajectory_id: str, reward: float) -> None:
+        with self._lock:
+            if trajectory_id not in self._turns:
+                raise KeyError(trajectory_id)
+            self._rewards[trajectory_id] = reward
+
+    def trajectory_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._turns)
+
+    def match(self, trajectory_id: str, content: str, tool_calls: list[tuple[str, ToolCall]]) -> Turn | None:
+        """The recorded turn an assistant message echoes: same tool-call ids (which name the turn) and the same
+        calls and content, or, without calls, the latest turn with the same content. An edited echo matches
+        nothing: its text is then tokenised and masked, since the policy did not sample it."""
+        with self._lock:
+            turns = list(self._turns.get(trajectory_id, ()))
+        if tool_calls:
+            prefix = tool_calls[0][0].rsplit("_", 1)[0]
+            for turn in turns:
+                if turn.turn_id == prefix:
+                    same = [f"{prefix}_{k}" for k in range(len(turn.tool_calls))] == [cid for cid, _ in tool_calls]
+                    calls = [c for _, c in tool_calls]
+                    return turn if same and calls == turn.tool_calls and content == turn.content else None
+            return None
+        for turn in reversed(turns):
+            if not turn.tool_calls and turn.content == content:
+                return turn
+        return None
+
+    def samples(self, trajectory_id: str) -> list[GatewaySample]:
+        with self._lock:
+            turns = list(self._turns.get(trajectory_id, ()))
+            reward = self._rewards.get(trajectory_id, 0.0)
+        if not turns:
+            raise KeyError(trajectory_id)
+        by_id = {t.turn_id: t for t in turns}
+        continued = {p for t in turns for p in t.parents}
+        out = []
+        for leaf in (t for t in turns if t.turn_id not in continued):
+            chain = [by_id[p] for p in leaf.parents] + [leaf]
+            ids = leaf.prompt_ids + leaf.completion_ids
+            mask = leaf.prompt_mask + [1] * len(leaf.completion_ids)
+            logprobs = [lp for lp in leaf.prompt_logprobs if lp is not None] + leaf.logprobs
+            sampled = None
+            for t in chain:
+                sampled = tito.extend(sampled, t.completion_ids)
+            calls = sum(len(t.tool_calls) for t in chain)
+            rollout = Rollout(trajectory_id=trajectory_id, problem_id=leaf.turn_id, family="gateway", ids=ids,
+                              mask=mask, reward=reward, turns=len(chain), final=leaf.content, tool_calls=calls,
+                              sampled_hash=sampled)
+            out.append(GatewaySample(rollout, logprobs, [t.turn_id for t in chain], [t.policy_version for t in chain]))
+        return out
