@@ -1,7 +1,7 @@
 """ProcessService: gRPC glue over each sandbox's ProcessTable (dsec/server/processes.py).
 
 The caller names a user by name; it is looked up in the sandbox's own /etc/passwd (read through the agent, so
-users added at run time count) and the process runs with that uid/gid, HOME, USER and LOGNAME, starting in the
+users added at run time count, with the same `Accounts` as FilesystemService) and the process runs with that uid/gid, HOME, USER and LOGNAME, starting in the
 home directory unless a cwd is given: the same shape as E2B's envd, whose API maps onto this service.
 """
 
@@ -14,6 +14,7 @@ import grpc
 from dsec.errors import DsecError, InvalidSpec, ProcessNotFound
 from dsec.server.auth import Authenticator
 from dsec.server.errors import rpc_errors
+from dsec.server.filesystem_service import Accounts
 from dsec.server.manager import ManagedSandbox, SandboxManager
 from dsec.server.paths import sandbox_path
 from dsec.server.processes import Chunk, Ended, ManagedProcess, Started, Subscription
@@ -21,7 +22,6 @@ from dsec.v1 import process_pb2 as ppb
 from dsec.v1 import process_pb2_grpc as ppb_grpc
 from dsec.v1 import sandbox_pb2 as pb
 
-PASSWD_MAX_BYTES = 4 << 20
 MAX_INPUT = 1 << 20
 POLL_S = 1.0  # how often an idle attached stream checks that its client is still there
 
@@ -48,25 +48,6 @@ def stream_events(subscription: Subscription, context: grpc.ServicerContext) -> 
                 return
     finally:
         subscription.close()
-
-
-def lookup_user(sandbox: ManagedSandbox, name: str) -> tuple[int, int, str]:
-    """(uid, gid, home) of `name` in the sandbox's /etc/passwd."""
-    data = b""
-    try:
-        for chunk in sandbox.handle.read_file("/etc/passwd"):
-            data += chunk
-            if len(data) > PASSWD_MAX_BYTES:
-                raise InvalidSpec(f"/etc/passwd of sandbox {sandbox.sandbox_id} is larger than {PASSWD_MAX_BYTES} bytes")
-    except DsecError as exc:
-        if isinstance(exc, InvalidSpec):
-            raise
-        raise InvalidSpec(f"user {name!r}: sandbox {sandbox.sandbox_id} has no readable /etc/passwd ({exc.message})") from exc
-    for line in data.decode("utf-8", "replace").splitlines():
-        fields = line.split(":")
-        if len(fields) >= 6 and fields[0] == name and fields[2].isdigit() and fields[3].isdigit():
-            return int(fields[2]), int(fields[3]), fields[5] or "/"
-    raise InvalidSpec(f"user {name!r} does not exist in sandbox {sandbox.sandbox_id} (not in its /etc/passwd)")
 
 
 class ProcessService(ppb_grpc.ProcessServiceServicer):
@@ -104,10 +85,9 @@ class ProcessService(ppb_grpc.ProcessServiceServicer):
         cwd = sandbox.default_cwd()
         user = None
         if request.user:
-            uid, gid, home = lookup_user(sandbox, request.user)
-            user = (uid, gid)
-            env |= {"HOME": home, "USER": request.user, "LOGNAME": request.user}
-            cwd = home
+            account = Accounts(sandbox).account(request.user)  # the sandbox's /etc/passwd, as file calls use it
+            user, cwd = account.owner, account.home
+            env |= {"HOME": account.home, "USER": request.user, "LOGNAME": request.user}
         env |= dict(request.env)
         if request.cwd:
             cwd = sandbox_path(request.cwd, cwd)
