@@ -301,6 +301,20 @@ def test_oversized_upload_is_413_and_bad_bodies_are_4xx(sandbox, dsec_http, work
     assert sandbox.files.read(f"{workdir}/ok.gz.txt") == "zipped"  # the server still serves
 
 
+def test_disk_full_is_507(dsec_http):
+    """A write that fills the sandbox's disk (disk_mb) answers 507, which the SDK maps to NotEnoughSpace."""
+    client = dsec.Client(dsec_http.grpc_address)
+    try:
+        with client.create(image="base", disk_mb=16, timeout_s=300) as sb:
+            headers = {**_envd_headers(sb.id), "X-API-Key": dsec_http.api_key, "Content-Type": "application/octet-stream"}
+            with httpx.Client(base_url=dsec_http.http_url, headers=headers, timeout=DEADLINE_S) as envd:
+                full = envd.post("/files", params={"path": "/tmp/fill.bin"}, content=b"\0" * (64 << 20))
+                assert full.status_code == 507, full.text
+                sb.files.remove("/tmp/fill.bin", missing_ok=True)  # what was written before the disk filled up
+                assert envd.post("/files", params={"path": "/tmp/small.txt"}, content=b"fits").status_code == 200
+    finally:
+        client.close()
+
 def test_health_and_unknown_sandbox(sandbox, dsec_http):
     with _envd(dsec_http, sandbox.sandbox_id, sandbox._envd_access_token) as envd:
         assert envd.get("/health").status_code == 204
