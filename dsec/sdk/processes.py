@@ -188,7 +188,8 @@ class Processes:
 
     def signal(self, sig: int, *, pid: int | None = None, tag: str | None = None, leader_only: bool = False) -> None:
         """Signal the process group (default), or only its leader."""
-        request = ppb.SignalProcessRequest(process=_selector(self._sb.id, pid, tag), signal=sig, leader_only=leader_only)
+        selector = _selector(self._sb.id, pid, tag)
+        request = ppb.SignalProcessRequest(process=selector, signal=sig, leader_only=leader_only)
         self._sb._client.rpc(self._stub.SendSignal, request)
 
     def kill(self, *, pid: int | None = None, tag: str | None = None) -> None:

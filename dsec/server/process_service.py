@@ -1,8 +1,9 @@
 """ProcessService: gRPC glue over each sandbox's ProcessTable (dsec/server/processes.py).
 
 The caller names a user by name; it is looked up in the sandbox's own /etc/passwd (read through the agent, so
-users added at run time count, with the same `Accounts` as FilesystemService) and the process runs with that uid/gid, HOME, USER and LOGNAME, starting in the
-home directory unless a cwd is given: the same shape as E2B's envd, whose API maps onto this service.
+users added at run time count; the same `Accounts` as FilesystemService) and the process runs with that uid/gid,
+HOME, USER and LOGNAME, starting in the home directory unless a cwd is given: the shape of E2B's envd, whose API
+maps onto this service.
 """
 
 from __future__ import annotations

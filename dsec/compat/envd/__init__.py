@@ -18,7 +18,11 @@ ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaita
 
 PROCESS_PREFIX = "/process.Process/"
 FILESYSTEM_PREFIX = "/filesystem.Filesystem/"
-PARTS = {"process": "dsec.compat.envd.process", "filesystem": "dsec.compat.envd.filesystem", "http": "dsec.compat.envd.files_http"}
+PARTS = {
+    "process": "dsec.compat.envd.process",
+    "filesystem": "dsec.compat.envd.filesystem",
+    "http": "dsec.compat.envd.files_http",
+}
 
 
 class EnvdApp:
@@ -38,9 +42,15 @@ class EnvdApp:
             self._apps[part] = factory(self.ctx) if factory is not None else None
         return self._apps[part]
 
-    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]) -> None:
+    async def __call__(
+        self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]
+    ) -> None:
         path = scope.get("path", "")
-        part = "process" if path.startswith(PROCESS_PREFIX) else "filesystem" if path.startswith(FILESYSTEM_PREFIX) else "http"
+        part = "http"
+        if path.startswith(PROCESS_PREFIX):
+            part = "process"
+        elif path.startswith(FILESYSTEM_PREFIX):
+            part = "filesystem"
         app = self._app(part)
         if app is None:
             if scope["type"] == "websocket":

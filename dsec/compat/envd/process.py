@@ -192,7 +192,7 @@ class ProcessHandler:
                 selector = _selector(sandbox_id, message.start.process)
             elif which == "data":
                 if selector is None:
-                    raise ConnectError(Code.INVALID_ARGUMENT, "StreamInput must start with a start event naming the process")
+                    raise ConnectError(Code.INVALID_ARGUMENT, "StreamInput must start with a start event (the process)")
                 data = getattr(message.data.input, message.data.input.WhichOneof("input") or "stdin")
                 await self._unary("SendInput", ppb.ProcessInput(process=selector, data=data))
         return epb.StreamInputResponse()
@@ -201,9 +201,8 @@ class ProcessHandler:
         sandbox_id, _ = self._stub()
         if request.signal == epb.SIGNAL_UNSPECIFIED:
             raise ConnectError(Code.INVALID_ARGUMENT, "signal is unspecified (SIGTERM or SIGKILL)")
-        await self._unary(
-            "SendSignal", ppb.SignalProcessRequest(process=_selector(sandbox_id, request.process), signal=int(request.signal))
-        )
+        selector = _selector(sandbox_id, request.process)
+        await self._unary("SendSignal", ppb.SignalProcessRequest(process=selector, signal=int(request.signal)))
         return epb.SendSignalResponse()
 
     async def close_stdin(self, request: epb.CloseStdinRequest, ctx: RequestContext) -> epb.CloseStdinResponse:
@@ -219,42 +218,33 @@ def grpc_code_is_missing_user(exc: grpc.RpcError) -> bool:
         return False
 
 
-def _method(name: str, request: type, response: type) -> MethodInfo:
-    return MethodInfo(name=name, service_name=SERVICE, input=request, output=response, idempotency_level=IdempotencyLevel.UNKNOWN)
+def _endpoints(svc: ProcessHandler) -> dict[str, object]:
+    """The endpoint table of envd's generated `ProcessASGIApplication`, on google.protobuf messages."""
+    table = [
+        ("List", epb.ListRequest, epb.ListResponse, Endpoint.unary, svc.list),
+        ("Connect", epb.ConnectRequest, epb.ConnectResponse, Endpoint.server_stream, svc.connect),
+        ("Start", epb.StartRequest, epb.StartResponse, Endpoint.server_stream, svc.start),
+        ("Update", epb.UpdateRequest, epb.UpdateResponse, Endpoint.unary, svc.update),
+        ("StreamInput", epb.StreamInputRequest, epb.StreamInputResponse, Endpoint.client_stream, svc.stream_input),
+        ("SendInput", epb.SendInputRequest, epb.SendInputResponse, Endpoint.unary, svc.send_input),
+        ("SendSignal", epb.SendSignalRequest, epb.SendSignalResponse, Endpoint.unary, svc.send_signal),
+        ("CloseStdin", epb.CloseStdinRequest, epb.CloseStdinResponse, Endpoint.unary, svc.close_stdin),
+    ]
+    return {
+        f"/{SERVICE}/{name}": kind(
+            method=MethodInfo(
+                name=name, service_name=SERVICE, input=request, output=response,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),  # fmt: skip
+            function=function,
+        )
+        for name, request, response, kind, function in table
+    }
 
 
 class ProcessApp(ConnectASGIApplication[ProcessHandler]):
-    """The endpoint table of envd's generated `ProcessASGIApplication`, on google.protobuf messages."""
-
     def __init__(self, handler: ProcessHandler) -> None:
-        super().__init__(
-            service=handler,
-            endpoints=lambda svc: {
-                f"/{SERVICE}/List": Endpoint.unary(method=_method("List", epb.ListRequest, epb.ListResponse), function=svc.list),
-                f"/{SERVICE}/Connect": Endpoint.server_stream(
-                    method=_method("Connect", epb.ConnectRequest, epb.ConnectResponse), function=svc.connect
-                ),
-                f"/{SERVICE}/Start": Endpoint.server_stream(
-                    method=_method("Start", epb.StartRequest, epb.StartResponse), function=svc.start
-                ),
-                f"/{SERVICE}/Update": Endpoint.unary(
-                    method=_method("Update", epb.UpdateRequest, epb.UpdateResponse), function=svc.update
-                ),
-                f"/{SERVICE}/StreamInput": Endpoint.client_stream(
-                    method=_method("StreamInput", epb.StreamInputRequest, epb.StreamInputResponse), function=svc.stream_input
-                ),
-                f"/{SERVICE}/SendInput": Endpoint.unary(
-                    method=_method("SendInput", epb.SendInputRequest, epb.SendInputResponse), function=svc.send_input
-                ),
-                f"/{SERVICE}/SendSignal": Endpoint.unary(
-                    method=_method("SendSignal", epb.SendSignalRequest, epb.SendSignalResponse), function=svc.send_signal
-                ),
-                f"/{SERVICE}/CloseStdin": Endpoint.unary(
-                    method=_method("CloseStdin", epb.CloseStdinRequest, epb.CloseStdinResponse), function=svc.close_stdin
-                ),
-            },
-            codecs=envd_codecs(),
-        )
+        super().__init__(service=handler, endpoints=_endpoints, codecs=envd_codecs())
 
     @property
     def path(self) -> str:

@@ -55,7 +55,9 @@ class Caller:
 
 
 def scoped(app: ASGIApp) -> ASGIApp:
-    async def wrapped(scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]) -> None:
+    async def wrapped(
+        scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]
+    ) -> None:
         token = _STATE.set(scope.get("state") or {})
         try:
             await app(scope, receive, send)
@@ -111,7 +113,8 @@ class _StrictCodec(Codec):
         try:
             return self._inner.decode(data, message_class)
         except Exception as exc:  # noqa: BLE001 - any decode failure is a malformed request
-            raise ConnectError(Code.INVALID_ARGUMENT, f"malformed {message_class.DESCRIPTOR.full_name}: {exc}") from None
+            what = message_class.DESCRIPTOR.full_name
+            raise ConnectError(Code.INVALID_ARGUMENT, f"malformed {what}: {exc}") from None
 
 
 def envd_codecs() -> list[Codec]:
