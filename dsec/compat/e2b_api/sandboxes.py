@@ -187,6 +187,21 @@ class SandboxRoutes:
         request_pb = pb.SetTimeoutRequest(sandbox_id=sandbox_id, timeout_s=timeout_s)
         return await self._rpc(lambda: self._api(request).SetTimeout(request_pb), sandbox_id, request)
 
+    async def refresh(self, request: Request) -> Response:
+        """Deprecated keep-alive: the sandbox lives `duration` seconds (default E2B's 15) from now."""
+        sandbox_id = _path_id(request)
+        body = await read_model(request, wire.RefreshBody)
+        await self._set_timeout(request, sandbox_id, body.duration or wire.DEFAULT_TIMEOUT_S)
+        return Response(status_code=204)
+
+    async def update_network(self, request: Request) -> Response:
+        """`Sandbox.update_network`: dsec sets a sandbox's network (netns, allowlist filter) once, at create."""
+        sandbox_id = _path_id(request)
+        await read_model(request, wire.NetworkBody)
+        await self._get(request, sandbox_id)
+        raise ApiError(400, "changing the network of a running sandbox is not supported by dsec: create it with the "
+                            "allow_internet_access / network.allowOut it needs (docs/compat.md)")
+
     async def pause(self, request: Request) -> Response:
         sandbox_id = _path_id(request)
         await read_model(request, wire.PauseBody)

@@ -65,6 +65,10 @@ class TimeoutBody(_Body):
     timeout: int = Field(ge=0, le=MAX_TIMEOUT_S)
 
 
+class RefreshBody(_Body):
+    duration: int | None = Field(default=None, ge=0, le=3600)
+
+
 class ConnectBody(_Body):
     timeout: int | None = Field(default=None, ge=0, le=MAX_TIMEOUT_S)
     memory: bool | None = None
