@@ -55,6 +55,8 @@ def make_app(ctx: CompatContext) -> Starlette:
         Route(f"/sandboxes/{sid}", r.get, methods=["GET"]),
         Route(f"/sandboxes/{sid}", r.kill, methods=["DELETE"]),
         Route(f"/sandboxes/{sid}/timeout", r.set_timeout, methods=["POST"]),
+        Route(f"/sandboxes/{sid}/refreshes", r.refresh, methods=["POST"]),
+        Route(f"/sandboxes/{sid}/network", r.update_network, methods=["PUT"]),
         Route(f"/sandboxes/{sid}/pause", r.pause, methods=["POST"]),
         Route(f"/sandboxes/{sid}/resume", r.resume, methods=["POST"]),
         Route(f"/sandboxes/{sid}/connect", r.connect, methods=["POST"]),
