@@ -311,3 +311,26 @@ def test_logs_through_the_generated_client(e2b_env, native):
         assert missing.status_code == 404
     finally:
         sb.kill()
+
+
+def test_update_network_is_refused_and_refresh_sets_the_timeout(e2b_env):
+    from e2b.api.client.api.sandboxes import post_sandboxes_sandbox_id_refreshes
+    from e2b.api.client.models import SandboxRefreshRequest
+    from e2b.api.client_sync import get_api_client
+    from e2b.connection_config import ConnectionConfig
+
+    sb = Sandbox.create(timeout=60)
+    try:
+        with pytest.raises(SandboxException) as caught:
+            sb.update_network({"allow_out": ["1.1.1.1"]})
+        assert caught.value.status_code == 400 and "not supported" in str(caught.value)
+        with pytest.raises(SandboxNotFoundException):
+            Sandbox.update_network("sb-" + "0" * 16, {"allow_out": ["1.1.1.1"]})
+        api = get_api_client(ConnectionConfig())
+        reply = post_sandboxes_sandbox_id_refreshes.sync_detailed(sb.sandbox_id, client=api,
+                                                                 body=SandboxRefreshRequest(duration=600))
+        assert reply.status_code == 204
+        left = (sb.get_info().end_at - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+        assert 500 < left <= 600
+    finally:
+        sb.kill()
