@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 from dsec.config import ServerConfig
 from dsec.errors import ImageNotFound, RuntimeFailure
 from dsec.images.layout import DEFAULT_PATH, tar_paths, tar_tree, tree_diff, write_layout
+from dsec.images.oci import START_COMMAND_LABEL
 from dsec.images.store import ImageRecord, LayerStore
 
 BUSYBOX_BIN = Path("/bin/busybox")
@@ -209,8 +211,9 @@ KERNEL_SERVER_PATH = "opt/dsec/kernel_server.py"
 
 def build_code_interpreter(store: LayerStore, tag: str = "code-interpreter") -> ImageRecord:
     """E2B's `code-interpreter` template: python3 with IPython kernels and `kernel_server.py` (the routes
-    `e2b-code-interpreter` calls on port 49999), E2B's user `user`, workdir /home/user. Its ENTRYPOINT starts
-    the server and returns once it serves: the front door runs it at create (docs/ports.md). Two layers:
+    `e2b-code-interpreter` calls on port 49999), E2B's user `user`, workdir /home/user. Its start command (label
+    dev.dsec.start-command) starts the server and returns once it serves: the E2B door runs it at create
+    (docs/ports.md). Two layers:
     the shared minbase, and everything else installed by apt in a chroot (no network inside a build sandbox)."""
     record = _already(store, tag)
     if record is not None:
@@ -230,8 +233,9 @@ def build_code_interpreter(store: LayerStore, tag: str = "code-interpreter") -> 
         top_tar = tar_paths(full, changed, cache / f"ci-top.{os.getpid()}.tar", whiteouts=deleted)
     finally:
         shutil.rmtree(full, ignore_errors=True)
-    runtime = {"Env": [DEFAULT_PATH, "LANG=C.UTF-8"], "Entrypoint": ["python3", f"/{KERNEL_SERVER_PATH}", "--daemon"],
-               "WorkingDir": "/home/user"}
+    start = json.dumps(["python3", f"/{KERNEL_SERVER_PATH}", "--daemon"])
+    runtime = {"Env": [DEFAULT_PATH, "LANG=C.UTF-8"], "Cmd": ["python3"], "WorkingDir": "/home/user",
+               "Labels": {START_COMMAND_LABEL: start}}
     layout = write_layout(cache / "code-interpreter-oci", [base_tar, top_tar], runtime, tag,
                           ["debootstrap --variant=minbase bookworm",
                            f"apt-get install {' '.join(CODE_INTERPRETER_PACKAGES)}; {BASE_USER_COMMAND}; COPY kernel_server.py"])

@@ -88,7 +88,7 @@ def diff_ids(config: dict[str, Any]) -> list[str]:
 
 
 def image_config(config: dict[str, Any]) -> ImageConfig:
-    """The runtime part drivers need (env, cmd, entrypoint, workdir, user)."""
+    """The runtime part drivers need (env, cmd, entrypoint, workdir, user) and a template's start command."""
     inner = config.get("config") or {}
     return ImageConfig(
         env=list(inner.get("Env") or []),
@@ -96,7 +96,25 @@ def image_config(config: dict[str, Any]) -> ImageConfig:
         entrypoint=list(inner.get("Entrypoint") or []),
         workdir=inner.get("WorkingDir") or "/",
         user=inner.get("User") or "",
+        start_command=start_command(inner.get("Labels")),
     )
+
+
+START_COMMAND_LABEL = "dev.dsec.start-command"
+
+
+def start_command(labels: Any) -> list[str]:
+    """The argv in the label `dev.dsec.start-command` (a JSON list of strings), or [] when absent or malformed.
+
+    Why a label and not ENTRYPOINT: an image's ENTRYPOINT usually runs its service in the foreground forever;
+    a start command must daemonize the service and exit once it is ready, which only an image built for it does.
+    """
+    text = labels.get(START_COMMAND_LABEL) if isinstance(labels, dict) else None
+    try:
+        argv = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return []
+    return argv if isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv) else []
 
 
 def dumps(doc: Any) -> bytes:

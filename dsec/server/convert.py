@@ -66,4 +66,5 @@ def info_to_pb(sandbox) -> pb.SandboxInfo:  # sandbox: ManagedSandbox
         accel=getattr(sandbox.handle, "accel", "") or "",
         timings_ms=sandbox.timings_ms,
         image_digest=sandbox.image.digest,
+        start_command=sandbox.image.config.start_command,
     )

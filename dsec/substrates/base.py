@@ -27,6 +27,7 @@ class ImageConfig:
     entrypoint: list[str] = field(default_factory=list)
     workdir: str = "/"
     user: str = ""
+    start_command: list[str] = field(default_factory=list)  # OCI label dev.dsec.start-command (docs/ports.md)
 
 
 @dataclass(frozen=True)

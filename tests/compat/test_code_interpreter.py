@@ -10,8 +10,16 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
-from e2b.exceptions import TimeoutException
+from e2b import Sandbox as E2BSandbox
+from e2b.exceptions import SandboxException, TimeoutException
 from e2b_code_interpreter import AsyncSandbox, Sandbox
+
+from dsec.config import ServerConfig
+from dsec.images.base_images import _busybox_layer
+from dsec.images.layout import DEFAULT_PATH, write_layout
+from dsec.images.oci import START_COMMAND_LABEL
+from dsec.images.store import LayerStore
+from dsec.sdk.client import Client
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -20,9 +28,14 @@ def _options(dsec_http) -> dict:
     return {"api_key": dsec_http.api_key, "api_url": dsec_http.http_url, "sandbox_url": dsec_http.http_url}
 
 
+def _create(dsec_http, **options) -> Sandbox:
+    """Without a timeout the API's default (15 s, as E2B's) applies: longer than a test, shorter than a module."""
+    return Sandbox.create(timeout=600, **_options(dsec_http), **options)
+
+
 @pytest.fixture(scope="module")
 def interpreter(dsec_http) -> Iterator[Sandbox]:
-    sandbox = Sandbox.create(**_options(dsec_http))  # the SDK's default template: code-interpreter-v1
+    sandbox = _create(dsec_http)  # the SDK's default template: code-interpreter-v1
     try:
         yield sandbox
     finally:
@@ -96,3 +109,22 @@ def test_async_sandbox_run_code(dsec_http):
             await sandbox.kill()
 
     assert asyncio.run(scenario()) == "45"
+
+
+def test_a_failing_start_command_is_502_and_leaves_no_sandbox(dsec_http, tmp_path):
+    """A template whose start command exits non-zero: create fails with its output, the sandbox is destroyed."""
+    tag = "dsec-test-failing-start"
+    store = LayerStore(ServerConfig().images_dir, ServerConfig().layer_format)
+    try:
+        runtime = {"Env": [DEFAULT_PATH], "Labels": {START_COMMAND_LABEL: '["sh", "-c", "echo no kernel here >&2; exit 3"]'}}
+        layout = write_layout(tmp_path / "oci", [_busybox_layer(tmp_path / "layer.tar")], runtime, tag)
+        store.import_oci_layout(layout, tag=tag)
+    finally:
+        store.close()
+    with pytest.raises(SandboxException, match="no kernel here"):
+        E2BSandbox.create(template=tag, **_options(dsec_http))
+    client = Client(dsec_http.grpc_address, token=dsec_http.api_key)
+    try:
+        assert [s.id for s in client.list() if s.spec.image == tag and s.state == "running"] == []
+    finally:
+        client.close()

@@ -116,7 +116,7 @@ class SandboxRoutes:
         try:
             await run_start_command(self.ctx, _key(request), info)  # a template's service (code interpreter)
         except StartFailed as exc:
-            raise ApiError(502, str(exc)) from None
+            raise ApiError(502, str(exc), {"Should-Retry": "false"}) from None  # retrying would fail the same way
         self.ctx.remember_sandbox(info.id, _key(request), info.spec.labels.get(wire.LABEL_ENVD_TOKEN))
         return JSONResponse(wire.created(info), 201)
 
