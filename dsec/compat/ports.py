@@ -123,43 +123,47 @@ async def _exchange(scope: dict, first: dict, receive: Receive, send: Send, tunn
         tunnel.close()
 
     pump = asyncio.create_task(pump_body())
-    started = False
+    relay = _ResponseRelay(conn, tunnel, send)
     try:
-        started = await _relay_response(conn, tunnel, send)
+        await relay.run()
     except h11.RemoteProtocolError as exc:
-        if not started:
+        if not relay.started:
             await error(send, 502, f"port {tunnel.port} of sandbox {tunnel.sandbox_id} answered invalid HTTP: {exc}")
         else:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            # Cut short mid-body (the server or the sandbox went away): leave the response incomplete, so the
+            # HTTP server drops the connection and the client sees a truncated body, not a complete-looking one.
+            log.info("sandbox %s port %d: response cut short: %s", tunnel.sandbox_id, tunnel.port, exc)
     finally:
         pump.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await pump
 
 
-async def _relay_response(conn: h11.Connection, tunnel: Tunnel, send: Send) -> bool:
-    """Relay the upstream response; returns whether a response was started towards the client."""
-    started = False
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            data = await tunnel.read()
-            conn.receive_data(data)  # b"" = the sandbox side closed
-            continue
-        if isinstance(event, h11.InformationalResponse):
-            continue  # 100 Continue and friends are per-hop
-        if isinstance(event, h11.Response):
-            headers = [(k, v) for k, v in event.headers if k.lower() not in _RESPONSE_DROP]
-            await send({"type": "http.response.start", "status": event.status_code, "headers": headers})
-            started = True
-        elif isinstance(event, h11.Data):
-            await send({"type": "http.response.body", "body": bytes(event.data), "more_body": True})
-        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-            if started:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            else:
-                await error(send, 502, f"port {tunnel.port} of sandbox {tunnel.sandbox_id} closed the connection without a response")
-            return True
+class _ResponseRelay:
+    """The upstream response as ASGI messages; `started` says whether the client's response has begun."""
+
+    def __init__(self, conn: h11.Connection, tunnel: Tunnel, send: Send) -> None:
+        self.conn, self.tunnel, self.send = conn, tunnel, send
+        self.started = False
+
+    async def run(self) -> None:
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await self.tunnel.read())  # b"" = the sandbox side closed
+            elif isinstance(event, h11.InformationalResponse):
+                continue  # 100 Continue and friends are per-hop
+            elif isinstance(event, h11.Response):
+                headers = [(k, v) for k, v in event.headers if k.lower() not in _RESPONSE_DROP]
+                await self.send({"type": "http.response.start", "status": event.status_code, "headers": headers})
+                self.started = True
+            elif isinstance(event, h11.Data):
+                await self.send({"type": "http.response.body", "body": bytes(event.data), "more_body": True})
+            elif isinstance(event, h11.EndOfMessage):
+                await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            elif isinstance(event, h11.ConnectionClosed):
+                raise h11.RemoteProtocolError("the server closed the connection without a response")
 
 
 def make_app(ctx: CompatContext) -> PortProxy:

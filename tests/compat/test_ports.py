@@ -58,7 +58,7 @@ def start_servers(sandbox: Sandbox) -> None:
 @pytest.fixture(scope="module")
 def served(dsec_http) -> Iterator[tuple[E2BSandbox, Sandbox]]:
     """One `base` sandbox made by the e2b SDK, with a static file server and an HTTP/WebSocket echo server."""
-    e2b = E2BSandbox.create(template="base", api_key=dsec_http.api_key, api_url=dsec_http.http_url,
+    e2b = E2BSandbox.create(template="base", timeout=600, api_key=dsec_http.api_key, api_url=dsec_http.http_url,
                             sandbox_url=dsec_http.http_url)  # fmt: skip
     client = Client(dsec_http.grpc_address, token=dsec_http.api_key)
     try:
@@ -138,6 +138,13 @@ def test_a_broken_server_in_the_sandbox_is_502(dsec_http, served, path):
     response = httpx.get(f"{dsec_http.http_url}{path}", headers=routed(e2b.sandbox_id, ECHO_PORT))
     assert response.status_code == 502
     assert f"port {ECHO_PORT}" in response.json()["message"]
+
+
+def test_a_body_cut_short_in_the_sandbox_stays_cut_short(dsec_http, served):
+    """The sandbox's server promises 100 bytes and hangs up after 10: the client must see a broken body."""
+    e2b, _ = served
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(f"{dsec_http.http_url}/truncate", headers=routed(e2b.sandbox_id, ECHO_PORT))
 
 
 def test_unknown_sandbox_is_502(dsec_http):

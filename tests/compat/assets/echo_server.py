@@ -3,7 +3,8 @@
 Run inside a sandbox by tests/compat/test_ports.py: `python3 echo_server.py PORT`. A WebSocket upgrade gets an
 echo of text and binary messages (pings answered, close replied to; subprotocol "echo" when asked); any other
 request gets its body back as a chunked response, with its method, path and Host in `X-Echo-*` headers
-(except `/garbage`, answered with bytes that are not HTTP, and `/close`, answered by hanging up).
+(except `/garbage`, answered with bytes that are not HTTP, `/close`, answered by hanging up, and `/truncate`,
+a body cut short).
 """
 
 import base64
@@ -83,6 +84,9 @@ class Handler(socketserver.StreamRequestHandler):
             self.wfile.write(b"NOT HTTP AT ALL\r\n\r\n")
             return
         if request_line[1] == "/close":  # hang up without an answer
+            return
+        if request_line[1] == "/truncate":  # promise 100 bytes, send 10, hang up
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
             return
         if headers.get("transfer-encoding", "").lower() == "chunked":
             body = b""
