@@ -100,6 +100,9 @@ def test_write_files_many_at_once_and_parents_created(sandbox, workdir):
     assert [i.path for i in infos] == [e["path"] for e in entries]
     for entry in entries:
         assert sandbox.files.read(entry["path"]) == entry["data"]
+    big = bytes(range(251)) * 40_000  # ~10 MB, streamed part by part to the sandbox, never spooled on the host
+    sandbox.files.write(f"{workdir}/big.bin", io.BytesIO(big), use_octet_stream=False)
+    assert sandbox.files.read(f"{workdir}/big.bin", format="bytes") == bytearray(big)
 
 
 def test_relative_paths_and_default_user(sandbox, workdir):
@@ -291,6 +294,13 @@ def test_oversized_upload_is_413_and_bad_bodies_are_4xx(sandbox, dsec_http, work
         assert no_part.status_code in (400, 415)
         bad_multipart = envd.post("/files", content=b"--x\r\ngarbage", headers={"Content-Type": "multipart/form-data; boundary=x"})
         assert 400 <= bad_multipart.status_code < 500
+        truncated = envd.post(
+            "/files", content=b'--b\r\nContent-Disposition: form-data; name="file"; filename="' + workdir.encode()
+            + b'/cut.txt"\r\n\r\npartial', headers={"Content-Type": "multipart/form-data; boundary=b"},
+        )  # fmt: skip
+        assert truncated.status_code == 400, truncated.text
+        mixed = envd.post("/files", data={"note": "ignored"}, files={"file": (f"{workdir}/mixed.txt", b"m")})
+        assert mixed.status_code == 200 and [w["path"] for w in mixed.json()] == [f"{workdir}/mixed.txt"]
         assert envd.put("/files").status_code == 405
         assert envd.get("/no-such-envd-route").status_code == 404
         gz = envd.post(

@@ -24,12 +24,10 @@ from typing import Any
 from urllib.parse import parse_qs, quote
 
 import grpc
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
-from starlette.requests import Request
 
 from dsec.compat.context import STATE_API_KEY, STATE_SANDBOX_ID, CompatContext, error_name, grpc_code, grpc_message, http_status_for
 from dsec.compat.envd.filesystem import UserDefaults
+from dsec.compat.envd.multipart_stream import MultipartError, MultipartStream
 from dsec.v1 import filesystem_pb2 as fpb
 from dsec.v1 import filesystem_pb2_grpc as fpb_grpc
 from dsec.v1 import sandbox_pb2 as pb
@@ -225,24 +223,22 @@ class FilesHttpApp:
         content_type = headers.get("content-type", "").lower()
         written: list[dict] = []
         if content_type.startswith("multipart/form-data"):
-            request = Request(scope, body.receive)
             try:
-                form = await request.form(max_files=MAX_FILES, max_fields=MAX_FILES)
-            except MultiPartException as exc:
-                raise HttpError(400, f"malformed multipart body: {exc.message}") from None
-            try:
-                parts = [part for _, part in form.multi_items() if isinstance(part, UploadFile)]
-                if not parts:
-                    raise HttpError(400, "multipart upload has no file part")
-                if len(parts) > 1 and query_path:
-                    raise HttpError(400, "`path` in the query names one file; give each part's path as its filename")
-                for part in parts:
-                    path = query_path or part.filename or ""
+                parts = MultipartStream(body.chunks(), headers["content-type"], MAX_FILES)
+                while (part := await parts.next_part()) is not None:
+                    _, filename = part
+                    if filename is None:
+                        continue  # a plain form field: envd reads files only
+                    if written and query_path:
+                        raise HttpError(400, "`path` in the query names one file; give each part's path as its filename")
+                    path = query_path or filename
                     if not path:
                         raise HttpError(400, "a file part has no filename (its path) and the query no `path`")
-                    written.append(await self._write(scope, sandbox_id, key, path, _read_upload(part)))
-            finally:
-                await form.close()
+                    written.append(await self._write(scope, sandbox_id, key, path, parts.part_data()))
+            except MultipartError as exc:
+                raise HttpError(400, str(exc)) from None
+            if not written:
+                raise HttpError(400, "multipart upload has no file part")
         elif content_type.startswith("application/octet-stream") or not content_type:
             if not query_path:
                 raise HttpError(400, "query parameter `path` is required for an octet-stream upload")
@@ -265,6 +261,9 @@ class FilesHttpApp:
             except HttpError as exc:  # over the limit, bad gzip: the call is cancelled, the client told why
                 failure.append(exc)
                 raise
+            except MultipartError as exc:
+                failure.append(HttpError(400, str(exc)))
+                raise
 
         try:
             await self.ctx.stub(pb_grpc.SandboxServiceStub, key).WriteFile(requests())
@@ -278,11 +277,6 @@ class FilesHttpApp:
             target = fpb.FsPath(sandbox_id=sandbox_id, path=resolved.path, user=user)
             await self.ctx.stub(fpb_grpc.FilesystemServiceStub, key).Chown(target)
         return {"name": posixpath.basename(resolved.path), "type": "file", "path": resolved.path}
-
-
-async def _read_upload(part: UploadFile) -> AsyncIterator[bytes]:
-    while chunk := await part.read(CHUNK):
-        yield chunk
 
 
 def make_app(ctx: CompatContext) -> FilesHttpApp:
