@@ -8,11 +8,12 @@ maps onto this service.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import grpc
 
-from dsec.errors import DsecError, InvalidSpec, ProcessNotFound
+from dsec.errors import CapacityExceeded, DsecError, InvalidSpec, ProcessNotFound
 from dsec.server.auth import Authenticator
 from dsec.server.errors import rpc_errors
 from dsec.server.filesystem_service import Accounts
@@ -25,6 +26,7 @@ from dsec.v1 import sandbox_pb2 as pb
 
 MAX_INPUT = 1 << 20
 POLL_S = 1.0  # how often an idle attached stream checks that its client is still there
+STREAM_SHARE_OF_WORKERS = 2  # at most workers / 2 attached streams: each holds an RPC thread while it is open
 
 
 def _event_pb(event: Started | Chunk | Ended) -> ppb.ProcessEvent:
@@ -55,6 +57,32 @@ class ProcessService(ppb_grpc.ProcessServiceServicer):
     def __init__(self, manager: SandboxManager, auth: Authenticator | None = None) -> None:
         self.manager = manager
         self.auth = auth or Authenticator({})
+        self.max_streams = max(1, manager.config.workers // STREAM_SHARE_OF_WORKERS)
+        self._streams = threading.BoundedSemaphore(self.max_streams)
+
+    def _stream_slot(self) -> None:
+        """Take a slot for one attached stream, or refuse at once: past the cap, streams that never end would
+        hold every RPC thread and hang every other call on the server."""
+        if not self._streams.acquire(blocking=False):
+            raise CapacityExceeded(
+                f"this server has {self.max_streams} process streams attached (each holds an RPC thread); detach "
+                "some (a background handle's disconnect()), or raise the server's workers",
+                retry_after_s=1.0,
+            )
+
+    def _attached(self, subscription: Subscription, context: grpc.ServicerContext) -> Iterator[ppb.ProcessEvent]:
+        once = threading.Lock()
+
+        def release() -> None:  # once: when the RPC ends (a cancel lands here at once) or the stream returns
+            if once.acquire(blocking=False):
+                subscription.close()
+                self._streams.release()
+
+        context.add_callback(release)
+        try:
+            yield from stream_events(subscription, context)
+        finally:
+            release()
 
     def _sandbox(self, sandbox_id: str, context: grpc.ServicerContext) -> ManagedSandbox:
         return self.manager.running(sandbox_id, self.auth.tenant(context))
@@ -104,15 +132,22 @@ class ProcessService(ppb_grpc.ProcessServiceServicer):
 
         if request.timeout_s < 0:
             raise InvalidSpec("timeout_s must be >= 0")
-        subscription = sandbox.processes.start(
-            spawn, argv, dict(request.env), request.cwd or cwd, request.tag, pty is not None, request.stdin,
-            request.timeout_s,
-        )
-        yield from stream_events(subscription, context)
+        self._stream_slot()
+        try:
+            subscription = sandbox.processes.start(
+                spawn, argv, dict(request.env), request.cwd or cwd, request.tag, pty is not None, request.stdin,
+                request.timeout_s,
+            )
+        except BaseException:
+            self._streams.release()
+            raise
+        yield from self._attached(subscription, context)
 
     @rpc_errors
     def Connect(self, request: ppb.ProcessSelector, context: grpc.ServicerContext) -> Iterator[ppb.ProcessEvent]:
-        yield from stream_events(self._process(request, context).subscribe(), context)
+        process = self._process(request, context)
+        self._stream_slot()
+        yield from self._attached(process.subscribe(), context)
 
     @rpc_errors
     def List(self, request: ppb.ListProcessesRequest, context: grpc.ServicerContext) -> ppb.ListProcessesResponse:

@@ -343,3 +343,30 @@ def test_fuzzed_bodies_never_get_a_server_error(dsec_http):
             assert _post(url, sb.id, method, raw).status_code < 500
 
         check()
+
+
+def test_attached_streams_are_capped_with_a_typed_error():
+    """Each attached stream holds one of the server's RPC threads; past half of them a new stream is refused
+    (CapacityExceeded) instead of every other call hanging behind streams that never end."""
+    from dsec.config import ServerConfig
+    from dsec.server.main import serve
+
+    running = serve(ServerConfig(listen="127.0.0.1:0", workers=4))  # room for 2 attached streams
+    try:
+        with dsec.Client(running.address) as client, client.create("base", "container") as sb:
+            first = sb.processes.start("sleep 600")
+            second = sb.processes.start("sleep 600")
+            with pytest.raises(dsec.CapacityExceeded, match="process streams attached"):
+                sb.processes.start("true")
+            assert len(sb.processes.list()) == 2, "unary calls still get a thread"
+            first.disconnect()
+            deadline = time.monotonic() + 30
+            while True:  # the server notices the detach at its next liveness check (one poll per attempt)
+                try:
+                    assert sb.processes.start("echo again").wait().stdout == b"again\n"
+                    break
+                except dsec.CapacityExceeded:
+                    assert time.monotonic() < deadline, "a detached stream never gave its slot back"
+            second.kill()
+    finally:
+        running.stop()
