@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from e2b import Sandbox
-from e2b.exceptions import AuthenticationException, SandboxException, SandboxNotFoundException
+from e2b.exceptions import AuthenticationException, RateLimitException, SandboxException, SandboxNotFoundException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,7 +31,7 @@ def authed():
     root = Path(tempfile.mkdtemp(prefix="dca-", dir="/tmp"))
     tokens = root / "tokens.yaml"
     tokens.write_text("".join(f"{token}: {tenant}\n" for token, tenant in TOKENS.items()))
-    running = start_dsec_http(root, ["--tokens-file", str(tokens)], api_key="tok-alice-0123456789")
+    running = start_dsec_http(root, ["--tokens-file", str(tokens), "--tenant-max-sandboxes", "1"], api_key="tok-alice-0123456789")
     yield running
     running.stop()
     shutil.rmtree(root, ignore_errors=True)
@@ -134,6 +134,23 @@ def test_auth_on_tenants_do_not_see_each_other(authed, monkeypatch):
         assert [s.sandbox_id for s in Sandbox.list().next_items()] == [sb.sandbox_id]
     finally:
         sb.kill()
+
+
+def test_admission_control_is_the_servers_429(authed, monkeypatch):
+    """The door is a gRPC client: dsec's tenant quota (1 here) refuses the second create; the SDK raises RateLimit."""
+    for key, value in authed.env.items():
+        monkeypatch.setenv(key, value)
+    sb = Sandbox.create(timeout=60)
+    try:
+        with pytest.raises(RateLimitException):
+            Sandbox.create(timeout=60)
+        response = httpx.post(authed.http_url + "/v2/sandboxes", json={"templateID": "base"},
+                              headers={"X-API-Key": authed.api_key}, timeout=60)
+        assert_clean_error(response, 429)
+        assert "quota" in response.json()["message"]
+    finally:
+        sb.kill()
+    Sandbox.create(timeout=60).kill()  # the slot is free again
 
 
 def test_sdk_gets_its_exception_classes(e2b_env):
