@@ -33,7 +33,7 @@ from e2b.sandbox.filesystem.watch_handle import FilesystemEventType
 import dsec
 from dsec.cluster.gateway import Gateway, serve_gateway
 from dsec.cluster.placement import Capacity
-from dsec.errors import FileNotFoundInSandbox
+from dsec.errors import DsecError, FileNotFoundInSandbox
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -422,6 +422,28 @@ def test_open_watches_are_capped_and_freed(dsec_http):
     finally:
         for watch in watches:
             watch.stop()
+        client.close()
+
+
+def test_watches_end_with_their_sandbox(dsec_http, e2b_env):
+    """Destroying a sandbox ends its watches at once: dsec's stream reports the loss, the door's polling watcher
+    answers an error, and neither hangs nor keeps a server watch slot."""
+    client = dsec.Client(dsec_http.grpc_address)
+    try:
+        sb = client.create(image="base", timeout_s=300)
+        watch = sb.files.watch("/tmp")
+        e2b_sb = Sandbox.connect(sb.id)
+        handle = e2b_sb.files.watch_dir("/tmp")
+        sb.destroy()
+        deadline = time.monotonic() + DEADLINE_S
+        with pytest.raises(DsecError):
+            while watch.get(timeout=max(deadline - time.monotonic(), 0.01)) is not None:
+                pass
+        with pytest.raises(SandboxException):
+            while time.monotonic() < deadline:
+                handle.get_new_events()
+                time.sleep(0.05)
+    finally:
         client.close()
 
 # -- fuzz: envd's file routes and Connect endpoints never answer 5xx or a traceback ------------------------------
