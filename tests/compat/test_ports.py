@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import websockets.sync.client as ws_client
 from e2b import Sandbox as E2BSandbox
 from support.ports import free_port
@@ -106,6 +108,34 @@ def test_bodies_stream_both_ways(dsec_http, served):
             received = b"".join(streamed.iter_bytes())
         assert received == payload
         assert http.delete("/thing").headers["x-echo-method"] == "DELETE"
+
+
+_TOKEN = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789-"), min_size=1, max_size=20)
+_SEGMENT = st.text(st.sampled_from("abcXYZ019-._~%20+!$&'()*,;=:@"), max_size=12)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND"]),
+    segments=st.lists(_SEGMENT, max_size=4),
+    query=st.dictionaries(_TOKEN, st.text(st.characters(min_codepoint=32, max_codepoint=0x2FF), max_size=10), max_size=3),
+    headers=st.dictionaries(_TOKEN.map(lambda t: "x-f-" + t), st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=30), max_size=4),
+    body=st.binary(max_size=2000),
+)
+def test_fuzzed_requests_are_relayed_exactly(dsec_http, served, method, segments, query, headers, body):
+    """Whatever valid HTTP a client sends, the server in the sandbox sees that method, target and body."""
+    e2b, _ = served
+    path = "/" + "/".join(segments)
+    if path in ("/garbage", "/close", "/truncate"):
+        path += "x"
+    request = httpx.Request(method, f"{dsec_http.http_url}{path}", params=query,
+                            headers={**headers, **routed(e2b.sandbox_id, ECHO_PORT)}, content=body)  # fmt: skip
+    with httpx.Client(timeout=60) as http:
+        response = http.send(request)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-echo-method"] == method
+    assert response.headers["x-echo-path"] == request.url.raw_path.decode()
+    assert response.content == body
 
 
 def test_websocket_echo_through_the_door(dsec_http, served):
