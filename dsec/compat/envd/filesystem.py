@@ -123,6 +123,7 @@ class Watcher:
     """A backend Watch kept open for the polling API; events wait in `events` until asked for."""
 
     sandbox_id: str
+    api_key: str | None  # only its creator (same sandbox, same key) may read or remove it
     call: Any
     include_entry: bool
     events: list[epb.FilesystemEvent] = field(default_factory=list)
@@ -265,7 +266,7 @@ class FilesystemService:
                 f"sandbox {target.sandbox_id} has {MAX_WATCHERS_PER_SANDBOX} watchers already; remove one first",
             )
         watcher_id = uuid.uuid4().hex
-        watcher = self.watchers[watcher_id] = Watcher(target.sandbox_id, call, request.include_entry)
+        watcher = self.watchers[watcher_id] = Watcher(target.sandbox_id, caller().api_key, call, request.include_entry)
         watcher.task = asyncio.ensure_future(self._pump(watcher, stub, target))
         return epb.CreateWatcherResponse(watcher_id=watcher_id)
 
@@ -287,15 +288,16 @@ class FilesystemService:
         finally:
             watcher.ended = True
 
-    def _watcher(self, watcher_id: str, rctx: RequestContext) -> Watcher:
-        _, sandbox_id, _ = self._caller(rctx)
+    def _watcher(self, watcher_id: str) -> Watcher:
+        who = caller()
+        sandbox_id = who.sandbox_id
         watcher = self.watchers.get(watcher_id)
-        if watcher is None or watcher.sandbox_id != sandbox_id:
+        if watcher is None or watcher.sandbox_id != sandbox_id or watcher.api_key != who.api_key:
             raise ConnectError(Code.NOT_FOUND, f"watcher {watcher_id!r} not found in sandbox {sandbox_id}")
         return watcher
 
     async def get_watcher_events(self, request: epb.GetWatcherEventsRequest, rctx: RequestContext) -> epb.GetWatcherEventsResponse:
-        watcher = self._watcher(request.watcher_id, rctx)
+        watcher = self._watcher(request.watcher_id)
         watcher.last_poll = time.monotonic()
         events, watcher.events = watcher.events, []
         if not events and watcher.error is not None:
@@ -304,7 +306,7 @@ class FilesystemService:
         return epb.GetWatcherEventsResponse(events=events)
 
     async def remove_watcher(self, request: epb.RemoveWatcherRequest, rctx: RequestContext) -> epb.RemoveWatcherResponse:
-        self._watcher(request.watcher_id, rctx)
+        self._watcher(request.watcher_id)
         self._drop(request.watcher_id)
         return epb.RemoveWatcherResponse()
 
