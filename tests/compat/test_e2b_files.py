@@ -17,6 +17,8 @@ import gzip
 import http.client
 import io
 import json
+import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -24,16 +26,18 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from e2b import AsyncSandbox, FileType, Sandbox
 from e2b.exceptions import FileNotFoundException, InvalidArgumentException, NotFoundException, SandboxException
 from e2b.sandbox.filesystem.watch_handle import FilesystemEventType
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import dsec
 from dsec.cluster.gateway import Gateway, serve_gateway
 from dsec.cluster.placement import Capacity
 from dsec.errors import DsecError, FileNotFoundInSandbox
+
+from .conftest import start_dsec_http
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -445,6 +449,38 @@ def test_watches_end_with_their_sandbox(dsec_http, e2b_env):
                 time.sleep(0.05)
     finally:
         client.close()
+
+
+def test_files_respect_tenants_when_auth_is_on():
+    """With a tokens file, envd file calls run as the caller's tenant: another tenant's key sees no sandbox."""
+    root = Path(tempfile.mkdtemp(prefix="dcf-", dir="/tmp"))
+    tokens = root / "tokens.yaml"
+    tokens.write_text("tok-alice-files-0123: alice\ntok-bob-files-0123: bob\n")
+    running = start_dsec_http(root, ["--tokens-file", str(tokens)], api_key="tok-alice-files-0123")
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in running.env.items():
+                patch.setenv(key, value)
+            sb = Sandbox.create("base", timeout=300)
+            try:
+                sb.files.write("/tmp/alice.txt", "alice's")
+                assert sb.files.read("/tmp/alice.txt") == "alice's"
+                headers = _envd_headers(sb.sandbox_id, sb._envd_access_token)
+                with httpx.Client(base_url=running.http_url, headers=headers, timeout=DEADLINE_S) as envd:
+                    as_bob = envd.get("/files", params={"path": "/tmp/alice.txt"}, headers={"X-API-Key": "tok-bob-files-0123"})
+                    assert as_bob.status_code == 502 and "was not found" in as_bob.json()["message"]
+                    bob_stat = envd.post(
+                        "/filesystem.Filesystem/Stat", json={"path": "/tmp/alice.txt"},
+                        headers={"X-API-Key": "tok-bob-files-0123", "Content-Type": "application/json"},
+                    )  # fmt: skip
+                    assert bob_stat.status_code == 503 and bob_stat.json()["code"] == "unavailable"
+                    wrong = envd.get("/files", params={"path": "/tmp/alice.txt"}, headers={"X-API-Key": "tok-nobody"})
+                    assert wrong.status_code == 401
+            finally:
+                sb.kill()
+    finally:
+        running.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 # -- fuzz: envd's file routes and Connect endpoints never answer 5xx or a traceback ------------------------------
 FUZZ = settings(max_examples=120, deadline=None, database=None,
