@@ -4,6 +4,10 @@
              on mutated archives, starting from valid seed images; anything but a typed `DsecError` is a crash,
              an input running over --case-timeout a hang (libFuzzer's -timeout). A crash is kept as a reproducer
              file and the fuzzer restarts on the same corpus for the time left.
+  agent-client  coverage-guided (atheris): the host side's parser of what an agent sends back. A sandbox's root
+             can reach its agent's socket directory, so replies are untrusted input: arbitrary bytes arrive as the
+             answer to a ping, spawn (then its output events), read_file, list_dir or stat over a pipe pair; the
+             client must return or raise a typed `DsecError`, never another exception and never wait forever.
   api        Hypothesis (generation, not coverage: the server is another process) over every SandboxService
              request type with the descriptor-built strategies of tests/fuzz, aimed half the time at a live
              busybox sandbox; a crash is an untyped or INTERNAL status or a server that stops answering, a hang an
@@ -12,7 +16,7 @@
              written to the agent of a live crun sandbox over its unix socket, one connection per case; a crash
              is an agent that stops answering PING, a hang a connection that neither answers nor closes.
 
-Run: `.venv/bin/python bench/fuzz.py [--seconds 600] [--targets importers,api,agent]`; the time is split evenly
+Run: `.venv/bin/python bench/fuzz.py [--seconds 600] [--targets importers,agent-client,api,agent]`; the time is split evenly
 among the targets. The last line is `crashes=N hangs=N cases=N` (and per-target counts before it).
 """
 
@@ -40,8 +44,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("DSEC_HOME", "/var/lib/dsec")
 
-TARGETS = ("importers", "api", "agent")
+TARGETS = ("importers", "agent-client", "api", "agent")
 IMPORTERS = ("docker", "oci")
+INPROCESS = (*IMPORTERS, "agent-client")  # atheris targets, each in a child process
 
 
 def say(message: str) -> None:
@@ -165,21 +170,99 @@ def importer_child(kind: str, corpus: Path, seconds: int, case_timeout: int, art
     atheris.Fuzz()
 
 
+def _agent_client_seeds() -> list[bytes]:
+    """Well-formed replies to request id 1 for each operation the harness picks with the first byte."""
+    def frame(ftype: int, payload: bytes, rid: int = 1) -> bytes:
+        return HEADER.pack(ftype, rid, len(payload)) + payload
+
+    entry = b"x\0file\0" + b"5\0" + b"644\0" + b"1700000000.5\0"
+    return [
+        bytes([0]) + frame(0xA0, b"alive"),
+        bytes([1]) + frame(0x84, b"42\0") + frame(0x81, b"out") + frame(0x82, b"err") + frame(0x83, b"0\x000\x00"),
+        bytes([2]) + frame(0x85, b"data") + frame(0x86, b""),
+        bytes([3]) + frame(0x87, entry) + frame(0x86, b""),
+        bytes([4]) + frame(0x87, entry),
+        bytes([1]) + frame(0x8F, b"2\0No such file\0"),
+    ]
+
+
+def agent_client_child(corpus: Path, seconds: int, case_timeout: int, artifacts: Path) -> None:
+    """The host-side agent client fed arbitrary reply bytes (libFuzzer owns this process)."""
+    import threading
+
+    import atheris
+
+    with atheris.instrument_imports(include=["dsec.agent"]):
+        from dsec.agent.client import AgentClient
+        from dsec.errors import DsecError
+
+    operations = [
+        lambda c: c.ping(timeout=case_timeout),
+        lambda c: list(c.spawn(["true"]).events()),
+        lambda c: b"".join(c.read_file("/x")),
+        lambda c: c.list_dir("/"),
+        lambda c: c.stat("/x"),
+        lambda c: c.list_dir_info("/"),
+        lambda c: c.stat_info("/x"),
+    ]
+
+    def one(data: bytes) -> None:
+        if not data:
+            return
+        operation = operations[data[0] % len(operations)]
+        to_client_r, to_client_w = os.pipe()
+        from_client_r, from_client_w = os.pipe()
+        client = AgentClient.from_fds(to_client_r, from_client_w)
+        outcome: list[BaseException | None] = []
+
+        def call() -> None:
+            try:
+                operation(client)
+                outcome.append(None)
+            except DsecError:
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - reported to the fuzzer below
+                outcome.append(exc)
+
+        worker = threading.Thread(target=call, daemon=True)
+        worker.start()
+        os.read(from_client_r, 65536)  # the request is on the wire: its id is pending, replies will land
+        if len(data) > 1:
+            os.write(to_client_w, data[1:])
+        os.close(to_client_w)  # then the agent "goes away": every waiter must be woken
+        worker.join(case_timeout)
+        client.close()
+        os.close(from_client_r)
+        if worker.is_alive():
+            raise TimeoutError(f"the client still waits {case_timeout}s after the agent closed the stream")
+        if outcome and outcome[0] is not None:
+            raise outcome[0]
+
+    atheris.Setup(
+        [sys.argv[0], str(corpus), f"-max_total_time={seconds}", f"-timeout={case_timeout + 5}", "-rss_limit_mb=4096",
+         f"-artifact_prefix={artifacts}/agent-client-", "-print_final_stats=1"],
+        one,
+    )  # fmt: skip
+    atheris.Fuzz()
+
+
 _DONE = re.compile(r"Done (\d+) runs in")
 _PROGRESS = re.compile(r"^#(\d+)\s", re.M)
 
 
-def fuzz_importer(kind: str, seconds: float, case_timeout: int, workdir: Path) -> Tally:
+def fuzz_in_process(kind: str, seconds: float, case_timeout: int, workdir: Path) -> Tally:
+    """Run the atheris target `kind` in child processes for `seconds`, restarting after each crash or hang."""
     corpus, artifacts = workdir / f"corpus-{kind}", workdir / "artifacts"
     corpus.mkdir(parents=True, exist_ok=True)
     artifacts.mkdir(parents=True, exist_ok=True)
-    for index, seed in enumerate(seed_images()[kind]):
+    seeds = _agent_client_seeds() if kind == "agent-client" else seed_images()[kind]
+    for index, seed in enumerate(seeds):
         (corpus / f"seed-{index}").write_bytes(seed)
     tally = Tally()
     deadline = time.monotonic() + seconds
     while (left := int(deadline - time.monotonic())) >= 2:
         child = subprocess.run(
-            [sys.executable, __file__, "--importer-child", kind, "--corpus", str(corpus), "--seconds", str(left),
+            [sys.executable, __file__, "--child", kind, "--corpus", str(corpus), "--seconds", str(left),
              "--case-timeout", str(case_timeout), "--artifacts", str(artifacts)],
             capture_output=True, text=True, timeout=left + 120,
         )  # fmt: skip
@@ -195,7 +278,7 @@ def fuzz_importer(kind: str, seconds: float, case_timeout: int, workdir: Path) -
             tally.hangs += 1
         else:
             tally.crashes += 1
-        tally.findings.append(f"importer {kind}: {finding or f'exit {child.returncode}'} {artifact}\n{log[-3000:]}")
+        tally.findings.append(f"{kind}: {finding or f'exit {child.returncode}'} {artifact}\n{log[-3000:]}")
     return tally
 
 
@@ -443,12 +526,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=600.0, help="total fuzzing time, split among the targets")
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--case-timeout", type=int, default=30, help="seconds one input may take before it is a hang")
-    parser.add_argument("--importer-child", choices=IMPORTERS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=INPROCESS, help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--artifacts", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.importer_child:
-        importer_child(args.importer_child, args.corpus, int(args.seconds), args.case_timeout, args.artifacts)
+    if args.child == "agent-client":
+        agent_client_child(args.corpus, int(args.seconds), args.case_timeout, args.artifacts)
+        return 0
+    if args.child:
+        importer_child(args.child, args.corpus, int(args.seconds), args.case_timeout, args.artifacts)
         return 0
     targets = [t for t in args.targets.split(",") if t]
     if unknown := sorted(set(targets) - set(TARGETS)):
@@ -463,7 +549,9 @@ def main(argv: list[str] | None = None) -> int:
             if target == "importers":
                 tally = Tally()
                 for kind in IMPORTERS:
-                    tally.add(fuzz_importer(kind, share / len(IMPORTERS), args.case_timeout, workdir))
+                    tally.add(fuzz_in_process(kind, share / len(IMPORTERS), args.case_timeout, workdir))
+            elif target == "agent-client":
+                tally = fuzz_in_process("agent-client", share, args.case_timeout, workdir)
             elif target == "api":
                 tally = fuzz_api(share, args.case_timeout)
             else:

@@ -17,8 +17,9 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from dsec.errors import (
     CommandNotFound,
@@ -54,6 +55,7 @@ DEFAULT_REQUEST_TIMEOUT_S = 120.0
 (a frozen or wedged sandbox); process output has no such limit: commands may be silent for hours."""
 
 _LOST = object()
+T = TypeVar("T")
 
 
 def _strings(*values: str | bytes) -> bytes:
@@ -70,17 +72,35 @@ def _split(payload: bytes) -> list[str]:
     return [part.decode("utf-8", "surrogateescape") for part in payload.split(b"\0")[:-1]]
 
 
+def _parsed(what: str, payload: bytes, parse: Callable[[list[str]], T]) -> T:
+    """Parse an agent reply's fields. The agent runs inside the sandbox, whose root can reach its socket, so a
+    reply is untrusted input: a malformed one is a typed RuntimeFailure, never a raw ValueError (bench/fuzz.py)."""
+    try:
+        return parse(_split(payload))
+    except (ValueError, IndexError, TypeError) as exc:
+        raise RuntimeFailure(
+            f"the agent sent a malformed {what} ({payload[:80]!r}): agent version mismatch or a tampered sandbox; "
+            "destroy and recreate it"
+        ) from exc
+
+
 def _entry(payload: bytes) -> FileEntry:
-    name, kind, size, mode, mtime = _split(payload)[:5]
-    return FileEntry(name=name, type=kind, size=int(size), mode=int(mode, 8), mtime=float(mtime))
+    def parse(fields: list[str]) -> FileEntry:
+        name, kind, size, mode, mtime = fields[:5]
+        return FileEntry(name=name, type=kind, size=int(size), mode=int(mode, 8), mtime=float(mtime))
+
+    return _parsed("directory entry", payload, parse)
 
 
 def _entry_info(payload: bytes) -> FileInfo:
-    name, kind, size, mode, mtime, uid, gid, target = _split(payload)[:8]
-    return FileInfo(
-        name=name, type=kind, size=int(size), mode=int(mode, 8), mtime=float(mtime), uid=int(uid), gid=int(gid),
-        symlink_target=target,
-    )  # fmt: skip
+    def parse(fields: list[str]) -> FileInfo:
+        name, kind, size, mode, mtime, uid, gid, target = fields[:8]
+        return FileInfo(
+            name=name, type=kind, size=int(size), mode=int(mode, 8), mtime=float(mtime), uid=int(uid), gid=int(gid),
+            symlink_target=target,
+        )  # fmt: skip
+
+    return _parsed("file info", payload, parse)
 
 
 def _owner_fields(owner: tuple[int, int] | None) -> list[str]:
@@ -163,13 +183,12 @@ class AgentProcess(ProcessHandle):
             elif ftype == STDERR:
                 yield Output("stderr", payload)
             elif ftype == EXIT:
-                code, sig = _split(payload)[:2]
-                self._exited = Exited(int(code), int(sig))
+                self._exited = _parsed("exit status", payload, lambda f: Exited(int(f[0]), int(f[1])))
                 self._request.done()
                 yield self._exited
                 return
             elif ftype == ERROR:
-                self._stdin_error = _split(payload)[1]
+                self._stdin_error = _parsed("stdin error", payload, lambda f: f[1])
 
     def write_stdin(self, data: bytes) -> None:
         if self._stdin_error:
@@ -220,8 +239,7 @@ class AgentDirWatch(DirWatch):
             while True:
                 ftype, payload = self._request.get(None, "watch events")
                 if ftype == EVENT:
-                    kind, name = _split(payload)[:2]
-                    yield FsEvent(kind, name)
+                    yield _parsed("watch event", payload, lambda f: FsEvent(f[0], f[1]))
                 elif ftype == ERROR:
                     self._client._raise(payload, "watch")
                 else:  # END
@@ -460,7 +478,7 @@ class AgentClient:
             fields += ["pty_cols", str(cols), "pty_rows", str(rows)]
         request, rtype, reply = self._simple(SPAWN, _strings(*fields), f"spawn of {argv[0]}")
         if rtype == SPAWNED:
-            return AgentProcess(request, int(_split(reply)[0]), pty=pty is not None)
+            return AgentProcess(request, _parsed("spawn reply", reply, lambda f: int(f[0])), pty=pty is not None)
         request.done()
         self._raise(reply, "spawn")
         raise AssertionError("unreachable")
@@ -498,7 +516,7 @@ class AgentClient:
             request.done()
         if rtype == ERROR:
             self._raise(reply, "write_file")
-        return int(_split(reply)[0])
+        return _parsed("write reply", reply, lambda f: int(f[0]))
 
     def list_dir(self, path: str) -> list[FileEntry]:
         request, rtype, reply = self._simple(LIST_DIR, _strings(path), f"listing of {path}")
