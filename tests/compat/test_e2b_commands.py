@@ -282,6 +282,37 @@ def test_native_sdk_processes_through_a_gateway(dsec_http):
         running.stop()
 
 
+def test_e2b_commands_through_a_door_in_front_of_a_gateway(dsec_http, monkeypatch):
+    """The door as a cluster runs it: e2b SDK → door → gateway (ProcessForwarder) → the node's ProcessService."""
+    from dsec.compat.http_server import start_http_door
+
+    gateway = Gateway()
+    gateway.add_node("node-0", dsec_http.grpc_address, Capacity(cpus=8, memory_mb=8192, sandboxes=64))
+    running = serve_gateway(gateway, probe_interval_s=0.5)
+    door = start_http_door("127.0.0.1:0", running.address)
+    try:
+        for key, value in {"E2B_API_URL": door.url, "E2B_SANDBOX_URL": door.url, "E2B_API_KEY": "k"}.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("E2B_DEBUG", raising=False)
+        sb = Sandbox.create("base", timeout=120)
+        try:
+            assert running.gateway.node_of(sb.sandbox_id) == "node-0"
+            assert sb.commands.run("echo via-$((1+1))").stdout == "via-2\n"
+            handle = sb.commands.run("sleep 600", background=True)
+            assert handle.pid in {p.pid for p in sb.commands.list()}
+            assert handle.kill() is True
+            terminal = sb.pty.create(PtySize(cols=80, rows=24))
+            sb.pty.send_stdin(terminal.pid, b"echo tty-$((3*3))\n")
+            until(terminal, "tty-9")
+            sb.pty.resize(terminal.pid, PtySize(cols=100, rows=30))
+            assert sb.pty.kill(terminal.pid) is True
+        finally:
+            sb.kill()
+    finally:
+        door.stop()
+        running.stop()
+
+
 def test_processes_die_with_their_sandbox(dsec_http):
     with dsec.Client(dsec_http.grpc_address) as client:
         sb = client.create("base", "container")
