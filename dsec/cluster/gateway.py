@@ -466,6 +466,35 @@ class Gateway(pb_grpc.SandboxServiceServicer):
         return info
 
     @_gateway_errors
+    def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext) -> pb.ListSnapshotsResponse:
+        """One sandbox's snapshots from its node; all of the caller's from every live node otherwise."""
+        if request.sandbox_id:
+            nodes = [self._route(request.sandbox_id, context)[0]]
+        else:
+            nodes = self._live_nodes()
+        merged = pb.ListSnapshotsResponse()
+        for node in nodes:
+            found = self._call(node, "ListSnapshots", request, context).snapshots
+            with self._lock:
+                for ref in found:
+                    self.snapshots.setdefault(ref.snapshot_id, node.node_id)
+            merged.snapshots.extend(found)
+        return merged
+
+    @_gateway_errors
+    def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest, context: grpc.ServicerContext) -> pb.Empty:
+        with self._lock:
+            node = self.nodes.get(self.snapshots.get(request.snapshot_id, ""))
+        if node is None:
+            raise SnapshotNotFound(f"snapshot {request.snapshot_id} is not known to this gateway")
+        if not node.alive:
+            raise SandboxStateError(f"snapshot {request.snapshot_id} was on node {node.node_id}, which was lost")
+        reply = self._call(node, "DeleteSnapshot", request, context)
+        with self._lock:
+            self.snapshots.pop(request.snapshot_id, None)
+        return reply
+
+    @_gateway_errors
     def Fork(self, request: pb.ForkRequest, context: grpc.ServicerContext) -> pb.ForkResponse:
         response = self._unary(request.sandbox_id, "Fork", request, context)
         node_id = self.node_of(request.sandbox_id)
