@@ -1,38 +1,46 @@
 """GRPO step time: our trainer's sampler + learner vs TRL's GRPOTrainer, same tiny V4 model, task, batch and G.
 
-Single turn, tools disabled (TRL's GRPOTrainer has no dsec tools): prompts are the arithmetic task's V4 prompts,
-the reward is computed in-process from the completion (1 if it is a well-formed DSML run_python call whose code
-evaluates the asked expression). Both start from the same SFT weights; both do one optimizer step per batch of
-`prompts × G` completions. TRL generates with `use_cache=False`, the faster path for this model on CPU (see
-trainer/sampler.py), so the comparison is not skewed by the cache. The held-out gain comes from the demo's
-summary (runs/tiny-cpu/summary.json), produced by `python -m trainer.demo` (run here if missing).
+Fair ground, both sides: fp32 (TRL's `bf16=False`), no activation recompute (TRL's `gradient_checkpointing=False`;
+TRL 1.x turns both on by default), one optimizer step per batch of `prompts × G` completions from the same SFT
+weights, the same β = 0.02 KL to the same reference, generation without the KV cache (`use_cache=False`, the faster
+path for this model on CPU: trainer/sampler.py). Both are scored by the same reward on text decoded with special
+tokens kept (the DSML marker is a special token: TRL's own `completions` drop it, so the reward reads TRL's
+`completion_ids`). The steps are interleaved (TRL step k, then ours on the same prompts, inside TRL's loop), so
+machine noise hits both alike; each step is split into generation, log-prob forwards and backward.
 
-Last line: step_time_vs_trl=<ours/TRL> tokens_per_s=<ours> heldout_gain_points=<demo>.
+Single turn, tools disabled (TRL's GRPOTrainer has no dsec tools): prompts are the arithmetic task's V4 prompts,
+the reward is 1 if the completion is a well-formed DSML run_python call whose code prints the asked expression.
+The bench checks that both sides did the task: TRL's mean reward > 0 and within noise of ours.
+
+`heldout_gain_points` is measured in this run: the demo (SFT → GRPO → held-out eval) trains into a fresh
+directory (~12 min on 2 cores); `--no-heldout` skips it and prints `heldout_gain_points=not_measured`.
+
+Last line: step_time_vs_trl=<ours/TRL> tokens_per_s=<ours> heldout_gain_points=<this run's demo>.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import statistics
-import sys
+import tempfile
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from trainer.config import AlgoConfig, ExperimentConfig, SFTConfig, load_config
+from trainer.data import corpus, demo_pieces, problems, tokenize_pieces
+from trainer.encoding import DSMLParseError, parse_assistant
+from trainer.learner import Learner
+from trainer.policy import build_policy
+from trainer.rollout import Rollout, prompt_ids
+from trainer.sampler import sample, sample_generator
+from trainer.sft import train_sft
+from trainer.tokenizer import V4Tokenizer, train
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from trainer.config import AlgoConfig, ExperimentConfig, SFTConfig, load_config  # noqa: E402
-from trainer.data import corpus, demo_pieces, problems, tokenize_pieces  # noqa: E402
-from trainer.encoding import DSMLParseError, parse_assistant  # noqa: E402
-from trainer.learner import Learner  # noqa: E402
-from trainer.policy import build_policy  # noqa: E402
-from trainer.rollout import Rollout, prompt_ids  # noqa: E402
-from trainer.sampler import sample, sample_generator  # noqa: E402
-from trainer.sft import train_sft  # noqa: E402
-from trainer.tokenizer import V4Tokenizer, train  # noqa: E402
-
 PROMPTS, G, MAX_NEW, STEPS, WARMUP = 4, 4, 48, 4, 1
 
 
@@ -46,68 +54,155 @@ def reward_text(text: str, expr: str) -> float:
     return 1.0 if isinstance(code, str) and code.replace(" ", "") == f"print({expr})".replace(" ", "") else 0.0
 
 
-def ours(model, tok: V4Tokenizer, batches, algo: AlgoConfig) -> tuple[list[float], int]:
-    learner = Learner(model, algo, lr=3e-4, grad_clip=1.0, pad_id=tok.pad_id)
-    times, tokens = [], 0
-    for step, batch in enumerate(batches):
+class PhaseClock:
+    """Seconds per phase (generation, logprobs, backward) for whichever side is running now.
+
+    Backward is timed by wrapping `torch.Tensor.backward` (both sides call it), generation by wrapping each side's
+    generate call; what is left of a step is log-prob forwards, loss and optimizer step ("logprobs").
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.side = ""
+        self._backward = torch.Tensor.backward
+
+        clock = self
+
+        def timed_backward(tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+            with clock.phase("backward"):
+                return clock._backward(tensor, *args, **kwargs)
+
+        torch.Tensor.backward = timed_backward  # type: ignore[method-assign]
+
+    @contextmanager
+    def phase(self, name: str):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[self.side][name] += time.perf_counter() - started
+
+    def step(self, side: str, seconds: float) -> None:
+        self.seconds[side]["step"] += seconds
+
+    def report(self, side: str) -> str:
+        s = self.seconds[side]
+        rest = s["step"] - s["generation"] - s["backward"]
+        return (f"{side}: generation {s['generation']:.1f} s, logprobs+loss+optimizer {rest:.1f} s, "
+                f"backward {s['backward']:.1f} s (timed steps {s['step']:.1f} s)")
+
+
+class Ours:
+    """Our sampler + learner, one step per call on the batch TRL just trained on."""
+
+    def __init__(self, model, tok: V4Tokenizer, algo: AlgoConfig, clock: PhaseClock) -> None:
+        self.learner = Learner(model, algo, lr=3e-4, grad_clip=1.0, pad_id=tok.pad_id)
+        self.tok, self.clock = tok, clock
+        self.times: list[float] = []
+        self.rewards: list[float] = []
+        self.tokens = 0
+
+    def step(self, step: int, batch) -> None:
+        tok = self.tok
+        self.clock.side = "ours"
         started = time.perf_counter()
         jobs = [(p, g) for p in batch for g in range(G)]
         prompts = [prompt_ids(tok, p, "non-think") for p, _ in jobs]
         gens = [sample_generator(0, step, p.id, g) for p, g in jobs]
-        outs = sample(learner.model, prompts, gens, max_new_tokens=[MAX_NEW] * len(jobs), eos_id=tok.eos_id,
-                      pad_id=tok.pad_id)
+        with self.clock.phase("generation"):
+            outs = sample(self.learner.model, prompts, gens, max_new_tokens=[MAX_NEW] * len(jobs), eos_id=tok.eos_id,
+                          pad_id=tok.pad_id)
+        rewards = [reward_text(tok.decode(o), p.data["expr"]) for (p, _), o in zip(jobs, outs)]
         rollouts = [Rollout(f"bench/{step}/{p.id}/{g}", p.id, p.family, pr + o, [0] * len(pr) + [1] * len(o),
-                            reward=reward_text(tok.decode(o), p.data["expr"]))
-                    for (p, g), pr, o in zip(jobs, prompts, outs)]
-        learner.update(rollouts, G)
-        times.append(time.perf_counter() - started)
-        tokens += sum(len(o) for o in outs)
-    return times, tokens
+                            reward=r) for (p, g), pr, o, r in zip(jobs, prompts, outs, rewards)]
+        self.learner.update(rollouts, G)
+        elapsed = time.perf_counter() - started
+        self.times.append(elapsed)
+        if step >= WARMUP:
+            self.clock.step("ours", elapsed)
+            self.rewards += rewards
+            self.tokens += sum(len(o) for o in outs)
+        else:  # the warm-up step's phases are not part of the report
+            self.clock.seconds["ours"].clear()
 
 
-def trl_steps(model, tok: V4Tokenizer, batches) -> list[float]:
+def interleaved(model_ours, model_trl, tok: V4Tokenizer, batches, clock: PhaseClock):
+    """Run TRL's GRPOTrainer; after each of its steps, run ours on the same prompts. Returns (ours, TRL times, TRL rewards)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    ours = Ours(model_ours, tok, AlgoConfig(kl_coef=0.02), clock)
     flat = [p for batch in batches for p in batch]
     hf_tok = tok.as_hf()
     data = Dataset.from_list([{"prompt": tok.decode(prompt_ids(tok, p, "non-think")), "expr": p.data["expr"]}
                               for p in flat])
+    trl_rewards: list[float] = []
+    trl_times: list[float] = []
+    state = {"step": 0}
 
-    def reward(completions, expr, **_):
-        return [reward_text(c, e) for c, e in zip(completions, expr)]
+    def reward(completions, expr, completion_ids, **_):
+        # Score the text with special tokens kept (TRL's `completions` drop them, and with them the DSML marker)
+        scores = [reward_text(tok.decode(list(ids)), e) for ids, e in zip(completion_ids, expr)]
+        if state["step"] >= WARMUP:
+            trl_rewards.extend(scores)
+        return scores
 
-    model.generation_config.use_cache = False
-    model.config.router_aux_loss_coef = 0.0  # our learner has no MoE aux loss either: same objective
-    model_dir = "/tmp/dsec-bench-trl/model"  # TRL builds its reference model from a path: give it a local one
-    model.save_pretrained(model_dir)
-    args = GRPOConfig(output_dir="/tmp/dsec-bench-trl", per_device_train_batch_size=PROMPTS * G, num_generations=G,
+    model_trl.generation_config.use_cache = False
+    model_trl.config.router_aux_loss_coef = 0.0  # our learner has no MoE aux loss either: same objective
+    model_dir = Path(tempfile.mkdtemp(prefix="dsec-bench-trl-")) / "model"  # TRL builds its reference from a path
+    model_trl.save_pretrained(model_dir)
+    args = GRPOConfig(output_dir=str(model_dir.parent), per_device_train_batch_size=PROMPTS * G, num_generations=G,
                       max_completion_length=MAX_NEW, max_steps=len(batches), learning_rate=3e-4, beta=0.02,
                       loss_type="grpo", use_cpu=True, report_to="none", logging_steps=1, save_strategy="no",
-                      shuffle_dataset=False, temperature=1.0, disable_dropout=True, seed=0)
-    times: list[float] = []
+                      shuffle_dataset=False, temperature=1.0, disable_dropout=True, seed=0,
+                      bf16=False, fp16=False, gradient_checkpointing=False)
 
-    class Timer(TrainerCallback):
+    class Interleave(TrainerCallback):
         def on_step_begin(self, *a, **k):
+            clock.side = "trl"
             self.t = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t)
+            elapsed = time.perf_counter() - self.t
+            trl_times.append(elapsed)
+            step = state["step"]
+            if step >= WARMUP:
+                clock.step("trl", elapsed)
+            else:
+                clock.seconds["trl"].clear()
+            ours.step(step, batches[step])
+            state["step"] = step + 1
 
-    trainer = GRPOTrainer(model=model_dir, reward_funcs=reward, args=args, train_dataset=data, processing_class=hf_tok,
-                          callbacks=[Timer()])
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward, args=args, train_dataset=data,
+                          processing_class=hf_tok, callbacks=[Interleave()])
+    assert not trainer.args.bf16 and not trainer.args.gradient_checkpointing
+    assert next(trainer.model.parameters()).dtype == torch.float32
+    generate = trainer._generate
+
+    def timed_generate(*a, **k):  # type: ignore[no-untyped-def]
+        with clock.phase("generation"):
+            return generate(*a, **k)
+
+    trainer._generate = timed_generate  # type: ignore[method-assign]
     trainer.train()
-    return times
+    return ours, trl_times, trl_rewards
+
+
+def within_noise(a: list[float], b: list[float]) -> tuple[bool, float]:
+    """Two success rates agree when they differ by less than 3 standard errors of their difference."""
+    pa, pb = statistics.mean(a), statistics.mean(b)
+    pooled = (sum(a) + sum(b)) / (len(a) + len(b))
+    se = math.sqrt(max(pooled * (1 - pooled), 1e-9) * (1 / len(a) + 1 / len(b)))
+    return abs(pa - pb) <= 3 * se, se
 
 
 def heldout_gain(cfg: ExperimentConfig) -> float:
-    summary = Path(cfg.out_dir) / "summary.json"
-    if not summary.exists():
-        from trainer.demo import run_demo
+    """Train the demo into a fresh directory and return its held-out gain: measured here, never read back."""
+    from trainer.demo import run_demo
 
-        run_demo(cfg, progress=False)
-    return json.loads(summary.read_text())["heldout_gain_points"]
+    out = Path(tempfile.mkdtemp(prefix="dsec-bench-demo-"))
+    return run_demo(cfg.model_copy(update={"out_dir": out}), progress=True)["heldout_gain_points"]
 
 
 def main() -> None:
@@ -115,32 +210,42 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description="GRPO step time: ours vs TRL")
     parser.add_argument("--steps", type=int, default=STEPS, help="timed steps after one warm-up step")
-    parser.add_argument("--sft-steps", type=int, default=150)
+    parser.add_argument("--sft-steps", type=int, help="SFT steps before the timed GRPO steps (default: the demo "
+                        "config's; far fewer leave a policy that never earns a reward, and the bench refuses that)")
     parser.add_argument("--threads", type=int, help="torch threads for both trainers (default: the demo config's)")
+    parser.add_argument("--no-heldout", action="store_true", help="skip the demo run; heldout_gain_points=not_measured")
     args = parser.parse_args()
     cfg = load_config(REPO / "trainer" / "configs" / "tiny-cpu.yaml")
     torch.set_num_threads(args.threads or cfg.torch_threads)
     tok = train(corpus(["arithmetic"], 0, 300, "non-think"), 1024)
     base = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
     examples = [tokenize_pieces(tok, demo_pieces(p, "non-think")) for p in problems(["arithmetic"], "train", 500, 0)]
-    train_sft(base, examples, SFTConfig(steps=args.sft_steps, batch_size=16, lr=3e-3), tok.pad_id, 0)
+    sft_steps = args.sft_steps or cfg.sft.steps
+    train_sft(base, examples, SFTConfig(steps=sft_steps, batch_size=cfg.sft.batch_size, lr=cfg.sft.lr), tok.pad_id, 0)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     pool = problems(["arithmetic"], "train", PROMPTS * (args.steps + WARMUP), 1000, start=0)
     batches = [pool[i * PROMPTS:(i + 1) * PROMPTS] for i in range(args.steps + WARMUP)]
 
-    model = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
-    model.load_state_dict(state)
-    algo = AlgoConfig(kl_coef=0.02)
-    our_times, our_tokens = ours(model, tok, batches, algo)
-    model = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
-    model.load_state_dict(state)
-    their_times = trl_steps(model, tok, batches)
-    ours_s = statistics.median(our_times[WARMUP:])
-    trl_s = statistics.median(their_times[WARMUP:])
-    print(f"ours: {[round(t, 2) for t in our_times]} s/step; TRL GRPOTrainer: {[round(t, 2) for t in their_times]} s/step")
-    gain = heldout_gain(cfg)
-    print(f"step_time_vs_trl={ours_s / trl_s:.3f} tokens_per_s={our_tokens / sum(our_times):.1f} "
-          f"heldout_gain_points={gain:.1f}")
+    def fresh():  # type: ignore[no-untyped-def]
+        model = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
+        model.load_state_dict(state)
+        return model
+
+    clock = PhaseClock()
+    ours, trl_times, trl_rewards = interleaved(fresh(), fresh(), tok, batches, clock)
+    ours_s = statistics.median(ours.times[WARMUP:])
+    trl_s = statistics.median(trl_times[WARMUP:])
+    print(f"ours: {[round(t, 2) for t in ours.times]} s/step; TRL GRPOTrainer: {[round(t, 2) for t in trl_times]} s/step")
+    print(clock.report("ours"))
+    print(clock.report("trl"))
+    agree, se = within_noise(ours.rewards, trl_rewards)
+    print(f"mean reward: ours {statistics.mean(ours.rewards):.3f}, TRL {statistics.mean(trl_rewards):.3f} "
+          f"({len(ours.rewards)} completions each; 3 standard errors = {3 * se:.3f})")
+    assert statistics.mean(trl_rewards) > 0, "TRL's completions never scored: the comparison would be empty"
+    assert agree, "ours and TRL's rewards differ beyond noise on the same prompts: not the same task"
+    gain = "not_measured" if args.no_heldout else f"{heldout_gain(cfg):.1f}"
+    print(f"step_time_vs_trl={ours_s / trl_s:.3f} tokens_per_s={ours.tokens / sum(ours.times[WARMUP:]):.1f} "
+          f"heldout_gain_points={gain}")
 
 
 if __name__ == "__main__":
