@@ -247,6 +247,10 @@ def _exercise_native(client: dsec.Client) -> None:
         done = sb.processes.start(["bash", "-c", "echo $HOME; id -un"], user="user", tag="who").wait()
         assert done.stdout == b"/home/user\nuser\n" and done.exit_code == 0
         assert sb.processes.connect(tag="who").wait().status == "exit status 0", "the end is kept for late connectors"
+        reader = sb.processes.start(["sh", "-c", "read line; echo got-$line"], stdin=True, tag="fan")
+        second = sb.processes.connect(tag="fan")  # attached before the output: both streams see it
+        second.send_input("x\n")
+        assert reader.wait().stdout == second.wait().stdout == b"got-x\n"
         terminal = sb.processes.start(["sh"], pty=(80, 24), tag="tty")
         terminal.send_input("stty size; echo mark-$((2*21))\n")
         seen = b""
