@@ -1,5 +1,5 @@
-"""The HTTP front door in front of the Ray cluster gateway: the unchanged e2b SDK creates, lists and kills
-sandboxes spread over a 3-node Ray cluster through one address."""
+"""The HTTP front door in front of the Ray cluster gateway: the unchanged e2b SDK creates, lists, snapshots,
+restores, forks and kills sandboxes spread over a 3-node Ray cluster through one address."""
 
 from __future__ import annotations
 
@@ -43,6 +43,17 @@ def test_e2b_sdk_through_the_gateway_door(door_deployment, monkeypatch):
         info = sandboxes[1].get_info()
         assert info.metadata == {"suite": tag} and info.template_id == "busybox"
         sandboxes[2].set_timeout(300)
+        snapshot = sandboxes[0].create_snapshot(name=f"gw-{tag[:8]}")
+        assert snapshot.snapshot_id in [x.snapshot_id for x in Sandbox.list_snapshots().next_items()]
+        assert [x.snapshot_id for x in Sandbox.list_snapshots(sandbox_id=sandboxes[0].sandbox_id).next_items()] == [
+            snapshot.snapshot_id]
+        restored = Sandbox.create(template=snapshot.snapshot_id, timeout=60)
+        assert door_deployment.gateway.node_of(restored.sandbox_id) == door_deployment.gateway.node_of(sandboxes[0].sandbox_id)
+        assert restored.kill() is True
+        assert Sandbox.delete_snapshot(snapshot.snapshot_id) is True
+        assert Sandbox.delete_snapshot(snapshot.snapshot_id) is False
+        forks = sandboxes[1].fork(count=1)
+        assert len(forks) == 1 and forks[0].kill() is True
     finally:
         for sb in sandboxes:
             assert sb.kill() is True
