@@ -26,6 +26,8 @@ _CHANNEL_OPTIONS = [
 STATE_SANDBOX_ID = "dsec_sandbox_id"
 STATE_SANDBOX_PORT = "dsec_sandbox_port"
 STATE_API_KEY = "dsec_api_key"
+# The label that keeps a door-created sandbox's envd access token (so a restarted door still enforces it).
+ENVD_TOKEN_LABEL = "e2b.envd_token"
 
 
 class BoundStub:
@@ -55,6 +57,7 @@ class CompatContext:
     _sync_channel: grpc.Channel | None = field(default=None, repr=False)
     _keys: dict[str, str] = field(default_factory=dict, repr=False)
     _envd_tokens: dict[str, str] = field(default_factory=dict, repr=False)
+    _known: set[str] = field(default_factory=set, repr=False)  # sandboxes whose token (or lack of one) is known
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # -- gRPC -----------------------------------------------------------------------------------------
@@ -108,6 +111,7 @@ class CompatContext:
         """Record the key a sandbox was created with (envd calls carry none and run as that tenant) and,
         for `secure` sandboxes, the envd access token that envd calls must present."""
         with self._lock:
+            self._known.add(sandbox_id)
             if api_key:
                 self._keys[sandbox_id] = api_key
             if envd_token:
@@ -117,6 +121,12 @@ class CompatContext:
         with self._lock:
             self._keys.pop(sandbox_id, None)
             self._envd_tokens.pop(sandbox_id, None)
+            self._known.discard(sandbox_id)
+
+    def knows(self, sandbox_id: str) -> bool:
+        """Whether this door has seen the sandbox (created, connected, or looked up for its envd token)."""
+        with self._lock:
+            return sandbox_id in self._known
 
     def key_for(self, sandbox_id: str) -> str | None:
         with self._lock:

@@ -17,7 +17,11 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from dsec.compat.context import STATE_API_KEY, STATE_SANDBOX_ID, STATE_SANDBOX_PORT, CompatContext
+import grpc
+
+from dsec.compat.context import ENVD_TOKEN_LABEL, STATE_API_KEY, STATE_SANDBOX_ID, STATE_SANDBOX_PORT, CompatContext
+from dsec.v1 import sandbox_pb2 as pb
+from dsec.v1 import sandbox_pb2_grpc as pb_grpc
 
 log = logging.getLogger("dsec.compat")
 
@@ -132,6 +136,8 @@ class FrontDoor:
                 await self._reject(scope, send, 400, "E2b-Sandbox-Port must be a TCP port number")
                 return
             port = int(port_text)
+            if port == ENVD_PORT and not self.ctx.knows(sandbox_id):
+                await self._learn(sandbox_id, headers.get("x-api-key"))
             expected = self.ctx.envd_token_for(sandbox_id)
             if expected is not None and port == ENVD_PORT:
                 given = headers.get("x-access-token", "")
@@ -151,6 +157,15 @@ class FrontDoor:
             await self._reject(scope, send, 501, f"{module} is not available in this dsec build")
             return
         await app(scope, receive, send)
+
+    async def _learn(self, sandbox_id: str, api_key: str | None) -> None:
+        """A sandbox this door did not create (or created before a restart): its envd token is in its labels.
+        A lookup that fails leaves it unknown; the sub-app then answers the backend's error itself."""
+        try:
+            info = await self.ctx.stub(pb_grpc.SandboxServiceStub, api_key).Get(pb.SandboxRef(sandbox_id=sandbox_id))
+        except grpc.RpcError:
+            return
+        self.ctx.remember_sandbox(sandbox_id, api_key, info.spec.labels.get(ENVD_TOKEN_LABEL) or None)
 
     async def _reject(self, scope: dict, send: Callable[[dict], Awaitable[None]], status: int, message: str) -> None:
         if scope["type"] == "websocket":
