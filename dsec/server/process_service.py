@@ -25,6 +25,7 @@ from dsec.v1 import process_pb2_grpc as ppb_grpc
 from dsec.v1 import sandbox_pb2 as pb
 
 MAX_INPUT = 1 << 20
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a sandbox lives at most this long too
 POLL_S = 1.0  # how often an idle attached stream checks that its client is still there
 STREAM_SHARE_OF_WORKERS = 2  # at most workers / 2 attached streams: each holds an RPC thread while it is open
 
@@ -130,8 +131,8 @@ class ProcessService(ppb_grpc.ProcessServiceServicer):
                     return sandbox.handle.spawn(argv, env, "/", stdin=request.stdin, pty=pty, user=user)
                 raise
 
-        if request.timeout_s < 0:
-            raise InvalidSpec("timeout_s must be >= 0")
+        if not 0 <= request.timeout_s <= MAX_TIMEOUT_S:  # NaN fails this too
+            raise InvalidSpec(f"timeout_s must be between 0 (no limit) and {MAX_TIMEOUT_S:.0f} seconds")
         self._stream_slot()
         try:
             subscription = sandbox.processes.start(

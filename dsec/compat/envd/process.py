@@ -36,6 +36,7 @@ from dsec.v1 import process_pb2_grpc as ppb_grpc
 
 SERVICE = "process.Process"
 DEFAULT_USER = "user"  # envd's default when the SDK sends no user
+MAX_DEADLINE_S = 7 * 24 * 3600.0  # ProcessService's limit; a longer Start deadline is as good as none
 
 
 def _event(event: ppb.ProcessEvent) -> epb.ProcessEvent:
@@ -127,7 +128,7 @@ class ProcessHandler:
             start.pty.CopyFrom(ppb.PtySize(cols=request.pty.size.cols, rows=request.pty.size.rows))
         remaining_ms = ctx.timeout_ms
         if remaining_ms is not None:
-            start.timeout_s = max(remaining_ms, 1.0) / 1000.0
+            start.timeout_s = min(max(remaining_ms, 1.0) / 1000.0, MAX_DEADLINE_S)
         try:
             try:
                 first, call = await self._open(stub, start)
