@@ -197,3 +197,23 @@ def test_fuzz_control_routes_never_5xx(http, route, sandbox_id, body, query):
 def test_server_still_answers_after_the_fuzz(http):
     assert http.get("/health").status_code == 200
     assert http.get("/v2/sandboxes").status_code == 200
+
+
+def test_envd_token_is_enforced_for_sandboxes_the_door_did_not_create(dsec_http, http):
+    """As after a restart of the door: the token lives in the sandbox's label, the door reads it once."""
+    import dsec
+
+    client = dsec.Client(dsec_http.grpc_address)
+    sb = client.create("base", labels={"e2b.envd_token": "tok-from-label"}, timeout_s=60)
+    try:
+        headers = {"E2b-Sandbox-Id": sb.id, "E2b-Sandbox-Port": "49983"}
+        assert_clean_error(http.get("/health", headers=headers), 401)
+        assert http.get("/health", headers={**headers, "X-Access-Token": "tok-from-label"}).status_code == 204
+        plain = client.create("base", timeout_s=60)  # no token label: envd is open, as for any dsec sandbox
+        try:
+            assert http.get("/health", headers={"E2b-Sandbox-Id": plain.id}).status_code == 204
+        finally:
+            plain.destroy()
+    finally:
+        sb.destroy()
+        client.close()
