@@ -14,12 +14,14 @@ import importlib
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from dsec.compat.context import ENVD_TOKEN_LABEL, STATE_API_KEY, STATE_SANDBOX_ID, STATE_SANDBOX_PORT, CompatContext
+from dsec.server.metrics import HTTP_REQUESTS, HTTP_SECONDS
 from dsec.v1 import sandbox_pb2 as pb
 from dsec.v1 import sandbox_pb2_grpc as pb_grpc
 
@@ -37,6 +39,8 @@ E2B_API = "dsec.compat.e2b_api"
 ENVD = "dsec.compat.envd"
 PORTS = "dsec.compat.ports"
 FUSION = "dsec.compat.fusion"
+API_NAMES = {E2B_API: "e2b", ENVD: "envd", PORTS: "ports", FUSION: "fusion"}  # the `api` label of door metrics
+STATE_API = "dsec_api"
 
 _SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # E2B's `get_host(port)` is `<port>-<sandbox id>.<domain>`: with wildcard DNS for the domain pointing here, the
@@ -101,8 +105,17 @@ class FrontDoor:
             return
         if scope["type"] not in ("http", "websocket"):
             return
+        started, status = time.monotonic(), [0]
+
+        async def observed(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            elif message["type"] == "websocket.accept":
+                status[0] = 101
+            await send(message)
+
         try:
-            await self._dispatch(scope, receive, send)
+            await self._dispatch(scope, receive, observed)
         except Exception:  # noqa: BLE001 - never a traceback on the wire; the log has it
             log.exception("compat: unhandled error on %s %s", scope.get("method", "WS"), scope.get("path"))
             if scope["type"] == "http":
@@ -110,6 +123,11 @@ class FrontDoor:
                     await error(send, 500, "internal error in the dsec front door; see the server log")
                 except Exception:  # noqa: BLE001 - the response had already started
                     pass
+                status[0] = status[0] or 500
+        finally:
+            api = scope.get("state", {}).get(STATE_API, "door")
+            HTTP_REQUESTS.labels(api, f"{status[0] // 100}xx" if status[0] else "none").inc()
+            HTTP_SECONDS.labels(api).observe(time.monotonic() - started)
 
     async def _lifespan(self, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]) -> None:
         while True:
@@ -152,6 +170,7 @@ class FrontDoor:
             state[STATE_API_KEY] = control_api_key(headers)
             path = scope.get("path", "")
             module = FUSION if path in FUSION_PATHS or path.startswith(FUSION_PREFIX) else E2B_API
+        state[STATE_API] = API_NAMES[module]
         app = self._app(module)
         if app is None:
             await self._reject(scope, send, 501, f"{module} is not available in this dsec build")

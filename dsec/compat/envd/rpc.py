@@ -30,6 +30,7 @@ _STATE: contextvars.ContextVar[dict] = contextvars.ContextVar("dsec_envd_state")
 
 KEEPALIVE_HEADER = "keepalive-ping-interval"
 MAX_KEEPALIVE_S = 50.0
+QUEUED_ITEMS = 64  # stream items read ahead of a slow client (gRPC flow control then holds the rest)
 
 _CODES: dict[grpc.StatusCode, Code] = {
     grpc.StatusCode.CANCELLED: Code.CANCELED,
@@ -136,7 +137,7 @@ async def with_idle_ticks(stream: AsyncIterator[T], interval_s: float) -> AsyncI
 
     A reader task drains the stream into a queue, so waiting with a timeout never cancels the gRPC read.
     """
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUED_ITEMS)  # bounded: a slow client slows the reads
     done = object()
 
     async def pump() -> None:
