@@ -217,3 +217,24 @@ def test_envd_token_is_enforced_for_sandboxes_the_door_did_not_create(dsec_http,
     finally:
         sb.destroy()
         client.close()
+
+
+def test_door_requests_are_counted_in_the_servers_metrics():
+    from support.ports import free_port
+
+    root = Path(tempfile.mkdtemp(prefix="dcm-", dir="/tmp"))
+    port = free_port()
+    running = start_dsec_http(root, ["--metrics-listen", f"127.0.0.1:{port}"])
+    try:
+        with httpx.Client(base_url=running.http_url, headers={"X-API-Key": "k"}, timeout=30) as client:
+            assert client.get("/v2/sandboxes").status_code == 200
+            assert client.get("/sandboxes/sb-0000000000000000").status_code == 404
+            assert client.get("/health", headers={"E2b-Sandbox-Id": "../x"}).status_code == 400
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        assert 'dsec_http_requests_total{api="e2b",status="2xx"} 1.0' in text
+        assert 'dsec_http_requests_total{api="e2b",status="4xx"} 1.0' in text
+        assert 'dsec_http_requests_total{api="door",status="4xx"} 1.0' in text
+        assert 'dsec_http_request_seconds_count{api="e2b"} 2.0' in text
+    finally:
+        running.stop()
+        shutil.rmtree(root, ignore_errors=True)
