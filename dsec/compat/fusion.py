@@ -1,4 +1,4 @@
-"""SandboxFusion's HTTP API (`POST /run_code`, `GET /v1/ping`) on dsec, for the `sandbox-fusion` client and
+"""SandboxFusion's HTTP API (`POST /run_code`, `POST /run_jupyter`, `GET /v1/ping`) on dsec, for the `sandbox-fusion` client and
 verl's SandboxFusion tool and code reward: point their endpoint at the dsec front door.
 
 Each call is three gRPC calls as the caller's tenant: Create a sandbox of the language's image (memory =
@@ -7,6 +7,7 @@ follow SandboxFusion's FastAPI server: 422 with a `detail` list for a body that 
 request (an unknown language included), 200 with `status: SandboxError` when the call could not run (the
 client raises on it), 200 with Success/Failed otherwise. With `trajectory_id` and `step` the exec carries that
 step key, so the server logs the call once and a repeated call returns the logged response without running.
+`run_jupyter` is the same path with a kernel driver as the program (dsec/compat/fusion_jupyter.py).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import base64
 import binascii
 import json
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -27,10 +28,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from dsec.compat.context import STATE_API_KEY, CompatContext, error_name, grpc_code, grpc_message, http_status_for
+from dsec.compat import fusion_jupyter
 from dsec.compat.fusion_runner import (
     RESULT_CAP,
     FusionInputError,
     LanguageRecipe,
+    Outcome,
     RunCodeRequest,
     exec_timeout,
     parse_result,
@@ -42,6 +45,7 @@ from dsec.v1 import sandbox_pb2 as pb
 from dsec.v1 import sandbox_pb2_grpc as pb_grpc
 
 log = logging.getLogger("dsec.compat.fusion")
+M = TypeVar("M", bound=BaseModel)
 
 MAX_BODY = 64 << 20  # base64 files ride in the JSON body; the exec's stdin (the payload) is capped at 64 MiB too
 MIN_MEMORY_MB = 64  # below this not even the runner and python3 start; smaller limits are raised to it
@@ -96,6 +100,13 @@ def _validation_detail(exc: ValidationError) -> list[dict]:
             for e in exc.errors(include_url=False)]  # fmt: skip
 
 
+def _validated(model: type[M], body: dict) -> M:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise _HttpError(422, _validation_detail(exc)) from None
+
+
 def _api_key(request: Request) -> str | None:
     """The key the door resolved (X-API-Key / Bearer), else HTTP basic auth's password (or user name, when the
     password is empty): SandboxFusion clients cannot set headers, but `http://dsec:KEY@host:port` as their
@@ -119,22 +130,42 @@ class FusionRoutes:
 
     async def run_code(self, request: Request) -> Response:
         try:
-            body = await _body(request)
-            try:
-                call = RunCodeRequest.model_validate(body)
-            except ValidationError as exc:
-                raise _HttpError(422, _validation_detail(exc)) from None
+            call = _validated(RunCodeRequest, await _body(request))
             try:
                 recipe = recipe_for(call.language)
-                stdin, argv = payload(call, recipe), runner_argv(call, recipe)
             except FusionInputError as exc:
                 return _sandbox_error(str(exc))
-            return await self._run(_api_key(request), call, recipe, stdin, argv)
+            outcome = await self._run(_api_key(request), call, recipe)
         except _HttpError as exc:
             return JSONResponse({"detail": exc.detail}, exc.status)
+        if isinstance(outcome, Response):
+            return outcome
+        return JSONResponse({
+            "status": outcome.status,
+            "message": "",
+            "compile_result": outcome.compile.as_json() if outcome.compile else None,
+            "run_result": outcome.run.as_json() if outcome.run else None,
+            "executor_pod_name": None,
+            "files": outcome.files,
+        })  # fmt: skip
 
-    async def _run(self, api_key: str | None, call: RunCodeRequest, recipe: LanguageRecipe, stdin: bytes,
-                   argv: list[str]) -> Response:  # fmt: skip
+    async def run_jupyter(self, request: Request) -> Response:
+        try:
+            jupyter = _validated(fusion_jupyter.RunJupyterRequest, await _body(request))
+            call = _validated(RunCodeRequest, jupyter.run_code_fields())
+            outcome = await self._run(_api_key(request), call, fusion_jupyter.RECIPE)
+        except _HttpError as exc:
+            return JSONResponse({"detail": exc.detail}, exc.status)
+        if isinstance(outcome, Response):
+            return outcome
+        return JSONResponse(fusion_jupyter.response(outcome))
+
+    async def _run(self, api_key: str | None, call: RunCodeRequest, recipe: LanguageRecipe) -> Outcome | Response:
+        """Create, exec the runner, destroy: the outcome, or the error response to send instead."""
+        try:
+            stdin, argv = payload(call, recipe), runner_argv(call, recipe)
+        except FusionInputError as exc:
+            return _sandbox_error(str(exc))
         api = self.ctx.stub(pb_grpc.SandboxServiceStub, api_key)
         memory = DEFAULT_MEMORY_MB if call.memory_limit_MB <= 0 else max(call.memory_limit_MB, MIN_MEMORY_MB)
         spec = pb.SandboxSpec(image=recipe.image, substrate="container", resources=pb.Resources(memory_mb=memory),
@@ -148,7 +179,8 @@ class FusionRoutes:
         finally:
             await asyncio.shield(self._destroy(api, info.id))
 
-    async def _exec(self, api: Any, sandbox_id: str, call: RunCodeRequest, stdin: bytes, argv: list[str]) -> Response:
+    async def _exec(self, api: Any, sandbox_id: str, call: RunCodeRequest, stdin: bytes,
+                    argv: list[str]) -> Outcome | Response:  # fmt: skip
         request = pb.ExecRequest(sandbox_id=sandbox_id, argv=argv, stdin=stdin, timeout_s=exec_timeout(call),
                                  max_output_bytes=RESULT_CAP)  # fmt: skip
         if call.trajectory_id is not None and call.step is not None:
@@ -172,17 +204,9 @@ class FusionRoutes:
         if problem:
             return _sandbox_error(f"sandbox {sandbox_id}: {problem}")
         try:
-            outcome = parse_result(call, bytes(stdout))
+            return parse_result(call, bytes(stdout))
         except Exception as exc:  # noqa: BLE001 - a result we cannot read is the sandbox's error, not a 500
             return _sandbox_error(f"sandbox {sandbox_id}: unreadable runner result ({exc})")
-        return JSONResponse({
-            "status": outcome.status,
-            "message": "",
-            "compile_result": outcome.compile.as_json() if outcome.compile else None,
-            "run_result": outcome.run.as_json() if outcome.run else None,
-            "executor_pod_name": None,
-            "files": outcome.files,
-        })  # fmt: skip
 
     async def _destroy(self, api: Any, sandbox_id: str) -> None:
         try:
@@ -230,7 +254,7 @@ def make_app(ctx: CompatContext) -> Starlette:
         routes=[
             Route("/run_code", routes.run_code, methods=["POST"]),
             Route("/v1/ping", _ping, methods=["GET"]),
-            Route("/run_jupyter", _not_served, methods=["POST"]),
+            Route("/run_jupyter", routes.run_jupyter, methods=["POST"]),
             Route("/get_prompts", _not_served, methods=["POST"]),
             Route("/get_prompt_by_id", _not_served, methods=["POST"]),
             Route("/submit", _not_served, methods=["POST"]),

@@ -144,6 +144,29 @@ def test_trajectory_step_runs_once_and_replays(url, dsec_http):
         run(url, code="print('something else')", language="python", trajectory_id=trajectory_id, step=0)
 
 
+def test_jupyter_cells_share_a_kernel_and_keep_their_outputs(url):
+    request = sf.RunJupyterRequest(
+        cells=["import sys\nx = 6 * 7", "print('x is', x)", "x + 1", "sys.stderr.write('to stderr\\n')", "1 / 0",
+               "print(open('in.txt').read()); open('out.txt', 'w').write(str(x))"],
+        files={"in.txt": base64.b64encode(b"from a file").decode()}, fetch_files=["out.txt"])
+    result = sf.run_jupyter(request, endpoint=url, max_attempts=1)
+    assert result.status == sf.RunStatus.Success, result
+    assert [c.stdout for c in result.cells] == ["", "x is 42\n", "", "", "", "from a file\n"]
+    assert result.cells[2].display == [{"text/plain": "43"}]
+    assert result.cells[3].stderr == "to stderr\n"
+    assert result.cells[4].error[0]["ename"] == "ZeroDivisionError", "an exception is the cell's error, not the run's"
+    assert result.driver.stderr == "", "the driver and kernel add nothing of their own"
+    assert base64.b64decode(result.files["out.txt"]) == b"42"
+
+
+def test_jupyter_cell_timeout_interrupts(url):
+    request = sf.RunJupyterRequest(cells=["print('before', flush=True)", "while True:\n    pass", "print('never')"],
+                                   cell_timeout=1)
+    result = asyncio.run(sf.run_jupyter_async(request, endpoint=url, max_attempts=1))
+    assert result.status == sf.RunStatus.Failed
+    assert [c.stdout for c in result.cells] == ["before\n", ""], "the cells after the one cut are not run"
+
+
 def test_bad_input_gets_the_status_the_client_expects(url):
     bad_json = requests.post(f"{url}/run_code", data=b"{not json", headers={"content-type": "application/json"})
     assert bad_json.status_code == 422 and bad_json.json()["detail"][0]["type"] == "json_invalid"
@@ -167,12 +190,21 @@ def test_bad_input_gets_the_status_the_client_expects(url):
     bad_file = requests.post(f"{url}/run_code", json={"code": "x", "language": "python", "files": {"a": "%%%"}})
     assert bad_file.json()["status"] == "SandboxError" and "base64" in bad_file.json()["message"]
 
+    for raw in (b'{"code": "x", "language": "python", "run_timeout": NaN}',
+                b'{"code": "x", "language": "python", "run_timeout": 1e308}',
+                b'{"code": "x", "language": "python", "files": {"\\ud800": "eA=="}}',
+                b'{"code": "\\udfff", "language": "python"}'):
+        odd = requests.post(f"{url}/run_code", data=raw, headers={"content-type": "application/json"})
+        assert odd.status_code == 422, (raw, odd.text)
+
     half_key = requests.post(f"{url}/run_code", json={"code": "x", "language": "python", "trajectory_id": "t"})
     assert half_key.status_code == 422
 
     assert requests.get(f"{url}/run_code").status_code == 405
     assert requests.get(f"{url}/v1/ping").json() == "pong"
-    assert requests.post(f"{url}/run_jupyter", json={"cells": ["1"]}).status_code == 501
+    assert requests.post(f"{url}/submit", json={}).status_code == 501, "the dataset API is not dsec's"
+    assert requests.post(f"{url}/run_jupyter", json={"cells": "1"}).status_code == 422
+    assert requests.post(f"{url}/run_jupyter", json={"cells": ["1"], "kernel": "ruby"}).status_code == 422
 
 
 FUZZ = settings(max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -192,6 +224,9 @@ FIELD_VALUES = {
     "fetch_files": st.lists(st.text(max_size=12), max_size=3) | JSON,
     "trajectory_id": st.text(max_size=12) | JSON,
     "step": st.integers(-(2**70), 2**70) | JSON,
+    "cells": st.lists(st.text(max_size=10), max_size=2) | JSON,
+    "cell_timeout": st.floats(allow_nan=True) | JSON,
+    "kernel": st.sampled_from(["python3", "ruby"]) | JSON,
 }
 BODIES = st.one_of(
     st.fixed_dictionaries({}, optional=FIELD_VALUES).map(lambda d: json.dumps(d).encode()),
@@ -201,12 +236,13 @@ BODIES = st.one_of(
 
 
 @FUZZ
-@given(body=BODIES)
-def test_fuzz_run_code_never_5xx(url, body):
-    response = requests.post(f"{url}/run_code", data=body, headers={"content-type": "application/json"}, timeout=120)
+@given(route=st.sampled_from(["/run_code", "/run_jupyter"]), body=BODIES)
+def test_fuzz_run_code_and_jupyter_never_5xx(url, route, body):
+    response = requests.post(f"{url}{route}", data=body, headers={"content-type": "application/json"}, timeout=120)
     assert response.status_code < 500, f"{body[:200]!r} → {response.status_code} {response.text[:300]}"
-    assert "Traceback" not in response.text
-    if response.status_code == 200:
+    if response.status_code != 200:
+        assert "Traceback" not in response.text, "a refusal carries no traceback (a 200's stderr may: the program's)"
+    else:
         assert response.json()["status"] in ("Success", "Failed", "SandboxError")
 
 
