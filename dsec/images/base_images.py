@@ -13,6 +13,7 @@ CLI: `python -m dsec.images.base_images [busybox|python|base|code-interpreter|cp
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -215,8 +216,11 @@ def build_code_interpreter(store: LayerStore, tag: str = "code-interpreter") -> 
     dev.dsec.start-command) starts the server and returns once it serves: the E2B door runs it at create
     (docs/ports.md). Two layers:
     the shared minbase, and everything else installed by apt in a chroot (no network inside a build sandbox)."""
+    # the start command names the server's content hash, so an image with an older kernel_server.py is rebuilt
+    build_id = hashlib.sha256(KERNEL_SERVER.read_bytes()).hexdigest()[:16]
+    start = ["python3", f"/{KERNEL_SERVER_PATH}", "--daemon", "--build", build_id]
     record = _already(store, tag)
-    if record is not None:
+    if record is not None and record.config.start_command == start:
         return record
     cache = _cache(store)
     base = _debootstrap(cache)
@@ -233,9 +237,8 @@ def build_code_interpreter(store: LayerStore, tag: str = "code-interpreter") -> 
         top_tar = tar_paths(full, changed, cache / f"ci-top.{os.getpid()}.tar", whiteouts=deleted)
     finally:
         shutil.rmtree(full, ignore_errors=True)
-    start = json.dumps(["python3", f"/{KERNEL_SERVER_PATH}", "--daemon"])
     runtime = {"Env": [DEFAULT_PATH, "LANG=C.UTF-8"], "Cmd": ["python3"], "WorkingDir": "/home/user",
-               "Labels": {START_COMMAND_LABEL: start}}
+               "Labels": {START_COMMAND_LABEL: json.dumps(start)}}
     layout = write_layout(cache / "code-interpreter-oci", [base_tar, top_tar], runtime, tag,
                           ["debootstrap --variant=minbase bookworm",
                            f"apt-get install {' '.join(CODE_INTERPRETER_PACKAGES)}; {BASE_USER_COMMAND}; COPY kernel_server.py"])
@@ -280,9 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     store = LayerStore(config.images_dir, config.layer_format)
     try:
         for name in BUILDERS if args.which == "all" else [args.which]:
-            if args.quiet and _already(store, name) is not None:
+            before = _already(store, name)
+            record = BUILDERS[name](store)  # each builder returns at once when its image is up to date
+            if args.quiet and before is not None and before.digest == record.digest:
                 continue
-            record = BUILDERS[name](store)
             print(f"{name}: {record.digest} ({len(record.layers)} layers, {record.size / 1e6:.1f} MB)")
     finally:
         store.close()

@@ -20,7 +20,8 @@ Only Python contexts exist (other languages → 400, docs/ports.md). A client th
 (the SDK's timeout) interrupts the kernel, so the next call is not stuck behind it.
 
 `--daemon` is the image's start command: it forks the server, waits until the default kernel is ready and
-the port is bound, then exits 0 (or 1 with the server's log), so whoever starts it knows it is ready.
+the port is bound, then exits 0 (or 1 with the server's log), so whoever starts it knows it is ready. It is
+idempotent (a server already answering → exit 0), so it can run again after a fork or a restore.
 Run with `python3 kernel_server.py [--port 49999] [--daemon]`; never imported by dsec itself.
 """
 
@@ -35,6 +36,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -332,8 +334,20 @@ def serve(port: int, ready_fd: int = -1) -> None:
     server.serve_forever()
 
 
+def serving(port: int) -> bool:
+    """Whether a kernel server already answers on `port` (a forked or resumed sandbox keeps its own)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 def daemonize(port: int) -> int:
-    """Fork the server into its own session; return 0 once it serves, 1 (with its log) if it fails."""
+    """Fork the server into its own session; return 0 once it serves, 1 (with its log) if it fails.
+    Idempotent: when a server already answers on the port, return 0 at once."""
+    if serving(port):
+        return 0
     read_fd, write_fd = os.pipe()
     if os.fork() == 0:
         os.close(read_fd)
@@ -364,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="dsec's code-interpreter kernel server (runs in the sandbox)")
     parser.add_argument("--port", type=int, default=PORT)
     parser.add_argument("--daemon", action="store_true", help="fork, wait until serving, exit 0")
+    parser.add_argument("--build", default="", help="content hash of this file (names the image's build; unused)")
     args = parser.parse_args(argv)
     if args.daemon:
         return daemonize(args.port)

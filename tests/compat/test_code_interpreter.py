@@ -95,6 +95,18 @@ def test_timeout_interrupts_the_cell_and_the_kernel_stays(interpreter):
     assert interpreter.run_code("survivor", timeout=120).text == "'yes'"
 
 
+def test_a_fork_gets_its_own_kernel_server(interpreter):
+    """A container fork copies files, not processes: the door runs the start command in the fork too."""
+    interpreter.run_code("open('/tmp/from-parent', 'w').write('yes')")
+    (fork,) = interpreter.fork(count=1, timeout=120)
+    assert isinstance(fork, Sandbox), fork
+    try:
+        assert fork.run_code("open('/tmp/from-parent').read()").text == "'yes'"
+        assert interpreter.run_code("1 + 1").text == "2"  # the parent's server is untouched
+    finally:
+        fork.kill()
+
+
 def test_unsupported_language_is_an_error(interpreter):
     with pytest.raises(Exception, match="only python"):
         interpreter.run_code("console.log(1)", language="javascript")

@@ -279,6 +279,11 @@ class SandboxRoutes:
         for info in reply.sandboxes:
             if body.timeout:
                 info = await self._set_timeout(request, info.id, body.timeout)
+            try:
+                await run_start_command(self.ctx, _key(request), info)  # a filesystem fork has no processes
+            except StartFailed as exc:  # this fork failed (and is destroyed); the others stand, as in E2B
+                results.append({"error": {"code": 502, "message": str(exc)}})
+                continue
             self.ctx.remember_sandbox(info.id, _key(request), info.spec.labels.get(wire.LABEL_ENVD_TOKEN))
             results.append({"sandbox": wire.created(info)})
         return JSONResponse(results, 201)
