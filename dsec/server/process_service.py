@@ -127,9 +127,12 @@ class ProcessService(ppb_grpc.ProcessServiceServicer):
             try:
                 return sandbox.handle.spawn(argv, env, cwd, stdin=request.stdin, pty=pty, user=user)
             except DsecError as exc:
-                if not request.cwd and exc.message.startswith("chdir"):  # a home that does not exist: envd uses /
-                    return sandbox.handle.spawn(argv, env, "/", stdin=request.stdin, pty=pty, user=user)
-                raise
+                if not exc.message.startswith("chdir"):
+                    raise
+                if request.cwd:  # the caller's directory: a bad argument (envd answers INVALID_ARGUMENT too)
+                    raise InvalidSpec(f"cannot start in {cwd}: {exc.message}", sandbox_id=sandbox.sandbox_id) from None
+                # a home that does not exist: envd starts in / then
+                return sandbox.handle.spawn(argv, env, "/", stdin=request.stdin, pty=pty, user=user)
 
         if not 0 <= request.timeout_s <= MAX_TIMEOUT_S:  # NaN fails this too
             raise InvalidSpec(f"timeout_s must be between 0 (no limit) and {MAX_TIMEOUT_S:.0f} seconds")

@@ -205,6 +205,8 @@ def test_unknown_pids_users_and_closed_stdin(sb):
         sb.commands.connect(999_999).wait()
     with pytest.raises(InvalidArgumentException, match="does not exist"):
         sb.commands.run("true", user="nobody-here")
+    with pytest.raises(InvalidArgumentException, match="cannot start in /no/such/dir"):
+        sb.commands.run("true", cwd="/no/such/dir")
     handle = sb.commands.run("sleep 600", background=True)  # stdin=False (the SDK's default)
     try:
         with pytest.raises(InvalidArgumentException, match="without stdin"):
