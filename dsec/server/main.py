@@ -219,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.container_driver:
         overrides["container_driver"] = args.container_driver
     config = ServerConfig(**overrides)
-    running = serve(config)
+    try:
+        running = serve(config)
+    except (RuntimeError, ValueError) as exc:  # a port that cannot be bound, a malformed address: say so, no traceback
+        log.error("dsec serve: %s", exc)
+        return 2
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("signal %d: destroying sandboxes and stopping", signum)

@@ -244,8 +244,8 @@ def test_async_sdk_commands_and_pty(e2b_env):
 # -- the same service through dsec's own SDK ---------------------------------------------------------------
 
 
-def _exercise_native(client: dsec.Client) -> None:
-    with client.create("base", "container") as sb:
+def _exercise_native(client: dsec.Client, driver: str = "") -> None:
+    with client.create("base", "container", driver=driver) as sb:
         done = sb.processes.start(["bash", "-c", "echo $HOME; id -un"], user="user", tag="who").wait()
         assert done.stdout == b"/home/user\nuser\n" and done.exit_code == 0
         assert sb.processes.connect(tag="who").wait().status == "exit status 0", "the end is kept for late connectors"
@@ -272,9 +272,10 @@ def _exercise_native(client: dsec.Client) -> None:
             sb.processes.start(["true"], pty=(0, 10))
 
 
-def test_native_sdk_processes(dsec_http):
+@pytest.mark.parametrize("driver", ["crun", "docker"])
+def test_native_sdk_processes(dsec_http, driver):
     with dsec.Client(dsec_http.grpc_address) as client:
-        _exercise_native(client)
+        _exercise_native(client, driver)
 
 
 def test_native_sdk_processes_through_a_gateway(dsec_http):
