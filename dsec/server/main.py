@@ -154,6 +154,8 @@ def serve(config: ServerConfig) -> RunningServer:
         if metrics_http is not None:
             metrics_http.shutdown()
         manager.shutdown()
+        if trajectory_log is not None:
+            trajectory_log.close()
         state.release()
         raise
     log.info(
