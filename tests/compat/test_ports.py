@@ -223,6 +223,23 @@ def test_ports_on_every_container_substrate(dsec_http, substrate, driver, option
         client.close()
 
 
+def test_destroying_the_sandbox_ends_open_connections(dsec_http):
+    """A connection held open (the server waits for more input) ends when its sandbox is destroyed."""
+    client = Client(dsec_http.grpc_address)
+    sandbox = client.create("python")
+    try:
+        start_servers(sandbox)
+        conn = sandbox.connect_port(ECHO_PORT)
+        conn.sendall(b"POST /wait HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf")  # 6 bytes short
+    finally:
+        sandbox.destroy()
+    try:
+        assert conn.recv() == b""
+    finally:
+        conn.close()
+        client.close()
+
+
 def test_vm_ports_are_unsupported(dsec_http):
     """A VM's network is not a host namespace: the typed Unsupported error, 501 at the door (docs/compat.md)."""
     client = Client(dsec_http.grpc_address)
