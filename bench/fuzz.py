@@ -266,7 +266,7 @@ def fuzz_in_process(kind: str, seconds: float, case_timeout: int, workdir: Path)
              "--case-timeout", str(case_timeout), "--artifacts", str(artifacts)],
             capture_output=True, text=True, timeout=left + 120,
         )  # fmt: skip
-        log = child.stderr
+        log = child.stderr + child.stdout  # libFuzzer reports on stderr, atheris prints the Python traceback
         done = _DONE.search(log)
         progress = _PROGRESS.findall(log)
         tally.cases += int(done.group(1)) if done else int(progress[-1]) if progress else 0
