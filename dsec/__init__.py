@@ -21,6 +21,7 @@ from dsec.errors import (
     PermissionDeniedInSandbox,
     ProcessNotFound,
     RuntimeFailure,
+    SandboxExpired,
     SandboxNotFound,
     SandboxStateError,
     ServerUnavailable,
@@ -40,7 +41,7 @@ __all__ = [
     "AsyncSandbox", "CallTimeout", "CapacityExceeded", "Client", "CommandNotFound", "default_client", "DiskFull",
     "DsecError", "ExecResult", "ExecTimeout", "FileEntry", "FileNotFoundInSandbox", "ImageNotFound", "InvalidPath",
     "InvalidSpec", "OutOfMemory", "PermissionDenied", "PermissionDeniedInSandbox", "ProcessNotFound", "Resources", "RuntimeFailure",
-    "Sandbox", "SandboxNotFound", "SandboxSpec", "SandboxStateError", "ServerUnavailable", "Session",
+    "Sandbox", "SandboxExpired", "SandboxNotFound", "SandboxSpec", "SandboxStateError", "ServerUnavailable", "Session",
     "SessionNotFound", "SnapshotNotFound", "StepIndeterminate", "trajectory", "TrajectoryDiverged",
     "Unauthenticated", "Unsupported",
 ]  # fmt: skip

@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from dsec.models import Resources
+from dsec.models import Resources, Substrate
 
 
 def default_home() -> Path:
@@ -24,6 +24,32 @@ def default_home() -> Path:
     return Path.home() / ".local" / "share" / "dsec"
 
 
+class PoolConfig(BaseModel):
+    """One warm pool: `size` ready sandboxes of one (image, substrate, driver, resources) shape (docs/lifecycle.md).
+    Resources left at 0 take the server's defaults, as a create's do, so a plain `client.create(image)` matches."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(min_length=1, max_length=512)
+    substrate: Substrate = "container"
+    driver: str = ""
+    cpu: float = Field(0.0, ge=0, le=256)
+    memory_mb: int = Field(0, ge=0, le=1 << 20)
+    pids: int = Field(0, ge=0, le=1 << 22)
+    disk_mb: int = Field(0, ge=0, le=1 << 24)
+    size: int = Field(ge=0, le=1024)
+
+
+def parse_pool(text: str) -> PoolConfig:
+    """`--pool image=busybox,substrate=container,size=4[,driver=crun,cpu=1,memory_mb=256,pids=..,disk_mb=..]`."""
+    fields: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"pool {text!r}: expected comma-separated key=value pairs, got {part!r}")
+        fields[key.strip()] = value.strip()
+    return PoolConfig.model_validate(fields)
+
+
 class ServerConfig(BaseModel):
     home: Path = Field(default_factory=default_home)
     listen: str = "127.0.0.1:0"
@@ -31,6 +57,12 @@ class ServerConfig(BaseModel):
     default_resources: Resources = Field(default_factory=Resources)
     default_timeout_s: float = 3600.0
     paused_ttl_s: float = 86400.0  # a sandbox with on_timeout=pause stays paused this long after its timeout, then goes
+    # A sandbox that ended stays answerable (SandboxExpired with its reason) this long, at most `max_tombstones` of them
+    tombstone_ttl_s: float = 3600.0
+    max_tombstones: int = 4096
+    # Warm pools (docs/lifecycle.md), refilled by one background thread at most this many sandboxes a second
+    pools: list[PoolConfig] = Field(default_factory=list)
+    pool_refill_per_s: float = Field(8.0, gt=0)
     max_output_bytes: int = 16 << 20
     max_sandboxes: int = 1024
     workers: int = 64

@@ -11,6 +11,7 @@ import grpc
 
 ERROR_METADATA_KEY = "dsec-error"
 RETRY_AFTER_METADATA_KEY = "dsec-retry-after"
+EXPIRED_REASON_METADATA_KEY = "dsec-expired-reason"
 
 
 class DsecError(Exception):
@@ -96,6 +97,23 @@ class SandboxStateError(DsecError):
     """The sandbox is in a state that does not allow the operation (destroyed, paused, lost)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class SandboxExpired(SandboxStateError):
+    """The sandbox existed and has ended; `reason` says why: timeout | idle | destroyed | lost.
+
+    Distinct from SandboxNotFound (an id this server never had, or whose end was long ago): a caller can tell
+    "my sandbox timed out, create a new one" from "wrong id". A subclass of SandboxStateError, so code written
+    against the older error still catches it."""
+
+    REASONS = ("timeout", "idle", "destroyed", "lost")
+
+    def __init__(self, message: str = "", reason: str = "destroyed", **details: object) -> None:
+        super().__init__(message, reason=reason if reason in self.REASONS else "destroyed", **details)
+
+    @property
+    def reason(self) -> str:
+        return str(self.details["reason"])
 
 
 class Unsupported(DsecError):

@@ -39,6 +39,9 @@ class SandboxSpec(BaseModel):
     on_timeout: Literal["destroy", "pause"] = Field(
         "destroy", description="when timeout_s expires: destroy, or pause (kept paused for the server's paused_ttl_s)"
     )
+    idle_timeout_s: float = Field(
+        0.0, ge=0, le=7 * 24 * 3600, description="end the sandbox (reason idle) after this long without a call; 0 = never"
+    )
 
     @field_validator("env")
     @classmethod

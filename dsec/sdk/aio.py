@@ -11,6 +11,7 @@ from typing import Any
 
 from dsec.models import ExecResult, FileEntry
 from dsec.sdk.client import Client, default_client
+from dsec.sdk.processes import AsyncProcesses
 from dsec.sdk.sandbox import Sandbox
 
 
@@ -33,6 +34,7 @@ class AsyncSandbox:
         self.sync = sandbox
         self.id = sandbox.id
         self.files = AsyncFiles(sandbox)
+        self.processes = AsyncProcesses(sandbox.processes)
 
     @classmethod
     async def create(cls, image: str = "busybox", substrate: str = "container", *, client: Client | None = None, **options: Any) -> AsyncSandbox:

@@ -33,6 +33,7 @@ def spec_from_pb(message: pb.SandboxSpec, config: ServerConfig) -> SandboxSpec:
             driver=message.driver,
             workdir=message.workdir,
             on_timeout=message.on_timeout or "destroy",
+            idle_timeout_s=message.idle_timeout_s,
         )
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
@@ -52,6 +53,7 @@ def spec_to_pb(spec: SandboxSpec) -> pb.SandboxSpec:
         driver=spec.driver,
         workdir=spec.workdir,
         on_timeout=spec.on_timeout,
+        idle_timeout_s=spec.idle_timeout_s,
     )
 
 

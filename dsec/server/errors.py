@@ -15,7 +15,14 @@ from typing import Any, TypeVar
 
 import grpc
 
-from dsec.errors import ERROR_METADATA_KEY, RETRY_AFTER_METADATA_KEY, CapacityExceeded, DsecError
+from dsec.errors import (
+    ERROR_METADATA_KEY,
+    EXPIRED_REASON_METADATA_KEY,
+    RETRY_AFTER_METADATA_KEY,
+    CapacityExceeded,
+    DsecError,
+    SandboxExpired,
+)
 
 log = logging.getLogger("dsec.server")
 
@@ -26,6 +33,8 @@ def _abort(context: grpc.ServicerContext, error: DsecError) -> None:
     metadata = [(ERROR_METADATA_KEY, type(error).__name__)]
     if isinstance(error, CapacityExceeded) and "retry_after_s" in error.details:
         metadata.append((RETRY_AFTER_METADATA_KEY, str(error.details["retry_after_s"])))
+    if isinstance(error, SandboxExpired):
+        metadata.append((EXPIRED_REASON_METADATA_KEY, error.reason))
     context.set_trailing_metadata(tuple(metadata))
     context.abort(error.code, error.message or type(error).__name__)
 
