@@ -112,6 +112,9 @@ class SandboxRoutes:
                 if snapshot_id is None:
                     raise ApiError(404, f"template {body.templateID!r} not found: no dsec image or snapshot by that name "
                                         "(dsec images ls)") from None
+                if body.autoPause:
+                    raise ApiError(400, "autoPause with a snapshot as the template is not supported: the sandbox keeps "
+                                        "the snapshot's timeout behaviour (docs/compat.md)") from None
                 info = await self._restore(api, snapshot_id, labels, timeout_s)
         try:
             await run_start_command(self.ctx, _key(request), info)  # a template's service (code interpreter)
