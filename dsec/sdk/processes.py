@@ -8,9 +8,10 @@ re-attaches (output written meanwhile is not replayed), and it dies with the san
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import grpc
 
@@ -198,3 +199,74 @@ class Processes:
     def resize(self, cols: int, rows: int, *, pid: int | None = None, tag: str | None = None) -> None:
         request = ppb.ResizePtyRequest(process=_selector(self._sb.id, pid, tag), size=ppb.PtySize(cols=cols, rows=rows))
         self._sb._client.rpc(self._stub.ResizePty, request)
+
+
+class AsyncProcess:
+    """`Process` for asyncio code: each blocking step runs in a worker thread (the gRPC channel is thread-safe).
+    Callbacks given to `wait` run in that thread."""
+
+    def __init__(self, process: Process) -> None:
+        self.sync = process
+        self.pid = process.pid
+        self.tag = process.tag
+
+    async def __aiter__(self):  # type: ignore[no-untyped-def]
+        outputs = iter(self.sync)
+        while (output := await asyncio.to_thread(next, outputs, None)) is not None:
+            yield output
+
+    @property
+    def result(self) -> ProcessResult | None:
+        return self.sync.result
+
+    async def wait(self, on_stdout=None, on_stderr=None, on_pty=None) -> ProcessResult:  # type: ignore[no-untyped-def]
+        return await asyncio.to_thread(self.sync.wait, on_stdout, on_stderr, on_pty)
+
+    async def send_input(self, data: bytes | str) -> None:
+        await asyncio.to_thread(self.sync.send_input, data)
+
+    async def close_stdin(self) -> None:
+        await asyncio.to_thread(self.sync.close_stdin)
+
+    async def signal(self, sig: int, leader_only: bool = False) -> None:
+        await asyncio.to_thread(self.sync.signal, sig, leader_only)
+
+    async def kill(self) -> None:
+        await asyncio.to_thread(self.sync.kill)
+
+    async def resize(self, cols: int, rows: int) -> None:
+        await asyncio.to_thread(self.sync.resize, cols, rows)
+
+    def disconnect(self) -> None:
+        self.sync.disconnect()
+
+
+class AsyncProcesses:
+    """`sb.processes` of an `AsyncSandbox`: the same calls, awaited."""
+
+    def __init__(self, processes: Processes) -> None:
+        self.sync = processes
+
+    async def start(self, command: str | list[str], **options: Any) -> AsyncProcess:
+        return AsyncProcess(await asyncio.to_thread(self.sync.start, command, **options))
+
+    async def connect(self, pid: int | None = None, *, tag: str | None = None) -> AsyncProcess:
+        return AsyncProcess(await asyncio.to_thread(self.sync.connect, pid, tag=tag))
+
+    async def list(self) -> list[ProcessInfo]:
+        return await asyncio.to_thread(self.sync.list)
+
+    async def send_input(self, data: bytes | str, **selector: Any) -> None:
+        await asyncio.to_thread(self.sync.send_input, data, **selector)
+
+    async def close_stdin(self, **selector: Any) -> None:
+        await asyncio.to_thread(self.sync.close_stdin, **selector)
+
+    async def signal(self, sig: int, **options: Any) -> None:
+        await asyncio.to_thread(self.sync.signal, sig, **options)
+
+    async def kill(self, **selector: Any) -> None:
+        await asyncio.to_thread(self.sync.kill, **selector)
+
+    async def resize(self, cols: int, rows: int, **selector: Any) -> None:
+        await asyncio.to_thread(self.sync.resize, cols, rows, **selector)

@@ -278,6 +278,27 @@ def test_native_sdk_processes(dsec_http, driver):
         _exercise_native(client, driver)
 
 
+def test_native_async_sdk_processes(dsec_http):
+    async def scenario() -> None:
+        client = dsec.Client(dsec_http.grpc_address)
+        sb = await dsec.AsyncSandbox.create("base", "container", client=client)
+        try:
+            process = await sb.processes.start(["sh", "-c", "echo one; read x; echo two-$x"], stdin=True)
+            outputs = process.__aiter__()
+            assert (await outputs.__anext__()).data == b"one\n"
+            await process.send_input("y\n")
+            assert (await process.wait()).stdout == b"one\ntwo-y\n"
+            sleeper = await sb.processes.start("sleep 600", tag="s")
+            assert [p.tag for p in await sb.processes.list()] == ["s"]
+            await sb.processes.kill(tag="s")
+            assert (await sleeper.wait()).signal == 9
+        finally:
+            await sb.destroy()
+            client.close()
+
+    asyncio.run(scenario())
+
+
 def test_native_sdk_processes_through_a_gateway(dsec_http):
     gateway = Gateway()
     gateway.add_node("node-0", dsec_http.grpc_address, Capacity(cpus=8, memory_mb=8192, sandboxes=64))
