@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Literal
 
-from dsec.errors import InvalidSpec, RuntimeFailure, SessionNotFound
+from dsec.errors import InvalidSpec, SessionNotFound
 from dsec.server.execution import OutputCap
 from dsec.substrates.base import DriverSandbox, Exited, Output, ProcessHandle
 from dsec.v1 import sandbox_pb2 as pb
@@ -64,6 +64,14 @@ for f in /proc/[0-9]*/stat; do
   kill -KILL "$p" 2>/dev/null
 done
 """
+
+
+def _print(marker: str, rest: str) -> str:
+    """A printf of `marker` (then `rest`: a value, or a redirection) whose source text never holds the marker
+    whole: a shell echoing its input (`set -v`, a non-shell that copies stdin) cannot fake an end line."""
+    if rest.startswith(">"):
+        return f"printf '%s%s\\n' '{marker[:8]}' '{marker[8:]}' {rest}"
+    return f"printf '%s%s%s\\n' '{marker[:8]}' '{marker[8:]}' {rest}"
 
 
 def _drain(process: ProcessHandle) -> None:
@@ -166,7 +174,7 @@ class ShellSession:
         """Define the helpers and learn the shell's pid (= its process group), which the interrupt needs."""
         marker = f"__DSEC_READY_{uuid.uuid4().hex}__"
         self._process.write_stdin(
-            (_PRELUDE + f"printf '%s%s\\n' '{marker}' \"$$\"; printf '%s\\n' '{marker}' >&2\n").encode()
+            (_PRELUDE + _print(marker, '"$$"') + "; " + _print(marker, ">&2") + "\n").encode()
         )
         streams = {"stdout": _Stream(None, marker.encode()), "stderr": _Stream(None, marker.encode())}
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -176,13 +184,13 @@ class ShellSession:
                 event = self._events.get(timeout=max(deadline - time.monotonic(), 0.0))
             except queue.Empty:
                 self.close()
-                raise RuntimeFailure(
+                raise InvalidSpec(
                     f"session shell {self._shell!r} did not answer within {START_TIMEOUT_S:.0f} s "
                     f"(sandbox {self._sandbox.sandbox_id}); is it a POSIX shell?"
                 ) from None
             if event is None or isinstance(event, (Exited, BaseException)):
                 self.alive = False
-                raise RuntimeFailure(
+                raise InvalidSpec(
                     f"session shell {self._shell!r} exited at start (sandbox {self._sandbox.sandbox_id}): "
                     f"{seen[-500:].decode(errors='replace') or event!r}"
                 )
@@ -200,8 +208,12 @@ class ShellSession:
         return (
             f"__dsec_cmd() {{ __dsec_setrc \"$__dsec_rc\"\n{command}\n}}\n"
             f"read -r __dsec_t0 __dsec_x </proc/uptime 2>/dev/null || __dsec_t0=; "
-            f"printf '%s%s\\n' '{start}' \"$__dsec_t0\"\n"
-            f"__dsec_run </dev/null; __dsec_rc=$?; printf '%s%s\\n' '{end}' \"$__dsec_rc\"; printf '%s\\n' '{end}' >&2\n"
+            + _print(start, '"$__dsec_t0"')
+            + "\n__dsec_run </dev/null; __dsec_rc=$?; "
+            + _print(end, '"$__dsec_rc"')
+            + "; "
+            + _print(end, ">&2")
+            + "\n"
         ).encode()
 
     def _run_locked(self, command: str, timeout_s: float, max_output_bytes: int) -> Iterator[pb.ExecEvent]:

@@ -34,6 +34,9 @@ def test_timeout_interrupts_the_command_and_keeps_the_shell(sandbox):
         assert alive.stdout == b"bg alive\nkept\n", "a background job of an earlier command is not the timed-out one"
         assert shell.run("false").exit_code == 1
         assert shell.run('echo "$?"').stdout == b"1\n"
+        shell.run("set -v")  # the shell now echoes its input to stderr: the markers must not be in that text
+        echoed = shell.run("echo after-verbose")
+        assert echoed.stdout == b"after-verbose\n" and b"echo after-verbose" in echoed.stderr
 
 
 def test_kill_session_option_keeps_the_old_behaviour(sandbox):
@@ -44,7 +47,9 @@ def test_kill_session_option_keeps_the_old_behaviour(sandbox):
         shell.run("true")
 
 
-def test_unknown_on_timeout_is_refused(client):
+def test_unknown_on_timeout_and_a_shell_that_exits_are_refused(client):
     with client.create("busybox", "container", driver="crun", memory_mb=128, timeout_s=120) as sb:
         with pytest.raises(dsec.InvalidSpec, match="on_timeout"):
             sb.session(on_timeout="ignore")
+        with pytest.raises(dsec.InvalidSpec, match="exited at start"):
+            sb.session(shell="/bin/true")
