@@ -224,11 +224,19 @@ def test_async_sdk_commands_and_pty(e2b_env):
             with pytest.raises(CommandExitException):
                 await sb.commands.run("exit 4")
             seen: list[str] = []
-            handle = await sb.commands.run("echo bg; sleep 600", background=True, on_stdout=seen.append)
+            printed = asyncio.Event()
+
+            def on_stdout(text: str) -> None:
+                seen.append(text)
+                printed.set()
+
+            handle = await sb.commands.run("echo bg; sleep 600", background=True, on_stdout=on_stdout)
+            await asyncio.wait_for(printed.wait(), 60)  # the background handle streams while the command runs
             assert handle.pid in {p.pid for p in await sb.commands.list()}
             assert await handle.kill() is True
             with pytest.raises(CommandExitException):
                 await handle.wait()
+            assert "".join(seen) == "bg\n", "on_stdout of a background handle got the output"
             chunks: list[bytes] = []
             terminal = await sb.pty.create(PtySize(cols=80, rows=24), on_data=chunks.append)
             await sb.pty.send_stdin(terminal.pid, b"echo pty-$((40+2)); exit 9\n")
