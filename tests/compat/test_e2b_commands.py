@@ -137,7 +137,7 @@ def test_stream_input_keeps_order(sb):
 def test_the_start_deadline_kills_the_command(sb):
     with pytest.raises(TimeoutException):
         sb.commands.run("sleep 600", timeout=2)
-    handle = sb.commands.run("echo started; sleep 600", background=True, timeout=3)
+    handle = sb.commands.run("echo started; sleep 600", background=True, timeout=6)
     until(handle, "started")
     handle.disconnect()
     with pytest.raises(CommandExitException) as caught:
