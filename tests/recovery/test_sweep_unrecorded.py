@@ -267,10 +267,17 @@ def test_snapshot_leftovers_of_dead_servers_go_at_the_next_start(tmp_path):
         users = _snapshot(root, dead_run, published=True)
         in_progress = _snapshot(root, live_run, published=False)
         live_fork = _snapshot(root, live_run, published=True, temporary=True)
-        made = [half_written, fork_temporary, half_deleted, users, in_progress, live_fork]
+        staging_dead = root / f".new-snap-{secrets.token_hex(8)}"
+        staging_unmarked = root / f".new-snap-{secrets.token_hex(8)}"
+        for staging in (staging_dead, staging_unmarked):
+            staging.mkdir()
+        (staging_dead / orphans.SNAPSHOT_OWNER).symlink_to(dead_run)
+        made = [half_written, fork_temporary, half_deleted, users, in_progress, live_fork, staging_dead, staging_unmarked]
         successor, _ = start_server(HOME, "crun")
         assert not half_written.exists() and not fork_temporary.exists() and not half_deleted.exists()
+        assert not staging_dead.exists()
         assert users.exists() and in_progress.exists() and live_fork.exists()
+        assert staging_unmarked.exists(), "a staging dir not yet marked may be its live server's, between mkdir and mark"
     finally:
         os.close(fd)
         _stop(successor)
