@@ -29,10 +29,12 @@ codegen.generate()
 from dsec.cluster.placement import Capacity, Demand, Placement  # noqa: E402
 from dsec.errors import (  # noqa: E402
     ERROR_METADATA_KEY,
+    EXPIRED_REASON_METADATA_KEY,
     RETRY_AFTER_METADATA_KEY,
     CapacityExceeded,
     DsecError,
     InvalidSpec,
+    SandboxExpired,
     SandboxNotFound,
     SandboxStateError,
     ServerUnavailable,
@@ -50,7 +52,7 @@ log = logging.getLogger("dsec.cluster.gateway")
 MAX_MESSAGE = 64 << 20
 DEFAULT_DEMAND = Demand(cpus=1.0, memory_mb=512)  # what a node fills in for zeros (models.Resources defaults)
 _PASSED_METADATA = ("authorization",)
-_RELAYED_TRAILERS = (ERROR_METADATA_KEY, RETRY_AFTER_METADATA_KEY)
+_RELAYED_TRAILERS = (ERROR_METADATA_KEY, RETRY_AFTER_METADATA_KEY, EXPIRED_REASON_METADATA_KEY)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -77,6 +79,8 @@ def _gateway_errors(method: F) -> F:
             trailers = [(ERROR_METADATA_KEY, type(exc).__name__)]
             if "retry_after_s" in exc.details:
                 trailers.append((RETRY_AFTER_METADATA_KEY, str(exc.details["retry_after_s"])))
+            if isinstance(exc, SandboxExpired):
+                trailers.append((EXPIRED_REASON_METADATA_KEY, exc.reason))
             _abort(context, exc.code, exc.message or type(exc).__name__, trailers)
         else:
             log.exception("gateway: internal error in %s", method.__name__)
@@ -226,7 +230,8 @@ class Gateway(pb_grpc.SandboxServiceServicer):
         typed = any(k == ERROR_METADATA_KEY for k, _ in trailers)
         if exc.code() == grpc.StatusCode.UNAVAILABLE and not typed and not self._probe(node):
             self.mark_lost(node.node_id, f"unreachable: {exc.details()}")
-            return SandboxStateError(f"node {node.node_id} ({node.address}) was lost; its sandboxes are gone — create a new one")
+            return SandboxExpired(f"node {node.node_id} ({node.address}) was lost; its sandboxes are gone — create a new one",
+                                  reason="lost")
         return _Relay(exc.code(), exc.details() or exc.code().name, trailers)
 
     def _route(self, sandbox_id: str, context: grpc.ServicerContext) -> tuple[Node, Route | None]:
@@ -238,9 +243,9 @@ class Gateway(pb_grpc.SandboxServiceServicer):
             node = self.nodes.get(route.node_id) if route else None
         if route is not None and node is not None:
             if not node.alive:
-                raise SandboxStateError(
+                raise SandboxExpired(
                     f"sandbox {sandbox_id} is lost: its node {node.node_id} ({node.address}) was lost; "
-                    "create a new sandbox (a trajectory resumes there from its log)"
+                    "create a new sandbox (a trajectory resumes there from its log)", reason="lost",
                 )
             return node, route
         for candidate in self._live_nodes():

@@ -184,5 +184,8 @@ HTTP_STATUS_FOR_GRPC: dict[grpc.StatusCode, int] = {
 
 
 def http_status_for(exc: grpc.RpcError) -> int:
-    """The HTTP status a REST client expects for a gRPC error (500 only for a genuine server fault)."""
+    """The HTTP status a REST client expects for a gRPC error (500 only for a genuine server fault). A sandbox that
+    ended (SandboxExpired: timeout, idle, destroyed, lost) is E2B's 404, as for a sandbox it never had."""
+    if error_name(exc) == "SandboxExpired":
+        return 404
     return HTTP_STATUS_FOR_GRPC.get(grpc_code(exc), 500)

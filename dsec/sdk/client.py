@@ -26,6 +26,7 @@ from dsec.v1 import sandbox_pb2_grpc as pb_grpc  # noqa: E402
 
 if TYPE_CHECKING:
     from dsec.sdk.images import Images
+    from dsec.sdk.pools import Pools
     from dsec.sdk.sandbox import Sandbox
 
 T = TypeVar("T")
@@ -84,6 +85,7 @@ class Client:
             self.channel = grpc.insecure_channel(address, options=options)
         self.sandboxes = pb_grpc.SandboxServiceStub(self.channel)
         self._images: Images | None = None
+        self._pools: Pools | None = None
 
     @property
     def images(self) -> Images:
@@ -93,6 +95,15 @@ class Client:
 
             self._images = Images(self)
         return self._images
+
+    @property
+    def pools(self) -> Pools:
+        """The server's warm pools: `client.pools.list()`, `client.pools.resize("busybox", size=8)`."""
+        if self._pools is None:
+            from dsec.sdk.pools import Pools
+
+            self._pools = Pools(self)
+        return self._pools
 
     @property
     def metadata(self) -> list[tuple[str, str]]:
@@ -143,10 +154,12 @@ class Client:
         driver: str = "",
         workdir: str = "",
         on_timeout: str = "destroy",
+        idle_timeout_s: float = 0.0,
         trust_results: bool = False,
     ) -> Sandbox:
         """Create a sandbox; validated locally first so a typo fails before any RPC. `on_timeout="pause"` pauses it
-        when `timeout_s` expires instead of destroying it (resume gives it a whole timeout again)."""
+        when `timeout_s` expires instead of destroying it (resume gives it a whole timeout again);
+        `idle_timeout_s` ends it (SandboxExpired reason "idle") after that long without a call."""
         from dsec.sdk.sandbox import Sandbox
 
         resources = {
@@ -165,6 +178,7 @@ class Client:
                 driver=driver,
                 workdir=workdir,
                 on_timeout=on_timeout,  # type: ignore[arg-type]
+                idle_timeout_s=idle_timeout_s,
             )
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
@@ -182,6 +196,7 @@ class Client:
                 driver=spec.driver,
                 workdir=spec.workdir,
                 on_timeout=spec.on_timeout,
+                idle_timeout_s=spec.idle_timeout_s,
             )
         )
         info = self.rpc(self.sandboxes.Create, request)

@@ -204,7 +204,15 @@ class Sandbox:
         self._client.destroy(self.id)
 
     def set_timeout(self, timeout_s: float) -> None:
+        """End the sandbox `timeout_s` from now (sooner or later than before)."""
         self.info = self._client.rpc(self._client.sandboxes.SetTimeout, pb.SetTimeoutRequest(sandbox_id=self.id, timeout_s=timeout_s))
+
+    def keep_alive(self, timeout_s: float) -> float:
+        """Extend: the sandbox lives at least `timeout_s` more (never less than it already would) and its idle
+        clock restarts. Returns the new end (unix seconds). A sandbox that already ended raises SandboxExpired."""
+        request = pb.SetTimeoutRequest(sandbox_id=self.id, timeout_s=timeout_s, extend=True)
+        self.info = self._client.rpc(self._client.sandboxes.SetTimeout, request)
+        return self.info.expires_at
 
     def pause(self) -> None:
         self.info = self._client.rpc(self._client.sandboxes.Pause, pb.SandboxRef(sandbox_id=self.id))

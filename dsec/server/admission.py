@@ -51,15 +51,7 @@ class CreateAdmission:
     def slot(self, tenant: str, live_total: Callable[[], int], live_of_tenant: Callable[[str], int]) -> Iterator[None]:
         """Hold one create slot (waiting in line if needed) or raise CapacityExceeded right away."""
         with self._cond:
-            if live_total() + self.pending >= self.max_sandboxes:
-                raise self._reject(
-                    "server_full", f"server at capacity ({self.max_sandboxes} sandboxes); retry later or destroy some"
-                )
-            if self.tenant_max and live_of_tenant(tenant) + self._pending_by_tenant[tenant] >= self.tenant_max:
-                raise self._reject(
-                    "tenant_quota", f"tenant {tenant!r} is at its quota of {self.tenant_max} sandboxes; destroy some",
-                    transient=False,
-                )
+            self._check_limits(tenant, live_total, live_of_tenant)
             if self._running >= self.max_concurrent and self._waiting >= self.queue_limit:
                 raise self._reject("queue_full", f"create queue full ({self.queue_limit} waiting); retry shortly")
             self._pending_by_tenant[tenant] += 1
@@ -77,6 +69,39 @@ class CreateAdmission:
                 if not self._pending_by_tenant[tenant]:
                     del self._pending_by_tenant[tenant]
                 self._cond.notify()
+
+    def _check_limits(self, tenant: str, live_total: Callable[[], int], live_of_tenant: Callable[[str], int]) -> None:
+        if live_total() + self.pending >= self.max_sandboxes:
+            raise self._reject(
+                "server_full", f"server at capacity ({self.max_sandboxes} sandboxes); retry later or destroy some"
+            )
+        if self.tenant_max and live_of_tenant(tenant) + self._pending_by_tenant[tenant] >= self.tenant_max:
+            raise self._reject(
+                "tenant_quota", f"tenant {tenant!r} is at its quota of {self.tenant_max} sandboxes; destroy some",
+                transient=False,
+            )
+
+    def admit_claim(self, tenant: str, live_total: Callable[[], int], live_of_tenant: Callable[[str], int],
+                    insert: Callable[[], None]) -> None:
+        """A create served from a warm pool takes no slot (nothing to build) but obeys the same capacity and
+        quota; `insert` makes it live under the same lock, so concurrent claims cannot overshoot a quota."""
+        with self._cond:
+            self._check_limits(tenant, live_total, live_of_tenant)
+            insert()
+
+    def try_background_slot(self, has_room: Callable[[], bool]) -> bool:
+        """A slot for background work (warm-pool refills), only if one is free now and no user create is waiting
+        for one: background work never delays a user's create."""
+        with self._cond:
+            if self._waiting or self._running >= self.max_concurrent or not has_room():
+                return False
+            self._running += 1
+            return True
+
+    def release_background_slot(self) -> None:
+        with self._cond:
+            self._running -= 1
+            self._cond.notify()
 
     def record_create_time(self, seconds: float) -> None:
         """Feed the retry-after estimate (exponential moving average)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from dsec.config import ServerConfig
+from dsec.config import PoolConfig, ServerConfig
 from dsec.errors import InvalidSpec
 from dsec.models import Resources, SandboxSpec
 from dsec.v1 import sandbox_pb2 as pb
@@ -70,3 +70,23 @@ def info_to_pb(sandbox) -> pb.SandboxInfo:  # sandbox: ManagedSandbox
         image_digest=sandbox.image.digest,
         start_command=sandbox.image.config.start_command,
     )
+
+
+def pool_config_from_pb(message: pb.ResizePoolRequest) -> PoolConfig:
+    shape, r = message.shape, message.shape.resources
+    try:
+        return PoolConfig(image=shape.image, substrate=shape.substrate or "container", driver=shape.driver,
+                          cpu=r.cpu, memory_mb=r.memory_mb, pids=r.pids, disk_mb=r.disk_mb, size=message.size)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidSpec(f"invalid pool: {problems}") from None
+
+
+def pool_to_pb(pool) -> pb.PoolInfo:  # pool: dsec.server.pools.Pool
+    spec = pool.spec
+    return pb.PoolInfo(
+        shape=pb.PoolShape(image=pool.config.image, substrate=spec.substrate, driver=pool.key.driver,
+                           resources=pb.Resources(**spec.resources.model_dump())),
+        size=pool.size, ready=len(pool.ready), filling=pool.filling, claims=pool.claims, misses=pool.misses,
+        last_error=pool.last_error, image_digest=pool.key.digest,
+    )  # fmt: skip

@@ -22,7 +22,7 @@ from dsec import codegen
 
 codegen.generate()
 
-from dsec.config import ServerConfig  # noqa: E402 - stubs must exist before anything imports them
+from dsec.config import ServerConfig, parse_pool  # noqa: E402 - stubs must exist before anything imports them
 from dsec.server.auth import Authenticator, AuthInterceptor, load_tokens, server_credentials  # noqa: E402
 from dsec.server.drivers import DriverRegistry  # noqa: E402
 from dsec.server.filesystem_service import add_filesystem_service  # noqa: E402
@@ -113,6 +113,7 @@ def serve(config: ServerConfig) -> RunningServer:
     images = _open_image_store(config)
     manager = SandboxManager(config, state, images, DriverRegistry(config))
     manager.reap_dead_servers()
+    manager.start_pools()
     steps, trajectory_log = _open_step_coordinator(config)
     auth = Authenticator(load_tokens(config.tokens_file, config.tokens))
     server = grpc.server(
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
     parser.add_argument("--max-sandboxes", type=int, default=None)
     parser.add_argument("--tenant-max-sandboxes", type=int, default=None)
+    parser.add_argument("--pool", action="append", default=[], type=parse_pool, metavar="image=IMG,size=N[,substrate=,driver=,memory_mb=…]",
+                        help="keep N ready sandboxes of this shape (warm pool; docs/lifecycle.md); repeatable")
     args = parser.parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     overrides: dict = {"listen": args.listen, "parent_pid": args.parent_pid, "metrics_listen": args.metrics_listen,
@@ -220,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["home"] = args.home
     if args.container_driver:
         overrides["container_driver"] = args.container_driver
+    if args.pool:
+        overrides["pools"] = args.pool
     config = ServerConfig(**overrides)
     try:
         running = serve(config)

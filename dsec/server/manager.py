@@ -7,7 +7,8 @@ import secrets
 import shutil
 import threading
 import time
-from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +25,10 @@ from dsec.models import SandboxSpec
 from dsec.server import orphans
 from dsec.server.admission import CreateAdmission
 from dsec.server.auth import DEFAULT_TENANT
+from dsec.server.lifetimes import DestroyIntents, Tombstones, crash_point, expired_error
 from dsec.server.drivers import DriverRegistry
 from dsec.server.metrics import CREATE_FAILURES, CREATE_SECONDS, IMAGE_RESOLVES
+from dsec.server.pools import WarmPools, rewrite_record
 from dsec.server.processes import ProcessTable
 from dsec.server.sandbox_events import SandboxEvents
 from dsec.server.sessions import OnTimeout, ShellSession
@@ -35,7 +38,6 @@ from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
 
 log = logging.getLogger("dsec.server.manager")
 
-_TOMBSTONES = 4096
 # How long shutdown waits for creates already under way (a VM boot included) before destroying what exists
 _LAUNCH_DRAIN_S = 120.0
 _SHUTTING_DOWN = "the server is shutting down; create the sandbox on a running server"
@@ -61,9 +63,32 @@ class ManagedSandbox:
     events: SandboxEvents = field(default_factory=SandboxEvents)  # what happened to it (the Logs RPC)
     last_usage: tuple[float, float] | None = None  # (time, cpu seconds) of the previous Metrics sample
     parked: bool = False  # on_timeout=pause: its timeout expired and it now waits paused for paused_ttl_s
+    last_active: float = field(default_factory=time.time)  # when the last call started or ended (idle timeout)
+    busy: int = 0  # calls in flight (exec, session command, function call): never idle while one runs
 
     def __post_init__(self) -> None:
         self.processes = ProcessTable(self.sandbox_id)
+
+    def touch(self) -> None:
+        self.last_active = time.time()
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Mark a call in flight, so a long exec does not count as idleness."""
+        with self.lock:
+            self.busy += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.busy -= 1
+            self.touch()
+
+    def idle_for(self, now: float) -> float:
+        """Seconds without any call started, in flight, or a live process-service process; 0 while busy."""
+        if self.busy or self.processes.running():
+            return 0.0
+        return max(0.0, now - self.last_active)
 
     def require_running(self) -> None:
         if self.state == "paused":
@@ -89,7 +114,8 @@ class SandboxManager:
         self.images = images
         self.drivers = drivers
         self._sandboxes: dict[str, ManagedSandbox] = {}
-        self._gone: OrderedDict[str, str] = OrderedDict()
+        self.tombstones = Tombstones(config.max_tombstones, config.tombstone_ttl_s)
+        self.intents = DestroyIntents(config.home / "destroy-intents")
         self._lock = threading.Lock()
         # Creates under way, so shutdown can wait for them: a create that finishes after shutdown listed the
         # sandboxes would otherwise leave a live sandbox (agent, cgroup, overlay mount) behind an exited server
@@ -103,6 +129,11 @@ class SandboxManager:
         self.snapshots = SnapshotStore(config.home / "snapshots", owner=state.run_dir)
         self._reaper = threading.Thread(target=self._reap_expired, daemon=True, name="dsec-ttl-reaper")
         self._reaper.start()
+        self.pools = WarmPools(self)
+
+    def start_pools(self) -> None:
+        """Begin filling the configured warm pools (after the start-up reap, so they never race it)."""
+        self.pools.start()
 
     # -- crash recovery --------------------------------------------------------------------------------
     def reap_dead_servers(self) -> list[str]:
@@ -116,6 +147,9 @@ class SandboxManager:
             if self.images is not None and hasattr(self.images, "release"):
                 self.images.release(sandbox_dir.name)
 
+        for intent in self.intents.finish_dead(cleanup):  # first: these ids must answer with their reason
+            self.tombstones.add(intent["sandbox_id"], intent.get("reason", "destroyed"), intent.get("detail", ""),
+                                intent.get("tenant", DEFAULT_TENANT), intent.get("at"))
         cleaned = reap_dead_servers(self.config.run_root, cleanup)
         try:
             orphans.sweep()
@@ -131,18 +165,18 @@ class SandboxManager:
         """The sandbox, if `tenant` (None = the server itself) may see it; others' sandboxes are not found."""
         with self._lock:
             sandbox = self._sandboxes.get(sandbox_id)
-            reason = self._gone.get(sandbox_id)
-        if sandbox is not None and tenant is not None and sandbox.tenant != tenant:
-            sandbox, reason = None, None
-        if sandbox is not None:
+        if sandbox is not None and (tenant is None or sandbox.tenant == tenant):
             return sandbox
-        if reason:
-            raise SandboxStateError(f"sandbox {sandbox_id} was {reason}; create a new one")
+        stone = self.tombstones.get(sandbox_id, tenant)
+        if stone is not None:
+            raise expired_error(sandbox_id, stone)
         raise SandboxNotFound(f"no sandbox {sandbox_id!r} on this server (list them with `dsec ls`)")
 
     def running(self, sandbox_id: str, tenant: str | None = None) -> ManagedSandbox:
+        """The sandbox, running; every call on a sandbox starts here, so this is where activity is noted."""
         sandbox = self.get(sandbox_id, tenant)
         sandbox.require_running()
+        sandbox.touch()
         return sandbox
 
     def all(self) -> list[ManagedSandbox]:
@@ -180,7 +214,50 @@ class SandboxManager:
         return image
 
     def create(self, spec: SandboxSpec, tenant: str = DEFAULT_TENANT) -> ManagedSandbox:
+        claimed = self.pools.claim(spec, tenant)
+        if claimed is not None:
+            return claimed
         return self._launch(spec, snapshot=None, tenant=tenant)
+
+    # -- warm pools (pools.py) ------------------------------------------------------------------------------
+    def pool_headroom(self) -> bool:
+        """Room for one more pooled sandbox: live + pooled + creates under way stay under max_sandboxes."""
+        return self._live_total() + self.pools.pooled_count + self.admission.pending < self.config.max_sandboxes
+
+    def launch_pooled(self, spec: SandboxSpec) -> ManagedSandbox:
+        """Create a sandbox for a warm pool (the caller holds a background admission slot); it is not live (not
+        listed, not gettable) until `adopt_claimed`."""
+        with self._lock:
+            if self._closing:
+                raise ServerUnavailable(_SHUTTING_DOWN)
+            self._launches += 1
+        try:
+            return self._launch_tracked(spec, None, DEFAULT_TENANT, self.drivers.name_for(spec), register=False)
+        finally:
+            with self._lock:
+                self._launches -= 1
+                self._launches_done.notify_all()
+
+    def adopt_claimed(self, sandbox: ManagedSandbox, spec: SandboxSpec, tenant: str, started: float) -> None:
+        """Give a pooled sandbox its claimer's identity and make it live, under the same capacity and quota as a
+        create. Its processes get `spec.env` through every exec's environment (default_env)."""
+
+        def insert() -> None:
+            with self._lock:
+                if self._closing:
+                    raise ServerUnavailable(_SHUTTING_DOWN)
+                now = time.time()
+                filled_ms = sandbox.timings_ms.get("total", 0.0)
+                sandbox.spec, sandbox.tenant = spec, tenant
+                sandbox.created_at, sandbox.expires_at, sandbox.last_active = now, now + spec.timeout_s, now
+                claim_ms = (time.monotonic() - started) * 1000
+                sandbox.timings_ms = {"pool_claim": claim_ms, "pool_fill": filled_ms, "total": claim_ms}
+                self._sandboxes[sandbox.sandbox_id] = sandbox
+
+        self.admission.admit_claim(tenant, self._live_total, self._live_of_tenant, insert)
+        rewrite_record(sandbox)
+        sandbox.events.add("sandbox claimed from a warm pool", image=spec.image, substrate=spec.substrate,
+                           driver=sandbox.driver_name, claim_ms=round(sandbox.timings_ms["pool_claim"], 3))
 
     def _launch(self, spec: SandboxSpec, snapshot: Path | None, tenant: str) -> ManagedSandbox:
         driver_name = self.drivers.name_for(spec)
@@ -206,7 +283,7 @@ class SandboxManager:
             with self._lock:
                 closing = self._closing
             if closing:  # destroyed before the count drops: shutdown returns only once it is gone
-                self.destroy(sandbox.sandbox_id, reason="destroyed at server shutdown")
+                self.destroy(sandbox.sandbox_id, detail="destroyed at server shutdown")
                 raise ServerUnavailable(_SHUTTING_DOWN)
             return sandbox
         finally:
@@ -214,7 +291,9 @@ class SandboxManager:
                 self._launches -= 1
                 self._launches_done.notify_all()
 
-    def _launch_tracked(self, spec: SandboxSpec, snapshot: Path | None, tenant: str, driver_name: str) -> ManagedSandbox:
+    def _launch_tracked(
+        self, spec: SandboxSpec, snapshot: Path | None, tenant: str, driver_name: str, register: bool = True
+    ) -> ManagedSandbox:
         started = time.monotonic()
         image = self._resolve_image(spec.image)
         resolved = time.monotonic()
@@ -256,8 +335,9 @@ class SandboxManager:
         sandbox.events.add("sandbox restored from a snapshot" if snapshot is not None else "sandbox created",
                            image=spec.image, substrate=spec.substrate, driver=driver_name,
                            create_ms=round(sandbox.timings_ms["total"]))
-        with self._lock:
-            self._sandboxes[sandbox_id] = sandbox
+        if register:
+            with self._lock:
+                self._sandboxes[sandbox_id] = sandbox
         return sandbox
 
     def _discard_state(self, driver: SandboxDriver, driver_name: str, state_dir: Path, sandbox_id: str) -> None:
@@ -270,20 +350,29 @@ class SandboxManager:
         if hasattr(self.images, "release"):
             self.images.release(sandbox_id)
 
-    def destroy(self, sandbox_id: str, reason: str = "destroyed", tenant: str | None = None) -> None:
+    def destroy(self, sandbox_id: str, reason: str = "destroyed", tenant: str | None = None,
+                detail: str = "destroyed by its owner") -> None:
+        """End a sandbox; its id then answers SandboxExpired(reason) for `tombstone_ttl_s`. Destroying twice is
+        fine. `reason` is one of SandboxExpired.REASONS (timeout | idle | destroyed | lost)."""
         with self._lock:
-            live = self._sandboxes.get(sandbox_id)
-        if live is not None and tenant is not None and live.tenant != tenant:
+            sandbox = self._sandboxes.get(sandbox_id)
+            if sandbox is not None and (tenant is None or sandbox.tenant == tenant):
+                del self._sandboxes[sandbox_id]
+            else:
+                sandbox = None
+        if sandbox is None:
+            if self.tombstones.get(sandbox_id, tenant) is not None:
+                return
             raise SandboxNotFound(f"no sandbox {sandbox_id!r} on this server")
-        with self._lock:
-            sandbox = self._sandboxes.pop(sandbox_id, None)
-            if sandbox is None:
-                if sandbox_id in self._gone:
-                    return  # destroying twice is fine
-                raise SandboxNotFound(f"no sandbox {sandbox_id!r} on this server")
-            self._gone[sandbox_id] = reason
-            while len(self._gone) > _TOMBSTONES:
-                self._gone.popitem(last=False)
+        self.tombstones.add(sandbox_id, reason, detail, sandbox.tenant)
+        self.teardown(sandbox, reason, detail)
+
+    def teardown(self, sandbox: ManagedSandbox, reason: str, detail: str) -> None:
+        """Tear down a sandbox no table holds any more, behind a durable destroy intent (lifetimes.py)."""
+        sandbox_id = sandbox.sandbox_id
+        self.intents.record(sandbox_id, driver=sandbox.driver_name, state_dir=sandbox.state_dir,
+                            run_dir=self.state.run_dir, reason=reason, detail=detail, tenant=sandbox.tenant)
+        crash_point("destroy-after-intent")
         with sandbox.lock:
             sandbox.state = "destroyed"
             sandbox.processes.close()
@@ -292,39 +381,51 @@ class SandboxManager:
             try:
                 sandbox.driver.destroy(sandbox.handle)
             except BaseException:
-                # keep the state dir: its records let the next server start finish this cleanup
-                log.exception("destroy of %s failed; its state stays for crash cleanup", sandbox_id)
+                # keep the state dir and the intent: the next server start finishes this destroy
+                log.exception("destroy of %s failed; its intent and state stay for the next start", sandbox_id)
                 raise
             shutil.rmtree(sandbox.state_dir, ignore_errors=True)
             orphans.unregister(sandbox_id)
             if hasattr(self.images, "release"):
                 self.images.release(sandbox_id)
+        self.intents.done(sandbox_id)
+        sandbox.events.add("sandbox ended", reason=reason, detail=detail)
 
-    def set_timeout(self, sandbox_id: str, timeout_s: float, tenant: str | None = None) -> ManagedSandbox:
+    def set_timeout(self, sandbox_id: str, timeout_s: float, tenant: str | None = None, extend: bool = False) -> ManagedSandbox:
+        """End the sandbox `timeout_s` from now; with `extend` (keep-alive) never earlier than it already would.
+        Either way it is activity, so the idle clock restarts."""
         if not (0 < timeout_s <= 7 * 24 * 3600):
             raise InvalidSpec(f"timeout_s must be in (0, 604800], got {timeout_s}")
         sandbox = self.get(sandbox_id, tenant)
-        sandbox.expires_at = time.time() + timeout_s
-        sandbox.events.add("timeout set", timeout_s=timeout_s)
+        wanted = time.time() + timeout_s
+        with sandbox.lock:
+            sandbox.expires_at = max(sandbox.expires_at, wanted) if extend else wanted
+        sandbox.touch()
+        sandbox.events.add("kept alive" if extend else "timeout set", timeout_s=timeout_s)
         return sandbox
 
     def _reap_expired(self) -> None:
+        """TTLs are enforced here, by the node that runs the sandbox: a cluster gateway only relays."""
         while not self._stop.wait(0.5):
             now = time.time()
             with self._lock:
-                expired = [s.sandbox_id for s in self._sandboxes.values() if s.expires_at <= now]
-                parking = [s for s in self._sandboxes.values()
-                           if s.sandbox_id in expired and s.spec.on_timeout == "pause" and not s.parked]
+                live = list(self._sandboxes.values())
+            expired = [s.sandbox_id for s in live if s.expires_at <= now]
+            parking = [s for s in live if s.sandbox_id in expired and s.spec.on_timeout == "pause" and not s.parked]
             for sandbox in parking:
                 if self._park(sandbox, now):
                     expired.remove(sandbox.sandbox_id)
-            for sandbox_id in expired:
+            idle = [s for s in live if s.sandbox_id not in expired and s.state == "running"
+                    and s.spec.idle_timeout_s and s.idle_for(now) >= s.spec.idle_timeout_s]
+            ending = [(sid, "timeout", "its timeout expired") for sid in expired]
+            ending += [(s.sandbox_id, "idle", f"no call for {s.spec.idle_timeout_s:g}s") for s in idle]
+            for sandbox_id, reason, detail in ending:
                 try:
-                    self.destroy(sandbox_id, reason="destroyed after its timeout expired")
+                    self.destroy(sandbox_id, reason=reason, detail=detail)
                 except DsecError:
                     pass
                 except Exception:  # noqa: BLE001 - keep reaping the others
-                    log.exception("TTL destroy of %s failed", sandbox_id)
+                    log.exception("%s destroy of %s failed", reason, sandbox_id)
 
     def _park(self, sandbox: ManagedSandbox, now: float) -> bool:
         """on_timeout=pause: pause the sandbox (if it runs) and keep it for paused_ttl_s; False if that failed."""
@@ -346,6 +447,7 @@ class SandboxManager:
     def shutdown(self) -> None:
         """Refuse new creates, let the ones under way finish (bounded), then destroy every sandbox."""
         self._stop.set()
+        self.pools.stop()
         with self._lock:
             self._closing = True
             if not self._launches_done.wait_for(lambda: self._launches == 0, timeout=_LAUNCH_DRAIN_S):
@@ -354,7 +456,7 @@ class SandboxManager:
             ids = list(self._sandboxes)
         for sandbox_id in ids:
             try:
-                self.destroy(sandbox_id, reason="destroyed at server shutdown")
+                self.destroy(sandbox_id, detail="destroyed at server shutdown")
             except Exception:  # noqa: BLE001 - destroy the rest regardless
                 log.exception("shutdown destroy of %s failed", sandbox_id)
 

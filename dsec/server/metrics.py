@@ -20,6 +20,7 @@ IMAGE_RESOLVES = Counter("dsec_image_resolves_total", "Image resolutions by outc
 ADMISSION_REJECTS = Counter("dsec_admission_rejects_total", "Creates rejected by admission control", ["reason"], registry=REGISTRY)
 PORT_CONNECTIONS = Counter("dsec_port_connections_total", "PortService connections by outcome", ["outcome"], registry=REGISTRY)
 PORT_BYTES = Counter("dsec_port_bytes_total", "Bytes relayed by PortService (in = into the sandbox)", ["direction"], registry=REGISTRY)
+POOL_CLAIMS = Counter("dsec_pool_claims_total", "Creates of a warm pool's shape: served from it (hit) or found it empty (miss)", ["outcome"], registry=REGISTRY)
 HTTP_REQUESTS = Counter("dsec_http_requests_total", "HTTP front door requests by API and status class", ["api", "status"], registry=REGISTRY)
 HTTP_SECONDS = Histogram("dsec_http_request_seconds", "HTTP front door request latency (to the end of the response)", ["api"], buckets=_BUCKETS, registry=REGISTRY)
 

@@ -15,7 +15,7 @@ import grpc
 from dsec.config import ServerConfig
 from dsec.errors import InvalidSpec, Unsupported
 from dsec.server.auth import DEFAULT_TENANT, Authenticator
-from dsec.server.convert import info_to_pb, spec_from_pb
+from dsec.server.convert import info_to_pb, pool_config_from_pb, pool_to_pb, spec_from_pb
 from dsec.server.errors import rpc_errors
 from dsec.server.execution import run_process
 from dsec.server.manager import ManagedSandbox, SandboxManager
@@ -140,7 +140,17 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
 
     @rpc_errors
     def SetTimeout(self, request: pb.SetTimeoutRequest, context: grpc.ServicerContext) -> pb.SandboxInfo:
-        return info_to_pb(self.manager.set_timeout(request.sandbox_id, request.timeout_s, self._tenant(context)))
+        return info_to_pb(self.manager.set_timeout(request.sandbox_id, request.timeout_s, self._tenant(context),
+                                                   extend=request.extend))
+
+    @rpc_errors
+    def ListPools(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.ListPoolsResponse:
+        self._tenant(context)
+        return pb.ListPoolsResponse(pools=[pool_to_pb(p) for p in self.manager.pools.list()])
+
+    @rpc_errors
+    def ResizePool(self, request: pb.ResizePoolRequest, context: grpc.ServicerContext) -> pb.PoolInfo:
+        return pool_to_pb(self.manager.pools.resize(pool_config_from_pb(request), self._tenant(context)))
 
     # -- step log glue ----------------------------------------------------------------------------------
     def _logged(
@@ -232,8 +242,9 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
             )
 
         described = request.command or " ".join(request.argv)
-        yield from _observed(sandbox.spec.substrate,
-                             _evented(sandbox, "exec", described, self._stream_logged(sandbox, "exec", request, produce)))
+        with sandbox.active():
+            yield from _observed(sandbox.spec.substrate,
+                                 _evented(sandbox, "exec", described, self._stream_logged(sandbox, "exec", request, produce)))
 
     # -- sessions -------------------------------------------------------------------------------------------
     @rpc_errors
@@ -254,7 +265,9 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
         def produce() -> Iterator[pb.ExecEvent]:
             return session.run(request.command, request.timeout_s, max_output)
 
-        yield from _evented(sandbox, "session command", request.command, self._stream_logged(sandbox, "session", request, produce))
+        with sandbox.active():
+            yield from _evented(sandbox, "session command", request.command,
+                                self._stream_logged(sandbox, "session", request, produce))
 
     @rpc_errors
     def CloseSession(self, request: pb.SessionRef, context: grpc.ServicerContext) -> pb.Empty:
@@ -368,7 +381,8 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
                 stderr=base64.b64decode(reply.get("stderr", "")),
             ).SerializeToString()
 
-        record, replayed = self._logged(sandbox, "call", request, execute)
+        with sandbox.active():
+            record, replayed = self._logged(sandbox, "call", request, execute)
         response = pb.CallResponse.FromString(record)
         response.replayed = replayed
         return response

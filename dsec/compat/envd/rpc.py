@@ -92,7 +92,7 @@ def to_connect_error(exc: grpc.RpcError) -> ConnectError:
     """The Connect error an envd client expects for a dsec gRPC error (codes map one to one)."""
     code = _CODES.get(grpc_code(exc), Code.UNKNOWN)
     name = error_name(exc)
-    if name == "SandboxNotFound" or (name == "SandboxStateError" and "destroyed" in grpc_message(exc)):
+    if name in ("SandboxNotFound", "SandboxExpired") or (name == "SandboxStateError" and "destroyed" in grpc_message(exc)):
         code = Code.NOT_FOUND
     return ConnectError(code, grpc_message(exc) or code.value)
 

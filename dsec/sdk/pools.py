@@ -1,0 +1,62 @@
+"""`client.pools`: the server's warm pools (docs/lifecycle.md) — list them, create/resize/remove one.
+
+A pool keeps `size` ready sandboxes of one shape (image, substrate, driver, resources); a `client.create` with
+that shape (and no network options or workdir) is served from it at once. Resizing needs the operator's rights
+(an open server, or the default tenant's token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from dsec.v1 import sandbox_pb2 as pb
+
+if TYPE_CHECKING:
+    from dsec.sdk.client import Client
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    image: str
+    substrate: str
+    driver: str
+    cpu: float
+    memory_mb: int
+    pids: int
+    disk_mb: int
+    size: int  # ready sandboxes the server keeps
+    ready: int  # ready now
+    filling: int  # being created now
+    claims: int  # creates served from the pool
+    misses: int  # creates of this shape that found it empty
+    last_error: str  # why the last refill failed ("" if it did not)
+    image_digest: str
+
+    @classmethod
+    def from_pb(cls, info: pb.PoolInfo) -> PoolStatus:
+        shape, r = info.shape, info.shape.resources
+        return cls(shape.image, shape.substrate, shape.driver, r.cpu, r.memory_mb, r.pids, r.disk_mb, info.size,
+                   info.ready, info.filling, info.claims, info.misses, info.last_error, info.image_digest)
+
+
+class Pools:
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def list(self) -> list[PoolStatus]:
+        reply = self.client.rpc(self.client.sandboxes.ListPools, pb.Empty())
+        return [PoolStatus.from_pb(info) for info in reply.pools]
+
+    def resize(
+        self, image: str, size: int, *, substrate: str = "container", driver: str = "", cpu: float = 0.0,
+        memory_mb: int = 0, pids: int = 0, disk_mb: int = 0,
+    ) -> PoolStatus:
+        """Create the pool of this shape, or resize it; size 0 removes it (its ready sandboxes are destroyed).
+        Resources left at 0 are the server's defaults, as in `client.create`."""
+        shape = pb.PoolShape(image=image, substrate=substrate, driver=driver,
+                             resources=pb.Resources(cpu=cpu, memory_mb=memory_mb, pids=pids, disk_mb=disk_mb))
+        return PoolStatus.from_pb(self.client.rpc(self.client.sandboxes.ResizePool, pb.ResizePoolRequest(shape=shape, size=size)))
+
+    def get(self, image: str, substrate: str = "container") -> PoolStatus | None:
+        return next((p for p in self.list() if p.image == image and p.substrate == substrate), None)
