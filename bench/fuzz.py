@@ -16,8 +16,8 @@
              written to the agent of a live crun sandbox over its unix socket, one connection per case; a crash
              is an agent that stops answering PING, a hang a connection that neither answers nor closes.
 
-Run: `.venv/bin/python bench/fuzz.py [--seconds 600] [--targets importers,agent-client,api,agent]`; the time is split evenly
-among the targets. The last line is `crashes=N hangs=N cases=N` (and per-target counts before it).
+Run: `.venv/bin/python bench/fuzz.py [--seconds 600] [--targets importers,agent-client,api,agent]`; the time is
+split evenly among the targets. The last line is `crashes=N hangs=N cases=N` (and per-target counts before it).
 """
 
 from __future__ import annotations
@@ -100,7 +100,9 @@ def seed_images() -> dict[str, list[bytes]]:
         "rootfs": {"type": "layers", "diff_ids": [_sha(layer) for layer in layers]},
     }).encode()  # fmt: skip
     docker = _tar([
-        ("manifest.json", json.dumps([{"Config": "config.json", "RepoTags": ["fuzz:1"], "Layers": ["0/layer.tar", "1/layer.tar"]}]).encode()),
+        ("manifest.json", json.dumps([
+            {"Config": "config.json", "RepoTags": ["fuzz:1"], "Layers": ["0/layer.tar", "1/layer.tar"]},
+        ]).encode()),
         ("config.json", config), ("0/layer.tar", layers[0]), ("1/layer.tar", layers[1]),
     ])  # fmt: skip
     blobs = {_sha(config): config}
@@ -112,7 +114,9 @@ def seed_images() -> dict[str, list[bytes]]:
         layer_descs.append({"mediaType": media, "digest": _sha(blob), "size": len(blob)})
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": _sha(config), "size": len(config)},
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json", "digest": _sha(config), "size": len(config),
+        },
         "layers": layer_descs,
     }).encode()  # fmt: skip
     blobs[_sha(manifest)] = manifest
@@ -272,7 +276,8 @@ def fuzz_in_process(kind: str, seconds: float, case_timeout: int, workdir: Path)
         tally.cases += int(done.group(1)) if done else int(progress[-1]) if progress else 0
         if child.returncode == 0 and done:
             continue  # ran its time out
-        finding = next((line for line in log.splitlines() if "ERROR: libFuzzer" in line or "Uncaught Python exception" in line), "")
+        markers = ("ERROR: libFuzzer", "Uncaught Python exception")
+        finding = next((line for line in log.splitlines() if any(m in line for m in markers)), "")
         artifact = next(iter(re.findall(r"Test unit written to (\S+)", log)), "")
         if "timeout" in finding:
             tally.hangs += 1
@@ -298,7 +303,8 @@ def fuzz_api(seconds: float, case_timeout: float) -> Tally:
              "SetTimeout": pb.SetTimeoutRequest, "StartSession": pb.StartSessionRequest, "CloseSession": pb.SessionRef,
              "ListDir": pb.FileRequest, "Call": pb.CallRequest, "Pause": pb.SandboxRef, "Resume": pb.SandboxRef,
              "Snapshot": pb.SnapshotRequest, "Restore": pb.RestoreRequest, "Fork": pb.ForkRequest}  # fmt: skip
-    streams = {"Exec": pb.ExecRequest, "RunInSession": pb.RunInSessionRequest, "ReadFile": pb.FileRequest, "Download": pb.FileRequest}
+    streams = {"Exec": pb.ExecRequest, "RunInSession": pb.RunInSessionRequest, "ReadFile": pb.FileRequest,
+               "Download": pb.FileRequest}
     uploads = {"WriteFile": pb.WriteFileRequest, "Upload": pb.UploadRequest}
     tally = Tally()
     server = EmbeddedServer.start(Path(os.environ["DSEC_HOME"]))
@@ -319,7 +325,10 @@ def fuzz_api(seconds: float, case_timeout: float) -> Tally:
             tally.findings.append(f"api {method}: {exc.code().name} {name or 'untyped'}: {(exc.details() or '')[:300]}")
 
     def cleanup(response) -> None:
-        infos = list(response.sandboxes) if isinstance(response, pb.ForkResponse) else [response] if isinstance(response, pb.SandboxInfo) else []
+        if isinstance(response, pb.ForkResponse):
+            infos = list(response.sandboxes)
+        else:
+            infos = [response] if isinstance(response, pb.SandboxInfo) else []
         for info in infos:
             if info.id and info.id not in keep:
                 try:
@@ -351,7 +360,8 @@ def fuzz_api(seconds: float, case_timeout: float) -> Tally:
         except grpc.RpcError as exc:
             if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
                 judge("Get", exc)
-        fresh = stub.Create(pb.CreateRequest(spec=pb.SandboxSpec(image="busybox", substrate="container")), timeout=300).id
+        spec = pb.SandboxSpec(image="busybox", substrate="container")
+        fresh = stub.Create(pb.CreateRequest(spec=spec), timeout=300).id
         keep.add(fresh)
         return fresh
 
@@ -465,7 +475,9 @@ def fuzz_agent(seconds: float, case_timeout: float) -> Tally:
                          "-1", "65536", "99999999999", "9", "PATH=/bin", "", "0644", "/tmp/f", "echo x"]),
         st.text(max_size=40).map(lambda s: s.replace("\0", "")),
     )  # fmt: skip
-    fields = st.lists(st.one_of(keys, values), max_size=12).map(lambda items: b"".join(i.encode() + b"\0" for i in items))
+    fields = st.lists(st.one_of(keys, values), max_size=12).map(
+        lambda items: b"".join(i.encode() + b"\0" for i in items)
+    )
     payloads = st.one_of(fields, st.binary(max_size=300))
     frames = st.builds(
         lambda t, rid, payload, lie: _frame(t, rid, payload, None if lie is None else lie),
@@ -492,7 +504,9 @@ def fuzz_agent(seconds: float, case_timeout: float) -> Tally:
                     pass
             except (TimeoutError, socket.timeout):
                 tally.hangs += 1
-                tally.findings.append(f"agent: connection neither answered nor closed in {case_timeout:.0f}s: {data[:200]!r}")
+                tally.findings.append(
+                    f"agent: connection neither answered nor closed in {case_timeout:.0f}s: {data[:200]!r}"
+                )
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the agent closed first (an oversized frame ends the stream)
         if not _ping(path, case_timeout):

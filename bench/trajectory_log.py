@@ -84,9 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"crash suite: kill -9 of the {KILLED_PROCESS}", flush=True)
         report = run_crash_suite(root / "crash", kills=args.kills, seed=1)
         print(
-            f"crash suite: {report.kills} kills of the log owner, {report.restarts} starts, {report.acked} acknowledged, "
+            f"crash suite: {report.kills} kills of the log owner, {report.restarts} starts, "
+            f"{report.acked} acknowledged, "
             f"{report.executions} effect executions, {report.indeterminate} indeterminate steps reported "
-            f"({report.resolved_from_effect} resolved from their effect, the rest re-run: their effect never happened), "
+            f"({report.resolved_from_effect} resolved from their effect, "
+            "the rest re-run: their effect never happened), "
             f"{report.torn_tails_injected} torn tails injected ({report.torn_bytes_truncated} bytes truncated), "
             f"{time.perf_counter() - started:.0f} s",
             flush=True,

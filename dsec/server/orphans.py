@@ -258,7 +258,8 @@ def _command(argv: list[str], missing_ok: bool = True) -> None:
     except subprocess.TimeoutExpired as exc:
         raise RuntimeFailure(f"orphan sweep: `{' '.join(argv)}` hung for {COMMAND_TIMEOUT_S:.0f}s") from exc
     err = proc.stderr.strip()
-    if proc.returncode != 0 and not (missing_ok and any(s in err for s in ("No such file", "Cannot find device", "does not exist"))):
+    missing = any(s in err for s in ("No such file", "Cannot find device", "does not exist"))
+    if proc.returncode != 0 and not (missing_ok and missing):
         raise RuntimeFailure(f"orphan sweep: `{' '.join(argv)}` failed: {err[-800:]}")
 
 
@@ -285,7 +286,8 @@ def _mounts_of(device: str) -> list[str]:
 
 def _backing(device: str) -> str | None:
     try:
-        return Path(f"/sys/block/{device.removeprefix('/dev/')}/loop/backing_file").read_text().strip().removesuffix(" (deleted)")
+        text = Path(f"/sys/block/{device.removeprefix('/dev/')}/loop/backing_file").read_text()
+        return text.strip().removesuffix(" (deleted)")
     except OSError:
         return None
 

@@ -285,7 +285,9 @@ def _audit(log_dir: Path, effects: Path, acks: dict[tuple[str, int], int], repor
                 if record.state is StepState.DONE:
                     done.add(key)
                     if ran != 1:
-                        report.problems.append(f"{record.stored_in} step {record.step} is logged done but ran {ran} times")
+                        report.problems.append(
+                            f"{record.stored_in} step {record.step} is logged done but ran {ran} times"
+                        )
     for rollout, step in sorted(set(counts) - done):
         report.problems.append(f"{rollout} step {step} ran but no trajectory of it logged a result")
 

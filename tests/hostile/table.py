@@ -71,7 +71,8 @@ def render(rows: list[Row], defined: list[tuple[str, str]] | None = None) -> lis
         return []
     counts = tally(rows, defined or [])
     missing_note = "(no row: the test never reported)"
-    cells = [(r.case, r.attempt, r.outcome) for r in rows] + [(case, test, missing_note) for case, test in counts.missing]
+    cells = [(r.case, r.attempt, r.outcome) for r in rows]
+    cells += [(case, test, missing_note) for case, test in counts.missing]
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(("case", "attempt", "outcome"))]
     lines = [f"{'case':<{widths[0]}}  {'attempt':<{widths[1]}}  {'outcome':<{widths[2]}}  result"]
     results = ["n/a" if not r.applies else "contained" if r.contained else "ESCAPED" for r in rows]
