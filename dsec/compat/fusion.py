@@ -135,7 +135,7 @@ class FusionRoutes:
                 recipe = recipe_for(call.language)
             except FusionInputError as exc:
                 return _sandbox_error(str(exc))
-            outcome = await self._run(_api_key(request), call, recipe)
+            outcome = await self._run(request, call, recipe)
         except _HttpError as exc:
             return JSONResponse({"detail": exc.detail}, exc.status)
         if isinstance(outcome, Response):
@@ -153,20 +153,23 @@ class FusionRoutes:
         try:
             jupyter = _validated(fusion_jupyter.RunJupyterRequest, await _body(request))
             call = _validated(RunCodeRequest, jupyter.run_code_fields())
-            outcome = await self._run(_api_key(request), call, fusion_jupyter.RECIPE)
+            outcome = await self._run(request, call, fusion_jupyter.RECIPE)
         except _HttpError as exc:
             return JSONResponse({"detail": exc.detail}, exc.status)
         if isinstance(outcome, Response):
             return outcome
         return JSONResponse(fusion_jupyter.response(outcome))
 
-    async def _run(self, api_key: str | None, call: RunCodeRequest, recipe: LanguageRecipe) -> Outcome | Response:
-        """Create, exec the runner, destroy: the outcome, or the error response to send instead."""
+    async def _run(self, request: Request, call: RunCodeRequest, recipe: LanguageRecipe) -> Outcome | Response:
+        """Create, exec the runner, destroy: the outcome, or the error response to send instead.
+
+        A caller that hangs up (a client-side timeout) ends the call and its sandbox at once, unless the call
+        is a trajectory step: that one runs to the end, so its result is logged and the caller's retry replays it."""
         try:
             stdin, argv = payload(call, recipe), runner_argv(call, recipe)
         except FusionInputError as exc:
             return _sandbox_error(str(exc))
-        api = self.ctx.stub(pb_grpc.SandboxServiceStub, api_key)
+        api = self.ctx.stub(pb_grpc.SandboxServiceStub, _api_key(request))
         memory = DEFAULT_MEMORY_MB if call.memory_limit_MB <= 0 else max(call.memory_limit_MB, MIN_MEMORY_MB)
         spec = pb.SandboxSpec(image=recipe.image, substrate="container", resources=pb.Resources(memory_mb=memory),
                               timeout_s=exec_timeout(call) + 60, labels=LABELS)  # fmt: skip
@@ -175,7 +178,16 @@ class FusionRoutes:
         except grpc.RpcError as exc:
             return self._grpc_answer(exc, f"creating a {recipe.image!r} sandbox for {call.language}")
         try:
-            return await self._exec(api, info.id, call, stdin, argv)
+            work = asyncio.ensure_future(self._exec(api, info.id, call, stdin, argv))
+            if call.trajectory_id is not None:
+                return await work
+            hangup = asyncio.ensure_future(_hung_up(request))
+            await asyncio.wait({work, hangup}, return_when=asyncio.FIRST_COMPLETED)
+            hangup.cancel()
+            if not work.done():
+                work.cancel()
+                return JSONResponse({"detail": "the client hung up; the call was cancelled"}, 499)
+            return work.result()
         finally:
             await asyncio.shield(self._destroy(api, info.id))
 
@@ -220,6 +232,12 @@ class FusionRoutes:
         if grpc_code(exc) in HTTP_ERRORS:
             return JSONResponse({"detail": text}, http_status_for(exc))
         return _sandbox_error(text)
+
+
+async def _hung_up(request: Request) -> None:
+    """Return when the client disconnects (the body is read already, so the next ASGI message says so)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _runner_problem(status: pb.ExecStatus, stderr: bytes) -> str:

@@ -167,6 +167,23 @@ def test_jupyter_cell_timeout_interrupts(url):
     assert [c.stdout for c in result.cells] == ["before\n", ""], "the cells after the one cut are not run"
 
 
+def test_a_client_that_gives_up_ends_the_call_and_its_sandbox(url, dsec_http):
+    with pytest.raises(Exception, match="[Tt]imed? ?out"):
+        sf.run_code(RunCodeRequest(code="import time\ntime.sleep(600)", language="python", run_timeout=900),
+                    endpoint=url, max_attempts=1, client_timeout=3)
+    client = dsec.Client(dsec_http.grpc_address)
+    try:
+        def running() -> list[str]:
+            return [s.id for s in client.list(labels={"dsec.compat": "sandbox-fusion"}) if s.state == "running"]
+
+        deadline = time.monotonic() + 120  # a bound for a wedged server, not a guess at speed: polled, not slept
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert running() == [], "the hung-up call's sandbox is destroyed (its program would sleep 600 s)"
+    finally:
+        client.close()
+
+
 def test_bad_input_gets_the_status_the_client_expects(url):
     bad_json = requests.post(f"{url}/run_code", data=b"{not json", headers={"content-type": "application/json"})
     assert bad_json.status_code == 422 and bad_json.json()["detail"][0]["type"] == "json_invalid"
