@@ -1,5 +1,5 @@
-"""The HTTP front door in front of the Ray cluster gateway: the unchanged e2b SDK creates, lists, snapshots,
-restores, forks and kills sandboxes spread over a 3-node Ray cluster through one address."""
+"""The HTTP front door in front of the Ray cluster gateway: the unchanged e2b SDK creates, lists, runs commands
+and files in, snapshots, restores, forks and kills sandboxes spread over a 3-node Ray cluster through one address."""
 
 from __future__ import annotations
 
@@ -33,15 +33,19 @@ def test_e2b_sdk_through_the_gateway_door(door_deployment, monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("E2B_DEBUG", raising=False)
     tag = uuid.uuid4().hex
-    sandboxes = [Sandbox.create(template="busybox", timeout=120, metadata={"suite": tag}, allow_internet_access=False)
+    sandboxes = [Sandbox.create(template="base", timeout=120, metadata={"suite": tag}, allow_internet_access=False)
                  for _ in range(3)]
     try:
         owners = {door_deployment.gateway.node_of(sb.sandbox_id) for sb in sandboxes}
         assert len(owners) == 3, "placement spreads the creates over the three nodes"
         listed = Sandbox.list(query=SandboxQuery(metadata={"suite": tag})).next_items()
         assert {s.sandbox_id for s in listed} == {sb.sandbox_id for sb in sandboxes}
+        for sb in sandboxes:  # envd (commands, files) reaches each sandbox on its own node through the one address
+            assert sb.commands.run(f"echo on {sb.sandbox_id}").stdout.strip() == f"on {sb.sandbox_id}"
+            sb.files.write("/tmp/node.txt", sb.sandbox_id)
+            assert sb.files.read("/tmp/node.txt") == sb.sandbox_id
         info = sandboxes[1].get_info()
-        assert info.metadata == {"suite": tag} and info.template_id == "busybox"
+        assert info.metadata == {"suite": tag} and info.template_id == "base"
         sandboxes[2].set_timeout(300)
         snapshot = sandboxes[0].create_snapshot(name=f"gw-{tag[:8]}")
         assert snapshot.snapshot_id in [x.snapshot_id for x in Sandbox.list_snapshots().next_items()]
