@@ -54,7 +54,6 @@ class CompatContext:
     backend_address: str
     tls: grpc.ChannelCredentials | None = None  # set when the backend serves TLS
     _channels: dict[int, grpc.aio.Channel] = field(default_factory=dict, repr=False)
-    _sync_channel: grpc.Channel | None = field(default=None, repr=False)
     _keys: dict[str, str] = field(default_factory=dict, repr=False)
     _envd_tokens: dict[str, str] = field(default_factory=dict, repr=False)
     _known: set[str] = field(default_factory=set, repr=False)  # sandboxes whose token (or lack of one) is known
@@ -74,23 +73,9 @@ class CompatContext:
                 self._channels[id(loop)] = channel
             return channel
 
-    def sync_channel(self) -> grpc.Channel:
-        """A blocking channel, for code that runs in a worker thread (never call it on the event loop)."""
-        with self._lock:
-            if self._sync_channel is None:
-                if self.tls is not None:
-                    self._sync_channel = grpc.secure_channel(self.backend_address, self.tls, options=_CHANNEL_OPTIONS)
-                else:
-                    self._sync_channel = grpc.insecure_channel(self.backend_address, options=_CHANNEL_OPTIONS)
-            return self._sync_channel
-
     def stub(self, service_stub_cls: type, api_key: str | None) -> BoundStub:
         """An asyncio stub of `service_stub_cls` (e.g. `SandboxServiceStub`) calling as the owner of `api_key`."""
         return BoundStub(service_stub_cls(self.channel()), bearer(api_key))
-
-    def sync_stub(self, service_stub_cls: type, api_key: str | None) -> BoundStub:
-        """A blocking stub, same metadata as `stub`."""
-        return BoundStub(service_stub_cls(self.sync_channel()), bearer(api_key))
 
     async def aclose(self) -> None:
         """Close the channels of the current loop (the HTTP server calls it on shutdown)."""
@@ -99,12 +84,6 @@ class CompatContext:
             channel = self._channels.pop(id(loop), None)
         if channel is not None:
             await channel.close()
-
-    def close_sync(self) -> None:
-        with self._lock:
-            channel, self._sync_channel = self._sync_channel, None
-        if channel is not None:
-            channel.close()
 
     # -- per-sandbox keys ---------------------------------------------------------------------------------
     def remember_sandbox(self, sandbox_id: str, api_key: str | None, envd_token: str | None = None) -> None:

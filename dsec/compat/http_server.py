@@ -72,8 +72,6 @@ class HttpDoor:
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._error = exc
             log.exception("compat: HTTP front door stopped with an error")
-        finally:
-            self.ctx.close_sync()
 
     def start(self) -> HttpDoor:
         self._thread.start()
