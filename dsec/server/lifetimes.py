@@ -67,10 +67,11 @@ class Tombstones:
 
     def get(self, sandbox_id: str, tenant: str | None = None) -> Tombstone | None:
         """The tombstone, if it is still kept and `tenant` (None = the server) may see it."""
+        now = time.time()
         with self._lock:
-            self._trim(time.time())
+            self._trim(now)
             found = self._entries.get(sandbox_id)
-        if found is None or (tenant is not None and found.tenant != tenant):
+        if found is None or found.ended_at < now - self.ttl_s or (tenant is not None and found.tenant != tenant):
             return None
         return found
 
