@@ -16,6 +16,11 @@ import torch
 import dsec
 from trainer.config import SandboxConfig
 from trainer.data import corpus, problems
+from trainer.encoding import END_THINK, USER, assistant_opener, render_assistant_body
+from trainer.policy import build_policy
+from trainer.rollout import prompt_ids
+from trainer.sampler import sample, sample_generator
+from trainer.tasks import get_task
 from trainer.tokenizer import V4Tokenizer, train
 
 
@@ -83,3 +88,67 @@ def test_trl_grpo_resume_replays_tool_calls(tok, dsec_server, client, tmp_path):
     first.release()  # the crashed run's step-2 sandboxes (a real kill would leave them to their timeout)
     live = {s.id for s in client.list(labels={"dsec-trainer": "rollout"})}
     assert not live & {*first.sandbox_ids, *resumed.sandbox_ids}
+
+
+def _make_env(dsec_server, problem, tid: str):
+    import skyrl_gym
+
+    from trainer.integrations.skyrl_env import ENV_ID, register
+
+    register()
+    cfg = {"dsec_address": dsec_server.address, "tool_timeout_s": 30, "sandbox_timeout_s": 600}
+    return skyrl_gym.make(ENV_ID, env_config=cfg, extras={"problem": problem.model_dump(), "trajectory_id": tid})
+
+
+@pytest.mark.timeout(600)
+def test_skyrl_env_runs_tools_in_dsec_and_a_replayed_episode_runs_nothing_twice(dsec_server):
+    problem = problems(["arithmetic"], "train", 1, 0)[0]
+    call = get_task("arithmetic").demonstration(problem)[0].tool_calls
+    call_action = render_assistant_body("", "", call)[len(END_THINK):]  # a non-think V4 turn calling run_python
+    tid = f"skyrl-{time.time_ns()}/prompt-0/sample-0"
+    before = dsec_server.steps()
+    env = _make_env(dsec_server, problem, tid)
+    replay = None
+    try:
+        prompt, info = env.init([])
+        assert prompt[-1] == {"role": "user", "content": problem.prompt} and info["restored"] == "new"
+        assert info["tools"][0]["function"]["name"] == "run_python"
+        out = env.step(call_action)
+        result = [{"role": "user", "content": f"<tool_result>{problem.answer}\n</tool_result>"}]
+        assert not out["done"] and out["observations"] == result
+        assert dsec_server.steps()["executed"] - before["executed"] == 1
+
+        # the same episode again (a resumed SkyRL run): same sandbox, the logged result, nothing executed
+        replay = _make_env(dsec_server, problem, tid)
+        assert replay.init([])[1]["restored"] == "live"
+        again = replay.step(call_action)
+        mid = dsec_server.steps()
+        assert again["observations"] == result and again["metadata"]["tools_replayed"] == 1
+        assert mid["executed"] - before["executed"] == 1 and mid["replayed"] - before["replayed"] == 1
+        final = replay.step(problem.answer)  # SkyRL's generator strips the EOS
+        assert final["done"] and final["reward"] == 1.0 and final["observations"] == []
+    finally:
+        env.close()
+        if replay is not None:
+            replay.close()
+
+
+@pytest.mark.timeout(600)
+def test_skyrl_env_episode_driven_by_a_random_init_v4_policy(tok, dsec_server):
+    torch.set_num_threads(2)
+    model = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0).eval()
+    problem = problems(["arithmetic"], "train", 1, 0)[0]
+    env = _make_env(dsec_server, problem, f"skyrl-{time.time_ns()}/policy")
+    try:
+        env.init([])
+        ids = prompt_ids(tok, problem, "non-think")
+        for turn in range(4):
+            new = sample(model, [ids], [sample_generator(0, turn)], max_new_tokens=[12], eos_id=tok.eos_id,
+                         pad_id=tok.pad_id)[0]
+            out = env.step(tok.decode(new))
+            if out["done"]:
+                break
+            ids += new + tok.encode(USER + out["observations"][0]["content"] + assistant_opener("non-think"))
+        assert out["done"] and out["reward"] == 0.0 and 1 <= env.turns <= 3  # max_turns 3 ends the episode
+    finally:
+        env.close()
