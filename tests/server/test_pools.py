@@ -1,0 +1,203 @@
+"""Warm pools (issue #20 point 1): a create that matches a pool's shape is served from it (SandboxInfo.timings_ms
+has `pool_claim`, the pool counts the claim) with its own identity (id, labels, timeout, env), never with a trace of
+earlier use; the pool refills to its size; pooled sandboxes are not listed and count against no tenant; refills
+never take an admission slot a user create waits for; shutdown destroys them. Every wait polls with a deadline."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import dsec
+from dsec.config import PoolConfig, ServerConfig, parse_pool
+from dsec.server.admission import CreateAdmission
+from dsec.server.main import serve
+from core.leftovers import leftovers  # tests/ is on sys.path (rootdir-relative test packages)
+
+DEADLINE_S = 120.0
+TOKENS = {"default": "tok-operator-0001", "alice": "tok-alice-0001"}
+
+# (substrate, driver, image): one pool shape per case
+CASES = [
+    pytest.param(("container", "crun", "busybox"), id="crun"),
+    pytest.param(("container", "runc", "busybox"), id="runc"),
+    pytest.param(("container", "docker", "busybox"), id="docker"),
+    pytest.param(("function", "", "python"), id="function"),
+    pytest.param(("microvm", "", "busybox"), id="microvm"),
+]
+
+
+@pytest.fixture(scope="module")
+def server():
+    running = serve(ServerConfig(listen="127.0.0.1:0"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with dsec.Client(server.address) as c:
+        yield c
+
+
+def _wait_ready(client: dsec.Client, image: str, substrate: str, ready: int):
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        pool = client.pools.get(image, substrate)
+        assert pool is not None
+        assert not pool.last_error, pool.last_error
+        if pool.ready == ready:
+            return pool
+        time.sleep(0.05)
+    raise AssertionError(f"pool {image}/{substrate} not at {ready} ready after {DEADLINE_S}s: {pool}")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_matching_create_claims_a_pooled_sandbox_with_its_own_identity(client, case):
+    substrate, driver, image = case
+    client.pools.resize(image, 1, substrate=substrate, driver=driver)
+    try:
+        before = _wait_ready(client, image, substrate, 1)
+        assert client.list({"dsec.pool": image}) == []  # pooled sandboxes are nobody's: not listed
+        sb = client.create(image, substrate, driver=driver, timeout_s=300, env={"GREETING": "hello"},
+                           labels={"owner": "test"})
+        try:
+            assert "pool_claim" in sb.info.timings_ms  # served from the pool, seen without timing anything
+            after = client.pools.get(image, substrate)
+            assert after.claims == before.claims + 1
+            assert dict(sb.info.spec.labels) == {"owner": "test"}
+            assert dict(sb.info.spec.env) == {"GREETING": "hello"}
+            assert 290 <= sb.info.expires_at - time.time() <= 300
+            assert [s.id for s in client.list({"owner": "test"})] == [sb.id]
+            assert sb.exec("echo $GREETING").stdout == b"hello\n"  # the claim's env reaches its processes
+            if substrate == "function":
+                assert sb.call(pow, 2, 10) == 1024
+            _wait_ready(client, image, substrate, 1)  # refilled to its size
+        finally:
+            sb.destroy()
+    finally:
+        client.pools.resize(image, 0, substrate=substrate, driver=driver)
+    assert client.pools.get(image, substrate) is None
+
+
+def test_a_claimed_sandbox_has_no_trace_of_earlier_use(client):
+    client.pools.resize("busybox", 1)
+    try:
+        _wait_ready(client, "busybox", "container", 1)
+        first = client.create("busybox")
+        assert "pool_claim" in first.info.timings_ms
+        first.exec("echo used > /tmp/marker && echo used > /root/marker && touch /marker")
+        first.destroy()
+        _wait_ready(client, "busybox", "container", 1)
+        second = client.create("busybox")
+        try:
+            assert "pool_claim" in second.info.timings_ms
+            assert second.id != first.id
+            check = second.exec("ls /tmp/marker /root/marker /marker 2>&1; ps -o pid,args | wc -l")
+            assert b"No such file" in check.stdout and b"used" not in check.stdout
+            with pytest.raises(dsec.SandboxExpired):
+                first.exec("true")  # the first claim's id stays ended: ids are never reused
+        finally:
+            second.destroy()
+    finally:
+        client.pools.resize("busybox", 0)
+
+
+def test_a_create_of_another_shape_is_cold(client):
+    client.pools.resize("busybox", 1)
+    try:
+        _wait_ready(client, "busybox", "container", 1)
+        for options in ({"memory_mb": 256}, {"network": True}, {"workdir": "/tmp"}):
+            sb = client.create("busybox", **options)
+            try:
+                assert "pool_claim" not in sb.info.timings_ms, options
+            finally:
+                sb.destroy()
+        assert client.pools.get("busybox").claims == 0
+    finally:
+        client.pools.resize("busybox", 0)
+
+
+def test_pool_shapes_are_validated():
+    with pytest.raises(ValueError):
+        parse_pool("image=busybox")  # size is required
+    with pytest.raises(ValueError):
+        parse_pool("image=busybox,size=2,memroy_mb=64")
+    assert parse_pool("image=python, substrate=function, size=3, memory_mb=256") == PoolConfig(
+        image="python", substrate="function", size=3, memory_mb=256)
+
+
+def test_bad_pool_requests_are_typed_errors(client):
+    with pytest.raises(dsec.InvalidSpec):
+        client.pools.resize("busybox", -1)
+    with pytest.raises(dsec.InvalidSpec):
+        client.pools.resize("busybox", 1, substrate="mainframe")
+    with pytest.raises(dsec.ImageNotFound):
+        client.pools.resize("no-such-image-anywhere", 1)
+
+
+def test_pooled_sandboxes_count_against_no_tenant_and_only_the_operator_resizes():
+    tokens = ",".join(f"{token}:{tenant}" for tenant, token in TOKENS.items())
+    running = serve(ServerConfig(listen="127.0.0.1:0", tokens=tokens, tenant_max_sandboxes=1,
+                                 pools=[PoolConfig(image="busybox", size=2)]))
+    try:
+        with dsec.Client(running.address, token=TOKENS["alice"]) as alice, \
+                dsec.Client(running.address, token=TOKENS["default"]) as operator:
+            _wait_ready(alice, "busybox", "container", 2)
+            assert alice.list() == []
+            sb = alice.create("busybox")  # two pooled sandboxes exist, yet alice is under her quota of one
+            assert "pool_claim" in sb.info.timings_ms
+            with pytest.raises(dsec.CapacityExceeded):
+                alice.create("busybox")  # her claim counts; the pool does not hand out past her quota
+            assert [s.id for s in alice.list()] == [sb.id]
+            assert operator.list() == []  # a claim belongs to its claimer only
+            with pytest.raises(dsec.PermissionDenied):
+                alice.pools.resize("busybox", 5)
+            assert operator.pools.resize("busybox", 3).size == 3
+    finally:
+        running.stop()
+
+
+def test_shutdown_destroys_pooled_sandboxes():
+    running = serve(ServerConfig(listen="127.0.0.1:0", pools=[PoolConfig(image="busybox", size=2)]))
+    try:
+        with dsec.Client(running.address) as c:
+            _wait_ready(c, "busybox", "container", 2)
+        ids = [s.sandbox_id for pool in running.manager.pools.list() for s in pool.ready]
+        assert len(ids) == 2 and all(leftovers(i) for i in ids)
+    finally:
+        running.stop()
+    assert {i: leftovers(i) for i in ids} == {i: [] for i in ids}
+
+
+def test_a_refill_never_takes_a_slot_a_user_create_waits_for():
+    admission = CreateAdmission(max_sandboxes=100, max_concurrent=1, queue_limit=4, tenant_max=0)
+    holding, waiting, release, release_second = (threading.Event() for _ in range(4))
+
+    def user(started: threading.Event, until: threading.Event) -> None:
+        with admission.slot("alice", lambda: 0, lambda _t: 0):
+            started.set()
+            until.wait(30)
+
+    first = threading.Thread(target=user, args=(holding, release))
+    first.start()
+    assert holding.wait(30)
+    second = threading.Thread(target=user, args=(waiting, release_second))
+    second.start()
+    deadline = time.monotonic() + 30
+    while admission._waiting == 0:  # the second user create is in line (a protocol-visible state)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not admission.try_background_slot(lambda: True)  # slot busy and a user waiting
+    release.set()
+    assert waiting.wait(30)  # the freed slot went to the user, not to background work
+    assert not admission.try_background_slot(lambda: True)  # the user holds it now
+    release_second.set()
+    first.join(30)
+    second.join(30)
+    assert admission.try_background_slot(lambda: True)  # free and nobody waiting: background may go
+    assert not admission.try_background_slot(lambda: True)  # but only one of max_concurrent=1
+    admission.release_background_slot()
+    assert not admission.try_background_slot(lambda: False)  # and never past the server's room
