@@ -152,7 +152,7 @@ class ShellSession:
         self.session_id = session_id
         self.on_timeout = on_timeout
         self._sandbox = sandbox
-        self._shell = shell
+        self._shell, self._env = shell, env  # the interrupt helper runs the same shell, found on the same PATH
         self._process: ProcessHandle = sandbox.spawn([shell], env, cwd, stdin=True)
         self._events: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
@@ -288,11 +288,12 @@ class ShellSession:
     def _kill_late(self, uptime: str) -> None:
         """SIGKILL the processes of the shell's group that started after the command (see _KILL_LATE)."""
         try:
-            ticks = int(float(uptime) * USER_HZ)
+            ticks = round(float(uptime) * USER_HZ)
         except ValueError:
             return  # no /proc/uptime in this sandbox: the next stage kills the shell
         try:
-            helper = self._sandbox.spawn([self._shell, "-c", _KILL_LATE, "dsec-interrupt", self._shell_pid, str(ticks)], {}, "/")
+            argv = [self._shell, "-c", _KILL_LATE, "dsec-interrupt", self._shell_pid, str(ticks)]
+            helper = self._sandbox.spawn(argv, self._env, "/")
         except Exception:  # noqa: BLE001 - the next stage kills the shell
             return
         threading.Thread(target=_drain, args=(helper,), daemon=True, name="dsec-interrupt").start()

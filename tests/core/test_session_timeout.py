@@ -53,3 +53,12 @@ def test_unknown_on_timeout_and_a_shell_that_exits_are_refused(client):
             sb.session(on_timeout="ignore")
         with pytest.raises(dsec.InvalidSpec, match="exited at start"):
             sb.session(shell="/bin/true")
+
+
+def test_a_shell_named_by_path_lookup_still_kills_a_stubborn_command(client):
+    with client.create("busybox", "container", driver="crun", memory_mb=128, timeout_s=120) as sb:
+        with sb.session(shell="sh") as shell:  # a shell named without a path (the SIGKILL helper runs it too)
+            shell.run("cd /tmp && export KEPT=yes")
+            stubborn = shell.run('trap "" INT; sleep 30', timeout=1)
+            assert stubborn.timed_out and stubborn.exit_code == 137
+            assert shell.run('echo "$PWD $KEPT"').stdout == b"/tmp yes\n"
