@@ -8,7 +8,7 @@ that disconnects ends the request inside the sandbox too); WebSockets are relaye
 (port_websocket.py). Bodies stream in both directions: nothing is buffered whole.
 
 Errors: nothing listening on the port → 502 (as E2B's proxy), a sandbox the caller cannot see → 502, a VM
-substrate → 501; the body is E2B's JSON error shape.
+whose image has no python3 → 501; the body is E2B's JSON error shape.
 """
 
 from __future__ import annotations

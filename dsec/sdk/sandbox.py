@@ -235,7 +235,7 @@ class Sandbox:
 
     def connect_port(self, port: int) -> PortConnection:
         """A socket-like connection to `127.0.0.1:port` inside the sandbox (a server you started there);
-        raises PortUnreachable while nothing listens, Unsupported on VM substrates."""
+        raises PortUnreachable while nothing listens, Unsupported in a VM whose image lacks python3."""
         return PortConnection(self._client, self.id, port)
 
     def fork(self, n: int = 1) -> list[Sandbox]:

@@ -240,16 +240,37 @@ def test_destroying_the_sandbox_ends_open_connections(dsec_http):
         client.close()
 
 
-def test_vm_ports_are_unsupported(dsec_http):
-    """A VM's network is not a host namespace: the typed Unsupported error, 501 at the door (docs/compat.md)."""
+def test_ports_in_a_microvm_through_a_relay_process(dsec_http, served):
+    """A VM's network is its guest's: a relay process (python3) in the guest carries the connection."""
     client = Client(dsec_http.grpc_address)
-    sandbox = client.create("busybox", "microvm")
+    vm = client.create("python", "microvm")
     try:
-        with pytest.raises(Unsupported):
-            sandbox.connect_port(STATIC_PORT)
-        assert httpx.get(f"{dsec_http.http_url}/", headers=routed(sandbox.id, STATIC_PORT)).status_code == 501
+        start_servers(vm)
+        response = httpx.get(f"{dsec_http.http_url}/index.html", headers=routed(vm.id, STATIC_PORT))
+        assert response.status_code == 200 and response.text == "hello from the sandbox\n"
+        payload = os.urandom(1 << 20)
+        echoed = httpx.post(f"{dsec_http.http_url}/up", headers=routed(vm.id, ECHO_PORT), content=payload, timeout=60)
+        assert echoed.status_code == 200 and echoed.content == payload
+        with vm.connect_port(ECHO_PORT) as conn:  # half-close crosses the relay too
+            conn.sendall(b"POST /half HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")
+            conn.shutdown_write()
+            assert conn.recv_all().endswith(b"2\r\nok\r\n0\r\n\r\n")
+        assert httpx.get(f"{dsec_http.http_url}/", headers=routed(vm.id, CLOSED_PORT)).status_code == 502
     finally:
-        sandbox.destroy()
+        vm.destroy()
+        client.close()
+
+
+def test_vm_ports_need_python3_in_the_image(dsec_http):
+    """Without python3 in the guest there is no relay: the typed Unsupported error, 501 at the door."""
+    client = Client(dsec_http.grpc_address)
+    vm = client.create("busybox", "microvm")
+    try:
+        with pytest.raises(Unsupported, match="python3"):
+            vm.connect_port(STATIC_PORT)
+        assert httpx.get(f"{dsec_http.http_url}/", headers=routed(vm.id, STATIC_PORT)).status_code == 501
+    finally:
+        vm.destroy()
         client.close()
 
 

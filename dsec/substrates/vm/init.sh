@@ -32,6 +32,9 @@ while [ ! -b /dev/vda ]; do
 done
 mount -t ext4 -o noatime /dev/vda /newroot || fail "cannot mount /dev/vda"
 
+# Loopback is up on every machine, NIC or not: servers in the sandbox bind 127.0.0.1 (docs/ports.md).
+ip link set lo up
+
 # Allowlisted machines have a NIC and get its address on the command line (dsec/substrates/vm/net.py).
 guest_ip=""
 guest_gw=""
@@ -48,7 +51,6 @@ if [ -n "$guest_ip" ]; then
         [ $tries -gt 500 ] && fail "no network device eth0"
         usleep 10000
     done
-    ip link set lo up
     ip addr add "$guest_ip" dev eth0 && ip link set eth0 up && ip route add default via "$guest_gw" \
         || fail "cannot configure eth0 as $guest_ip via $guest_gw"
 fi
