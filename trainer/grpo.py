@@ -2,10 +2,14 @@
 
 Each step the learner's weights go into the object store once and every rollout worker loads them from
 there. Each rollout runs in its own sandbox under the trajectory `run/step-S/prompt-P/sample-G`. Before a step
-starts, its in-flight rollout ids are written to the run's state; after it ends, a checkpoint (model, reference,
-optimizer, RNG, data cursor, step) is saved. `--resume` after a kill -9 re-runs the interrupted step with the
-same ids and the same per-rollout RNG: the trajectory log answers the tool calls already made, and the step's
-weights equal those of an uninterrupted run.
+starts, its in-flight rollout ids are written to the run state (`state.json`); after the update, one checkpoint
+(`learner.pt`: model, reference, optimizer, RNG, step, data cursor, the step's sandboxes; trainer/checkpoint.py)
+is written atomically. `--resume` after a kill -9 at any point re-runs the interrupted step with the same ids and
+the same per-rollout RNG: the trajectory log answers the tool calls already made, and the step's weights equal
+those of an uninterrupted run. A checkpoint whose step disagrees with the run state is refused.
+
+`--report-phases` prints a line per phase of each step (`phase=<name> step=<n>`, names in `PHASES`) and waits
+for a line on stdin before going on, so a test can kill the trainer exactly between two phases.
 
 On-policy distillation is this same loop with `algo.opd` set: per-family `TeacherActor`s (trainer/teachers.py)
 score each step's rollouts between sampling and the update, and the learner's OPD token adjustment uses them.
@@ -16,8 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -26,6 +30,7 @@ from pathlib import Path
 import ray
 import torch
 
+from trainer import checkpoint
 from trainer.config import ExperimentConfig, load_config
 from trainer.data import problems
 from trainer.learner import Learner
@@ -83,24 +88,43 @@ class LearnerActor:
     def update(self, rollouts: list[dict], teacher: list[torch.Tensor] | None = None) -> dict[str, float]:
         return self.learner.update([Rollout(**r) for r in rollouts], self.group_size, self.updates, teacher)
 
-    def save(self, path: str) -> None:
-        self.learner.save(Path(path))
+    def save(self, path: str, manifest: dict, sandboxes: list[str]) -> None:
+        """The one checkpoint of the run: the learner's payload with the driver's step, cursor and sandboxes."""
+        checkpoint.save(Path(path), checkpoint.Manifest.model_validate(manifest),
+                        {**self.learner.payload(), "sandboxes": sandboxes})
 
     def load(self, path: str) -> None:
-        self.learner.load(Path(path))
+        self.learner.restore(checkpoint.load(Path(path))[1])
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+# The phases of one step, in order, as `--report-phases` reports them: the run state names the step's rollouts;
+# the rollouts are done; the update is done (not yet saved); the metrics record is written; the checkpoint is
+# committed; the run state says the step is done (its sandboxes destroyed).
+PHASES = ("inflight", "rolled_out", "updated", "logged", "committed", "done")
 
 
 def fresh_state(cfg: ExperimentConfig) -> dict:
-    """A new run's state. RL prompts start after the SFT demonstrations' problems: a policy that memorised a
-    demonstrated answer must not be rewarded for recalling it."""
-    return {"run_id": f"{cfg.run_name}-{secrets.token_hex(4)}", "step": 0, "cursor": cfg.sft.examples,
-            "py_rng": random.Random(cfg.seed).getstate(), "inflight": []}
+    """A new run's state. RL prompts start after the SFT demonstrations' problems (the train split never repeats
+    a problem): a policy that memorised a demonstrated answer must not be rewarded for recalling it."""
+    return {"run_id": f"{cfg.run_name}-{secrets.token_hex(4)}", "step": 0, "cursor": cfg.sft.examples, "inflight": []}
+
+
+def _resume_state(cfg: ExperimentConfig, state_path: Path, ckpt: Path) -> tuple[dict, list[str]]:
+    """The run state to go on from (checked against the checkpoint) and sandboxes a committed step left."""
+    state = json.loads(state_path.read_text())
+    manifest = checkpoint.load(ckpt)[0] if ckpt.exists() else None
+    state, committed = checkpoint.reconcile(state, manifest, state_path, ckpt)
+    return state, checkpoint.load(ckpt)[1]["sandboxes"] if committed else []
+
+
+def _destroy(client, sandbox_ids: list[str]) -> None:
+    import dsec
+
+    for sandbox_id in sandbox_ids:  # the step is committed: its sandboxes are no longer needed for replay
+        try:
+            client.destroy(sandbox_id)
+        except dsec.DsecError:
+            pass  # already expired or reaped
 
 
 def step_jobs(cfg: ExperimentConfig, run_id: str, step: int, cursor: int) -> list[tuple[str, dict]]:
@@ -129,30 +153,40 @@ def init_ray(address: str | None, attempts: int = 3) -> None:
 
 def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path | None, *, address: str | None,
                dsec_address: str, resume: bool, max_steps: int | None = None, progress: bool = True,
-               on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict:
+               on_step: Callable[[int, dict[str, float]], None] | None = None,
+               on_phase: Callable[[str, int], None] | None = None) -> dict:
     """Run (or resume) GRPO (or OPD, with `algo.opd`); returns the final state. `max_steps` stops early (tests);
-    checkpoints every step; `on_step(step, metrics)` runs after each step's checkpoint (e.g. a held-out eval)."""
+    checkpoints every step; `on_step(step, metrics)` runs after each step's checkpoint (e.g. a held-out eval);
+    `on_phase(phase, step)` at each of `PHASES` (trainer.checkpoint says what a kill at each one leaves).
+    Raises `checkpoint.CheckpointMismatch` when `resume` finds a checkpoint of another step or run."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_path, ckpt = out / "state.json", out / "learner.pt"
+    leftover: list[str] = []
     if resume and state_path.exists():
-        state = json.loads(state_path.read_text())
+        state, leftover = _resume_state(cfg, state_path, ckpt)
     else:
         state = fresh_state(cfg)
+        ckpt.unlink(missing_ok=True)  # a previous run's checkpoint must not pair with this run's state
+        checkpoint.write_json(state_path, state)
+    report = on_phase or (lambda phase, step: None)
     if not ray.is_initialized():
         init_ray(address)
     cfg_json = cfg.model_dump_json()
     opd = cfg.algorithm().opd
     teachers = start_teachers(cfg, tokenizer_path)  # checks every family has a teacher before anything starts
     learner = LearnerActor.remote(cfg_json, str(tokenizer_path), str(init_weights) if init_weights else None)
-    if resume and ckpt.exists():
+    if ckpt.exists():
         ray.get(learner.load.remote(str(ckpt)))
     workers = [RolloutWorker.remote(cfg_json, str(tokenizer_path), dsec_address)
                for _ in range(cfg.grpo.num_rollout_workers)]
     import dsec
 
     client = dsec.Client(address=dsec_address)
-    log = MetricsLog(out)
+    if leftover:  # the step was committed just before a kill: finish its bookkeeping
+        _destroy(client, leftover)
+        checkpoint.write_json(state_path, state)
+    log = MetricsLog(out, keep_through_step=state["step"])
     last = cfg.grpo.steps if max_steps is None else min(cfg.grpo.steps, max_steps)
     from tqdm import tqdm
 
@@ -162,23 +196,18 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
         started = time.perf_counter()
         jobs = step_jobs(cfg, state["run_id"], step, state["cursor"])
         state["inflight"] = [tid for tid, _ in jobs]
-        _write_json(state_path, state)
+        checkpoint.write_json(state_path, state)
+        report("inflight", step + 1)
         weights = learner.weights.remote()  # one object-store copy, read by every worker
         shards = [jobs[i::len(workers)] for i in range(len(workers))]
         seed = cfg.seed
         results = ray.get([w.run.remote(weights, shard, seed) for w, shard in zip(workers, shards) if shard])
         by_id = {r["trajectory_id"]: r for shard in results for r in shard}
         rollouts = [by_id[tid] for tid, _ in jobs]
+        report("rolled_out", step + 1)
         scores = score_rollouts(teachers, rollouts, opd) if opd is not None else None
         metrics = ray.get(learner.update.remote(rollouts, scores))
-        ray.get(learner.save.remote(str(ckpt)))
-        state.update(step=step + 1, cursor=state["cursor"] + cfg.grpo.prompts_per_step, inflight=[])
-        _write_json(state_path, state)
-        for r in rollouts:  # the step is committed: its sandboxes are no longer needed for replay
-            try:
-                client.destroy(r["sandbox_id"])
-            except dsec.DsecError:
-                pass  # already expired or reaped
+        report("updated", step + 1)
         metrics.update(
             step=step + 1,
             step_time_s=time.perf_counter() - started,
@@ -188,7 +217,17 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
             sampled_tokens=sum(sum(r["mask"]) for r in rollouts),
             parse_errors=sum(r["parse_errors"] for r in rollouts),
         )
-        log.write(metrics)
+        log.write(metrics)  # before the commit: a resume drops records past the checkpoint's step
+        report("logged", step + 1)
+        cursor = state["cursor"] + cfg.grpo.prompts_per_step
+        manifest = checkpoint.Manifest(run_id=state["run_id"], step=step + 1, cursor=cursor,
+                                       contents=list(checkpoint.CONTENTS))
+        ray.get(learner.save.remote(str(ckpt), manifest.model_dump(), [r["sandbox_id"] for r in rollouts]))
+        report("committed", step + 1)
+        _destroy(client, [r["sandbox_id"] for r in rollouts])
+        state.update(step=step + 1, cursor=cursor, inflight=[])
+        checkpoint.write_json(state_path, state)
+        report("done", step + 1)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}")
         if on_step is not None:
             on_step(step + 1, metrics)
@@ -201,6 +240,12 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
     return final
 
 
+def _lockstep(phase: str, step: int) -> None:
+    """`--report-phases`: say where the step is, then wait for the controller's go-ahead (a line on stdin)."""
+    print(f"phase={phase} step={step}", flush=True)
+    sys.stdin.readline()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="GRPO on Ray with tools through dsec")
     parser.add_argument("config", type=Path)
@@ -211,6 +256,8 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--report-phases", action="store_true",
+                        help="print phase=<name> step=<n> at each phase of a step and wait for a line on stdin")
     args = parser.parse_args()
     cfg = load_config(args.config)
     import dsec
@@ -218,10 +265,13 @@ def main() -> None:
     client = dsec.Client(address=args.dsec_address)
     try:
         result = train_grpo(cfg, args.tokenizer, args.init, address=args.address, dsec_address=client.address,
-                            resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
+                            resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress,
+                            on_phase=_lockstep if args.report_phases else None)
+    except checkpoint.CheckpointError as exc:
+        parser.exit(2, f"trainer.grpo: {type(exc).__name__}: {exc}\n")
     finally:
         client.close()
-    print(json.dumps(result["state"] | {"py_rng": None}))
+    print(json.dumps(result["state"]))
 
 
 if __name__ == "__main__":

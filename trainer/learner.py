@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
@@ -110,19 +109,16 @@ class Learner:
         metrics["tokens"] = float(mask.sum())
         return metrics
 
-    def save(self, path: Path) -> None:
-        """Model, reference, optimizer and torch RNG; written then renamed, so a kill never leaves half a file."""
-        tmp = path.with_suffix(".tmp")
-        torch.save({"model": self.model.state_dict(), "ref": self.ref.state_dict(), "opt": self.opt.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp)
-        tmp.replace(path)
+    def payload(self) -> dict[str, object]:
+        """What a checkpoint needs of the learner (trainer.checkpoint writes it with the run's step and cursor)."""
+        return {"model": self.model.state_dict(), "ref": self.ref.state_dict(), "opt": self.opt.state_dict(),
+                "torch_rng": torch.get_rng_state()}
 
-    def load(self, path: Path) -> None:
-        state = torch.load(path, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.ref.load_state_dict(state["ref"])
-        self.opt.load_state_dict(state["opt"])
-        torch.set_rng_state(state["torch_rng"])
+    def restore(self, payload: dict[str, object]) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.ref.load_state_dict(payload["ref"])
+        self.opt.load_state_dict(payload["opt"])
+        torch.set_rng_state(payload["torch_rng"])
 
 
 def _logprobs(model: PreTrainedModel, seqs: list[list[int]], pad_id: int, full: bool

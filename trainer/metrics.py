@@ -7,12 +7,21 @@ from pathlib import Path
 
 
 class MetricsLog:
-    """Appends one JSON object per step to `metrics.jsonl` and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per step to `metrics.jsonl` and mirrors scalars to TensorBoard.
 
-    def __init__(self, out_dir: Path) -> None:
+    `keep_through_step`: records of later steps are dropped first. A step's record is written before its
+    checkpoint, so a run resumed from step N re-writes steps after N once each (TensorBoard, append-only, shows
+    a re-run step twice)."""
+
+    def __init__(self, out_dir: Path, keep_through_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = Path(out_dir) / "metrics.jsonl"
+        if keep_through_step is not None and self.path.exists():
+            kept = [m for m in read_metrics(out_dir) if int(m.get("step", 0)) <= keep_through_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
+            tmp.replace(self.path)
         self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
 
     def write(self, metrics: dict[str, float]) -> None:

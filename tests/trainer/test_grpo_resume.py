@@ -1,8 +1,20 @@
-"""GRPO end to end on Ray with real sandboxes, and kill -9 + --resume against an uninterrupted run."""
+"""GRPO end to end on Ray with real sandboxes: kill -9 at random points of whole steps, --resume after each
+kill, against an uninterrupted run with the same seed.
+
+Each kill lands at a point the trainer itself reports (`--report-phases` holds it there) or after the k-th tool
+call of the step's rollouts is logged on the server; never after a timed sleep. The points cover the whole step:
+before the rollouts, during them, after them, between the update and the save ("updated"), after the metrics
+record, after the checkpoint's commit, after the run state's update. Knobs (the bench-length run is
+`DSEC_RESUME_KILLS=20 DSEC_RESUME_STEPS=8`): DSEC_RESUME_KILLS (default 3), DSEC_RESUME_STEPS (default 2),
+DSEC_RESUME_SEED (default: random, printed; set it to replay a failure).
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import random
+import time
 from pathlib import Path
 
 import pytest
@@ -11,51 +23,88 @@ import yaml
 import dsec
 
 from .resume_harness import (
+    Lockstep,
     finish,
-    kill_during_step_two,
-    logged_steps,
+    finish_lockstep,
+    kill_plan,
     max_weight_difference,
-    settled_counters,
+    run_to_kill,
     start_trainer,
 )
 
+KILLS = int(os.environ.get("DSEC_RESUME_KILLS", "3"))
+STEPS = int(os.environ.get("DSEC_RESUME_STEPS", "2"))
+SEED = int(os.environ.get("DSEC_RESUME_SEED", str(random.SystemRandom().randrange(10**6))))
+# the metrics that are functions of the sampled tokens and the weights alone (tools_live/_replayed and times
+# differ by design between a resumed and an uninterrupted run)
+DETERMINISTIC = ("reward_mean", "loss", "kl", "kept_samples", "tokens", "samples", "sampled_tokens", "parse_errors")
+
 
 def _write_cfg(make_config, path: Path, out: Path) -> Path:
-    cfg = make_config(out)
+    cfg = make_config(out, steps=STEPS)
     path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
     return path
 
 
-@pytest.mark.timeout(900)
-def test_kill9_mid_step_then_resume_replays_tools_and_matches_uninterrupted(trainer_assets, dsec_server, tmp_path,
-                                                                           ray_tmp, make_config):
-    # the uninterrupted reference run: 2 steps
-    cfg_a = _write_cfg(make_config, tmp_path / "a.yaml", tmp_path / "a")
-    finish(start_trainer(cfg_a, trainer_assets, dsec_server, ray_tmp / "a"), ray_tmp / "a", 600)
-    metrics_a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics_a] == [1, 2]
-    assert all(m["tools_live"] > 0 for m in metrics_a)  # files, tool calls and verifiers went through dsec
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
-    # the same run, killed with SIGKILL while step 2's rollouts are in flight
+
+def _executed_since(server, before: dict[str, float], expected: float | None = None) -> float:
+    """Tool calls the server executed since `before`, read until it equals `expected` or stops changing: a call
+    already answered may be counted a moment after its reply."""
+    last = None
+    for _ in range(100):
+        now = server.steps()["executed"] - before["executed"]
+        if now == expected or now == last:
+            return now
+        last = now
+        time.sleep(0.1)
+    return now
+
+
+@pytest.mark.timeout(600 + 150 * KILLS)
+def test_kill9_at_random_points_of_the_step_then_resume_matches_uninterrupted(trainer_assets, dsec_server, tmp_path,
+                                                                             ray_tmp, make_config):
+    started = time.monotonic()
+    # the uninterrupted reference run
+    cfg_a = _write_cfg(make_config, tmp_path / "a.yaml", tmp_path / "a")
+    before_a = dsec_server.steps()
+    finish(start_trainer(cfg_a, trainer_assets, dsec_server, ray_tmp / "a"), ray_tmp / "a", 600)
+    metrics_a = _metrics(tmp_path / "a")
+    assert [m["step"] for m in metrics_a] == list(range(1, STEPS + 1))
+    assert all(m["tools_live"] > 0 for m in metrics_a)  # files, tool calls and verifiers went through dsec
+    executed_a = _executed_since(dsec_server, before_a)
+
+    # the same run, killed at random points and resumed after each kill
+    plan = kill_plan(random.Random(SEED), KILLS, STEPS)
     cfg_b = _write_cfg(make_config, tmp_path / "b.yaml", tmp_path / "b")
     state_path = tmp_path / "b" / "state.json"
-    proc = start_trainer(cfg_b, trainer_assets, dsec_server, ray_tmp / "b")
     client = dsec.Client(address=dsec_server.address)
-    inflight = kill_during_step_two(proc, state_path, client, ray_tmp / "b")
-    before, logged_before = settled_counters(dsec_server, client, inflight)
-
-    out = finish(start_trainer(cfg_b, trainer_assets, dsec_server, ray_tmp / "b2", "--resume"), ray_tmp / "b2", 600)
-    after = dsec_server.steps()
-    logged_after = logged_steps(client, inflight)
+    before_b = dsec_server.steps()
+    landed = []
+    for i, kill in enumerate(plan):
+        proc = start_trainer(cfg_b, trainer_assets, dsec_server, ray_tmp / f"b{i}", *(["--resume"] if i else []),
+                             "--report-phases")
+        landed.append(run_to_kill(Lockstep(proc), kill, state_path, client, ray_tmp / f"b{i}"))
+    proc = start_trainer(cfg_b, trainer_assets, dsec_server, ray_tmp / "bz", "--resume", "--report-phases")
+    out = finish_lockstep(Lockstep(proc), ray_tmp / "bz")
     client.close()
-    # every step logged before the kill was answered from the log; only new steps executed
-    print(f"resume: {logged_before} steps logged before the kill, server replayed "
-          f"{after['replayed'] - before['replayed']:.0f}, executed {after['executed'] - before['executed']:.0f} new")
-    assert after["replayed"] - before["replayed"] >= logged_before, out
-    assert after["executed"] - before["executed"] == logged_after - logged_before
-    resumed = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert resumed["step"] == 2  # (its tools_replayed counts exec replays only; the server counts every kind)
+    executed_b = _executed_since(dsec_server, before_b, executed_a)
+    replayed_b = dsec_server.steps()["replayed"] - before_b["replayed"]
+    where = f"seed {SEED}, kills at: " + "; ".join(landed)
+    print(f"{where}\nresumed run: executed {executed_b:.0f} tool calls (uninterrupted {executed_a:.0f}), replayed "
+          f"{replayed_b:.0f}; {time.monotonic() - started:.0f} s")
 
+    # 0 tool calls re-executed: the killed-and-resumed run executed exactly what the uninterrupted one did
+    assert executed_b == executed_a, f"{where}\n{out[-3000:]}"
+    state = json.loads(state_path.read_text())
+    assert state["step"] == STEPS and state["inflight"] == [], where
+    # bit-identical: every step's record (one per step, re-run steps included) and the final weights
+    metrics_b = _metrics(tmp_path / "b")
+    assert [m["step"] for m in metrics_b] == list(range(1, STEPS + 1)), where
+    for a, b in zip(metrics_a, metrics_b):
+        assert {k: a[k] for k in DETERMINISTIC} == {k: b[k] for k in DETERMINISTIC}, f"{where}: step {a['step']}"
     diff = max_weight_difference(tmp_path / "a" / "learner.pt", tmp_path / "b" / "learner.pt")
     print(f"max abs weight difference resumed vs uninterrupted: {diff}")
-    assert diff == 0.0
+    assert diff == 0.0, where
