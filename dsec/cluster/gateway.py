@@ -248,12 +248,18 @@ class Gateway(pb_grpc.SandboxServiceServicer):
                     "create a new sandbox (a trajectory resumes there from its log)", reason="lost",
                 )
             return node, route
+        ended: grpc.RpcError | None = None
         for candidate in self._live_nodes():
             try:
                 info = candidate.stub.Get(pb.SandboxRef(sandbox_id=sandbox_id), timeout=10, metadata=_outgoing(context))
-            except grpc.RpcError:
+            except grpc.RpcError as exc:
+                if (ERROR_METADATA_KEY, "SandboxExpired") in tuple(exc.trailing_metadata() or ()):
+                    ended = exc  # the node that ran it says why it ended (timeout, idle, destroyed)
                 continue
             return candidate, self._record(candidate.node_id, info, _owner(context), charge=True)
+        if ended is not None:
+            raise _Relay(ended.code(), ended.details() or "sandbox expired",
+                         tuple((k, v) for k, v in (ended.trailing_metadata() or ()) if k in _RELAYED_TRAILERS))
         raise SandboxNotFound(f"sandbox {sandbox_id} not found on any node")
 
     def _live_nodes(self) -> list[Node]:

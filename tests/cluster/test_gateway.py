@@ -9,7 +9,7 @@ import pytest
 import dsec
 from dsec.cluster.gateway import Gateway, serve_gateway
 from dsec.cluster.placement import Capacity
-from dsec.errors import ImageNotFound, SandboxNotFound, SandboxStateError
+from dsec.errors import ImageNotFound, SandboxExpired, SandboxNotFound
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -62,8 +62,9 @@ def test_errors_are_relayed_typed(gateway):
         client.create("no-such-image:never")
     sb = client.create("busybox")
     sb.destroy()
-    with pytest.raises(SandboxNotFound):
+    with pytest.raises(SandboxExpired) as ended:  # the node that ran it still answers why it ended
         sb.exec("true")
+    assert ended.value.reason == "destroyed"
 
 
 def test_a_lost_node_marks_its_sandboxes_lost(gateway, node_servers):
@@ -77,8 +78,9 @@ def test_a_lost_node_marks_its_sandboxes_lost(gateway, node_servers):
     while client.connect(first.id).info.state != "lost" and time.monotonic() < deadline:
         time.sleep(0.2)
     assert client.connect(first.id).info.state == "lost"
-    with pytest.raises(SandboxStateError, match="lost"):
+    with pytest.raises(SandboxExpired, match="lost") as lost:
         first.exec("true")
+    assert lost.value.reason == "lost"
     assert second.exec("echo alive").text == "alive\n"
     replacement = client.create("busybox")
     assert running.gateway.node_of(replacement.id) != victim_node
