@@ -61,6 +61,8 @@ class HttpDoor:
             h11_max_incomplete_event_size=MAX_HEADER_BYTES,
             timeout_graceful_shutdown=5,
             ws_ping_interval=None,
+            server_header=False,  # the port proxy relays the sandbox server's own Server and Date headers:
+            date_header=False,  # uvicorn's would duplicate them
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="dsec-http", daemon=True)

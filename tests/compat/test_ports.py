@@ -84,6 +84,8 @@ def test_get_host_reaches_a_server_in_the_sandbox(dsec_http, served):
     response = httpx.get(f"{dsec_http.http_url}/index.html", headers={"Host": host})
     assert response.status_code == 200
     assert response.text == "hello from the sandbox\n"
+    assert len(response.headers.get_list("date")) == 1  # the sandbox server's, not a second one from the door
+    assert response.headers["server"].startswith("SimpleHTTP")
     by_headers = httpx.get(f"{dsec_http.http_url}/index.html", headers=routed(e2b.sandbox_id, STATIC_PORT))
     assert by_headers.status_code == 200 and by_headers.text == response.text
     missing = httpx.get(f"{dsec_http.http_url}/nope.html", headers={"Host": host})
