@@ -1,5 +1,5 @@
-"""SandboxFusion's HTTP API (`POST /run_code`, `POST /run_jupyter`, `GET /v1/ping`) on dsec, for the `sandbox-fusion` client and
-verl's SandboxFusion tool and code reward: point their endpoint at the dsec front door.
+"""SandboxFusion's HTTP API (`POST /run_code`, `POST /run_jupyter`, `GET /v1/ping`) on dsec, for the
+`sandbox-fusion` client and verl's SandboxFusion tool and code reward: point their endpoint at the dsec front door.
 
 Each call is three gRPC calls as the caller's tenant: Create a sandbox of the language's image (memory =
 `memory_limit_MB`), one Exec of the runner (dsec/compat/fusion_runner.py) and Destroy. Status codes and bodies
@@ -53,8 +53,14 @@ DEFAULT_MEMORY_MB = 1024  # memory_limit_MB <= 0: SandboxFusion's default is no 
 LABELS = {"dsec.compat": "sandbox-fusion"}
 # gRPC errors that are the caller's (or the server's load) to answer with an HTTP status; the client retries
 # non-200 answers. Anything else becomes a SandboxError body, as SandboxFusion reports failed runs.
-HTTP_ERRORS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-               grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE)  # fmt: skip
+HTTP_ERRORS = (
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNAVAILABLE,
+)
 
 
 class _HttpError(Exception):
@@ -85,8 +91,8 @@ async def _body(request: Request) -> dict:
         raise _HttpError(422, [{"type": "json_invalid", "loc": ["body", 0], "msg": "JSON decode error",
                                 "input": {}, "ctx": {"error": str(exc)[:200]}}]) from None  # fmt: skip
     if not isinstance(body, dict):
-        raise _HttpError(422, [{"type": "model_attributes_type", "loc": ["body"],
-                                "msg": "Input should be a valid dictionary or object to extract fields from"}])  # fmt: skip
+        message = "Input should be a valid dictionary or object to extract fields from"
+        raise _HttpError(422, [{"type": "model_attributes_type", "loc": ["body"], "msg": message}])
     return body
 
 
@@ -257,7 +263,8 @@ async def _ping(_request: Request) -> Response:
 
 
 async def _not_served(request: Request) -> Response:
-    return JSONResponse({"detail": f"{request.url.path} is not served by dsec's SandboxFusion API (docs/compat.md)"}, 501)
+    detail = f"{request.url.path} is not served by dsec's SandboxFusion API (docs/compat.md)"
+    return JSONResponse({"detail": detail}, 501)
 
 
 async def _http_error(_request: Request, exc: Exception) -> Response:

@@ -101,9 +101,16 @@ class RunJupyterRequest(BaseModel):
         spec = {"kernel": self.kernel, "cells": self.cells, "cell_timeout": self.cell_timeout,
                 "total_timeout": self.total_timeout}  # fmt: skip
         files = {**self.files, INPUT: base64.b64encode(json.dumps(spec).encode()).decode()}
-        return {"code": DRIVER, "language": "python", "memory_limit_MB": self.memory_limit_MB,
-                "run_timeout": min(self.total_timeout + DRIVER_SLACK_S, MAX_TIMEOUT_S), "files": files,
-                "fetch_files": [*self.fetch_files, OUTPUT], "trajectory_id": self.trajectory_id, "step": self.step}  # fmt: skip
+        return {
+            "code": DRIVER,
+            "language": "python",
+            "memory_limit_MB": self.memory_limit_MB,
+            "run_timeout": min(self.total_timeout + DRIVER_SLACK_S, MAX_TIMEOUT_S),
+            "files": files,
+            "fetch_files": [*self.fetch_files, OUTPUT],
+            "trajectory_id": self.trajectory_id,
+            "step": self.step,
+        }
 
 
 def response(outcome: Outcome) -> dict:

@@ -251,4 +251,5 @@ def parse_result(request: RunCodeRequest, result_tar: bytes) -> Outcome:
         for index, name in enumerate(request.fetch_files)
         if f"fetch/{index}" in files
     }
-    return Outcome(_phase(files, "compile", request.compile_timeout), _phase(files, "run", request.run_timeout), fetched)
+    compiled = _phase(files, "compile", request.compile_timeout)
+    return Outcome(compiled, _phase(files, "run", request.run_timeout), fetched)

@@ -117,7 +117,8 @@ def test_stdin_files_in_and_fetch_files_out(url):
 
 
 def test_bash_and_perl(url):
-    assert run(url, code='read x; echo "got $x" >&2; exit 4', language="bash", stdin="7\n").run_result.stderr == "got 7\n"
+    bash = run(url, code='read x; echo "got $x" >&2; exit 4', language="bash", stdin="7\n")
+    assert bash.run_result.stderr == "got 7\n" and bash.run_result.return_code == 4
     assert run(url, code='print "perl ", 6*7, "\\n";', language="perl").run_result.stdout == "perl 42\n"
 
 
@@ -224,7 +225,8 @@ def test_bad_input_gets_the_status_the_client_expects(url):
     assert requests.post(f"{url}/run_jupyter", json={"cells": ["1"], "kernel": "ruby"}).status_code == 422
 
 
-FUZZ = settings(max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=80, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
