@@ -216,6 +216,7 @@ class ProcessTable:
         self._ended: OrderedDict[int, ManagedProcess] = OrderedDict()
         self._lock = threading.Lock()
         self._closed = False
+        self._starting_tags: set[str] = set()  # tags of processes being spawned: unique among running ones too
 
     def start(
         self,
@@ -234,17 +235,23 @@ class ProcessTable:
         with self._lock:
             if self._closed:
                 raise SandboxStateError(f"sandbox {self.sandbox_id} is being destroyed")
-            if tag and any(p.tag == tag for p in self._running.values()):
+            if tag and (tag in self._starting_tags or any(p.tag == tag for p in self._running.values())):
                 raise InvalidSpec(f"a process tagged {tag!r} already runs in sandbox {self.sandbox_id}")
-        handle = spawn()
-        process = ManagedProcess(
-            pid=int(getattr(handle, "pid", 0)), tag=tag, argv=argv, env=env, cwd=cwd, pty=pty, handle=handle,
-            stdin=stdin,
-        )  # fmt: skip
-        subscription = process.subscribe()  # before the pump starts: the starter misses nothing
-        with self._lock:
-            self._ended.pop(process.pid, None)  # a reused pid: the new process wins
-            self._running[process.pid] = process
+            if tag:
+                self._starting_tags.add(tag)
+        try:
+            handle = spawn()
+            process = ManagedProcess(
+                pid=int(getattr(handle, "pid", 0)), tag=tag, argv=argv, env=env, cwd=cwd, pty=pty, handle=handle,
+                stdin=stdin,
+            )  # fmt: skip
+            subscription = process.subscribe()  # before the pump starts: the starter misses nothing
+            with self._lock:
+                self._ended.pop(process.pid, None)  # a reused pid: the new process wins
+                self._running[process.pid] = process
+        finally:
+            with self._lock:
+                self._starting_tags.discard(tag)
         threading.Thread(
             target=process.pump, args=(self._on_end,), daemon=True, name=f"dsec-proc-{self.sandbox_id}-{process.pid}"
         ).start()
