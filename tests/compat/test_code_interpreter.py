@@ -14,12 +14,16 @@ from e2b import Sandbox as E2BSandbox
 from e2b.exceptions import SandboxException, TimeoutException
 from e2b_code_interpreter import AsyncSandbox, Sandbox
 
+from dsec.cluster.gateway import Gateway, serve_gateway
+from dsec.cluster.placement import Capacity
+from dsec.compat.http_server import start_http_door
 from dsec.config import ServerConfig
 from dsec.images.base_images import _busybox_layer
 from dsec.images.layout import DEFAULT_PATH, write_layout
 from dsec.images.oci import START_COMMAND_LABEL
 from dsec.images.store import LayerStore
 from dsec.sdk.client import Client
+from dsec.sdk.embedded import EmbeddedServer
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -140,3 +144,26 @@ def test_a_failing_start_command_is_502_and_leaves_no_sandbox(dsec_http, tmp_pat
         assert [s.id for s in client.list() if s.spec.image == tag and s.state == "running"] == []
     finally:
         client.close()
+
+
+def test_code_interpreter_through_a_cluster_gateway(tmp_path):
+    """The door in front of a gateway: the start command comes with SandboxInfo, run_code's port streams are
+    relayed by the gateway to the sandbox's node."""
+    from compat.conftest import private_home
+
+    node = EmbeddedServer.start(private_home(tmp_path))
+    gateway = Gateway()
+    gateway.add_node("node-0", node.address, Capacity(cpus=8, memory_mb=8192, sandboxes=64))
+    running = serve_gateway(gateway, probe_interval_s=0.5)
+    door = start_http_door("127.0.0.1:0", running.address)
+    try:
+        sandbox = Sandbox.create(timeout=120, api_key="e2b_gw", api_url=door.url, sandbox_url=door.url)
+        try:
+            assert gateway.node_of(sandbox.sandbox_id) == "node-0"
+            assert sandbox.run_code("x = 20\nx * 2").text == "40"
+        finally:
+            sandbox.kill()
+    finally:
+        door.stop()
+        running.stop()
+        node.stop()
