@@ -7,6 +7,11 @@ Three comparisons, each a speed-up factor (peer p50 / dsec p50; > 1 means dsec i
   exec_vs_docker_exec       one exec round trip (`true`) in a running sandbox through the SDK against `docker exec`
                             (exec_create + exec_start + exec_inspect) in a running container of the same image.
   function_vs_subprocess    a warm `sb.call(fn)` in a function sandbox against `python3 -c` in a subprocess.
+Two warm-pool figures (docs/lifecycle.md), on the first driver, in the same run:
+  pool_create_p50_ms        create + first exec `true` of a sandbox claimed from a warm pool (the pool is
+                            refilled between samples, outside the timing; every sample must be a claim).
+  burst_100_creates_p99_s   100 creates sent at once (one thread each) with a pool of 20 ready: the p99 of the
+                            time each create took to return (80 go cold through admission control).
 Every driver (crun, runc, docker) is measured and reported. Contenders of one comparison run interleaved, one
 sample each per round, so load from other work on the machine hits all of them alike. The last line is
 key=value pairs.
@@ -23,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -152,7 +158,81 @@ def bench_function(client: dsec.Client, n: int) -> dict[str, Stats] | None:
         sb.destroy()
 
 
-def summary(drivers: list[str], create: dict[str, Stats], execs: dict[str, Stats], functions: dict[str, Stats] | None) -> dict[str, str]:
+def _wait_pool(client: dsec.Client, ready: int, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pool = client.pools.get(IMAGE)
+        if pool is not None and pool.ready >= ready:
+            return
+        if pool is not None and pool.last_error:
+            raise RuntimeError(f"warm pool refill failed: {pool.last_error}")
+        time.sleep(0.02)
+    raise RuntimeError(f"warm pool of {IMAGE} not at {ready} ready after {timeout_s:.0f}s")
+
+
+def bench_pool_create(client: dsec.Client, driver: str, n: int) -> Stats:
+    """Claim + first exec from a pool of 2; the refill of the claimed one happens outside the timed part."""
+    print("== warm pool: create (claim) + first exec true", flush=True)
+    client.pools.resize(IMAGE, 2, driver=driver)
+    samples: list[float] = []
+    try:
+        for _ in range(n):
+            _wait_pool(client, 2)
+            started = time.perf_counter()
+            sb = client.create(IMAGE, "container", driver=driver)
+            sb.exec(["true"])
+            samples.append((time.perf_counter() - started) * 1000)
+            if "pool_claim" not in sb.info.timings_ms:
+                raise RuntimeError("a create that should have been a warm-pool claim went cold")
+            sb.destroy()
+    finally:
+        client.pools.resize(IMAGE, 0, driver=driver)
+    stats = {"p50": percentile(samples, 0.5), "p99": percentile(samples, 0.99)}
+    print(f"  pool claim + exec                p50 {stats['p50']:8.2f} ms   p99 {stats['p99']:8.2f} ms   (n={n})", flush=True)
+    return stats
+
+
+def bench_burst(client: dsec.Client, driver: str, creates: int, pool_size: int) -> dict[str, float]:
+    """`creates` creates released at once by a barrier, with `pool_size` sandboxes ready in a warm pool."""
+    print(f"== burst: {creates} creates at once, warm pool of {pool_size}", flush=True)
+    client.pools.resize(IMAGE, pool_size, driver=driver)
+    _wait_pool(client, pool_size)
+    barrier = threading.Barrier(creates)
+    seconds: list[float] = [0.0] * creates
+    made: list[dsec.Sandbox | None] = [None] * creates
+    errors: list[str] = []
+
+    def one(index: int) -> None:
+        barrier.wait()
+        started = time.perf_counter()
+        try:
+            made[index] = client.create(IMAGE, "container", driver=driver)
+        except dsec.DsecError as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+        seconds[index] = time.perf_counter() - started
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(creates)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        client.pools.resize(IMAGE, 0, driver=driver)
+        for sb in made:
+            if sb is not None:
+                sb.destroy()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {creates} burst creates failed, e.g. {errors[0]}")
+    claimed = sum(1 for sb in made if sb is not None and "pool_claim" in sb.info.timings_ms)
+    result = {"p50": percentile(seconds, 0.5), "p99": percentile(seconds, 0.99), "claimed": claimed}
+    print(f"  burst create                     p50 {result['p50']:8.3f} s    p99 {result['p99']:8.3f} s    "
+          f"({claimed} served from the pool)", flush=True)
+    return result
+
+
+def summary(drivers: list[str], create: dict[str, Stats], execs: dict[str, Stats], functions: dict[str, Stats] | None,
+            pool: Stats | None = None, burst: dict[str, float] | None = None) -> dict[str, str]:
     pairs: dict[str, str] = {}
     if drivers:
         main = drivers[0]
@@ -175,6 +255,13 @@ def summary(drivers: list[str], create: dict[str, Stats], execs: dict[str, Stats
         pairs["call_p50_ms"] = f"{functions['call']['p50']:.2f}"
         pairs["call_p99_ms"] = f"{functions['call']['p99']:.2f}"
         pairs["python_subprocess_p50_ms"] = f"{functions['python3 -c']['p50']:.1f}"
+    if pool is not None:
+        pairs["pool_create_p50_ms"] = f"{pool['p50']:.2f}"
+        pairs["pool_create_p99_ms"] = f"{pool['p99']:.2f}"
+    if burst is not None:
+        pairs["burst_100_creates_p99_s"] = f"{burst['p99']:.2f}"
+        pairs["burst_100_creates_p50_s"] = f"{burst['p50']:.2f}"
+        pairs["burst_pool_claims"] = str(int(burst["claimed"]))
     return pairs
 
 
@@ -183,6 +270,8 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=40, help="rounds of create / docker run")
     parser.add_argument("--exec-n", type=int, default=200, help="rounds of exec / call")
     parser.add_argument("--drivers", default="crun,runc,docker", help="the first one is the one compared")
+    parser.add_argument("--burst", type=int, default=100, help="creates sent at once in the burst figure")
+    parser.add_argument("--burst-pool", type=int, default=20, help="warm pool size during the burst")
     args = parser.parse_args()
 
     print(f"sandbox latency on {os.cpu_count()} cores; embedded dsec server and dsec's Docker Engine", flush=True)
@@ -194,10 +283,12 @@ def main() -> int:
         create = bench_create(client, engine, tag, drivers, args.n)
         execs = bench_exec(client, engine, tag, drivers, args.exec_n)
         functions = bench_function(client, args.exec_n)
+        pool = bench_pool_create(client, drivers[0], args.n) if drivers else None
+        burst = bench_burst(client, drivers[0], args.burst, args.burst_pool) if drivers else None
     finally:
         client.close()
         engine.close()
-    pairs = summary(drivers, create, execs, functions)
+    pairs = summary(drivers, create, execs, functions, pool, burst)
     print(" ".join(f"{k}={v}" for k, v in pairs.items()), flush=True)
     return 0 if drivers and functions is not None else 1
 
