@@ -39,7 +39,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,6 +141,7 @@ class Orphans:
     nft_tables: list[str] = field(default_factory=list)  # inet tables
     registrations: list[str] = field(default_factory=list)  # registry entries dropped
     unrecorded: list[str] = field(default_factory=list)  # sandbox ids found with no registration at all
+    failures: list[str] = field(default_factory=list)  # removals that failed (retried at the next start)
 
     def __bool__(self) -> bool:
         return bool(self.cgroups or self.loops or self.qemus or self.containers or self.netns or self.veths
@@ -258,7 +259,7 @@ def _command(argv: list[str], missing_ok: bool = True) -> None:
     except subprocess.TimeoutExpired as exc:
         raise RuntimeFailure(f"orphan sweep: `{' '.join(argv)}` hung for {COMMAND_TIMEOUT_S:.0f}s") from exc
     err = proc.stderr.strip()
-    missing = any(s in err for s in ("No such file", "Cannot find device", "does not exist"))
+    missing = any(s in err for s in ("No such file", "Cannot find device", "No such device", "does not exist"))
     if proc.returncode != 0 and not (missing_ok and missing):
         raise RuntimeFailure(f"orphan sweep: `{' '.join(argv)}` failed: {err[-800:]}")
 
@@ -315,7 +316,9 @@ def _detach_loop(device: str, backing: Path) -> None:
             if exc.errno not in (errno.EBUSY, errno.ENXIO, errno.ENOENT):
                 raise RuntimeFailure(f"detaching orphaned {device} failed: {exc}") from exc
         if time.monotonic() > deadline:
-            raise RuntimeFailure(f"orphaned {device} is still attached after {LOOP_DETACH_WAIT_S:.0f}s: something holds it")
+            raise RuntimeFailure(
+                f"orphaned {device} is still attached after {LOOP_DETACH_WAIT_S:.0f}s: something holds it"
+            )
         time.sleep(0.05)
 
 
@@ -379,6 +382,8 @@ def sweep() -> Orphans:
     """
     with _exclusive():
         removed = _sweep(_Owners(_held_locks()))
+    for failure in removed.failures:
+        log.error("orphan sweep: removing %s failed; the next server start retries", failure)
     if removed:
         log.warning(
             "removed orphans of dead servers: cgroups %s, loops %s, qemu pids %s, containers %s, netns %s, veths %s, "
@@ -391,48 +396,66 @@ def sweep() -> Orphans:
 
 def _sweep(owners: _Owners) -> Orphans:
     removed = Orphans()
+    failed: set[str] = set()  # ids with a removal that failed: they stay registered, so the next start retries
+
+    def attempt(sandbox_id: str, what: str, action: Callable[[], None]) -> bool:
+        """One removal; a failure is logged and skips only this resource, never the rest of the sweep."""
+        try:
+            action()
+            return True
+        except Exception as exc:  # noqa: BLE001 - recorded and retried at the next start
+            failed.add(sandbox_id)
+            removed.failures.append(f"{what} of {sandbox_id}: {exc}")
+            return False
+
     for container, sandbox_id in _docker_containers().items():
-        if owners.gone(sandbox_id):
-            _remove_container(container)
+        if owners.gone(sandbox_id) and attempt(sandbox_id, "container", lambda c=container: _remove_container(c)):
             removed.containers.append(container)
     for pid, state_dir in _qemus().items():
-        if owners.gone(state_dir.name, state_dir):
-            _kill_pid(pid)
+        if owners.gone(state_dir.name, state_dir) and attempt(state_dir.name, "qemu", lambda p=pid: _kill_pid(p)):
             removed.qemus.append(pid)
     for sandbox_id in sorted(_cgroup_ids()):
-        if owners.gone(sandbox_id):
-            cgroups.remove(f"/{CGROUP_PARENT}/{sandbox_id}", sandbox_id)
+        remove = lambda i=sandbox_id: cgroups.remove(f"/{CGROUP_PARENT}/{i}", i)  # noqa: E731
+        if owners.gone(sandbox_id) and attempt(sandbox_id, "cgroup", remove):
             removed.cgroups.append(sandbox_id)
     for table, sandbox_id in _nft_tables().items():
-        if owners.gone(sandbox_id) and table == table_name(sandbox_id):
-            _command(["nft", "delete", "table", "inet", table])
+        delete = lambda t=table: _command(["nft", "delete", "table", "inet", t])  # noqa: E731
+        if owners.gone(sandbox_id) and table == table_name(sandbox_id) and attempt(sandbox_id, "nft table", delete):
             removed.nft_tables.append(table)
     for name, sandbox_id in _netns().items():
-        if owners.gone(sandbox_id) and name == netns_name(sandbox_id):
-            _command(["ip", "netns", "delete", name])  # the veth peer inside goes with it, and so its host end
+        delete = lambda n=name: _command(["ip", "netns", "delete", n])  # noqa: E731 - its veth peer goes with it
+        if owners.gone(sandbox_id) and name == netns_name(sandbox_id) and attempt(sandbox_id, "netns", delete):
             removed.netns.append(name)
     for slot, sandbox_id in _slot_owners().items():
         if not owners.gone(sandbox_id):
             continue
         # The slot still names the dead sandbox, and only a sweep (one at a time) releases a dead sandbox's slot:
         # the `dsh<slot>` link is its own, not a live sandbox's that claimed the slot since.
-        if Path(f"/sys/class/net/{Link(slot).host_if}").exists() and _slot_owner(slot) == sandbox_id:
-            _command(["ip", "link", "delete", Link(slot).host_if])
-            removed.veths.append(Link(slot).host_if)
+        host_if = Link(slot).host_if
+        if Path(f"/sys/class/net/{host_if}").exists() and _slot_owner(slot) == sandbox_id:
+            if not attempt(sandbox_id, "veth", lambda h=host_if: _command(["ip", "link", "delete", h])):
+                continue  # keep the slot: its link still exists
+            removed.veths.append(host_if)
         release_slot(slot, sandbox_id)
         removed.slots.append(slot)
     for device, backing in _loops().items():
-        if owners.gone(backing.parent.name, backing.parent):
-            known = owners.dead.get(backing.parent.name)
+        sandbox_id = backing.parent.name
+        if not owners.gone(sandbox_id, backing.parent):
+            continue
+        known = owners.dead.get(sandbox_id)
+
+        def detach(device: str = device, backing: Path = backing, known: Path | None = known) -> None:
             if known is not None:
                 _clean_state(backing.parent.name, known)
             _detach_loop(device, backing)
+
+        if attempt(sandbox_id, f"loop device {device}", detach):
             removed.loops.append(device)
     for claim in ALLOC_DIR.glob(".claim-*") if ALLOC_DIR.is_dir() else ():
         if owners.gone(claim.name.removeprefix(".claim-")):
             claim.unlink(missing_ok=True)
     for entry in list(REGISTRY.iterdir()) if REGISTRY.is_dir() else []:
-        if SANDBOX_ID.fullmatch(entry.name) and owners.gone(entry.name):
+        if SANDBOX_ID.fullmatch(entry.name) and entry.name not in failed and owners.gone(entry.name):
             known = owners.dead.get(entry.name)
             if known is not None:
                 _clean_state(entry.name, known)

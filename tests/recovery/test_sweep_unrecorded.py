@@ -318,3 +318,30 @@ def test_a_servers_fork_leaves_no_snapshot_and_a_user_snapshot_names_its_owner()
             sandbox.destroy()
     finally:
         _stop(server)
+
+
+def test_a_failed_removal_is_reported_and_does_not_stop_the_sweep(tmp_path):
+    """A cgroup whose removal fails (here: a non-empty host dir bind-mounted over a child cgroup, so its rmdir
+    fails) keeps its sandbox registered for the next start, while the rest of the sweep (another table) goes on."""
+    stuck, other = Leftovers(tmp_path), Leftovers(tmp_path)
+    pinned: list[Path] = []
+    try:
+        for mount, controllers in cgroups.hierarchies():
+            if "pids" in controllers.split(","):
+                child = mount / "dsec" / stuck.id / "pinned"
+                child.mkdir(parents=True)
+                stuck.cgroup_dirs[:0] = [child, child.parent]
+                subprocess.run(["mount", "--bind", str(tmp_path), str(child)], check=True)  # rmdir: EBUSY
+                pinned.append(child)
+        orphans.register(stuck.id, stuck.dir)
+        other.nft_table()
+        swept = orphans.sweep()
+        assert any(stuck.id in failure for failure in swept.failures), swept
+        assert network.table_name(other.id) in swept.nft_tables
+        assert orphans.registered_dir(stuck.id) is not None, "kept for the next start to retry"
+    finally:
+        for child in pinned:
+            subprocess.run(["umount", str(child)], check=False)
+        orphans.unregister(stuck.id)
+        stuck.remove()
+        other.remove()
