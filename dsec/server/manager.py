@@ -505,6 +505,7 @@ class SandboxManager:
                 raise SandboxStateError(f"sandbox {sandbox_id} is {sandbox.state}, not paused")
             sandbox.handle.resume()
             sandbox.state = "running"
+            sandbox.touch()  # the idle clock stood still while it was paused
             if sandbox.spec.on_timeout == "pause":  # back from its timeout's pause: a whole timeout again
                 sandbox.parked = False
                 sandbox.expires_at = time.time() + sandbox.spec.timeout_s
