@@ -101,9 +101,16 @@ def load(path: Path) -> tuple[Manifest, dict[str, Any]]:
     return manifest, data
 
 
-def reconcile(run_state: dict, manifest: Manifest | None, state_path: Path, ckpt_path: Path) -> tuple[dict, bool]:
-    """The run state to resume from, and whether the checkpoint's step was committed after the run state was
-    written (so its sandboxes still need destroying). Raises `CheckpointMismatch` on any other pairing."""
+def reconcile(run_state: dict | None, manifest: Manifest | None, state_path: Path, ckpt_path: Path
+              ) -> tuple[dict | None, bool]:
+    """The run state to resume from (None: there is nothing to resume), and whether the checkpoint's step was
+    committed after the run state was written (so its sandboxes still need destroying). Raises
+    `CheckpointMismatch` on any other pairing."""
+    if run_state is None:
+        if manifest is None:
+            return None, False
+        raise CheckpointMismatch(f"checkpoint {ckpt_path} is at step {manifest.step} but there is no run state "
+                                 f"{state_path}: restore it, or start the run again without --resume")
     step, run_id = run_state["step"], run_state["run_id"]
     if manifest is None:
         if step == 0:

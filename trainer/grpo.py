@@ -109,12 +109,13 @@ def fresh_state(cfg: ExperimentConfig) -> dict:
     return {"run_id": f"{cfg.run_name}-{secrets.token_hex(4)}", "step": 0, "cursor": cfg.sft.examples, "inflight": []}
 
 
-def _resume_state(cfg: ExperimentConfig, state_path: Path, ckpt: Path) -> tuple[dict, list[str]]:
-    """The run state to go on from (checked against the checkpoint) and sandboxes a committed step left."""
-    state = json.loads(state_path.read_text())
-    manifest = checkpoint.load(ckpt)[0] if ckpt.exists() else None
-    state, committed = checkpoint.reconcile(state, manifest, state_path, ckpt)
-    return state, checkpoint.load(ckpt)[1]["sandboxes"] if committed else []
+def _resume_state(state_path: Path, ckpt: Path) -> tuple[dict | None, list[str]]:
+    """The run state to go on from, checked against the checkpoint (None: nothing to resume), and the sandboxes
+    of a step committed just before a kill."""
+    run_state = json.loads(state_path.read_text()) if state_path.exists() else None
+    manifest, payload = checkpoint.load(ckpt) if ckpt.exists() else (None, {})
+    state, committed = checkpoint.reconcile(run_state, manifest, state_path, ckpt)
+    return state, payload["sandboxes"] if committed else []
 
 
 def _destroy(client, sandbox_ids: list[str]) -> None:
@@ -162,10 +163,8 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_path, ckpt = out / "state.json", out / "learner.pt"
-    leftover: list[str] = []
-    if resume and state_path.exists():
-        state, leftover = _resume_state(cfg, state_path, ckpt)
-    else:
+    state, leftover = _resume_state(state_path, ckpt) if resume else (None, [])
+    if state is None:
         state = fresh_state(cfg)
         ckpt.unlink(missing_ok=True)  # a previous run's checkpoint must not pair with this run's state
         checkpoint.write_json(state_path, state)

@@ -95,6 +95,7 @@ S, C = Path("out/state.json"), Path("out/learner.pt")
 
 
 def test_resume_pairs_the_checkpoint_with_the_run_state():
+    assert checkpoint.reconcile(None, None, S, C) == (None, False)  # nothing to resume: a fresh run
     assert checkpoint.reconcile(_state(0, inflight=True), None, S, C) == (_state(0, inflight=True), False)
     # killed before the commit: the step in flight is re-run from the checkpoint of the step before
     assert checkpoint.reconcile(_state(2, inflight=True), _manifest(2), S, C) == (_state(2, inflight=True), False)
@@ -109,6 +110,7 @@ def test_resume_pairs_the_checkpoint_with_the_run_state():
     (_state(2), _manifest(2, cursor=7), "cursor 7"),
     (_state(2, run_id="new"), _manifest(2, run_id="old"), "belongs to run 'old' (step 2) but the run state"),
     (_state(2), None, "is at step 2 but there is no checkpoint out/learner.pt"),
+    (None, _manifest(2), "checkpoint out/learner.pt is at step 2 but there is no run state out/state.json"),
 ])
 def test_resume_refuses_a_checkpoint_of_another_step_naming_both(state, manifest, says):
     with pytest.raises(CheckpointMismatch) as err:

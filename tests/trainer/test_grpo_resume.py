@@ -63,7 +63,7 @@ def _executed_since(server, before: dict[str, float], expected: float | None = N
     return now
 
 
-@pytest.mark.timeout(600 + 150 * KILLS)
+@pytest.mark.timeout(600 + 180 * KILLS)
 def test_kill9_at_random_points_of_the_step_then_resume_matches_uninterrupted(trainer_assets, dsec_server, tmp_path,
                                                                              ray_tmp, make_config):
     started = time.monotonic()
