@@ -177,7 +177,7 @@ class FusionRoutes:
             return _sandbox_error(str(exc))
         api = self.ctx.stub(pb_grpc.SandboxServiceStub, _api_key(request))
         memory = DEFAULT_MEMORY_MB if call.memory_limit_MB <= 0 else max(call.memory_limit_MB, MIN_MEMORY_MB)
-        spec = pb.SandboxSpec(image=recipe.image, substrate="container", resources=pb.Resources(memory_mb=memory),
+        spec = pb.SandboxSpec(image=recipe.image, substrate=call.substrate, resources=pb.Resources(memory_mb=memory),
                               timeout_s=exec_timeout(call) + 60, labels=LABELS)  # fmt: skip
         try:
             info = await api.Create(pb.CreateRequest(spec=spec))

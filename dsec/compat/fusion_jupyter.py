@@ -14,6 +14,7 @@ import json
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dsec.compat.fusion_runner import MAX_NAME, MAX_TIMEOUT_S, LanguageRecipe, Outcome
+from dsec.models import Substrate
 
 # -Xfrozen_modules=off: ipykernel's debugger warns on stderr without it
 RECIPE = LanguageRecipe("code-interpreter", "main.py", "python3 -Xfrozen_modules=off main.py")
@@ -71,7 +72,8 @@ os._exit(0)  # skip interpreter teardown: zmq's finalizers only add noise to std
 
 
 class RunJupyterRequest(BaseModel):
-    """SandboxFusion's `RunJupyterRequest` (memory_limit_MB included), plus dsec's `trajectory_id` + `step`."""
+    """SandboxFusion's `RunJupyterRequest` (memory_limit_MB included), plus dsec's `trajectory_id` + `step` and
+    `substrate`."""
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
@@ -84,6 +86,7 @@ class RunJupyterRequest(BaseModel):
     fetch_files: list[str] = Field(default_factory=list, max_length=999)
     trajectory_id: str | None = Field(None, min_length=1, max_length=512)
     step: int | None = Field(None, ge=0, lt=1 << 63)
+    substrate: Substrate = "container"
 
     @model_validator(mode="after")
     def _cells(self) -> RunJupyterRequest:
@@ -110,6 +113,7 @@ class RunJupyterRequest(BaseModel):
             "fetch_files": [*self.fetch_files, OUTPUT],
             "trajectory_id": self.trajectory_id,
             "step": self.step,
+            "substrate": self.substrate,
         }
 
 

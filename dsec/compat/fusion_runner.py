@@ -20,6 +20,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dsec.models import Substrate
+
 WORKDIR = "/tmp/dsec-fusion"  # the program's cwd; relative `files` and `fetch_files` names are under it
 OUTDIR = "/tmp/.dsec-fusion"  # the runner's results (and the program's stdin), kept apart from the program's files
 OUTPUT_CAP = 1 << 20  # per phase and stream, as SandboxFusion captures (1 MiB)
@@ -59,7 +61,7 @@ RECIPES: dict[str, LanguageRecipe] = {
 
 class RunCodeRequest(BaseModel):
     """SandboxFusion's `RunCodeRequest` (server side, memory_limit_MB included, as verl sends it), plus dsec's
-    optional `trajectory_id` + `step`: log the call as that step of a trajectory, exactly once.
+    optional `trajectory_id` + `step` (log the call as that step of a trajectory, exactly once) and `substrate`.
 
     Bounds SandboxFusion leaves open are closed here (a 422, not a failure deep in the call): timeouts are finite
     and at most a day, the memory limit fits a sandbox spec, and every string is encodable as UTF-8."""
@@ -77,6 +79,7 @@ class RunCodeRequest(BaseModel):
     args: list[str] = Field(default_factory=list)
     trajectory_id: str | None = Field(None, min_length=1, max_length=512)
     step: int | None = Field(None, ge=0, lt=1 << 63)
+    substrate: Substrate = "container"
 
     @model_validator(mode="after")
     def _utf8(self) -> RunCodeRequest:

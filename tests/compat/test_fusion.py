@@ -32,6 +32,7 @@ class DsecRunCodeRequest(RunCodeRequest):
     memory_limit_MB: int = -1
     trajectory_id: str | None = None
     step: int | None = None
+    substrate: str = "container"
 
 
 @pytest.fixture
@@ -114,6 +115,16 @@ def test_stdin_files_in_and_fetch_files_out(url):
     assert result.status == sf.RunStatus.Success, result
     assert base64.b64decode(result.files["out.txt"]) == b"alice:1024:000102"
     assert "missing.txt" not in result.files, "a file that does not exist is left out, as SandboxFusion does"
+
+
+@pytest.mark.parametrize("substrate", ["function", "microvm", "vm"])
+def test_other_substrates(url, substrate):
+    result = run(url, code="import sys; print(sys.stdin.read().upper(), open('f.txt').read())", language="python",
+                 stdin="abc", files={"f.txt": base64.b64encode(b"file").decode()}, substrate=substrate)
+    assert result.status == sf.RunStatus.Success, result
+    assert result.run_result.stdout == "ABC file\n"
+    loop = run(url, code="while True:\n    pass", language="python", run_timeout=1, substrate=substrate)
+    assert loop.run_result.status == sf.CommandRunStatus.TimeLimitExceeded
 
 
 def test_bash_and_perl(url):
