@@ -140,7 +140,9 @@ def importer_child(kind: str, corpus: Path, seconds: int, case_timeout: int, art
         from dsec.images.importers import import_docker_archive, import_oci_layout
         from dsec.images.store import LayerStore
 
-    work = Path(tempfile.mkdtemp(prefix=f"dsec-fuzz-{kind}-"))
+    work = artifacts.parent / f"work-{kind}"  # under the parent's workdir, which it removes (libFuzzer exits us)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     counter = [0]
 
     def one(data: bytes) -> None:
