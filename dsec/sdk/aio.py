@@ -64,6 +64,10 @@ class AsyncSandbox:
     async def fork(self, n: int = 1) -> list[AsyncSandbox]:
         return [AsyncSandbox(s) for s in await asyncio.to_thread(self.sync.fork, n)]
 
+    async def keep_alive(self, timeout_s: float) -> float:
+        """Extend: lives at least `timeout_s` more, never less than it already would; returns the new end."""
+        return await asyncio.to_thread(self.sync.keep_alive, timeout_s)
+
     async def destroy(self) -> None:
         await asyncio.to_thread(self.sync.destroy)
 

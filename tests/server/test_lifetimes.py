@@ -6,6 +6,7 @@ deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -101,6 +102,18 @@ def test_keep_alive_extends_and_never_shortens(client):
     sb.destroy()
     with pytest.raises(SandboxExpired):
         sb.keep_alive(60)
+
+
+def test_keep_alive_from_the_async_sdk(client):
+    async def run() -> tuple[float, float]:
+        sb = await dsec.AsyncSandbox.create("busybox", client=client, timeout_s=30)
+        try:
+            return sb.sync.info.expires_at, await sb.keep_alive(600)
+        finally:
+            await sb.destroy()
+
+    before, after = asyncio.run(run())
+    assert after >= before + 500
 
 
 def test_bad_lifetimes_are_typed_errors(client):
