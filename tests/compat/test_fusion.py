@@ -179,21 +179,32 @@ def test_jupyter_cell_timeout_interrupts(url):
     assert [c.stdout for c in result.cells] == ["before\n", ""], "the cells after the one cut are not run"
 
 
-def test_a_client_that_gives_up_ends_the_call_and_its_sandbox(url, dsec_http):
-    with pytest.raises(Exception, match="[Tt]imed? ?out"):
-        sf.run_code(RunCodeRequest(code="import time\ntime.sleep(600)", language="python", run_timeout=900),
-                    endpoint=url, max_attempts=1, client_timeout=3)
+def fusion_sandboxes_left(dsec_http) -> list[str]:
+    """The door's sandboxes still running once their destroys are done (polled; the bound is for a wedged server)."""
     client = dsec.Client(dsec_http.grpc_address)
     try:
         def running() -> list[str]:
             return [s.id for s in client.list(labels={"dsec.compat": "sandbox-fusion"}) if s.state == "running"]
 
-        deadline = time.monotonic() + 120  # a bound for a wedged server, not a guess at speed: polled, not slept
+        deadline = time.monotonic() + 120
         while running() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert running() == [], "the hung-up call's sandbox is destroyed (its program would sleep 600 s)"
+        return running()
     finally:
         client.close()
+
+
+def test_every_call_destroys_its_sandbox(url, dsec_http):
+    for code in ("print(1)", "import sys; sys.exit(2)", "while True: pass"):
+        run(url, code=code, language="python", run_timeout=1)
+    assert fusion_sandboxes_left(dsec_http) == []
+
+
+def test_a_client_that_gives_up_ends_the_call_and_its_sandbox(url, dsec_http):
+    with pytest.raises(Exception, match="[Tt]imed? ?out"):
+        sf.run_code(RunCodeRequest(code="import time\ntime.sleep(600)", language="python", run_timeout=900),
+                    endpoint=url, max_attempts=1, client_timeout=3)
+    assert fusion_sandboxes_left(dsec_http) == [], "the hung-up call's sandbox is destroyed (it would sleep 600 s)"
 
 
 def test_bad_input_gets_the_status_the_client_expects(url):
