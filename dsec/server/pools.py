@@ -18,6 +18,7 @@ Rules that keep it honest:
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -29,7 +30,7 @@ from dsec.errors import DsecError, InvalidSpec, PermissionDenied
 from dsec.models import Resources, SandboxSpec
 from dsec.server.auth import DEFAULT_TENANT
 from dsec.server.metrics import POOL_CLAIMS
-from dsec.server.state import write_sandbox_record
+from dsec.server.state import SANDBOX_RECORD, write_sandbox_record
 
 if TYPE_CHECKING:
     from dsec.server.manager import ManagedSandbox, SandboxManager
@@ -242,6 +243,11 @@ class WarmPools:
 
 
 def rewrite_record(sandbox: ManagedSandbox) -> None:
-    """The crash-cleanup record names the claimer as tenant (what re-adoption and audits read)."""
-    write_sandbox_record(sandbox.state_dir, {"driver": sandbox.driver_name, "sandbox_id": sandbox.sandbox_id,
-                                             "image": sandbox.image.digest, "tenant": sandbox.tenant})
+    """The crash-cleanup record names the claimer as tenant (what re-adoption and audits read); whatever else
+    the record holds is kept."""
+    path = sandbox.state_dir / SANDBOX_RECORD
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = {"driver": sandbox.driver_name, "sandbox_id": sandbox.sandbox_id, "image": sandbox.image.digest}
+    write_sandbox_record(sandbox.state_dir, record | {"tenant": sandbox.tenant})

@@ -5,6 +5,7 @@ never take an admission slot a user create waits for; shutdown destroys them. Ev
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -14,6 +15,7 @@ import dsec
 from dsec.config import PoolConfig, ServerConfig, parse_pool
 from dsec.server.admission import CreateAdmission
 from dsec.server.main import serve
+from dsec.server.state import SANDBOX_RECORD
 from core.leftovers import leftovers  # tests/ is on sys.path (rootdir-relative test packages)
 
 DEADLINE_S = 120.0
@@ -108,14 +110,14 @@ def test_a_claimed_sandbox_has_no_trace_of_earlier_use(client):
 def test_a_create_of_another_shape_is_cold(client):
     client.pools.resize("busybox", 1)
     try:
-        _wait_ready(client, "busybox", "container", 1)
+        claims = _wait_ready(client, "busybox", "container", 1).claims
         for options in ({"memory_mb": 256}, {"network": True}, {"workdir": "/tmp"}):
             sb = client.create("busybox", **options)
             try:
                 assert "pool_claim" not in sb.info.timings_ms, options
             finally:
                 sb.destroy()
-        assert client.pools.get("busybox").claims == 0
+        assert client.pools.get("busybox").claims == claims
     finally:
         client.pools.resize("busybox", 0)
 
@@ -149,6 +151,8 @@ def test_pooled_sandboxes_count_against_no_tenant_and_only_the_operator_resizes(
             assert alice.list() == []
             sb = alice.create("busybox")  # two pooled sandboxes exist, yet alice is under her quota of one
             assert "pool_claim" in sb.info.timings_ms
+            record = json.loads((running.manager.get(sb.id).state_dir / SANDBOX_RECORD).read_text())
+            assert record["tenant"] == "alice"  # crash cleanup and audits see the claimer
             with pytest.raises(dsec.CapacityExceeded):
                 alice.create("busybox")  # her claim counts; the pool does not hand out past her quota
             assert [s.id for s in alice.list()] == [sb.id]
