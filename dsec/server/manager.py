@@ -25,8 +25,8 @@ from dsec.models import SandboxSpec
 from dsec.server import orphans
 from dsec.server.admission import CreateAdmission
 from dsec.server.auth import DEFAULT_TENANT
-from dsec.server.lifetimes import DestroyIntents, Tombstones, crash_point, expired_error
 from dsec.server.drivers import DriverRegistry
+from dsec.server.lifetimes import DestroyIntents, Tombstones, crash_point, expired_error
 from dsec.server.metrics import CREATE_FAILURES, CREATE_SECONDS, IMAGE_RESOLVES
 from dsec.server.pools import WarmPools, rewrite_record
 from dsec.server.processes import ProcessTable
