@@ -36,17 +36,19 @@ class PoolConfig(BaseModel):
     memory_mb: int = Field(0, ge=0, le=1 << 20)
     pids: int = Field(0, ge=0, le=1 << 22)
     disk_mb: int = Field(0, ge=0, le=1 << 24)
+    network_allow: list[str] = Field(default_factory=list)  # built in at create, so part of the shape
     size: int = Field(ge=0, le=1024)
 
 
 def parse_pool(text: str) -> PoolConfig:
-    """`--pool image=busybox,substrate=container,size=4[,driver=crun,cpu=1,memory_mb=256,pids=..,disk_mb=..]`."""
-    fields: dict[str, str] = {}
+    """`--pool image=busybox,substrate=container,size=4[,driver=crun,cpu=1,memory_mb=256,pids=..,disk_mb=..,
+    network_allow=0.0.0.0/0 pypi.org:443]` (allowlist entries separated by spaces)."""
+    fields: dict[str, object] = {}
     for part in text.split(","):
         key, sep, value = part.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"pool {text!r}: expected comma-separated key=value pairs, got {part!r}")
-        fields[key.strip()] = value.strip()
+        fields[key.strip()] = value.strip().split() if key.strip() == "network_allow" else value.strip()
     return PoolConfig.model_validate(fields)
 
 

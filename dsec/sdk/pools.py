@@ -25,6 +25,7 @@ class PoolStatus:
     memory_mb: int
     pids: int
     disk_mb: int
+    network_allow: list[str]  # the egress allowlist its sandboxes are built with
     size: int  # ready sandboxes the server keeps
     ready: int  # ready now
     filling: int  # being created now
@@ -36,8 +37,9 @@ class PoolStatus:
     @classmethod
     def from_pb(cls, info: pb.PoolInfo) -> PoolStatus:
         shape, r = info.shape, info.shape.resources
-        return cls(shape.image, shape.substrate, shape.driver, r.cpu, r.memory_mb, r.pids, r.disk_mb, info.size,
-                   info.ready, info.filling, info.claims, info.misses, info.last_error, info.image_digest)
+        return cls(shape.image, shape.substrate, shape.driver, r.cpu, r.memory_mb, r.pids, r.disk_mb,
+                   list(shape.network_allow), info.size, info.ready, info.filling, info.claims, info.misses,
+                   info.last_error, info.image_digest)
 
 
 class Pools:
@@ -50,13 +52,16 @@ class Pools:
 
     def resize(
         self, image: str, size: int, *, substrate: str = "container", driver: str = "", cpu: float = 0.0,
-        memory_mb: int = 0, pids: int = 0, disk_mb: int = 0,
+        memory_mb: int = 0, pids: int = 0, disk_mb: int = 0, network_allow: list[str] | None = None,
     ) -> PoolStatus:
         """Create the pool of this shape, or resize it; size 0 removes it (its ready sandboxes are destroyed).
-        Resources left at 0 are the server's defaults, as in `client.create`."""
-        shape = pb.PoolShape(image=image, substrate=substrate, driver=driver,
+        Resources left at 0 are the server's defaults, as in `client.create`; `network_allow` is the egress
+        allowlist its sandboxes are built with (a create with the same allowlist claims one)."""
+        shape = pb.PoolShape(image=image, substrate=substrate, driver=driver, network_allow=network_allow or [],
                              resources=pb.Resources(cpu=cpu, memory_mb=memory_mb, pids=pids, disk_mb=disk_mb))
         return PoolStatus.from_pb(self.client.rpc(self.client.sandboxes.ResizePool, pb.ResizePoolRequest(shape=shape, size=size)))
 
-    def get(self, image: str, substrate: str = "container") -> PoolStatus | None:
-        return next((p for p in self.list() if p.image == image and p.substrate == substrate), None)
+    def get(self, image: str, substrate: str = "container", network_allow: list[str] | None = None) -> PoolStatus | None:
+        wanted = network_allow or []
+        return next((p for p in self.list() if p.image == image and p.substrate == substrate
+                     and p.network_allow == wanted), None)

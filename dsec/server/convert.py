@@ -76,7 +76,8 @@ def pool_config_from_pb(message: pb.ResizePoolRequest) -> PoolConfig:
     shape, r = message.shape, message.shape.resources
     try:
         return PoolConfig(image=shape.image, substrate=shape.substrate or "container", driver=shape.driver,
-                          cpu=r.cpu, memory_mb=r.memory_mb, pids=r.pids, disk_mb=r.disk_mb, size=message.size)
+                          cpu=r.cpu, memory_mb=r.memory_mb, pids=r.pids, disk_mb=r.disk_mb,
+                          network_allow=list(shape.network_allow), size=message.size)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise InvalidSpec(f"invalid pool: {problems}") from None
@@ -86,7 +87,7 @@ def pool_to_pb(pool) -> pb.PoolInfo:  # pool: dsec.server.pools.Pool
     spec = pool.spec
     return pb.PoolInfo(
         shape=pb.PoolShape(image=pool.config.image, substrate=spec.substrate, driver=pool.key.driver,
-                           resources=pb.Resources(**spec.resources.model_dump())),
+                           resources=pb.Resources(**spec.resources.model_dump()), network_allow=spec.network_allow),
         size=pool.size, ready=len(pool.ready), filling=pool.filling, claims=pool.claims, misses=pool.misses,
         last_error=pool.last_error, image_digest=pool.key.digest,
     )  # fmt: skip

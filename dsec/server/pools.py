@@ -38,8 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("dsec.server.pools")
 
 POOL_LABEL = "dsec.pool"
-# Fields of a spec that a pooled sandbox was built with; the others are identity, applied at claim.
-_BUILT_WITH = ("network", "network_allow", "workdir")
+# Fields of a spec that a sandbox is built with and pools never vary (so a claim needs their defaults); the
+# egress allowlist is built in too, and part of the shape. Everything else is identity, applied at claim.
+_BUILT_WITH = ("network", "workdir")
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,12 @@ class ShapeKey:
     digest: str
     driver: str
     resources: tuple[float, int, int, int]
+    network_allow: tuple[str, ...]
 
 
 def shape_key(digest: str, driver: str, spec: SandboxSpec) -> ShapeKey:
     r = spec.resources
-    return ShapeKey(digest, driver, (r.cpu, r.memory_mb, r.pids, r.disk_mb))
+    return ShapeKey(digest, driver, (r.cpu, r.memory_mb, r.pids, r.disk_mb), tuple(spec.network_allow))
 
 
 @dataclass
@@ -85,7 +87,7 @@ class WarmPools:
             resources = Resources(cpu=config.cpu or defaults.cpu, memory_mb=config.memory_mb or defaults.memory_mb,
                                   pids=config.pids or defaults.pids, disk_mb=config.disk_mb or defaults.disk_mb)
             return SandboxSpec(image=config.image, substrate=config.substrate, driver=config.driver, resources=resources,
-                               timeout_s=self.manager.config.default_timeout_s)
+                               network_allow=config.network_allow, timeout_s=self.manager.config.default_timeout_s)
         except ValueError as exc:
             raise InvalidSpec(f"invalid pool shape: {exc}") from None
 

@@ -6,8 +6,10 @@ never take an admission slot a user create waits for; shutdown destroys them. Ev
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -205,3 +207,71 @@ def test_a_refill_never_takes_a_slot_a_user_create_waits_for():
     assert not admission.try_background_slot(lambda: True)  # but only one of max_concurrent=1
     admission.release_background_slot()
     assert not admission.try_background_slot(lambda: False)  # and never past the server's room
+
+
+def test_an_egress_allowlist_is_part_of_the_shape(client):
+    allow = ["0.0.0.0/0"]
+    client.pools.resize("busybox", 1, network_allow=allow)
+    try:
+        assert _wait_ready_allow(client, allow).network_allow == allow
+        plain = client.create("busybox")
+        try:
+            assert "pool_claim" not in plain.info.timings_ms  # no allowlist: another shape
+        finally:
+            plain.destroy()
+        sb = client.create("busybox", network_allow=allow)
+        try:
+            assert "pool_claim" in sb.info.timings_ms
+            assert list(sb.info.spec.network_allow) == allow
+        finally:
+            sb.destroy()
+    finally:
+        client.pools.resize("busybox", 0, network_allow=allow)
+
+
+def _wait_ready_allow(client: dsec.Client, allow: list[str]):
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        pool = client.pools.get("busybox", network_allow=allow)
+        assert pool is not None and not pool.last_error, pool
+        if pool.ready == 1:
+            return pool
+        time.sleep(0.05)
+    raise AssertionError(f"allowlisted pool not ready after {DEADLINE_S}s")
+
+
+def test_an_e2b_create_through_the_door_is_served_from_a_pool(tmp_path, monkeypatch):
+    """The real e2b SDK: its default create (template base, internet on = allowlist 0.0.0.0/0) claims a pooled
+    sandbox when the node keeps a pool of that shape, with the metadata and env of the create."""
+    from e2b import Sandbox as E2BSandbox
+
+    from dsec.sdk.embedded import EmbeddedServer
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shared = Path(os.environ.get("DSEC_HOME", "/var/lib/dsec"))
+    for name in ("images", "bin", "oci", "cache"):
+        if (shared / name).exists():
+            (home / name).symlink_to(shared / name)
+    server = EmbeddedServer.start(home=home, http_listen="127.0.0.1:0",
+                                  extra_args=["--pool", "image=base,size=1,network_allow=0.0.0.0/0"])
+    try:
+        for key, value in {"E2B_API_URL": server.http_url, "E2B_SANDBOX_URL": server.http_url,
+                           "E2B_API_KEY": "e2b_dsec_test_key"}.items():
+            monkeypatch.setenv(key, value)
+        with dsec.Client(server.address) as native:
+            deadline = time.monotonic() + DEADLINE_S
+            while (pool := native.pools.get("base", network_allow=["0.0.0.0/0"])) is None or pool.ready < 1:
+                assert time.monotonic() < deadline, pool
+                time.sleep(0.05)
+            sb = E2BSandbox.create(timeout=120, metadata={"suite": "pools"}, envs={"GREETING": "hi"})
+            try:
+                info = native.connect(sb.sandbox_id).refresh()
+                assert "pool_claim" in info.timings_ms
+                assert info.spec.labels["suite"] == "pools"
+                assert sb.commands.run("echo $GREETING").stdout == "hi\n"
+            finally:
+                sb.kill()
+            assert native.pools.get("base", network_allow=["0.0.0.0/0"]).claims == 1
+    finally:
+        server.stop()
