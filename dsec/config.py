@@ -38,6 +38,7 @@ class PoolConfig(BaseModel):
     disk_mb: int = Field(0, ge=0, le=1 << 24)
     network_allow: list[str] = Field(default_factory=list)  # built in at create, so part of the shape
     size: int = Field(ge=0, le=1024)
+    max_size: int = Field(0, ge=0, le=1024)  # > size: keep up to this many when recent creates ask for them
 
 
 def parse_pool(text: str) -> PoolConfig:

@@ -33,13 +33,15 @@ class PoolStatus:
     misses: int  # creates of this shape that found it empty
     last_error: str  # why the last refill failed ("" if it did not)
     image_digest: str
+    max_size: int  # > size: follows recent demand up to this
+    target: int  # ready sandboxes it aims for now
 
     @classmethod
     def from_pb(cls, info: pb.PoolInfo) -> PoolStatus:
         shape, r = info.shape, info.shape.resources
         return cls(shape.image, shape.substrate, shape.driver, r.cpu, r.memory_mb, r.pids, r.disk_mb,
                    list(shape.network_allow), info.size, info.ready, info.filling, info.claims, info.misses,
-                   info.last_error, info.image_digest)
+                   info.last_error, info.image_digest, info.max_size, info.target)
 
 
 class Pools:
@@ -52,14 +54,16 @@ class Pools:
 
     def resize(
         self, image: str, size: int, *, substrate: str = "container", driver: str = "", cpu: float = 0.0,
-        memory_mb: int = 0, pids: int = 0, disk_mb: int = 0, network_allow: list[str] | None = None,
+        memory_mb: int = 0, pids: int = 0, disk_mb: int = 0, network_allow: list[str] | None = None, max_size: int = 0,
     ) -> PoolStatus:
         """Create the pool of this shape, or resize it; size 0 removes it (its ready sandboxes are destroyed).
         Resources left at 0 are the server's defaults, as in `client.create`; `network_allow` is the egress
-        allowlist its sandboxes are built with (a create with the same allowlist claims one)."""
+        allowlist its sandboxes are built with (a create with the same allowlist claims one). `max_size` above
+        `size` makes the pool follow demand: as many ready as creates of its shape in the last minute, up to it."""
         shape = pb.PoolShape(image=image, substrate=substrate, driver=driver, network_allow=network_allow or [],
                              resources=pb.Resources(cpu=cpu, memory_mb=memory_mb, pids=pids, disk_mb=disk_mb))
-        return PoolStatus.from_pb(self.client.rpc(self.client.sandboxes.ResizePool, pb.ResizePoolRequest(shape=shape, size=size)))
+        request = pb.ResizePoolRequest(shape=shape, size=size, max_size=max_size)
+        return PoolStatus.from_pb(self.client.rpc(self.client.sandboxes.ResizePool, request))
 
     def get(self, image: str, substrate: str = "container", network_allow: list[str] | None = None) -> PoolStatus | None:
         wanted = network_allow or []

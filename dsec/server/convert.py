@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from pydantic import ValidationError
 
 from dsec.config import PoolConfig, ServerConfig
@@ -77,7 +79,7 @@ def pool_config_from_pb(message: pb.ResizePoolRequest) -> PoolConfig:
     try:
         return PoolConfig(image=shape.image, substrate=shape.substrate or "container", driver=shape.driver,
                           cpu=r.cpu, memory_mb=r.memory_mb, pids=r.pids, disk_mb=r.disk_mb,
-                          network_allow=list(shape.network_allow), size=message.size)
+                          network_allow=list(shape.network_allow), size=message.size, max_size=message.max_size)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise InvalidSpec(f"invalid pool: {problems}") from None
@@ -89,5 +91,6 @@ def pool_to_pb(pool) -> pb.PoolInfo:  # pool: dsec.server.pools.Pool
         shape=pb.PoolShape(image=pool.config.image, substrate=spec.substrate, driver=pool.key.driver,
                            resources=pb.Resources(**spec.resources.model_dump()), network_allow=spec.network_allow),
         size=pool.size, ready=len(pool.ready), filling=pool.filling, claims=pool.claims, misses=pool.misses,
-        last_error=pool.last_error, image_digest=pool.key.digest,
+        last_error=pool.last_error, image_digest=pool.key.digest, max_size=pool.max_size,
+        target=pool.target(time.monotonic()),
     )  # fmt: skip

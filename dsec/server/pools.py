@@ -10,6 +10,8 @@ Rules that keep it honest:
 - Its identity is applied at claim: the id (minted at fill, first shown at claim, never reused), tenant,
   labels, timeout, idle timeout and env (env reaches processes through every exec's environment, built from the
   spec per call, so no restart is needed).
+- With `max_size` above `size`, a pool adapts to demand: it keeps as many ready as creates of its shape asked
+  for in the last minute (claims + misses), between `size` and `max_size`; surplus beyond that is destroyed.
 - Refills run in one background thread at most `pool_refill_per_s` a second, and only take an admission slot
   when no user create is waiting for one (`CreateAdmission.try_background_slot`), so they yield to users.
 - Pooled sandboxes have state dirs and registry entries like any other: a crash leaves nothing the next start
@@ -22,6 +24,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,6 +39,8 @@ if TYPE_CHECKING:
     from dsec.server.manager import ManagedSandbox, SandboxManager
 
 log = logging.getLogger("dsec.server.pools")
+
+DEMAND_WINDOW_S = 60.0  # an adaptive pool keeps as many ready as creates of its shape in this window
 
 POOL_LABEL = "dsec.pool"
 # Fields of a spec that a sandbox is built with and pools never vary (so a claim needs their defaults); the
@@ -62,6 +67,7 @@ class Pool:
     spec: SandboxSpec  # what its sandboxes are created with
     key: ShapeKey
     size: int
+    max_size: int = 0  # > size: adapt to demand up to this
     ready: list[ManagedSandbox] = field(default_factory=list)
     filling: int = 0
     claims: int = 0
@@ -69,6 +75,21 @@ class Pool:
     last_error: str = ""
     failures: int = 0  # consecutive refill failures (backoff)
     retry_at: float = 0.0
+    demand: deque[float] = field(default_factory=deque)  # monotonic times of recent claims and misses
+
+    def note_demand(self, now: float) -> None:
+        self.demand.append(now)
+        while self.demand and self.demand[0] < now - DEMAND_WINDOW_S:
+            self.demand.popleft()
+        while len(self.demand) > max(self.max_size, self.size, 1):
+            self.demand.popleft()  # more than max_size changes nothing: stay bounded
+
+    def target(self, now: float) -> int:
+        """How many ready sandboxes to keep now: `size`, or up to `max_size` following recent demand."""
+        if self.max_size <= self.size:
+            return self.size
+        recent = sum(1 for t in self.demand if t >= now - DEMAND_WINDOW_S)
+        return min(self.max_size, max(self.size, recent))
 
 
 class WarmPools:
@@ -105,8 +126,9 @@ class WarmPools:
             if pool is None:
                 pool = Pool(config=config, spec=spec, key=key, size=config.size)
                 self._pools[key] = pool
-            pool.size = config.size
-            surplus = pool.ready[pool.size:] if len(pool.ready) > pool.size else []
+            pool.size, pool.max_size = config.size, config.max_size if config.size else 0
+            keep = pool.target(time.monotonic())
+            surplus = pool.ready[keep:] if len(pool.ready) > keep else []
             del pool.ready[len(pool.ready) - len(surplus):]
             if pool.size == 0 and not pool.filling:
                 del self._pools[key]
@@ -143,6 +165,7 @@ class WarmPools:
             pool = self._pools.get(key)
             if pool is None:
                 return None
+            pool.note_demand(time.monotonic())
             if not pool.ready:
                 pool.misses += 1
                 POOL_CLAIMS.labels("miss").inc()
@@ -171,17 +194,33 @@ class WarmPools:
 
     def _next_short(self) -> Pool | None:
         now = time.monotonic()
-        short = [p for p in self._pools.values() if len(p.ready) + p.filling < p.size and p.retry_at <= now]
-        return min(short, key=lambda p: (len(p.ready) + p.filling) / p.size) if short else None
+        short = [p for p in self._pools.values() if len(p.ready) + p.filling < p.target(now) and p.retry_at <= now]
+        return min(short, key=lambda p: (len(p.ready) + p.filling) / p.target(now)) if short else None
+
+    def _take_surplus(self) -> list[ManagedSandbox]:
+        """Ready sandboxes beyond their pool's target (an adaptive pool whose demand fell)."""
+        now, surplus = time.monotonic(), []
+        for pool in self._pools.values():
+            while len(pool.ready) > pool.target(now):
+                surplus.append(pool.ready.pop(0))
+        return surplus
 
     def _refill_loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and (pool := self._next_short()) is None:
-                    self._cond.wait(timeout=1.0)  # wakes for claims/resizes; the timeout re-checks backoffs
-                if self._stop:
-                    return
-                pool.filling += 1
+                pool, surplus = self._next_short(), self._take_surplus()
+                while not self._stop and pool is None and not surplus:
+                    self._cond.wait(timeout=1.0)  # wakes for claims/resizes; the timeout re-checks backoffs/demand
+                    pool, surplus = self._next_short(), self._take_surplus()
+                stopping = self._stop
+                if pool is not None and not stopping:
+                    pool.filling += 1
+            for sandbox in surplus:
+                self._discard(sandbox, "demand fell")
+            if stopping:
+                return
+            if pool is None:
+                continue
             try:
                 self._fill_one(pool)
             finally:
@@ -215,7 +254,7 @@ class WarmPools:
         finally:
             admission.release_background_slot()
         with self._cond:
-            keep = not self._stop and pool.size > len(pool.ready)
+            keep = not self._stop and pool.target(time.monotonic()) > len(pool.ready)
             if keep:
                 pool.ready.append(sandbox)
                 pool.failures, pool.last_error = 0, ""

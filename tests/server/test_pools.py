@@ -17,6 +17,7 @@ import dsec
 from dsec.config import PoolConfig, ServerConfig, parse_pool
 from dsec.server.admission import CreateAdmission
 from dsec.server.main import serve
+from dsec.server.pools import DEMAND_WINDOW_S, Pool
 from dsec.server.state import SANDBOX_RECORD
 from core.leftovers import leftovers  # tests/ is on sys.path (rootdir-relative test packages)
 
@@ -275,3 +276,28 @@ def test_an_e2b_create_through_the_door_is_served_from_a_pool(tmp_path, monkeypa
             assert native.pools.get("base", network_allow=["0.0.0.0/0"]).claims == 1
     finally:
         server.stop()
+
+
+def test_an_adaptive_pool_follows_recent_demand(client):
+    client.pools.resize("busybox", 1, max_size=3)
+    made: list[dsec.Sandbox] = []
+    try:
+        _wait_ready(client, "busybox", "container", 1)
+        made = [client.create("busybox") for _ in range(3)]  # one claim, then two misses: demand of three
+        assert sum("pool_claim" in sb.info.timings_ms for sb in made) >= 1
+        status = _wait_ready(client, "busybox", "container", 3)
+        assert status.target == 3 and status.max_size == 3
+    finally:
+        for sb in made:
+            sb.destroy()
+        client.pools.resize("busybox", 0)
+
+
+def test_demand_decays_to_the_base_size():
+    pool = Pool(config=PoolConfig(image="busybox", size=1, max_size=3), spec=dsec.SandboxSpec(), key=None,
+                size=1, max_size=3)
+    for t in (100.0, 101.0, 102.0, 103.0, 104.0):
+        pool.note_demand(t)
+    assert pool.target(104.0) == 3  # capped at max_size
+    assert pool.target(104.0 + DEMAND_WINDOW_S + 1) == 1  # a quiet minute later: back to size
+    assert len(pool.demand) <= 3  # the demand record stays bounded
