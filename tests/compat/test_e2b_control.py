@@ -122,6 +122,7 @@ def test_set_timeout_extends_and_a_short_timeout_kills(e2b_env):
         assert (info.end_at - info.started_at).total_seconds() > 500
         sb.set_timeout(1)
         _wait_gone(sb.sandbox_id)
+        assert sb.is_running() is False  # envd /health answers 502 for an ended sandbox, as E2B's proxy does
     finally:
         sb.kill()
 

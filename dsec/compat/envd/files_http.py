@@ -62,7 +62,7 @@ def http_error(exc: grpc.RpcError) -> HttpError:
     """The envd status for a backend error; a missing sandbox is 502 "... was not found" like E2B's proxy."""
     name = error_name(exc)
     message = grpc_message(exc) or grpc_code(exc).name
-    if name == "SandboxNotFound":
+    if name in ("SandboxNotFound", "SandboxExpired"):  # ended (timeout, idle, killed, lost) reads as gone, as on E2B
         return HttpError(502, f"{message}: the sandbox was not found")
     if name == "DiskFull":
         return HttpError(507, message)
