@@ -112,7 +112,8 @@ class Gateway:
         self._lock = threading.Lock()
 
     # -- prompt ------------------------------------------------------------------------------------------
-    def prompt(self, req: ChatRequest, trajectory_id: str) -> tuple[list[int], list[int], list[float | None], list[str]]:
+    def prompt(self, req: ChatRequest, trajectory_id: str
+               ) -> tuple[list[int], list[int], list[float | None], list[str]]:
         """Prompt ids, piecewise like a rollout; assistant turns this gateway sampled come back as their exact ids
         (mask 1, with their log-probs), unless V4's rendering drops their reasoning, which the ids contain."""
         messages = to_v4(req.messages)
@@ -223,7 +224,8 @@ class Gateway:
             logprobs = None
             if req.logprobs:
                 logprobs = {"content": [
-                    {**self._token(t, lp), "top_logprobs": [self._token(a, alp) for a, alp in (c.top[j] if c.top else [])]}
+                    {**self._token(t, lp),
+                     "top_logprobs": [self._token(a, alp) for a, alp in (c.top[j] if c.top else [])]}
                     for j, (t, lp) in enumerate(zip(c.ids, c.logprobs))]}
             out.append({"index": i, "message": message, "finish_reason": c.finish_reason, "logprobs": logprobs,
                         "token_ids": c.ids})
@@ -237,16 +239,21 @@ class Gateway:
 def _chunks(resp: dict[str, Any]) -> Iterator[str]:
     """A finished completion as chat.completion.chunk events: role + content, tool calls, finish, [DONE]."""
     base = {"id": resp["id"], "object": "chat.completion.chunk", "created": resp["created"], "model": resp["model"]}
+
+    def event(index: int, delta: dict[str, Any], finish: str | None, **extra: Any) -> str:
+        choice = {"index": index, "delta": delta, "finish_reason": finish, **extra}
+        return f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
+
     for c in resp["choices"]:
         m = c["message"]
         delta: dict[str, Any] = {"role": "assistant", "content": m["content"] or ""}
         if m.get("reasoning_content"):
             delta["reasoning_content"] = m["reasoning_content"]
-        yield f"data: {json.dumps({**base, 'choices': [{'index': c['index'], 'delta': delta, 'logprobs': c['logprobs'], 'finish_reason': None}]})}\n\n"
+        yield event(c["index"], delta, None, logprobs=c["logprobs"])
         if m.get("tool_calls"):
-            calls = [{"index": k, **call} for k, call in enumerate(m["tool_calls"])]
-            yield f"data: {json.dumps({**base, 'choices': [{'index': c['index'], 'delta': {'tool_calls': calls}, 'finish_reason': None}]})}\n\n"
-        yield f"data: {json.dumps({**base, 'choices': [{'index': c['index'], 'delta': {}, 'finish_reason': c['finish_reason']}]})}\n\n"
+            yield event(c["index"], {"tool_calls": [{"index": k, **call} for k, call in enumerate(m["tool_calls"])]},
+                        None)
+        yield event(c["index"], {}, c["finish_reason"])
     yield "data: [DONE]\n\n"
 
 

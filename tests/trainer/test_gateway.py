@@ -25,7 +25,7 @@ from trainer.data import corpus, demo_pieces, problems, tokenize_pieces
 from trainer.encoding import USER
 from trainer.learner import Learner
 from trainer.policy import build_policy
-from trainer.rollout import Rollout
+from trainer.rollout import Rollout, prompt_ids
 from trainer.sft import train_sft
 from trainer.tasks import get_task
 from trainer.tokenizer import V4Tokenizer, train
@@ -42,8 +42,8 @@ def overfit(tmp_path_factory) -> dict:
     tok.save(out / "tokenizer.json")
     problem = problems(["arithmetic"], "train", 1, 0)[0]
     model = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
-    train_sft(model, [tokenize_pieces(tok, demo_pieces(problem, "non-think"))], SFTConfig(steps=60, batch_size=1, lr=1e-2),
-              tok.pad_id, 0)
+    demo = tokenize_pieces(tok, demo_pieces(problem, "non-think"))
+    train_sft(model, [demo], SFTConfig(steps=60, batch_size=1, lr=1e-2), tok.pad_id, 0)
     torch.save(model.state_dict(), out / "policy.pt")
     return {"tokenizer": out / "tokenizer.json", "weights": out / "policy.pt", "problem": problem}
 
@@ -105,6 +105,8 @@ def test_harness_through_the_gateway_yields_exact_samples_and_tools_run_once(gat
             after_first = dsec_server.steps()
             # turn 1: a DSML tool call, parsed into OpenAI tool_calls; turn 2: the answer copied from the result
             call_turn, answer_turn = first[0].choices[0], first[-1].choices[0]
+            # OpenAI tools rendered by trainer.encoding: the very prompt ids a dsec rollout of this problem starts from
+            assert first[0].model_extra["prompt_token_ids"] == prompt_ids(tok, problem, "non-think")
             assert call_turn.finish_reason == "tool_calls"
             assert call_turn.message.tool_calls[0].function.name == "run_python"
             assert json.loads(call_turn.message.tool_calls[0].function.arguments) == {
@@ -172,6 +174,10 @@ def test_grouping_n_choices_and_streaming(gateway, overfit):
                                              temperature=0, max_tokens=96, stream=True))
     calls = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
     assert chunks[-1].choices[0].finish_reason == "tool_calls" and calls[0].function.name == "run_python"
+
+    raw = oa.chat.completions.create(model=MODEL, messages=messages, tools=_openai_tools("arithmetic"),
+                                     tool_choice="none", temperature=0, max_tokens=96).choices[0]
+    assert raw.finish_reason == "stop" and not raw.message.tool_calls and "run_python" in raw.message.content
 
 
 @pytest.mark.timeout(300)

@@ -40,8 +40,8 @@ def rollouts_and_model(trainer_assets, dsec_server):
             for i, p in enumerate(problems(["arithmetic", "fix_module"], "train", 2, 0) * 2)]
     jobs.sort(key=lambda j: j[0])
     with dsec.Client(address=dsec_server.address) as client:
-        out = run_rollouts(model, tok, client, jobs, RolloutConfig(max_turns=2, max_new_tokens=40, max_total_tokens=400),
-                           SandboxConfig(image="python"), seed=0)
+        cfg = RolloutConfig(max_turns=2, max_new_tokens=40, max_total_tokens=400)
+        out = run_rollouts(model, tok, client, jobs, cfg, SandboxConfig(image="python"), seed=0)
     return out, model, tok
 
 

@@ -58,7 +58,8 @@ class DsecToolEnv(BaseTextEnv):
             raise ValueError("DsecToolEnv needs extras['problem'] (a trainer.tasks Problem) and "
                              "extras['trajectory_id'] (stable across a resumed run: it is what makes calls run once)")
         problem = extras["problem"]
-        self.problem = Problem.model_validate_json(problem) if isinstance(problem, str) else Problem.model_validate(problem)
+        self.problem = (Problem.model_validate_json(problem) if isinstance(problem, str)
+                        else Problem.model_validate(problem))
         self.task = get_task(self.problem.family)
         self.trajectory_id = str(extras["trajectory_id"])
         cfg = env_config or {}
