@@ -348,7 +348,13 @@ class Sandbox:
         if reply.error_type == "CallTimeout":
             raise CallTimeout(f"call to {getattr(fn, '__name__', fn)} in sandbox {self.id} exceeded {timeout}s")
         if reply.error_type in ("MemoryError", "OutOfMemory"):
-            raise OutOfMemory(f"call to {getattr(fn, '__name__', fn)} in sandbox {self.id} ran out of memory:\n{reply.traceback}")
+            # name the limit that was hit, as an exec's OutOfMemory does: the call's extra allowance or the sandbox's
+            limit = self.info.spec.resources.memory_mb
+            which = f"call allowance {memory_mb} MB above the worker's size" if memory_mb else f"sandbox memory limit {limit} MB"
+            raise OutOfMemory(
+                f"call to {getattr(fn, '__name__', fn)} in sandbox {self.id} ran out of memory ({which}):\n{reply.traceback}",
+                memory_limit_mb=memory_mb or limit,
+            )
         try:
             error = decode_result(reply.result, self.trust_results) if reply.result else None
         except Exception:  # noqa: BLE001 - unsafe or unknown exception class: fall back to the traceback text
