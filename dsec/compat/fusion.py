@@ -17,6 +17,7 @@ import base64
 import binascii
 import json
 import logging
+import time
 from typing import Any, TypeVar
 
 import grpc
@@ -41,6 +42,7 @@ from dsec.compat.fusion_runner import (
     recipe_for,
     runner_argv,
 )
+from dsec.errors import RETRY_AFTER_METADATA_KEY
 from dsec.v1 import sandbox_pb2 as pb
 from dsec.v1 import sandbox_pb2_grpc as pb_grpc
 
@@ -48,6 +50,7 @@ log = logging.getLogger("dsec.compat.fusion")
 M = TypeVar("M", bound=BaseModel)
 
 MAX_BODY = 64 << 20  # base64 files ride in the JSON body; the exec's stdin (the payload) is capped at 64 MiB too
+ADMISSION_WAIT_S = 60.0  # how long a call waits for sandbox capacity before answering 504
 MIN_MEMORY_MB = 64  # below this not even the runner and python3 start; smaller limits are raised to it
 DEFAULT_MEMORY_MB = 1024  # memory_limit_MB <= 0: SandboxFusion's default is no limit of its own
 LABELS = {"dsec.compat": "sandbox-fusion"}
@@ -180,10 +183,9 @@ class FusionRoutes:
         memory = DEFAULT_MEMORY_MB if call.memory_limit_MB <= 0 else max(call.memory_limit_MB, MIN_MEMORY_MB)
         spec = pb.SandboxSpec(image=recipe.image, substrate=call.substrate, resources=pb.Resources(memory_mb=memory),
                               timeout_s=exec_timeout(call) + 60, labels=LABELS)  # fmt: skip
-        try:
-            info = await api.Create(pb.CreateRequest(spec=spec))
-        except grpc.RpcError as exc:
-            return self._grpc_answer(exc, f"creating a {recipe.image!r} sandbox for {call.language}")
+        info = await self._create(api, spec)
+        if isinstance(info, Response):
+            return info
         answered = False
         try:
             work = asyncio.ensure_future(self._exec(api, info.id, call, stdin, argv))
@@ -202,6 +204,23 @@ class FusionRoutes:
                 self._destroy_soon(api, info.id)
             else:
                 await asyncio.shield(self._destroy(api, info.id))
+
+    async def _create(self, api: Any, spec: pb.SandboxSpec) -> pb.SandboxInfo | Response:
+        """Create the call's sandbox, waiting out dsec's admission answers (RESOURCE_EXHAUSTED + retry-after) for
+        up to ADMISSION_WAIT_S as dsec's SDK does: verl retries only a 504, so a burst beyond the server's
+        capacity queues here instead of failing its rewards; past the wait the answer is that 504."""
+        give_up = time.monotonic() + ADMISSION_WAIT_S
+        while True:
+            try:
+                return await api.Create(pb.CreateRequest(spec=spec))
+            except grpc.RpcError as exc:
+                if grpc_code(exc) != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    return self._grpc_answer(exc, f"creating a {spec.image!r} sandbox")
+                delay = _retry_after(exc)
+                if time.monotonic() + delay > give_up:
+                    detail = f"no sandbox capacity within {ADMISSION_WAIT_S:.0f} s: {grpc_message(exc)}"
+                    return JSONResponse({"detail": detail}, 504)
+                await asyncio.sleep(delay)
 
     async def _exec(self, api: Any, sandbox_id: str, call: RunCodeRequest, stdin: bytes,
                     argv: list[str]) -> Outcome | Response:  # fmt: skip
@@ -249,6 +268,17 @@ class FusionRoutes:
         if grpc_code(exc) in HTTP_ERRORS:
             return JSONResponse({"detail": text}, http_status_for(exc))
         return _sandbox_error(text)
+
+
+def _retry_after(exc: grpc.RpcError) -> float:
+    """dsec's retry-after hint (trailing metadata), bounded; 1 s when absent."""
+    try:
+        for key, value in exc.trailing_metadata() or ():
+            if key == RETRY_AFTER_METADATA_KEY:
+                return min(max(float(value), 0.05), 10.0)
+    except (TypeError, ValueError):
+        pass
+    return 1.0
 
 
 async def _hung_up(request: Request) -> None:

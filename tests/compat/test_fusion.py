@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import json
 import shutil
 import tempfile
@@ -289,6 +290,29 @@ def test_fuzz_run_code_and_jupyter_never_5xx(url, route, body):
 
 def test_server_answers_after_the_fuzz(url):
     assert run(url, code="print('still here')", language="python").run_result.stdout == "still here\n"
+
+
+def test_calls_beyond_the_servers_capacity_wait_for_it():
+    """With room for one sandbox, calls made while one runs wait for dsec's admission instead of failing (verl
+    would count a refusal as a failed reward)."""
+    root = Path(tempfile.mkdtemp(prefix="dcq-", dir="/tmp"))
+    server = start_dsec_http(root, ["--max-sandboxes", "1"])
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            first = pool.submit(run, server.http_url, code="import time; time.sleep(3); print('first')",
+                                language="python")
+            client = dsec.Client(server.grpc_address)
+            try:
+                while not client.list(labels={"dsec.compat": "sandbox-fusion"}) and not first.done():
+                    time.sleep(0.05)  # polled: the protocol point is the first call's sandbox existing
+            finally:
+                client.close()
+            others = [pool.submit(run, server.http_url, code=f"print({i})", language="python") for i in range(3)]
+            assert first.result().run_result.stdout == "first\n"
+            assert [f.result().run_result.stdout for f in others] == ["0\n", "1\n", "2\n"]
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_auth_on_the_key_rides_in_the_endpoint_url():
