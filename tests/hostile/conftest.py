@@ -87,15 +87,15 @@ def case(request):
 
 @pytest.fixture
 def spawn(hostile_client, case):
-    """Create sandboxes of the current case with given limits; all destroyed at teardown."""
+    """Create sandboxes of the current case with given limits (and another image if asked); all destroyed at teardown."""
     created = []
     _, substrate, driver, image = case
 
-    def make(**limits):
+    def make(image_override: str = "", **limits):
         limits.setdefault("memory_mb", 256)
         if is_vm(case):
             limits["memory_mb"] = VM_MEMORY_MB
-        sandbox = hostile_client.create(image, substrate, driver=driver, timeout_s=600, **limits)
+        sandbox = hostile_client.create(image_override or image, substrate, driver=driver, timeout_s=600, **limits)
         created.append(sandbox)
         return sandbox
 

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from . import test_hostile
+from . import test_escapes_files, test_escapes_kernel, test_escapes_network, test_escapes_tenancy, test_hostile
 from .conftest import CASES
 from .table import Row, load, report, tally
 
 REPO = Path(__file__).resolve().parents[2]
 LOAD_BENCH = REPO / "bench" / "load.py"
+ATTEMPT_MODULES = (test_hostile, test_escapes_kernel, test_escapes_files, test_escapes_network, test_escapes_tenancy)
 ATTEMPT_TESTS = [
-    name for name, fn in vars(test_hostile).items()
+    name for module in ATTEMPT_MODULES for name, fn in vars(module).items()
     if name.startswith("test_") and callable(fn) and "case" in inspect.signature(fn).parameters
 ]  # fmt: skip
 DEFINED_COUNT = len(CASES) * len(ATTEMPT_TESTS)
@@ -38,6 +40,14 @@ def _full_run() -> tuple[list[Row], list[tuple[str, str]]]:
     defined = [(case.values[0][0], test) for case in CASES for test in ATTEMPT_TESTS]
     rows = [Row(case, test.removeprefix("test_"), "contained", True, test=test) for case, test in defined]
     return rows, defined
+
+
+def test_every_module_with_attempts_is_counted_here():
+    """A new attempt file must join ATTEMPT_MODULES, or the bench's expected count below would fall short of it."""
+    listed = {module.__name__.rsplit(".", 1)[1] for module in ATTEMPT_MODULES}
+    for path in Path(__file__).parent.glob("test_*.py"):
+        if re.search(r"^def test_\w+\(case\b", path.read_text(), re.M):
+            assert path.stem in listed, f"{path.name} defines attempts but is not in ATTEMPT_MODULES"
 
 
 def test_tally_names_every_missing_attempt():
