@@ -13,7 +13,9 @@ command (also a loop of shell builtins), so the shell goes on to print the end l
 survives SIGINT gets SIGKILL after `INTERRUPT_GRACE_S`: a helper process in the sandbox kills the processes
 of the shell's group that started after the command did (background jobs of earlier commands live on). A
 shell that still does not answer is killed, and only then does the session end. `on_timeout="kill_session"`
-keeps the old behaviour: the timeout kills the shell and ends the session.
+keeps the old behaviour: the timeout kills the shell and ends the session. One limit of the trap: a command cut
+inside a shell function of the user's own returns from that function only; what runs after it in the same
+command is cut by the SIGKILL stage (or, for a loop of builtins, by ending the session).
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ return "$__dsec_r"
 __dsec_rc=0
 """
 
-# Run by the shell when the command survived SIGINT: kill what the shell's group started after the command
-# did. Fields after "comm) " in /proc/<pid>/stat: $3 = process group, $20 = start time in clock ticks.
+# Run by a helper shell spawned in the sandbox when the command survived SIGINT: kill what the session shell's
+# group started after the command did. Fields after "comm) " in /proc/<pid>/stat: $3 = process group, $20 = start time in clock ticks.
 _KILL_LATE = """pg=$1; t=$2
 for f in /proc/[0-9]*/stat; do
   read -r s < "$f" 2>/dev/null || continue
