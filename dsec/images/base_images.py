@@ -204,20 +204,23 @@ def build_base(store: LayerStore, tag: str = "base") -> ImageRecord:
     return build(store, BuildSpec("python").run(BASE_USER_COMMAND), tag=tag).record
 
 
-# The code-interpreter template: IPython kernels (Debian's ipykernel + jupyter_client) behind dsec's own kernel server
+# The code-interpreter template: IPython kernels (Debian's ipykernel + jupyter_client) behind dsec's own kernel
+# server. No data stack: Debian's numpy/pandas/matplotlib pull in scipy, sympy, boost and BLAS headers (1.4 GB);
+# install what a task needs in the sandbox, or build an image on top of this one.
 CODE_INTERPRETER_PACKAGES = (PYTHON_PACKAGE, "python3-ipykernel", "python3-jupyter-client")
 KERNEL_SERVER = Path(__file__).with_name("kernel_server.py")
 KERNEL_SERVER_PATH = "opt/dsec/kernel_server.py"
 
 
 def build_code_interpreter(store: LayerStore, tag: str = "code-interpreter") -> ImageRecord:
-    """E2B's `code-interpreter` template: python3 with IPython kernels and `kernel_server.py` (the routes
-    `e2b-code-interpreter` calls on port 49999), E2B's user `user`, workdir /home/user. Its start command (label
-    dev.dsec.start-command) starts the server and returns once it serves: the E2B door runs it at create
-    (docs/ports.md). Two layers:
-    the shared minbase, and everything else installed by apt in a chroot (no network inside a build sandbox)."""
-    # the start command names the server's content hash, so an image with an older kernel_server.py is rebuilt
-    build_id = hashlib.sha256(KERNEL_SERVER.read_bytes()).hexdigest()[:16]
+    """E2B's `code-interpreter` template: python3 with IPython kernels and
+    `kernel_server.py` (the routes `e2b-code-interpreter` calls on port 49999), E2B's user `user`, workdir
+    /home/user. Its start command (label dev.dsec.start-command) starts the server and returns once it serves:
+    the E2B door runs it at create (docs/ports.md). Two layers: the shared minbase, and everything else
+    installed by apt in a chroot (no network inside a build sandbox)."""
+    # the start command names a hash of the server and the package list, so an older image is rebuilt
+    build_id = hashlib.sha256(KERNEL_SERVER.read_bytes() + " ".join(CODE_INTERPRETER_PACKAGES).encode()).hexdigest()
+    build_id = build_id[:16]
     start = ["python3", f"/{KERNEL_SERVER_PATH}", "--daemon", "--build", build_id]
     record = _already(store, tag)
     if record is not None and record.config.start_command == start:
