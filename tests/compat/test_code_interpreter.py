@@ -137,12 +137,13 @@ def test_a_failing_start_command_is_502_and_leaves_no_sandbox(dsec_http, tmp_pat
         store.import_oci_layout(layout, tag=tag)
     finally:
         store.close()
-    with pytest.raises(SandboxException, match="no kernel here"):
-        E2BSandbox.create(template=tag, **_options(dsec_http))
     client = Client(dsec_http.grpc_address, token=dsec_http.api_key)
     try:
+        with pytest.raises(SandboxException, match="no kernel here"):
+            E2BSandbox.create(template=tag, **_options(dsec_http))
         assert [s.id for s in client.list() if s.spec.image == tag and s.state == "running"] == []
     finally:
+        client.images.rm(tag)
         client.close()
 
 
