@@ -41,10 +41,13 @@ class PortConnection:
         self._lock = threading.Lock()
         stub = ppb_grpc.PortServiceStub(client.channel)
         self._call = stub.ForwardPort(self._requests(), metadata=client.metadata)
-        first = self._next(connect_timeout_s)
-        if first is None or first.WhichOneof("kind") != "opened":
-            self._call.cancel()
-            raise RuntimeFailure(f"port {port} of sandbox {sandbox_id}: the server did not confirm the connection")
+        try:
+            first = self._next(connect_timeout_s)
+            if first is None or first.WhichOneof("kind") != "opened":
+                raise RuntimeFailure(f"port {port} of sandbox {sandbox_id}: the server did not confirm the connection")
+        except BaseException:
+            self.close()  # ends the request stream too: gRPC's thread reading it must not wait forever
+            raise
 
     def _requests(self) -> Iterator[ppb.PortChunk]:
         while (message := self._outgoing.get()) is not _END:
