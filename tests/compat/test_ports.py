@@ -22,7 +22,7 @@ from websockets.exceptions import InvalidStatus
 
 from dsec.cluster.gateway import Gateway, serve_gateway
 from dsec.cluster.placement import Capacity
-from dsec.errors import InvalidSpec, PortUnreachable, SandboxNotFound, Unsupported
+from dsec.errors import InvalidSpec, PortUnreachable, SandboxExpired, Unsupported
 from dsec.sdk.client import Client
 from dsec.sdk.embedded import EmbeddedServer
 from dsec.sdk.sandbox import Sandbox
@@ -299,7 +299,7 @@ def test_gateway_forwards_port_streams(tmp_path):
         assert 'dsec_port_connections_total{outcome="PortUnreachable"}' in metrics
         assert 'dsec_port_bytes_total{direction="out"}' in metrics
         sandbox.destroy()
-        with pytest.raises(SandboxNotFound):
+        with pytest.raises(SandboxExpired):  # a typed error naming the sandbox's end, relayed by the gateway
             sandbox.connect_port(STATIC_PORT)
     finally:
         client.close()
