@@ -304,6 +304,14 @@ def build_app(gateway: Gateway) -> Starlette:
             return _error(GatewayError(404, f"no requests were recorded for trajectory {tid!r}", code="not_found"))
         return JSONResponse({"trajectory_id": tid, "reward": value})
 
+    async def forget(request: Request) -> Response:
+        tid = request.path_params["tid"]
+        try:
+            turns = gateway.recorder.forget(tid)
+        except KeyError:
+            return _error(GatewayError(404, f"no requests were recorded for trajectory {tid!r}", code="not_found"))
+        return JSONResponse({"trajectory_id": tid, "deleted_turns": turns})
+
     async def trajectories(request: Request) -> Response:
         return JSONResponse({"trajectory_ids": gateway.recorder.trajectory_ids()})
 
@@ -320,6 +328,7 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/v1/trajectories", trajectories, methods=["GET"]),
         Route("/v1/trajectories/{tid:path}/samples", samples, methods=["GET"]),
         Route("/v1/trajectories/{tid:path}/reward", reward, methods=["POST"]),
+        Route("/v1/trajectories/{tid:path}", forget, methods=["DELETE"]),
         Route("/health", health, methods=["GET"]),
     ], exception_handlers={Exception: crashed})
 

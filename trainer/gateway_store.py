@@ -75,6 +75,15 @@ class Recorder:
                 raise KeyError(trajectory_id)
             self._rewards[trajectory_id] = reward
 
+    def forget(self, trajectory_id: str) -> int:
+        """Drop a trajectory's records (after its samples were exported); returns how many turns it had."""
+        with self._lock:
+            self._rewards.pop(trajectory_id, None)
+            turns = self._turns.pop(trajectory_id, None)
+        if turns is None:
+            raise KeyError(trajectory_id)
+        return len(turns)
+
     def trajectory_ids(self) -> list[str]:
         with self._lock:
             return list(self._turns)

@@ -169,6 +169,8 @@ def test_grouping_n_choices_and_streaming(gateway, overfit):
     samples = httpx.get(f"{gateway}/trajectories/{user}/samples").json()["samples"]
     assert len(samples) == 4  # grouped by `user`: two requests x two choices, each its own leaf
     assert all(s["rollout"]["sampled_hash"] is not None for s in samples)
+    assert httpx.delete(f"{gateway}/trajectories/{user}").json()["deleted_turns"] == 4  # the recorder's memory
+    assert httpx.get(f"{gateway}/trajectories/{user}/samples").status_code == 404
 
     chunks = list(oa.chat.completions.create(model=MODEL, messages=messages, tools=_openai_tools("arithmetic"),
                                              temperature=0, max_tokens=96, stream=True))
@@ -226,3 +228,43 @@ def test_weights_file_changes_are_served(overfit, tmp_path):
     source.refresh()
     assert source.version == 2
     assert all(float(p.detach().abs().sum()) == 0 for p in source.model.parameters())
+
+
+@pytest.mark.parametrize("with_tools", [True, False])
+def test_splice_follows_the_v4_reasoning_rule(overfit, with_tools):
+    """Thinking mode: an echoed turn is spliced back as its sampled ids while V4 keeps its reasoning in the prompt
+    (tools present, or the turn after the last user message); once V4 drops the reasoning, the ids no longer
+    describe the prompt, so the turn is re-rendered and masked."""
+    from trainer.encoding import EOS, ToolCall, render_tool_calls
+    from trainer.gateway import Gateway, PolicySource
+    from trainer.gateway_schema import parse_request
+    from trainer.gateway_store import Turn
+
+    tok = V4Tokenizer.load(overfit["tokenizer"])
+    gateway = Gateway(PolicySource(tok, "v4-tiny", None), "high")
+    tid = "splice"
+    reasoning = "I should compute it."
+    call = ToolCall(name="run_python", arguments={"code": "print(1 + 2)"})
+    body = f"{reasoning}</think>" + ("\n\n" + render_tool_calls([call]) if with_tools else "3") + EOS
+    sampled = tok.encode(body)
+    gateway.recorder.record(tid, Turn(
+        turn_id="call_r1_0", request_id="r1", choice=0, prompt_ids=[], prompt_mask=[], prompt_logprobs=[],
+        completion_ids=sampled, logprobs=[-0.5] * len(sampled), content="" if with_tools else "3",
+        reasoning=reasoning, tool_calls=[call] if with_tools else [], finish_reason="stop", policy_version=0))
+    echo = {"role": "assistant", "content": None if with_tools else "3"}
+    if with_tools:
+        echo["tool_calls"] = [{"id": "call_r1_0_0", "type": "function",
+                               "function": {"name": "run_python", "arguments": '{"code": "print(1 + 2)"}'}}]
+    messages = [{"role": "user", "content": "What is 1 + 2?"}, echo]
+    messages.append({"role": "tool", "tool_call_id": "call_r1_0_0", "content": "3\n"} if with_tools
+                    else {"role": "user", "content": "And 2 + 2?"})
+    body_json = {"model": MODEL, "messages": messages}
+    if with_tools:
+        body_json["tools"] = _openai_tools("arithmetic")
+    ids, mask, lps, parents = gateway.prompt(parse_request(body_json), tid)
+    if with_tools:  # reasoning kept: the exact sampled ids, trainable, with their log-probs
+        assert parents == ["call_r1_0"] and sum(mask) == len(sampled)
+        start = mask.index(1)
+        assert ids[start:start + len(sampled)] == sampled and lps[start] == -0.5
+    else:  # V4 drops reasoning before the last user turn: re-rendered text, nothing trainable
+        assert parents == [] and sum(mask) == 0 and reasoning not in tok.decode(ids)
