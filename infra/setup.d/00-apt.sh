@@ -2,7 +2,8 @@
 # Debian packages dsec runs on (OCI runtimes, Docker Engine, QEMU, image and registry tools, PostgreSQL).
 set -euo pipefail
 PACKAGES=(crun runc docker.io busybox-static debootstrap erofs-utils skopeo umoci docker-registry
-          qemu-system-x86 qemu-utils postgresql iproute2 gcc libc6-dev e2fsprogs cpio kmod xz-utils zstd tar)
+          qemu-system-x86 qemu-utils postgresql iproute2 gcc libc6-dev e2fsprogs cpio kmod xz-utils zstd tar
+          libfuse3-3)  # libfuse3-3: tests/durability's fault-injecting FUSE layer (mfusepy)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
