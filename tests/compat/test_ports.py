@@ -22,7 +22,7 @@ from websockets.exceptions import InvalidStatus
 
 from dsec.cluster.gateway import Gateway, serve_gateway
 from dsec.cluster.placement import Capacity
-from dsec.errors import InvalidSpec, PortUnreachable, SandboxExpired, Unsupported
+from dsec.errors import InvalidSpec, PortUnreachable, SandboxExpired, SandboxNotFound, Unsupported
 from dsec.sdk.client import Client
 from dsec.sdk.embedded import EmbeddedServer
 from dsec.sdk.sandbox import Sandbox
@@ -274,6 +274,33 @@ def test_vm_ports_need_python3_in_the_image(dsec_http):
     finally:
         vm.destroy()
         client.close()
+
+
+def test_ports_keep_tenants_apart(tmp_path):
+    """With a tokens file, one tenant's key does not reach another tenant's ports, through the door or the SDK."""
+    from compat.conftest import start_dsec_http
+
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("tok-alice-ports-0001: alice\ntok-bob-ports-000001: bob\n")
+    door = start_dsec_http(tmp_path, ["--tokens-file", str(tokens)], api_key="tok-alice-ports-0001")
+    alice = Client(door.grpc_address, token="tok-alice-ports-0001")
+    bob = Client(door.grpc_address, token="tok-bob-ports-000001")
+    try:
+        sandbox = alice.create("python")
+        start_servers(sandbox)
+        as_alice = httpx.get(f"{door.http_url}/index.html", headers={**routed(sandbox.id, STATIC_PORT), "X-API-Key": "tok-alice-ports-0001"})
+        assert as_alice.status_code == 200
+        as_bob = httpx.get(f"{door.http_url}/index.html", headers={**routed(sandbox.id, STATIC_PORT), "X-API-Key": "tok-bob-ports-000001"})
+        assert as_bob.status_code == 502 and "alice" not in as_bob.text
+        unknown_key = httpx.get(f"{door.http_url}/", headers={**routed(sandbox.id, STATIC_PORT), "X-API-Key": "nope"})
+        assert unknown_key.status_code == 401
+        with pytest.raises(SandboxNotFound):
+            Sandbox(bob, sandbox.info).connect_port(STATIC_PORT)
+        sandbox.destroy()
+    finally:
+        alice.close()
+        bob.close()
+        door.stop()
 
 
 def test_gateway_forwards_port_streams(tmp_path):
