@@ -9,6 +9,7 @@ pass hashes the compressed stream (blob digest), the uncompressed stream (diff_i
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import os
@@ -231,7 +232,14 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, size: int, name: str) -> 
     """Copy `size` bytes at `offset` of `src_fd` into `dst_fd` without passing them through userspace."""
     left = size
     while left > 0:
-        done = os.copy_file_range(src_fd, dst_fd, min(left, 1 << 30), offset_src=offset + size - left)
+        try:
+            done = os.copy_file_range(src_fd, dst_fd, min(left, 1 << 30), offset_src=offset + size - left)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            # the archive is on another filesystem than the store: this kernel refuses copy_file_range across
+            # superblocks (EXDEV), so copy in the kernel with sendfile instead
+            done = os.sendfile(dst_fd, src_fd, offset + size - left, min(left, 1 << 30))
         if done == 0:
             raise InvalidSpec(f"layer is not a valid tar stream: truncated inside {name!r}; rejected")
         left -= done

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from dsec.errors import DiskFull, DsecError, ImageNotFound, InvalidSpec, SandboxStateError
+from dsec.errors import DiskFull, DsecError, ImageNotFound, InvalidSpec, RuntimeFailure, SandboxStateError
 from dsec.images import erofs, oci
 from dsec.images.digest import CHUNK, HashingReader, check_digest, copy_hashing, hex_of, sha256_bytes
 from dsec.images.extract import ExtractResult, FileRegion, extract_layer_file, extract_plain_region
@@ -98,12 +98,15 @@ def _pid_alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def disk_errors(what: str) -> Iterator[None]:
-    """Turn ENOSPC/EDQUOT into DiskFull with what to do next (the caller's temp files are already discarded)."""
+    """Turn ENOSPC/EDQUOT into DiskFull and EIO into RuntimeFailure, with what to do next (the caller's temp files
+    are already discarded, so nothing half-written is left visible)."""
     try:
         yield
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFull(f"no space left while {what}: free space or run `dsec images prune`") from exc
+        if exc.errno == errno.EIO:
+            raise RuntimeFailure(f"I/O error while {what}: the image store's disk failed; check it, retry") from exc
         raise
 
 
@@ -571,13 +574,14 @@ class LayerStore:
     def import_oci_layout(self, path: Path, tag: str | None = None) -> ImageRecord:
         from dsec.images.importers import import_oci_layout
 
-        with self.lock("gc", shared=True):  # prune must not free layers between extraction and the record
+        # prune must not free layers between extraction and the record
+        with disk_errors(f"importing {path}"), self.lock("gc", shared=True):
             return import_oci_layout(self, Path(path), tag)
 
     def import_docker_archive(self, tar_path: Path, tag: str | None = None) -> ImageRecord:
         from dsec.images.importers import import_docker_archive
 
-        with self.lock("gc", shared=True):
+        with disk_errors(f"importing {tar_path}"), self.lock("gc", shared=True):
             return import_docker_archive(self, Path(tar_path), tag)
 
 

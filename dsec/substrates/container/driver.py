@@ -20,7 +20,7 @@ from pathlib import Path
 from dsec.agent.build import agent_binary
 from dsec.agent.client import AgentClient, AgentSandbox
 from dsec.config import ServerConfig
-from dsec.errors import InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound
+from dsec.errors import DiskFull, InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound
 from dsec.images.user import resolve_user
 from dsec.models import SandboxSpec
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, Usage
@@ -40,16 +40,31 @@ MAX_SOCKET_PATH = 100  # sun_path is 108 bytes
 _TAR_LAYER = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=trusted.overlay.*"]
 
 
-def _run_tar(argv: list[str], sandbox_id: str, what: str) -> None:
+def _run_tar(argv: list[str], sandbox_id: str, what: str, writes_to: Path | None = None) -> None:
     try:
         proc = subprocess.run(argv, capture_output=True, timeout=SNAPSHOT_TIMEOUT_S, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:
         raise RuntimeFailure(f"{what} of sandbox {sandbox_id} took over {SNAPSHOT_TIMEOUT_S:.0f}s", sandbox_id=sandbox_id) from exc
     if proc.returncode != 0:
+        message = proc.stderr.decode(errors="replace").strip()
+        if writes_to is not None and ("No space left" in message or _full(writes_to)):
+            raise DiskFull(
+                f"{what} of sandbox {sandbox_id}: no space left in {writes_to}: free space or delete snapshots",
+                sandbox_id=sandbox_id,
+            )
         raise RuntimeFailure(
             f"{what} of sandbox {sandbox_id} failed: {proc.stderr.decode(errors='replace').strip()[-1000:]}",
             sandbox_id=sandbox_id,
         )
+
+
+def _full(path: Path) -> bool:
+    """tar reports a write that ENOSPC cut short only as "Wrote only N of M bytes": ask the filesystem itself."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
 
 
 def _connect_agent(run_dir: Path, sandbox_id: str, log: Path) -> AgentClient:
@@ -141,6 +156,7 @@ class ContainerSandbox(AgentSandbox):
                 [*_TAR_LAYER, "--exclude=./.dsec", "-C", str(self.upper_dir), "-cf", str(dest / SNAPSHOT_ARCHIVE), "."],
                 self.sandbox_id,
                 "snapshot",
+                writes_to=dest,
             )
         finally:
             if not was_paused:
