@@ -68,7 +68,7 @@ class PolicySource:
         self.tok, self.weights = tok, weights
         self.model = build_policy(policy, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, seed).eval()
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
-        self.version = 0  # bumped on every (re)load: samples carry it
+        self.version = 0  # the checkpoint's GRPO step, else a count of (re)loads: samples carry it
         self._stamp: int | None = None
         self.refresh()
 
@@ -86,7 +86,10 @@ class PolicySource:
         state = torch.load(self.weights, weights_only=False, map_location="cpu")
         self.model.load_state_dict(state["model"] if isinstance(state, dict) and "model" in state else state)
         self.model.eval()
-        self._stamp, self.version = stamp, self.version + 1
+        manifest = state.get("manifest") if isinstance(state, dict) else None
+        # a trainer checkpoint names its GRPO step (trainer/checkpoint.py): the version async trainers compare
+        self.version = int(manifest["step"]) if isinstance(manifest, dict) and "step" in manifest else self.version + 1
+        self._stamp = stamp
 
 
 @dataclass

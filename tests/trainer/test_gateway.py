@@ -228,6 +228,10 @@ def test_weights_file_changes_are_served(overfit, tmp_path):
     source.refresh()
     assert source.version == 2
     assert all(float(p.detach().abs().sum()) == 0 for p in source.model.parameters())
+    torch.save({"manifest": {"step": 7}, "model": state}, tmp_path / "next.pt")  # a GRPO checkpoint names its step
+    (tmp_path / "next.pt").replace(path)
+    source.refresh()
+    assert source.version == 7
 
 
 @pytest.mark.parametrize("with_tools", [True, False])
