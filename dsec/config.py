@@ -66,6 +66,9 @@ class ServerConfig(BaseModel):
     # Warm pools (docs/lifecycle.md), refilled by one background thread at most this many sandboxes a second
     pools: list[PoolConfig] = Field(default_factory=list)
     pool_refill_per_s: float = Field(8.0, gt=0)
+    # A server started after a crash re-attaches the healthy sandboxes dead servers left (docs/lifecycle.md);
+    # off (DSEC_READOPT=0, `dsec serve --no-readopt`) = reap them all, as before
+    readopt: bool = Field(default_factory=lambda: os.environ.get("DSEC_READOPT", "1") != "0")
     max_output_bytes: int = 16 << 20
     max_sandboxes: int = 1024
     workers: int = 64
