@@ -10,7 +10,9 @@ host file, key or process is reachable from it (the agent channel is a virtio-se
 
 from __future__ import annotations
 
+import os
 import secrets
+import time
 from pathlib import Path
 
 import pytest
@@ -226,16 +228,17 @@ def test_kernel_keyrings(case, spawn):
 PTRACE = """
 import ctypes, os, sys, time
 l = ctypes.CDLL(None, use_errno=True)
-server = int(sys.argv[2])
-targets = [1, server] + [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, os.getpid())]
 out = []
-for pid in targets[:16]:
-    r = l.ptrace(16, pid, 0, 0)  # PTRACE_ATTACH
-    out.append(f"{pid}:{'ATTACHED' if r == 0 else os.strerror(ctypes.get_errno())}")
 iov = (ctypes.c_char * 8)()
 local = (ctypes.c_void_p * 2)(ctypes.cast(iov, ctypes.c_void_p), 8)
-r = l.process_vm_readv(1, local, 1, local, 1, 0)
-out.append(f"process_vm_readv(1)={'READ' if r > 0 else os.strerror(ctypes.get_errno())}")
+for pid in map(int, sys.argv[2:]):  # host pids of processes outside this sandbox
+    if os.path.exists(f"/proc/{pid}"):  # the number names one of our own processes here: not a route outside
+        out.append(f"{pid}:in-sandbox")
+        continue
+    r = l.ptrace(16, pid, 0, 0)  # PTRACE_ATTACH
+    out.append(f"{pid}:{'ATTACHED' if r == 0 else os.strerror(ctypes.get_errno())}")
+    r = l.process_vm_readv(pid, local, 1, local, 1, 0)
+    out.append(f"vm_readv={'READ' if r > 0 else os.strerror(ctypes.get_errno())}")
 print(" ".join(out), flush=True)
 open("/tmp/pt-done", "w").write("x")
 time.sleep(20)  # hold any attachment while the host looks
@@ -247,21 +250,29 @@ def test_ptrace_outside(case, spawn, hostile_server):
         not_applicable(case[0], "ptrace of processes outside", "n/a: a guest sees no host process; its ptrace reaches only the guest kernel")
         return
     token = secrets.token_hex(5)
+    marker = str(7_000_000 + secrets.randbelow(1_000_000))
+    victim = spawn()
+    victim.exec(f"sleep {marker} >/dev/null 2>&1 &")
+    deadline = time.monotonic() + 20
+    while not (victims := host.processes_with(f"sleep\0{marker}")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert victims, "the victim's process never appeared on the host"
     sandbox = _attacker(case, spawn)
     server = hostile_server.process.pid
+    outside = [server, victims[0], os.getpid()]  # the server, another sandbox's process, this test
     sandbox.files.write("/tmp/pt.py", PTRACE)
-    script = f"python3 /tmp/pt.py {token} {server} > /tmp/pt.out 2>&1 & " + POLL.format(path="/tmp/pt-done") + "; cat /tmp/pt.out"
+    targets = " ".join(map(str, outside))
+    script = f"python3 /tmp/pt.py {token} {targets} > /tmp/pt.out 2>&1 & " + POLL.format(path="/tmp/pt-done") + "; cat /tmp/pt.out"
     outcome = _sh(sandbox, script)
     attackers = set(host.processes_with(token))
     changes = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and (tracer := host.tracer_of(int(entry.name))) in attackers:
             changes.append(f"host pid {entry.name} traced by the sandbox")
-    if host.tracer_of(server):
-        changes.append(f"server traced by pid {host.tracer_of(server)}")
+    changes += [f"host pid {pid} traced by pid {host.tracer_of(pid)}" for pid in outside if host.tracer_of(pid)]
     _sh(sandbox, "kill $(pidof python3) 2>/dev/null; true")
     inside = "ATTACHED" not in outcome and "=READ" not in outcome
-    _verdict(case, "ptrace/process_vm_readv of pid 1 and the server", inside, changes, outcome[-70:], "process_vm_readv(1)=" in outcome)
+    _verdict(case, "ptrace/process_vm_readv of the server, another sandbox, the test", inside, changes, outcome[-70:], "vm_readv=" in outcome or "in-sandbox" in outcome)
 
 
 HANDLE = """
