@@ -1,8 +1,8 @@
 """Start a dsec server: `dsec serve` / `python -m dsec.server.main`, or embedded by the SDK.
 
-A server owns a run directory (for crash cleanup), cleans what dead servers left, serves the sandbox,
-image and trajectory services on one gRPC port (TCP or a unix socket), and destroys its sandboxes on
-SIGTERM/SIGINT or when its parent (embedded mode) dies.
+A server owns a run directory (for crash cleanup), re-adopts the healthy sandboxes dead servers left and cleans
+the rest (readopt.py), serves the sandbox, image and trajectory services on one gRPC port (TCP or a unix socket),
+and destroys its sandboxes on SIGTERM/SIGINT or when its parent (embedded mode) dies.
 """
 
 from __future__ import annotations
@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
     parser.add_argument("--max-sandboxes", type=int, default=None)
     parser.add_argument("--tenant-max-sandboxes", type=int, default=None)
+    parser.add_argument("--no-readopt", action="store_true",
+                        help="reap every sandbox a dead server left instead of re-attaching the healthy ones")
     parser.add_argument("--pool", action="append", default=[], type=parse_pool, metavar="image=IMG,size=N[,substrate=,driver=,memory_mb=…]",
                         help="keep N ready sandboxes of this shape (warm pool; docs/lifecycle.md); repeatable")
     args = parser.parse_args(argv)
@@ -225,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["container_driver"] = args.container_driver
     if args.pool:
         overrides["pools"] = args.pool
+    if args.no_readopt:
+        overrides["readopt"] = False
     config = ServerConfig(**overrides)
     try:
         running = serve(config)

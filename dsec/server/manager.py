@@ -30,6 +30,7 @@ from dsec.server.lifetimes import DestroyIntents, Tombstones, crash_point, expir
 from dsec.server.metrics import CREATE_FAILURES, CREATE_SECONDS, IMAGE_RESOLVES
 from dsec.server.pools import WarmPools, rewrite_record
 from dsec.server.processes import ProcessTable
+from dsec.server.readopt import save_record, take_over
 from dsec.server.sandbox_events import SandboxEvents
 from dsec.server.sessions import OnTimeout, ShellSession
 from dsec.server.snapshots import SnapshotStore
@@ -130,6 +131,7 @@ class SandboxManager:
         self._reaper = threading.Thread(target=self._reap_expired, daemon=True, name="dsec-ttl-reaper")
         self._reaper.start()
         self.pools = WarmPools(self)
+        self.adopted_runs: list[ServerState] = []  # dead servers' run dirs taken over at start (readopt.py)
 
     def start_pools(self) -> None:
         """Begin filling the configured warm pools (after the start-up reap, so they never race it)."""
@@ -150,6 +152,10 @@ class SandboxManager:
         for intent in self.intents.finish_dead(cleanup):  # first: these ids must answer with their reason
             self.tombstones.add(intent["sandbox_id"], intent.get("reason", "destroyed"), intent.get("detail", ""),
                                 intent.get("tenant", DEFAULT_TENANT), intent.get("at"))
+        if self.config.readopt:  # the healthy sandboxes of dead servers come back; the rest are reaped there
+            held, _, _ = take_over(self.config.run_root, self.state.run_dir, self.intents.pending_ids(),
+                                   self._adopt, cleanup)
+            self.adopted_runs += held
         cleaned = reap_dead_servers(self.config.run_root, cleanup)
         try:
             orphans.sweep()
@@ -159,6 +165,31 @@ class SandboxManager:
         if cleaned:
             log.warning("cleaned %d sandboxes left by dead servers: %s", len(cleaned), ", ".join(cleaned))
         return cleaned
+
+    def _adopt(self, record: dict, state_dir: Path) -> ManagedSandbox:
+        """Serve a live sandbox a dead server left (readopt.py): same id, tenant, spec, expiry and files; the
+        driver probes it and raises if it is not healthy."""
+        started = time.monotonic()
+        sandbox_id = state_dir.name
+        spec = SandboxSpec.model_validate(record["spec"])
+        driver_name = record["driver"]
+        driver = self.drivers.get(driver_name)
+        image = self._resolve_image(record["image"])
+        paused = record.get("state") == "paused"
+        handle = driver.adopt(sandbox_id, spec, image, state_dir, paused)
+        if hasattr(self.images, "acquire"):
+            self.images.acquire(image.digest, sandbox_id)  # the hold is kept on disk already; renewed, idempotent
+        sandbox = ManagedSandbox(
+            sandbox_id=sandbox_id, spec=spec, driver_name=driver_name, driver=driver, handle=handle, image=image,
+            state_dir=state_dir, created_at=float(record["created_at"]), expires_at=float(record["expires_at"]),
+            state="paused" if paused else "running", tenant=record.get("tenant", DEFAULT_TENANT),
+            parked=bool(record.get("parked")), timings_ms={"readopt": (time.monotonic() - started) * 1000},
+        )  # fmt: skip
+        sandbox.events.add("sandbox re-adopted after its server stopped", previous_server=state_dir.parent.name,
+                           state=sandbox.state, readopt_ms=round(sandbox.timings_ms["readopt"], 3))
+        with self._lock:
+            self._sandboxes[sandbox_id] = sandbox
+        return sandbox
 
     # -- lookup ---------------------------------------------------------------------------------------------
     def get(self, sandbox_id: str, tenant: str | None = None) -> ManagedSandbox:
@@ -256,6 +287,8 @@ class SandboxManager:
 
         self.admission.admit_claim(tenant, self._live_total, self._live_of_tenant, insert)
         rewrite_record(sandbox)
+        with sandbox.lock:
+            save_record(sandbox)
         sandbox.events.add("sandbox claimed from a warm pool", image=spec.image, substrate=spec.substrate,
                            driver=sandbox.driver_name, claim_ms=round(sandbox.timings_ms["pool_claim"], 3))
 
@@ -336,6 +369,7 @@ class SandboxManager:
                            image=spec.image, substrate=spec.substrate, driver=driver_name,
                            create_ms=round(sandbox.timings_ms["total"]))
         if register:
+            save_record(sandbox)
             with self._lock:
                 self._sandboxes[sandbox_id] = sandbox
         return sandbox
@@ -400,6 +434,7 @@ class SandboxManager:
         wanted = time.time() + timeout_s
         with sandbox.lock:
             sandbox.expires_at = max(sandbox.expires_at, wanted) if extend else wanted
+            save_record(sandbox)
         sandbox.touch()
         sandbox.events.add("kept alive" if extend else "timeout set", timeout_s=timeout_s)
         return sandbox
@@ -438,6 +473,7 @@ class SandboxManager:
                     return False
                 sandbox.parked = True
                 sandbox.expires_at = now + self.config.paused_ttl_s
+                save_record(sandbox)
         except Exception:  # noqa: BLE001 - a sandbox that cannot pause is destroyed as its timeout says otherwise
             log.exception("pause at the timeout of %s failed; destroying it", sandbox.sandbox_id)
             return False
@@ -459,6 +495,9 @@ class SandboxManager:
                 self.destroy(sandbox_id, detail="destroyed at server shutdown")
             except Exception:  # noqa: BLE001 - destroy the rest regardless
                 log.exception("shutdown destroy of %s failed", sandbox_id)
+        for run in self.adopted_runs:  # emptied by the destroys above; what failed stays for the next start
+            run.release()
+        self.adopted_runs = []
 
     # -- sessions -------------------------------------------------------------------------------------------
     def start_session(
@@ -495,6 +534,7 @@ class SandboxManager:
         with sandbox.lock:
             sandbox.handle.pause()
             sandbox.state = "paused"
+            save_record(sandbox)
         sandbox.events.add("sandbox paused")
         return sandbox
 
@@ -509,6 +549,7 @@ class SandboxManager:
             if sandbox.spec.on_timeout == "pause":  # back from its timeout's pause: a whole timeout again
                 sandbox.parked = False
                 sandbox.expires_at = time.time() + sandbox.spec.timeout_s
+            save_record(sandbox)
         sandbox.events.add("sandbox resumed")
         return sandbox
 

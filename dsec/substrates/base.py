@@ -216,3 +216,9 @@ class SandboxDriver(abc.ABC):
 
     def restore(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, snapshot: Path, state_dir: Path) -> DriverSandbox:
         raise Unsupported(f"restore is not supported by the {self.name} driver")
+
+    def adopt(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, state_dir: Path, paused: bool) -> DriverSandbox:
+        """Re-attach a live sandbox a dead server left in `state_dir` (server/readopt.py): a new handle from its
+        records, after probing it is healthy (raises a DsecError if not). `paused`: it was paused, and stays so.
+        Unsupported where the substrate's sandboxes do not outlive their server; the caller then reaps it."""
+        raise Unsupported(f"the {self.name} driver cannot re-attach sandbox {sandbox_id} after a server restart")

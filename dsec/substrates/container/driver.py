@@ -29,6 +29,7 @@ from dsec.substrates.container.record import ContainerRecord
 from dsec.substrates.container.runtime import RUNTIMES, OciRuntime
 
 AGENT_START_TIMEOUT_S = 30.0
+ADOPT_PROBE_S = 5.0  # a live agent answers a ping in milliseconds; one that does not within this is not re-adopted
 KILL_WAIT_S = 10.0  # after that, `delete --force` takes over
 PID_FILE = "container.pid"
 SNAPSHOT_ARCHIVE = "upper.tar"
@@ -67,7 +68,7 @@ def _full(path: Path) -> bool:
     return st.f_bavail * st.f_frsize < (1 << 20)
 
 
-def _connect_agent(run_dir: Path, sandbox_id: str, log: Path) -> AgentClient:
+def _connect_agent(run_dir: Path, sandbox_id: str, log: Path, timeout_s: float = AGENT_START_TIMEOUT_S) -> AgentClient:
     """Connect to the agent socket in `run_dir`; a path too long for sun_path goes through /proc/self/fd."""
     socket_path = run_dir / bundle.AGENT_SOCKET
     dir_fd = -1
@@ -75,7 +76,7 @@ def _connect_agent(run_dir: Path, sandbox_id: str, log: Path) -> AgentClient:
         dir_fd = os.open(run_dir, os.O_PATH | os.O_DIRECTORY)
         socket_path = Path(f"/proc/self/fd/{dir_fd}/{bundle.AGENT_SOCKET}")
     try:
-        return AgentClient.connect_unix(socket_path, timeout_s=AGENT_START_TIMEOUT_S, sandbox_id=sandbox_id)
+        return AgentClient.connect_unix(socket_path, timeout_s=timeout_s, sandbox_id=sandbox_id)
     except RuntimeFailure as exc:
         tail = log.read_bytes()[-1000:].decode(errors="replace").strip() if log.exists() else ""
         raise RuntimeFailure(f"{exc.message}; agent log: {tail or '(empty)'}", sandbox_id=sandbox_id) from exc
@@ -260,6 +261,36 @@ class ContainerDriver(SandboxDriver):
         sandbox = ContainerSandbox(client, record, self.runtime, state_dir)
         sandbox.user = user
         sandbox.create_timings = timings
+        return sandbox
+
+    # -- re-adopt (server restart) ---------------------------------------------------------------------
+    def adopt(
+        self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, state_dir: Path, paused: bool
+    ) -> ContainerSandbox:
+        """A new handle on a container a dead server left running: its cgroup and PID 1 (the agent) must be there
+        and the agent must answer a ping on its socket within ADOPT_PROBE_S. The runtime, mounts and netns need
+        nothing: they are named by the record and live on by themselves. A paused (frozen) container is thawed
+        for the probe and frozen again."""
+        record = ContainerRecord.read(state_dir)
+        if record is None or record.sandbox_id != sandbox_id:
+            raise RuntimeFailure(f"sandbox {sandbox_id} has no container record in {state_dir}", sandbox_id=sandbox_id)
+        init_netns_path(state_dir / PID_FILE, record.cgroups_path, sandbox_id)  # cgroup present, PID 1 in it
+        for mount_point in (record.rootfs, record.disk):
+            if mount_point and not rootfs.is_mounted(Path(mount_point)):
+                raise RuntimeFailure(f"{mount_point} of sandbox {sandbox_id} is not mounted", sandbox_id=sandbox_id)
+        runtime = OciRuntime(record.runtime, Path(record.runtime_root), self.runtime.bin_dir)
+        frozen = cgroups.is_frozen(record.cgroups_path)
+        if frozen:
+            runtime.resume(record.container_id)
+        client = _connect_agent(state_dir / "agent-run", sandbox_id, state_dir / "agent.log", timeout_s=ADOPT_PROBE_S)
+        sandbox = ContainerSandbox(client, record, runtime, state_dir)
+        try:
+            sandbox.user = resolve_user(image.config.user, Path(record.rootfs), sandbox_id)
+            if paused:
+                sandbox.pause()
+        except BaseException:
+            client.close()
+            raise
         return sandbox
 
     # -- destroy --------------------------------------------------------------------------------------

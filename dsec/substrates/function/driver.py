@@ -193,6 +193,19 @@ class FunctionDriver(SandboxDriver):
     def cleanup_state_dir(self, state_dir: Path) -> None:
         self.inner.cleanup_state_dir(state_dir)
 
+    def adopt(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, state_dir: Path, paused: bool) -> DriverSandbox:
+        """The container re-attached; its worker died with the dead server's agent connection (the agent kills a
+        connection's processes), so a new one starts now, or at the first call if the sandbox is paused."""
+        handle = self.inner.adopt(sandbox_id, spec, image, state_dir, paused)
+        sandbox = FunctionSandbox(handle)
+        if not paused:
+            try:
+                sandbox.start_worker()
+            except BaseException:
+                self.inner.destroy(handle)
+                raise
+        return sandbox
+
     def restore(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, snapshot: Path, state_dir: Path) -> DriverSandbox:
         sandbox = FunctionSandbox(self.inner.restore(sandbox_id, spec, image, snapshot, state_dir))
         sandbox.start_worker()

@@ -1,0 +1,194 @@
+"""Re-adopt, don't reap (issue #20 point 5): a server killed -9 in the middle of an exec and restarted on the same
+home and port serves every healthy sandbox it left again — same id, labels, absolute expiry and files — to the
+clients that held their ids; sessions and the exec in flight end (their processes belonged to the dead server's
+agent connection), and the session id answers SessionNotFound. A sandbox that is not healthy is reaped; with
+`--no-readopt` all are. Nothing leaks once the successor shuts down.
+
+Servers are `dsec serve` child processes; every wait is on a protocol point (the ready line, an exec's first
+output line, a process exit), never a sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+import dsec
+from dsec.errors import SandboxNotFound, SessionNotFound
+from dsec.server.launch import READY_PREFIX
+from support.ports import free_port  # tests/ is on sys.path (rootdir-relative test packages)
+
+from .probe import traces
+
+HOME = Path(os.environ.get("DSEC_HOME", "/var/lib/dsec"))
+START_TIMEOUT_S = 180.0  # a start re-adopts (probes) every sandbox before it is ready
+CALL_TIMEOUT_S = 60.0
+VMS = int(os.environ.get("DSEC_READOPT_TEST_VMS", "2"))  # microvms boot slowly here: keep them few
+
+
+class Server:
+    """`dsec serve` on a fixed port (a successor takes the same address, as an upgraded server would)."""
+
+    def __init__(self, port: int, *extra: str) -> None:
+        self.address = f"127.0.0.1:{port}"
+        log_dir = HOME / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log = log_dir / f"readopt-{os.getpid()}-{port}-{len(list(log_dir.glob('readopt-*')))}.log"
+        command = [sys.executable, "-m", "dsec.server.main", "--listen", self.address, "--home", str(HOME),
+                   "--container-driver", "crun", *extra]  # fmt: skip
+        env = os.environ | {"DSEC_READOPT": "1"}  # the product default; tests/conftest.py turns it off for the rest
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env)
+        ready = threading.Event()
+
+        def read() -> None:
+            assert self.process.stdout is not None
+            for raw in self.process.stdout:
+                if raw.decode(errors="replace").startswith(READY_PREFIX):
+                    ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(START_TIMEOUT_S):
+            self.process.kill()
+            raise RuntimeError(f"dsec serve did not get ready in {START_TIMEOUT_S:.0f}s:\n{self.log.read_text()[-3000:]}")
+        assert self.process.poll() is None, self.log.read_text()[-3000:]
+
+    def kill9(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(120)
+
+
+def wait_connected(client: dsec.Client) -> None:
+    """The client's channel reconnects to the successor (its backoff after the kill may still be running)."""
+    grpc.channel_ready_future(client.channel).result(timeout=CALL_TIMEOUT_S)
+
+
+def kill_mid_exec(server: Server, sandbox: dsec.Sandbox) -> BaseException | None:
+    """kill -9 the server once an exec has produced its first output line; returns what the exec raised."""
+    first_line = threading.Event()
+    outcome: dict[str, BaseException | None] = {"error": None}
+
+    def run() -> None:
+        try:
+            sandbox.exec("echo started; sleep 600", on_stdout=lambda _chunk: first_line.set(), timeout=900)
+        except BaseException as exc:  # noqa: BLE001 - the server dies under it: expected
+            outcome["error"] = exc
+        first_line.set()
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    assert first_line.wait(CALL_TIMEOUT_S), "the exec produced no output"
+    server.kill9()
+    runner.join(CALL_TIMEOUT_S)
+    assert not runner.is_alive(), "the exec did not end when its server died"
+    return outcome["error"]
+
+
+def no_traces(ids: list[str]) -> list[str]:
+    return traces(HOME, ids)
+
+
+def create_fleet(client: dsec.Client, containers: int, functions: int, vms: int) -> list[dsec.Sandbox]:
+    fleet = []
+    for i in range(containers):
+        fleet.append(client.create("busybox", labels={"n": str(i), "kind": "crun"}, timeout_s=1800))
+    for i in range(functions):
+        fleet.append(client.create("python", substrate="function", labels={"n": str(i), "kind": "function"},
+                                   timeout_s=1800))
+    for i in range(vms):
+        fleet.append(client.create("busybox", substrate="microvm", labels={"n": str(i), "kind": "microvm"},
+                                   timeout_s=1800))
+    for sandbox in fleet:
+        sandbox.files.write("/tmp/mark", f"{sandbox.id} was here\n")
+    return fleet
+
+
+def test_twenty_sandboxes_survive_a_kill9_mid_exec_and_nothing_leaks():
+    port = free_port()
+    server = Server(port)
+    successor = None
+    client = dsec.Client(server.address)
+    ids: list[str] = []
+    try:
+        fleet = create_fleet(client, containers=20 - 4 - VMS, functions=4, vms=VMS)
+        ids = [s.id for s in fleet]
+        before = {s.id: s.refresh() for s in fleet}
+        session = fleet[0].session()
+        assert session.run("cd /tmp && X=41").exit_code == 0
+        error = kill_mid_exec(server, fleet[1])
+        assert error is not None, "an exec whose server was killed must not report success"
+
+        successor = Server(port)  # same home, same address
+        wait_connected(client)
+        for sandbox in fleet:
+            info = sandbox.refresh()
+            assert info.state == "running"
+            assert dict(info.spec.labels) == dict(before[sandbox.id].spec.labels) and info.created_at == before[sandbox.id].created_at
+            assert info.expires_at == pytest.approx(before[sandbox.id].expires_at, abs=0.01)
+            assert sandbox.files.read_text("/tmp/mark") == f"{sandbox.id} was here\n"
+            result = sandbox.exec("echo alive-$((40+2))")
+            assert (result.exit_code, result.stdout.strip()) == (0, b"alive-42"), (sandbox.id, result)
+        assert fleet[-4 - VMS].call(pow, 2, 10) == 1024  # a function sandbox's new worker
+        with pytest.raises(SessionNotFound):
+            session.run("echo $X")
+        listed = {s.id for s in client.list(labels={})}
+        assert set(ids) <= listed
+    finally:
+        for running in (successor, server):
+            if running is not None:
+                running.stop()
+    assert no_traces(ids) == []
+
+
+def test_unhealthy_sandboxes_are_reaped_and_no_readopt_reaps_all():
+    port = free_port()
+    server = Server(port)
+    client = dsec.Client(server.address)
+    successor = None
+    try:
+        healthy, broken = client.create("busybox"), client.create("busybox")
+        _kill_init(broken.id)  # its container dies: cgroup empty, agent gone
+        server.kill9()
+        successor = Server(port)
+        wait_connected(client)
+        assert healthy.exec("true").exit_code == 0
+        with pytest.raises(SandboxNotFound):
+            broken.exec("true")
+        assert no_traces([broken.id]) == []
+        successor.kill9()
+        third = Server(port, "--no-readopt")  # the old behaviour: every sandbox of a dead server is reaped
+        successor = third
+        wait_connected(client)
+        with pytest.raises(SandboxNotFound):
+            healthy.exec("true")
+        assert no_traces([healthy.id, broken.id]) == []
+    finally:
+        for running in (successor, server):
+            if running is not None:
+                running.stop()
+
+
+def _kill_init(sandbox_id: str) -> None:
+    """SIGKILL the container's PID 1 (the agent) and wait for it to be gone."""
+    pid_file = next((HOME / "run").glob(f"*/{sandbox_id}/container.pid"))
+    pid = int(pid_file.read_text())
+    pidfd = os.pidfd_open(pid)
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        select.select([pidfd], [], [], CALL_TIMEOUT_S)
+    finally:
+        os.close(pidfd)
+
