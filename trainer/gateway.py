@@ -2,7 +2,7 @@
 every sampled token id and log-prob as training data.
 
     .venv/bin/python -m trainer.gateway --tokenizer runs/tiny-cpu/tokenizer.json \\
-        [--weights runs/tiny-cpu/learner.pt] [--port 8000] [--thinking non-think]
+        [--weights runs/tiny-cpu/learner.pt] [--port 8000] [--thinking non-think] [--journal samples.jsonl]
 
 Why: agent harnesses speak the OpenAI API, not dsec's rollout loop. Pointed at this gateway (and at dsec for
 their tools, inside `dsec.trajectory(...)`, so every tool call is logged exactly once), any harness produces
@@ -108,10 +108,10 @@ class Gateway:
     """Turns chat requests into sampled choices and records them. One model, one lock: requests take turns."""
 
     def __init__(self, source: PolicySource, mode: ThinkingMode, model_name: str = "dsec-policy",
-                 default_max_tokens: int = 256) -> None:
+                 default_max_tokens: int = 256, journal: Path | None = None) -> None:
         self.source, self.tok, self.mode = source, source.tok, mode
         self.model_name, self.default_max_tokens = model_name, default_max_tokens
-        self.recorder = Recorder()
+        self.recorder = Recorder(journal)
         self._lock = threading.Lock()
 
     # -- prompt ------------------------------------------------------------------------------------------
@@ -169,14 +169,13 @@ class Gateway:
         request_id = secrets.token_hex(8)
         choices = []
         for i, (new, (logprobs, top)) in enumerate(zip(outs, scored)):
-            choice = self._choice(new, logprobs, top, budget, parse_calls, f"call_{request_id}_{i}")
+            choice = self._choice(new, logprobs, top, parse_calls, f"call_{request_id}_{i}")
             choices.append(choice)
             self.recorder.record(trajectory_id, Turn(
                 turn_id=f"call_{request_id}_{i}", request_id=request_id, choice=i, prompt_ids=prompt,
                 prompt_mask=mask, prompt_logprobs=lps, completion_ids=new, logprobs=logprobs,
                 content=choice.content or "", reasoning=choice.reasoning, tool_calls=choice.calls,
-                finish_reason=choice.finish_reason,
-                policy_version=version, parents=parents))
+                finish_reason=choice.finish_reason, policy_version=version, parents=parents))
         return self._response(request_id, req, prompt, choices)
 
     @torch.no_grad()
@@ -197,8 +196,8 @@ class Gateway:
             out.append((chosen, top))
         return out
 
-    def _choice(self, new: list[int], logprobs: list[float], top: list, budget: int, parse_calls: bool,
-                call_prefix: str) -> Choice:
+    def _choice(self, new: list[int], logprobs: list[float], top: list, parse_calls: bool, call_prefix: str
+                ) -> Choice:
         text = self.tok.decode(new)
         ended = bool(new) and new[-1] == self.tok.eos_id
         finish = "stop" if ended else "length"
@@ -359,12 +358,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--journal", type=Path, help="JSONL file the recorder appends to and replays at start")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     tok = V4Tokenizer.load(args.tokenizer)
     source = PolicySource(tok, args.policy, args.weights)
-    serve(build_app(Gateway(source, args.thinking, args.model_name, args.max_tokens)), args.host, args.port)
+    gateway = Gateway(source, args.thinking, args.model_name, args.max_tokens, args.journal)
+    try:
+        serve(build_app(gateway), args.host, args.port)
+    finally:
+        gateway.recorder.close()
 
 
 if __name__ == "__main__":

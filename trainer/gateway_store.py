@@ -14,8 +14,10 @@ so the learner's check cross-examines the splice.
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from trainer import tito
@@ -58,31 +60,68 @@ class GatewaySample:
 
 
 class Recorder:
-    """Thread-safe store of turns by trajectory id (in memory: the gateway process owns it)."""
+    """Thread-safe store of turns by trajectory id. With `journal`, every change is also appended to that JSONL
+    file (flushed before the response is sent) and replayed at start, so a restarted gateway still exports the
+    samples and splices the turns it recorded before."""
 
-    def __init__(self) -> None:
+    def __init__(self, journal: Path | None = None) -> None:
         self._lock = threading.Lock()
         self._turns: dict[str, list[Turn]] = {}
         self._rewards: dict[str, float] = {}
+        self._journal = None
+        if journal is not None:
+            if journal.exists():
+                for line in journal.read_text().splitlines():
+                    if line.strip():
+                        self._apply(json.loads(line))
+            journal.parent.mkdir(parents=True, exist_ok=True)
+            self._journal = journal.open("a")
+
+    def _apply(self, entry: dict[str, Any]) -> None:
+        tid = entry["trajectory_id"]
+        if "turn" in entry:
+            turn = dict(entry["turn"])
+            turn["tool_calls"] = [ToolCall.model_validate(c) for c in turn["tool_calls"]]
+            self._turns.setdefault(tid, []).append(Turn(**turn))
+        elif "reward" in entry:
+            self._rewards[tid] = entry["reward"]
+        elif entry.get("forget"):
+            self._turns.pop(tid, None)
+            self._rewards.pop(tid, None)
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        """Caller holds the lock; the entry is applied and, with a journal, written and flushed."""
+        self._apply(entry)
+        if self._journal is not None:
+            self._journal.write(json.dumps(entry) + "\n")
+            self._journal.flush()
 
     def record(self, trajectory_id: str, turn: Turn) -> None:
+        entry = asdict(turn)
+        entry["tool_calls"] = [c.model_dump() for c in turn.tool_calls]
         with self._lock:
-            self._turns.setdefault(trajectory_id, []).append(turn)
+            self._log({"trajectory_id": trajectory_id, "turn": entry})
 
     def set_reward(self, trajectory_id: str, reward: float) -> None:
         with self._lock:
             if trajectory_id not in self._turns:
                 raise KeyError(trajectory_id)
-            self._rewards[trajectory_id] = reward
+            self._log({"trajectory_id": trajectory_id, "reward": reward})
 
     def forget(self, trajectory_id: str) -> int:
         """Drop a trajectory's records (after its samples were exported); returns how many turns it had."""
         with self._lock:
-            self._rewards.pop(trajectory_id, None)
-            turns = self._turns.pop(trajectory_id, None)
-        if turns is None:
-            raise KeyError(trajectory_id)
-        return len(turns)
+            if trajectory_id not in self._turns:
+                raise KeyError(trajectory_id)
+            count = len(self._turns[trajectory_id])
+            self._log({"trajectory_id": trajectory_id, "forget": True})
+        return count
+
+    def close(self) -> None:
+        with self._lock:
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
 
     def trajectory_ids(self) -> list[str]:
         with self._lock:

@@ -7,6 +7,7 @@ The policy is the tiny V4 model over-fitted on one arithmetic demonstration, so 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -48,11 +49,11 @@ def overfit(tmp_path_factory) -> dict:
     return {"tokenizer": out / "tokenizer.json", "weights": out / "policy.pt", "problem": problem}
 
 
-@pytest.fixture(scope="module")
-def gateway(overfit):
-    """`python -m trainer.gateway` on a free port; the test waits on its ready line, not on a sleep."""
+@contextlib.contextmanager
+def started_gateway(overfit: dict, *extra: str):
+    """`python -m trainer.gateway` on a free port; waits on its ready line (not a sleep), stops it after."""
     proc = subprocess.Popen([sys.executable, "-m", "trainer.gateway", "--tokenizer", str(overfit["tokenizer"]),
-                             "--weights", str(overfit["weights"]), "--port", "0", "--max-tokens", "96"],
+                             "--weights", str(overfit["weights"]), "--port", "0", "--max-tokens", "96", *extra],
                             stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
@@ -61,6 +62,12 @@ def gateway(overfit):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def gateway(overfit):
+    with started_gateway(overfit) as url:
+        yield url
 
 
 def _openai_tools(family: str) -> list[dict]:
@@ -272,3 +279,21 @@ def test_splice_follows_the_v4_reasoning_rule(overfit, with_tools):
         assert ids[start:start + len(sampled)] == sampled and lps[start] == -0.5
     else:  # V4 drops reasoning before the last user turn: re-rendered text, nothing trainable
         assert parents == [] and sum(mask) == 0 and reasoning not in tok.decode(ids)
+
+
+@pytest.mark.timeout(300)
+def test_journal_keeps_samples_across_a_restart(overfit, tmp_path):
+    from trainer.gateway_store import Recorder
+
+    journal, tid = tmp_path / "samples.jsonl", "journal/prompt-0/sample-0"
+    with started_gateway(overfit, "--journal", str(journal)) as url:
+        oa = openai.OpenAI(base_url=url, api_key="-", max_retries=0, default_headers={"X-Dsec-Trajectory": tid})
+        oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": overfit["problem"].prompt}],
+                                   tools=_openai_tools("arithmetic"), max_tokens=96, temperature=0)
+        assert httpx.post(f"{url}/trajectories/{tid}/reward", json={"reward": 0.5}).status_code == 200
+        before = httpx.get(f"{url}/trajectories/{tid}/samples").json()
+    assert before["samples"][0]["rollout"]["reward"] == 0.5
+    with started_gateway(overfit, "--journal", str(journal)) as url:
+        assert httpx.get(f"{url}/trajectories/{tid}/samples").json() == before
+        assert httpx.delete(f"{url}/trajectories/{tid}").status_code == 200
+    assert Recorder(journal).trajectory_ids() == []  # the deletion is journaled too
