@@ -49,7 +49,9 @@ SNAPSHOT_META = "meta.json"
 # Hard links to the image disk and the initrd, so a snapshot outlives cache cleanups of either.
 SNAPSHOT_BASE = "base.raw"
 SNAPSHOT_INITRD = "initrd.img"
-OWN_FILES = (DISK, PID_FILE, QMP_SOCKET, AGENT_SOCKET, SERIAL_LOG, QEMU_LOG, network.HOSTS_NAME)
+MACHINE_RECORD = "vm.json"  # the machine and base disk of a running sandbox, for re-adoption after a restart
+ADOPT_PROBE_S = 10.0  # QMP, the serial port's new connection and the agent's ping must all answer within this
+OWN_FILES = (DISK, PID_FILE, QMP_SOCKET, AGENT_SOCKET, SERIAL_LOG, QEMU_LOG, MACHINE_RECORD, network.HOSTS_NAME)
 
 
 def _vmstat_oom_kills(text: str) -> int:
@@ -245,7 +247,9 @@ class QemuDriver(SandboxDriver):
         try:
             netns, hosts = connect_vm(sandbox_id, spec.network_allow, state_dir) if machine.nic else (None, None)
             copy_overlay(disk, state_dir / DISK)
-            process = QemuProcess(self.cfg.qemu, machine, state_dir, state, self.cfg.restore_timeout_s, netns)
+            (state_dir / MACHINE_RECORD).write_text(json.dumps({"machine": machine.to_dict(), "base_disk": str(base)}))
+            process = QemuProcess(self.cfg.qemu, machine, state_dir, state, self.cfg.restore_timeout_s, netns,
+                                  die_with_server=not self.server_config.readopt)
         except BaseException:
             network.teardown(state_dir)
             raise
@@ -265,6 +269,34 @@ class QemuDriver(SandboxDriver):
                 raise RuntimeFailure(f"VM {sandbox_id} did not come back from its snapshot: {exc.message}; {tail}") from exc
             raise
         sandbox.start_s = time.monotonic() - started
+        return sandbox
+
+    def adopt(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, state_dir: Path, paused: bool) -> VmSandbox:
+        """Re-attach a VM a dead server left running (started with readopt on, so it outlived that server): its QEMU
+        must run, answer QMP and take the agent port's new connection, and the guest agent must answer a ping. A
+        paused VM is continued for the ping and stopped again."""
+        try:
+            record = json.loads((state_dir / MACHINE_RECORD).read_text())
+            machine = MachineSpec(**record["machine"])
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise RuntimeFailure(f"sandbox {sandbox_id} has no VM record in {state_dir} ({exc})") from exc
+        if machine.kind != self.kind:
+            raise RuntimeFailure(f"sandbox {sandbox_id} is a {machine.kind} machine, not {self.kind}")
+        process = QemuProcess.adopt(machine, state_dir, ADOPT_PROBE_S)
+        client = AgentClient(process.agent_socket, sandbox_id=sandbox_id)
+        sandbox = VmSandbox(sandbox_id, client, process, Path(record["base_disk"]), 0.0)
+        try:
+            stopped = process.qmp.execute("query-status")["status"] != "running"
+            if stopped:
+                process.qmp.execute("cont")
+            client.ping(timeout=ADOPT_PROBE_S)
+            if paused:
+                sandbox.pause()
+        except BaseException:
+            client.close()
+            with contextlib.suppress(AttributeError, OSError):
+                process.qmp.close()
+            raise
         return sandbox
 
     def destroy(self, sandbox: DriverSandbox) -> None:

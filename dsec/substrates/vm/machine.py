@@ -115,8 +115,9 @@ _spawner: ThreadPoolExecutor | None = None
 _spawner_lock = threading.Lock()
 
 
-def _launch(argv: list[str], log_path: Path, netns: Path | None = None) -> subprocess.Popen:
-    """Start QEMU so that it dies with this process, even on kill -9 (inside `netns` when given).
+def _launch(argv: list[str], log_path: Path, netns: Path | None = None, die_with_server: bool = True) -> subprocess.Popen:
+    """Start QEMU so that it dies with this process, even on kill -9 (inside `netns` when given); with
+    `die_with_server=False` it outlives a killed server, whose successor re-adopts or reaps it (server/readopt.py).
 
     `setpriv --pdeathsig KILL` makes the kernel kill QEMU when the *thread* that forked it ends, so every QEMU is
     forked by one long-lived spawner thread (it ends only with the process), never by a short-lived RPC thread.
@@ -127,11 +128,12 @@ def _launch(argv: list[str], log_path: Path, netns: Path | None = None) -> subpr
             _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsec-qemu-spawner")
 
     enter = ["nsenter", f"--net={netns}", "--"] if netns is not None else []
+    tie = ["setpriv", "--pdeathsig", "KILL", "--"] if die_with_server else []
 
     def start() -> subprocess.Popen:
         with open(log_path, "ab") as log:
             return subprocess.Popen(
-                ["setpriv", "--pdeathsig", "KILL", "--", *enter, *argv],
+                [*tie, *enter, *argv],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
             )
 
@@ -142,7 +144,8 @@ class QemuProcess:
     """A running QEMU plus its monitor and the host end of the agent's serial port."""
 
     def __init__(
-        self, qemu: str, machine: MachineSpec, state_dir: Path, incoming: Path | None, start_timeout_s: float, netns: Path | None = None
+        self, qemu: str, machine: MachineSpec, state_dir: Path, incoming: Path | None, start_timeout_s: float,
+        netns: Path | None = None, die_with_server: bool = True,
     ) -> None:
         self.machine = machine
         self.state_dir = state_dir
@@ -153,7 +156,8 @@ class QemuProcess:
             agent_path.unlink()
         listener.bind(str(agent_path))
         listener.listen(1)
-        self.proc = _launch(qemu_argv(qemu, machine, state_dir, incoming, netns), state_dir / QEMU_LOG, netns)
+        argv = qemu_argv(qemu, machine, state_dir, incoming, netns)
+        self.proc: subprocess.Popen | _AdoptedProc = _launch(argv, state_dir / QEMU_LOG, netns, die_with_server)
         (state_dir / PID_FILE).write_text(str(self.proc.pid))
         try:
             self.agent_socket = self._accept(listener, start_timeout_s)
@@ -165,6 +169,35 @@ class QemuProcess:
             listener.close()
             with contextlib.suppress(FileNotFoundError):
                 agent_path.unlink()
+
+    @classmethod
+    def adopt(cls, machine: MachineSpec, state_dir: Path, timeout_s: float) -> QemuProcess:
+        """Re-attach the QEMU a dead server left running in `state_dir`: a new QMP connection, and the agent's
+        serial port re-pointed (QMP `chardev-change`) at a new host socket, since its old connection died with
+        that server (the guest agent then drops that stream's processes and reopens the port)."""
+        self = cls.__new__(cls)
+        self.machine = machine
+        self.state_dir = state_dir
+        self.proc = _AdoptedProc.of(state_dir)
+        self.qmp = QmpClient(state_dir / QMP_SOCKET, timeout_s=timeout_s)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        agent_path = state_dir / AGENT_SOCKET
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                agent_path.unlink()
+            listener.bind(str(agent_path))
+            listener.listen(1)
+            self.qmp.execute("chardev-change", id="agent", backend={"type": "socket", "data": {
+                "addr": {"type": "unix", "data": {"path": str(agent_path)}}, "server": False}})
+            self.agent_socket = self._accept(listener, timeout_s)
+        except BaseException:
+            self.qmp.close()
+            raise
+        finally:
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                agent_path.unlink()
+        return self
 
     def _accept(self, listener: socket.socket, timeout_s: float) -> socket.socket:
         deadline = time.monotonic() + timeout_s
@@ -219,9 +252,41 @@ class QemuProcess:
             self.qmp.close()
         with contextlib.suppress(AttributeError, OSError):
             self.agent_socket.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        if isinstance(self.proc, subprocess.Popen):  # an adopted QEMU is killed by pid after checking it is ours
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
+
+
+class _AdoptedProc:
+    """The `Popen` surface QemuProcess uses, for a QEMU this server did not start (it is not our child: the
+    kernel reaps it once killed, so "gone" is: its pid no longer runs a QEMU of this state directory)."""
+
+    def __init__(self, pid: int, state_dir: Path) -> None:
+        self.pid = pid
+        self.state_dir = state_dir
+        self.returncode: int | None = None
+
+    @classmethod
+    def of(cls, state_dir: Path) -> _AdoptedProc:
+        try:
+            pid = int((state_dir / PID_FILE).read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise RuntimeFailure(f"no QEMU pid recorded in {state_dir}: {exc}") from exc
+        proc = cls(pid, state_dir)
+        if proc.poll() is not None:
+            raise RuntimeFailure(f"the QEMU of {state_dir} (pid {pid}) is gone")
+        return proc
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not _cmdline_mentions(self.pid, self.state_dir):
+            self.returncode = -signal.SIGKILL
+        return self.returncode
+
+    def wait(self) -> int:
+        kill_from_state_dir(self.state_dir)  # waits until it is gone
+        self.returncode = -signal.SIGKILL
+        return self.returncode
 
 
 def _cmdline_mentions(pid: int, state_dir: Path) -> bool:
