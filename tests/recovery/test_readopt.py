@@ -125,6 +125,9 @@ def test_twenty_sandboxes_survive_a_kill9_mid_exec_and_nothing_leaks():
     try:
         fleet = create_fleet(client, containers=20 - 4 - VMS, functions=4, vms=VMS)
         ids = [s.id for s in fleet]
+        paused = [fleet[2]] + ([fleet[-1]] if VMS else [])  # a frozen container, a stopped VM: probed, kept paused
+        for sandbox in paused:
+            sandbox.pause()
         before = {s.id: s.refresh() for s in fleet}
         session = fleet[0].session()
         assert session.run("cd /tmp && X=41").exit_code == 0
@@ -133,6 +136,9 @@ def test_twenty_sandboxes_survive_a_kill9_mid_exec_and_nothing_leaks():
 
         successor = Server(port)  # same home, same address
         wait_connected(client)
+        for sandbox in paused:
+            assert sandbox.refresh().state == "paused"
+            sandbox.resume()
         for sandbox in fleet:
             info = sandbox.refresh()
             assert info.state == "running"

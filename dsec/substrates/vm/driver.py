@@ -274,7 +274,7 @@ class QemuDriver(SandboxDriver):
     def adopt(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, state_dir: Path, paused: bool) -> VmSandbox:
         """Re-attach a VM a dead server left running (started with readopt on, so it outlived that server): its QEMU
         must run, answer QMP and take the agent port's new connection, and the guest agent must answer a ping. A
-        paused VM is continued for the ping and stopped again."""
+        paused VM is continued for that (QemuProcess.adopt) and stopped again."""
         try:
             record = json.loads((state_dir / MACHINE_RECORD).read_text())
             machine = MachineSpec(**record["machine"])
@@ -286,9 +286,6 @@ class QemuDriver(SandboxDriver):
         client = AgentClient(process.agent_socket, sandbox_id=sandbox_id)
         sandbox = VmSandbox(sandbox_id, client, process, Path(record["base_disk"]), 0.0)
         try:
-            stopped = process.qmp.execute("query-status")["status"] != "running"
-            if stopped:
-                process.qmp.execute("cont")
             client.ping(timeout=ADOPT_PROBE_S)
             if paused:
                 sandbox.pause()

@@ -174,7 +174,8 @@ class QemuProcess:
     def adopt(cls, machine: MachineSpec, state_dir: Path, timeout_s: float) -> QemuProcess:
         """Re-attach the QEMU a dead server left running in `state_dir`: a new QMP connection, and the agent's
         serial port re-pointed (QMP `chardev-change`) at a new host socket, since its old connection died with
-        that server (the guest agent then drops that stream's processes and reopens the port)."""
+        that server (the guest agent then drops that stream's processes and reopens the port). A stopped guest is
+        continued first: QEMU detaches a serial port's backend while the guest is stopped, and refuses to swap it."""
         self = cls.__new__(cls)
         self.machine = machine
         self.state_dir = state_dir
@@ -183,6 +184,8 @@ class QemuProcess:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         agent_path = state_dir / AGENT_SOCKET
         try:
+            if self.qmp.execute("query-status")["status"] != "running":
+                self.qmp.execute("cont")
             with contextlib.suppress(FileNotFoundError):
                 agent_path.unlink()
             listener.bind(str(agent_path))
