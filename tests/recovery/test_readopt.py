@@ -16,17 +16,18 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
 import dsec
-from dsec.errors import SandboxNotFound, SessionNotFound
+from dsec.errors import DsecError, SandboxExpired, SandboxNotFound, SessionNotFound
 from dsec.server.launch import READY_PREFIX
 from support.ports import free_port  # tests/ is on sys.path (rootdir-relative test packages)
 
-from .probe import traces
+from .probe import sandbox_ids_of_server, traces
 
 HOME = Path(os.environ.get("DSEC_HOME", "/var/lib/dsec"))
 START_TIMEOUT_S = 180.0  # a start re-adopts (probes) every sandbox before it is ready
@@ -37,14 +38,15 @@ VMS = int(os.environ.get("DSEC_READOPT_TEST_VMS", "2"))  # microvms boot slowly 
 class Server:
     """`dsec serve` on a fixed port (a successor takes the same address, as an upgraded server would)."""
 
-    def __init__(self, port: int, *extra: str) -> None:
+    def __init__(self, port: int, *extra: str, env: dict[str, str] | None = None) -> None:
         self.address = f"127.0.0.1:{port}"
         log_dir = HOME / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log = log_dir / f"readopt-{os.getpid()}-{port}-{len(list(log_dir.glob('readopt-*')))}.log"
         command = [sys.executable, "-m", "dsec.server.main", "--listen", self.address, "--home", str(HOME),
                    "--container-driver", "crun", *extra]  # fmt: skip
-        env = os.environ | {"DSEC_READOPT": "1"}  # the product default; tests/conftest.py turns it off for the rest
+        # DSEC_READOPT=1 is the product default; tests/conftest.py turns it off for the other tests' servers
+        env = os.environ | {"DSEC_READOPT": "1"} | (env or {})
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env)
         ready = threading.Event()
@@ -98,7 +100,12 @@ def kill_mid_exec(server: Server, sandbox: dsec.Sandbox) -> BaseException | None
 
 
 def no_traces(ids: list[str]) -> list[str]:
-    return traces(HOME, ids)
+    """What is left of `ids`, once settled: an ended id answers SandboxExpired as its teardown begins, and the kernel
+    frees a killed container's mount namespace (its loop device) asynchronously."""
+    deadline = time.monotonic() + CALL_TIMEOUT_S
+    while (left := traces(HOME, ids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
 
 
 def create_fleet(client: dsec.Client, containers: int, functions: int, vms: int) -> list[dsec.Sandbox]:
@@ -198,3 +205,58 @@ def _kill_init(sandbox_id: str) -> None:
     finally:
         os.close(pidfd)
 
+
+
+
+def test_pooled_expired_and_half_destroyed_sandboxes_are_not_brought_back():
+    """Only what was live comes back: a pool's sandboxes (never handed out) are reaped; a sandbox whose destroy had
+    started when the server died is finished (SandboxExpired, destroyed); one whose timeout passed while no server
+    ran ends right after the adoption (SandboxExpired, timeout), since its expiry is absolute."""
+    port = free_port()
+    server = Server(port, "--pool", "image=busybox,size=2", env={"DSEC_CRASH_AT": "destroy-after-intent"})
+    client = dsec.Client(server.address)
+    successor = None
+    try:
+        kept = client.create("busybox", timeout_s=600)
+        short = client.create("busybox", timeout_s=3)
+        expiry = short.refresh().expires_at
+        doomed = client.create("busybox")
+        pooled = _pooled_ids(server.process.pid, {kept.id, short.id, doomed.id}, want=2)
+        with pytest.raises(DsecError):
+            doomed.destroy()  # the server SIGKILLs itself once the destroy intent is written
+        server.process.wait(30)
+        while time.time() <= expiry:  # the timeout passes while no server runs (wall clock, not machine speed)
+            time.sleep(expiry - time.time() + 0.05)
+        successor = Server(port)  # no pool: the dead one's pooled sandboxes must not come back
+        wait_connected(client)
+        assert kept.exec("true").exit_code == 0
+        with pytest.raises(SandboxExpired) as destroyed:
+            doomed.exec("true")
+        assert destroyed.value.reason == "destroyed"
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while True:  # the reaper (every 0.5 s) ends it once adopted
+            try:
+                short.exec("true")
+            except SandboxExpired as expired:
+                assert expired.reason == "timeout"
+                break
+            assert time.monotonic() < deadline, "an adopted sandbox past its expiry was not ended"
+            time.sleep(0.05)
+        assert no_traces([*pooled, short.id, doomed.id]) == []
+    finally:
+        for running in (successor, server):
+            if running is not None:
+                running.stop()
+    assert no_traces([kept.id, short.id, doomed.id, *pooled]) == []
+
+
+def _pooled_ids(server_pid: int, live: set[str], want: int) -> list[str]:
+    """The sandbox ids in the server's run dir that no client was given (its pool's), once `want` are ready."""
+    deadline = time.monotonic() + CALL_TIMEOUT_S
+    while True:
+        run_dir, ids = sandbox_ids_of_server(HOME, server_pid)
+        pooled = [i for i in ids if i not in live and run_dir is not None and (run_dir / i / "sandbox.json").exists()]
+        if len(pooled) >= want:
+            return pooled
+        assert time.monotonic() < deadline, f"the pool did not fill: {ids}"
+        time.sleep(0.05)
