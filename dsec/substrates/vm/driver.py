@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -50,6 +51,7 @@ SNAPSHOT_META = "meta.json"
 SNAPSHOT_BASE = "base.raw"
 SNAPSHOT_INITRD = "initrd.img"
 MACHINE_RECORD = "vm.json"  # the machine and base disk of a running sandbox, for re-adoption after a restart
+SERVER_ID = re.compile(r"sb-[0-9a-f]{16}")  # ids servers mint (SandboxManager._new_id; orphans.SANDBOX_ID)
 ADOPT_PROBE_S = 10.0  # QMP, the serial port's new connection and the agent's ping must all answer within this
 OWN_FILES = (DISK, PID_FILE, QMP_SOCKET, AGENT_SOCKET, SERIAL_LOG, QEMU_LOG, MACHINE_RECORD, network.HOSTS_NAME)
 
@@ -249,7 +251,7 @@ class QemuDriver(SandboxDriver):
             copy_overlay(disk, state_dir / DISK)
             (state_dir / MACHINE_RECORD).write_text(json.dumps({"machine": machine.to_dict(), "base_disk": str(base)}))
             process = QemuProcess(self.cfg.qemu, machine, state_dir, state, self.cfg.restore_timeout_s, netns,
-                                  die_with_server=not self.server_config.readopt)
+                                  die_with_server=not self._adoptable(sandbox_id))
         except BaseException:
             network.teardown(state_dir)
             raise
@@ -295,6 +297,11 @@ class QemuDriver(SandboxDriver):
                 process.qmp.close()
             raise
         return sandbox
+
+    def _adoptable(self, sandbox_id: str) -> bool:
+        """Whether this QEMU may outlive a killed server: only with readopt on and for a server's id, the ones a
+        successor re-adopts or its orphan sweep reaps; any other (a driver used without a server) dies with us."""
+        return self.server_config.readopt and SERVER_ID.fullmatch(sandbox_id) is not None
 
     def destroy(self, sandbox: DriverSandbox) -> None:
         assert isinstance(sandbox, VmSandbox)
