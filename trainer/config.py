@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from trainer.core_algos import get_rollout_correction
 from trainer.encoding import ThinkingMode
 
 
@@ -43,6 +44,10 @@ class RolloutConfig(_Strict):
     max_total_tokens: int = 768
     temperature: float = 1.0
     top_p: float = 1.0
+    # a rollout whose sandbox dies, expires or fails to create restarts in a fresh sandbox rebuilt from its
+    # trajectory log (its logged calls replay), at most this many times; then it fails alone (stop_reason
+    # sandbox_lost or timeout, reward 0) and algo.on_group_failure decides what its group becomes
+    max_retries: int = Field(default=2, ge=0)
 
 
 class OPDConfig(_Strict):
@@ -73,6 +78,22 @@ class AlgoConfig(_Strict):
     # trainer.tito: a sample whose trainable ids are not the ids sampled (or whose prompt is trainable) fails the
     # step ("refuse"), or is left out of the loss ("drop"); either way `tito_violations` counts it
     tito_check: Literal["refuse", "drop"] = "refuse"
+    # trainer.core_algos ROLLOUT_CORRECTIONS: none | tis_token | tis_seq | mask_token | mask_seq, comparing the
+    # learner's π_old with the sampler's recorded log-probs; ratios above `rollout_is_threshold` are truncated
+    # (tis_*) or, outside [rollout_is_threshold_lower (default 1/threshold), threshold], masked (mask_*)
+    rollout_correction: str = "none"
+    rollout_is_threshold: float = Field(default=2.0, gt=1.0)
+    rollout_is_threshold_lower: float | None = Field(default=None, gt=0.0)
+    # a group with a failed rollout (sandbox lost after every retry): "drop" leaves the whole group out of the
+    # loss; "fill" replaces each failed sample by a copy of a surviving one (a group with none is dropped)
+    on_group_failure: Literal["drop", "fill"] = "drop"
+    overlong_filter: bool = False  # leave samples cut by the token or turn budget (stop_reason length) out of the loss
+
+    @field_validator("rollout_correction")
+    @classmethod
+    def _known_correction(cls, name: str) -> str:
+        get_rollout_correction(name)  # an unknown name fails at load time, listing the registered ones
+        return name
 
     @classmethod
     def preset(cls, name: str) -> AlgoConfig:

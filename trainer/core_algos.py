@@ -6,7 +6,9 @@ the teachers' log-probs into per-token advantages and/or an extra loss term, and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -215,3 +217,107 @@ def opd_full_vocab(
     kl_pos = (student.exp() * (student - teacher)).sum(-1)
     kl_tok = _scatter(kl_pos, mask)
     return reward_weight * adv_tok, coef * aggregate(kl_tok, mask, agg, const_len), kl_tok.detach()
+
+
+# -- rollout correction ---------------------------------------------------------------------------------------
+# The sampler's policy (π_rollout: older weights once rollouts are asynchronous, or another engine's numerics) is
+# not the learner's π_old. A correction compares the two on the sampled tokens and reweights or masks them
+# before the policy loss (verl's rollout_is). Each entry maps (log π_old, log π_rollout, mask, threshold, lower)
+# to per-token weights (None: unweighted) and the mask to train on.
+
+@dataclass
+class Correction:
+    weights: torch.Tensor | None  # [B, T] detached multipliers of the advantages; None leaves them alone
+    mask: torch.Tensor  # [B, T] the tokens kept in the loss
+
+
+CorrectionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], Correction]
+ROLLOUT_CORRECTIONS: dict[str, CorrectionFn] = {}
+
+
+def register_rollout_correction(name: str) -> Callable[[CorrectionFn], CorrectionFn]:
+    return _register(ROLLOUT_CORRECTIONS, name)
+
+
+def get_rollout_correction(name: str) -> CorrectionFn:
+    return _lookup(ROLLOUT_CORRECTIONS, name, "rollout correction")
+
+
+def _seq_log_ratio(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log of the sequence-level ratio Π_t π_old/π_rollout over the sampled tokens, [B]."""
+    return ((old_logp - rollout_logp) * mask).sum(1)
+
+
+@register_rollout_correction("none")
+def no_correction(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, threshold: float,
+                  lower: float) -> Correction:
+    """Train on the samples as if on-policy (the synchronous loop's default: the loss is unchanged)."""
+    return Correction(None, mask)
+
+
+@register_rollout_correction("tis_token")
+def tis_token(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, threshold: float,
+              lower: float) -> Correction:
+    """Truncated IS per token: w_t = min(π_old/π_rollout, threshold) (bounded variance, small bias)."""
+    ratio = torch.exp(old_logp - rollout_logp).detach()
+    return Correction(torch.clamp(ratio, max=threshold) * mask, mask)
+
+
+@register_rollout_correction("tis_seq")
+def tis_seq(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, threshold: float,
+            lower: float) -> Correction:
+    """Truncated IS per sequence: every token of a sample weighs min(Π_t π_old/π_rollout, threshold)."""
+    log_ratio = _seq_log_ratio(old_logp, rollout_logp, mask).detach()
+    weight = torch.exp(torch.clamp(log_ratio, max=math.log(threshold)))
+    return Correction(weight.unsqueeze(1) * mask, mask)
+
+
+@register_rollout_correction("mask_token")
+def mask_token(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, threshold: float,
+               lower: float) -> Correction:
+    """Rejection per token: a token whose ratio lies outside [lower, threshold] leaves the loss."""
+    ratio = torch.exp(old_logp - rollout_logp).detach()
+    return Correction(None, mask * ((ratio >= lower) & (ratio <= threshold)).to(mask.dtype))
+
+
+@register_rollout_correction("mask_seq")
+def mask_seq(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, threshold: float,
+             lower: float) -> Correction:
+    """Rejection per sample: a sample whose sequence ratio lies outside [lower, threshold] leaves the loss."""
+    log_ratio = _seq_log_ratio(old_logp, rollout_logp, mask).detach()
+    inside = (log_ratio >= math.log(lower)) & (log_ratio <= math.log(threshold))
+    return Correction(None, mask * inside.unsqueeze(1).to(mask.dtype))
+
+
+def off_policy_metrics(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                       corrected: torch.Tensor, threshold: float) -> dict[str, float]:
+    """How far the sampler was from π_old on this batch, whatever the correction (logging only, no gradient).
+
+    `rollout_is_*`: the per-token ratio π_old/π_rollout (mean, max over sampled tokens; fraction above the
+    threshold, i.e. truncated by tis_token); `rollout_is_seq_*`: the sequence ratio; `rollout_masked_frac`: the
+    share of sampled tokens the correction removed from the loss.
+    """
+    with torch.no_grad():
+        m = mask.bool()
+        n = int(m.sum())
+        if n == 0:
+            return {}
+        ratio = torch.exp(old_logp - rollout_logp)[m]
+        seq = torch.exp(_seq_log_ratio(old_logp, rollout_logp, mask))[m.any(1)]
+        return {
+            "rollout_is_ratio_mean": ratio.mean().item(),
+            "rollout_is_ratio_max": ratio.max().item(),
+            "rollout_is_clipped_frac": (ratio > threshold).float().mean().item(),
+            "rollout_is_seq_ratio_mean": seq.mean().item(),
+            "rollout_is_seq_ratio_max": seq.max().item(),
+            "rollout_masked_frac": 1.0 - float(corrected.sum()) / n,
+            "rollout_logp_abs_diff": (old_logp - rollout_logp)[m].abs().mean().item(),
+        }
+
+
+def staleness_histogram(sample_versions: list[int], learner_version: int) -> dict[str, float]:
+    """`staleness_<k>`: how many samples came from the policy k updates before the one being trained
+    (all at 0 in the synchronous loop; `staleness_max` too)."""
+    ages = [learner_version - v for v in sample_versions]
+    hist = {f"staleness_{k}": float(ages.count(k)) for k in sorted(set(ages))}
+    return {**hist, "staleness_max": float(max(ages, default=0))}

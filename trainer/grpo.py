@@ -32,6 +32,7 @@ import torch
 
 from trainer import checkpoint
 from trainer.config import ExperimentConfig, load_config
+from trainer.core_algos import staleness_histogram
 from trainer.data import problems
 from trainer.learner import Learner
 from trainer.metrics import MetricsLog, plot_rewards
@@ -61,13 +62,15 @@ class RolloutWorker:
         self.model = _policy(self.cfg, self.tok, None)
         self.client = dsec.Client(address=address)
 
-    def run(self, weights: dict[str, torch.Tensor], jobs: list[tuple[str, dict]], seed: int) -> list[dict]:
+    def run(self, weights: dict[str, torch.Tensor], jobs: list[tuple[str, dict]], seed: int, version: int = 0
+            ) -> list[dict]:
+        """`version`: the learner step the weights are from, recorded in each rollout (its staleness later)."""
         from trainer.tasks import Problem
 
         self.model.load_state_dict(weights)
         parsed = [(tid, Problem.model_validate(p)) for tid, p in jobs]
         out = run_rollouts(self.model, self.tok, self.client, parsed, self.cfg.rollout, self.cfg.sandbox, seed,
-                           keep_sandboxes=True)
+                           keep_sandboxes=True, policy_version=version)
         return [asdict(r) for r in out]
 
 
@@ -200,7 +203,7 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
         weights = learner.weights.remote()  # one object-store copy, read by every worker
         shards = [jobs[i::len(workers)] for i in range(len(workers))]
         seed = cfg.seed
-        results = ray.get([w.run.remote(weights, shard, seed) for w, shard in zip(workers, shards) if shard])
+        results = ray.get([w.run.remote(weights, shard, seed, step) for w, shard in zip(workers, shards) if shard])
         by_id = {r["trajectory_id"]: r for shard in results for r in shard}
         rollouts = [by_id[tid] for tid, _ in jobs]
         report("rolled_out", step + 1)
@@ -215,6 +218,7 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
             samples=len(rollouts),
             sampled_tokens=sum(sum(r["mask"]) for r in rollouts),
             parse_errors=sum(r["parse_errors"] for r in rollouts),
+            **staleness_histogram([r["policy_version"] for r in rollouts], step),  # the weights trained here: step
         )
         log.write(metrics)  # before the commit: a resume drops records past the checkpoint's step
         report("logged", step + 1)

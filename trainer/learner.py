@@ -15,7 +15,16 @@ from transformers import PreTrainedModel
 
 from trainer import tito
 from trainer.config import AlgoConfig
-from trainer.core_algos import get_advantage, get_kl, get_policy_loss, get_token_adjustment, zero_variance_groups
+from trainer.core_algos import (
+    get_advantage,
+    get_kl,
+    get_policy_loss,
+    get_rollout_correction,
+    get_token_adjustment,
+    off_policy_metrics,
+    zero_variance_groups,
+)
+from trainer.failures import isolate_groups, stop_metrics
 from trainer.rollout import Rollout
 from trainer.sampler import right_pad, token_logprobs
 
@@ -51,6 +60,12 @@ class Learner:
         if a.opd is not None and (teacher is None or len(teacher) != len(rollouts)):
             raise ValueError(f"OPD needs teacher scores for each of the {len(rollouts)} rollouts "
                              f"(got {None if teacher is None else len(teacher)}): start the trainer with teachers")
+        failure_metrics = {**stop_metrics(rollouts), "reward_mean": _mean([r.reward for r in rollouts])}
+        rollouts, isolated = isolate_groups(rollouts, group_size, a.on_group_failure)
+        failure_metrics.update(isolated)
+        if not rollouts:  # every group lost a rollout: the step goes on, training on nothing
+            return {**failure_metrics, "kept_samples": 0.0, "loss": 0.0, "kl": 0.0, "tito_violations": 0.0,
+                    "tito_unchecked": 0.0}
         drift = tito.check((r.trajectory_id, r.ids, r.mask, r.sampled_hash) for r in rollouts)
         if drift.violations and a.tito_check == "refuse":
             raise tito.TitoViolation(f"{len(drift.violations)} of {len(rollouts)} samples break token-in/token-out: "
@@ -61,7 +76,9 @@ class Learner:
         keep = ~torch.tensor(drift.drifted, dtype=torch.bool)
         if a.drop_zero_variance and a.opd is None:  # with OPD, equal rewards still carry the teachers' signal
             keep &= ~zero_variance_groups(rewards, group_size)
-        metrics = {"reward_mean": rewards.mean().item(), "kept_samples": float(keep.sum()), "loss": 0.0, "kl": 0.0,
+        if a.overlong_filter:  # cut by a budget: its reward 0 says nothing about the answer it never gave
+            keep &= torch.tensor([r.stop_reason != "length" for r in rollouts], dtype=torch.bool)
+        metrics = {**failure_metrics, "kept_samples": float(keep.sum()), "loss": 0.0, "kl": 0.0,
                    "tito_violations": float(len(drift.violations)), "tito_unchecked": float(drift.unchecked)}
         if not keep.any():
             return metrics
@@ -83,9 +100,14 @@ class Learner:
             old_logp = token_logprobs(self.model, seqs, self.pad_id) if updates > 1 else None
             ref_logp = token_logprobs(self.ref, seqs, self.pad_id) if a.kl_coef > 0 else None
         loss_fn = get_policy_loss(a.policy_loss)
-        for _ in range(updates):
+        rollout_logp = _rollout_logprobs(batch, a.rollout_correction)
+        for update in range(updates):
             self.model.train()
             logp, full_logp = _logprobs(self.model, seqs, self.pad_id, full)
+            if update == 0 and rollout_logp is not None:
+                # π_old: before the first optimizer step of the batch the policy being trained is π_old
+                mask, adv_tok = self._correct(logp.detach() if old_logp is None else old_logp, rollout_logp, mask,
+                                              adv_tok, metrics)
             step_adv, extra = adv_tok, None
             if opd is not None:
                 step_adv, extra, kl_tok = get_token_adjustment(opd.kl_estimator)(
@@ -109,6 +131,16 @@ class Learner:
         metrics["tokens"] = float(mask.sum())
         return metrics
 
+    def _correct(self, old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, adv_tok: torch.Tensor,
+                 metrics: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rollout correction (`algo.rollout_correction`) applied to the mask and the advantages, and the
+        off-policy metrics; "none" returns both tensors untouched (the loss is bit-identical to no correction)."""
+        a = self.algo
+        lower = a.rollout_is_threshold_lower or 1.0 / a.rollout_is_threshold
+        fix = get_rollout_correction(a.rollout_correction)(old_logp, rollout_logp, mask, a.rollout_is_threshold, lower)
+        metrics.update(off_policy_metrics(old_logp, rollout_logp, mask, fix.mask, a.rollout_is_threshold))
+        return fix.mask, adv_tok if fix.weights is None else adv_tok * fix.weights
+
     def payload(self) -> dict[str, object]:
         """What a checkpoint needs of the learner (trainer.checkpoint writes it with the run's step and cursor)."""
         return {"model": self.model.state_dict(), "ref": self.ref.state_dict(), "opt": self.opt.state_dict(),
@@ -119,6 +151,30 @@ class Learner:
         self.ref.load_state_dict(payload["ref"])
         self.opt.load_state_dict(payload["opt"])
         torch.set_rng_state(payload["torch_rng"])
+
+
+def _mean(values: list[float]) -> float:
+    return torch.tensor(values, dtype=torch.float32).mean().item() if values else 0.0
+
+
+def _rollout_logprobs(batch: list[Rollout], correction: str) -> torch.Tensor | None:
+    """The sampler's log-probs aligned with `token_logprobs` ([B, T-1]); None when a rollout did not record them
+    (built outside the sampler), which only a correction other than "none" refuses."""
+    if all(len(r.logprobs) == len(r.ids) for r in batch):
+        return right_pad_float([r.logprobs for r in batch])[:, 1:]
+    if correction != "none":
+        missing = next(r.trajectory_id for r in batch if len(r.logprobs) != len(r.ids))
+        raise ValueError(f"algo.rollout_correction={correction!r} needs the sampler's log-probs, and rollout "
+                         f"{missing!r} has none recorded (sample it with trainer.rollout, or use 'none')")
+    return None
+
+
+def right_pad_float(rows: list[list[float]]) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
+    return out
 
 
 def _logprobs(model: PreTrainedModel, seqs: list[list[int]], pad_id: int, full: bool

@@ -7,10 +7,12 @@ prompts get no policy gradient.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import dsec
 import torch
+from dsec.errors import DsecError
 from transformers import PreTrainedModel
 
 from trainer.config import RolloutConfig, SandboxConfig
@@ -27,7 +29,15 @@ from trainer import tito
 from trainer.sampler import sample, sample_generator
 from trainer.tasks import Problem, get_task
 from trainer.tokenizer import V4Tokenizer
-from trainer.tools import ToolBox, open_toolbox
+from trainer.tools import SandboxLost, ToolBox, lost, open_toolbox
+
+
+# Why a rollout ended. eos: the policy answered; length: cut by the token or turn budget (rewarded 0);
+# tool_error: the turn budget ran out right after a failed call or malformed DSML; sandbox_lost / timeout: the
+# sandbox died (or could not be created) / ran past its lifetime on every try (the rollout failed: reward 0, and
+# its group is dropped or filled per algo.on_group_failure).
+STOP_REASONS = ("eos", "length", "tool_error", "sandbox_lost", "timeout")
+FAILED = ("sandbox_lost", "timeout")
 
 
 @dataclass
@@ -46,15 +56,26 @@ class Rollout:
     parse_errors: int = 0
     sandbox_id: str = ""
     sampled_hash: int | None = None  # trainer.tito rolling hash of every sampled id, in order (None: none yet)
+    # log π_rollout of each id where mask = 1 (0.0 elsewhere), as the sampler computed it; [] when not recorded
+    logprobs: list[float] = field(default_factory=list)
+    policy_version: int = 0  # the learner step whose weights sampled it (staleness = trained-at version - this)
+    stop_reason: str = ""  # one of STOP_REASONS
+    attempts: int = 1  # sandboxes this rollout ran in (1 + retries after a lost sandbox)
+
+    @property
+    def failed(self) -> bool:
+        return self.stop_reason in FAILED
 
 
 @dataclass
 class _Live:
     rollout: Rollout
     problem: Problem
-    box: ToolBox
+    box: ToolBox | None
     gen: torch.Generator
     done: bool = False
+    last_failed: bool = False  # the latest turn's call failed or its DSML was malformed
+    lost: SandboxLost | None = None
     history: list[str] = field(default_factory=list)
 
 
@@ -77,6 +98,8 @@ def run_rollouts(
     sandbox_cfg: SandboxConfig,
     seed: int,
     keep_sandboxes: bool = False,
+    policy_version: int = 0,
+    after_step: Callable[[ToolBox], None] | None = None,
 ) -> list[Rollout]:
     """Run one rollout per (trajectory id, problem), all batched together; each gets its own sandbox.
 
@@ -84,55 +107,125 @@ def run_rollouts(
     re-running an interrupted step samples the same tokens, re-issues the same tool calls, and the trajectory log
     answers them; and two runs with the same seed sample alike. `keep_sandboxes`: the GRPO driver destroys them
     only after the step's checkpoint, so a step interrupted even after its rollouts finished still replays.
+
+    A rollout whose sandbox is lost (destroyed, expired, never created) starts over, up to
+    `rollout_cfg.max_retries` times, in a new sandbox rebuilt from its trajectory log: the same RNG samples the
+    same tokens, its logged calls replay (and re-execute in the new sandbox, rebuilding its state), and it goes on
+    live from where the log ends. Past the budget it fails alone (`stop_reason` sandbox_lost or timeout).
+    `after_step(box)` runs after each logged call of any rollout (a test's protocol point).
     """
+    by_id = dict(jobs)
+    attempts = dict.fromkeys(by_id, 0)
+    finished: dict[str, _Live] = {}
+    pending = list(jobs)
+    try:
+        while pending:
+            batch = _attempt(model, tok, client, pending, rollout_cfg, sandbox_cfg, seed, policy_version, after_step,
+                             rebuild={tid for tid, _ in pending if attempts[tid] > 0})
+            pending = []
+            for x in batch:
+                tid = x.rollout.trajectory_id
+                attempts[tid] += 1
+                x.rollout.attempts = attempts[tid]
+                if x.lost is not None and attempts[tid] <= rollout_cfg.max_retries:
+                    pending.append((tid, by_id[tid]))
+                    _close([x])
+                    continue
+                if x.lost is not None:
+                    x.rollout.stop_reason, x.rollout.reward = x.lost.stop_reason, 0.0
+                    _close([x])
+                finished[tid] = x
+    except Exception:
+        _close(list(finished.values()))
+        raise
+    # Not on SystemExit/KeyboardInterrupt (a Ray worker whose trainer died): those sandboxes stay live until
+    # their timeout so the resumed step re-attaches to them and replays its logged calls.
+    if not keep_sandboxes:
+        _close(list(finished.values()))
+    return [finished[tid].rollout for tid, _ in jobs]
+
+
+def _attempt(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, jobs: list[tuple[str, Problem]],
+             rollout_cfg: RolloutConfig, sandbox_cfg: SandboxConfig, seed: int, policy_version: int,
+             after_step: Callable[[ToolBox], None] | None, rebuild: set[str]) -> list[_Live]:
+    """One try of each job, batched; a rollout whose sandbox is lost stops there with `lost` set."""
     mode = rollout_cfg.thinking
     live: list[_Live] = []
     try:
         for tid, problem in jobs:
-            substrate = sandbox_cfg.substrates.get(problem.family, sandbox_cfg.default_substrate)
-            box = open_toolbox(client, tid, image=sandbox_cfg.image, substrate=substrate,
-                               timeout_s=sandbox_cfg.tool_timeout_s, sandbox_timeout_s=sandbox_cfg.sandbox_timeout_s)
-            live.append(_Live(Rollout(tid, problem.id, problem.family, [], []), problem, box,
-                              sample_generator(seed, tid.split("/", 1)[-1])))
-            for path, content in problem.files.items():
-                box.write_file(path, content)
+            x = _Live(Rollout(tid, problem.id, problem.family, [], [], policy_version=policy_version), problem, None,
+                      sample_generator(seed, tid.split("/", 1)[-1]))
+            live.append(x)
             ids = prompt_ids(tok, problem, mode)
-            live[-1].rollout.ids, live[-1].rollout.mask = ids, [0] * len(ids)
+            x.rollout.ids, x.rollout.mask, x.rollout.logprobs = ids, [0] * len(ids), [0.0] * len(ids)
+            substrate = sandbox_cfg.substrates.get(problem.family, sandbox_cfg.default_substrate)
+            try:
+                x.box = open_toolbox(client, tid, image=sandbox_cfg.image, substrate=substrate,
+                                     timeout_s=sandbox_cfg.tool_timeout_s,
+                                     sandbox_timeout_s=sandbox_cfg.sandbox_timeout_s, rebuild=tid in rebuild)
+                x.box.after_step = after_step
+                for path, content in problem.files.items():
+                    x.box.write_file(path, content)
+            except DsecError as exc:  # could not create, or lost while being set up: retried like a lost one
+                x.lost, x.done = SandboxLost(tid, exc), True
         for _turn in range(rollout_cfg.max_turns):
             active = [x for x in live if not x.done and len(x.rollout.ids) < rollout_cfg.max_total_tokens]
             if not active:
                 break
             budgets = [min(rollout_cfg.max_new_tokens, rollout_cfg.max_total_tokens - len(x.rollout.ids)) for x in active]
+            logprobs: list[list[float]] = [[] for _ in active]
             outs = sample(model, [x.rollout.ids for x in active], [x.gen for x in active], max_new_tokens=budgets,
                           eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=rollout_cfg.temperature,
-                          top_p=rollout_cfg.top_p)
-            for x, new in zip(active, outs):
-                _advance(x, new, tok, mode)
+                          top_p=rollout_cfg.top_p, logprobs=logprobs)
+            for x, new, lps in zip(active, outs, logprobs):
+                try:
+                    _advance(x, new, lps, tok, mode)
+                except SandboxLost as exc:
+                    x.lost, x.done = exc, True
         for x in live:
-            task = get_task(x.problem.family)
-            x.rollout.reward = task.verify(x.problem, x.rollout.final, x.box)
-            x.rollout.tools_live, x.rollout.tools_replayed = x.box.stats.live, x.box.stats.replayed
-            x.rollout.sandbox_id = x.box.sandbox.id
+            if x.lost is None:
+                _finish(x)
     except Exception:
         _close(live)
         raise
-    # Not on SystemExit/KeyboardInterrupt (a Ray worker whose trainer died): those sandboxes stay live until
-    # their timeout so the resumed step re-attaches to them and replays its logged calls.
-    if not keep_sandboxes:
-        _close(live)
-    return [x.rollout for x in live]
+    return live
+
+
+def _finish(x: _Live) -> None:
+    """Say why the rollout stopped and reward it: the task's verifier (in the sandbox, so a sandbox lost here
+    retries the rollout too), overridden by 0 when a budget cut it. The verifier runs even then, so a rollout's
+    logged calls do not depend on how it ended."""
+    r, box = x.rollout, x.box
+    assert box is not None
+    if not r.stop_reason:
+        r.stop_reason = "tool_error" if x.last_failed else "length"
+    try:
+        verdict = get_task(x.problem.family).verify(x.problem, r.final, box)
+        r.reward = 0.0 if r.stop_reason == "length" else verdict
+    except DsecError as exc:
+        if not lost(exc):
+            raise
+        x.lost, r.stop_reason = SandboxLost(r.trajectory_id, exc), ""
+        return
+    r.tools_live, r.tools_replayed = box.stats.live, box.stats.replayed
+    r.sandbox_id = box.sandbox.id
 
 
 def _close(live: list[_Live]) -> None:
     for x in live:
-        x.box.close()
+        if x.box is not None:
+            x.box.close()
 
 
-def _advance(x: _Live, new: list[int], tok: V4Tokenizer, mode: str) -> None:
-    """Append one sampled assistant turn; run its calls (or report the parse error) or finish the rollout."""
-    r = x.rollout
+def _advance(x: _Live, new: list[int], logprobs: list[float], tok: V4Tokenizer, mode: str) -> None:
+    """Append one sampled assistant turn; run its calls (or report the parse error) or finish the rollout.
+
+    Raises `SandboxLost` when a call finds the sandbox gone."""
+    r, box = x.rollout, x.box
+    assert box is not None
     r.ids += new
     r.mask += [1] * len(new)
+    r.logprobs += logprobs
     r.sampled_hash = tito.extend(r.sampled_hash, new)
     r.turns += 1
     text = tok.decode(new)
@@ -140,16 +233,20 @@ def _advance(x: _Live, new: list[int], tok: V4Tokenizer, mode: str) -> None:
         turn = parse_assistant(text, mode)  # type: ignore[arg-type]
     except DSMLParseError as exc:
         if not text.endswith(tok.decode([tok.eos_id])):
-            x.done = True  # cut by the budget mid-block: nothing to run, nothing to answer
+            x.done, r.stop_reason = True, "length"  # cut by the budget mid-block: nothing to run, nothing to answer
             return
         r.parse_errors += 1
         results = [f"error: malformed tool call: {exc}"]
+        x.last_failed = True
     else:
         if not turn.tool_calls or not turn.finished:
-            r.final, x.done = turn.content, True
+            r.final, x.done, r.stop_reason = turn.content, True, "eos" if turn.finished else "length"
             return
         r.tool_calls += len(turn.tool_calls)
-        results = [x.box.execute(call) for call in turn.tool_calls]
+        errors = box.stats.errors
+        results = [box.execute(call) for call in turn.tool_calls]
+        x.last_failed = box.stats.errors > errors
     extra = tool_result_ids(tok, results, mode)
     r.ids += extra
     r.mask += [0] * len(extra)
+    r.logprobs += [0.0] * len(extra)

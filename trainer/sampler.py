@@ -52,8 +52,14 @@ def sample(
     pad_id: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    logprobs: list[list[float]] | None = None,
 ) -> list[list[int]]:
-    """Continue each prompt until EOS (kept) or its own budget; returns only the new ids per prompt."""
+    """Continue each prompt until EOS (kept) or its own budget; returns only the new ids per prompt.
+
+    `logprobs`: when given (one list per prompt), receives log π(token) of each sampled id under the model's
+    own distribution (temperature 1, no top-p: what the learner computes), from the logits already at hand, so
+    the learner can correct for the sampler being off-policy.
+    """
     seqs = [list(p) for p in prompts]
     new: list[list[int]] = [[] for _ in prompts]
     active = [i for i, budget in enumerate(max_new_tokens) if budget > 0]
@@ -62,6 +68,7 @@ def sample(
         logits = model(input_ids=batch).logits.float()
         last = torch.tensor([len(seqs[i]) - 1 for i in active])
         step_logits = logits[torch.arange(len(active)), last]
+        step_logp = torch.log_softmax(step_logits, dim=-1) if logprobs is not None else None
         still: list[int] = []
         for row, i in enumerate(active):
             scores = step_logits[row]
@@ -72,6 +79,8 @@ def sample(
                 token = int(torch.multinomial(probs, 1, generator=generators[i]))
             seqs[i].append(token)
             new[i].append(token)
+            if step_logp is not None:
+                logprobs[i].append(float(step_logp[row, token]))
             if token != eos_id and len(new[i]) < max_new_tokens[i]:
                 still.append(i)
         active = still

@@ -7,10 +7,11 @@ logged results back (`replayed`), so an interrupted training step re-executes no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import dsec
-from dsec.errors import DsecError
+from dsec.errors import DsecError, SandboxExpired, SandboxNotFound, SandboxStateError
 from dsec.sdk.trajectory import Trajectory
 
 from trainer.encoding import ToolCall
@@ -32,6 +33,23 @@ def run_python_in_function(code: str) -> str:
     return buffer.getvalue()
 
 
+class SandboxLost(Exception):
+    """The rollout's sandbox is gone (destroyed, expired, lost with its node) or could not be created: not a tool
+    result the policy should see, but a reason to retry the rollout in a fresh sandbox.
+
+    `stop_reason`: "timeout" when the sandbox ran past its lifetime, else "sandbox_lost".
+    """
+
+    def __init__(self, trajectory_id: str, cause: Exception) -> None:
+        super().__init__(f"trajectory {trajectory_id!r}: sandbox lost: {type(cause).__name__}: {cause}")
+        self.stop_reason = "timeout" if isinstance(cause, SandboxExpired) and cause.reason == "timeout" else "sandbox_lost"
+
+
+def lost(exc: BaseException) -> bool:
+    """Whether a dsec error means the sandbox itself is gone (rather than one call failing)."""
+    return isinstance(exc, (SandboxNotFound, SandboxStateError))
+
+
 @dataclass
 class ToolStats:
     live: int = 0
@@ -48,12 +66,18 @@ class ToolBox:
     substrate: str
     timeout_s: float
     stats: ToolStats = field(default_factory=ToolStats)
+    after_step: Callable[[ToolBox], None] | None = None  # runs after each logged call (a test's protocol point)
 
     def _count(self, replayed: bool) -> None:
         if replayed:
             self.stats.replayed += 1
         else:
             self.stats.live += 1
+        self._stepped()
+
+    def _stepped(self) -> None:
+        if self.after_step is not None:
+            self.after_step(self)
 
     def shell(self, command: str) -> dsec.ExecResult:
         with self.trajectory:
@@ -65,12 +89,14 @@ class ToolBox:
         with self.trajectory:
             self.sandbox.files.write(path, content)
         self.stats.live += 1  # writes report no replay flag; counted server-side in the trajectory log
+        self._stepped()
 
     def run_python(self, code: str) -> str:
         if self.substrate == "function":
             with self.trajectory:
                 out = self.sandbox.call_with_options(run_python_in_function, (code,), timeout=self.timeout_s)
             self.stats.live += 1
+            self._stepped()
             return out
         result = self.shell_argv(["python3", "-c", code])
         text = (result.stdout + result.stderr).decode(errors="replace")
@@ -92,6 +118,8 @@ class ToolBox:
         try:
             text = self._dispatch(call)
         except DsecError as exc:
+            if lost(exc):
+                raise SandboxLost(self.trajectory.id, exc) from exc
             self.stats.errors += 1
             text = f"error: {type(exc).__name__}: {exc}"
         except (TypeError, ValueError, KeyError) as exc:
@@ -134,11 +162,16 @@ def open_toolbox(
     substrate: str,
     timeout_s: float,
     sandbox_timeout_s: float,
+    rebuild: bool = False,
 ) -> ToolBox:
-    """The rollout's sandbox: re-attached by the trajectory when it is still live (resume), else a new one."""
+    """The rollout's sandbox: re-attached by the trajectory when it is still live (resume), else a new one.
+
+    `rebuild`: a retry after the sandbox was lost: a new sandbox in which the logged steps re-execute as the
+    rollout re-issues them (their results still come from the log)."""
     trajectory = Trajectory(trajectory_id, client)
     labels = {"dsec-trainer": "rollout"}
     sandbox = trajectory.sandbox(
-        lambda: client.create(image=image, substrate=substrate, timeout_s=sandbox_timeout_s, labels=labels)
+        lambda: client.create(image=image, substrate=substrate, timeout_s=sandbox_timeout_s, labels=labels),
+        rebuild=rebuild,
     )
     return ToolBox(trajectory=trajectory, sandbox=sandbox, substrate=substrate, timeout_s=timeout_s)
