@@ -78,6 +78,8 @@ def _take_lock(run_dir: Path) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)  # as claim_run_dir does: the file names the server that holds it
     return fd
 
 
