@@ -166,7 +166,7 @@ def test_twenty_sandboxes_survive_a_kill9_mid_exec_and_nothing_leaks():
     assert no_traces(ids) == []
 
 
-def test_unhealthy_sandboxes_are_reaped_and_no_readopt_reaps_all():
+def test_unhealthy_sandboxes_are_reaped_a_second_crash_is_survived_and_no_readopt_reaps_all():
     port = free_port()
     server = Server(port)
     client = dsec.Client(server.address)
@@ -181,9 +181,12 @@ def test_unhealthy_sandboxes_are_reaped_and_no_readopt_reaps_all():
         with pytest.raises(SandboxNotFound):
             broken.exec("true")
         assert no_traces([broken.id]) == []
+        successor.kill9()  # a second crash: the next server takes over the run dir the dead successor had adopted
+        successor = Server(port)
+        wait_connected(client)
+        assert healthy.exec("true").exit_code == 0
         successor.kill9()
-        third = Server(port, "--no-readopt")  # the old behaviour: every sandbox of a dead server is reaped
-        successor = third
+        successor = Server(port, "--no-readopt")  # the old behaviour: every sandbox of a dead server is reaped
         wait_connected(client)
         with pytest.raises(SandboxNotFound):
             healthy.exec("true")
