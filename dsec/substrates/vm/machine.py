@@ -115,7 +115,9 @@ _spawner: ThreadPoolExecutor | None = None
 _spawner_lock = threading.Lock()
 
 
-def _launch(argv: list[str], log_path: Path, netns: Path | None = None, die_with_server: bool = True) -> subprocess.Popen:
+def _launch(
+    argv: list[str], log_path: Path, netns: Path | None = None, die_with_server: bool = True
+) -> subprocess.Popen:
     """Start QEMU so that it dies with this process, even on kill -9 (inside `netns` when given); with
     `die_with_server=False` it outlives a killed server, whose successor re-adopts or reaps it (server/readopt.py).
 
