@@ -147,3 +147,26 @@ def test_correction_off_is_bit_identical_and_metrics_appear(real_batch):
     assert m["rollout_is_clipped_frac"] == pytest.approx(sum(graded[0].mask) / sum(sum(r.mask) for r in graded))
     with pytest.raises(ValueError, match="sampler's log-probs"):
         _update(model, tok, bare, rollout_correction="tis_seq")
+
+
+@pytest.mark.timeout(900)
+def test_a_real_grpo_step_writes_the_off_policy_and_stop_metrics(trainer_assets, dsec_server, tmp_path, ray_tmp,
+                                                               make_config):
+    """`python -m trainer.grpo`, one step on Ray with truncated IS on: metrics.jsonl carries the ratio metrics,
+    the staleness histogram (all 0 in the synchronous loop) and the stop reasons."""
+    import json
+
+    import yaml
+    from .resume_harness import finish, start_trainer
+
+    data = make_config(tmp_path / "run").model_dump(mode="json")
+    data["algo"] = {"rollout_correction": "tis_token", "kl_coef": 0.0}
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    finish(start_trainer(cfg, trainer_assets, dsec_server, ray_tmp, "--max-steps", "1"), ray_tmp, 600)
+    [record] = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert record["staleness_0"] == record["samples"] == 4 and record["staleness_max"] == 0
+    assert record["rollout_is_ratio_mean"] == pytest.approx(1.0, abs=1e-3)  # same weights sampled and trained
+    assert record["rollout_is_clipped_frac"] == 0.0 and record["rollout_masked_frac"] == 0.0
+    assert sum(record[f"stop_{r}"] for r in ("eos", "length", "tool_error", "sandbox_lost", "timeout")) == 1.0
+    assert record["rollout_failures"] == 0 and record["groups_dropped"] == 0
