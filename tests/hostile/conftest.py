@@ -13,7 +13,8 @@ import pytest
 import dsec
 from dsec.sdk.embedded import EmbeddedServer
 
-from .table import DEFINED, ROWS, dump_if_requested, render, set_current_test
+from . import host
+from .table import CREATED, DEFINED, LEAKS, ROWS, dump_if_requested, render, set_current_test
 
 # (case id, substrate, driver, image)
 CASES = [
@@ -39,6 +40,7 @@ def hostile_server():
     server = EmbeddedServer.start(Path(os.environ["DSEC_HOME"]))
     yield server
     server.stop()
+    LEAKS.extend(host.leftovers(CREATED))  # stop() destroyed every sandbox: nothing of theirs may remain
 
 
 @pytest.fixture(scope="session")
@@ -97,6 +99,7 @@ def spawn(hostile_client, case):
             limits["memory_mb"] = VM_MEMORY_MB
         sandbox = hostile_client.create(image_override or image, substrate, driver=driver, timeout_s=600, **limits)
         created.append(sandbox)
+        CREATED.append(sandbox.id)
         return sandbox
 
     yield make
@@ -166,10 +169,20 @@ def _name_rows_after_their_test(request):
     set_current_test("")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """A sandbox that outlived its server fails the run (bench/load.py then refuses its figures)."""
+    if LEAKS:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not ROWS and not DEFINED:
         return
     terminalreporter.section("hostile suite: attempts and outcomes")
     for line in render(ROWS, DEFINED):
         terminalreporter.write_line(line)
+    for leak in LEAKS:
+        terminalreporter.write_line(f"LEAK: {leak}")
+    terminalreporter.write_line(f"leaks={len(LEAKS)} of {len(set(CREATED))} sandboxes created")
     dump_if_requested(ROWS, DEFINED)

@@ -136,14 +136,20 @@ def listening_ports() -> set[int]:
     return ports
 
 
-def kernel_log_cursor() -> int:
-    """The number of lines the kernel log holds now; `kernel_log_since` reads only what comes after it."""
-    return len(_kernel_log())
+def kernel_log_cursor() -> str:
+    """The kernel log's last line now (timestamped, so unique); `kernel_log_since` reads what comes after it.
 
-
-def kernel_log_since(cursor: int) -> list[str]:
+    Not a line count: once the ring buffer is full its length stays the same while new lines push old ones out."""
     lines = _kernel_log()
-    return lines[cursor:] if len(lines) >= cursor else lines  # a ring buffer that wrapped: read it all
+    return lines[-1] if lines else ""
+
+
+def kernel_log_since(cursor: str) -> list[str]:
+    lines = _kernel_log()
+    for index in range(len(lines) - 1, -1, -1):
+        if lines[index] == cursor:
+            return lines[index + 1 :]
+    return lines  # the cursor line itself was pushed out: everything there is is newer
 
 
 def _kernel_log() -> list[str]:
@@ -188,4 +194,28 @@ def fds_with(pid: int, token: str) -> list[str]:
             continue
         if token in target:
             found.append(f"{fd}->{target}")
+    return found
+
+
+def leftovers(sandbox_ids: list[str]) -> list[str]:
+    """What the given sandboxes left on the host once their server stopped: cgroups, mounts, loop devices,
+    registrations, network namespaces and processes named with their ids (a stopped server destroys every
+    sandbox before `stop()` returns, so anything here outlived its owner)."""
+    ids = set(sandbox_ids)
+    found: list[str] = []
+    if CGROUP_V1.is_dir():
+        for hierarchy in CGROUP_V1.iterdir():
+            parent = hierarchy / "dsec"
+            if parent.is_dir():
+                found += [f"cgroup {hierarchy.name}/dsec/{p.name}" for p in parent.iterdir() if p.name in ids]
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        found += [f"mount {line.split()[4]}" for sid in ids if sid in line]
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        text = _read(backing) or ""
+        found += [f"loop {backing.parts[3]} on {text}" for sid in ids if sid in text]
+    for directory, prefix in ((Path("/run/dsec/sandboxes"), ""), (Path("/run/netns"), "dsec-")):
+        if directory.is_dir():
+            found += [f"{directory}/{p.name}" for p in directory.iterdir() if p.name.removeprefix(prefix) in ids]
+    for sid in ids:
+        found += [f"process {pid} naming {sid}" for pid in processes_with(sid)]
     return found

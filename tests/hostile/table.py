@@ -27,6 +27,8 @@ class Row:
 
 ROWS: list[Row] = []
 DEFINED: list[tuple[str, str]] = []  # (case, test) pairs collected: each must leave at least one row
+CREATED: list[str] = []  # every sandbox id the suite created: audited on the host once its servers stopped
+LEAKS: list[str] = []  # what those sandboxes left behind; any entry fails the run
 _current_test = [""]
 
 

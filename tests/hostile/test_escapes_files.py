@@ -114,7 +114,8 @@ def test_write_through_proc_fd_of_another_sandbox(case, spawn):
     content = victim.files.read(f"/victim-{token}")
     alive = bool(host.processes_with(f"sleep\0{marker}"))
     contained = content == b"keep\n" and alive
-    text = f"victim file {'unchanged' if content == b'keep' + bytes([10]) else repr(content[:20])}, process {'alive' if alive else 'GONE'}; {outcome[-40:]}"
+    state = "unchanged" if content == b"keep\n" else repr(content[:20])
+    text = f"victim file {state}, process {'alive' if alive else 'GONE'}; {outcome[-40:]}"
     assert record(case[0], "write via /proc/<pid>/fd and /root of another sandbox", text, contained)
 
 
@@ -146,7 +147,9 @@ for path in paths:
 
 def test_fd_passing_over_agent_socket(case, spawn, hostile_server):
     if is_vm(case):
-        not_applicable(case[0], "fd passing over the agent socket", "n/a: a VM's agent channel is a virtio-serial byte stream, which carries no fds")
+        not_applicable(
+            case[0], "fd passing over the agent socket", "n/a: a VM's agent channel is a virtio-serial byte stream: no fds"
+        )
         return
     token = secrets.token_hex(5)
     sandbox = spawn(image_override="python")
@@ -160,7 +163,8 @@ def test_fd_passing_over_agent_socket(case, spawn, hostile_server):
     received = [int(part.split("=")[1]) for part in outcome.split() if part.startswith("fds_received=")]
     still_answers = sandbox.exec("echo alive").text.strip() == "alive"
     contained = not in_server and not any(received) and still_answers
-    text = (f"server holds {in_server}; " if in_server else "server holds none; ") + f"agent {'answers' if still_answers else 'DEAD'}; {outcome[-60:]}"
+    held = f"server holds {in_server}" if in_server else "server holds none"
+    text = f"{held}; agent {'answers' if still_answers else 'DEAD'}; {outcome[-60:]}"
     assert record(case[0], "fd passing (SCM_RIGHTS) over the agent socket", text, contained)
 
 
@@ -176,7 +180,10 @@ def test_inode_exhaustion(case, spawn):
     enospc = "No space left on device" in outcome
     assert made >= 0, f"the attack did not report: {outcome[-200:]}"
     contained = enospc and 0 <= made < 60000 and "fresh" in other and "alive" in own
-    text = f"{made} files then {'ENOSPC' if enospc else 'no ENOSPC'}; other sandbox {'writes' if 'fresh' in other else other[-30:]}; own {'answers' if 'alive' in own else own[-30:]}"
+    text = (
+        f"{made} files then {'ENOSPC' if enospc else 'no ENOSPC'}; other sandbox "
+        f"{'writes' if 'fresh' in other else other[-30:]}; own {'answers' if 'alive' in own else own[-30:]}"
+    )
     assert record(case[0], "inode exhaustion (disk=32 MB)", text, contained)
 
 

@@ -247,7 +247,7 @@ time.sleep(20)  # hold any attachment while the host looks
 
 def test_ptrace_outside(case, spawn, hostile_server):
     if is_vm(case):
-        not_applicable(case[0], "ptrace of processes outside", "n/a: a guest sees no host process; its ptrace reaches only the guest kernel")
+        not_applicable(case[0], "ptrace of processes outside", "n/a: a guest sees no host process; ptrace reaches its own kernel")
         return
     token = secrets.token_hex(5)
     marker = str(7_000_000 + secrets.randbelow(1_000_000))
@@ -272,7 +272,8 @@ def test_ptrace_outside(case, spawn, hostile_server):
     changes += [f"host pid {pid} traced by pid {host.tracer_of(pid)}" for pid in outside if host.tracer_of(pid)]
     _sh(sandbox, "kill $(pidof python3) 2>/dev/null; true")
     inside = "ATTACHED" not in outcome and "=READ" not in outcome
-    _verdict(case, "ptrace/process_vm_readv of the server, another sandbox, the test", inside, changes, outcome[-70:], "vm_readv=" in outcome or "in-sandbox" in outcome)
+    ran = "vm_readv=" in outcome or "in-sandbox" in outcome
+    _verdict(case, "ptrace/process_vm_readv of the server, another sandbox, the test", inside, changes, outcome[-70:], ran)
 
 
 HANDLE = """
@@ -306,7 +307,7 @@ print(" ".join(out))
 
 def test_open_by_handle_at(case, spawn, bait):
     if is_vm(case):
-        not_applicable(case[0], "open_by_handle_at (shocker)", "n/a: no host filesystem is mounted in a guest (its root disk is an image file)")
+        not_applicable(case[0], "open_by_handle_at (shocker)", "n/a: no host filesystem is mounted in a guest (root disk: an image)")
         return
     secret, paths = bait
     sandbox = _attacker(case, spawn)

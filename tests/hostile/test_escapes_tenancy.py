@@ -19,7 +19,7 @@ from dsec.server.main import serve
 from dsec.v1 import sandbox_pb2 as pb
 
 from .conftest import VM_MEMORY_MB, is_vm
-from .table import record
+from .table import CREATED, record
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -53,6 +53,7 @@ def test_cross_tenant_sandbox_and_snapshot_ids(case, tenants):
     alice, bob = tenants
     _, substrate, driver, image = case
     sandbox = alice.create(image, substrate, driver=driver, timeout_s=600, memory_mb=VM_MEMORY_MB if is_vm(case) else 256)
+    CREATED.append(sandbox.id)
     try:
         sandbox.files.write("/owned", b"alice")
         try:

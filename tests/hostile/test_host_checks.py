@@ -73,7 +73,7 @@ def test_kernel_log_since_sees_new_lines_and_oom_filter_tells_host_from_cgroup()
     token = secrets.token_hex(5)
     cursor = host.kernel_log_cursor()
     with open("/dev/kmsg", "w") as kmsg:
-        kmsg.write(f"dsec-hostcheck sysrq {token}\n")
+        kmsg.write(f"dsec-hostcheck {token}\n")
     assert any(token in line for line in host.kernel_log_since(cursor))
     lines = ["Memory cgroup out of memory: Killed process 1 (sh)", "Out of memory: Killed process 2 (python3)"]
     assert host.host_oom_kills(lines) == [lines[1]]
@@ -89,3 +89,20 @@ def test_fds_and_tracers_are_read_from_proc(tmp_path):
     finally:
         os.close(fd)
     assert host.tracer_of(os.getpid()) == 0
+
+
+def test_leftovers_sees_a_cgroup_and_a_mount_named_for_a_sandbox(tmp_path):
+    sandbox_id = f"ct-hostcheck-{secrets.token_hex(4)}"  # not a server's sb- id: no orphan sweep removes it meanwhile
+    cgroup = host.CGROUP_V1 / "pids" / "dsec" / sandbox_id
+    cgroup.mkdir(parents=True)
+    point = tmp_path / sandbox_id
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(point)], check=True)
+    try:
+        found = host.leftovers([sandbox_id])
+        assert any(item.startswith("cgroup pids/dsec/") for item in found), found
+        assert any(item.startswith("mount ") for item in found), found
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+        cgroup.rmdir()
+    assert host.leftovers([sandbox_id]) == []
