@@ -7,9 +7,9 @@ instead of tokenising the message; the resulting training sample is the exact to
 and produced, with mask 1 only on sampled ids (prompts, tool results and anything the harness wrote: 0).
 
 A trajectory's samples are its leaf turns (turns no later request continued): each is the chain of turns
-spliced into its prompt plus its own completion. Samples have the learner's `Rollout` shape, with the rollout
-log-probs alongside and the `trainer.tito` hash of the sampled ids taken from the records (not from the mask),
-so the learner's check cross-examines the splice.
+spliced into its prompt plus its own completion. Samples are the learner's `Rollout`s, with the rollout log-probs
+(for rollout correction), the oldest policy version of the chain, a stop reason, and the `trainer.tito` hash of
+the sampled ids taken from the records (not from the mask), so the learner's check cross-examines the splice.
 """
 
 from __future__ import annotations
@@ -164,8 +164,12 @@ class Recorder:
             for t in chain:
                 sampled = tito.extend(sampled, t.completion_ids)
             calls = sum(len(t.tool_calls) for t in chain)
+            aligned = iter(logprobs)  # the learner's rollout correction wants them per id, 0.0 where mask = 0
             rollout = Rollout(trajectory_id=trajectory_id, problem_id=leaf.turn_id, family="gateway", ids=ids,
                               mask=mask, reward=reward, turns=len(chain), final=leaf.content, tool_calls=calls,
-                              sampled_hash=sampled)
+                              sampled_hash=sampled, logprobs=[next(aligned) if m else 0.0 for m in mask],
+                              # the oldest weights in the chain: staleness is that of its earliest sampled ids
+                              policy_version=min(t.policy_version for t in chain),
+                              stop_reason="length" if leaf.finish_reason == "length" else "eos")
             out.append(GatewaySample(rollout, logprobs, [t.turn_id for t in chain], [t.policy_version for t in chain]))
         return out

@@ -127,6 +127,9 @@ def test_harness_through_the_gateway_yields_exact_samples_and_tools_run_once(gat
             s = samples[0]
             r = Rollout(**s["rollout"])
             assert r.turns == 2 and r.tool_calls == 1 and len(s["logprobs"]) == sum(r.mask)
+            recorded = iter(s["logprobs"])
+            assert r.logprobs == [next(recorded) if m else 0.0 for m in r.mask]  # per id, as rollouts record them
+            assert r.stop_reason == "eos" and r.policy_version == 1  # the first load of --weights
             # the sample is the exact sequence: prompt ids of turn 1 + sampled ids + tool result + sampled ids
             sampled = [t for resp in first for t in resp.choices[0].model_extra["token_ids"]]
             assert [i for i, m in zip(r.ids, r.mask) if m] == sampled
@@ -152,8 +155,11 @@ def test_harness_through_the_gateway_yields_exact_samples_and_tools_run_once(gat
             assert len(rollouts) == 2 and all(x.reward == 1.0 for x in rollouts)
             model = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
             model.load_state_dict(torch.load(overfit["weights"], weights_only=True))
-            metrics = Learner(model, AlgoConfig(kl_coef=0.0), 1e-4, 1.0, tok.pad_id).update(rollouts, group_size=2)
+            algo = AlgoConfig(kl_coef=0.0, rollout_correction="tis_token")
+            metrics = Learner(model, algo, 1e-4, 1.0, tok.pad_id).update(rollouts, group_size=2)
             assert metrics["tito_violations"] == 0 and metrics["tito_unchecked"] == 0
+            # the gateway's log-probs are the learner's own for the weights that sampled: importance ratio 1
+            assert abs(metrics["rollout_is_ratio_max"] - 1) < 1e-3
         finally:
             for sb in sandboxes:
                 try:
