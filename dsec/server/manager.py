@@ -156,6 +156,7 @@ class SandboxManager:
             held, _, _ = take_over(self.config.run_root, self.state.run_dir, self.intents.pending_ids(),
                                    self._adopt, cleanup)
             self.adopted_runs += held
+            self._reap_once(time.time())  # a timeout that passed while no server ran ends before any call is served
         cleaned = reap_dead_servers(self.config.run_root, cleanup)
         try:
             orphans.sweep()
@@ -442,25 +443,28 @@ class SandboxManager:
     def _reap_expired(self) -> None:
         """TTLs are enforced here, by the node that runs the sandbox: a cluster gateway only relays."""
         while not self._stop.wait(0.5):
-            now = time.time()
-            with self._lock:
-                live = list(self._sandboxes.values())
-            expired = [s.sandbox_id for s in live if s.expires_at <= now]
-            parking = [s for s in live if s.sandbox_id in expired and s.spec.on_timeout == "pause" and not s.parked]
-            for sandbox in parking:
-                if self._park(sandbox, now):
-                    expired.remove(sandbox.sandbox_id)
-            idle = [s for s in live if s.sandbox_id not in expired and s.state == "running"
-                    and s.spec.idle_timeout_s and s.idle_for(now) >= s.spec.idle_timeout_s]
-            ending = [(sid, "timeout", "its timeout expired") for sid in expired]
-            ending += [(s.sandbox_id, "idle", f"no call for {s.spec.idle_timeout_s:g}s") for s in idle]
-            for sandbox_id, reason, detail in ending:
-                try:
-                    self.destroy(sandbox_id, reason=reason, detail=detail)
-                except DsecError:
-                    pass
-                except Exception:  # noqa: BLE001 - keep reaping the others
-                    log.exception("%s destroy of %s failed", reason, sandbox_id)
+            self._reap_once(time.time())
+
+    def _reap_once(self, now: float) -> None:
+        """End (or park) every sandbox whose timeout or idle timeout has passed by `now`."""
+        with self._lock:
+            live = list(self._sandboxes.values())
+        expired = [s.sandbox_id for s in live if s.expires_at <= now]
+        parking = [s for s in live if s.sandbox_id in expired and s.spec.on_timeout == "pause" and not s.parked]
+        for sandbox in parking:
+            if self._park(sandbox, now):
+                expired.remove(sandbox.sandbox_id)
+        idle = [s for s in live if s.sandbox_id not in expired and s.state == "running"
+                and s.spec.idle_timeout_s and s.idle_for(now) >= s.spec.idle_timeout_s]
+        ending = [(sid, "timeout", "its timeout expired") for sid in expired]
+        ending += [(s.sandbox_id, "idle", f"no call for {s.spec.idle_timeout_s:g}s") for s in idle]
+        for sandbox_id, reason, detail in ending:
+            try:
+                self.destroy(sandbox_id, reason=reason, detail=detail)
+            except DsecError:
+                pass
+            except Exception:  # noqa: BLE001 - keep reaping the others
+                log.exception("%s destroy of %s failed", reason, sandbox_id)
 
     def _park(self, sandbox: ManagedSandbox, now: float) -> bool:
         """on_timeout=pause: pause the sandbox (if it runs) and keep it for paused_ttl_s; False if that failed."""
