@@ -180,8 +180,9 @@ def test_twenty_sandboxes_survive_a_kill9_mid_exec_and_nothing_leaks():
         for sandbox in fleet:
             info = sandbox.refresh()
             assert info.state == "running"
-            assert dict(info.spec.labels) == dict(before[sandbox.id].spec.labels) and info.created_at == before[sandbox.id].created_at
-            assert info.expires_at == pytest.approx(before[sandbox.id].expires_at, abs=0.01)
+            earlier = before[sandbox.id]
+            assert (dict(info.spec.labels), info.created_at) == (dict(earlier.spec.labels), earlier.created_at)
+            assert info.expires_at == pytest.approx(earlier.expires_at, abs=0.01)
             assert sandbox.files.read_text("/tmp/mark") == f"{sandbox.id} was here\n"
             result = sandbox.exec("echo alive-$((40+2))")
             assert (result.exit_code, result.stdout.strip()) == (0, b"alive-42"), (sandbox.id, result)
