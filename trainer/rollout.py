@@ -163,7 +163,7 @@ def _attempt(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, jobs
                 x.box = open_toolbox(client, tid, image=sandbox_cfg.image, substrate=substrate,
                                      timeout_s=sandbox_cfg.tool_timeout_s,
                                      sandbox_timeout_s=sandbox_cfg.sandbox_timeout_s, rebuild=tid in rebuild)
-                x.box.after_step = after_step
+                x.box.after_step, x.box.raise_lost = after_step, True
                 for path, content in problem.files.items():
                     x.box.write_file(path, content)
             except DsecError as exc:  # could not create, or lost while being set up: retried like a lost one

@@ -67,6 +67,9 @@ class ToolBox:
     timeout_s: float
     stats: ToolStats = field(default_factory=ToolStats)
     after_step: Callable[[ToolBox], None] | None = None  # runs after each logged call (a test's protocol point)
+    # a lost sandbox raises SandboxLost from `execute` (the rollout loop retries it) instead of becoming a
+    # result text the policy reads; off for harnesses that have no retry of their own
+    raise_lost: bool = False
 
     def _count(self, replayed: bool) -> None:
         if replayed:
@@ -118,7 +121,7 @@ class ToolBox:
         try:
             text = self._dispatch(call)
         except DsecError as exc:
-            if lost(exc):
+            if self.raise_lost and lost(exc):
                 raise SandboxLost(self.trajectory.id, exc) from exc
             self.stats.errors += 1
             text = f"error: {type(exc).__name__}: {exc}"
