@@ -29,7 +29,7 @@ from skyrl_gym.envs.registration import registry
 
 from trainer.encoding import EOS, DSMLParseError, parse_assistant, render_tool_results
 from trainer.tasks import Problem, get_task
-from trainer.tools import ToolBox
+from trainer.tools import ToolBox, open_toolbox
 
 ENV_ID = "dsec-tools"
 
@@ -75,19 +75,15 @@ class DsecToolEnv(BaseTextEnv):
         self.parse_errors = 0
 
     def init(self, prompt: list[dict[str, str]]) -> tuple[list[dict[str, str]], dict[str, Any]]:
-        trajectory = dsec.trajectory(self.trajectory_id, client=self.client)
-        labels = {"dsec-trainer": "skyrl"}
-        sandbox = trajectory.sandbox(lambda: self.client.create(image=self.image, substrate=self.substrate,
-                                                                timeout_s=self.sandbox_timeout_s, labels=labels),
-                                     rebuild=self.rebuild)
-        self.box = ToolBox(trajectory=trajectory, sandbox=sandbox, substrate=self.substrate,
-                           timeout_s=self.tool_timeout_s)
+        self.box = open_toolbox(self.client, self.trajectory_id, image=self.image, substrate=self.substrate,
+                                timeout_s=self.tool_timeout_s, sandbox_timeout_s=self.sandbox_timeout_s,
+                                rebuild=self.rebuild)
         for path, content in self.problem.files.items():
             self.box.write_file(path, content)
         if not prompt:
             prompt = [{"role": "system", "content": self.task.system}, {"role": "user", "content": self.problem.prompt}]
         tools = [{"type": "function", "function": t.model_dump()} for t in self.task.tools]
-        return prompt, {"tools": tools, "sandbox_id": sandbox.id, "restored": trajectory.restored}
+        return prompt, {"tools": tools, "sandbox_id": self.box.sandbox.id, "restored": self.box.trajectory.restored}
 
     def step(self, action: str) -> BaseTextEnvStepOutput:
         if self.box is None:
