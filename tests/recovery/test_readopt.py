@@ -19,12 +19,15 @@ import threading
 import time
 from pathlib import Path
 
+import docker
 import grpc
 import pytest
 
 import dsec
 from dsec.errors import DsecError, SandboxExpired, SandboxNotFound, SessionNotFound
 from dsec.server.launch import READY_PREFIX
+from dsec.substrates.container.docker_driver import SANDBOX_LABEL
+from dsec.substrates.container.dockerd import DSEC_DOCKER_SOCKET
 from support.ports import free_port  # tests/ is on sys.path (rootdir-relative test packages)
 
 from .probe import sandbox_ids_of_server, traces
@@ -143,7 +146,8 @@ def create_fleet(client: dsec.Client, containers: int, functions: int, vms: int)
     fleet = []
     for i in range(containers):
         allow = ["10.0.0.0/8"] if i == containers - 1 else []  # one with its own netns, veth and nftables table
-        fleet.append(client.create("busybox", labels={"n": str(i), "kind": "crun"}, timeout_s=1800, network_allow=allow))
+        labels = {"n": str(i), "kind": "crun"}
+        fleet.append(client.create("busybox", labels=labels, timeout_s=1800, network_allow=allow))
     for i in range(functions):
         fleet.append(client.create("python", substrate="function", labels={"n": str(i), "kind": "function"},
                                    timeout_s=1800))
@@ -232,6 +236,39 @@ def test_unhealthy_sandboxes_are_reaped_a_second_crash_is_survived_and_no_readop
         for running in (successor, server):
             if running is not None:
                 running.stop()
+
+
+def test_docker_sandboxes_are_re_adopted():
+    """The Docker driver's containers (dsec's own engine keeps them running) come back too, a paused one paused."""
+    port = free_port()
+    server = Server(port)
+    client = dsec.Client(server.address)
+    successor = None
+    ids: list[str] = []
+    try:
+        running, paused = (client.create("busybox", driver="docker") for _ in range(2))
+        ids = [running.id, paused.id]
+        running.files.write("/tmp/mark", "docker\n")
+        paused.pause()
+        successor = Server(port, held=True)
+        server.kill9()
+        successor.go()
+        wait_connected(client)
+        assert running.files.read_text("/tmp/mark") == "docker\n"
+        assert paused.refresh().state == "paused"
+        paused.resume()
+        assert [sb.exec("echo ok").stdout for sb in (running, paused)] == [b"ok\n", b"ok\n"]
+    finally:
+        for server_ in (successor, server):
+            if server_ is not None:
+                server_.stop()
+    assert no_traces(ids) == []
+    engine = docker.APIClient(base_url=f"unix://{DSEC_DOCKER_SOCKET}", version="auto")
+    try:
+        for sandbox_id in ids:
+            assert engine.containers(all=True, filters={"label": f"{SANDBOX_LABEL}={sandbox_id}"}) == []
+    finally:
+        engine.close()
 
 
 def _kill_init(sandbox_id: str) -> None:

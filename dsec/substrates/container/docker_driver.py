@@ -42,6 +42,7 @@ AGENT_PATH = "/.dsec/agent"
 AGENT_RUN_DIR = "/.dsec/run"
 AGENT_SOCKET = "agent.sock"
 AGENT_START_TIMEOUT_S = 20.0
+ADOPT_PROBE_S = 5.0  # a live agent answers a ping in milliseconds; one that does not within this is not re-adopted
 # Capabilities a sandbox never needs on top of Docker's default set: raw sockets (spoofing), device nodes,
 # audit records and file capabilities (a way to regain privileges after no-new-privileges).
 DROPPED_CAPS = ["NET_RAW", "MKNOD", "AUDIT_WRITE", "SETFCAP"]
@@ -291,6 +292,30 @@ class DockerDriver(SandboxDriver):
             raise
         sandbox = DockerSandbox(sandbox_id, client, container, self.api, spec, state_dir)
         sandbox.user = user
+        return sandbox
+
+    def adopt(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, state_dir: Path, paused: bool) -> DockerSandbox:
+        """A new handle on a container a dead server left running (dsec's Docker engine keeps it): it must be
+        running (a paused one is unpaused for the probe and paused again) and its agent must answer a ping."""
+        found = self.api.containers(all=True, quiet=True, filters={"label": f"{STATE_DIR_LABEL}={state_dir.resolve()}"})
+        if len(found) != 1:
+            raise RuntimeFailure(f"sandbox {sandbox_id} has {len(found)} containers, not one", sandbox_id=sandbox_id)
+        container = found[0]["Id"]
+        state = self.api.inspect_container(container)["State"]
+        if not state.get("Running"):
+            raise RuntimeFailure(f"the container of sandbox {sandbox_id} is {state.get('Status')}", sandbox_id=sandbox_id)
+        if state.get("Paused"):
+            self.api.unpause(container)
+        socket_path = state_dir / "agent-run" / AGENT_SOCKET
+        client = AgentClient.connect_unix(socket_path, timeout_s=ADOPT_PROBE_S, sandbox_id=sandbox_id)
+        sandbox = DockerSandbox(sandbox_id, client, container, self.api, spec, state_dir)
+        try:
+            sandbox.user = resolve_user(image.config.user, list(image.lower_dirs), sandbox_id)
+            if paused:
+                sandbox.pause()
+        except BaseException:
+            client.close()
+            raise
         return sandbox
 
     def _why_not_running(self, container: str) -> str:
