@@ -34,35 +34,50 @@ from jupyter_client.manager import start_new_kernel
 spec = json.load(open({INPUT!r}))
 km, kc = start_new_kernel(kernel_name=spec["kernel"], stderr=subprocess.DEVNULL)
 deadline = time.monotonic() + spec["total_timeout"]
-cells, status = [], "Finished"
-for code in spec["cells"]:
-    cell = {{"stdout": "", "stderr": "", "display": [], "error": []}}
-    cells.append(cell)
-    end = deadline if spec["cell_timeout"] <= 0 else min(deadline, time.monotonic() + spec["cell_timeout"])
-    msg_id = kc.execute(code)
+cells, status, by_id = [], "Finished", {{}}
+
+
+def collect(msg_id, end):
+    # Route every iopub message to the cell that caused it (a stream flushed late still lands in its own cell);
+    # return once `msg_id` is idle, or False when `end` passed first.
     while True:
         left = end - time.monotonic()
         if left <= 0:
-            km.interrupt_kernel()
-            status = "TimeLimitExceeded"
-            break
+            return False
         try:
             msg = kc.get_iopub_msg(timeout=left)
         except queue.Empty:
             continue
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
+        parent = msg["parent_header"].get("msg_id")
         kind, content = msg["msg_type"], msg["content"]
+        if kind == "status" and content["execution_state"] == "idle" and parent == msg_id:
+            return True
+        cell = by_id.get(parent)
+        if cell is None:
+            continue
         if kind == "stream":
             cell[content["name"]] += content["text"]
         elif kind in ("display_data", "execute_result"):
             cell["display"].append(content["data"])
         elif kind == "error":
             cell["error"].append({{k: content[k] for k in ("ename", "evalue", "traceback")}})
-        elif kind == "status" and content["execution_state"] == "idle":
-            break
-    if status != "Finished":
+
+
+for code in spec["cells"]:
+    cell = {{"stdout": "", "stderr": "", "display": [], "error": []}}
+    cells.append(cell)
+    end = deadline if spec["cell_timeout"] <= 0 else min(deadline, time.monotonic() + spec["cell_timeout"])
+    # stop_on_error=False: after an error ipykernel aborts requests that reach it before its abort window closes,
+    # a race the next cell would sometimes lose (it came back empty, status "aborted")
+    msg_id = kc.execute(code, stop_on_error=False)
+    by_id[msg_id] = cell
+    if not collect(msg_id, end):
+        km.interrupt_kernel()
+        status = "TimeLimitExceeded"
         break
+if status == "Finished":
+    # One silent round trip: the kernel's iopub is ordered, so once it is idle every earlier cell's output is in
+    collect(kc.execute("", silent=True, store_history=False), time.monotonic() + 30)
 kc.stop_channels()
 km.shutdown_kernel(now=True)
 with open({OUTPUT!r}, "w") as out:
