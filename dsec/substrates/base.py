@@ -9,6 +9,7 @@ behave identically everywhere.
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,17 @@ from typing import ClassVar, Literal
 
 from dsec.errors import Unsupported
 from dsec.models import FileEntry, FileInfo, SandboxSpec
+
+
+def snapshot_target_full(path: Path) -> bool:
+    """Whether the filesystem a snapshot was being written to is (nearly) out of space: tar and QEMU report a
+    write that ENOSPC cut short only as "Wrote only N of M bytes" or "migrate failed", so drivers ask the
+    filesystem before choosing between DiskFull and RuntimeFailure."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
 
 
 @dataclass(frozen=True)

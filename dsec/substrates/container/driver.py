@@ -23,7 +23,7 @@ from dsec.config import ServerConfig
 from dsec.errors import DiskFull, InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound
 from dsec.images.user import resolve_user
 from dsec.models import SandboxSpec
-from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, Usage
+from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, Usage, snapshot_target_full
 from dsec.substrates.container import bundle, cgroups, disk, network, rootfs
 from dsec.substrates.container.record import ContainerRecord
 from dsec.substrates.container.runtime import RUNTIMES, OciRuntime
@@ -48,7 +48,7 @@ def _run_tar(argv: list[str], sandbox_id: str, what: str, writes_to: Path | None
         raise RuntimeFailure(f"{what} of sandbox {sandbox_id} took over {SNAPSHOT_TIMEOUT_S:.0f}s", sandbox_id=sandbox_id) from exc
     if proc.returncode != 0:
         message = proc.stderr.decode(errors="replace").strip()
-        if writes_to is not None and ("No space left" in message or _full(writes_to)):
+        if writes_to is not None and ("No space left" in message or snapshot_target_full(writes_to)):
             raise DiskFull(
                 f"{what} of sandbox {sandbox_id}: no space left in {writes_to}: free space or delete snapshots",
                 sandbox_id=sandbox_id,
@@ -57,15 +57,6 @@ def _run_tar(argv: list[str], sandbox_id: str, what: str, writes_to: Path | None
             f"{what} of sandbox {sandbox_id} failed: {proc.stderr.decode(errors='replace').strip()[-1000:]}",
             sandbox_id=sandbox_id,
         )
-
-
-def _full(path: Path) -> bool:
-    """tar reports a write that ENOSPC cut short only as "Wrote only N of M bytes": ask the filesystem itself."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < (1 << 20)
 
 
 def _connect_agent(run_dir: Path, sandbox_id: str, log: Path, timeout_s: float = AGENT_START_TIMEOUT_S) -> AgentClient:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from dsec.agent.client import AgentClient, AgentSandbox
 from dsec.config import ServerConfig
-from dsec.errors import DsecError, InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound, Unsupported
+from dsec.errors import DiskFull, DsecError, InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound, Unsupported
 from dsec.models import SandboxSpec
-from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, Usage
+from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, Usage, snapshot_target_full
 from dsec.substrates.container import network
 from dsec.substrates.vm.accel import host_accel
 from dsec.substrates.vm.config import VmConfig
@@ -151,6 +151,13 @@ class VmSandbox(AgentSandbox):
             try:
                 self.process.save(dest / STATE, timeout_s=120.0)
                 copy_overlay(self.process.state_dir / DISK, dest / DISK)
+            except (RuntimeFailure, OSError) as exc:
+                if snapshot_target_full(dest):  # QEMU says only "migrate failed" when its state file hit ENOSPC
+                    raise DiskFull(
+                        f"snapshot of sandbox {self.sandbox_id}: no space left in {dest}: free space or delete snapshots",
+                        sandbox_id=self.sandbox_id,
+                    ) from exc
+                raise
             finally:
                 if not self._paused and self.process.alive():
                     self.process.qmp.execute("cont")
