@@ -93,7 +93,7 @@ class Context:
         self.manager.shutdown_kernel(now=True)
 
     def _run_silently(self, code: str) -> None:
-        msg_id = self.client.execute(code, silent=True, store_history=False, allow_stdin=False)
+        msg_id = self.client.execute(code, silent=True, store_history=False, allow_stdin=False, stop_on_error=False)
         self._drain(msg_id, lambda _event: True, lambda: False)
 
     def _drain(self, msg_id: str, emit, gone) -> None:
@@ -128,7 +128,9 @@ class Context:
                     f"_dsec_os.environ.update({dict(env_vars)!r})\n"
                 )
             try:
-                msg_id = self.client.execute(code, store_history=True, allow_stdin=False)
+                # stop_on_error=False: after an error ipykernel aborts requests that reach it too soon, so the next
+                # run_code would sometimes come back empty
+                msg_id = self.client.execute(code, store_history=True, allow_stdin=False, stop_on_error=False)
                 self._drain(msg_id, emit, gone)
                 reply = self._reply(msg_id)
                 if reply is not None and "execution_count" in reply:
