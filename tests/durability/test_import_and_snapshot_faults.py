@@ -100,15 +100,15 @@ def _assert_no_snapshot_visible(client, sandbox, root: Path) -> None:
     assert not [p.name for p in root.iterdir()], f"a failed snapshot left {[p.name for p in root.iterdir()]}"
 
 
-@pytest.mark.parametrize("substrate", ["container", "microvm"])
+@pytest.mark.parametrize("substrate", ["crun", "docker", "microvm"])
 @pytest.mark.parametrize("fault", ["enospc", "eio"])
 def test_snapshot_under_disk_fault(fault, substrate, server, request):
     running, client = server
     disk = request.getfixturevalue("small_disk" if fault == "enospc" else "fault_fs")
     root = disk.mount / "snapshots"
     original = _swap_snapshot_root(running, root)
-    if substrate == "container":
-        sandbox = client.create("busybox", "container", driver="crun", disk_mb=64)
+    if substrate in ("crun", "docker"):
+        sandbox = client.create("busybox", "container", driver=substrate, disk_mb=64)
     else:  # the hostile suite's guest shape: restored from its template; its memory state alone exceeds 16 MB
         sandbox = client.create("busybox", "microvm", memory_mb=256, timeout_s=600)
     try:

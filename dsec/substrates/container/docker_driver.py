@@ -28,10 +28,10 @@ import docker.errors
 from dsec.agent.build import agent_binary
 from dsec.agent.client import AgentClient, AgentSandbox
 from dsec.config import ServerConfig
-from dsec.errors import RuntimeFailure, SandboxStateError, SnapshotNotFound
+from dsec.errors import DiskFull, RuntimeFailure, SandboxStateError, SnapshotNotFound
 from dsec.images.user import resolve_user
 from dsec.models import SandboxSpec
-from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
+from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, snapshot_target_full
 from dsec.substrates.container import docker_disk, network
 from dsec.substrates.container.docker_images import ensure_image
 from dsec.substrates.container.dockerd import ensure_engine
@@ -163,6 +163,13 @@ class DockerSandbox(AgentSandbox):
             self.pause()
         try:
             _run_tar([*_TAR_LAYER, "--exclude=./.dsec", "-C", str(upper), "-cf", str(dest / SNAPSHOT_ARCHIVE), "."], self.sandbox_id, "snapshot")
+        except RuntimeFailure as exc:
+            if snapshot_target_full(dest):  # tar says only "Wrote only N of M bytes" when ENOSPC cut it short
+                raise DiskFull(
+                    f"snapshot of sandbox {self.sandbox_id}: no space left in {dest}: free space or delete snapshots",
+                    sandbox_id=self.sandbox_id,
+                ) from exc
+            raise
         finally:
             if not was_paused:
                 self.resume()
