@@ -172,7 +172,8 @@ def _attempt(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, jobs
             active = [x for x in live if not x.done and len(x.rollout.ids) < rollout_cfg.max_total_tokens]
             if not active:
                 break
-            budgets = [min(rollout_cfg.max_new_tokens, rollout_cfg.max_total_tokens - len(x.rollout.ids)) for x in active]
+            room = rollout_cfg.max_total_tokens
+            budgets = [min(rollout_cfg.max_new_tokens, room - len(x.rollout.ids)) for x in active]
             logprobs: list[list[float]] = [[] for _ in active]
             outs = sample(model, [x.rollout.ids for x in active], [x.gen for x in active], max_new_tokens=budgets,
                           eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=rollout_cfg.temperature,

@@ -42,7 +42,8 @@ class SandboxLost(Exception):
 
     def __init__(self, trajectory_id: str, cause: Exception) -> None:
         super().__init__(f"trajectory {trajectory_id!r}: sandbox lost: {type(cause).__name__}: {cause}")
-        self.stop_reason = "timeout" if isinstance(cause, SandboxExpired) and cause.reason == "timeout" else "sandbox_lost"
+        expired = isinstance(cause, SandboxExpired) and cause.reason == "timeout"
+        self.stop_reason = "timeout" if expired else "sandbox_lost"
 
 
 def lost(exc: BaseException) -> bool:

@@ -90,8 +90,8 @@ def real_batch(trainer_assets, dsec_server):
     model = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
     model.load_state_dict(torch.load(trainer_assets["sft"], weights_only=True))
     model.eval()
-    jobs = [(f"rc-{time.time_ns()}/step-0/prompt-{i // 2}/sample-{i % 2}", p)
-            for i, p in enumerate(sorted(problems(["arithmetic", "fix_module"], "train", 2, 0) * 2, key=lambda p: p.id))]
+    batch = sorted(problems(["arithmetic", "fix_module"], "train", 2, 0) * 2, key=lambda p: p.id)
+    jobs = [(f"rc-{time.time_ns()}/step-0/prompt-{i // 2}/sample-{i % 2}", p) for i, p in enumerate(batch)]
     with dsec.Client(address=dsec_server.address) as client:
         cfg = RolloutConfig(max_turns=2, max_new_tokens=40, max_total_tokens=400)
         out = run_rollouts(model, tok, client, jobs, cfg, SandboxConfig(image="python"), seed=0, policy_version=7)
