@@ -147,3 +147,27 @@ def test_an_expired_sandbox_stops_as_timeout():
     assert SandboxLost("t", SandboxExpired("ran past its lifetime", reason="timeout")).stop_reason == "timeout"
     assert SandboxLost("t", SandboxExpired("gone", reason="destroyed")).stop_reason == "sandbox_lost"
     assert SandboxLost("t", SandboxNotFound("gone")).stop_reason == "sandbox_lost"
+
+
+@pytest.mark.timeout(300)
+def test_a_tool_call_into_a_destroyed_sandbox_is_a_lost_sandbox_not_a_tool_result(client):
+    """Inside the rollout loop (raise_lost) the call raises SandboxLost, which retries the rollout; harnesses
+    without a retry of their own (TRL, SkyRL-gym) keep getting the error as the call's result text."""
+    from trainer.encoding import ToolCall
+    from trainer.tools import open_toolbox
+
+    call = ToolCall(name="run_shell", arguments={"command": "echo hi"})
+    for raise_lost in (True, False):
+        box = open_toolbox(client, f"lostcall-{time.time_ns()}/t", image="python", substrate="container",
+                           timeout_s=30, sandbox_timeout_s=300)
+        box.raise_lost = raise_lost
+        box.write_file("/work/notes.txt", "x")  # the rollout's files make /work, the shell tool's directory
+        assert box.execute(call).startswith("exit 0")
+        client.destroy(box.sandbox.id)
+        if raise_lost:
+            with pytest.raises(SandboxLost) as info:
+                box.execute(call)
+            assert info.value.stop_reason == "sandbox_lost" and box.trajectory.id in str(info.value)
+        else:
+            assert box.execute(call).startswith("error: Sandbox")
+        box.close()
