@@ -7,7 +7,6 @@ metrics.jsonl next to the loss they did not break.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Literal
 
 from trainer.rollout import STOP_REASONS, Rollout
@@ -25,22 +24,23 @@ def stop_metrics(rollouts: list[Rollout]) -> dict[str, float]:
 
 
 def isolate_groups(rollouts: list[Rollout], group_size: int, policy: Literal["drop", "fill"]
-                   ) -> tuple[list[Rollout], dict[str, float]]:
-    """The batch to train on: groups (consecutive `group_size` rollouts) without a failed rollout as they are;
-    a group with one is dropped, or with "fill" has each failed sample replaced by a copy of a surviving one
-    (cycling through them; a group where none survived is dropped)."""
+                   ) -> tuple[list[int], dict[str, float]]:
+    """Which rollouts to train on, as indices into `rollouts` (so per-rollout side data, e.g. OPD teacher scores,
+    follows): groups (consecutive `group_size` rollouts) without a failed rollout as they are; a group with one is
+    dropped, or with "fill" has each failed sample replaced by a surviving one of its group (cycling through them;
+    a group where none survived is dropped)."""
     if len(rollouts) % group_size:
         raise ValueError(f"{len(rollouts)} rollouts do not split into groups of {group_size}")
-    kept: list[Rollout] = []
+    kept: list[int] = []
     dropped = filled = 0
     for start in range(0, len(rollouts), group_size):
-        group = rollouts[start:start + group_size]
-        alive = [r for r in group if not r.failed]
-        if len(alive) == len(group):
+        group = range(start, start + group_size)
+        alive = [i for i in group if not rollouts[i].failed]
+        if len(alive) == group_size:
             kept += group
         elif policy == "fill" and alive:
             copies = iter(alive * group_size)
-            kept += [r if not r.failed else replace(next(copies)) for r in group]
+            kept += [i if not rollouts[i].failed else next(copies) for i in group]
             filled += 1
         else:
             dropped += 1

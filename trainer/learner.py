@@ -61,7 +61,9 @@ class Learner:
             raise ValueError(f"OPD needs teacher scores for each of the {len(rollouts)} rollouts "
                              f"(got {None if teacher is None else len(teacher)}): start the trainer with teachers")
         failure_metrics = {**stop_metrics(rollouts), "reward_mean": _mean([r.reward for r in rollouts])}
-        rollouts, isolated = isolate_groups(rollouts, group_size, a.on_group_failure)
+        kept_idx, isolated = isolate_groups(rollouts, group_size, a.on_group_failure)
+        rollouts = [rollouts[i] for i in kept_idx]
+        teacher = None if teacher is None else [teacher[i] for i in kept_idx]
         failure_metrics.update(isolated)
         if not rollouts:  # every group lost a rollout: the step goes on, training on nothing
             return {**failure_metrics, "kept_samples": 0.0, "loss": 0.0, "kl": 0.0, "tito_violations": 0.0,

@@ -171,3 +171,16 @@ def test_a_tool_call_into_a_destroyed_sandbox_is_a_lost_sandbox_not_a_tool_resul
         else:
             assert box.execute(call).startswith("error: Sandbox")
         box.close()
+
+
+def test_group_isolation_returns_indices_so_side_data_follows():
+    from trainer.failures import isolate_groups
+    from trainer.rollout import Rollout
+
+    reasons = ["eos", "sandbox_lost", "timeout", "sandbox_lost", "eos", "length"]
+    rollouts = [Rollout(f"t/step-0/prompt-{i // 2}/sample-{i % 2}", "p", "f", [0, 1], [0, 1], stop_reason=r)
+                for i, r in enumerate(reasons)]
+    assert isolate_groups(rollouts, 2, "fill") == ([0, 0, 4, 5], {"groups_dropped": 1.0, "groups_filled": 1.0})
+    assert isolate_groups(rollouts, 2, "drop") == ([4, 5], {"groups_dropped": 2.0, "groups_filled": 0.0})
+    with pytest.raises(ValueError, match="groups of 4"):
+        isolate_groups(rollouts, 4, "drop")
