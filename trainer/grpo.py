@@ -225,9 +225,10 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
         cursor = state["cursor"] + cfg.grpo.prompts_per_step
         manifest = checkpoint.Manifest(run_id=state["run_id"], step=step + 1, cursor=cursor,
                                        contents=list(checkpoint.CONTENTS))
-        ray.get(learner.save.remote(str(ckpt), manifest.model_dump(), [r["sandbox_id"] for r in rollouts]))
+        sandboxes = [r["sandbox_id"] for r in rollouts if r["sandbox_id"]]  # a failed rollout has none left
+        ray.get(learner.save.remote(str(ckpt), manifest.model_dump(), sandboxes))
         report("committed", step + 1)
-        _destroy(client, [r["sandbox_id"] for r in rollouts])
+        _destroy(client, sandboxes)
         state.update(step=step + 1, cursor=cursor, inflight=[])
         checkpoint.write_json(state_path, state)
         report("done", step + 1)
