@@ -593,46 +593,39 @@ class PortForwarder(grpc.GenericRpcHandler):
         return grpc.stream_stream_rpc_method_handler(functools.partial(forward, None))
 
 
-class ProcessForwarder(grpc.GenericRpcHandler):
-    """Forwards ProcessService calls, as raw bytes, to the node that runs the named sandbox.
+class SandboxRoutedForwarder(grpc.GenericRpcHandler):
+    """Forwards a service's calls, as raw bytes, to the node that runs the sandbox each request names.
 
-    Every request names its sandbox (a selector's or its own `sandbox_id`), so only that is parsed; output
-    streams (Start, Connect) are relayed message by message and cancelled together with the caller.
+    Why raw bytes: the request is decoded only to read its sandbox id; request and response (or a server stream,
+    message by message, cancelled together with the caller) are relayed unchanged, so a new field in the service's
+    proto needs no gateway change. One table per service says how to find the sandbox id and which calls stream.
     """
 
-    PREFIX = "/dsec.v1.ProcessService/"
-    # method → (request type, how to read its sandbox id, server-streaming)
-    METHODS: dict[str, tuple[type, Callable[[Any], str], bool]] = {
-        "Start": (procpb.StartProcessRequest, lambda r: r.sandbox_id, True),
-        "Connect": (procpb.ProcessSelector, lambda r: r.sandbox_id, True),
-        "List": (procpb.ListProcessesRequest, lambda r: r.sandbox_id, False),
-        "SendInput": (procpb.ProcessInput, lambda r: r.process.sandbox_id, False),
-        "CloseStdin": (procpb.ProcessSelector, lambda r: r.sandbox_id, False),
-        "SendSignal": (procpb.SignalProcessRequest, lambda r: r.process.sandbox_id, False),
-        "ResizePty": (procpb.ResizePtyRequest, lambda r: r.process.sandbox_id, False),
-    }
-
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, service: str, methods: dict[str, tuple[type, Callable[[Any], str], bool]]) -> None:
         self._gateway = gateway
+        self._prefix = f"/{service}/"
+        self._methods = methods  # method → (request type, how to read its sandbox id, server-streaming)
 
     def service(self, handler_call_details):  # type: ignore[no-untyped-def]
         method = handler_call_details.method
-        if not method.startswith(self.PREFIX) or method[len(self.PREFIX) :] not in self.METHODS:
+        name = method[len(self._prefix) :] if method.startswith(self._prefix) else ""
+        if name not in self._methods:
             return None
-        request_type, sandbox_of, streaming = self.METHODS[method[len(self.PREFIX) :]]
+        request_type, sandbox_of, streaming = self._methods[name]
+        gateway = self._gateway
 
         def node_for(request: bytes, context: grpc.ServicerContext) -> Node:
             try:
                 parsed = request_type.FromString(request)
             except Exception as exc:  # noqa: BLE001 - a malformed message is the caller's error
                 raise InvalidSpec(f"malformed {method} request: {exc}") from None
-            return self._gateway._route(sandbox_of(parsed), context)[0]
+            return gateway._route(sandbox_of(parsed), context)[0]
 
         if not streaming:
 
             @_gateway_errors
             def unary(_self, request: bytes, context: grpc.ServicerContext) -> bytes:
-                return self._gateway._call_raw(node_for(request, context), method, request, context)
+                return gateway._call_raw(node_for(request, context), method, request, context)
 
             return grpc.unary_unary_rpc_method_handler(functools.partial(unary, None))
 
@@ -645,66 +638,34 @@ class ProcessForwarder(grpc.GenericRpcHandler):
                 yield from call
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.CANCELLED:
-                    raise self._gateway._relay(node, exc) from None
+                    raise gateway._relay(node, exc) from None
             finally:
                 call.cancel()
 
         return grpc.unary_stream_rpc_method_handler(functools.partial(stream, None))
 
 
-class FilesystemForwarder(grpc.GenericRpcHandler):
-    """Forwards FilesystemService calls, as raw bytes, to the node that runs the call's sandbox.
-
-    Why raw bytes: the request is decoded only to read its sandbox id; request and response (or the Watch
-    stream, message by message) are relayed unchanged, so a new field in filesystem.proto needs no gateway change.
-    """
-
-    SERVICE = "/dsec.v1.FilesystemService/"
-    SANDBOX_OF: dict[str, Callable[[bytes], str]] = {
-        "Stat": lambda raw: fpb.FsPath.FromString(raw).sandbox_id,
-        "Chown": lambda raw: fpb.FsPath.FromString(raw).sandbox_id,
-        "MakeDir": lambda raw: fpb.MakeDirRequest.FromString(raw).target.sandbox_id,
-        "Move": lambda raw: fpb.MoveRequest.FromString(raw).source.sandbox_id,
-        "Remove": lambda raw: fpb.RemoveRequest.FromString(raw).target.sandbox_id,
-        "ListTree": lambda raw: fpb.ListTreeRequest.FromString(raw).target.sandbox_id,
-        "Resolve": lambda raw: fpb.ResolveRequest.FromString(raw).target.sandbox_id,
-        "Watch": lambda raw: fpb.WatchRequest.FromString(raw).target.sandbox_id,
-    }
-
-    def __init__(self, gateway: Gateway) -> None:
-        self._gateway = gateway
-
-    def service(self, handler_call_details):  # type: ignore[no-untyped-def]
-        method = handler_call_details.method
-        name = method[len(self.SERVICE) :] if method.startswith(self.SERVICE) else ""
-        sandbox_of = self.SANDBOX_OF.get(name)
-        if sandbox_of is None:
-            return None
-        gateway = self._gateway
-
-        if name == "Watch":
-
-            @_gateway_errors
-            def stream(_self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-                node, _ = gateway._route(sandbox_of(request), context)
-                call = node.channel.unary_stream(method)(request, timeout=_timeout(context), metadata=_outgoing(context))
-                context.add_callback(call.cancel)
-                try:
-                    yield from call
-                except grpc.RpcError as exc:
-                    if exc.code() != grpc.StatusCode.CANCELLED:
-                        raise gateway._relay(node, exc) from None
-                finally:
-                    call.cancel()
-
-            return grpc.unary_stream_rpc_method_handler(functools.partial(stream, None))
-
-        @_gateway_errors
-        def unary(_self, request: bytes, context: grpc.ServicerContext) -> bytes:
-            node, _ = gateway._route(sandbox_of(request), context)
-            return gateway._call_raw(node, method, request, context)
-
-        return grpc.unary_unary_rpc_method_handler(functools.partial(unary, None))
+# ProcessService: every request names its sandbox (a selector's or its own `sandbox_id`); Start/Connect stream output
+PROCESS_METHODS: dict[str, tuple[type, Callable[[Any], str], bool]] = {
+    "Start": (procpb.StartProcessRequest, lambda r: r.sandbox_id, True),
+    "Connect": (procpb.ProcessSelector, lambda r: r.sandbox_id, True),
+    "List": (procpb.ListProcessesRequest, lambda r: r.sandbox_id, False),
+    "SendInput": (procpb.ProcessInput, lambda r: r.process.sandbox_id, False),
+    "CloseStdin": (procpb.ProcessSelector, lambda r: r.sandbox_id, False),
+    "SendSignal": (procpb.SignalProcessRequest, lambda r: r.process.sandbox_id, False),
+    "ResizePty": (procpb.ResizePtyRequest, lambda r: r.process.sandbox_id, False),
+}
+# FilesystemService: Watch streams changes until cancelled
+FILESYSTEM_METHODS: dict[str, tuple[type, Callable[[Any], str], bool]] = {
+    "Stat": (fpb.FsPath, lambda r: r.sandbox_id, False),
+    "Chown": (fpb.FsPath, lambda r: r.sandbox_id, False),
+    "MakeDir": (fpb.MakeDirRequest, lambda r: r.target.sandbox_id, False),
+    "Move": (fpb.MoveRequest, lambda r: r.source.sandbox_id, False),
+    "Remove": (fpb.RemoveRequest, lambda r: r.target.sandbox_id, False),
+    "ListTree": (fpb.ListTreeRequest, lambda r: r.target.sandbox_id, False),
+    "Resolve": (fpb.ResolveRequest, lambda r: r.target.sandbox_id, False),
+    "Watch": (fpb.WatchRequest, lambda r: r.target.sandbox_id, True),
+}
 
 
 @dataclass
@@ -733,7 +694,9 @@ def serve_gateway(
         maximum_concurrent_rpcs=workers * 16,
     )
     pb_grpc.add_SandboxServiceServicer_to_server(gateway, server)
-    server.add_generic_rpc_handlers((AnyNodeForwarder(gateway), PortForwarder(gateway), ProcessForwarder(gateway), FilesystemForwarder(gateway)))
+    server.add_generic_rpc_handlers((AnyNodeForwarder(gateway), PortForwarder(gateway),
+                                    SandboxRoutedForwarder(gateway, "dsec.v1.ProcessService", PROCESS_METHODS),
+                                    SandboxRoutedForwarder(gateway, "dsec.v1.FilesystemService", FILESYSTEM_METHODS)))
     port = server.add_insecure_port(listen)
     if port == 0:
         raise ServerUnavailable(f"gateway could not bind {listen}; pick another address")

@@ -319,7 +319,7 @@ def test_native_sdk_processes_through_a_gateway(dsec_http):
 
 
 def test_e2b_commands_through_a_door_in_front_of_a_gateway(dsec_http, monkeypatch):
-    """The door as a cluster runs it: e2b SDK → door → gateway (ProcessForwarder) → the node's ProcessService."""
+    """The door as a cluster runs it: e2b SDK → door → gateway (its ProcessService forwarder) → the node's ProcessService."""
     from dsec.compat.http_server import start_http_door
 
     gateway = Gateway()
