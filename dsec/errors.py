@@ -116,6 +116,20 @@ class SandboxExpired(SandboxStateError):
         return str(self.details["reason"])
 
 
+class VolumeNotFound(DsecError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class VolumeExists(DsecError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class VolumeInUse(DsecError):
+    """A volume held read-write by a sandbox (or read-only, for a writer), or deleted while mounted."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Unsupported(DsecError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
