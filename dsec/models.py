@@ -21,6 +21,25 @@ class Resources(BaseModel):
     disk_mb: int = Field(1024, ge=1, le=1 << 24, description="writable layer budget")
 
 
+class VolumeMount(BaseModel):
+    """A named volume (`client.volumes`) mounted into the sandbox at `mount_path`: read-write in one sandbox at a
+    time, or read-only in many."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    mount_path: str = Field(min_length=2, max_length=512)
+    read_only: bool = False
+
+    @field_validator("mount_path")
+    @classmethod
+    def _path(cls, path: str) -> str:
+        parts = path.strip("/").split("/")
+        if not path.startswith("/") or "\0" in path or any(part in ("", ".", "..") for part in parts):
+            raise ValueError(f"mount_path must be a normalised absolute path other than /: {path!r}")
+        return "/" + "/".join(parts)
+
+
 class SandboxSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -42,6 +61,14 @@ class SandboxSpec(BaseModel):
     idle_timeout_s: float = Field(
         0.0, ge=0, le=7 * 24 * 3600, description="end the sandbox (reason idle) after this long without a call; 0 = never"
     )
+    volumes: list[VolumeMount] = Field(default_factory=list, max_length=16)
+
+    @field_validator("volumes")
+    @classmethod
+    def _distinct_volumes(cls, volumes: list[VolumeMount]) -> list[VolumeMount]:
+        if len({v.name for v in volumes}) != len(volumes) or len({v.mount_path for v in volumes}) != len(volumes):
+            raise ValueError("each volume and each mount_path may appear once")
+        return volumes
 
     @field_validator("env")
     @classmethod

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from dsec.config import PoolConfig, ServerConfig
 from dsec.errors import InvalidSpec
-from dsec.models import Resources, SandboxSpec
+from dsec.models import Resources, SandboxSpec, VolumeMount
 from dsec.v1 import sandbox_pb2 as pb
 
 
@@ -36,6 +36,7 @@ def spec_from_pb(message: pb.SandboxSpec, config: ServerConfig) -> SandboxSpec:
             workdir=message.workdir,
             on_timeout=message.on_timeout or "destroy",
             idle_timeout_s=message.idle_timeout_s,
+            volumes=[VolumeMount(name=v.name, mount_path=v.mount_path, read_only=v.read_only) for v in message.volumes],
         )
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
@@ -56,6 +57,7 @@ def spec_to_pb(spec: SandboxSpec) -> pb.SandboxSpec:
         workdir=spec.workdir,
         on_timeout=spec.on_timeout,
         idle_timeout_s=spec.idle_timeout_s,
+        volumes=[pb.VolumeMount(name=v.name, mount_path=v.mount_path, read_only=v.read_only) for v in spec.volumes],
     )
 
 

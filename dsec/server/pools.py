@@ -45,7 +45,7 @@ DEMAND_WINDOW_S = 60.0  # an adaptive pool keeps as many ready as creates of its
 POOL_LABEL = "dsec.pool"
 # Fields of a spec that a sandbox is built with and pools never vary (so a claim needs their defaults); the
 # egress allowlist is built in too, and part of the shape. Everything else is identity, applied at claim.
-_BUILT_WITH = ("network", "workdir")
+_BUILT_WITH = ("network", "workdir", "volumes")
 
 
 @dataclass(frozen=True)
