@@ -1,16 +1,29 @@
-"""The policy: `transformers.DeepseekV4ForCausalLM` from a named config, random init, our tokenizer's vocab.
+"""The policy: any transformers causal LM, by name; `transformers.DeepseekV4ForCausalLM` unless named otherwise.
 
-Named configs: tiny ones that train on 2 CPU cores while still exercising CSA/HCA attention, mHC and MoE
-(hash-routed and top-k), and the published V4-Flash shape, only ever built on the meta device to report its
-size. Any other transformers causal LM can be named by model id/path (config only: weights are not fetched).
+Named configs (random init, our tokenizer's vocab): tiny V4 ones that train on 2 CPU cores while still exercising
+CSA/HCA attention, mHC and MoE (hash-routed and top-k), a tiny Qwen3 (a second architecture, so nothing in the
+trainer leans on V4 internals), and the published V4-Flash shape, only ever built on the meta device to report
+its size. Any other name is a local model directory or a model id in the local Hugging Face cache: a directory
+holding weights (a Hugging Face export, see trainer.hf_export) is loaded with them; otherwise only the config is
+read and the model is built from it with random init. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV4Config, DeepseekV4ForCausalLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    DeepseekV4Config,
+    DeepseekV4ForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 # Tiny enough to train on 2 CPU cores, but every V4 block is there: CSA (with the lightning indexer) and HCA
 # attention, mHC hyper-connections, hash-routed and top-k MoE. `index_topk` covers every compressed entry of a
@@ -44,32 +57,75 @@ _TINY: dict[str, Any] = dict(
     compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
 )
 
-# The published DeepSeek-V4-Flash shape: transformers' DeepseekV4Config defaults are that checkpoint's.
-NAMED_CONFIGS: dict[str, dict[str, Any]] = {
-    "v4-tiny": _TINY,
-    "v4-small": {**_TINY, "hidden_size": 128, "num_hidden_layers": 4, "n_routed_experts": 8, "num_attention_heads": 4,
-                 "layer_types": ["sliding_attention", *_TINY["layer_types"], "compressed_sparse_attention"],
-                 "mlp_layer_types": ["hash_moe", "moe", "moe", "moe"]},
-    "v4-flash": {},
+# A Qwen3-style decoder of the same width: grouped-query attention with q/k norms, SwiGLU MLP, untied head.
+_QWEN3_TINY: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+
+# name -> (config class, model class, config kwargs). The published DeepSeek-V4-Flash shape: transformers'
+# DeepseekV4Config defaults are that checkpoint's.
+NAMED_CONFIGS: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel], dict[str, Any]]] = {
+    "v4-tiny": (DeepseekV4Config, DeepseekV4ForCausalLM, _TINY),
+    "v4-small": (DeepseekV4Config, DeepseekV4ForCausalLM, {
+        **_TINY, "hidden_size": 128, "num_hidden_layers": 4, "n_routed_experts": 8, "num_attention_heads": 4,
+        "layer_types": ["sliding_attention", *_TINY["layer_types"], "compressed_sparse_attention"],
+        "mlp_layer_types": ["hash_moe", "moe", "moe", "moe"]}),
+    "v4-flash": (DeepseekV4Config, DeepseekV4ForCausalLM, {}),
+    "qwen3-tiny": (Qwen3Config, Qwen3ForCausalLM, _QWEN3_TINY),
 }
+
+# What a directory must hold for its weights to be loaded rather than only its config (save_pretrained's names).
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def named_config(name: str, vocab_size: int | None, bos_id: int = 0, eos_id: int = 1, pad_id: int | None = None
+                 ) -> PretrainedConfig:
+    if name not in NAMED_CONFIGS:
+        raise ValueError(f"unknown named policy config {name!r}; choose one of {sorted(NAMED_CONFIGS)} or give "
+                         "a local model directory")
+    config_cls, _, kwargs = NAMED_CONFIGS[name]
+    kwargs = dict(kwargs)
+    if vocab_size is not None:
+        kwargs.update(vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+    return config_cls(**kwargs)
 
 
 def v4_config(name: str, vocab_size: int | None, bos_id: int = 0, eos_id: int = 1, pad_id: int | None = None
               ) -> DeepseekV4Config:
-    if name not in NAMED_CONFIGS:
-        raise ValueError(f"unknown named V4 config {name!r}; choose one of {sorted(NAMED_CONFIGS)}")
-    kwargs = dict(NAMED_CONFIGS[name])
-    if vocab_size is not None:
-        kwargs.update(vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
-    return DeepseekV4Config(**kwargs)
+    cfg = named_config(name, vocab_size, bos_id, eos_id, pad_id)
+    if not isinstance(cfg, DeepseekV4Config):
+        raise ValueError(f"{name!r} is not a DeepSeek-V4 config ({type(cfg).__name__})")
+    return cfg
+
+
+def has_weights(path: str | Path) -> bool:
+    return Path(path).is_dir() and any((Path(path) / f).exists() for f in _WEIGHT_FILES)
 
 
 def build_policy(name: str, vocab_size: int, bos_id: int, eos_id: int, pad_id: int, seed: int) -> PreTrainedModel:
-    """Random-init policy. No download at run time: other models come from their config only."""
+    """The policy named `name` in float32: random init from a named config or a model directory's config, or
+    the weights of a model directory that has them (its vocabulary must then be the tokenizer's: ids index it)."""
     torch.manual_seed(seed)
     if name in NAMED_CONFIGS:
-        return DeepseekV4ForCausalLM(v4_config(name, vocab_size, bos_id, eos_id, pad_id))
-    cfg = AutoConfig.from_pretrained(name, local_files_only=True)
+        return NAMED_CONFIGS[name][1](named_config(name, vocab_size, bos_id, eos_id, pad_id))
+    if has_weights(name):
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=torch.float32)
+        if model.config.vocab_size != vocab_size:
+            raise ValueError(f"policy {name!r} has a vocabulary of {model.config.vocab_size} ids but the tokenizer "
+                             f"has {vocab_size}: load the tokenizer saved with that model (trainer.hf_export)")
+        return model
+    try:
+        cfg = AutoConfig.from_pretrained(name, local_files_only=True)
+    except OSError as exc:
+        raise ValueError(f"policy {name!r} is neither a named config ({sorted(NAMED_CONFIGS)}) nor a model config "
+                         "on this machine (nothing is downloaded: save it with save_pretrained first)") from exc
     cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = vocab_size, bos_id, eos_id, pad_id
     return AutoModelForCausalLM.from_config(cfg)
 
