@@ -17,7 +17,10 @@ class _Strict(BaseModel):
 
 
 class PolicyConfig(_Strict):
-    name: str = "v4-tiny"  # a named config from trainer.policy.NAMED_CONFIGS, or a transformers name/path
+    # the architecture: a named config from trainer.policy.NAMED_CONFIGS (V4: v4-tiny, v4-small; Qwen3:
+    # qwen3-tiny), or any transformers causal LM as a local directory (with weights, e.g. a trainer.hf_export
+    # export, they are loaded; config only: random init) or a model id already in the local Hugging Face cache
+    name: str = "v4-tiny"
     vocab_size: int = 1024
     dtype: Literal["float32", "bfloat16"] = "float32"
 
