@@ -5,8 +5,9 @@ from __future__ import annotations
 from trainer.tasks.arithmetic import Arithmetic
 from trainer.tasks.base import Problem, Split, Task
 from trainer.tasks.fix_module import FixModule
+from trainer.tasks.fix_repo import FixRepo
 
-TASKS: dict[str, type] = {"arithmetic": Arithmetic, "fix_module": FixModule}
+TASKS: dict[str, type] = {"arithmetic": Arithmetic, "fix_module": FixModule, "fix_repo": FixRepo}
 
 
 def get_task(name: str) -> Task:
