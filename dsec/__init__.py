@@ -31,8 +31,11 @@ from dsec.errors import (
     TrajectoryDiverged,
     Unauthenticated,
     Unsupported,
+    VolumeExists,
+    VolumeInUse,
+    VolumeNotFound,
 )
-from dsec.models import ExecResult, FileEntry, Resources, SandboxSpec
+from dsec.models import ExecResult, FileEntry, Resources, SandboxSpec, VolumeMount
 from dsec.sdk.aio import AsyncSandbox
 from dsec.sdk.client import Client, default_client
 from dsec.sdk.sandbox import Sandbox, Session
@@ -43,7 +46,7 @@ __all__ = [
     "InvalidSpec", "OutOfMemory", "PermissionDenied", "PermissionDeniedInSandbox", "ProcessNotFound", "Resources", "RuntimeFailure",
     "Sandbox", "SandboxExpired", "SandboxNotFound", "SandboxSpec", "SandboxStateError", "ServerUnavailable", "Session",
     "SessionNotFound", "SnapshotNotFound", "StepIndeterminate", "trajectory", "TrajectoryDiverged",
-    "Unauthenticated", "Unsupported",
+    "Unauthenticated", "Unsupported", "VolumeExists", "VolumeInUse", "VolumeMount", "VolumeNotFound",
 ]  # fmt: skip
 
 

@@ -96,6 +96,11 @@ class ServerConfig(BaseModel):
         return self.home / "images"
 
     @property
+    def volumes_dir(self) -> Path:
+        """Named volumes (dsec/server/volumes.py): never swept, they outlive sandboxes and servers."""
+        return self.home / "volumes"
+
+    @property
     def run_root(self) -> Path:
         return self.home / "run"
 

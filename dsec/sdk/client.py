@@ -18,7 +18,7 @@ codegen.generate()
 from pydantic import ValidationError  # noqa: E402
 
 from dsec.errors import CapacityExceeded, InvalidSpec  # noqa: E402
-from dsec.models import SandboxSpec  # noqa: E402
+from dsec.models import SandboxSpec, VolumeMount  # noqa: E402
 from dsec.sdk.embedded import EmbeddedServer  # noqa: E402
 from dsec.sdk.errors import to_dsec_error  # noqa: E402
 from dsec.v1 import sandbox_pb2 as pb  # noqa: E402
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from dsec.sdk.images import Images
     from dsec.sdk.pools import Pools
     from dsec.sdk.sandbox import Sandbox
+    from dsec.sdk.volumes import Volumes
 
 T = TypeVar("T")
 MAX_MESSAGE = 64 << 20
@@ -86,6 +87,7 @@ class Client:
         self.sandboxes = pb_grpc.SandboxServiceStub(self.channel)
         self._images: Images | None = None
         self._pools: Pools | None = None
+        self._volumes: Volumes | None = None
 
     @property
     def images(self) -> Images:
@@ -104,6 +106,16 @@ class Client:
 
             self._pools = Pools(self)
         return self._pools
+
+    @property
+    def volumes(self) -> Volumes:
+        """Named volumes: `client.volumes.create("data", size_mb=64)`, `.list()`, `.delete("data")`; mount one with
+        `client.create(..., volumes=[VolumeMount(name="data", mount_path="/data")])`."""
+        if self._volumes is None:
+            from dsec.sdk.volumes import Volumes
+
+            self._volumes = Volumes(self)
+        return self._volumes
 
     @property
     def metadata(self) -> list[tuple[str, str]]:
@@ -156,6 +168,7 @@ class Client:
         on_timeout: str = "destroy",
         idle_timeout_s: float = 0.0,
         trust_results: bool = False,
+        volumes: list[VolumeMount | dict] | None = None,
     ) -> Sandbox:
         """Create a sandbox; validated locally first so a typo fails before any RPC. `on_timeout="pause"` pauses it
         when `timeout_s` expires instead of destroying it (resume gives it a whole timeout again);
@@ -179,6 +192,7 @@ class Client:
                 workdir=workdir,
                 on_timeout=on_timeout,  # type: ignore[arg-type]
                 idle_timeout_s=idle_timeout_s,
+                volumes=volumes or [],  # type: ignore[arg-type]
             )
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
@@ -197,6 +211,7 @@ class Client:
                 workdir=spec.workdir,
                 on_timeout=spec.on_timeout,
                 idle_timeout_s=spec.idle_timeout_s,
+                volumes=[pb.VolumeMount(name=v.name, mount_path=v.mount_path, read_only=v.read_only) for v in spec.volumes],
             )
         )
         info = self.rpc(self.sandboxes.Create, request)

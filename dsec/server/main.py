@@ -26,6 +26,7 @@ from dsec.config import ServerConfig, parse_pool  # noqa: E402 - stubs must exis
 from dsec.server.auth import Authenticator, AuthInterceptor, load_tokens, server_credentials  # noqa: E402
 from dsec.server.drivers import DriverRegistry  # noqa: E402
 from dsec.server.filesystem_service import add_filesystem_service  # noqa: E402
+from dsec.server.volume_service import add_volume_service  # noqa: E402
 from dsec.server.launch import HTTP_READY_PREFIX, READY_PREFIX  # noqa: E402
 from dsec.server.logs import configure_logging  # noqa: E402
 from dsec.server.manager import SandboxManager  # noqa: E402
@@ -130,6 +131,7 @@ def serve(config: ServerConfig) -> RunningServer:
     add_port_service(server, manager, auth)
     add_process_service(server, manager, auth)
     add_filesystem_service(server, manager, auth)
+    add_volume_service(server, manager.volumes, auth)
     _add_optional_services(server, images, trajectory_log, auth)
     listen = config.listen
     if config.tls_cert and config.tls_key:

@@ -34,6 +34,7 @@ from dsec.server.readopt import save_record, take_over
 from dsec.server.sandbox_events import SandboxEvents
 from dsec.server.sessions import OnTimeout, ShellSession
 from dsec.server.snapshots import SnapshotStore
+from dsec.server.volumes import VolumeStore, check_supported
 from dsec.server.state import ServerState, reap_dead_servers, write_sandbox_record
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
 
@@ -128,6 +129,7 @@ class SandboxManager:
         )
         self._stop = threading.Event()
         self.snapshots = SnapshotStore(config.home / "snapshots", owner=state.run_dir)
+        self.volumes = VolumeStore(config.volumes_dir)
         self._reaper = threading.Thread(target=self._reap_expired, daemon=True, name="dsec-ttl-reaper")
         self._reaper.start()
         self.pools = WarmPools(self)
@@ -161,6 +163,8 @@ class SandboxManager:
         try:
             orphans.sweep()
             orphans.sweep_snapshots(self.snapshots.root)
+            # volumes held by sandboxes that are gone now (not re-adopted, no live server) are unmounted
+            self.volumes.recover(lambda sandbox_id: orphans.registered_dir(sandbox_id) is not None)
         except Exception:  # noqa: BLE001 - a failed sweep must not stop the server; the next start retries
             log.exception("sweeping orphaned sandbox resources failed")
         if cleaned:
@@ -295,6 +299,8 @@ class SandboxManager:
 
     def _launch(self, spec: SandboxSpec, snapshot: Path | None, tenant: str) -> ManagedSandbox:
         driver_name = self.drivers.name_for(spec)
+        if spec.volumes:
+            check_supported(spec.substrate)
         with self.admission.slot(tenant, self._live_total, self._live_of_tenant):
             started = time.monotonic()
             try:
@@ -341,6 +347,8 @@ class SandboxManager:
             orphans.register(sandbox_id, state_dir)
             if hasattr(self.images, "acquire"):
                 self.images.acquire(image.digest, sandbox_id)
+            if spec.volumes:  # held (and mounted on the host) before the driver binds them; released at teardown
+                self.volumes.acquire(sandbox_id, [(v.name, v.read_only) for v in spec.volumes], tenant)
             if snapshot is None:
                 handle = driver.create(sandbox_id, spec, image, state_dir)
             else:
@@ -384,6 +392,7 @@ class SandboxManager:
         shutil.rmtree(state_dir, ignore_errors=True)
         if hasattr(self.images, "release"):
             self.images.release(sandbox_id)
+        self.volumes.release(sandbox_id)
 
     def destroy(self, sandbox_id: str, reason: str = "destroyed", tenant: str | None = None,
                 detail: str = "destroyed by its owner") -> None:
@@ -423,6 +432,7 @@ class SandboxManager:
             orphans.unregister(sandbox_id)
             if hasattr(self.images, "release"):
                 self.images.release(sandbox_id)
+            self.volumes.release(sandbox_id)
         self.intents.done(sandbox_id)
         sandbox.events.add("sandbox ended", reason=reason, detail=detail)
 

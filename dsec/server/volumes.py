@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsec import loopdev
-from dsec.errors import InvalidSpec, RuntimeFailure, VolumeExists, VolumeInUse, VolumeNotFound
+from dsec.errors import InvalidSpec, RuntimeFailure, Unsupported, VolumeExists, VolumeInUse, VolumeNotFound
+from dsec.substrates.base import volume_source
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 MIN_SIZE_MB = 8  # ext4 with a journal needs a few MiB of its own
@@ -34,24 +35,26 @@ MAX_SIZE_MB = 1 << 20
 IMAGE = "volume.ext4"
 META = "meta.json"
 HOLDERS = "holders.json"
-MOUNT_DIR = "mnt"
+MOUNT_DIR = volume_source(Path("."), "_").name  # the drivers bind <root>/<name>/<this>
 MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def volumes_root(home: Path) -> Path:
-    return home / "volumes"
-
-
-def mount_dir(home: Path, name: str) -> Path:
-    """Where the volume is mounted on the host while a sandbox uses it (the drivers bind this)."""
-    return volumes_root(home) / name / MOUNT_DIR
 
 
 def check_name(name: str) -> str:
     if not NAME.fullmatch(name or ""):
         raise InvalidSpec(f"invalid volume name {name!r}: 1-63 of a-z 0-9 _ . - starting with a letter or digit")
     return name
+
+
+VOLUME_SUBSTRATES = ("container", "function")  # VMs would need the image as an extra virtio-blk disk: not built
+
+
+def check_supported(substrate: str) -> None:
+    if substrate not in VOLUME_SUBSTRATES:
+        raise Unsupported(
+            f"named volumes mount into {' and '.join(VOLUME_SUBSTRATES)} sandboxes only; {substrate} has no volume "
+            "support yet (copy files in with upload, or use a container sandbox)"
+        )
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,8 @@ class VolumeStore:
     """Create/list/delete volumes and hand them to sandboxes: `acquire` before a sandbox is built, `release`
     once it is gone. All changes hold a file lock on the store, so servers sharing a home agree."""
 
-    def __init__(self, home: Path) -> None:
-        self.root = volumes_root(home)
+    def __init__(self, root: Path) -> None:
+        self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
 
@@ -93,11 +96,15 @@ class VolumeStore:
             fcntl.flock(handle, fcntl.LOCK_EX)
             yield
 
-    def _dir(self, name: str) -> Path:
+    def _dir(self, name: str, tenant: str | None) -> Path:
+        """A volume's directory; another tenant's volume is not found (tenant None: the server itself)."""
         path = self.root / check_name(name)
-        if not (path / META).is_file():
+        if not (path / META).is_file() or (tenant is not None and self._tenant(path) != tenant):
             raise VolumeNotFound(f"no volume {name!r}: create it with client.volumes.create({name!r}, size_mb)")
         return path
+
+    def _tenant(self, path: Path) -> str:
+        return str(json.loads((path / META).read_text()).get("tenant", ""))
 
     def _holders(self, path: Path) -> tuple[str, list[str]]:
         try:
@@ -116,7 +123,7 @@ class VolumeStore:
         mode, holders = self._holders(path)
         return VolumeInfo(meta["name"], int(meta["size_mb"]), float(meta["created_at"]), mode, tuple(holders))
 
-    def create(self, name: str, size_mb: int) -> VolumeInfo:
+    def create(self, name: str, size_mb: int, tenant: str = "") -> VolumeInfo:
         check_name(name)
         if not MIN_SIZE_MB <= size_mb <= MAX_SIZE_MB:
             raise InvalidSpec(f"volume size_mb must be {MIN_SIZE_MB}..{MAX_SIZE_MB}, got {size_mb}")
@@ -138,7 +145,7 @@ class VolumeStore:
                 if done.returncode != 0:
                     raise RuntimeFailure(f"mkfs.ext4 for volume {name!r} failed: {done.stderr.strip()[-300:]}")
                 (staging / MOUNT_DIR).mkdir()
-                meta = {"name": name, "size_mb": size_mb, "created_at": time.time()}
+                meta = {"name": name, "size_mb": size_mb, "created_at": time.time(), "tenant": tenant}
                 (staging / META).write_text(json.dumps(meta))
                 os.replace(staging, path)
             except BaseException:
@@ -146,15 +153,16 @@ class VolumeStore:
                 raise
             return self._info(path)
 
-    def get(self, name: str) -> VolumeInfo:
-        return self._info(self._dir(name))
+    def get(self, name: str, tenant: str | None = None) -> VolumeInfo:
+        return self._info(self._dir(name, tenant))
 
-    def list(self) -> list[VolumeInfo]:
-        return [self._info(p) for p in sorted(self.root.iterdir()) if not p.name.startswith(".") and (p / META).is_file()]
+    def list(self, tenant: str | None = None) -> list[VolumeInfo]:
+        return [self._info(p) for p in sorted(self.root.iterdir()) if not p.name.startswith(".") and (p / META).is_file()
+                and (tenant is None or self._tenant(p) == tenant)]
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, tenant: str | None = None) -> None:
         with self._locked():
-            path = self._dir(name)
+            path = self._dir(name, tenant)
             _mode, holders = self._holders(path)
             if holders:
                 raise VolumeInUse(f"volume {name!r} is mounted in {', '.join(holders)}: destroy those sandboxes first")
@@ -163,23 +171,23 @@ class VolumeStore:
             os.replace(path, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
 
-    def acquire(self, sandbox_id: str, mounts: list[tuple[str, bool]]) -> None:
+    def acquire(self, sandbox_id: str, mounts: list[tuple[str, bool]], tenant: str | None = None) -> None:
         """Take each (name, read_only) for this sandbox, mounting it on the host if nobody holds it yet.
         One writer or many readers: a conflicting holder is VolumeInUse. All or nothing."""
         taken: list[str] = []
         try:
             for name, read_only in mounts:
-                self._acquire_one(sandbox_id, name, read_only)
+                self._acquire_one(sandbox_id, name, read_only, tenant)
                 taken.append(name)
         except BaseException:
             for name in taken:
                 self._release_one(sandbox_id, name)
             raise
 
-    def _acquire_one(self, sandbox_id: str, name: str, read_only: bool) -> None:
+    def _acquire_one(self, sandbox_id: str, name: str, read_only: bool, tenant: str | None) -> None:
         want = "ro" if read_only else "rw"
         with self._locked():
-            path = self._dir(name)
+            path = self._dir(name, tenant)
             mode, holders = self._holders(path)
             if holders and (mode == "rw" or want == "rw"):
                 raise VolumeInUse(
@@ -191,9 +199,11 @@ class VolumeStore:
                 loopdev.mount_image(path / IMAGE, path / MOUNT_DIR, "ext4", read_only=read_only, what=f"volume {name}")
             self._write_holders(path, want, [*holders, sandbox_id])
 
-    def release(self, sandbox_id: str, names: list[str]) -> None:
-        for name in names:
-            self._release_one(sandbox_id, name)
+    def release(self, sandbox_id: str) -> None:
+        """Drop this sandbox from every volume it holds (once it is gone); unmount those nobody holds any more."""
+        for path in self.root.iterdir():
+            if not path.name.startswith(".") and sandbox_id in self._holders(path)[1]:
+                self._release_one(sandbox_id, path.name)
 
     def _release_one(self, sandbox_id: str, name: str) -> None:
         with self._locked():

@@ -19,6 +19,12 @@ from dsec.errors import Unsupported
 from dsec.models import FileEntry, FileInfo, SandboxSpec
 
 
+def volume_source(volumes_dir: Path, name: str) -> Path:
+    """Where the server has mounted a named volume on the host while sandboxes use it (dsec/server/volumes.py):
+    a container driver binds this path into the sandbox."""
+    return volumes_dir / name / "mnt"
+
+
 def snapshot_target_full(path: Path) -> bool:
     """Whether the filesystem a snapshot was being written to is (nearly) out of space: tar and QEMU report a
     write that ENOSPC cut short only as "Wrote only N of M bytes" or "migrate failed", so drivers ask the

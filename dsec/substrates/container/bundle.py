@@ -15,7 +15,8 @@ import resource
 from pathlib import Path
 
 from dsec.models import SandboxSpec
-from dsec.substrates.base import ImageConfig
+from dsec.errors import Unsupported
+from dsec.substrates.base import ImageConfig, volume_source
 from dsec.substrates.container.seccomp import default_profile
 
 AGENT_PATH = "/.dsec/agent"
@@ -135,6 +136,19 @@ def _mounts(agent_binary: Path, agent_run_dir: Path, network: bool, hosts_file: 
     return mounts
 
 
+def _volume_mounts(spec: SandboxSpec, volumes_dir: Path | None) -> list[dict]:
+    """Bind each named volume the server has mounted on the host (it holds it for this sandbox) into the rootfs."""
+    if not spec.volumes:
+        return []
+    if volumes_dir is None:
+        raise Unsupported("named volumes need the server's volume store; this driver was built without one")
+    return [
+        {"destination": v.mount_path, "type": "bind", "source": str(volume_source(volumes_dir, v.name)),
+         "options": ["rbind", "ro" if v.read_only else "rw", "nosuid", "nodev"]}
+        for v in spec.volumes
+    ]
+
+
 def _resources(spec: SandboxSpec) -> dict:
     memory = spec.resources.memory_mb << 20
     devices: list[dict] = [{"allow": False, "access": "rwm"}]
@@ -161,6 +175,7 @@ def runtime_config(
     agent_run_dir: Path,
     netns: Path | None = None,
     hosts_file: Path | None = None,
+    volumes_dir: Path | None = None,
 ) -> dict:
     """The config.json of a sandbox whose PID 1 is the agent (see module docstring for the why of each part).
 
@@ -184,7 +199,7 @@ def runtime_config(
         },
         "root": {"path": str(rootfs), "readonly": False},
         "hostname": sandbox_id,
-        "mounts": _mounts(agent_binary, agent_run_dir, spec.network, hosts_file),
+        "mounts": _mounts(agent_binary, agent_run_dir, spec.network, hosts_file) + _volume_mounts(spec, volumes_dir),
         "linux": {
             "namespaces": namespaces,
             "cgroupsPath": cgroups_path(sandbox_id),

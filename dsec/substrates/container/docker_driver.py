@@ -31,7 +31,7 @@ from dsec.config import ServerConfig
 from dsec.errors import DiskFull, RuntimeFailure, SandboxStateError, SnapshotNotFound
 from dsec.images.user import resolve_user
 from dsec.models import SandboxSpec
-from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, snapshot_target_full
+from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, snapshot_target_full, volume_source
 from dsec.substrates.container import docker_disk, network
 from dsec.substrates.container.docker_images import ensure_image
 from dsec.substrates.container.dockerd import ensure_engine
@@ -213,6 +213,7 @@ class DockerDriver(SandboxDriver):
         self.api: docker.APIClient = self.client.api
         self.agent_path = agent_binary(config.bin_dir)
         self.disk_templates = config.home / "cache" / "disk-templates"
+        self.volumes_dir = config.volumes_dir
 
     def _host_config(self, spec: SandboxSpec, run_dir: Path, hosts: Path | None = None) -> dict:
         res = spec.resources
@@ -222,6 +223,9 @@ class DockerDriver(SandboxDriver):
         }
         if hosts is not None:  # an egress allowlist's names, resolved on the host: the sandbox has no DNS
             binds[str(hosts)] = {"bind": "/etc/hosts", "mode": "ro"}
+        for volume in spec.volumes:  # mounted on the host by the server, which holds it for this sandbox
+            binds[str(volume_source(self.volumes_dir, volume.name))] = {
+                "bind": volume.mount_path, "mode": "ro" if volume.read_only else "rw"}
         return self.api.create_host_config(
             binds=binds,
             mem_limit=res.memory_mb << 20,

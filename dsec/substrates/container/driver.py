@@ -238,7 +238,7 @@ class ContainerDriver(SandboxDriver):
                 lap("network")
             config = bundle.runtime_config(
                 sandbox_id, spec, image.config, Path(record.rootfs), agent_binary(self.config.bin_dir), run_dir,
-                netns=netns, hosts_file=hosts,
+                netns=netns, hosts_file=hosts, volumes_dir=self.config.volumes_dir,
             )  # fmt: skip
             bundle.write_bundle(state_dir, config)
             lap("bundle")
