@@ -144,3 +144,36 @@ def test_dead_holder_is_unmounted_at_recovery(client, volume):
     assert store.recover(alive=lambda sandbox_id: False) == [volume]
     assert not os.path.ismount(_mount_dir(volume))
     assert client.volumes.get(volume).holders == []
+
+
+def test_kill9_keeps_a_readopted_holder_and_the_next_reaping_start_unmounts(client, volume):
+    """kill -9 with a volume mounted: the successor re-adopts the sandbox, which keeps its volume (still mounted,
+    still held, its files there); a successor that reaps instead (--no-readopt) unmounts it."""
+    from recovery.test_readopt import Server, wait_connected  # tests/ is on sys.path
+    from support.ports import free_port
+
+    port = free_port()
+    server = Server(port)
+    successor = None
+    try:
+        with dsec.Client(server.address) as owner:
+            sb = owner.create("busybox", volumes=[{"name": volume, "mount_path": "/data"}])
+            sb.exec("echo before > /data/f")
+            successor = Server(port, held=True)
+            server.kill9()
+            successor.go()
+            wait_connected(owner)
+            assert sb.exec("cat /data/f && echo after >> /data/f").text == "before\n"
+            assert client.volumes.get(volume).holders == [sb.id]
+            assert os.path.ismount(_mount_dir(volume))
+            reaper = Server(port, "--no-readopt", held=True)
+            successor.kill9()
+            successor = reaper.go()
+        assert client.volumes.get(volume).holders == []
+        assert not os.path.ismount(_mount_dir(volume))
+        with client.create("busybox", volumes=[{"name": volume, "mount_path": "/data", "read_only": True}]) as reader:
+            assert reader.exec("cat /data/f").text == "before\nafter\n"
+    finally:
+        for running in (successor, server):
+            if running is not None:
+                running.stop()
