@@ -37,6 +37,7 @@ META = "meta.json"
 HOLDERS = "holders.json"
 MOUNT_DIR = volume_source(Path("."), "_").name  # the drivers bind <root>/<name>/<this>
 MNT_DETACH = 2
+DETACH_WAIT_S = 10.0  # as orphans.LOOP_DETACH_WAIT_S: a killed container's mount namespace goes asynchronously
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -75,6 +76,29 @@ def _umount(target: Path) -> None:
         return
     if _libc.umount2(str(target).encode(), MNT_DETACH) != 0 and ctypes.get_errno() != errno.EINVAL:
         raise RuntimeFailure(f"cannot unmount volume at {target}: {os.strerror(ctypes.get_errno())}")
+
+
+def _attached(image: Path) -> bool:
+    """Is a loop device still backed by this image (a released mount that a dying sandbox's namespace holds)?"""
+    wanted = str(image.resolve())
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            if backing.read_text().strip().removesuffix(" (deleted)") == wanted:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _wait_detached(image: Path, name: str) -> None:
+    """A destroyed writer's mount namespace is freed asynchronously, and until it is the filesystem is still
+    mounted there (journal not closed): a new mount now would be EROFS (read-only, the journal needs replay) or
+    see unwritten data. So wait, bounded, until the last mount of the image is gone."""
+    deadline = time.monotonic() + DETACH_WAIT_S
+    while _attached(image):
+        if time.monotonic() > deadline:
+            raise VolumeInUse(f"volume {name!r} is still being released by a destroyed sandbox; retry shortly")
+        time.sleep(0.01)
 
 
 def _is_mounted(target: Path) -> bool:
@@ -196,6 +220,7 @@ class VolumeStore:
                 )
             if not holders:
                 _umount(path / MOUNT_DIR)  # a stale mount of another mode
+                _wait_detached(path / IMAGE, name)
                 loopdev.mount_image(path / IMAGE, path / MOUNT_DIR, "ext4", read_only=read_only, what=f"volume {name}")
             self._write_holders(path, want, [*holders, sandbox_id])
 

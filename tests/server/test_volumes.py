@@ -177,3 +177,22 @@ def test_kill9_keeps_a_readopted_holder_and_the_next_reaping_start_unmounts(clie
         for running in (successor, server):
             if running is not None:
                 running.stop()
+
+
+def test_a_volume_belongs_to_its_tenant(secured_server):
+    from server.conftest import TOKENS  # tests/ is on sys.path
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    with dsec.Client(secured_server.address, token=TOKENS["alice"]) as alice, \
+            dsec.Client(secured_server.address, token=TOKENS["bob"]) as bob:
+        alice.volumes.create(name, 16)
+        try:
+            assert name not in [v.name for v in bob.volumes.list()]
+            with pytest.raises(VolumeNotFound):
+                bob.volumes.get(name)
+            with pytest.raises(VolumeNotFound):
+                bob.volumes.delete(name)
+            with pytest.raises(VolumeNotFound):
+                bob.create("busybox", volumes=[{"name": name, "mount_path": "/data"}])
+        finally:
+            alice.volumes.delete(name)
