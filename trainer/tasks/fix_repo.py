@@ -40,9 +40,13 @@ def _value(expr: str, a: int, b: int) -> int:
     return eval(expr, {}, {"a": a, "b": b})  # noqa: S307 - built by _expr from _OPS and an int
 
 
-def _module(func: str, right: str, body: str) -> str:
-    """The docstring states the intended expression: the fix is readable from the file, not guessed."""
-    return f'def {func}(a, b):\n    """Return {right}."""\n    return {body}\n'
+def _module(repo: str, func: str, right: str, body: str) -> str:
+    """The docstring states the intended expression: the fix is readable from the file, not guessed.
+
+    The first line names the repository (its modules and functions, as the prompt does), so every file is a
+    function of its problem's prompt: no file of a held-out problem appears in a training problem either.
+    """
+    return f'# repo: {repo}\ndef {func}(a, b):\n    """Return {right}."""\n    return {body}\n'
 
 
 def _tests(entries: list[tuple[str, str, str, list[tuple[int, int]]]]) -> str:
@@ -82,8 +86,9 @@ class FixRepo(ContentSplitTask):
             name = rng.choice(_VERBS) + rng.choice(_ENDINGS)
             if name not in funcs:
                 funcs.append(name)
-        prompt = (f"The repository in /work has {', '.join(f'{m}.py ({f})' for m, f in zip(mods, funcs))} and test_repo.py. "
-                  f"`{TEST_COMMAND}` fails. Fix the code (not the tests).")
+        repo = " ".join(f"{m}.{f}" for m, f in zip(mods, funcs))
+        prompt = (f"Repository /work: {', '.join(f'{m}.py ({f})' for m, f in zip(mods, funcs))}, test_repo.py. "
+                  f"`{TEST_COMMAND}` fails; fix the code, not the tests.")
         # everything else is drawn from a stream seeded by the prompt, so one prompt is one content (one split)
         body_rng = random.Random(hashlib.sha256(prompt.encode()).digest())
         buggy = body_rng.randrange(count)
@@ -100,11 +105,11 @@ class FixRepo(ContentSplitTask):
                 cases = _cases(body_rng, right, body)
                 fails = [f"FAIL {mod}.py: {func}({a}, {b}) = {_value(body, a, b)}, want {_value(right, a, b)}"
                          for a, b in cases if _value(body, a, b) != _value(right, a, b)]
-                data = {"path": path, "func": func, "fixed": _module(func, right, right),
+                data = {"path": path, "func": func, "fixed": _module(repo, func, right, right),
                         "output": "".join(f"{line}\n" for line in fails) + f"{len(fails)} failed\n"}
             else:
                 cases = _cases(body_rng, right, None)
-            files[f"/work/{mod}.py"] = _module(func, right, body)
+            files[f"/work/{mod}.py"] = _module(repo, func, right, body)
             entries.append((mod, func, right, cases))
         files[TEST_FILE] = _tests(entries)
         return Problem(id="", family=self.name, prompt=prompt, files=files, answer=str(data["fixed"]), data=data)
