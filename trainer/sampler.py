@@ -41,6 +41,18 @@ def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def next_token_logits(model: PreTrainedModel, batch: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Logits at each row's last real position only: the output projection runs on B positions, not B x T.
+
+    Why: at these sizes the vocabulary projection over every position is a large share of a forward pass
+    (`generate` skips it the same way with `logits_to_keep=1`, which right-padded rows cannot use). The decoder
+    and output embeddings are the causal LM's own (`get_decoder`, `get_output_embeddings`), so any architecture
+    whose logits are that projection of the last hidden state (DeepSeek-V4, Qwen, Llama…) gets the same numbers.
+    """
+    hidden = model.get_decoder()(input_ids=batch).last_hidden_state
+    return model.get_output_embeddings()(hidden[torch.arange(len(last)), last]).float()
+
+
 @torch.no_grad()
 def sample(
     model: PreTrainedModel,
@@ -65,9 +77,8 @@ def sample(
     active = [i for i, budget in enumerate(max_new_tokens) if budget > 0]
     while active:
         batch = right_pad([seqs[i] for i in active], pad_id)
-        logits = model(input_ids=batch).logits.float()
         last = torch.tensor([len(seqs[i]) - 1 for i in active])
-        step_logits = logits[torch.arange(len(active)), last]
+        step_logits = next_token_logits(model, batch, last)
         step_logp = torch.log_softmax(step_logits, dim=-1) if logprobs is not None else None
         still: list[int] = []
         for row, i in enumerate(active):
