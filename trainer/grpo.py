@@ -138,7 +138,7 @@ def step_jobs(cfg: ExperimentConfig, run_id: str, step: int, cursor: int) -> lis
             for p, prob in enumerate(batch) for g in range(cfg.grpo.group_size)]
 
 
-def init_ray(address: str | None, attempts: int = 3) -> None:
+def init_ray(address: str | None, attempts: int = 3, num_cpus: int = 2, temp_dir: str | None = None) -> None:
     """Connect to `address`, or start a private local Ray on loopback (no token auth: a stray
     ~/.ray/auth_token breaks it). A local start is retried: on a loaded machine the raylet can miss Ray's fixed
     30 s registration window (measured here at load average > 8), and a fresh start then succeeds."""
@@ -146,8 +146,9 @@ def init_ray(address: str | None, attempts: int = 3) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     for attempt in range(1 if address else attempts):
         try:
-            ray.init(address=address, num_cpus=None if address else 2, include_dashboard=False,
-                     _temp_dir=os.environ.get("DSEC_RAY_TMPDIR"), log_to_driver=False, configure_logging=False)
+            ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                     _temp_dir=temp_dir or os.environ.get("DSEC_RAY_TMPDIR"), log_to_driver=False,
+                     configure_logging=False)
             return
         except Exception:  # noqa: BLE001 - Ray raises a bare Exception on a startup timeout
             ray.shutdown()

@@ -11,6 +11,7 @@ import torch
 from trainer.config import AlgoConfig, OPDConfig
 from trainer.core_algos import get_token_adjustment
 from trainer.data import demo_pieces, problems, tokenize_pieces
+from trainer.grpo import init_ray
 from trainer.learner import Learner
 from trainer.policy import build_policy
 from trainer.rollout import Rollout
@@ -155,7 +156,7 @@ def test_each_rollout_is_scored_by_its_familys_teacher_actor(tmp_path, make_conf
     for i, family in enumerate(["arithmetic", "fix_module", "fix_module", "arithmetic", "fix_module"]):
         ids = torch.randint(5, tok.vocab_size, (12 + i,), generator=gen).tolist()
         rollouts.append({"trajectory_id": f"r/{i}", "family": family, "ids": ids, "mask": [0] * 4 + [1] * (8 + i)})
-    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=str(ray_tmp), log_to_driver=False)
+    init_ray(None, num_cpus=1, temp_dir=str(ray_tmp))  # retried: a loaded machine can miss Ray's 30 s start window
     try:
         got = score_rollouts(start_teachers(cfg, trainer_assets["tokenizer"]), rollouts, cfg.algo.opd)
     finally:
