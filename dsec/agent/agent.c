@@ -608,28 +608,6 @@ static void do_stat(conn_t *c, uint32_t id, char *p, uint32_t n) {
     send_entry(c, id, path, &st);
 }
 
-static void do_list_dir(conn_t *c, uint32_t id, char *p, uint32_t n) {
-    char *path;
-    if (one_path(c, id, p, n, "LIST_DIR", &path) < 0) return;
-    int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    DIR *d = dfd < 0 ? NULL : fdopendir(dfd);
-    if (!d) {
-        int e = errno;
-        if (dfd >= 0) close(dfd);
-        send_error(c, id, e, "list %s: %s", path, strerror(e));
-        return;
-    }
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        struct stat st;
-        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
-        if (fstatat(dfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) continue;  /* removed meanwhile */
-        send_entry(c, id, de->d_name, &st);
-    }
-    closedir(d);
-    send_frame(c, A_END, id, NULL, 0);
-}
-
 static void do_read_file(conn_t *c, uint32_t id, char *p, uint32_t n) {
     char *path;
     struct stat st;
@@ -946,9 +924,10 @@ static void do_statx(conn_t *c, uint32_t id, char *p, uint32_t n) {
     send_entry_x(c, id, AT_FDCWD, path, path, &st);
 }
 
-static void do_list_dirx(conn_t *c, uint32_t id, char *p, uint32_t n) {
+/* LIST_DIR and LIST_DIRX: one ENTRY per directory entry (LIST_DIRX's with owners and link targets), then END */
+static void do_list_dir(conn_t *c, uint32_t id, char *p, uint32_t n, int extended) {
     char *path;
-    if (one_path(c, id, p, n, "LIST_DIRX", &path) < 0) return;
+    if (one_path(c, id, p, n, extended ? "LIST_DIRX" : "LIST_DIR", &path) < 0) return;
     int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     DIR *d = dfd < 0 ? NULL : fdopendir(dfd);
     if (!d) {
@@ -962,7 +941,8 @@ static void do_list_dirx(conn_t *c, uint32_t id, char *p, uint32_t n) {
         struct stat st;
         if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
         if (fstatat(dfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) continue;  /* removed meanwhile */
-        send_entry_x(c, id, dfd, de->d_name, de->d_name, &st);
+        if (extended) send_entry_x(c, id, dfd, de->d_name, de->d_name, &st);
+        else send_entry(c, id, de->d_name, &st);
     }
     closedir(d);
     send_frame(c, A_END, id, NULL, 0);
@@ -1192,14 +1172,14 @@ static void handle_frame(conn_t *c, int type, uint32_t id, char *p, uint32_t n) 
     }
     case H_READ_FILE: do_read_file(c, id, p, n); break;
     case H_WRITE_FILE: do_write_file(c, id, p, n); break;
-    case H_LIST_DIR: do_list_dir(c, id, p, n); break;
+    case H_LIST_DIR: do_list_dir(c, id, p, n, 0); break;
     case H_STAT: do_stat(c, id, p, n); break;
     case H_PING: send_frame(c, A_PONG, id, p, n); break;
     case H_MKDIR: do_mkdir(c, id, p, n); break;
     case H_MOVE: do_move(c, id, p, n); break;
     case H_REMOVE: do_remove(c, id, p, n); break;
     case H_STATX: do_statx(c, id, p, n); break;
-    case H_LIST_DIRX: do_list_dirx(c, id, p, n); break;
+    case H_LIST_DIRX: do_list_dir(c, id, p, n, 1); break;
     case H_CHOWN: do_chown(c, id, p, n); break;
     case H_WATCH: do_watch(c, id, p, n); break;
     case H_CANCEL: do_cancel(c, id); break;

@@ -518,12 +518,13 @@ class AgentClient:
             self._raise(reply, "write_file")
         return _parsed("write reply", reply, lambda f: int(f[0]))
 
-    def list_dir(self, path: str) -> list[FileEntry]:
-        request, rtype, reply = self._simple(LIST_DIR, _strings(path), f"listing of {path}")
+    def _listing(self, ftype: int, path: str, parse: Callable[[bytes], T]) -> list[T]:
+        """ENTRY replies until END (LIST_DIR / LIST_DIRX), each parsed by `parse`."""
+        request, rtype, reply = self._simple(ftype, _strings(path), f"listing of {path}")
         entries = []
         try:
             while rtype == ENTRY:
-                entries.append(_entry(reply))
+                entries.append(parse(reply))
                 rtype, reply = request.get(self.request_timeout_s, f"listing of {path}")
         finally:
             request.done()
@@ -531,13 +532,20 @@ class AgentClient:
             self._raise(reply, "list_dir")
         return entries
 
-    def stat(self, path: str) -> FileEntry:
-        """Metadata of `path` itself (a symlink is reported as a symlink, not followed)."""
-        request, rtype, reply = self._simple(STAT, _strings(path), f"stat of {path}")
+    def _stat(self, ftype: int, path: str, parse: Callable[[bytes], T]) -> T:
+        """The one ENTRY reply of STAT / STATX, parsed by `parse`."""
+        request, rtype, reply = self._simple(ftype, _strings(path), f"stat of {path}")
         request.done()
         if rtype == ERROR:
             self._raise(reply, "stat")
-        return _entry(reply)
+        return parse(reply)
+
+    def list_dir(self, path: str) -> list[FileEntry]:
+        return self._listing(LIST_DIR, path, _entry)
+
+    def stat(self, path: str) -> FileEntry:
+        """Metadata of `path` itself (a symlink is reported as a symlink, not followed)."""
+        return self._stat(STAT, path, _entry)
 
     # -- filesystem operations ------------------------------------------------------------------------------
     def _expect_ok(self, ftype: int, fields: list[str], op: str, what: str) -> None:
@@ -548,24 +556,10 @@ class AgentClient:
 
     def stat_info(self, path: str) -> FileInfo:
         """lstat of `path` with owner ids and the link target."""
-        request, rtype, reply = self._simple(STATX, _strings(path), f"stat of {path}")
-        request.done()
-        if rtype == ERROR:
-            self._raise(reply, "stat")
-        return _entry_info(reply)
+        return self._stat(STATX, path, _entry_info)
 
     def list_dir_info(self, path: str) -> list[FileInfo]:
-        request, rtype, reply = self._simple(LIST_DIRX, _strings(path), f"listing of {path}")
-        entries = []
-        try:
-            while rtype == ENTRY:
-                entries.append(_entry_info(reply))
-                rtype, reply = request.get(self.request_timeout_s, f"listing of {path}")
-        finally:
-            request.done()
-        if rtype == ERROR:
-            self._raise(reply, "list_dir")
-        return entries
+        return self._listing(LIST_DIRX, path, _entry_info)
 
     def make_dir(self, path: str, mode: int = 0o755, parents: bool = True, owner: tuple[int, int] | None = None) -> None:
         """mkdir (-p with `parents`); EEXIST when `path` is a directory already, ENOTDIR when it is something else.
