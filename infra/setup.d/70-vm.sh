@@ -4,4 +4,4 @@
 set -euo pipefail
 : "${REPO_ROOT:=$(cd "$(dirname "$0")/../.." && pwd)}"
 : "${VENV:=$REPO_ROOT/.venv}"
-"$VENV/bin/python" -m dsec.substrates.vm.guest --quiet
+"$VENV/bin/python" -m dsec.substrates.vm.prepare --quiet

@@ -5,12 +5,11 @@ its virtio drivers are modules, which the initramfs loads. The initramfs is two 
 one (busybox, init, modules; built at setup) and a tiny one holding the current `dsec-agent` binary, so a
 rebuilt agent never forces a kernel or module rebuild. Both are cached by content hash.
 
-Run `python -m dsec.substrates.vm.guest` to build everything ahead of time (infra/setup.d/70-vm.sh does).
+`python -m dsec.substrates.vm.prepare` builds everything ahead of time (infra/setup.d/70-vm.sh runs it).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -20,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsec.config import ServerConfig
+from dsec.agent.build import agent_binary
 from dsec.errors import RuntimeFailure
 from dsec.substrates.vm.config import VmConfig
 from dsec.substrates.vm.cpio import CpioEntry, char_device, cpio_archive, directory, regular
@@ -168,30 +167,5 @@ class GuestBoot:
 
 def guest_boot(cfg: VmConfig) -> GuestBoot:
     """Kernel + initrd with the current agent binary (compiled on first use by dsec.agent.build)."""
-    from dsec.agent.build import agent_binary
-
     kernel = ensure_kernel(cfg)
     return GuestBoot(kernel, guest_initrd(cfg, kernel, Path(agent_binary())))
-
-
-def main() -> None:
-    from dsec.substrates.vm.accel import probe_record
-
-    parser = argparse.ArgumentParser(description="fetch the guest kernel, build the VM initramfs, probe KVM")
-    parser.add_argument("--kernel-only", action="store_true", help="skip the agent (base initramfs only)")
-    parser.add_argument("--quiet", action="store_true", help="print nothing unless something fails")
-    args = parser.parse_args()
-    cfg = VmConfig.from_server(ServerConfig())
-    kernel = ensure_kernel(cfg)
-    base = base_initramfs(cfg, kernel)
-    lines = [f"guest kernel {kernel.version}: {kernel.vmlinuz}", f"base initramfs: {base}"]
-    if not args.kernel_only:
-        lines.append(f"initrd: {guest_boot(cfg).initrd}")
-        record = probe_record(cfg)
-        lines.append(f"accelerator: {record['accel']} ({record['reason']})")
-    if not args.quiet:
-        print("\n".join(lines))
-
-
-if __name__ == "__main__":
-    main()
