@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 from dsec.config import default_home
-from dsec.server.launch import launch_server, stop_server_process
 
 
 class EmbeddedServer:
@@ -34,6 +33,9 @@ class EmbeddedServer:
     def start(cls, home: Path | None = None, extra_args: list[str] | None = None,
               http_listen: str | None = None) -> EmbeddedServer:
         """`http_listen` (default $DSEC_HTTP_LISTEN; "127.0.0.1:0" picks a free port) starts the HTTP front door."""
+        # the server package needs `dsec[server]` (it says so when missing); a client-only install imports the SDK
+        from dsec.server.launch import launch_server
+
         http_listen = http_listen if http_listen is not None else os.environ.get("DSEC_HTTP_LISTEN", "")
         args = ["--http-listen", http_listen, *(extra_args or [])]  # extra_args may still override it
         launched = launch_server(home or default_home(), args, log_name="embedded")
@@ -45,4 +47,6 @@ class EmbeddedServer:
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """SIGTERM: the server destroys its sandboxes, then exits; SIGKILL only if it hangs."""
+        from dsec.server.launch import stop_server_process  # loaded by start()
+
         stop_server_process(self.process, timeout_s)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# .venv in the repo root with dsec (editable), the trainer and test extras, and torch from the local CPU wheel.
+# .venv in the repo root with dsec (editable) and its server, trainer, db and test extras, plus grpcio-tools: the
+# stubs are generated from proto/ here and by the build (setup.py); a wheel ships them.
 set -euo pipefail
 cd "$REPO_ROOT"
 if [ ! -x "$VENV/bin/python" ]; then
@@ -12,7 +13,7 @@ want="$(sha256sum pyproject.toml setup.py | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing dsec and its dependencies into $VENV"
   "$VENV/bin/pip" install -q numpy "torch==2.13.0"
-  "$VENV/bin/pip" install -q -e ".[train,db,test]"
+  "$VENV/bin/pip" install -q "grpcio-tools>=1.76,<2" -e ".[server,train,db,test]"
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/python" -m dsec.codegen >/dev/null
