@@ -19,4 +19,5 @@ test: setup
 	@$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: setup
-	@for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+	@for script in bench/*.py; do name=$$(basename $$script .py); case $$name in __init__|harness) continue;; esac; \
+		echo "== bench.$$name"; $(PY) -m bench.$$name || exit 1; done

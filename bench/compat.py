@@ -10,7 +10,7 @@
 Every sandbox has no network (e2b: allow_internet_access=False) so all contenders do the same work. Contenders run
 interleaved, one sample each per round, so other load on the machine hits them alike. The last line is key=value.
 
-Usage: .venv/bin/python bench/compat.py [--n 30] [--fusion-n 30]
+Usage: .venv/bin/python -m bench.compat [--n 30] [--fusion-n 30]
 """
 
 from __future__ import annotations
@@ -18,17 +18,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import docker
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dsec
+from dsec.sdk.embedded import EmbeddedServer
+from dsec.substrates.container.dockerd import ensure_engine
 
-from sandbox_latency import docker_tag_of, interleaved  # noqa: E402 - the shared timing helpers
-
-import dsec  # noqa: E402
-from dsec.sdk.embedded import EmbeddedServer  # noqa: E402
-from dsec.substrates.container.dockerd import ensure_engine  # noqa: E402
+from bench.harness import interleaved, report
+from bench.sandbox_latency import docker_tag_of
 
 IMAGE = "base"
 
@@ -84,13 +82,12 @@ def main() -> int:
         server.stop()
 
     e2b = create["e2b SDK (HTTP door)"]["p50"]
-    pairs = {
+    report({
         "e2b_create_run_kill_p50_ms": f"{e2b:.1f}",
         "e2b_over_native": f"{e2b / create['dsec SDK (gRPC)']['p50']:.2f}",
         "e2b_vs_docker_run": f"{create['docker run --rm']['p50'] / e2b:.1f}",
         "fusion_run_code_p50_ms": f"{fusion['run_code']['p50']:.1f}",
-    }
-    print(" ".join(f"{k}={v}" for k, v in pairs.items()), flush=True)
+    })
     return 0
 
 

@@ -16,13 +16,14 @@
              written to the agent of a live crun sandbox over its unix socket, one connection per case; a crash
              is an agent that stops answering PING, a hang a connection that neither answers nor closes.
 
-Run: `.venv/bin/python bench/fuzz.py [--seconds 600] [--targets importers,agent-client,api,agent]`; the time is
+Run: `.venv/bin/python -m bench.fuzz [--seconds 600] [--targets importers,agent-client,api,agent]`; the time is
 split evenly among the targets. The last line is `crashes=N hangs=N cases=N` (and per-target counts before it).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import hashlib
 import io
@@ -40,8 +41,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.harness import progress, report
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("DSEC_HOME", "/var/lib/dsec")
 
 TARGETS = ("importers", "agent-client", "api", "agent")
@@ -49,8 +51,7 @@ IMPORTERS = ("docker", "oci")
 INPROCESS = (*IMPORTERS, "agent-client")  # atheris targets, each in a child process
 
 
-def say(message: str) -> None:
-    print(f"[fuzz] {message}", flush=True)
+say = functools.partial(progress, "fuzz")
 
 
 @dataclass
@@ -268,9 +269,9 @@ def fuzz_in_process(kind: str, seconds: float, case_timeout: int, workdir: Path)
     deadline = time.monotonic() + seconds
     while (left := int(deadline - time.monotonic())) >= 2:
         child = subprocess.run(
-            [sys.executable, __file__, "--child", kind, "--corpus", str(corpus), "--seconds", str(left),
+            [sys.executable, "-m", "bench.fuzz", "--child", kind, "--corpus", str(corpus), "--seconds", str(left),
              "--case-timeout", str(case_timeout), "--artifacts", str(artifacts)],
-            capture_output=True, text=True, timeout=left + 120,
+            capture_output=True, text=True, timeout=left + 120, cwd=REPO,
         )  # fmt: skip
         log = child.stderr + child.stdout  # libFuzzer reports on stderr, atheris prints the Python traceback
         done = _DONE.search(log)
@@ -558,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     share = args.seconds / len(targets)
     total = Tally()
     workdir = Path(tempfile.mkdtemp(prefix="dsec-fuzz-"))
-    figures = []
+    figures: dict[str, int] = {}
     try:
         for target in targets:
             say(f"{target}: {share:.0f} s")
@@ -575,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"{target}: {tally.cases} cases, {tally.crashes} crashes, {tally.hangs} hangs")
             for finding in tally.findings[:5]:
                 say(f"{target} finding: {finding}")
-            figures.append(f"{target}_cases={tally.cases}")
+            figures[f"{target}_cases"] = tally.cases
             total.add(tally)
     finally:
         kept = list((workdir / "artifacts").glob("*")) if (workdir / "artifacts").is_dir() else []
@@ -583,8 +584,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"reproducers kept in {workdir / 'artifacts'}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(" ".join(figures), flush=True)
-    print(f"crashes={total.crashes} hangs={total.hangs} cases={total.cases}", flush=True)
+    report(figures)
+    report({"crashes": total.crashes, "hangs": total.hangs, "cases": total.cases})
     return 0 if total.crashes == 0 and total.hangs == 0 else 1
 
 

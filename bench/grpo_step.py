@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from bench.harness import report
 from trainer.config import AlgoConfig, ExperimentConfig, SFTConfig, load_config
 from trainer.data import corpus, demo_pieces, problems, tokenize_pieces
 from trainer.encoding import DSMLParseError, parse_assistant
@@ -244,8 +245,8 @@ def main() -> None:
     assert statistics.mean(trl_rewards) > 0, "TRL's completions never scored: the comparison would be empty"
     assert agree, "ours and TRL's rewards differ beyond noise on the same prompts: not the same task"
     gain = "not_measured" if args.no_heldout else f"{heldout_gain(cfg):.1f}"
-    print(f"step_time_vs_trl={ours_s / trl_s:.3f} tokens_per_s={ours.tokens / sum(ours.times[WARMUP:]):.1f} "
-          f"heldout_gain_points={gain}")
+    report({"step_time_vs_trl": f"{ours_s / trl_s:.3f}",
+            "tokens_per_s": f"{ours.tokens / sum(ours.times[WARMUP:]):.1f}", "heldout_gain_points": gain})
 
 
 if __name__ == "__main__":

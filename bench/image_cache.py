@@ -27,19 +27,18 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from dsec.config import ServerConfig
+from dsec.images import registry as reg
+from dsec.images.export import export_docker_archive
+from dsec.images.layout import write_layout
+from dsec.images.store import LayerStore
+from dsec.models import SandboxSpec
+from dsec.server.drivers import DriverRegistry
+from dsec.substrates.base import Exited
+from dsec.substrates.container.dockerd import ensure_engine
 
-from dsec.config import ServerConfig  # noqa: E402
-from dsec.images import registry as reg  # noqa: E402
-from dsec.images.export import export_docker_archive  # noqa: E402
-from dsec.images.layout import write_layout  # noqa: E402
-from dsec.images.store import LayerStore  # noqa: E402
-from dsec.models import SandboxSpec  # noqa: E402
-from dsec.server.drivers import DriverRegistry  # noqa: E402
-from dsec.substrates.base import Exited  # noqa: E402
-from dsec.substrates.container.dockerd import ensure_engine  # noqa: E402
-from tests.images.conftest import _free_port  # noqa: E402
+from bench.harness import percentile, report
+from tests.support.ports import free_port
 
 BIG_MB = int(os.environ.get("DSEC_BENCH_BIG_MB", "2048"))
 
@@ -136,13 +135,13 @@ def bench_import_vs_docker(store: LayerStore, work: Path, rounds: int = 3) -> fl
         subprocess.run([*docker, "load", "-q", "-i", str(archive)], check=True, capture_output=True)
         theirs.append(time.perf_counter() - started)
         subprocess.run([*docker, "rmi", "-f", tag], capture_output=True)
-    print(f"cold import of a 300 MB docker-save tar (median of {rounds}): ours {_median(ours):.2f}s "
-          f"{[round(x, 2) for x in ours]}, docker load {_median(theirs):.2f}s {[round(x, 2) for x in theirs]}")
-    return round(_median(theirs) / _median(ours), 2)
+    print(f"cold import of a 300 MB docker-save tar (median of {rounds}): ours {percentile(ours, 0.5):.2f}s "
+          f"{[round(x, 2) for x in ours]}, docker load {percentile(theirs, 0.5):.2f}s {[round(x, 2) for x in theirs]}")
+    return round(percentile(theirs, 0.5) / percentile(ours, 0.5), 2)
 
 
 def bench_concurrent_pull(store: LayerStore, work: Path) -> int:
-    port = _free_port()
+    port = free_port()
     config = work / "registry.yml"
     log = work / "registry.log"
     config.write_text(f"version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {work / 'reg'}\n"
@@ -181,10 +180,6 @@ def _exec_s(sandbox, command: str) -> float:
     if code != 0:
         raise RuntimeError(f"bench command {command!r} exited {code}")
     return time.perf_counter() - started
-
-
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 class _FormatStore:
@@ -259,7 +254,7 @@ def bench_layer_formats(work: Path, rounds: int = 5) -> dict[str, float]:
                 sample("find_ms", fs.fmt, _exec_s(first, "find / -xdev | wc -l >/dev/null"))
                 sample("py_import_ms", fs.fmt, _exec_s(first, "python3 -c 'import json,email,http.client'"))
         for key, values in samples.items():
-            results[key] = round(_median(values), 1)
+            results[key] = round(percentile(values, 0.5), 1)
     finally:
         for fs in stores:
             fs.close()
@@ -288,7 +283,7 @@ def main() -> int:
             results = {}
             for section in picked:
                 results.update(section(work))
-            print(" ".join(f"{k}={v}" for k, v in results.items()))
+            report(results)
             return 0
         store = LayerStore(work / "images", "dir")
         from dsec.images.base_images import build_busybox
@@ -302,7 +297,7 @@ def main() -> int:
         results.update(bench_layer_formats(work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(" ".join(f"{k}={v}" for k, v in results.items()))
+    report(results)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Load and hardening benchmark: 1,000 concurrent creates, hostile-suite escapes, kill -9 leaks, placement rate.
 
-Run: `.venv/bin/python bench/load.py [--creates 1000] [--rounds 100] [--parts creates,hostile,kill9,placement]`.
+Run: `.venv/bin/python -m bench.load [--creates 1000] [--rounds 100] [--parts creates,hostile,kill9,placement]`.
 Progress goes to stderr-like lines on stdout; the last line is `key=value` pairs:
 creates_1000_p50_s, creates_1000_p99_s, create_failures, escapes, hostile_attempts, leaks_after_kill9,
 kill9_rounds, successor_start_failures, placements_per_s.
@@ -12,6 +12,7 @@ recorded no row: `hostile_attempts` is then every attempt on every substrate cas
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -22,27 +23,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import dsec
+from dsec.cluster.placement import simulate
+from dsec.sdk.embedded import EmbeddedServer
+
+from bench.harness import percentile, progress, report
+from tests.hostile.table import load as load_rows
+from tests.hostile.table import tally
+from tests.recovery.rounds import run_rounds
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("DSEC_HOME", "/var/lib/dsec")
-
-import dsec  # noqa: E402
-from dsec.cluster.placement import simulate  # noqa: E402
-from dsec.sdk.embedded import EmbeddedServer  # noqa: E402
-from tests.hostile.table import load as load_rows  # noqa: E402
-from tests.hostile.table import tally  # noqa: E402
-from tests.recovery.rounds import run_rounds  # noqa: E402
-
-
-def say(message: str) -> None:
-    print(f"[load] {message}", flush=True)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+say = functools.partial(progress, "load")
 
 
 def concurrent_creates(n: int, driver: str) -> tuple[list[float], int]:
@@ -117,14 +109,14 @@ def audit_hostile(returncode: int, data: dict) -> tuple[int, int]:
 def hostile_escapes(select: str = "") -> tuple[int, int]:
     """Run the hostile suite; returns (attempts, escapes) from its table, every case's every attempt counted."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-        report = Path(handle.name)
-    env = dict(os.environ, DSEC_HOSTILE_REPORT=str(report))
+        table = Path(handle.name)
+    env = dict(os.environ, DSEC_HOSTILE_REPORT=str(table))
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "hostile")]
     if select:
         command += ["-k", select]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    data = json.loads(report.read_text()) if report.exists() and report.stat().st_size else {}
-    report.unlink(missing_ok=True)
+    data = json.loads(table.read_text()) if table.exists() and table.stat().st_size else {}
+    table.unlink(missing_ok=True)
     for line in result.stdout.splitlines()[-12:]:
         say(f"hostile: {line}")
     return audit_hostile(result.returncode, data)
@@ -146,22 +138,20 @@ def main() -> None:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         parser.error(f"unknown parts {unknown}; choose from {','.join(PARTS)}")
-    figures: list[str] = []
+    figures: dict[str, object] = {}
 
     if "creates" in parts:
         say(f"{args.creates} concurrent {args.driver} creates")
         latencies, failures = concurrent_creates(args.creates, args.driver)
-        figures += [
-            f"creates_{args.creates}_p50_s={percentile(latencies, 0.5):.3f}",
-            f"creates_{args.creates}_p99_s={percentile(latencies, 0.99):.3f}",
-            f"create_failures={failures}",
-        ]
+        figures[f"creates_{args.creates}_p50_s"] = f"{percentile(latencies, 0.5):.3f}"
+        figures[f"creates_{args.creates}_p99_s"] = f"{percentile(latencies, 0.99):.3f}"
+        figures["create_failures"] = failures
 
     if "hostile" in parts:
         say("hostile suite")
         attempts, escapes = hostile_escapes(args.hostile_select)  # raises (exit 1) on a failed or short run
         say(f"hostile: {attempts} attempts, {escapes} escapes")
-        figures += [f"escapes={escapes}", f"hostile_attempts={attempts}"]
+        figures.update(escapes=escapes, hostile_attempts=attempts)
 
     if "kill9" in parts:
         say(f"{args.rounds} kill -9 rounds")
@@ -175,19 +165,16 @@ def main() -> None:
             say(f"leak: {leak}")
         for failure in rounds.start_failures[:3]:
             say(f"successor start failure: {failure}")
-        figures += [
-            f"leaks_after_kill9={len(rounds.leaks)}",
-            f"kill9_rounds={rounds.rounds}",
-            f"successor_start_failures={len(rounds.start_failures)}",
-        ]
+        figures.update(leaks_after_kill9=len(rounds.leaks), kill9_rounds=rounds.rounds,
+                       successor_start_failures=len(rounds.start_failures))
 
     if "placement" in parts:
         say("placement simulation: 100,000 sandboxes over 1,000 nodes")
         sim = simulate(100_000, 1_000)
         say(f"simulation: {sim}")
-        figures.append(f"placements_per_s={sim.placements_per_s:.0f}")
+        figures["placements_per_s"] = f"{sim.placements_per_s:.0f}"
 
-    print(" ".join(figures), flush=True)
+    report(figures)
 
 
 if __name__ == "__main__":

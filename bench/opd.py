@@ -4,7 +4,7 @@ Per family an expert (the student + SFT + GRPO on that family), the demo's SFT'd
 experts on its own samples (tools through dsec), and beside it GRPO from the same student as the baseline (on
 `recipe.grpo_steps`, a larger budget than OPD's, so its samples to the same score are timed).
 
-    .venv/bin/python bench/opd.py [--config trainer/configs/opd-tiny-cpu.yaml] [--set recipe.steps=8 ...]
+    .venv/bin/python -m bench.opd [--config trainer/configs/opd-tiny-cpu.yaml] [--set recipe.steps=8 ...]
 
 Last line: student_over_expert_min=<worst family's student/expert held-out score> (target ≥ 0.9)
 samples_vs_grpo=<worst family's OPD samples / GRPO samples to the same target score> (target < 1; computed with
@@ -14,16 +14,15 @@ GRPO's whole budget when GRPO never reached the target, i.e. an upper bound). Re
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.harness import report
+from trainer.config import load_config
+from trainer.opd import DEFAULT_CONFIG, OPDExperiment, run_recipe
 
-from trainer.config import load_config  # noqa: E402
-from trainer.opd import DEFAULT_CONFIG, OPDExperiment, run_recipe  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -36,7 +35,8 @@ def main() -> None:
     exp = load_config(args.config, overrides, model=OPDExperiment)
     s = run_recipe(exp)
     print((Path(exp.out_dir) / "report.md").read_text())
-    print(f"student_over_expert_min={s['student_over_expert_min']:.3f} samples_vs_grpo={s['samples_vs_grpo']:.3f}")
+    report({"student_over_expert_min": f"{s['student_over_expert_min']:.3f}",
+            "samples_vs_grpo": f"{s['samples_vs_grpo']:.3f}"})
 
 
 if __name__ == "__main__":

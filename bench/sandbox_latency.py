@@ -16,14 +16,13 @@ Every driver (crun, runc, docker) is measured and reported. Contenders of one co
 sample each per round, so load from other work on the machine hits all of them alike. The last line is
 key=value pairs.
 
-Usage: .venv/bin/python bench/sandbox_latency.py [--n 40] [--exec-n 200] [--drivers crun,runc,docker]
+Usage: .venv/bin/python -m bench.sandbox_latency [--n 40] [--exec-n 200] [--drivers crun,runc,docker]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import shutil
 import subprocess
@@ -40,35 +39,10 @@ from dsec.images.store import LayerStore
 from dsec.substrates.container.docker_images import ensure_image
 from dsec.substrates.container.dockerd import ensure_engine
 
+from bench.harness import Stats, interleaved, percentile, report
+
 IMAGE = "busybox"
 FUNCTION_IMAGE = "python"
-Stats = dict[str, float]
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
-def interleaved(title: str, contenders: dict[str, Callable[[], object]], n: int, warmup: int = 2) -> dict[str, Stats]:
-    """Time each contender n times, round-robin; print and return p50/p99 in milliseconds per contender."""
-    print(f"== {title}", flush=True)
-    for once in contenders.values():
-        for _ in range(warmup):
-            once()
-    samples: dict[str, list[float]] = {label: [] for label in contenders}
-    for i in range(n):
-        for label, once in contenders.items():
-            started = time.perf_counter()
-            once()
-            samples[label].append((time.perf_counter() - started) * 1000)
-        if (i + 1) % max(1, n // 4) == 0:
-            print(f"  {title}: {i + 1}/{n} rounds", flush=True)
-    results: dict[str, Stats] = {}
-    for label, xs in samples.items():
-        results[label] = {"p50": percentile(xs, 0.5), "p99": percentile(xs, 0.99)}
-        print(f"  {label:<32} p50 {results[label]['p50']:8.2f} ms   p99 {results[label]['p99']:8.2f} ms   (n={n})", flush=True)
-    return results
 
 
 def docker_tag_of(image: str, engine: docker.DockerClient) -> str:
@@ -288,8 +262,7 @@ def main() -> int:
     finally:
         client.close()
         engine.close()
-    pairs = summary(drivers, create, execs, functions, pool, burst)
-    print(" ".join(f"{k}={v}" for k, v in pairs.items()), flush=True)
+    report(summary(drivers, create, execs, functions, pool, burst))
     return 0 if drivers and functions is not None else 1
 
 

@@ -12,7 +12,7 @@ uninterrupted run's and the resumed run executed exactly as many tool calls as t
   max_weight_diff         max abs difference of the final weights (0.0: bit-identical)
 The last line is key=value pairs.
 
-Usage: .venv/bin/python bench/trainer_resume.py [--kills 20] [--steps 8] [--seed N]
+Usage: .venv/bin/python -m bench.trainer_resume [--kills 20] [--steps 8] [--seed N]
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.harness import report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,9 +50,9 @@ def main() -> int:
     if proc.returncode != 0 or not (kills and counts and diff):
         print(f"trainer_resume: the test failed (exit {proc.returncode})")
         return 1
-    print(f"resume_kills={len(kills.group(1).split('; '))} "
-          f"reexecuted_tool_calls={int(counts.group(1)) - int(counts.group(2))} max_weight_diff={diff.group(1)} "
-          f"seconds={time.perf_counter() - started:.0f}")
+    report({"resume_kills": len(kills.group(1).split("; ")),
+            "reexecuted_tool_calls": int(counts.group(1)) - int(counts.group(2)), "max_weight_diff": diff.group(1),
+            "seconds": f"{time.perf_counter() - started:.0f}"})
     return 0
 
 

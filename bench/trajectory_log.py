@@ -12,7 +12,7 @@
   killed                  which process the crash suite kills: log_owner
 The last line is key=value pairs.
 
-Usage: .venv/bin/python bench/trajectory_log.py [--threads 64] [--appends 40000] [--kills 100]
+Usage: .venv/bin/python -m bench.trajectory_log [--threads 64] [--appends 40000] [--kills 100]
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from pathlib import Path
 from dsec.trajectory.coordinator import StepCoordinator
 from dsec.trajectory.crashsuite import KILLED_PROCESS, run_crash_suite
 from dsec.trajectory.filelog import FileLog
+
+from bench.harness import report
 
 
 def durable_appends(directory: Path, threads: int, appends: int) -> tuple[float, float]:
@@ -82,24 +84,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replay of 10,000 logged steps: {replay_s:.3f} s", flush=True)
         started = time.perf_counter()
         print(f"crash suite: kill -9 of the {KILLED_PROCESS}", flush=True)
-        report = run_crash_suite(root / "crash", kills=args.kills, seed=1)
+        suite = run_crash_suite(root / "crash", kills=args.kills, seed=1)
         print(
-            f"crash suite: {report.kills} kills of the log owner, {report.restarts} starts, "
-            f"{report.acked} acknowledged, "
-            f"{report.executions} effect executions, {report.indeterminate} indeterminate steps reported "
-            f"({report.resolved_from_effect} resolved from their effect, "
+            f"crash suite: {suite.kills} kills of the log owner, {suite.restarts} starts, "
+            f"{suite.acked} acknowledged, "
+            f"{suite.executions} effect executions, {suite.indeterminate} indeterminate steps reported "
+            f"({suite.resolved_from_effect} resolved from their effect, "
             "the rest re-run: their effect never happened), "
-            f"{report.torn_tails_injected} torn tails injected ({report.torn_bytes_truncated} bytes truncated), "
+            f"{suite.torn_tails_injected} torn tails injected ({suite.torn_bytes_truncated} bytes truncated), "
             f"{time.perf_counter() - started:.0f} s",
             flush=True,
         )
-        for problem in report.problems[:10]:
+        for problem in suite.problems[:10]:
             print("PROBLEM:", problem, flush=True)
-    print(
-        f"durable_appends_per_s={rate:.0f} fsyncs_per_append={fsyncs:.4f} replay_10k_steps_s={replay_s:.3f} "
-        f"double_executions={report.double_executions} lost_records={report.lost_records} killed=log_owner"
-    )
-    ok = report.double_executions == 0 and report.lost_records == 0 and not report.problems
+    report({"durable_appends_per_s": f"{rate:.0f}", "fsyncs_per_append": f"{fsyncs:.4f}",
+            "replay_10k_steps_s": f"{replay_s:.3f}", "double_executions": suite.double_executions,
+            "lost_records": suite.lost_records, "killed": "log_owner"})
+    ok = suite.double_executions == 0 and suite.lost_records == 0 and not suite.problems
     return 0 if ok else 1
 
 

@@ -11,7 +11,7 @@ one-layer rootfs of the host's busybox-static), 256 MiB / 1 vCPU:
   vm_rss_mb             resident memory of one restored microVM's QEMU after a few execs
 Cold boots and restores run interleaved so machine load hits both alike. The last line is key=value pairs.
 
-Usage: .venv/bin/python bench/vm_latency.py [--n 5] [--exec-n 50]
+Usage: .venv/bin/python -m bench.vm_latency [--n 5] [--exec-n 50]
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from dsec.substrates.vm import vm_driver
 from dsec.substrates.vm.disk import image_disk
 from dsec.substrates.vm.driver import QemuDriver, VmSandbox
 from dsec.substrates.vm.template import cold_boot, ensure_template
+
+from bench.harness import report
 
 MEMORY_MB = 256
 
@@ -116,11 +118,9 @@ def main() -> None:
     print(f"cold boots (s): {' '.join(f'{x:.2f}' for x in cold)}")
     print(f"restores (s):   {' '.join(f'{x:.2f}' for x in restore)}")
     print(f"q35 restores (s): {' '.join(f'{x:.2f}' for x in q35_restore)}")
-    print(
-        f"microvm_cold_boot_s={cold_s:.2f} microvm_restore_s={restore_s:.3f} restore_speedup={cold_s / restore_s:.1f} "
-        f"vm_exec_roundtrip_ms={exec_ms:.1f} q35_restore_s={statistics.median(q35_restore):.3f} accel={accel} "
-        f"vm_rss_mb={rss:.0f}"
-    )
+    report({"microvm_cold_boot_s": f"{cold_s:.2f}", "microvm_restore_s": f"{restore_s:.3f}",
+            "restore_speedup": f"{cold_s / restore_s:.1f}", "vm_exec_roundtrip_ms": f"{exec_ms:.1f}",
+            "q35_restore_s": f"{statistics.median(q35_restore):.3f}", "accel": accel, "vm_rss_mb": f"{rss:.0f}"})
 
 
 if __name__ == "__main__":

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-FUZZ_BENCH = Path(__file__).resolve().parents[2] / "bench" / "fuzz.py"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(300)
 def test_importer_fuzzing_reports_cases_and_no_crash():
     result = subprocess.run(
-        [sys.executable, str(FUZZ_BENCH), "--seconds", "8", "--targets", "importers"],
-        capture_output=True, text=True, timeout=240,
+        [sys.executable, "-m", "bench.fuzz", "--seconds", "8", "--targets", "importers"],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     last = result.stdout.strip().splitlines()[-1]
     figures = dict(item.split("=") for item in last.split())

@@ -75,7 +75,7 @@ def test_audit_counts_every_attempt_and_refuses_short_or_failed_runs():
 
 def _run_load_bench(select: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(LOAD_BENCH), "--parts", "hostile", "--hostile-select", select],
+        [sys.executable, "-m", "bench.load", "--parts", "hostile", "--hostile-select", select],
         cwd=REPO, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
 
