@@ -64,10 +64,6 @@ class NodeLoad:
         c = self.capacity
         return max(self.cpus / c.cpus, self.memory_mb / c.memory_mb, self.sandboxes / c.sandboxes)
 
-    def free(self) -> dict[str, float]:
-        c = self.capacity
-        return {"cpus": c.cpus - self.cpus, "memory_mb": c.memory_mb - self.memory_mb, "sandboxes": c.sandboxes - self.sandboxes}
-
 
 @dataclass
 class Placement:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
-
 import grpc
 
 from dsec import errors as E
@@ -41,7 +39,3 @@ def to_dsec_error(exc: grpc.RpcError) -> E.DsecError:
     if issubclass(cls, E.SandboxExpired):
         details["reason"] = reason or "destroyed"
     return cls(message or code.name, grpc_code=code.name, **details)
-
-
-def raise_from_rpc(exc: grpc.RpcError) -> NoReturn:
-    raise to_dsec_error(exc) from None

@@ -106,10 +106,3 @@ def remove_disk(image: Path, target: Path) -> None:
     """Unmount the disk (its loop device detaches itself) and delete the image. Already gone is fine."""
     unmount(target)
     image.unlink(missing_ok=True)
-
-
-def usage_bytes(target: Path) -> int:
-    """Bytes used on the disk mounted at `target`."""
-    stat = os.statvfs(target)
-    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
-
