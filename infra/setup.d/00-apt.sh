@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
-# Debian packages dsec runs on (OCI runtimes, Docker Engine, QEMU, image and registry tools, PostgreSQL).
+# Every Debian package dsec and its tests need, in one idempotent install (the later setup.d scripts only
+# configure); quiet when all are there. Grouped by who needs them.
 set -euo pipefail
-PACKAGES=(crun runc docker.io busybox-static debootstrap erofs-utils skopeo umoci docker-registry
-          qemu-system-x86 qemu-utils postgresql iproute2 gcc libc6-dev e2fsprogs cpio kmod xz-utils zstd tar
-          libfuse3-3)  # libfuse3-3: tests/durability's fault-injecting FUSE layer (mfusepy)
+PACKAGES=(
+  # container substrate (30-container.sh): the OCI runtimes, the tar and mkfs.ext4 its driver calls, gcc and
+  # libc.a for the static agent (20-agent.sh) and the driver's small helper, kmod for modprobe
+  crun runc tar e2fsprogs gcc libc6-dev kmod
+  docker.io                      # the Docker driver's own engine (35-docker.sh)
+  iproute2 nftables              # network allowlists: netns, veths and per-sandbox tables (36-network.sh)
+  # images (40-images.sh): busybox and debootstrap'd base images, erofs layers, OCI interop and a test registry
+  busybox-static debootstrap erofs-utils skopeo umoci docker-registry
+  qemu-system-x86 qemu-utils cpio xz-utils zstd  # VM substrates: QEMU, the guest initramfs (70-vm.sh)
+  postgresql                     # the PostgreSQL trajectory log and its tests
+  libfuse3-3                     # tests/durability's fault-injecting FUSE layer (mfusepy)
+)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

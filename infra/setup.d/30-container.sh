@@ -1,20 +1,9 @@
 #!/usr/bin/env bash
-# OCI runtimes for the container substrate (crun, runc), the tools its driver calls (tar, mkfs.ext4, gcc for its
-# small helper), busybox-static for its tests' images, and overlayfs + loop devices; idempotent and quiet.
+# The container substrate's host side: the OCI runtimes and tools its driver calls (installed by 00-apt.sh) must
+# be on PATH, and the kernel must have overlayfs and loop devices; idempotent and quiet.
 set -euo pipefail
-PACKAGES=(crun runc busybox-static tar e2fsprogs gcc libc6-dev)
-missing=()
-for pkg in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "setup: installing container runtime packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
 for tool in crun runc tar mkfs.ext4 gcc; do
-  command -v "$tool" >/dev/null || { echo "setup: $tool is missing after install" >&2; exit 1; }
+  command -v "$tool" >/dev/null || { echo "setup: $tool is missing (00-apt.sh installs it)" >&2; exit 1; }
 done
 # overlayfs backs every sandbox's root filesystem
 grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null || {

@@ -4,9 +4,6 @@
 set -euo pipefail
 : "${REPO_ROOT:=$(cd "$(dirname "$0")/../.." && pwd)}"
 : "${VENV:=$REPO_ROOT/.venv}"
-if ! command -v dockerd >/dev/null 2>&1; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null
-fi
 "$VENV/bin/python" - <<'PY'
 from dsec.substrates.container.dockerd import ensure_engine
 
