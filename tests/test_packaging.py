@@ -17,13 +17,15 @@ from dsec.sdk.embedded import EmbeddedServer
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "dsec", "trainer", "proto")
 # server, trainer and test packages the client must not pull in
-HEAVY = ("docker", "yaml", "prometheus_client", "starlette", "uvicorn", "connectrpc", "ray", "torch", "tqdm", "grpc_tools")
+HEAVY = ("docker", "yaml", "prometheus_client", "starlette", "uvicorn", "connectrpc", "ray", "torch", "tqdm",
+         "grpc_tools")
 DEADLINE_S = 170  # the whole build + install: pip reuses its cache, so this only bounds a hang
 
 
 def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE_S, **kwargs)
-    assert result.returncode == 0, f"{command[:4]} exited {result.returncode}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+    tail = f"{result.stdout[-3000:]}{result.stderr[-3000:]}"
+    assert result.returncode == 0, f"{command[:4]} exited {result.returncode}:\n{tail}"
     return result
 
 
@@ -40,7 +42,8 @@ def client_venv(tmp_path_factory) -> Path:
         else:
             shutil.copy2(origin, source / name)
     # no build isolation: the build needs setuptools and grpcio-tools (setup.py generates the stubs), both in .venv
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(work / "dist"), str(source)])
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(work / "dist"),
+          str(source)])
     wheel = next((work / "dist").glob("dsec-*.whl"))
     venv = work / "venv"
     _run([sys.executable, "-m", "venv", str(venv)])  # a venv made from .venv's python still sees no site-packages
@@ -66,13 +69,16 @@ def test_client_only_install_runs_a_sandbox_on_a_real_server(client_venv: Path) 
     server = EmbeddedServer.start()
     try:
         code = ("import dsec\n"
-                "with dsec.Sandbox.create(image='busybox', substrate='container') as sb:\n"
-                "    print(sb.exec('echo light client').stdout.decode().strip())\n")
+                "with dsec.Sandbox.create(image='busybox', substrate='container', labels={'by': 'packaging'}) as sb:\n"
+                "    print(sb.exec('echo light client').stdout.decode().strip())\n"
+                "    import subprocess, sys\n"
+                "    cli = [sys.prefix + '/bin/dsec', 'ls', '--label', 'by=packaging']\n"
+                "    print(subprocess.run(cli, check=True, capture_output=True, text=True).stdout.count(sb.id))\n")
         result = _python(client_venv, code, env={"DSEC_ADDRESS": server.address})
     finally:
         server.stop()
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "light client"
+    assert result.stdout.split() == ["light", "client", "1"], result.stdout  # the CLI's `ls` saw the sandbox too
 
 
 @pytest.mark.parametrize("code", [
