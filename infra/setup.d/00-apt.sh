@@ -7,6 +7,7 @@ PACKAGES=(
   # libc.a for the static agent (20-agent.sh) and the driver's small helper, kmod for modprobe
   crun runc tar e2fsprogs gcc libc6-dev kmod
   docker.io                      # the Docker driver's own engine (35-docker.sh)
+  criu                           # container memory pause; its probe says why it cannot run (docs/lifecycle.md)
   iproute2 nftables              # network allowlists: netns, veths and per-sandbox tables (36-network.sh)
   # images (40-images.sh): busybox and debootstrap'd base images, erofs layers, OCI interop and a test registry
   busybox-static debootstrap erofs-utils skopeo umoci docker-registry
