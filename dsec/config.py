@@ -69,6 +69,11 @@ class ServerConfig(BaseModel):
     # A server started after a crash re-attaches the healthy sandboxes dead servers left (docs/lifecycle.md);
     # off (DSEC_READOPT=0, `dsec serve --no-readopt`) = reap them all, as before
     readopt: bool = Field(default_factory=lambda: os.environ.get("DSEC_READOPT", "1") != "0")
+    # Snapshot GC (docs/lifecycle.md): a pass every interval (0 = only on demand) removes expired snapshots, and of
+    # the snapshots of sandboxes that are gone keeps per tenant the newest `snapshot_keep` within `snapshot_max_bytes`
+    snapshot_gc_interval_s: float = Field(600.0, ge=0)
+    snapshot_keep: int = Field(64, ge=0)
+    snapshot_max_bytes: int = Field(16 << 30, ge=0)
     max_output_bytes: int = 16 << 20
     max_sandboxes: int = 1024
     workers: int = 64
@@ -99,6 +104,11 @@ class ServerConfig(BaseModel):
     def volumes_dir(self) -> Path:
         """Named volumes (dsec/server/volumes.py): never swept, they outlive sandboxes and servers."""
         return self.home / "volumes"
+
+    @property
+    def templates_dir(self) -> Path:
+        """Ready templates' index (dsec/server/templates.py); their snapshots live with the others."""
+        return self.home / "templates"
 
     @property
     def run_root(self) -> Path:

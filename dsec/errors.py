@@ -130,6 +130,21 @@ class VolumeInUse(DsecError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class TemplateNotFound(DsecError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class TemplateExists(DsecError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class SandboxNotReady(DsecError):
+    """A readiness probe did not pass within its deadline (or the start command exited non-zero first): the
+    half-made sandbox was destroyed; the message carries the probe's last output."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Unsupported(DsecError):
     code = grpc.StatusCode.UNIMPLEMENTED
 

@@ -6,6 +6,11 @@ load the device state at start), so a snapshot can go as soon as no restore is r
 restores are using hides it at once and removes it when the last of them finishes. Snapshots that fork takes
 for itself are deleted when the fork is done, so forking never accumulates disk.
 
+Snapshot GC (`collect`, run by snapshot_gc.py on an interval and on demand) removes what nobody will restore:
+snapshots past their `expires_at` (a snapshot's optional ttl_s), and snapshots of sandboxes that are gone beyond a
+per-tenant budget (newest kept: at most `keep` of them and `max_bytes` together). It never touches a pinned
+snapshot (a template's) nor one a restore is reading.
+
 Each snapshot dir is born (renamed into place) with an `owner` link to its server's run directory, and a fork's
 own snapshot with a `temporary` file: when that server dies mid-capture or mid-fork, the next server's start
 (`orphans.sweep_snapshots`) removes what it left half-written or temporary.
@@ -18,7 +23,7 @@ import os
 import secrets
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -131,3 +136,40 @@ class SnapshotStore:
         folder = self.root / snapshot_id
         (folder / META).unlink(missing_ok=True)  # invisible first: a crash mid-delete leaves no usable half
         shutil.rmtree(folder, ignore_errors=True)
+
+    def collect(self, now: float, keep: int, max_bytes: int, pinned: set[str], alive: Callable[[str], bool],
+                tenant: str | None, default_tenant: str) -> list[dict]:
+        """One GC pass over the tenant's snapshots (everyone's for None); returns what it removed, each with
+        `snapshot_id`, `reason` (expired | over_count | over_bytes) and `size_bytes`."""
+        with self._lock:
+            busy = set(self._readers) | self._doomed
+        removed: list[dict] = []
+        kept_of_gone: dict[str, list[dict]] = {}
+        for meta in self.list(tenant, default_tenant):
+            if meta["snapshot_id"] in pinned or meta["snapshot_id"] in busy:
+                continue
+            if meta.get("expires_at") and meta["expires_at"] <= now:
+                removed.append({**meta, "reason": "expired"})
+            elif not alive(meta.get("sandbox_id", "")):
+                kept_of_gone.setdefault(meta.get("tenant", default_tenant), []).append(meta)
+        for metas in kept_of_gone.values():
+            total = 0
+            for index, meta in enumerate(sorted(metas, key=lambda m: m.get("created_at", 0.0), reverse=True)):
+                total += meta["size_bytes"]
+                if index >= keep:
+                    removed.append({**meta, "reason": "over_count"})
+                elif total > max_bytes:
+                    removed.append({**meta, "reason": "over_bytes"})
+        for meta in removed:
+            self.delete(meta["snapshot_id"])
+        return [{"snapshot_id": m["snapshot_id"], "reason": m["reason"], "size_bytes": m["size_bytes"]} for m in removed]
+
+    def tenants_of(self, names: list[str], default_tenant: str) -> dict[str, str]:
+        """The owning tenant of each named snapshot dir that has a readable meta.json (for GC reports)."""
+        owners: dict[str, str] = {}
+        for name in names:
+            try:
+                owners[name] = json.loads((self.root / name / META).read_text()).get("tenant", default_tenant)
+            except (OSError, ValueError):
+                continue
+        return owners
