@@ -5,6 +5,10 @@
         print(sb.exec("python3 -c 'print(2**100)'").text)
 """
 
+import types
+from typing import Any
+
+import dsec.trajectory as _trajectory_package
 from dsec.errors import (
     CallTimeout,
     CapacityExceeded,
@@ -39,6 +43,7 @@ from dsec.models import ExecResult, FileEntry, Resources, SandboxSpec, VolumeMou
 from dsec.sdk.aio import AsyncSandbox
 from dsec.sdk.client import Client, default_client
 from dsec.sdk.sandbox import Sandbox, Session
+from dsec.sdk.trajectory import trajectory as _sdk_trajectory
 
 __all__ = [
     "AsyncSandbox", "CallTimeout", "CapacityExceeded", "Client", "CommandNotFound", "default_client", "DiskFull",
@@ -50,10 +55,15 @@ __all__ = [
 ]  # fmt: skip
 
 
-def __getattr__(name: str):
-    # `dsec.trajectory` lives with the trajectory log; imported lazily so the SDK works without it.
-    if name == "trajectory":
-        from dsec.sdk.trajectory import trajectory
 
-        return trajectory
-    raise AttributeError(name)
+class _CallableModule(types.ModuleType):
+    """`dsec.trajectory` names both the trajectory-log package (server side) and the SDK's context manager
+    `dsec.trajectory("run-7/prompt-42/sample-3")`. Importing any module of the package binds the package to the
+    attribute `dsec.trajectory`, so the package module itself is made callable here, at the top level (the
+    package must not import the SDK above it)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _sdk_trajectory(*args, **kwargs)
+
+
+_trajectory_package.__class__ = _CallableModule

@@ -24,9 +24,11 @@ LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
 LO_NAME_SIZE = 64
 MS_RDONLY = 1
+MNT_DETACH = 2
 ATTACH_ATTEMPTS = 64
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 def _loop_config(backing_fd: int, read_only: bool) -> bytes:
@@ -78,3 +80,22 @@ def mount_image(image: Path, target: Path, fstype: str, options: str = "", read_
     finally:
         os.close(backing)
     raise RuntimeFailure(f"no free loop device to mount {what or image}: too many mounts on this host?")
+
+
+def _umount(target: Path, flags: int) -> int:
+    """0 on success, else the errno."""
+    if _libc.umount2(str(target).encode(), flags) != 0:
+        return ctypes.get_errno()
+    return 0
+
+
+def unmount(target: Path) -> None:
+    """Unmount `target` (every mount stacked on it); a busy mount is detached lazily. Not mounted is fine."""
+    for _ in range(16):
+        err = _umount(target, 0)
+        if err == errno.EBUSY:
+            err = _umount(target, MNT_DETACH)
+        if err in (errno.EINVAL, errno.ENOENT):
+            return
+        if err != 0:
+            raise RuntimeFailure(f"unmounting {target} failed: {os.strerror(err)}")

@@ -32,11 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import dsec
 from trainer.config import ExperimentConfig, GRPOConfig, OPDConfig, load_config
-from trainer.demo import stage_sft, stage_tokenizer
 from trainer.evaluate import heldout_success
 from trainer.grpo import init_ray, train_grpo
 from trainer.opd_report import summarize, write_report
 from trainer.policy import build_policy
+from trainer.stages import stage_sft, stage_tokenizer
 from trainer.teachers import load_weights
 from trainer.tokenizer import V4Tokenizer
 

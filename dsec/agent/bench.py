@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dsec.agent.build import agent_binary
 from dsec.agent.client import AgentClient
-from dsec.substrates.base import Output
+from dsec.agent.events import Output
 
 
 def spawn_round_trips(client: AgentClient, count: int = 200, argv: list[str] | None = None) -> list[float]:

@@ -26,7 +26,9 @@ from pathlib import Path
 
 from dsec.config import ServerConfig
 from dsec.errors import ImageNotFound, RuntimeFailure
+from dsec.images.build import BuildSpec, build
 from dsec.images.layout import DEFAULT_PATH, tar_paths, tar_tree, tree_diff, write_layout
+from dsec.images.local import run_driver
 from dsec.images.oci import START_COMMAND_LABEL
 from dsec.images.store import ImageRecord, LayerStore
 
@@ -195,13 +197,11 @@ def build_base(store: LayerStore, tag: str = "base") -> ImageRecord:
     """E2B's `base` template: the python image (bash, coreutils, python3) plus E2B's default user `user`
     (uid 1000, home /home/user), which the envd API runs commands as unless told otherwise. One RUN step,
     built like any user image (docs/compat.md)."""
-    from dsec.images.build import BuildSpec, build  # build runs a sandbox: import it only when needed
-
     record = _already(store, tag)
     if record is not None:
         return record
     build_python(store)
-    return build(store, BuildSpec("python").run(BASE_USER_COMMAND), tag=tag).record
+    return build(store, BuildSpec("python").run(BASE_USER_COMMAND), tag=tag, run_driver=run_driver).record
 
 
 # The code-interpreter template: IPython kernels (Debian's ipykernel + jupyter_client) behind dsec's own kernel

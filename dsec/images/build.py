@@ -16,22 +16,35 @@ import shlex
 import stat
 import tarfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
-from dsec.config import ServerConfig
+from dsec.agent.events import Exited, Output
 from dsec.errors import InvalidSpec, RuntimeFailure
 from dsec.images import oci
 from dsec.images.layout import file_sha256
 from dsec.images.store import ImageRecord, LayerStore
+from dsec.images.types import ImageConfig, ImageRootfs
 from dsec.models import SandboxSpec
-from dsec.substrates.base import Exited, ImageConfig, Output
 
 INSTRUCTIONS = ("FROM", "RUN", "COPY", "ENV", "WORKDIR", "USER")
 RUN_DRIVER = "crun"
 RUN_TIMEOUT_S = 1800.0
 OUTPUT_TAIL = 4000
 _AGENT_DIR = ".dsec"  # the in-sandbox agent's private dir in the upper layer; never part of an image
+
+
+class RunDriver(Protocol):
+    """What a RUN step needs of a sandbox driver (the `RUN_DRIVER` one). The caller passes it in: images/ sits
+    below the substrates, so the server or a command-line entry point picks the driver."""
+
+    def create(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, state_dir: Path) -> Any: ...
+
+    def destroy(self, sandbox: Any) -> None: ...
+
+    def cleanup_state_dir(self, state_dir: Path) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -220,12 +233,13 @@ def _is_opaque(path: str) -> bool:
         return False
 
 
-def _run_step(store: LayerStore, parent: str, step: Step, config: ImageConfig, out: Path) -> Path:
+def _run_step(
+    store: LayerStore, parent: str, step: Step, config: ImageConfig, out: Path, run_driver: Callable[[], RunDriver] | None
+) -> Path:
     """Run a RUN step in a fresh crun sandbox on `parent`; its writable layer becomes the step's layer."""
-    from dsec.server.drivers import DriverRegistry  # the server's drivers; imported only when a RUN needs one
-
-    server_config = ServerConfig()
-    driver = DriverRegistry(server_config).get(RUN_DRIVER)
+    if run_driver is None:
+        raise InvalidSpec(f"build step RUN {shlex.join(step.args)} needs a sandbox driver: pass build(run_driver=...)")
+    driver = run_driver()
     sandbox_id = f"build-{uuid.uuid4().hex[:12]}"
     state_dir = store.new_tmp("-build")
     state_dir.mkdir()
@@ -296,8 +310,17 @@ class BuildResult:
     steps_run: int
 
 
-def build(store: LayerStore, spec: BuildSpec, tag: str | None = None, context: Path | None = None) -> BuildResult:
-    """Build `spec` step by step, reusing every cached step whose (parent, step, inputs) is unchanged."""
+def build(
+    store: LayerStore,
+    spec: BuildSpec,
+    tag: str | None = None,
+    context: Path | None = None,
+    run_driver: Callable[[], RunDriver] | None = None,
+) -> BuildResult:
+    """Build `spec` step by step, reusing every cached step whose (parent, step, inputs) is unchanged.
+
+    `run_driver` returns the `RUN_DRIVER` driver; it is called only when a RUN step is not cached, so a build of
+    cached or config-only steps needs no container runtime."""
     with store.lock("gc", shared=True):
         current = store.inspect(spec.base)
         cached = ran = 0
@@ -312,7 +335,7 @@ def build(store: LayerStore, spec: BuildSpec, tag: str | None = None, context: P
             work = store.new_tmp("-step.tar")
             try:
                 if step.op == "RUN":
-                    layer_tar = _run_step(store, current.digest, step, current.config, work)
+                    layer_tar = _run_step(store, current.digest, step, current.config, work, run_driver)
                 elif step.op == "COPY":
                     layer_tar = _copy_layer(context, step, work)  # type: ignore[arg-type]
                 current = _child_image(store, current, step, layer_tar)

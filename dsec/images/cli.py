@@ -14,6 +14,7 @@ from dsec.config import ServerConfig
 from dsec.images import gc, registry
 from dsec.images.build import build, parse_dockerfile
 from dsec.images.export import export_docker_archive, export_oci_layout
+from dsec.images.local import run_driver
 from dsec.images.store import ImageRecord, LayerStore
 
 
@@ -82,7 +83,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     context = Path(args.context)
     dockerfile = Path(args.file) if args.file else context / "Dockerfile"
-    result = build(_store(), parse_dockerfile(dockerfile.read_text()), tag=args.tag, context=context)
+    result = build(_store(), parse_dockerfile(dockerfile.read_text()), tag=args.tag, context=context, run_driver=run_driver)
     print(f"{_row(result.record)}\n{result.steps_run} steps run, {result.steps_cached} cached")
     return 0
 

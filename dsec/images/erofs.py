@@ -21,8 +21,7 @@ import subprocess
 from pathlib import Path
 
 from dsec.errors import DiskFull, RuntimeFailure
-from dsec.loopdev import mount_image
-from dsec.substrates.container.rootfs import unmount
+from dsec.loopdev import mount_image, unmount
 
 MKFS = "mkfs.erofs"
 MKFS_TIMEOUT_S = 1800  # multi-GB layers on a loaded 2-core machine

@@ -17,9 +17,10 @@ from dsec.errors import ImageNotFound, InvalidSpec
 from dsec.images import oci
 from dsec.images.digest import check_digest, hex_of, sha256_bytes
 from dsec.images.extract import FileRegion
+from dsec.images.types import ImageRecord
 
-if TYPE_CHECKING:
-    from dsec.images.store import ImageRecord, LayerStore
+if TYPE_CHECKING:  # the store's import methods call these: a runtime import would be a cycle
+    from dsec.images.store import LayerStore
 
 _PLATFORM = {"os": "linux", "architecture": "amd64"}
 
@@ -64,7 +65,7 @@ def _pick_manifest(layout: Path, index: dict[str, Any], ref_name: str | None, de
     return data
 
 
-def import_oci_layout(store: "LayerStore", layout: Path, tag: str | None, ref_name: str | None = None) -> "ImageRecord":
+def import_oci_layout(store: LayerStore, layout: Path, tag: str | None, ref_name: str | None = None) -> ImageRecord:
     """Import the image of an OCI image layout directory (as written by skopeo, umoci, buildah or us)."""
     layout = Path(layout)
     if not (layout / "oci-layout").is_file():
@@ -119,7 +120,7 @@ def _docker_manifest(archive: Path, members: dict[str, tarfile.TarInfo], tar: ta
     return doc
 
 
-def import_docker_archive(store: "LayerStore", archive: Path, tag: str | None) -> "ImageRecord":
+def import_docker_archive(store: LayerStore, archive: Path, tag: str | None) -> ImageRecord:
     """Import the first image of a `docker save` tarball (legacy or OCI-style layout inside).
 
     The stored manifest is an OCI manifest pointing at the layer blobs as docker wrote them (usually

@@ -12,7 +12,7 @@ from typing import Any
 
 from dsec.errors import InvalidSpec
 from dsec.images.digest import check_digest
-from dsec.substrates.base import ImageConfig
+from dsec.images.types import ImageConfig
 
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -21,7 +21,6 @@ MT_LAYER = "application/vnd.oci.image.layer.v1.tar"
 MT_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MT_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 MT_DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
 MT_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 MANIFEST_TYPES = (MT_MANIFEST, MT_DOCKER_MANIFEST)

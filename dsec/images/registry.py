@@ -17,12 +17,16 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from dsec.errors import ImageNotFound, InvalidSpec, RuntimeFailure
 from dsec.images import oci
 from dsec.images.digest import CHUNK, check_digest, hex_of, sha256_bytes
-from dsec.images.store import ImageRecord, LayerInfo, LayerStore, disk_errors
+from dsec.images.blobs import disk_errors
+from dsec.images.types import ImageRecord, LayerInfo
+
+if TYPE_CHECKING:  # the store calls fetch_layer for lazy layers: a runtime import would be a cycle
+    from dsec.images.store import LayerStore
 
 ACCEPT = ", ".join([oci.MT_MANIFEST, oci.MT_INDEX, oci.MT_DOCKER_MANIFEST, oci.MT_DOCKER_LIST])
 TIMEOUT_S = 60.0

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import grpc
 
+from dsec.config import ServerConfig
 from dsec.errors import InvalidSpec
 from dsec.images import gc, registry
-from dsec.images.build import build, parse_dockerfile
+from dsec.images.build import RUN_DRIVER, RunDriver, build, parse_dockerfile
 from dsec.images.export import export_docker_archive, export_oci_layout
 from dsec.images.store import ImageRecord, LayerStore
+from dsec.server.drivers import DriverRegistry
 from dsec.server.errors import rpc_errors
 from dsec.v1 import image_pb2 as pb
 from dsec.v1 import image_pb2_grpc as pb_grpc
@@ -45,6 +47,11 @@ def detect_format(path: Path) -> str:
     if path.is_file():
         return "docker-archive"
     raise InvalidSpec(f"image import path {str(path)!r} does not exist on the server's machine")
+
+
+def _run_driver() -> RunDriver:
+    """The driver a RUN build step runs in (images/ cannot pick one: it sits below the substrates)."""
+    return DriverRegistry(ServerConfig()).get(RUN_DRIVER)
 
 
 class ImageService(pb_grpc.ImageServiceServicer):
@@ -83,7 +90,8 @@ class ImageService(pb_grpc.ImageServiceServicer):
     @rpc_errors
     def Build(self, request: pb.BuildImageRequest, context: grpc.ServicerContext) -> pb.BuildImageResponse:
         ctx = Path(request.context_dir) if request.context_dir else None
-        result = build(self.store, parse_dockerfile(request.dockerfile), tag=request.tag or None, context=ctx)
+        result = build(self.store, parse_dockerfile(request.dockerfile), tag=request.tag or None, context=ctx,
+                       run_driver=_run_driver)
         return pb.BuildImageResponse(image=image_to_pb(result.record), steps_cached=result.steps_cached,
                                      steps_run=result.steps_run)
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 import abc
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
+# What a sandbox's processes and watches yield (agent/events.py) and what the layer store resolves an image to
+# (images/types.py) are defined in the layer that produces them; drivers find them here too.
+from dsec.agent.events import DirWatch, Exited, FsEvent, Output, ProcessEvent, ProcessHandle
 from dsec.errors import Unsupported
+from dsec.images.types import ImageConfig, ImageRootfs
 from dsec.models import FileEntry, FileInfo, SandboxSpec
 
 
@@ -37,43 +41,6 @@ def snapshot_target_full(path: Path) -> bool:
 
 
 @dataclass(frozen=True)
-class ImageConfig:
-    """The runtime part of an OCI image config."""
-
-    env: list[str] = field(default_factory=list)
-    cmd: list[str] = field(default_factory=list)
-    entrypoint: list[str] = field(default_factory=list)
-    workdir: str = "/"
-    user: str = ""
-    start_command: list[str] = field(default_factory=list)  # OCI label dev.dsec.start-command (docs/ports.md)
-
-
-@dataclass(frozen=True)
-class ImageRootfs:
-    """An image resolved by the layer store: read-only extracted layers, top-most first (overlay order)."""
-
-    reference: str
-    digest: str
-    lower_dirs: list[Path]
-    config: ImageConfig
-
-
-@dataclass(frozen=True)
-class Output:
-    stream: Literal["stdout", "stderr"]
-    data: bytes
-
-
-@dataclass(frozen=True)
-class Exited:
-    exit_code: int
-    signal: int = 0
-
-
-ProcessEvent = Output | Exited
-
-
-@dataclass(frozen=True)
 class Usage:
     """Resource use of a sandbox, read where its substrate keeps it (cgroups, the guest's /proc); counters are
     cumulative so the server turns two samples into a CPU percentage. Why: `Metrics` (E2B's get_metrics)."""
@@ -85,47 +52,6 @@ class Usage:
     mem_cache_bytes: int = 0
     disk_used_bytes: int = 0
     disk_total_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class FsEvent:
-    """One change seen by a directory watch: kind is create | write | remove | rename | chmod; name is relative
-    to the watched directory."""
-
-    kind: str
-    name: str
-
-
-class DirWatch(abc.ABC):
-    """A live watch on a directory inside a sandbox. `events()` yields FsEvents until `cancel()` is called or
-    the directory goes away; both end the iterator."""
-
-    @abc.abstractmethod
-    def events(self) -> Iterator[FsEvent]: ...
-
-    @abc.abstractmethod
-    def cancel(self) -> None: ...
-
-
-class ProcessHandle(abc.ABC):
-    """A process started in a sandbox. `events()` yields Output chunks as they come, then exactly one Exited."""
-
-    @abc.abstractmethod
-    def events(self) -> Iterator[ProcessEvent]: ...
-
-    @abc.abstractmethod
-    def write_stdin(self, data: bytes) -> None: ...
-
-    @abc.abstractmethod
-    def close_stdin(self) -> None: ...
-
-    @abc.abstractmethod
-    def signal(self, sig: int, group: bool = True) -> None:
-        """Signal the whole process group (so `sh -c` children die too), or with group=False the process alone."""
-
-    def resize(self, cols: int, rows: int) -> None:
-        """Set the window size of a process started with a PTY (it gets SIGWINCH)."""
-        raise Unsupported("this process has no PTY to resize")
 
 
 class DriverSandbox(abc.ABC):
@@ -240,3 +166,9 @@ class SandboxDriver(abc.ABC):
         records, after probing it is healthy (raises a DsecError if not). `paused`: it was paused, and stays so.
         Unsupported where the substrate's sandboxes do not outlive their server; the caller then reaps it."""
         raise Unsupported(f"the {self.name} driver cannot re-attach sandbox {sandbox_id} after a server restart")
+
+
+__all__ = [
+    "DirWatch", "DriverSandbox", "Exited", "FsEvent", "ImageConfig", "ImageRootfs", "Output", "ProcessEvent",
+    "ProcessHandle", "SandboxDriver", "Usage", "snapshot_target_full", "volume_source",
+]

@@ -7,9 +7,10 @@ import os
 
 import pytest
 
-from dsec.agent.client import AgentClient, AgentSandbox
+from dsec.agent.client import AgentClient
 from dsec.errors import FileNotFoundInSandbox, InvalidPath
 from dsec.models import FileEntry
+from dsec.substrates.agent_sandbox import AgentSandbox
 
 from .conftest import PATH_ENV, drain
 

@@ -14,6 +14,7 @@ from dsec.config import ServerConfig
 from dsec.errors import InvalidSpec
 from dsec.images.base_images import build_busybox
 from dsec.images.build import build, parse_dockerfile
+from dsec.images.local import run_driver
 from dsec.images.store import LayerStore
 from dsec.images.user import resolve_user
 from dsec.models import SandboxSpec
@@ -73,8 +74,8 @@ def test_user_applies_to_run_steps_and_execs(fmt_store: LayerStore, tmp_path: Pa
     build_busybox(store)
     ctx = tmp_path / "ctx"
     ctx.mkdir()
-    named = build(store, parse_dockerfile("FROM busybox\nUSER nobody\nRUN id -u > /tmp/run-uid\n"), tag="u:named", context=ctx)
-    numeric = build(store, parse_dockerfile("FROM busybox\nUSER 1234:5678\n"), tag="u:num", context=ctx)
+    named = build(store, parse_dockerfile("FROM busybox\nUSER nobody\nRUN id -u > /tmp/run-uid\n"), tag="u:named", context=ctx, run_driver=run_driver)
+    numeric = build(store, parse_dockerfile("FROM busybox\nUSER 1234:5678\n"), tag="u:num", context=ctx, run_driver=run_driver)
     run_layer = store.resolve("u:named").lower_dirs[0]
     assert (run_layer / "tmp" / "run-uid").read_text() == "65534\n"  # the RUN step ran as the image USER
     assert os.stat(run_layer / "tmp" / "run-uid").st_uid == 65534
@@ -114,7 +115,7 @@ def test_docker_driver_applies_image_user(store: LayerStore, tmp_path: Path) -> 
     build_busybox(store)
     ctx = tmp_path / "ctx"
     ctx.mkdir()
-    build(store, parse_dockerfile("FROM busybox\nUSER nobody:0\n"), tag="u:docker", context=ctx)
+    build(store, parse_dockerfile("FROM busybox\nUSER nobody:0\n"), tag="u:docker", context=ctx, run_driver=run_driver)
     driver = DriverRegistry(ServerConfig()).get("docker")
     state = Path(tempfile.mkdtemp(prefix="dsec-u-"))  # short: the agent socket path lives under it
     sandbox = driver.create(f"user-{uuid.uuid4().hex[:10]}", SandboxSpec(image="u:docker", driver="docker"), store.resolve("u:docker"), state)

@@ -26,11 +26,12 @@ import docker
 import docker.errors
 
 from dsec.agent.build import agent_binary
-from dsec.agent.client import AgentClient, AgentSandbox
+from dsec.agent.client import AgentClient
 from dsec.config import ServerConfig
 from dsec.errors import DiskFull, RuntimeFailure, SandboxStateError, SnapshotNotFound
 from dsec.images.user import resolve_user
 from dsec.models import SandboxSpec
+from dsec.substrates.agent_sandbox import AgentSandbox
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, snapshot_target_full, volume_source
 from dsec.substrates.container import docker_disk, network
 from dsec.substrates.container.docker_images import ensure_image

@@ -18,11 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dsec.agent.build import agent_binary
-from dsec.agent.client import AgentClient, AgentSandbox
+from dsec.agent.client import AgentClient
 from dsec.config import ServerConfig
 from dsec.errors import DiskFull, InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound
 from dsec.images.user import resolve_user
 from dsec.models import SandboxSpec
+from dsec.substrates.agent_sandbox import AgentSandbox
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, Usage, snapshot_target_full
 from dsec.substrates.container import bundle, cgroups, disk, network, rootfs
 from dsec.substrates.container.record import ContainerRecord

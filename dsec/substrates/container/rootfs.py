@@ -19,12 +19,11 @@ import os
 from pathlib import Path
 
 from dsec.errors import DiskFull, RuntimeFailure
+from dsec.loopdev import unmount  # lives beside the loop mounts so images/ (erofs layers) can use it too
 
-MNT_DETACH = 2
 MAX_OPTIONS = 4000  # overlay options must fit in one page
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 def mount_fs(source: str, target: Path, fstype: str, options: str) -> None:
@@ -32,13 +31,6 @@ def mount_fs(source: str, target: Path, fstype: str, options: str) -> None:
     if _libc.mount(source.encode(), str(target).encode(), fstype.encode(), 0, options.encode()) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(target))
-
-
-def _umount(target: Path, flags: int) -> int:
-    """0 on success, else the errno."""
-    if _libc.umount2(str(target).encode(), flags) != 0:
-        return ctypes.get_errno()
-    return 0
 
 
 def mount_overlay(lower_dirs: list[Path], upper: Path, work: Path, target: Path, sandbox_id: str = "") -> None:
@@ -101,15 +93,3 @@ def is_mounted(target: Path) -> bool:
 def _unescape(field: str) -> str:
     """/proc/mounts escapes space, tab, newline and backslash as octal."""
     return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
-def unmount(target: Path) -> None:
-    """Unmount `target` (every mount stacked on it); a busy mount is detached lazily. Not mounted is fine."""
-    for _ in range(16):
-        err = _umount(target, 0)
-        if err == errno.EBUSY:
-            err = _umount(target, MNT_DETACH)
-        if err in (errno.EINVAL, errno.ENOENT):
-            return
-        if err != 0:
-            raise RuntimeFailure(f"unmounting {target} failed: {os.strerror(err)}")

@@ -20,10 +20,11 @@ import threading
 import time
 from pathlib import Path
 
-from dsec.agent.client import AgentClient, AgentSandbox
+from dsec.agent.client import AgentClient
 from dsec.config import ServerConfig
 from dsec.errors import DiskFull, DsecError, InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound, Unsupported
 from dsec.models import SandboxSpec
+from dsec.substrates.agent_sandbox import AgentSandbox
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, Usage, snapshot_target_full
 from dsec.substrates.container import network
 from dsec.substrates.vm.accel import host_accel
