@@ -8,6 +8,9 @@ PACKAGES=(
   crun runc tar e2fsprogs gcc libc6-dev kmod
   docker.io                      # the Docker driver's own engine (35-docker.sh)
   criu                           # container memory pause; its probe says why it cannot run (docs/lifecycle.md)
+  # CRIU 4.1 built from Debian trixie's source when bookworm's 3.17 cannot read this kernel's vDSO (31-criu.sh)
+  libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev
+  pkgconf protobuf-c-compiler protobuf-compiler uuid-dev python3-protobuf make
   iproute2 nftables              # network allowlists: netns, veths and per-sandbox tables (36-network.sh)
   # images (40-images.sh): busybox and debootstrap'd base images, erofs layers, OCI interop and a test registry
   busybox-static debootstrap erofs-utils skopeo umoci docker-registry
