@@ -135,6 +135,12 @@ class GRPOConfig(_Strict):
     # a policy-gradient step of norm 0.1 along the attention weights breaks the SFT-learned copy circuit (log-prob
     # of rewarded samples -14 nats) while the same step along the MLP experts, norms, mHC and head improves it
     freeze: list[str] = Field(default_factory=list)
+    # trainer.async_grpo: rollout workers generate up to this many policy versions ahead of the learner (a batch
+    # trained at version v was started by version >= v - max_staleness); 0 is the synchronous loop
+    max_staleness: int = Field(default=0, ge=0)
+    # with max_staleness > 0: a rollout in flight picks up newer weights at its next turn (its turns record their
+    # versions); False keeps each rollout on the weights it started with
+    partial_rollouts: bool = True
 
 
 class ExperimentConfig(_Strict):

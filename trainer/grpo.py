@@ -11,6 +11,10 @@ those of an uninterrupted run. A checkpoint whose step disagrees with the run st
 `--report-phases` prints a line per phase of each step (`phase=<name> step=<n>`, names in `PHASES`) and waits
 for a line on stdin before going on, so a test can kill the trainer exactly between two phases.
 
+With `grpo.max_staleness` > 0 the rollouts come from trainer.async_grpo's pipeline instead: workers generate up
+to that many batches ahead of the learner and pick up each committed version between turns; the step, the run
+state and the checkpoint (which then also keeps the older versions in-flight batches use) are this same loop.
+
 On-policy distillation is this same loop with `algo.opd` set: per-family `TeacherActor`s (trainer/teachers.py)
 score each step's rollouts between sampling and the update, and the learner's OPD token adjustment uses them.
 """
@@ -31,6 +35,7 @@ import ray
 import torch
 
 from trainer import checkpoint
+from trainer.async_grpo import Pipeline, turn_metrics
 from trainer.config import ExperimentConfig, load_config
 from trainer.core_algos import staleness_histogram
 from trainer.data import problems
@@ -91,10 +96,11 @@ class LearnerActor:
     def update(self, rollouts: list[dict], teacher: list[torch.Tensor] | None = None) -> dict[str, float]:
         return self.learner.update([Rollout(**r) for r in rollouts], self.group_size, self.updates, teacher)
 
-    def save(self, path: str, manifest: dict, sandboxes: list[str]) -> None:
-        """The one checkpoint of the run: the learner's payload with the driver's step, cursor and sandboxes."""
+    def save(self, path: str, manifest: dict, sandboxes: list[str], extra: dict | None = None) -> None:
+        """The one checkpoint of the run: the learner's payload with the driver's step, cursor and sandboxes
+        (and `extra`: the async pipeline's older policy versions)."""
         checkpoint.save(Path(path), checkpoint.Manifest.model_validate(manifest),
-                        {**self.learner.payload(), "sandboxes": sandboxes})
+                        {**self.learner.payload(), "sandboxes": sandboxes, **(extra or {})})
 
     def load(self, path: str) -> None:
         self.learner.restore(checkpoint.load(Path(path))[1])
@@ -159,15 +165,18 @@ def init_ray(address: str | None, attempts: int = 3, num_cpus: int = 2, temp_dir
 def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path | None, *, address: str | None,
                dsec_address: str, resume: bool, max_steps: int | None = None, progress: bool = True,
                on_step: Callable[[int, dict[str, float]], None] | None = None,
-               on_phase: Callable[[str, int], None] | None = None) -> dict:
+               on_phase: Callable[[str, int], None] | None = None, pipeline: bool | None = None) -> dict:
     """Run (or resume) GRPO (or OPD, with `algo.opd`); returns the final state. `max_steps` stops early (tests);
     checkpoints every step; `on_step(step, metrics)` runs after each step's checkpoint (e.g. a held-out eval);
     `on_phase(phase, step)` at each of `PHASES` (trainer.checkpoint says what a kill at each one leaves).
+    `pipeline`: None takes the async pipeline when `grpo.max_staleness` > 0; True takes it even at 0, where it is
+    the synchronous schedule (tests/trainer/test_async_grpo.py checks that bit for bit).
     Raises `checkpoint.CheckpointMismatch` when `resume` finds a checkpoint of another step or run."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_path, ckpt = out / "state.json", out / "learner.pt"
     state, leftover = _resume_state(state_path, ckpt) if resume else (None, [])
+    fresh = state is None
     if state is None:
         state = fresh_state(cfg)
         ckpt.unlink(missing_ok=True)  # a previous run's checkpoint must not pair with this run's state
@@ -181,8 +190,16 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
     learner = LearnerActor.remote(cfg_json, str(tokenizer_path), str(init_weights) if init_weights else None)
     if ckpt.exists():
         ray.get(learner.load.remote(str(ckpt)))
-    workers = [RolloutWorker.remote(cfg_json, str(tokenizer_path), dsec_address)
-               for _ in range(cfg.grpo.num_rollout_workers)]
+    last = cfg.grpo.steps if max_steps is None else min(cfg.grpo.steps, max_steps)
+    pipe = None
+    if pipeline or (pipeline is None and cfg.grpo.max_staleness > 0):
+        per_step = cfg.grpo.prompts_per_step
+        pipe = Pipeline(cfg, tokenizer_path, dsec_address, out, fresh, last=last, jobs_of=lambda b: step_jobs(
+            cfg, state["run_id"], b, state["cursor"] + (b - state["step"]) * per_step))
+        history = checkpoint.load(ckpt)[1].get("history", {}) if ckpt.exists() else {}
+        pipe.start(state["step"], learner.weights.remote(), history)
+    workers = [] if pipe else [RolloutWorker.remote(cfg_json, str(tokenizer_path), dsec_address)
+                               for _ in range(cfg.grpo.num_rollout_workers)]
     import dsec
 
     client = dsec.Client(address=dsec_address)
@@ -190,7 +207,6 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
         _destroy(client, leftover)
         checkpoint.write_json(state_path, state)
     log = MetricsLog(out, keep_through_step=state["step"])
-    last = cfg.grpo.steps if max_steps is None else min(cfg.grpo.steps, max_steps)
     from tqdm import tqdm
 
     bar = tqdm(range(state["step"], last), desc="opd" if opd is not None else "grpo", disable=not progress,
@@ -201,12 +217,16 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
         state["inflight"] = [tid for tid, _ in jobs]
         checkpoint.write_json(state_path, state)
         report("inflight", step + 1)
-        weights = learner.weights.remote()  # one object-store copy, read by every worker
-        shards = [jobs[i::len(workers)] for i in range(len(workers))]
-        seed = cfg.seed
-        results = ray.get([w.run.remote(weights, shard, seed, step) for w, shard in zip(workers, shards) if shard])
-        by_id = {r["trajectory_id"]: r for shard in results for r in shard}
-        rollouts = [by_id[tid] for tid, _ in jobs]
+        if pipe is None:
+            weights = learner.weights.remote()  # one object-store copy, read by every worker
+            shards = [jobs[i::len(workers)] for i in range(len(workers))]
+            seed = cfg.seed
+            results = ray.get([w.run.remote(weights, shard, seed, step) for w, shard in zip(workers, shards)
+                               if shard])
+            by_id = {r["trajectory_id"]: r for shard in results for r in shard}
+            rollouts = [by_id[tid] for tid, _ in jobs]
+        else:
+            rollouts, waited = pipe.collect(step)
         report("rolled_out", step + 1)
         scores = score_rollouts(teachers, rollouts, opd) if opd is not None else None
         metrics = ray.get(learner.update.remote(rollouts, scores))
@@ -221,14 +241,19 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
             parse_errors=sum(r["parse_errors"] for r in rollouts),
             **staleness_histogram([r["policy_version"] for r in rollouts], step),  # the weights trained here: step
         )
+        if pipe is not None:
+            metrics.update(rollout_wait_s=waited, **turn_metrics(rollouts))
         log.write(metrics)  # before the commit: a resume drops records past the checkpoint's step
         report("logged", step + 1)
         cursor = state["cursor"] + cfg.grpo.prompts_per_step
+        extra = {} if pipe is None else {"history": pipe.history(step + 1)}
         manifest = checkpoint.Manifest(run_id=state["run_id"], step=step + 1, cursor=cursor,
-                                       contents=list(checkpoint.CONTENTS))
+                                       contents=[*checkpoint.CONTENTS, *extra])
         sandboxes = [r["sandbox_id"] for r in rollouts if r["sandbox_id"]]  # a failed rollout has none left
-        ray.get(learner.save.remote(str(ckpt), manifest.model_dump(), sandboxes))
+        ray.get(learner.save.remote(str(ckpt), manifest.model_dump(), sandboxes, extra))
         report("committed", step + 1)
+        if pipe is not None:  # only a committed version is published: no turn can use weights a kill loses
+            pipe.publish(step + 1, learner.weights.remote())
         _destroy(client, sandboxes)
         state.update(step=step + 1, cursor=cursor, inflight=[])
         checkpoint.write_json(state_path, state)
@@ -240,7 +265,7 @@ def train_grpo(cfg: ExperimentConfig, tokenizer_path: Path, init_weights: Path |
     plot_rewards(out, out / "reward_curve.png")
     client.close()
     final = {"state": state, "checkpoint": str(ckpt)}
-    for actor in [*workers, *teachers.values(), learner]:
+    for actor in [*workers, *teachers.values(), learner, *(pipe.actors() if pipe else [])]:
         ray.kill(actor)
     return final
 

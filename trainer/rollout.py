@@ -7,8 +7,10 @@ prompts get no policy gradient.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import dsec
 import torch
@@ -58,13 +60,34 @@ class Rollout:
     sampled_hash: int | None = None  # trainer.tito rolling hash of every sampled id, in order (None: none yet)
     # log π_rollout of each id where mask = 1 (0.0 elsewhere), as the sampler computed it; [] when not recorded
     logprobs: list[float] = field(default_factory=list)
-    policy_version: int = 0  # the learner step whose weights sampled it (staleness = trained-at version - this)
+    # the learner step whose weights sampled its first turn (staleness = trained-at version - this: the oldest
+    # of its tokens); `turn_versions`: the version that sampled each assistant turn (a partial rollout of
+    # trainer.async_grpo picks up newer weights between turns, so later turns may carry newer versions)
+    policy_version: int = 0
+    turn_versions: list[int] = field(default_factory=list)
     stop_reason: str = ""  # one of STOP_REASONS
     attempts: int = 1  # sandboxes this rollout ran in (1 + retries after a lost sandbox)
+    # wall seconds the rollout loop spent in this rollout's sandbox calls (create, files, tools, verifier): the
+    # loop runs them one after another, so their sum over a batch is the time it waited on sandboxes
+    sandbox_s: float = 0.0
 
     @property
     def failed(self) -> bool:
         return self.stop_reason in FAILED
+
+
+class VersionSchedule(Protocol):
+    """Which policy version samples each turn (trainer.async_grpo's partial rollouts); without one, every turn
+    of every rollout is sampled by the model passed in, tagged `policy_version`."""
+
+    def versions(self, trajectory_ids: list[str], turn: int) -> list[int]:
+        """The version that samples `turn` of each rollout; the same answer whenever asked again (a retry or a
+        resumed rollout must sample the same tokens to replay its logged calls)."""
+        ...
+
+    def model(self, version: int) -> PreTrainedModel:
+        """The policy with that version's weights."""
+        ...
 
 
 @dataclass
@@ -100,6 +123,7 @@ def run_rollouts(
     keep_sandboxes: bool = False,
     policy_version: int = 0,
     after_step: Callable[[ToolBox], None] | None = None,
+    schedule: VersionSchedule | None = None,
 ) -> list[Rollout]:
     """Run one rollout per (trajectory id, problem), all batched together; each gets its own sandbox.
 
@@ -112,7 +136,9 @@ def run_rollouts(
     `rollout_cfg.max_retries` times, in a new sandbox rebuilt from its trajectory log: the same RNG samples the
     same tokens, its logged calls replay (and re-execute in the new sandbox, rebuilding its state), and it goes on
     live from where the log ends. Past the budget it fails alone (`stop_reason` sandbox_lost or timeout).
-    `after_step(box)` runs after each logged call of any rollout (a test's protocol point).
+    `after_step(box)` runs after each logged call of any rollout (a test's protocol point). `schedule`: each
+    turn is sampled by the version it names (partial rollouts); `policy_version` then only tags a rollout that
+    failed before its first turn.
     """
     by_id = dict(jobs)
     attempts = dict.fromkeys(by_id, 0)
@@ -121,7 +147,7 @@ def run_rollouts(
     try:
         while pending:
             batch = _attempt(model, tok, client, pending, rollout_cfg, sandbox_cfg, seed, policy_version, after_step,
-                             rebuild={tid for tid, _ in pending if attempts[tid] > 0})
+                             rebuild={tid for tid, _ in pending if attempts[tid] > 0}, schedule=schedule)
             pending = []
             for x in batch:
                 tid = x.rollout.trajectory_id
@@ -147,7 +173,8 @@ def run_rollouts(
 
 def _attempt(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, jobs: list[tuple[str, Problem]],
              rollout_cfg: RolloutConfig, sandbox_cfg: SandboxConfig, seed: int, policy_version: int,
-             after_step: Callable[[ToolBox], None] | None, rebuild: set[str]) -> list[_Live]:
+             after_step: Callable[[ToolBox], None] | None, rebuild: set[str], schedule: VersionSchedule | None = None
+             ) -> list[_Live]:
     """One try of each job, batched; a rollout whose sandbox is lost stops there with `lost` set."""
     mode = rollout_cfg.thinking
     live: list[_Live] = []
@@ -159,6 +186,7 @@ def _attempt(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, jobs
             ids = prompt_ids(tok, problem, mode)
             x.rollout.ids, x.rollout.mask, x.rollout.logprobs = ids, [0] * len(ids), [0.0] * len(ids)
             substrate = sandbox_cfg.substrates.get(problem.family, sandbox_cfg.default_substrate)
+            started = time.perf_counter()
             try:
                 x.box = open_toolbox(client, tid, image=sandbox_cfg.image, substrate=substrate,
                                      timeout_s=sandbox_cfg.tool_timeout_s,
@@ -168,21 +196,15 @@ def _attempt(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, jobs
                     x.box.write_file(path, content)
             except DsecError as exc:  # could not create, or lost while being set up: retried like a lost one
                 x.lost, x.done = SandboxLost(tid, exc), True
-        for _turn in range(rollout_cfg.max_turns):
+            finally:
+                x.rollout.sandbox_s += time.perf_counter() - started
+        for turn in range(rollout_cfg.max_turns):
             active = [x for x in live if not x.done and len(x.rollout.ids) < rollout_cfg.max_total_tokens]
             if not active:
                 break
-            room = rollout_cfg.max_total_tokens
-            budgets = [min(rollout_cfg.max_new_tokens, room - len(x.rollout.ids)) for x in active]
-            logprobs: list[list[float]] = [[] for _ in active]
-            outs = sample(model, [x.rollout.ids for x in active], [x.gen for x in active], max_new_tokens=budgets,
-                          eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=rollout_cfg.temperature,
-                          top_p=rollout_cfg.top_p, logprobs=logprobs)
-            for x, new, lps in zip(active, outs, logprobs):
-                try:
-                    _advance(x, new, lps, tok, mode)
-                except SandboxLost as exc:
-                    x.lost, x.done = exc, True
+            for version, group in _by_version(active, turn, schedule, policy_version).items():
+                _sample_turn(model if schedule is None else schedule.model(version), version, group, tok,
+                             rollout_cfg)
         for x in live:
             if x.lost is None:
                 _finish(x)
@@ -190,6 +212,36 @@ def _attempt(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, jobs
         _close(live)
         raise
     return live
+
+
+def _by_version(active: list[_Live], turn: int, schedule: VersionSchedule | None, default: int
+                ) -> dict[int, list[_Live]]:
+    """The turn's rollouts grouped by the version that samples them (one group, in order, without a schedule)."""
+    if schedule is None:
+        return {default: active}
+    groups: dict[int, list[_Live]] = {}
+    for x, version in zip(active, schedule.versions([x.rollout.trajectory_id for x in active], turn)):
+        groups.setdefault(version, []).append(x)
+    return groups
+
+
+def _sample_turn(model: PreTrainedModel, version: int, active: list[_Live], tok: V4Tokenizer,
+                 rollout_cfg: RolloutConfig) -> None:
+    """One assistant turn of each rollout in `active`, batched, sampled by `model` (policy `version`)."""
+    room = rollout_cfg.max_total_tokens
+    budgets = [min(rollout_cfg.max_new_tokens, room - len(x.rollout.ids)) for x in active]
+    logprobs: list[list[float]] = [[] for _ in active]
+    outs = sample(model, [x.rollout.ids for x in active], [x.gen for x in active], max_new_tokens=budgets,
+                  eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=rollout_cfg.temperature,
+                  top_p=rollout_cfg.top_p, logprobs=logprobs)
+    for x, new, lps in zip(active, outs, logprobs):
+        if not x.rollout.turn_versions:
+            x.rollout.policy_version = version
+        x.rollout.turn_versions.append(version)
+        try:
+            _advance(x, new, lps, tok, rollout_cfg.thinking)
+        except SandboxLost as exc:
+            x.lost, x.done = exc, True
 
 
 def _finish(x: _Live) -> None:
@@ -200,6 +252,7 @@ def _finish(x: _Live) -> None:
     assert box is not None
     if not r.stop_reason:
         r.stop_reason = "tool_error" if x.last_failed else "length"
+    started = time.perf_counter()
     try:
         verdict = get_task(x.problem.family).verify(x.problem, r.final, box)
         r.reward = 0.0 if r.stop_reason == "length" else verdict
@@ -208,6 +261,8 @@ def _finish(x: _Live) -> None:
             raise
         x.lost, r.stop_reason = SandboxLost(r.trajectory_id, exc), ""
         return
+    finally:
+        r.sandbox_s += time.perf_counter() - started
     r.tools_live, r.tools_replayed = box.stats.live, box.stats.replayed
     r.sandbox_id = box.sandbox.id
 
@@ -245,7 +300,11 @@ def _advance(x: _Live, new: list[int], logprobs: list[float], tok: V4Tokenizer, 
             return
         r.tool_calls += len(turn.tool_calls)
         errors = box.stats.errors
-        results = [box.execute(call) for call in turn.tool_calls]
+        started = time.perf_counter()
+        try:
+            results = [box.execute(call) for call in turn.tool_calls]
+        finally:
+            r.sandbox_s += time.perf_counter() - started
         x.last_failed = box.stats.errors > errors
     extra = tool_result_ids(tok, results, mode)
     r.ids += extra
