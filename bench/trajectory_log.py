@@ -27,6 +27,7 @@ from pathlib import Path
 from dsec.trajectory.coordinator import StepCoordinator
 from dsec.trajectory.crashsuite import KILLED_PROCESS, run_crash_suite
 from dsec.trajectory.filelog import FileLog
+from dsec.trajectory.log import StepRef
 
 from bench.harness import report
 
@@ -39,8 +40,8 @@ def durable_appends(directory: Path, threads: int, appends: int) -> tuple[float,
         def writer(index: int) -> None:
             trajectory = f"bench/{index}"
             for step in range(per_thread):
-                log.begin(trajectory, step, "h", "exec", "sb")
-                log.complete(trajectory, step, "h", "exec", "sb", result, 0.0, 0.0)
+                log.begin(StepRef(trajectory, step, "h", "exec", "sb"))
+                log.complete(StepRef(trajectory, step, "h", "exec", "sb"), result, 0.0, 0.0)
 
         workers = [threading.Thread(target=writer, args=(i,)) for i in range(threads)]
         started = time.perf_counter()
@@ -58,12 +59,12 @@ def replay(directory: Path, steps: int) -> float:
     with FileLog(directory) as log:
         coordinator = StepCoordinator(log)
         for step in range(steps):
-            coordinator.run_once("replay", step, f"h{step}", "exec", "sb", lambda: b"o" * 512)
+            coordinator.run_once(StepRef("replay", step, f"h{step}", "exec", "sb"), lambda: b"o" * 512)
     with FileLog(directory) as log:
         coordinator = StepCoordinator(log)
         started = time.perf_counter()
         for step in range(steps):
-            _, replayed = coordinator.run_once("replay", step, f"h{step}", "exec", "sb", lambda: b"never")
+            _, replayed = coordinator.run_once(StepRef("replay", step, f"h{step}", "exec", "sb"), lambda: b"never")
             assert replayed
         elapsed = time.perf_counter() - started
         assert coordinator.executions == 0

@@ -24,6 +24,7 @@ from dsec.server.paths import sandbox_path
 from dsec.server.sessions import check_on_timeout
 from dsec.server.transfer import download_tar, upload_tar
 from dsec.substrates.function.driver import FunctionSandbox
+from dsec.trajectory.log import StepRef
 from dsec.v1 import sandbox_pb2 as pb
 from dsec.v1 import sandbox_pb2_grpc as pb_grpc
 
@@ -163,7 +164,8 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
             raise Unsupported("this server runs without a trajectory log; drop the step key or enable the log")
         digest = step.request_hash or request_hash(kind, sandbox.image.digest, request)
         trajectory_id = tenant_trajectory_id(sandbox.tenant, step.trajectory_id)
-        result, replayed = self.steps.run_once(trajectory_id, step.step, digest, kind, sandbox.sandbox_id, execute)
+        ref = StepRef(trajectory_id, step.step, digest, kind, sandbox.sandbox_id)
+        result, replayed = self.steps.run_once(ref, execute)
         STEPS.labels(kind, "replayed" if replayed else "executed").inc()
         return result, replayed
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from dsec.config import ServerConfig
 from dsec.errors import InvalidSpec, RuntimeFailure, StepIndeterminate, TrajectoryDiverged
-from dsec.trajectory.log import TrajectoryLog, check_step, check_trajectory_id
+from dsec.trajectory.filelog import FileLog, LogInUse
+from dsec.trajectory.log import StepRef, TrajectoryLog, check_trajectory_id
 from dsec.trajectory.records import StepState
 
 log = logging.getLogger("dsec.trajectory")
@@ -35,11 +36,9 @@ def open_log(config: ServerConfig) -> TrajectoryLog:
     start; a restarted lone server always gets the primary directory back, so resume finds its records.
     """
     if config.trajectory_dsn:
-        from dsec.trajectory.pglog import PostgresLog
+        from dsec.trajectory.pglog import PostgresLog  # psycopg loads only for a server with a PostgreSQL log
 
         return PostgresLog(config.trajectory_dsn)
-    from dsec.trajectory.filelog import FileLog, LogInUse
-
     primary = Path(config.trajectory_dir)
     for index in range(MAX_FILE_LOGS):
         directory = primary if index == 0 else primary.with_name(f"{primary.name}-{index}")
@@ -99,19 +98,9 @@ class StepCoordinator:
         self.rebuilt = 0  # of those, re-executions that rebuilt a lost sandbox (explicit opt-in)
         _COORDINATORS[log] = self
 
-    def run_once(
-        self,
-        trajectory_id: str,
-        step: int,
-        request_hash: str,
-        kind: str,
-        sandbox_id: str,
-        execute: Callable[[], bytes],
-        request: bytes = b"",
-    ) -> tuple[bytes, bool]:
+    def run_once(self, ref: StepRef, execute: Callable[[], bytes], request: bytes = b"") -> tuple[bytes, bool]:
         """Return (result bytes, replayed). `request` (optional) is stored with the intent, for audits."""
-        check_trajectory_id(trajectory_id)
-        check_step(trajectory_id, step)
+        trajectory_id, step, request_hash, sandbox_id = ref.trajectory_id, ref.step, ref.request_hash, ref.sandbox_id
         key = (trajectory_id, step)
         while True:
             with self._lock:
@@ -148,7 +137,7 @@ class StepCoordinator:
                 self._reexecute(execute)
                 result, replayed = logged.result, True
             else:
-                result, replayed = self._execute(trajectory_id, step, request_hash, kind, sandbox_id, execute, request)
+                result, replayed = self._execute(ref, execute, request)
         except BaseException as exc:
             future.set_exception(exc)
             raise
@@ -188,17 +177,9 @@ class StepCoordinator:
                 self._rebuild[(trajectory_id, step)] = sandbox_id
         return len(done)
 
-    def _execute(
-        self,
-        trajectory_id: str,
-        step: int,
-        request_hash: str,
-        kind: str,
-        sandbox_id: str,
-        execute: Callable[[], bytes],
-        request: bytes,
-    ) -> tuple[bytes, bool]:
-        if not self.log.begin(trajectory_id, step, request_hash, kind, sandbox_id, request):
+    def _execute(self, ref: StepRef, execute: Callable[[], bytes], request: bytes) -> tuple[bytes, bool]:
+        trajectory_id, step, request_hash = ref.trajectory_id, ref.step, ref.request_hash
+        if not self.log.begin(ref, request):
             # Logged between our lookup and our intent: by a call here that finished meanwhile, or by another
             # server sharing a PostgreSQL log.
             logged = self.log.lookup(trajectory_id, step)
@@ -221,7 +202,7 @@ class StepCoordinator:
             # The call failed and its caller is told so: record that, so a retry may run it again.
             self.log.abandon(trajectory_id, step, f"{type(exc).__name__}: {exc}")
             raise
-        self.log.complete(trajectory_id, step, request_hash, kind, sandbox_id, result, started, time.time())
+        self.log.complete(ref, result, started, time.time())
         return result, False
 
     def rerun_step(self, trajectory_id: str, step: int) -> bool:

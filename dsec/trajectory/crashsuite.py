@@ -36,6 +36,7 @@ from pathlib import Path
 from dsec.errors import StepIndeterminate
 from dsec.trajectory.coordinator import StepCoordinator
 from dsec.trajectory.filelog import FileLog
+from dsec.trajectory.log import StepRef
 from dsec.trajectory.records import Record, RecordType, StepState
 
 WORKER_START_TIMEOUT_S = 60.0
@@ -114,7 +115,7 @@ def _worker(
                 return result
 
             try:
-                result, _ = coordinator.run_once(current, step, f"h{step}", "exec", "sb", execute)
+                result, _ = coordinator.run_once(StepRef(current, step, f"h{step}", "exec", "sb"), execute)
             except StepIndeterminate:
                 # What an operator does: look at the sandbox. No effect → safe to run again; effect present →
                 # never run it twice here; continue in a fork that shares the steps before it.
@@ -132,7 +133,7 @@ def _worker(
                     if zlib.crc32(result) != effect_crc:
                         raise RuntimeError(f"{current} step {step}: the effect's result does not match its record")
                     now = time.time()
-                    log.complete(current, step, f"h{step}", "exec", "sb", result, now, now)
+                    log.complete(StepRef(current, step, f"h{step}", "exec", "sb"), result, now, now)
                     say(f"RESOLVED {current} {step}")
                 continue
             say(f"ACK {current} {step} {zlib.crc32(result)}")

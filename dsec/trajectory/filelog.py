@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dsec.errors import InvalidSpec, RuntimeFailure
 from dsec.trajectory.groupcommit import GroupCommitWriter
-from dsec.trajectory.log import LogStats, StepRecord, TrajectoryInfo, TrajectoryLog, check_step, check_trajectory_id
+from dsec.trajectory.log import LogStats, StepRecord, StepRef, TrajectoryInfo, TrajectoryLog, check_trajectory_id
 from dsec.trajectory.records import MAGIC, CorruptRecord, Record, RecordType, StepState, decode_frame
 
 log = logging.getLogger("dsec.trajectory")
@@ -254,42 +254,29 @@ class FileLog(TrajectoryLog):
             ) from exc
 
     # ---------- writes ----------
-    def begin(
-        self, trajectory_id: str, step: int, request_hash: str, kind: str, sandbox_id: str, request: bytes = b""
-    ) -> bool:
-        check_trajectory_id(trajectory_id)
-        check_step(trajectory_id, step)
-        key = (trajectory_id, step)
+    def begin(self, ref: StepRef, request: bytes = b"") -> bool:
+        key = (ref.trajectory_id, ref.step)
         with self._lock:
-            entry = self._trajectories.get(trajectory_id)
-            existing = entry.steps.get(step) if entry else None
+            entry = self._trajectories.get(ref.trajectory_id)
+            existing = entry.steps.get(ref.step) if entry else None
             if key in self._claimed or (existing is not None and existing.state is not StepState.ABANDONED):
                 return False
             self._claimed.add(key)
         try:
             self._append(
-                Record(RecordType.INTENT, trajectory_id, step, request_hash, kind, sandbox_id, time.time(), request=request)
+                Record(RecordType.INTENT, ref.trajectory_id, ref.step, ref.request_hash, ref.kind, ref.sandbox_id,
+                       time.time(), request=request)
             )
         finally:
             with self._lock:
                 self._claimed.discard(key)
         return True
 
-    def complete(
-        self,
-        trajectory_id: str,
-        step: int,
-        request_hash: str,
-        kind: str,
-        sandbox_id: str,
-        result: bytes,
-        started_at: float,
-        finished_at: float,
-    ) -> None:
+    def complete(self, ref: StepRef, result: bytes, started_at: float, finished_at: float) -> None:
         self._append(
             Record(
-                RecordType.RESULT, trajectory_id, step, request_hash, kind, sandbox_id, started_at, finished_at,
-                result=result,
+                RecordType.RESULT, ref.trajectory_id, ref.step, ref.request_hash, ref.kind, ref.sandbox_id, started_at,
+                finished_at, result=result,
             )
         )
 

@@ -33,6 +33,23 @@ def check_step(trajectory_id: str, step: int) -> int:
     return step
 
 
+@dataclass(frozen=True, slots=True)
+class StepRef:
+    """Which call a logged step is: its place (trajectory, step), what it asks (the request's hash, compared on
+    replay to catch a diverged rollout), what kind of call it is and the sandbox it runs in. One value, checked
+    once when made, instead of five positional arguments every backend and the coordinator had to agree on."""
+
+    trajectory_id: str
+    step: int
+    request_hash: str
+    kind: str
+    sandbox_id: str
+
+    def __post_init__(self) -> None:
+        check_trajectory_id(self.trajectory_id)
+        check_step(self.trajectory_id, self.step)
+
+
 @dataclass(slots=True)
 class StepRecord:
     """One logged step as a reader sees it. `stored_in` differs from `trajectory_id` for a fork's shared prefix."""
@@ -75,23 +92,11 @@ class TrajectoryLog(ABC):
 
     # --- writes (each durable before it returns) ---
     @abstractmethod
-    def begin(
-        self, trajectory_id: str, step: int, request_hash: str, kind: str, sandbox_id: str, request: bytes = b""
-    ) -> bool:
+    def begin(self, ref: StepRef, request: bytes = b"") -> bool:
         """Log the intent to execute a step; False if the step already has a live (non-abandoned) record."""
 
     @abstractmethod
-    def complete(
-        self,
-        trajectory_id: str,
-        step: int,
-        request_hash: str,
-        kind: str,
-        sandbox_id: str,
-        result: bytes,
-        started_at: float,
-        finished_at: float,
-    ) -> None:
+    def complete(self, ref: StepRef, result: bytes, started_at: float, finished_at: float) -> None:
         """Log a step's result (after its intent)."""
 
     @abstractmethod

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 
 from dsec.errors import InvalidSpec, RuntimeFailure, ServerUnavailable
-from dsec.trajectory.log import LogStats, StepRecord, TrajectoryInfo, TrajectoryLog, check_step, check_trajectory_id
+from dsec.trajectory.log import LogStats, StepRecord, StepRef, TrajectoryInfo, TrajectoryLog, check_trajectory_id
 from dsec.trajectory.records import StepState
 
 SCHEMA = """
@@ -100,14 +100,10 @@ class PostgresLog(TrajectoryLog):
             return cur.fetchall()
 
     # ---------- writes ----------
-    def begin(
-        self, trajectory_id: str, step: int, request_hash: str, kind: str, sandbox_id: str, request: bytes = b""
-    ) -> bool:
-        check_trajectory_id(trajectory_id)
-        check_step(trajectory_id, step)
+    def begin(self, ref: StepRef, request: bytes = b"") -> bool:
         now = time.time()
         with self._tx(writes=1) as cur:
-            cur.execute(_TOUCH, {"t": trajectory_id, "now": now})
+            cur.execute(_TOUCH, {"t": ref.trajectory_id, "now": now})
             cur.execute(
                 """
                 INSERT INTO dsec_steps (trajectory_id, step, request_hash, kind, sandbox_id, state, started_at, request)
@@ -119,33 +115,23 @@ class PostgresLog(TrajectoryLog):
                 WHERE dsec_steps.state = 'abandoned'
                 RETURNING 1
                 """,
-                (trajectory_id, step, request_hash, kind, sandbox_id, now, request),
+                (ref.trajectory_id, ref.step, ref.request_hash, ref.kind, ref.sandbox_id, now, request),
             )
             return cur.fetchone() is not None
 
-    def complete(
-        self,
-        trajectory_id: str,
-        step: int,
-        request_hash: str,
-        kind: str,
-        sandbox_id: str,
-        result: bytes,
-        started_at: float,
-        finished_at: float,
-    ) -> None:
+    def complete(self, ref: StepRef, result: bytes, started_at: float, finished_at: float) -> None:
         with self._tx(writes=1) as cur:
             cur.execute(
                 """
                 UPDATE dsec_steps SET state = 'done', result = %s, result_crc = %s, finished_at = %s
                 WHERE trajectory_id = %s AND step = %s AND request_hash = %s AND state = 'intent'
                 """,
-                (result, zlib.crc32(result), finished_at, trajectory_id, step, request_hash),
+                (result, zlib.crc32(result), finished_at, ref.trajectory_id, ref.step, ref.request_hash),
             )
             cur.execute(
                 "UPDATE dsec_trajectories SET sandbox_id = %s, updated_at = GREATEST(updated_at, %s) "
                 "WHERE trajectory_id = %s",
-                (sandbox_id, finished_at, trajectory_id),
+                (ref.sandbox_id, finished_at, ref.trajectory_id),
             )
 
     def abandon(self, trajectory_id: str, step: int, error: str) -> None:

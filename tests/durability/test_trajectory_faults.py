@@ -14,6 +14,7 @@ import pytest
 
 from dsec.errors import DiskFull, DsecError, RuntimeFailure
 from dsec.trajectory.filelog import FileLog
+from dsec.trajectory.log import StepRef
 from dsec.trajectory.records import StepState
 
 pytestmark = pytest.mark.timeout(300)
@@ -28,8 +29,8 @@ def _append_until_error(log: FileLog, first_step: int, limit: int) -> tuple[dict
     for step in range(first_step, first_step + limit):
         result = secrets.token_bytes(RESULT_BYTES)
         try:
-            log.begin(TRAJECTORY, step, f"h{step}", "exec", "sb-fault")
-            log.complete(TRAJECTORY, step, f"h{step}", "exec", "sb-fault", result, 1.0, 2.0)
+            log.begin(StepRef(TRAJECTORY, step, f"h{step}", "exec", "sb-fault"))
+            log.complete(StepRef(TRAJECTORY, step, f"h{step}", "exec", "sb-fault"), result, 1.0, 2.0)
         except DsecError as error:
             return acked, error, step
         acked[step] = result
@@ -56,7 +57,7 @@ def test_enospc_during_append(small_disk):
         assert isinstance(error, DiskFull), f"expected DiskFull, got {type(error).__name__}: {error}"
         assert len(acked) > 0
         with pytest.raises(DiskFull):  # the log refuses every later append: its file's tail is unknown
-            log.begin(TRAJECTORY, failed_step + 1, "h", "exec", "sb-fault")
+            log.begin(StepRef(TRAJECTORY, failed_step + 1, "h", "exec", "sb-fault"))
     finally:
         log.close()
     filler.unlink()  # space again
@@ -80,7 +81,7 @@ def test_eio_during_append(fault_fs):
         assert isinstance(error, RuntimeFailure) and not isinstance(error, DiskFull), f"got {type(error).__name__}: {error}"
         assert "Input/output error" in str(error), str(error)
         with pytest.raises(RuntimeFailure):  # and every later one: the segment's tail is unknown
-            log.begin(TRAJECTORY, failed_step + 1, "h", "exec", "sb-fault")
+            log.begin(StepRef(TRAJECTORY, failed_step + 1, "h", "exec", "sb-fault"))
     finally:
         log.close()
     fault_fs.heal()

@@ -8,6 +8,7 @@ import psycopg
 import pytest
 
 from dsec.errors import InvalidSpec, RuntimeFailure
+from dsec.trajectory.log import StepRef
 from dsec.trajectory.log import TrajectoryLog
 from dsec.trajectory.pglog import PostgresLog
 from dsec.trajectory.records import StepState
@@ -16,15 +17,15 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _log_step(log: TrajectoryLog, tid: str, step: int, result: bytes, rhash: str = "h") -> None:
-    assert log.begin(tid, step, rhash, "exec", "sb-1")
-    log.complete(tid, step, rhash, "exec", "sb-1", result, 1.0, 2.0)
+    assert log.begin(StepRef(tid, step, rhash, "exec", "sb-1"))
+    log.complete(StepRef(tid, step, rhash, "exec", "sb-1"), result, 1.0, 2.0)
 
 
 def test_steps_survive_reopen(log: TrajectoryLog, reopen) -> None:
     blob = bytes(range(256)) * 40
     for step in range(4):
         _log_step(log, "run/a", step, blob + bytes([step]))
-    assert log.begin("run/a", 4, "h", "exec", "sb-1")  # in flight when the server stopped
+    assert log.begin(StepRef("run/a", 4, "h", "exec", "sb-1"))  # in flight when the server stopped
     log.attach("run/a", "sb-2")
     log.record_snapshot("run/a", 3, "snap-3")
     with reopen(log) as again:
@@ -33,7 +34,7 @@ def test_steps_survive_reopen(log: TrajectoryLog, reopen) -> None:
         assert steps[4].state is StepState.INTENT and steps[4].result is None
         info = again.info("run/a")
         assert info.sandbox_id == "sb-2" and info.snapshots == [(3, "snap-3")] and info.own_steps == 5
-        assert not again.begin("run/a", 2, "h", "exec", "sb-1")  # a logged step is never claimed twice
+        assert not again.begin(StepRef("run/a", 2, "h", "exec", "sb-1"))  # a logged step is never claimed twice
 
 
 def test_fork_and_retention(log: TrajectoryLog) -> None:

@@ -15,6 +15,7 @@ from dsec.trajectory.export import export_jsonl, export_parquet, log_steps
 from dsec.trajectory.filelog import FileLog
 
 codegen.generate()
+from dsec.trajectory.log import StepRef
 from dsec.v1 import sandbox_pb2 as pb  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
@@ -25,8 +26,8 @@ def log(tmp_path: Path):
     with FileLog(tmp_path / "log") as opened:
         for step in range(3):
             record = pb.ExecRecord(stdout=b"out %d\n" % step, stderr=b"", status=pb.ExecStatus(exit_code=step))
-            assert opened.begin("run/p/0", step, f"h{step}", "exec", "sb-1")
-            opened.complete("run/p/0", step, f"h{step}", "exec", "sb-1", record.SerializeToString(), 1.0, 2.0)
+            assert opened.begin(StepRef("run/p/0", step, f"h{step}", "exec", "sb-1"))
+            opened.complete(StepRef("run/p/0", step, f"h{step}", "exec", "sb-1"), record.SerializeToString(), 1.0, 2.0)
         opened.fork("run/p/0", 2, "run/p/1")
         yield opened
 

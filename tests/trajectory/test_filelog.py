@@ -12,14 +12,15 @@ import pytest
 
 from dsec.errors import InvalidSpec, RuntimeFailure
 from dsec.trajectory.filelog import FileLog
+from dsec.trajectory.log import StepRef
 from dsec.trajectory.records import Record, RecordType, StepState
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def _log_step(log: FileLog, tid: str, step: int, result: bytes, rhash: str = "h") -> None:
-    assert log.begin(tid, step, rhash, "exec", "sb-1")
-    log.complete(tid, step, rhash, "exec", "sb-1", result, 1.0, 2.0)
+    assert log.begin(StepRef(tid, step, rhash, "exec", "sb-1"))
+    log.complete(StepRef(tid, step, rhash, "exec", "sb-1"), result, 1.0, 2.0)
 
 
 def _segment(directory: Path) -> Path:
@@ -149,6 +150,6 @@ def test_rotation_keeps_every_record(tmp_path: Path) -> None:
 def test_bad_ids_are_rejected(tmp_path: Path) -> None:
     with FileLog(tmp_path) as log:
         with pytest.raises(InvalidSpec):
-            log.begin("", 0, "h", "exec", "sb")
+            log.begin(StepRef("", 0, "h", "exec", "sb"))
         with pytest.raises(InvalidSpec):
-            log.begin("t", -1, "h", "exec", "sb")
+            log.begin(StepRef("t", -1, "h", "exec", "sb"))

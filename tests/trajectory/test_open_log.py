@@ -9,6 +9,7 @@ import pytest
 from dsec.config import ServerConfig
 from dsec.trajectory.coordinator import open_log
 from dsec.trajectory.filelog import FileLog
+from dsec.trajectory.log import StepRef
 from dsec.trajectory.pglog import PostgresLog
 
 pytestmark = pytest.mark.timeout(120)
@@ -26,4 +27,4 @@ def test_file_log_by_default_and_next_directory_when_held(tmp_path: Path) -> Non
 def test_postgres_when_a_dsn_is_configured(tmp_path: Path, fresh_pg_dsn: str) -> None:
     with open_log(ServerConfig(home=tmp_path, trajectory_dsn=fresh_pg_dsn)) as log:
         assert isinstance(log, PostgresLog)
-        assert log.begin("t", 0, "h", "exec", "sb")
+        assert log.begin(StepRef("t", 0, "h", "exec", "sb"))
