@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from dsec.allowlist import parse_allowlist
 
@@ -40,6 +40,30 @@ class VolumeMount(BaseModel):
         return "/" + "/".join(parts)
 
 
+class ReadyProbe(BaseModel):
+    """When a sandbox counts as ready (docs/lifecycle.md, templates): `command` exits 0 inside it, or something
+    accepts TCP connections on `tcp_port` on its loopback. Tried every `interval_s` until `timeout_s` has passed;
+    a create returns only once it passes (Modal's lesson: started is not ready)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: list[str] = Field(default_factory=list, max_length=256)
+    tcp_port: int = Field(0, ge=0, le=65535)
+    interval_s: float = Field(0.2, gt=0, le=60)
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="deadline from the start command's start")
+
+    @model_validator(mode="after")
+    def _one_check(self) -> ReadyProbe:
+        if bool(self.command) == bool(self.tcp_port):
+            raise ValueError("a readiness probe is either a command or a tcp_port, exactly one of them")
+        if self.command and not self.command[0]:
+            raise ValueError("the probe command's argv[0] is empty")
+        return self
+
+
+TEMPLATE_NAME = r"^[a-z0-9][a-z0-9_.-]*$"
+
+
 class SandboxSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -62,6 +86,13 @@ class SandboxSpec(BaseModel):
         0.0, ge=0, le=7 * 24 * 3600, description="end the sandbox (reason idle) after this long without a call; 0 = never"
     )
     volumes: list[VolumeMount] = Field(default_factory=list, max_length=16)
+    template: str = Field(
+        "", max_length=63, pattern=r"^([a-z0-9][a-z0-9_.-]*)?$",
+        description="start from this ready template's snapshot (its image, substrate, driver and resources win)",
+    )
+    ready: ReadyProbe | None = Field(
+        None, description="return from create only once this passes (after the image's start command, if any)"
+    )
 
     @field_validator("volumes")
     @classmethod
@@ -124,3 +155,29 @@ class FileInfo(FileEntry):
     uid: int = 0
     gid: int = 0
     symlink_target: str = ""
+
+
+class TemplateInfo(BaseModel):
+    """A ready template (client.templates): an image started once, waited on until its probe passed, and
+    snapshotted; creates with `template=name` start from that snapshot."""
+
+    name: str
+    image: str  # the reference it was built from
+    image_digest: str
+    substrate: Substrate
+    driver: str
+    resources: Resources
+    start: list[str]  # the start command ([] = none)
+    ready: ReadyProbe | None
+    snapshot_id: str
+    snapshot_kind: str  # "memory+disk": sandboxes resume with the service running; else the start command re-runs
+    created_at: float
+    build_ms: float
+
+
+class CollectedSnapshot(BaseModel):
+    """One snapshot a GC pass removed, and why (expired | over_count | over_bytes | fork_leftover)."""
+
+    snapshot_id: str
+    reason: str
+    size_bytes: int = 0

@@ -12,6 +12,7 @@ import errno as errno_mod
 import itertools
 import os
 import queue
+import secrets
 import select
 import socket
 import struct
@@ -280,7 +281,9 @@ class AgentClient:
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
         self._pending: dict[int, queue.Queue] = {}
-        self._ids = itertools.count(1)
+        # From a random point: an agent restored from a memory snapshot (VM, CRIU) still holds the ids of the
+        # processes that ran at the snapshot, and a fresh count from 1 would reuse them ("id already in use")
+        self._ids = itertools.count(1 + secrets.randbelow(1 << 30))
         self._id_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()

@@ -18,7 +18,7 @@ codegen.generate()
 from pydantic import ValidationError  # noqa: E402
 
 from dsec.errors import CapacityExceeded, InvalidSpec  # noqa: E402
-from dsec.models import SandboxSpec, VolumeMount  # noqa: E402
+from dsec.models import CollectedSnapshot, ReadyProbe, SandboxSpec, VolumeMount  # noqa: E402
 from dsec.sdk.embedded import EmbeddedServer  # noqa: E402
 from dsec.sdk.errors import to_dsec_error  # noqa: E402
 from dsec.v1 import sandbox_pb2 as pb  # noqa: E402
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from dsec.sdk.images import Images
     from dsec.sdk.pools import Pools
     from dsec.sdk.sandbox import Sandbox
+    from dsec.sdk.templates import Templates
     from dsec.sdk.volumes import Volumes
 
 T = TypeVar("T")
@@ -88,6 +89,7 @@ class Client:
         self._images: Images | None = None
         self._pools: Pools | None = None
         self._volumes: Volumes | None = None
+        self._templates: Templates | None = None
 
     @property
     def images(self) -> Images:
@@ -116,6 +118,16 @@ class Client:
 
             self._volumes = Volumes(self)
         return self._volumes
+
+    @property
+    def templates(self) -> Templates:
+        """Ready templates: `client.templates.create("web", image="python", start=[...], ready={"tcp_port": 8000})`,
+        then `client.create(template="web")` returns a sandbox with the service already answering."""
+        if self._templates is None:
+            from dsec.sdk.templates import Templates
+
+            self._templates = Templates(self)
+        return self._templates
 
     @property
     def metadata(self) -> list[tuple[str, str]]:
@@ -169,10 +181,14 @@ class Client:
         idle_timeout_s: float = 0.0,
         trust_results: bool = False,
         volumes: list[VolumeMount | dict] | None = None,
+        template: str = "",
+        ready: ReadyProbe | dict | None = None,
     ) -> Sandbox:
         """Create a sandbox; validated locally first so a typo fails before any RPC. `on_timeout="pause"` pauses it
         when `timeout_s` expires instead of destroying it (resume gives it a whole timeout again);
-        `idle_timeout_s` ends it (SandboxExpired reason "idle") after that long without a call."""
+        `idle_timeout_s` ends it (SandboxExpired reason "idle") after that long without a call. `template` starts
+        it from a ready template (client.templates); `ready` (a ReadyProbe) runs the image's start command and
+        returns only once the probe passes (else SandboxNotReady, the sandbox destroyed)."""
         from dsec.sdk.sandbox import Sandbox
 
         resources = {
@@ -193,6 +209,8 @@ class Client:
                 on_timeout=on_timeout,  # type: ignore[arg-type]
                 idle_timeout_s=idle_timeout_s,
                 volumes=volumes or [],  # type: ignore[arg-type]
+                template=template,
+                ready=ready,  # type: ignore[arg-type]
             )
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
@@ -212,6 +230,8 @@ class Client:
                 on_timeout=spec.on_timeout,
                 idle_timeout_s=spec.idle_timeout_s,
                 volumes=[pb.VolumeMount(name=v.name, mount_path=v.mount_path, read_only=v.read_only) for v in spec.volumes],
+                template=spec.template,
+                ready=pb.ReadyProbe(**spec.ready.model_dump()) if spec.ready else None,
             )
         )
         info = self.rpc(self.sandboxes.Create, request)
@@ -242,6 +262,12 @@ class Client:
     def delete_snapshot(self, snapshot_id: str) -> None:
         """Free a snapshot's disk; restores already under way from it still finish."""
         self.rpc(self.sandboxes.DeleteSnapshot, pb.DeleteSnapshotRequest(snapshot_id=snapshot_id))
+
+    def snapshots_gc(self) -> list[CollectedSnapshot]:
+        """Run one snapshot GC pass over the caller's snapshots now; what it removed and why."""
+        from dsec.sdk.templates import collect_snapshots
+
+        return collect_snapshots(self)
 
     def close(self) -> None:
         """Close the channel; an embedded server destroys its sandboxes and exits."""

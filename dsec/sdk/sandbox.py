@@ -229,9 +229,11 @@ class Sandbox:
     def resume(self) -> None:
         self.info = self._client.rpc(self._client.sandboxes.Resume, pb.SandboxRef(sandbox_id=self.id))
 
-    def snapshot(self, name: str = "") -> str:
-        """Snapshot the sandbox; returns a snapshot id for `Sandbox.restore`."""
-        return self._client.rpc(self._client.sandboxes.Snapshot, pb.SnapshotRequest(sandbox_id=self.id, name=name)).snapshot_id
+    def snapshot(self, name: str = "", ttl_s: float = 0.0) -> str:
+        """Snapshot the sandbox; returns a snapshot id for `Sandbox.restore`. `ttl_s` > 0: the server's snapshot
+        GC removes it that long from now (docs/lifecycle.md)."""
+        request = pb.SnapshotRequest(sandbox_id=self.id, name=name, ttl_s=ttl_s)
+        return self._client.rpc(self._client.sandboxes.Snapshot, request).snapshot_id
 
     def connect_port(self, port: int) -> PortConnection:
         """A socket-like connection to `127.0.0.1:port` inside the sandbox (a server you started there);

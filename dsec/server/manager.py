@@ -33,7 +33,9 @@ from dsec.server.processes import ProcessTable
 from dsec.server.readopt import save_record, take_over
 from dsec.server.sandbox_events import SandboxEvents
 from dsec.server.sessions import OnTimeout, ShellSession
+from dsec.server.snapshot_gc import SnapshotGC
 from dsec.server.snapshots import SnapshotStore
+from dsec.server.templates import Templates
 from dsec.server.volumes import VolumeStore, check_supported
 from dsec.server.state import ServerState, reap_dead_servers, write_sandbox_record
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver
@@ -129,6 +131,10 @@ class SandboxManager:
         )
         self._stop = threading.Event()
         self.snapshots = SnapshotStore(config.home / "snapshots", owner=state.run_dir)
+        self.templates = Templates(self, config.templates_dir)
+        self.snapshot_gc = SnapshotGC(self.snapshots, config, self.templates.index.pinned, self._snapshot_source_alive,
+                                      DEFAULT_TENANT)
+        self.snapshot_gc.start()
         self.volumes = VolumeStore(config.volumes_dir)
         self._reaper = threading.Thread(target=self._reap_expired, daemon=True, name="dsec-ttl-reaper")
         self._reaper.start()
@@ -250,10 +256,15 @@ class SandboxManager:
         return image
 
     def create(self, spec: SandboxSpec, tenant: str = DEFAULT_TENANT) -> ManagedSandbox:
+        """A sandbox of `spec`, returned once ready: from its template's snapshot, or with its image's start
+        command run and its `ready` probe passed (templates.py; the half-made sandbox is destroyed otherwise)."""
+        if spec.template:
+            return self.templates.launch(spec, tenant)
         claimed = self.pools.claim(spec, tenant)
-        if claimed is not None:
-            return claimed
-        return self._launch(spec, snapshot=None, tenant=tenant)
+        sandbox = claimed if claimed is not None else self._launch(spec, snapshot=None, tenant=tenant)
+        self.templates.ready_or_destroy(sandbox, list(sandbox.image.config.start_command) if spec.ready else [],
+                                        spec.ready)
+        return sandbox
 
     # -- warm pools (pools.py) ------------------------------------------------------------------------------
     def pool_headroom(self) -> bool:
@@ -498,6 +509,7 @@ class SandboxManager:
         """Refuse new creates, let the ones under way finish (bounded), then destroy every sandbox."""
         self._stop.set()
         self.pools.stop()
+        self.snapshot_gc.stop()
         with self._lock:
             self._closing = True
             if not self._launches_done.wait_for(lambda: self._launches == 0, timeout=_LAUNCH_DRAIN_S):
@@ -567,7 +579,11 @@ class SandboxManager:
         sandbox.events.add("sandbox resumed")
         return sandbox
 
-    def snapshot(self, sandbox_id: str, name: str, tenant: str | None = None, temporary: bool = False) -> dict:
+    def snapshot(self, sandbox_id: str, name: str, tenant: str | None = None, temporary: bool = False,
+                 ttl_s: float = 0.0) -> dict:
+        """`ttl_s` > 0: the snapshot GC removes it that long from now (snapshot_gc.py)."""
+        if not 0 <= ttl_s <= 10 * 365 * 86400:  # NaN fails this too
+            raise InvalidSpec(f"snapshot ttl_s must be between 0 (none) and ten years, got {ttl_s}")
         sandbox = self.running(sandbox_id, tenant)
         snapshot_id, data = self.snapshots.new(temporary)
         try:
@@ -578,10 +594,11 @@ class SandboxManager:
                 "sandbox_id": sandbox_id,
                 "name": name,
                 "kind": kind,
-                "created_at": time.time(),
+                "created_at": (taken := time.time()),
                 "spec": sandbox.spec.model_dump(),
                 "image": sandbox.image.digest,
                 "tenant": sandbox.tenant,
+                "expires_at": taken + ttl_s if ttl_s else 0.0,
             }
             self.snapshots.publish(snapshot_id, meta)
         except BaseException:
@@ -590,11 +607,26 @@ class SandboxManager:
         return meta
 
     def list_snapshots(self, tenant: str | None = None, sandbox_id: str = "") -> list[dict]:
-        return self.snapshots.list(tenant, DEFAULT_TENANT, sandbox_id)
+        pinned = self.templates.index.pinned()
+        return [{**m, "pinned": m["snapshot_id"] in pinned} for m in self.snapshots.list(tenant, DEFAULT_TENANT, sandbox_id)]
 
     def delete_snapshot(self, snapshot_id: str, tenant: str | None = None) -> None:
         self.snapshots.meta(snapshot_id, tenant, DEFAULT_TENANT)  # exists and is the caller's
+        if snapshot_id in self.templates.index.pinned():
+            raise InvalidSpec(f"snapshot {snapshot_id} belongs to a template; delete the template instead")
         self.snapshots.delete(snapshot_id)
+
+    def _snapshot_source_alive(self, sandbox_id: str) -> bool:
+        """Whether the sandbox a snapshot was taken of still lives here or on another server of this machine."""
+        with self._lock:
+            if sandbox_id in self._sandboxes:
+                return True
+        return orphans.registered_dir(sandbox_id) is not None
+
+    def launch_snapshot(self, snapshot_id: str, spec: SandboxSpec, tenant: str) -> ManagedSandbox:
+        """A sandbox of `spec` from a snapshot's data, which a delete or the GC leaves alone while it is read."""
+        with self.snapshots.reading(snapshot_id) as data:
+            return self._launch(spec, snapshot=data, tenant=tenant)
 
     def restore(
         self, snapshot_id: str, labels: dict[str, str], timeout_s: float, tenant: str | None = None
@@ -604,9 +636,7 @@ class SandboxManager:
         spec = spec.model_copy(update={"image": meta["image"], "labels": spec.labels | labels})
         if timeout_s > 0:
             spec = spec.model_copy(update={"timeout_s": timeout_s})
-        owner = meta.get("tenant", DEFAULT_TENANT)
-        with self.snapshots.reading(snapshot_id) as data:
-            return self._launch(spec, snapshot=data, tenant=owner)
+        return self.launch_snapshot(snapshot_id, spec, meta.get("tenant", DEFAULT_TENANT))
 
     def fork(self, sandbox_id: str, n: int, tenant: str | None = None) -> list[ManagedSandbox]:
         """`n` copies of a running sandbox, through a snapshot of its own that is deleted afterwards."""

@@ -400,7 +400,8 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
 
     @rpc_errors
     def Snapshot(self, request: pb.SnapshotRequest, context: grpc.ServicerContext) -> pb.SnapshotRef:
-        return _snapshot_ref(self.manager.snapshot(request.sandbox_id, request.name, self._tenant(context)))
+        return _snapshot_ref(self.manager.snapshot(request.sandbox_id, request.name, self._tenant(context),
+                                                   ttl_s=request.ttl_s))
 
     @rpc_errors
     def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext) -> pb.ListSnapshotsResponse:
@@ -445,4 +446,5 @@ def _snapshot_ref(meta: dict) -> pb.SnapshotRef:
     return pb.SnapshotRef(
         snapshot_id=meta["snapshot_id"], sandbox_id=meta["sandbox_id"], created_at=meta["created_at"],
         kind=meta["kind"], name=meta.get("name", ""), size_bytes=meta.get("size_bytes", 0),
+        expires_at=meta.get("expires_at", 0.0), pinned=meta.get("pinned", False),
     )  # fmt: skip
