@@ -1,8 +1,9 @@
 """Generate the gRPC/protobuf modules (`dsec/v1/*_pb2*.py`, `dsec/envd/**/*_pb2.py`) from `proto/`.
 
-Generated code is never committed: it is produced here, by the build (setup.py) and by
-`infra/setup.sh`, and regenerated on import when a .proto is newer than its output, so a
-checkout can never run against stale stubs.
+Generated code is never committed: it is produced here, by the build (setup.py) and by `infra/setup.sh`
+(`make setup`). Nothing imports this module at run time, so grpcio-tools is a build/setup dependency only; a
+checkout without stubs fails on import with what to run (dsec/v1/__init__.py). Runs as `python -m dsec.codegen`
+or `python dsec/codegen.py` (it imports nothing from dsec).
 """
 
 from __future__ import annotations
@@ -61,7 +62,6 @@ def generate(force: bool = False) -> None:
         ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed for {PROTO_ROOT}")
-        (OUT_DIR / "__init__.py").touch()
         envd = envd_proto_files()
         if envd:
             args = [

@@ -181,3 +181,190 @@ class CollectedSnapshot(BaseModel):
     snapshot_id: str
     reason: str
     size_bytes: int = 0
+
+
+# -- what the server reports back: the SDK returns these (converted from the wire by dsec/wire.py) -----------
+# State, kind and substrate fields stay `str` here: a newer server may report a value this client does not know
+# (e.g. the gateway's `lost`), and an old client must still read the rest of the record.
+
+
+class SandboxInfo(BaseModel):
+    """A sandbox as the server reports it (create, connect, list, pause/resume, restore, fork)."""
+
+    id: str
+    spec: SandboxSpec
+    state: str = Field(description="running | paused | destroyed | lost")
+    created_at: float = 0.0
+    expires_at: float = 0.0
+    driver: str = Field("", description="the driver actually used")
+    accel: str = Field("", description="VM acceleration actually used (kvm | tcg), '' for others")
+    timings_ms: dict[str, float] = Field(default_factory=dict, description="create phases, for benchmarks")
+    image_digest: str = ""
+    start_command: list[str] = Field(default_factory=list, description="the image's service start command")
+
+
+class SnapshotInfo(BaseModel):
+    snapshot_id: str
+    sandbox_id: str
+    created_at: float = 0.0
+    kind: str = ""
+    name: str = ""
+    size_bytes: int = 0
+    expires_at: float = Field(0.0, description="when the snapshot GC removes it; 0 = no ttl")
+    pinned: bool = Field(False, description="a template uses it: never collected, delete is refused")
+
+
+class SandboxMetrics(BaseModel):
+    """Resource use of one sandbox now; CPU % is since the previous sample (or the create)."""
+
+    sampled_at: float = 0.0
+    cpu_count: int = 0
+    cpu_used_pct: float = 0.0
+    mem_used_bytes: int = 0
+    mem_total_bytes: int = 0
+    mem_cache_bytes: int = 0
+    disk_used_bytes: int = 0
+    disk_total_bytes: int = 0
+
+
+class SandboxLogEntry(BaseModel):
+    logged_at: float = 0.0
+    level: str = "info"
+    message: str = ""
+    fields: dict[str, str] = Field(default_factory=dict)
+
+
+class PoolInfo(BaseModel):
+    """A warm pool: its shape (flattened) and how it is doing."""
+
+    image: str
+    substrate: str
+    driver: str = ""
+    cpu: float = 0.0
+    memory_mb: int = 0
+    pids: int = 0
+    disk_mb: int = 0
+    network_allow: list[str] = Field(default_factory=list, description="the egress allowlist its sandboxes get")
+    size: int = Field(0, description="ready sandboxes the server keeps")
+    ready: int = 0
+    filling: int = Field(0, description="being created now")
+    claims: int = Field(0, description="creates served from the pool")
+    misses: int = Field(0, description="creates of this shape that found it empty")
+    last_error: str = Field("", description="why the last refill failed")
+    image_digest: str = ""
+    max_size: int = Field(0, description="> size: follows recent demand up to this")
+    target: int = Field(0, description="ready sandboxes it aims for now")
+
+
+class VolumeInfo(BaseModel):
+    name: str
+    size_mb: int = Field(0, description="the quota: writing past it is ENOSPC inside the sandbox")
+    created_at: float = 0.0
+    mode: str = Field("", description="'' (not mounted) | rw | ro")
+    holders: list[str] = Field(default_factory=list, description="ids of the sandboxes it is mounted in now")
+
+
+class ImageLayer(BaseModel):
+    blob_digest: str
+    diff_id: str
+    media_type: str = ""
+    size_bytes: int = 0
+
+
+class ImageConfig(BaseModel):
+    env: list[str] = Field(default_factory=list)
+    cmd: list[str] = Field(default_factory=list)
+    entrypoint: list[str] = Field(default_factory=list)
+    workdir: str = ""
+    user: str = ""
+
+
+class ImageInfo(BaseModel):
+    digest: str
+    tags: list[str] = Field(default_factory=list)
+    config_digest: str = ""
+    layers: list[ImageLayer] = Field(default_factory=list, description="bottom first")
+    size_bytes: int = Field(0, description="manifest + config + layer blobs")
+    created_at: float = 0.0
+    last_used_at: float = 0.0
+    config: ImageConfig = Field(default_factory=ImageConfig)
+    holders: int = Field(0, description="sandboxes pinning it")
+
+
+class BuildResult(BaseModel):
+    image: ImageInfo
+    steps_cached: int = 0
+    steps_run: int = 0
+
+
+class PruneResult(BaseModel):
+    images_removed: list[str] = Field(default_factory=list)
+    layers_removed: list[str] = Field(default_factory=list)
+    bytes_freed: int = 0
+
+
+class DiskUsage(BaseModel):
+    images: int = 0
+    layers: int = 0
+    layer_bytes: int = 0
+    blob_bytes: int = 0
+    partial_bytes: int = 0
+    held_images: int = 0
+
+
+class PathInfo(BaseModel):
+    """What `files.stat`, `list_tree`, `make_dir` and `rename` report about one path in the sandbox."""
+
+    name: str
+    path: str
+    type: str = Field(description="file | dir | symlink | other")
+    size: int = 0
+    mode: int = 0
+    mtime: float = 0.0
+    owner: str = ""
+    group: str = ""
+    symlink_target: str = ""
+
+
+class FsChange(BaseModel):
+    kind: str = Field(description="create | write | remove | rename | chmod")
+    name: str = Field(description="relative to the watched directory")
+
+
+class ProcessInfo(BaseModel):
+    pid: int
+    tag: str = ""
+    argv: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict, description="what the caller passed")
+    cwd: str = ""
+    pty: bool = False
+
+
+class TrajectorySnapshot(BaseModel):
+    after_step: int
+    snapshot_id: str
+
+
+class TrajectoryInfo(BaseModel):
+    trajectory_id: str
+    parent_id: str = Field("", description="set for a fork: steps [0, fork_step) are the parent's")
+    fork_step: int = 0
+    sandbox_id: str = Field("", description="the sandbox the trajectory last ran in")
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    steps: int = 0
+    done_steps: int = 0
+    snapshots: list[TrajectorySnapshot] = Field(default_factory=list)
+
+
+class LoggedStep(BaseModel):
+    step: int
+    kind: str = Field(description="exec | session | write_file | upload | call")
+    request_hash: str = ""
+    sandbox_id: str = ""
+    state: str = Field(description="done | intent | abandoned")
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    result: bytes = Field(b"", description="the serialized result the caller got (ExecRecord, CallResponse, ...)")
+    stored_in: str = ""
+    error: str = ""

@@ -22,12 +22,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from dsec import codegen
-
-codegen.generate()
-
-from dsec.cluster.placement import Capacity, Demand, Placement  # noqa: E402
-from dsec.errors import (  # noqa: E402
+from dsec.cluster.placement import Capacity, Demand, Placement
+from dsec.errors import (
     ERROR_METADATA_KEY,
     EXPIRED_REASON_METADATA_KEY,
     RETRY_AFTER_METADATA_KEY,
@@ -40,12 +36,12 @@ from dsec.errors import (  # noqa: E402
     ServerUnavailable,
     SnapshotNotFound,
 )
-from dsec.v1 import filesystem_pb2 as fpb  # noqa: E402
-from dsec.v1 import ports_pb2 as ppb  # noqa: E402
-from dsec.v1 import process_pb2 as procpb  # noqa: E402
-from dsec.v1 import sandbox_pb2 as pb  # noqa: E402
-from dsec.v1 import sandbox_pb2_grpc as pb_grpc  # noqa: E402
-from dsec.v1 import trajectory_pb2 as tpb  # noqa: E402
+from dsec.v1 import filesystem_pb2 as fpb
+from dsec.v1 import ports_pb2 as ppb
+from dsec.v1 import process_pb2 as procpb
+from dsec.v1 import sandbox_pb2 as pb
+from dsec.v1 import sandbox_pb2_grpc as pb_grpc
+from dsec.v1 import trajectory_pb2 as tpb
 
 log = logging.getLogger("dsec.cluster.gateway")
 

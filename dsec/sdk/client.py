@@ -10,19 +10,15 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from pydantic import ValidationError
 
-from dsec import codegen
-
-codegen.generate()
-
-from pydantic import ValidationError  # noqa: E402
-
-from dsec.errors import CapacityExceeded, InvalidSpec  # noqa: E402
-from dsec.models import CollectedSnapshot, ReadyProbe, SandboxSpec, VolumeMount  # noqa: E402
-from dsec.sdk.embedded import EmbeddedServer  # noqa: E402
-from dsec.sdk.errors import to_dsec_error  # noqa: E402
-from dsec.v1 import sandbox_pb2 as pb  # noqa: E402
-from dsec.v1 import sandbox_pb2_grpc as pb_grpc  # noqa: E402
+from dsec import wire
+from dsec.errors import CapacityExceeded, InvalidSpec
+from dsec.models import CollectedSnapshot, ReadyProbe, SandboxInfo, SandboxSpec, SnapshotInfo, VolumeMount
+from dsec.sdk.embedded import EmbeddedServer
+from dsec.sdk.errors import to_dsec_error
+from dsec.v1 import sandbox_pb2 as pb
+from dsec.v1 import sandbox_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from dsec.sdk.images import Images
@@ -199,7 +195,7 @@ class Client:
                 image=image,
                 substrate=substrate,  # type: ignore[arg-type]
                 resources=resources,  # type: ignore[arg-type]
-                timeout_s=timeout_s if timeout_s is not None else 3600.0,
+                **({} if timeout_s is None else {"timeout_s": timeout_s}),  # unset: the server's default
                 env=env or {},
                 labels=labels or {},
                 network=network,
@@ -215,36 +211,20 @@ class Client:
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise InvalidSpec(f"invalid sandbox spec: {problems}") from None
-        request = pb.CreateRequest(
-            spec=pb.SandboxSpec(
-                image=spec.image,
-                substrate=spec.substrate,
-                resources=pb.Resources(**resources),
-                timeout_s=timeout_s or 0.0,
-                env=spec.env,
-                labels=spec.labels,
-                network=spec.network,
-                network_allow=spec.network_allow,
-                driver=spec.driver,
-                workdir=spec.workdir,
-                on_timeout=spec.on_timeout,
-                idle_timeout_s=spec.idle_timeout_s,
-                volumes=[pb.VolumeMount(name=v.name, mount_path=v.mount_path, read_only=v.read_only) for v in spec.volumes],
-                template=spec.template,
-                ready=pb.ReadyProbe(**spec.ready.model_dump()) if spec.ready else None,
-            )
-        )
-        info = self.rpc(self.sandboxes.Create, request)
+        request = pb.CreateRequest(spec=wire.spec_to_pb(spec, leave_defaults_to_server=True))
+        info = wire.from_pb_as(SandboxInfo, self.rpc(self.sandboxes.Create, request))
         return Sandbox(self, info, trust_results=trust_results)
 
     def connect(self, sandbox_id: str, *, trust_results: bool = False) -> Sandbox:
         """Re-attach to a live sandbox by id (e.g. after the rollout process restarted)."""
         from dsec.sdk.sandbox import Sandbox
 
-        return Sandbox(self, self.rpc(self.sandboxes.Get, pb.SandboxRef(sandbox_id=sandbox_id)), trust_results=trust_results)
+        info = self.rpc(self.sandboxes.Get, pb.SandboxRef(sandbox_id=sandbox_id))
+        return Sandbox(self, wire.from_pb_as(SandboxInfo, info), trust_results=trust_results)
 
-    def list(self, labels: dict[str, str] | None = None) -> list[pb.SandboxInfo]:
-        return list(self.rpc(self.sandboxes.List, pb.ListRequest(labels=labels or {})).sandboxes)
+    def list(self, labels: dict[str, str] | None = None) -> list[SandboxInfo]:
+        reply = self.rpc(self.sandboxes.List, pb.ListRequest(labels=labels or {}))
+        return [wire.from_pb_as(SandboxInfo, info) for info in reply.sandboxes]
 
     def destroy(self, sandbox_id: str) -> None:
         self.rpc(self.sandboxes.Destroy, pb.SandboxRef(sandbox_id=sandbox_id))
@@ -252,12 +232,13 @@ class Client:
     def restore(self, snapshot_id: str, *, labels: dict[str, str] | None = None, timeout_s: float = 0.0) -> Sandbox:
         from dsec.sdk.sandbox import Sandbox
 
-        info = self.rpc(self.sandboxes.Restore, pb.RestoreRequest(snapshot_id=snapshot_id, labels=labels or {}, timeout_s=timeout_s))
-        return Sandbox(self, info)
+        request = pb.RestoreRequest(snapshot_id=snapshot_id, labels=labels or {}, timeout_s=timeout_s)
+        return Sandbox(self, wire.from_pb_as(SandboxInfo, self.rpc(self.sandboxes.Restore, request)))
 
-    def snapshots(self, sandbox_id: str = "") -> list[pb.SnapshotRef]:
+    def snapshots(self, sandbox_id: str = "") -> list[SnapshotInfo]:
         """The caller's snapshots (of one sandbox, or all), oldest first, with their size on disk."""
-        return list(self.rpc(self.sandboxes.ListSnapshots, pb.ListSnapshotsRequest(sandbox_id=sandbox_id)).snapshots)
+        reply = self.rpc(self.sandboxes.ListSnapshots, pb.ListSnapshotsRequest(sandbox_id=sandbox_id))
+        return [wire.from_pb_as(SnapshotInfo, snapshot) for snapshot in reply.snapshots]
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         """Free a snapshot's disk; restores already under way from it still finish."""

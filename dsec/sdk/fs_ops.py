@@ -7,46 +7,19 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
 
+from dsec import wire
 from dsec.errors import FileNotFoundInSandbox
+from dsec.models import FsChange, PathInfo
 from dsec.sdk.errors import to_dsec_error
 from dsec.v1 import filesystem_pb2 as fpb
 from dsec.v1 import filesystem_pb2_grpc as fpb_grpc
 
 if TYPE_CHECKING:
     from dsec.sdk.sandbox import Sandbox
-
-
-@dataclass(frozen=True)
-class PathInfo:
-    """What `stat`, `list_tree`, `make_dir` and `rename` report about one path in the sandbox."""
-
-    name: str
-    path: str
-    type: str  # file | dir | symlink | other
-    size: int
-    mode: int
-    mtime: float
-    owner: str
-    group: str
-    symlink_target: str = ""
-
-    @classmethod
-    def from_pb(cls, entry: fpb.FsEntry) -> PathInfo:
-        return cls(
-            name=entry.name, path=entry.path, type=entry.type, size=entry.size, mode=entry.mode, mtime=entry.mtime,
-            owner=entry.owner, group=entry.group, symlink_target=entry.symlink_target,
-        )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class FsChange:
-    kind: str  # create | write | remove | rename | chmod
-    name: str  # relative to the watched directory
 
 
 class DirWatcher:
@@ -62,7 +35,7 @@ class DirWatcher:
     def _pump(self) -> None:
         try:
             for message in self._call:
-                self._events.put(FsChange(message.change.kind, message.change.name))
+                self._events.put(wire.from_pb_as(FsChange, message.change))
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 self._events.put(to_dsec_error(exc))
@@ -104,7 +77,7 @@ class FileOps:
 
     def stat(self, path: str, user: str = "") -> PathInfo:
         """Metadata of `path` (a symlink is reported as one, with its target); FileNotFoundInSandbox if missing."""
-        return PathInfo.from_pb(self._sb._client.rpc(self._fs().Stat, self._path(path, user)).entry)
+        return wire.from_pb_as(PathInfo, self._sb._client.rpc(self._fs().Stat, self._path(path, user)).entry)
 
     def exists(self, path: str, user: str = "") -> bool:
         try:
@@ -121,7 +94,7 @@ class FileOps:
     def rename(self, source: str, destination: str, user: str = "") -> PathInfo:
         """Move `source` to `destination` (missing parents of the destination are created)."""
         request = fpb.MoveRequest(source=self._path(source, user), destination=destination)
-        return PathInfo.from_pb(self._sb._client.rpc(self._fs().Move, request).entry)
+        return wire.from_pb_as(PathInfo, self._sb._client.rpc(self._fs().Move, request).entry)
 
     def remove(self, path: str, missing_ok: bool = False, user: str = "") -> bool:
         """Remove a file, a symlink (not its target) or a whole directory tree; False if it was missing."""
@@ -131,7 +104,7 @@ class FileOps:
     def list_tree(self, path: str = "/", depth: int = 1, user: str = "") -> list[PathInfo]:
         """Entries under `path` down to `depth` levels (1 = the directory's own entries), with owners."""
         request = fpb.ListTreeRequest(target=self._path(path, user), depth=depth)
-        return [PathInfo.from_pb(e) for e in self._sb._client.rpc(self._fs().ListTree, request).entries]
+        return [wire.from_pb_as(PathInfo, e) for e in self._sb._client.rpc(self._fs().ListTree, request).entries]
 
     def watch(self, path: str, recursive: bool = False, user: str = "") -> DirWatcher:
         """Watch a directory; returns once the watch is armed. Use as a context manager or call `stop()`."""

@@ -7,55 +7,28 @@ that shape (and no network options or workdir) is served from it at once. Resizi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dsec import wire
+from dsec.models import PoolInfo
 from dsec.v1 import sandbox_pb2 as pb
 
 if TYPE_CHECKING:
     from dsec.sdk.client import Client
 
 
-@dataclass(frozen=True)
-class PoolStatus:
-    image: str
-    substrate: str
-    driver: str
-    cpu: float
-    memory_mb: int
-    pids: int
-    disk_mb: int
-    network_allow: list[str]  # the egress allowlist its sandboxes are built with
-    size: int  # ready sandboxes the server keeps
-    ready: int  # ready now
-    filling: int  # being created now
-    claims: int  # creates served from the pool
-    misses: int  # creates of this shape that found it empty
-    last_error: str  # why the last refill failed ("" if it did not)
-    image_digest: str
-    max_size: int  # > size: follows recent demand up to this
-    target: int  # ready sandboxes it aims for now
-
-    @classmethod
-    def from_pb(cls, info: pb.PoolInfo) -> PoolStatus:
-        shape, r = info.shape, info.shape.resources
-        return cls(shape.image, shape.substrate, shape.driver, r.cpu, r.memory_mb, r.pids, r.disk_mb,
-                   list(shape.network_allow), info.size, info.ready, info.filling, info.claims, info.misses,
-                   info.last_error, info.image_digest, info.max_size, info.target)
-
-
 class Pools:
     def __init__(self, client: Client) -> None:
         self.client = client
 
-    def list(self) -> list[PoolStatus]:
+    def list(self) -> list[PoolInfo]:
         reply = self.client.rpc(self.client.sandboxes.ListPools, pb.Empty())
-        return [PoolStatus.from_pb(info) for info in reply.pools]
+        return [wire.from_pb_as(PoolInfo, info) for info in reply.pools]
 
     def resize(
         self, image: str, size: int, *, substrate: str = "container", driver: str = "", cpu: float = 0.0,
         memory_mb: int = 0, pids: int = 0, disk_mb: int = 0, network_allow: list[str] | None = None, max_size: int = 0,
-    ) -> PoolStatus:
+    ) -> PoolInfo:
         """Create the pool of this shape, or resize it; size 0 removes it (its ready sandboxes are destroyed).
         Resources left at 0 are the server's defaults, as in `client.create`; `network_allow` is the egress
         allowlist its sandboxes are built with (a create with the same allowlist claims one). `max_size` above
@@ -63,9 +36,9 @@ class Pools:
         shape = pb.PoolShape(image=image, substrate=substrate, driver=driver, network_allow=network_allow or [],
                              resources=pb.Resources(cpu=cpu, memory_mb=memory_mb, pids=pids, disk_mb=disk_mb))
         request = pb.ResizePoolRequest(shape=shape, size=size, max_size=max_size)
-        return PoolStatus.from_pb(self.client.rpc(self.client.sandboxes.ResizePool, request))
+        return wire.from_pb_as(PoolInfo, self.client.rpc(self.client.sandboxes.ResizePool, request))
 
-    def get(self, image: str, substrate: str = "container", network_allow: list[str] | None = None) -> PoolStatus | None:
+    def get(self, image: str, substrate: str = "container", network_allow: list[str] | None = None) -> PoolInfo | None:
         wanted = network_allow or []
         return next((p for p in self.list() if p.image == image and p.substrate == substrate
                      and p.network_allow == wanted), None)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import grpc
 
+from dsec import wire
 from dsec.errors import RuntimeFailure
+from dsec.models import ProcessInfo
 from dsec.sdk.errors import to_dsec_error
 from dsec.v1 import process_pb2 as ppb
 from dsec.v1 import process_pb2_grpc as ppb_grpc
@@ -39,16 +41,6 @@ class ProcessResult:
     stderr: bytes = b""
     pty: bytes = b""
     error: str = ""  # set when the stream failed (e.g. the sandbox died), not for a non-zero exit
-
-
-@dataclass(frozen=True)
-class ProcessInfo:
-    pid: int
-    tag: str
-    argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    cwd: str = ""
-    pty: bool = False
 
 
 def _selector(sandbox_id: str, pid: int | None, tag: str | None) -> ppb.ProcessSelector:
@@ -177,7 +169,7 @@ class Processes:
     def list(self) -> list[ProcessInfo]:
         """The running processes started through `processes` (not `exec` calls)."""
         reply = self._sb._client.rpc(self._stub.List, ppb.ListProcessesRequest(sandbox_id=self._sb.id))
-        return [ProcessInfo(p.pid, p.tag, list(p.argv), dict(p.env), p.cwd, p.pty) for p in reply.processes]
+        return [wire.from_pb_as(ProcessInfo, p) for p in reply.processes]
 
     def send_input(self, data: bytes | str, *, pid: int | None = None, tag: str | None = None) -> None:
         raw = data.encode() if isinstance(data, str) else bytes(data)

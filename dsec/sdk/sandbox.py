@@ -14,13 +14,15 @@ from typing import Any
 
 import cloudpickle
 
+from dsec import wire
 from dsec.errors import CallTimeout, DsecError, OutOfMemory, RuntimeFailure
-from dsec.models import ExecResult, FileEntry
+from dsec.models import ExecResult, FileEntry, SandboxInfo, SandboxLogEntry, SandboxMetrics
 from dsec.sdk.client import Client, default_client
 from dsec.sdk.fs_ops import FileOps
 from dsec.sdk.ports import PortConnection
 from dsec.sdk.processes import Processes
 from dsec.sdk.results import decode_result
+from dsec.sdk.steps import next_step_key
 from dsec.v1 import sandbox_pb2 as pb
 
 CHUNK = 1 << 20
@@ -29,10 +31,6 @@ Command = str | list[str]
 
 def _step_key(kind: str) -> pb.StepKey | None:
     """The next trajectory step, when called inside `dsec.trajectory(...)`."""
-    try:
-        from dsec.sdk.trajectory import next_step_key
-    except ImportError:
-        return None
     return next_step_key(kind)
 
 
@@ -44,8 +42,8 @@ def _with_step(message: Any, kind: str) -> Any:
 
 
 def _result_from_events(events, on_stdout=None, on_stderr=None) -> ExecResult:
+    record = pb.ExecRecord()
     stdout, stderr = bytearray(), bytearray()
-    status = None
     for event in events:
         which = event.WhichOneof("event")
         if which == "stdout":
@@ -57,23 +55,13 @@ def _result_from_events(events, on_stdout=None, on_stderr=None) -> ExecResult:
             if on_stderr:
                 on_stderr(event.stderr)
         else:
-            status = event.status
-    if status is None:
+            record.status.CopyFrom(event.status)
+    if not record.HasField("status"):
         raise RuntimeFailure("the server closed the exec stream without a final status")
-    result = ExecResult(
-        stdout=bytes(stdout),
-        stderr=bytes(stderr),
-        exit_code=status.exit_code,
-        signal=status.signal,
-        timed_out=status.timed_out,
-        oom_killed=status.oom_killed,
-        duration_s=status.duration_s,
-        stdout_truncated=status.stdout_truncated,
-        stderr_truncated=status.stderr_truncated,
-        replayed=status.replayed,
-    )
+    record.stdout, record.stderr = bytes(stdout), bytes(stderr)
+    result = wire.exec_result(record)
     if result.oom_killed:
-        limit = status.memory_limit_mb
+        limit = record.status.memory_limit_mb
         error = OutOfMemory(
             f"command was killed by the out-of-memory killer (sandbox memory limit {limit} MB)",
             memory_limit_mb=limit,
@@ -116,11 +104,11 @@ class Files(FileOps):
             for start in range(0, len(content), CHUNK):
                 yield pb.WriteFileRequest(data=content[start : start + CHUNK])
 
-        return self._sb._client.client_stream(self._sb._client.sandboxes.WriteFile, requests()).size
+        return self._sb._client.client_stream(self._sb._client.sandboxes.WriteFile, requests()).size_bytes
 
     def list(self, path: str = "/") -> list[FileEntry]:
         reply = self._sb._client.rpc(self._sb._client.sandboxes.ListDir, pb.FileRequest(sandbox_id=self._sb.id, path=path))
-        return [FileEntry(name=e.name, type=e.type, size=e.size, mode=e.mode, mtime=e.mtime) for e in reply.entries]
+        return [wire.from_pb_as(FileEntry, entry) for entry in reply.entries]
 
 
 class Session:
@@ -128,16 +116,16 @@ class Session:
 
     def __init__(self, sandbox: Sandbox, ref: pb.SessionRef) -> None:
         self._sb = sandbox
-        self.ref = ref
+        self._ref = ref
         self.id = ref.session_id
 
     def run(self, command: str, timeout: float | None = None, on_stdout=None, on_stderr=None) -> ExecResult:
-        request = _with_step(pb.RunInSessionRequest(session=self.ref, command=command, timeout_s=timeout or 0.0), "session")
+        request = _with_step(pb.RunInSessionRequest(session=self._ref, command=command, timeout_s=timeout or 0.0), "session")
         events = self._sb._client.stream(self._sb._client.sandboxes.RunInSession, request, _rpc_deadline(timeout))
         return _result_from_events(events, on_stdout, on_stderr)
 
     def close(self) -> None:
-        self._sb._client.rpc(self._sb._client.sandboxes.CloseSession, self.ref)
+        self._sb._client.rpc(self._sb._client.sandboxes.CloseSession, self._ref)
 
     def __enter__(self) -> Session:
         return self
@@ -165,7 +153,7 @@ def _register_by_value(fn: Callable) -> None:
 class Sandbox:
     """A sandbox on any substrate. Create with `Sandbox.create(...)` or `client.create(...)`."""
 
-    def __init__(self, client: Client, info: pb.SandboxInfo, *, trust_results: bool = False) -> None:
+    def __init__(self, client: Client, info: SandboxInfo, *, trust_results: bool = False) -> None:
         self._client = client
         self.info = info
         self.id = info.id
@@ -196,38 +184,40 @@ class Sandbox:
         return f"Sandbox(id={self.id!r}, image={self.info.spec.image!r}, substrate={self.info.spec.substrate!r})"
 
     # -- lifecycle -----------------------------------------------------------------------------------------
-    def refresh(self) -> pb.SandboxInfo:
-        self.info = self._client.rpc(self._client.sandboxes.Get, pb.SandboxRef(sandbox_id=self.id))
+    def _update(self, method: Callable[..., pb.SandboxInfo], request: Any) -> SandboxInfo:
+        self.info = wire.from_pb_as(SandboxInfo, self._client.rpc(method, request))
         return self.info
+
+    def refresh(self) -> SandboxInfo:
+        return self._update(self._client.sandboxes.Get, pb.SandboxRef(sandbox_id=self.id))
 
     def destroy(self) -> None:
         self._client.destroy(self.id)
 
     def set_timeout(self, timeout_s: float) -> None:
         """End the sandbox `timeout_s` from now (sooner or later than before)."""
-        self.info = self._client.rpc(self._client.sandboxes.SetTimeout, pb.SetTimeoutRequest(sandbox_id=self.id, timeout_s=timeout_s))
+        self._update(self._client.sandboxes.SetTimeout, pb.SetTimeoutRequest(sandbox_id=self.id, timeout_s=timeout_s))
 
     def keep_alive(self, timeout_s: float) -> float:
         """Extend: the sandbox lives at least `timeout_s` more (never less than it already would) and its idle
         clock restarts. Returns the new end (unix seconds). A sandbox that already ended raises SandboxExpired."""
         request = pb.SetTimeoutRequest(sandbox_id=self.id, timeout_s=timeout_s, extend=True)
-        self.info = self._client.rpc(self._client.sandboxes.SetTimeout, request)
-        return self.info.expires_at
+        return self._update(self._client.sandboxes.SetTimeout, request).expires_at
 
     def pause(self) -> None:
-        self.info = self._client.rpc(self._client.sandboxes.Pause, pb.SandboxRef(sandbox_id=self.id))
+        self._update(self._client.sandboxes.Pause, pb.SandboxRef(sandbox_id=self.id))
 
-    def metrics(self) -> pb.SandboxMetrics:
+    def metrics(self) -> SandboxMetrics:
         """CPU (% since the previous call), memory and disk use now; `Unsupported` on the Docker driver."""
-        return self._client.rpc(self._client.sandboxes.Metrics, pb.SandboxRef(sandbox_id=self.id))
+        return wire.from_pb_as(SandboxMetrics, self._client.rpc(self._client.sandboxes.Metrics, pb.SandboxRef(sandbox_id=self.id)))
 
-    def logs(self, start: float = 0.0, limit: int = 0) -> list[pb.SandboxLogEntry]:
+    def logs(self, start: float = 0.0, limit: int = 0) -> list[SandboxLogEntry]:
         """What happened to this sandbox (created, commands and their exit, pause/resume, timeouts), oldest first."""
-        reply = self._client.rpc(self._client.sandboxes.Logs, pb.LogsRequest(sandbox_id=self.id, start=start, limit=limit))
-        return list(reply.entries)
+        reply = self._client.rpc(self._client.sandboxes.Logs, pb.LogsRequest(sandbox_id=self.id, start_at=start, limit=limit))
+        return [wire.from_pb_as(SandboxLogEntry, entry) for entry in reply.entries]
 
     def resume(self) -> None:
-        self.info = self._client.rpc(self._client.sandboxes.Resume, pb.SandboxRef(sandbox_id=self.id))
+        self._update(self._client.sandboxes.Resume, pb.SandboxRef(sandbox_id=self.id))
 
     def snapshot(self, name: str = "", ttl_s: float = 0.0) -> str:
         """Snapshot the sandbox; returns a snapshot id for `Sandbox.restore`. `ttl_s` > 0: the server's snapshot
@@ -242,7 +232,7 @@ class Sandbox:
 
     def fork(self, n: int = 1) -> list[Sandbox]:
         reply = self._client.rpc(self._client.sandboxes.Fork, pb.ForkRequest(sandbox_id=self.id, n=n))
-        return [Sandbox(self._client, info, trust_results=self.trust_results) for info in reply.sandboxes]
+        return [Sandbox(self._client, wire.from_pb_as(SandboxInfo, info), trust_results=self.trust_results) for info in reply.sandboxes]
 
     # -- exec -------------------------------------------------------------------------------------------------
     def exec(
@@ -304,7 +294,7 @@ class Sandbox:
                 while chunk := spool.read(CHUNK):
                     yield pb.UploadRequest(data=chunk)
 
-            return self._client.client_stream(self._client.sandboxes.Upload, requests()).bytes
+            return self._client.client_stream(self._client.sandboxes.Upload, requests()).size_bytes
 
     def download(self, remote_path: str, local_dir: str | os.PathLike) -> Path:
         """Copy a file or directory out of the sandbox into `local_dir`; returns the local path.

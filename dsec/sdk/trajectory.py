@@ -6,7 +6,7 @@
         sb.files.write("/tmp/x", "hi")              # step 1
 
 Every mutating SDK call made inside the block (exec, session run, files.write, upload, call) asks
-`next_step_key` for the next step number. Re-running the same script with the same id after a crash starts
+`steps.next_step_key` for the next step number. Re-running the same script with the same id after a crash starts
 at step 0 again: each call gets its logged result back without executing, until the log runs out and calls
 run live again — the rollout is fast-forwarded to where it died, and nothing runs twice.
 """
@@ -19,7 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dsec import wire
 from dsec.errors import SandboxNotFound, SandboxStateError, SnapshotNotFound
+from dsec.models import LoggedStep, TrajectoryInfo
+from dsec.sdk import steps
 from dsec.sdk.client import Client, default_client
 from dsec.v1 import sandbox_pb2 as pb
 from dsec.v1 import trajectory_pb2 as tpb
@@ -28,18 +31,10 @@ from dsec.v1 import trajectory_pb2_grpc as tpb_grpc
 if TYPE_CHECKING:
     from dsec.sdk.sandbox import Sandbox
 
-_current: contextvars.ContextVar[Trajectory | None] = contextvars.ContextVar("dsec_trajectory", default=None)
-
-
-def next_step_key(kind: str) -> pb.StepKey | None:
-    """The StepKey for the next mutating call, or None outside `dsec.trajectory(...)` (called by the SDK)."""
-    current = _current.get()
-    return None if current is None else current._take_step(kind)
-
-
 def current_trajectory() -> Trajectory | None:
     """The trajectory the calling context is in, if any."""
-    return _current.get()
+    current = steps.current.get()
+    return current if isinstance(current, Trajectory) else None
 
 
 class Trajectory:
@@ -74,26 +69,26 @@ class Trajectory:
         return self
 
     def __enter__(self) -> Trajectory:
-        self._tokens.append(_current.set(self))
+        self._tokens.append(steps.current.set(self))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _current.reset(self._tokens.pop())
+        steps.current.reset(self._tokens.pop())
 
     # -- the log ----------------------------------------------------------------------------------------
-    def info(self) -> tpb.TrajectoryInfo:
+    def info(self) -> TrajectoryInfo:
         """Metadata (sandbox id, fork parent, snapshots, step counts); empty for a trajectory never logged."""
-        return self._client.rpc(self._stub.Get, tpb.TrajectoryRef(trajectory_id=self.id))
+        return wire.from_pb_as(TrajectoryInfo, self._client.rpc(self._stub.Get, tpb.TrajectoryRef(trajectory_id=self.id)))
 
     @property
     def sandbox_id(self) -> str:
         """The sandbox this trajectory last ran in ("" if none was recorded)."""
         return self.info().sandbox_id
 
-    def steps(self, with_results: bool = True) -> list[tpb.LoggedStep]:
+    def steps(self, with_results: bool = True) -> list[LoggedStep]:
         """Every logged step, a fork's shared prefix included, ordered by step."""
         request = tpb.ListStepsRequest(trajectory_id=self.id, with_results=with_results)
-        return list(self._client.rpc(self._stub.Steps, request).steps)
+        return [wire.from_pb_as(LoggedStep, step) for step in self._client.rpc(self._stub.Steps, request).steps]
 
     def fork(self, at_step: int, new_id: str, sandbox: Sandbox | None = None) -> Trajectory:
         """A new trajectory sharing this one's steps [0, at_step); it numbers on from `at_step`.
@@ -135,12 +130,10 @@ class Trajectory:
         the old sandbox's server died runs again too: its effect was lost with that sandbox. `self.restored` says which
         path was taken and `self.rebuilt_steps` how many steps will re-execute.
         """
-        from dsec.sdk.sandbox import Sandbox
-
         info = self.info()
         if info.sandbox_id:
             try:
-                live = Sandbox.connect(info.sandbox_id, client=self._client)
+                live = self._client.connect(info.sandbox_id)
             except (SandboxNotFound, SandboxStateError):  # never known here, or destroyed
                 pass
             else:
@@ -182,7 +175,7 @@ class Trajectory:
             self.restored = "snapshot+rebuilt" if self.rebuilt_steps else "snapshot"
         return sandbox
 
-    def _restore_latest(self, info: tpb.TrajectoryInfo) -> tuple[Sandbox | None, int]:
+    def _restore_latest(self, info: TrajectoryInfo) -> tuple[Sandbox | None, int]:
         """Restore the newest restorable snapshot; returns it and the first step whose effect it lacks."""
         for snapshot in sorted(info.snapshots, key=lambda s: s.after_step, reverse=True):
             try:
@@ -198,7 +191,7 @@ def export(trajectory_ids: list[str], path: str | Path, *, client: Client | None
 
     client = client or default_client()
 
-    def steps_of(trajectory_id: str) -> list[tpb.LoggedStep]:
+    def steps_of(trajectory_id: str) -> list[LoggedStep]:
         return Trajectory(trajectory_id, client).steps(with_results=True)
 
     path = Path(path)

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import grpc
 
+from dsec import wire
 from dsec.errors import CapacityExceeded, DsecError, FileExistsInSandbox, FileNotFoundInSandbox, InvalidPath, InvalidSpec
-from dsec.models import FileInfo
+from dsec.models import FileInfo, FsChange, PathInfo
 from dsec.server.auth import Authenticator
 from dsec.server.errors import rpc_errors
 from dsec.server.manager import ManagedSandbox, SandboxManager
@@ -108,11 +109,11 @@ def resolve(path: str, account: Account) -> str:
 
 
 def entry_pb(info: FileInfo, path: str, accounts: Accounts) -> fpb.FsEntry:
-    return fpb.FsEntry(
+    return wire.to_pb(PathInfo(
         name=posixpath.basename(path) or "/", path=path, type=info.type, size=info.size, mode=info.mode,
         mtime=info.mtime, owner=accounts.user_name(info.uid), group=accounts.group_name(info.gid),
         symlink_target=info.symlink_target,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 class FilesystemService(fpb_grpc.FilesystemServiceServicer):
@@ -213,7 +214,7 @@ class FilesystemService(fpb_grpc.FilesystemServiceServicer):
             try:
                 yield fpb.WatchEvent(started=fpb.WatchEvent.Started(path=path))
                 for event in watch.events():
-                    yield fpb.WatchEvent(change=fpb.WatchEvent.Change(kind=event.kind, name=event.name))
+                    yield fpb.WatchEvent(change=wire.to_pb(FsChange(kind=event.kind, name=event.name)))
             finally:
                 watch.cancel()
         finally:

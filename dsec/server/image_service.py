@@ -10,12 +10,14 @@ from pathlib import Path
 
 import grpc
 
+from dsec import wire
 from dsec.config import ServerConfig
 from dsec.errors import InvalidSpec
 from dsec.images import gc, registry
 from dsec.images.build import RUN_DRIVER, RunDriver, build, parse_dockerfile
 from dsec.images.export import export_docker_archive, export_oci_layout
 from dsec.images.store import ImageRecord, LayerStore
+from dsec.models import DiskUsage, ImageConfig, ImageInfo, ImageLayer, PruneResult
 from dsec.server.drivers import DriverRegistry
 from dsec.server.errors import rpc_errors
 from dsec.v1 import image_pb2 as pb
@@ -26,18 +28,14 @@ FORMATS = ("oci", "docker-archive")
 
 def image_to_pb(record: ImageRecord) -> pb.Image:
     cfg = record.config
-    return pb.Image(
-        digest=record.digest,
-        tags=record.tags,
-        config_digest=record.config_digest,
-        layers=[pb.ImageLayer(blob_digest=l.blob_digest, diff_id=l.diff_id, media_type=l.media_type, size=l.size)
-                for l in record.layers],
-        size=record.size,
-        created=record.created,
-        last_used=record.last_used,
-        config=pb.ImageRuntimeConfig(env=cfg.env, cmd=cfg.cmd, entrypoint=cfg.entrypoint, workdir=cfg.workdir, user=cfg.user),
+    return wire.to_pb(ImageInfo(
+        digest=record.digest, tags=record.tags, config_digest=record.config_digest,
+        layers=[ImageLayer(blob_digest=layer.blob_digest, diff_id=layer.diff_id, media_type=layer.media_type,
+                           size_bytes=layer.size) for layer in record.layers],
+        size_bytes=record.size, created_at=record.created, last_used_at=record.last_used,
+        config=ImageConfig(env=cfg.env, cmd=cfg.cmd, entrypoint=cfg.entrypoint, workdir=cfg.workdir, user=cfg.user),
         holders=record.holders,
-    )
+    ))  # fmt: skip
 
 
 def detect_format(path: Path) -> str:
@@ -119,14 +117,14 @@ class ImageService(pb_grpc.ImageServiceServicer):
         if request.budget_bytes < 0:
             raise InvalidSpec("budget_bytes must be >= 0 (0 = no budget)")
         result = gc.prune(self.store, budget_bytes=request.budget_bytes or None)
-        return pb.PruneResponse(images_removed=result.images_removed, layers_removed=result.layers_removed,
-                                bytes_freed=result.bytes_freed)
+        return wire.to_pb(PruneResult(images_removed=result.images_removed, layers_removed=result.layers_removed,
+                                      bytes_freed=result.bytes_freed))
 
     @rpc_errors
     def DiskUsage(self, request: pb.DiskUsageRequest, context: grpc.ServicerContext) -> pb.DiskUsageResponse:
         du = gc.disk_usage(self.store)
-        return pb.DiskUsageResponse(images=du.images, layers=du.layers, layer_bytes=du.layer_bytes,
-                                    blob_bytes=du.blob_bytes, partial_bytes=du.partial_bytes, held_images=du.held_images)
+        return wire.to_pb(DiskUsage(images=du.images, layers=du.layers, layer_bytes=du.layer_bytes,
+                                    blob_bytes=du.blob_bytes, partial_bytes=du.partial_bytes, held_images=du.held_images))
 
 
 def add_image_service(server: grpc.Server, store: LayerStore) -> None:

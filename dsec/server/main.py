@@ -18,23 +18,19 @@ from dataclasses import dataclass
 
 import grpc
 
-from dsec import codegen
-
-codegen.generate()
-
-from dsec.config import ServerConfig, parse_pool  # noqa: E402 - stubs must exist before anything imports them
-from dsec.server.auth import Authenticator, AuthInterceptor, load_tokens, server_credentials  # noqa: E402
-from dsec.server.drivers import DriverRegistry  # noqa: E402
-from dsec.server.filesystem_service import add_filesystem_service  # noqa: E402
-from dsec.server.volume_service import add_volume_service  # noqa: E402
-from dsec.server.launch import HTTP_READY_PREFIX, READY_PREFIX  # noqa: E402
-from dsec.server.logs import configure_logging  # noqa: E402
-from dsec.server.manager import SandboxManager  # noqa: E402
-from dsec.server.port_service import add_port_service  # noqa: E402
-from dsec.server.process_service import add_process_service  # noqa: E402
-from dsec.server.sandbox_service import SandboxService  # noqa: E402
-from dsec.server.state import claim_run_dir  # noqa: E402
-from dsec.v1 import sandbox_pb2_grpc as pb_grpc  # noqa: E402
+from dsec.config import ServerConfig, parse_pool
+from dsec.server.auth import Authenticator, AuthInterceptor, load_tokens, server_credentials
+from dsec.server.drivers import DriverRegistry
+from dsec.server.filesystem_service import add_filesystem_service
+from dsec.server.volume_service import add_volume_service
+from dsec.server.launch import HTTP_READY_PREFIX, READY_PREFIX
+from dsec.server.logs import configure_logging
+from dsec.server.manager import SandboxManager
+from dsec.server.port_service import add_port_service
+from dsec.server.process_service import add_process_service
+from dsec.server.sandbox_service import SandboxService
+from dsec.server.state import claim_run_dir
+from dsec.v1 import sandbox_pb2_grpc as pb_grpc
 
 log = logging.getLogger("dsec.server")
 

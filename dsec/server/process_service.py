@@ -13,7 +13,9 @@ from collections.abc import Iterator
 
 import grpc
 
+from dsec import wire
 from dsec.errors import CapacityExceeded, DsecError, InvalidSpec, ProcessNotFound
+from dsec.models import ProcessInfo
 from dsec.server.auth import Authenticator
 from dsec.server.errors import rpc_errors
 from dsec.server.filesystem_service import Accounts
@@ -158,7 +160,7 @@ class ProcessService(ppb_grpc.ProcessServiceServicer):
         sandbox = self._sandbox(request.sandbox_id, context)
         return ppb.ListProcessesResponse(
             processes=[
-                ppb.ProcessInfo(pid=p.pid, tag=p.tag, argv=p.argv, env=p.env, cwd=p.cwd, pty=p.pty)
+                wire.to_pb(ProcessInfo(pid=p.pid, tag=p.tag, argv=p.argv, env=p.env, cwd=p.cwd, pty=p.pty))
                 for p in sorted(sandbox.processes.running(), key=lambda p: p.pid)
             ]
         )

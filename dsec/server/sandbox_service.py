@@ -12,10 +12,11 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
+from dsec import wire
 from dsec.config import ServerConfig
 from dsec.errors import InvalidSpec, Unsupported
+from dsec.models import PoolInfo, SandboxInfo, SandboxLogEntry, SandboxMetrics, SnapshotInfo
 from dsec.server.auth import DEFAULT_TENANT, Authenticator
-from dsec.server.convert import info_to_pb, pool_config_from_pb, pool_to_pb, spec_from_pb
 from dsec.server.errors import rpc_errors
 from dsec.server.execution import run_process
 from dsec.server.manager import ManagedSandbox, SandboxManager
@@ -103,11 +104,11 @@ def _metrics_pb(sandbox: ManagedSandbox) -> pb.SandboxMetrics:
     cores = max(usage.cpu_limit, 0.01)
     elapsed = max(now - previous_time, 1e-3)
     pct = max(0.0, min(100.0, 100.0 * (usage.cpu_seconds - previous_cpu) / (elapsed * cores)))
-    return pb.SandboxMetrics(
-        timestamp=now, cpu_count=max(1, math.ceil(cores - 1e-9)), cpu_used_pct=pct,
+    return wire.to_pb(SandboxMetrics(
+        sampled_at=now, cpu_count=max(1, math.ceil(cores - 1e-9)), cpu_used_pct=pct,
         mem_used_bytes=usage.mem_used_bytes, mem_total_bytes=usage.mem_total_bytes, mem_cache_bytes=usage.mem_cache_bytes,
         disk_used_bytes=usage.disk_used_bytes, disk_total_bytes=usage.disk_total_bytes,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 class SandboxService(pb_grpc.SandboxServiceServicer):
@@ -123,7 +124,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
     # -- lifecycle ------------------------------------------------------------------------------------
     @rpc_errors
     def Create(self, request: pb.CreateRequest, context: grpc.ServicerContext) -> pb.SandboxInfo:
-        spec = spec_from_pb(request.spec, self.config)
+        spec = wire.spec_from_pb(request.spec, self.config.default_resources, self.config.default_timeout_s)
         return info_to_pb(self.manager.create(spec, self._tenant(context)))
 
     @rpc_errors
@@ -151,7 +152,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
 
     @rpc_errors
     def ResizePool(self, request: pb.ResizePoolRequest, context: grpc.ServicerContext) -> pb.PoolInfo:
-        return pool_to_pb(self.manager.pools.resize(pool_config_from_pb(request), self._tenant(context)))
+        return pool_to_pb(self.manager.pools.resize(wire.pool_config_from_pb(request), self._tenant(context)))
 
     # -- step log glue ----------------------------------------------------------------------------------
     def _logged(
@@ -306,7 +307,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
 
             def execute() -> bytes:
                 size = sandbox.handle.write_file(path, [content], mode, header.make_parents)
-                return pb.WriteFileResponse(size=size).SerializeToString()
+                return pb.WriteFileResponse(size_bytes=size).SerializeToString()
 
             hashed = pb.WriteFileHeader()
             hashed.CopyFrom(header)
@@ -317,13 +318,13 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
             response = pb.WriteFileResponse.FromString(record)
             response.replayed = replayed
             return response
-        return pb.WriteFileResponse(size=sandbox.handle.write_file(path, chunks(), mode, header.make_parents))
+        return pb.WriteFileResponse(size_bytes=sandbox.handle.write_file(path, chunks(), mode, header.make_parents))
 
     @rpc_errors
     def ListDir(self, request: pb.FileRequest, context: grpc.ServicerContext) -> pb.ListDirResponse:
         sandbox = self.manager.running(request.sandbox_id, self._tenant(context))
         entries = sandbox.handle.list_dir(sandbox_path(request.path, sandbox.default_cwd()))
-        return pb.ListDirResponse(entries=[pb.FileEntry(**entry.model_dump()) for entry in entries])
+        return pb.ListDirResponse(entries=[wire.to_pb(entry) for entry in entries])
 
     @rpc_errors
     def Upload(self, request_iterator, context: grpc.ServicerContext) -> pb.UploadResponse:
@@ -344,14 +345,14 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
             content = b"".join(chunks())
 
             def execute() -> bytes:
-                return pb.UploadResponse(bytes=upload_tar(sandbox.handle, dest, [content])).SerializeToString()
+                return pb.UploadResponse(size_bytes=upload_tar(sandbox.handle, dest, [content])).SerializeToString()
 
             keyed = pb.CallRequest(sandbox_id=header.sandbox_id, payload=dest.encode() + b"\0" + content, step=header.step)
             record, replayed = self._logged(sandbox, "upload", keyed, execute)
             response = pb.UploadResponse.FromString(record)
             response.replayed = replayed
             return response
-        return pb.UploadResponse(bytes=upload_tar(sandbox.handle, dest, chunks()))
+        return pb.UploadResponse(size_bytes=upload_tar(sandbox.handle, dest, chunks()))
 
     @rpc_errors
     def Download(self, request: pb.FileRequest, context: grpc.ServicerContext) -> Iterator[pb.FileChunk]:
@@ -431,8 +432,8 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
             raise InvalidSpec("limit must be >= 0")
         sandbox = self.manager.get(request.sandbox_id, self._tenant(context))
         entries = [
-            pb.SandboxLogEntry(timestamp=e.timestamp, level=e.level, message=e.message, fields=e.fields)
-            for e in sandbox.events.since(request.start, request.limit)
+            wire.to_pb(SandboxLogEntry(logged_at=e.timestamp, level=e.level, message=e.message, fields=e.fields))
+            for e in sandbox.events.since(request.start_at, request.limit)
         ]
         return pb.LogsResponse(entries=entries)
 
@@ -443,8 +444,23 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
 
 
 def _snapshot_ref(meta: dict) -> pb.SnapshotRef:
-    return pb.SnapshotRef(
-        snapshot_id=meta["snapshot_id"], sandbox_id=meta["sandbox_id"], created_at=meta["created_at"],
-        kind=meta["kind"], name=meta.get("name", ""), size_bytes=meta.get("size_bytes", 0),
-        expires_at=meta.get("expires_at", 0.0), pinned=meta.get("pinned", False),
-    )  # fmt: skip
+    return wire.to_pb(SnapshotInfo(**{k: v for k, v in meta.items() if k in SnapshotInfo.model_fields}))
+
+
+def info_to_pb(sandbox: ManagedSandbox) -> pb.SandboxInfo:
+    return wire.to_pb(SandboxInfo(
+        id=sandbox.sandbox_id, spec=sandbox.spec, state=sandbox.state, created_at=sandbox.created_at,
+        expires_at=sandbox.expires_at, driver=sandbox.driver_name, accel=getattr(sandbox.handle, "accel", "") or "",
+        timings_ms=sandbox.timings_ms, image_digest=sandbox.image.digest,
+        start_command=sandbox.image.config.start_command,
+    ))  # fmt: skip
+
+
+def pool_to_pb(pool) -> pb.PoolInfo:  # pool: dsec.server.pools.Pool
+    spec = pool.spec
+    return wire.to_pb(PoolInfo(
+        image=pool.config.image, substrate=spec.substrate, driver=pool.key.driver, **spec.resources.model_dump(),
+        network_allow=spec.network_allow, size=pool.size, ready=len(pool.ready), filling=pool.filling,
+        claims=pool.claims, misses=pool.misses, last_error=pool.last_error, image_digest=pool.key.digest,
+        max_size=pool.max_size, target=pool.target(time.monotonic()),
+    ))  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import grpc
 
+from dsec import models, wire
 from dsec.errors import InvalidSpec
 from dsec.server.auth import DEFAULT_TENANT, Authenticator
 from dsec.server.errors import rpc_errors
@@ -47,7 +48,7 @@ class TrajectoryService(tpb_grpc.TrajectoryServiceServicer):
 
     def _info(self, tenant: str, info: TrajectoryInfo) -> tpb.TrajectoryInfo:
         steps = self.log.steps(info.trajectory_id, with_results=False)
-        return tpb.TrajectoryInfo(
+        return wire.to_pb(models.TrajectoryInfo(
             trajectory_id=_unscoped(tenant, info.trajectory_id),
             parent_id=_unscoped(tenant, info.parent_id),
             fork_step=info.fork_step,
@@ -56,8 +57,8 @@ class TrajectoryService(tpb_grpc.TrajectoryServiceServicer):
             updated_at=info.updated_at,
             steps=len(steps),
             done_steps=sum(1 for s in steps if s.state is StepState.DONE),
-            snapshots=[tpb.Snapshot(after_step=step, snapshot_id=ref) for step, ref in info.snapshots],
-        )
+            snapshots=[models.TrajectorySnapshot(after_step=step, snapshot_id=ref) for step, ref in info.snapshots],
+        ))
 
     def _get(self, context: grpc.ServicerContext, trajectory_id: str) -> tpb.TrajectoryInfo:
         info = self.log.info(self._id(context, trajectory_id))
@@ -67,7 +68,7 @@ class TrajectoryService(tpb_grpc.TrajectoryServiceServicer):
 
     @staticmethod
     def _step(tenant: str, record: StepRecord) -> tpb.LoggedStep:
-        return tpb.LoggedStep(
+        return wire.to_pb(models.LoggedStep(
             step=record.step,
             kind=record.kind,
             request_hash=record.request_hash,
@@ -78,7 +79,7 @@ class TrajectoryService(tpb_grpc.TrajectoryServiceServicer):
             result=record.result or b"",
             stored_in=_unscoped(tenant, record.stored_in),
             error=record.error,
-        )
+        ))
 
     @rpc_errors
     def Get(self, request: tpb.TrajectoryRef, context: grpc.ServicerContext) -> tpb.TrajectoryInfo:

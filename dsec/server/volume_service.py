@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from dsec import models, wire
 from dsec.server.auth import Authenticator
 from dsec.server.errors import rpc_errors
 from dsec.server.volumes import VolumeInfo, VolumeStore
@@ -12,8 +13,8 @@ from dsec.v1 import volume_pb2_grpc as vpb_grpc
 
 
 def volume_to_pb(info: VolumeInfo) -> vpb.VolumeInfo:
-    return vpb.VolumeInfo(name=info.name, size_mb=info.size_mb, created_at=info.created_at, mode=info.mode,
-                          holders=list(info.holders))
+    return wire.to_pb(models.VolumeInfo(name=info.name, size_mb=info.size_mb, created_at=info.created_at,
+                                        mode=info.mode, holders=list(info.holders)))
 
 
 class VolumeService(vpb_grpc.VolumeServiceServicer):

@@ -27,10 +27,7 @@ def _decoded(kind: str, result: bytes | None) -> dict[str, Any]:
     """Readable fields of a result; unknown kinds keep only the raw bytes."""
     if result is None:
         return {}
-    from dsec import codegen
-
-    codegen.generate()
-    from dsec.v1 import sandbox_pb2 as pb
+    from dsec.v1 import sandbox_pb2 as pb  # only the decoding needs the stubs; an offline export may lack them
 
     try:
         if kind in ("exec", "session"):

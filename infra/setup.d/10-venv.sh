@@ -16,4 +16,4 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/pip" install -q "grpcio-tools>=1.76,<2" -e ".[server,train,db,test]"
   echo "$want" > "$stamp"
 fi
-"$VENV/bin/python" -m dsec.codegen >/dev/null
+"$VENV/bin/python" dsec/codegen.py >/dev/null  # by path: importing the dsec package needs the stubs it makes

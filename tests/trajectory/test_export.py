@@ -9,14 +9,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from dsec import codegen
 from dsec.errors import InvalidSpec
 from dsec.trajectory.export import export_jsonl, export_parquet, log_steps
 from dsec.trajectory.filelog import FileLog
-
-codegen.generate()
 from dsec.trajectory.log import StepRef
-from dsec.v1 import sandbox_pb2 as pb  # noqa: E402
+from dsec.v1 import sandbox_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
 

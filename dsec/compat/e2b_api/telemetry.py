@@ -45,11 +45,11 @@ class TelemetryRoutes:
         await self.routes._get(request, sandbox_id)
         api = self.routes._api(request)
         sample = await self.routes._rpc(lambda: api.Metrics(pb.SandboxRef(sandbox_id=sandbox_id)), sandbox_id, request)
-        if (start is not None and sample.timestamp < start) or (end is not None and sample.timestamp > end + 1):
+        if (start is not None and sample.sampled_at < start) or (end is not None and sample.sampled_at > end + 1):
             return JSONResponse([])
         return JSONResponse([{
-            "timestamp": wire.iso(sample.timestamp),
-            "timestampUnix": int(sample.timestamp),
+            "timestamp": wire.iso(sample.sampled_at),
+            "timestampUnix": int(sample.sampled_at),
             "cpuCount": sample.cpu_count,
             "cpuUsedPct": round(sample.cpu_used_pct, 2),
             "memUsed": sample.mem_used_bytes,
@@ -63,7 +63,7 @@ class TelemetryRoutes:
         sandbox_id = request.path_params["sandbox_id"]
         await self.routes._get(request, sandbox_id)
         api = self.routes._api(request)
-        logs_request = pb.LogsRequest(sandbox_id=sandbox_id, start=(start_ms or 0) / 1000.0)
+        logs_request = pb.LogsRequest(sandbox_id=sandbox_id, start_at=(start_ms or 0) / 1000.0)
         reply = await self.routes._rpc(lambda: api.Logs(logs_request), sandbox_id, request)
         return list(reply.entries)
 
@@ -72,7 +72,7 @@ class TelemetryRoutes:
         limit = _int_param(request, "limit", MAX_LOGS, 0, MAX_LOGS)
         entries = (await self._entries(request, _int_param(request, "start")))[:limit]
         return JSONResponse({
-            "logs": [{"timestamp": wire.iso(e.timestamp), "line": _line(e)} for e in entries],
+            "logs": [{"timestamp": wire.iso(e.logged_at), "line": _line(e)} for e in entries],
             "logEntries": [_entry(e) for e in entries],
         })  # fmt: skip
 
@@ -89,7 +89,7 @@ class TelemetryRoutes:
         search = request.query_params.get("search") or ""
         entries = await self._entries(request, cursor if direction == "forward" else None)
         if direction == "backward":
-            entries = [e for e in reversed(entries) if cursor is None or e.timestamp * 1000 <= cursor]
+            entries = [e for e in reversed(entries) if cursor is None or e.logged_at * 1000 <= cursor]
         entries = [e for e in entries if LEVELS.index(_level(e)) >= LEVELS.index(level) and search in _line(e)]
         return JSONResponse({"logs": [_entry(e) for e in entries[:limit]]})
 
@@ -104,4 +104,4 @@ def _line(entry: pb.SandboxLogEntry) -> str:
 
 
 def _entry(entry: pb.SandboxLogEntry) -> dict:
-    return {"timestamp": wire.iso(entry.timestamp), "message": entry.message, "level": _level(entry), "fields": dict(entry.fields)}
+    return {"timestamp": wire.iso(entry.logged_at), "message": entry.message, "level": _level(entry), "fields": dict(entry.fields)}
