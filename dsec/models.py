@@ -10,6 +10,10 @@ from dsec.allowlist import parse_allowlist
 
 Substrate = Literal["function", "container", "microvm", "vm"]
 SUBSTRATES: tuple[str, ...] = ("function", "container", "microvm", "vm")
+# What a pause keeps (docs/lifecycle.md): freeze = processes stopped in place, RAM held; memory = processes and
+# memory written to disk (CRIU / QEMU migrate to file), no CPU and no RAM held; files = files only, processes end.
+PauseKind = Literal["freeze", "memory", "files"]
+PAUSE_KINDS: tuple[str, ...] = ("freeze", "memory", "files")
 
 
 class Resources(BaseModel):
@@ -80,7 +84,13 @@ class SandboxSpec(BaseModel):
     driver: str = ""
     workdir: str = ""
     on_timeout: Literal["destroy", "pause"] = Field(
-        "destroy", description="when timeout_s expires: destroy, or pause (kept paused for the server's paused_ttl_s)"
+        "destroy",
+        description="when timeout_s expires: destroy, or pause (memory pause where the substrate can, else freeze; "
+        "kept paused for the server's paused_ttl_s)",
+    )
+    auto_resume: bool = Field(
+        False, description="a call (exec, files, session, process) on the paused sandbox resumes it first; off: the "
+        "call fails with SandboxStateError, as E2B's default",
     )
     idle_timeout_s: float = Field(
         0.0, ge=0, le=7 * 24 * 3600, description="end the sandbox (reason idle) after this long without a call; 0 = never"

@@ -396,7 +396,7 @@ class Gateway(pb_grpc.SandboxServiceServicer):
         return self._unary(request.sandbox_id, "SetTimeout", request, context)
 
     @_gateway_errors
-    def Pause(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.SandboxInfo:
+    def Pause(self, request: pb.PauseRequest, context: grpc.ServicerContext) -> pb.SandboxInfo:
         return self._unary(request.sandbox_id, "Pause", request, context)
 
     @_gateway_errors

@@ -174,6 +174,7 @@ class Client:
         driver: str = "",
         workdir: str = "",
         on_timeout: str = "destroy",
+        auto_resume: bool = False,
         idle_timeout_s: float = 0.0,
         trust_results: bool = False,
         volumes: list[VolumeMount | dict] | None = None,
@@ -181,7 +182,8 @@ class Client:
         ready: ReadyProbe | dict | None = None,
     ) -> Sandbox:
         """Create a sandbox; validated locally first so a typo fails before any RPC. `on_timeout="pause"` pauses it
-        when `timeout_s` expires instead of destroying it (resume gives it a whole timeout again);
+        when `timeout_s` expires instead of destroying it (resume gives it a whole timeout again); `auto_resume`
+        makes any call on a paused sandbox resume it first;
         `idle_timeout_s` ends it (SandboxExpired reason "idle") after that long without a call. `template` starts
         it from a ready template (client.templates); `ready` (a ReadyProbe) runs the image's start command and
         returns only once the probe passes (else SandboxNotReady, the sandbox destroyed)."""
@@ -203,6 +205,7 @@ class Client:
                 driver=driver,
                 workdir=workdir,
                 on_timeout=on_timeout,  # type: ignore[arg-type]
+                auto_resume=auto_resume,
                 idle_timeout_s=idle_timeout_s,
                 volumes=volumes or [],  # type: ignore[arg-type]
                 template=template,

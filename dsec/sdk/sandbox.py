@@ -204,8 +204,13 @@ class Sandbox:
         request = pb.SetTimeoutRequest(sandbox_id=self.id, timeout_s=timeout_s, extend=True)
         return self._update(self._client.sandboxes.SetTimeout, request).expires_at
 
-    def pause(self) -> None:
-        self._update(self._client.sandboxes.Pause, pb.SandboxRef(sandbox_id=self.id))
+    def pause(self, memory: bool | None = None) -> None:
+        """Pause the sandbox (docs/lifecycle.md). memory=None: freeze its processes in place (RAM stays held,
+        instant); True: save processes and memory to disk so it holds no CPU and no RAM (Unsupported, with the
+        reason, where the substrate or host cannot); False: keep its files only (processes end; resume restarts
+        it). `resume()`, or any call when it was created with auto_resume, brings it back."""
+        kind = {None: "freeze", True: "memory", False: "files"}[memory]
+        self._update(self._client.sandboxes.Pause, pb.PauseRequest(sandbox_id=self.id, kind=kind))
 
     def metrics(self) -> SandboxMetrics:
         """CPU (% since the previous call), memory and disk use now; `Unsupported` on the Docker driver."""

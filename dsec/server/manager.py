@@ -20,8 +20,9 @@ from dsec.errors import (
     SandboxStateError,
     ServerUnavailable,
     SessionNotFound,
+    Unsupported,
 )
-from dsec.models import SandboxSpec
+from dsec.models import PauseKind, SandboxSpec
 from dsec.server import orphans
 from dsec.server.admission import CreateAdmission
 from dsec.server.auth import DEFAULT_TENANT
@@ -67,6 +68,7 @@ class ManagedSandbox:
     events: SandboxEvents = field(default_factory=SandboxEvents)  # what happened to it (the Logs RPC)
     last_usage: tuple[float, float] | None = None  # (time, cpu seconds) of the previous Metrics sample
     parked: bool = False  # on_timeout=pause: its timeout expired and it now waits paused for paused_ttl_s
+    pause_kind: str = ""  # while paused: what the pause keeps (models.PauseKind)
     last_active: float = field(default_factory=time.time)  # when the last call started or ended (idle timeout)
     busy: int = 0  # calls in flight (exec, session command, function call): never idle while one runs
 
@@ -96,7 +98,9 @@ class ManagedSandbox:
 
     def require_running(self) -> None:
         if self.state == "paused":
-            raise SandboxStateError(f"sandbox {self.sandbox_id} is paused; resume it first")
+            raise SandboxStateError(
+                f"sandbox {self.sandbox_id} is paused; resume it first (or create it with auto_resume=True)"
+            )
         if self.state != "running":
             raise SandboxStateError(f"sandbox {self.sandbox_id} is {self.state}")
 
@@ -215,8 +219,11 @@ class SandboxManager:
         raise SandboxNotFound(f"no sandbox {sandbox_id!r} on this server (list them with `dsec ls`)")
 
     def running(self, sandbox_id: str, tenant: str | None = None) -> ManagedSandbox:
-        """The sandbox, running; every call on a sandbox starts here, so this is where activity is noted."""
+        """The sandbox, running; every call on a sandbox starts here, so this is where activity is noted and
+        where a paused sandbox created with auto_resume is resumed."""
         sandbox = self.get(sandbox_id, tenant)
+        if sandbox.state == "paused" and sandbox.spec.auto_resume:
+            self._resume(sandbox, auto=True)
         sandbox.require_running()
         sandbox.touch()
         return sandbox
@@ -488,12 +495,16 @@ class SandboxManager:
                 log.exception("%s destroy of %s failed", reason, sandbox_id)
 
     def _park(self, sandbox: ManagedSandbox, now: float) -> bool:
-        """on_timeout=pause: pause the sandbox (if it runs) and keep it for paused_ttl_s; False if that failed."""
+        """on_timeout=pause: pause the sandbox (if it runs) and keep it for paused_ttl_s; False if that failed.
+        A memory pause where the substrate and host allow it (it then holds no CPU and no RAM), else a freeze."""
         try:
             with sandbox.lock:
                 if sandbox.state == "running":
-                    sandbox.handle.pause()
-                    sandbox.state = "paused"
+                    try:
+                        self._pause_locked(sandbox, "memory")
+                    except Unsupported as exc:
+                        sandbox.events.add("memory pause unavailable; freezing instead", reason=exc.message)
+                        self._pause_locked(sandbox, "freeze")
                 elif sandbox.state != "paused":
                     return False
                 sandbox.parked = True
@@ -502,7 +513,7 @@ class SandboxManager:
         except Exception:  # noqa: BLE001 - a sandbox that cannot pause is destroyed as its timeout says otherwise
             log.exception("pause at the timeout of %s failed; destroying it", sandbox.sandbox_id)
             return False
-        sandbox.events.add("sandbox paused at its timeout", paused_ttl_s=self.config.paused_ttl_s)
+        sandbox.events.add("sandbox paused at its timeout", paused_ttl_s=self.config.paused_ttl_s, kind=sandbox.pause_kind)
         return True
 
     def shutdown(self) -> None:
@@ -555,29 +566,54 @@ class SandboxManager:
         session.close()
 
     # -- pause / snapshot / restore / fork ----------------------------------------------------------------
-    def pause(self, sandbox_id: str, tenant: str | None = None) -> ManagedSandbox:
-        sandbox = self.running(sandbox_id, tenant)
+    def pause(self, sandbox_id: str, tenant: str | None = None, kind: PauseKind = "freeze") -> ManagedSandbox:
+        """Pause a running sandbox, keeping what `kind` says (docs/lifecycle.md); never auto-resumes it first."""
+        sandbox = self.get(sandbox_id, tenant)
         with sandbox.lock:
-            sandbox.handle.pause()
-            sandbox.state = "paused"
+            sandbox.require_running()
+            self._pause_locked(sandbox, kind)
             save_record(sandbox)
-        sandbox.events.add("sandbox paused")
+        sandbox.events.add("sandbox paused", kind=kind)
         return sandbox
+
+    def _pause_locked(self, sandbox: ManagedSandbox, kind: PauseKind) -> None:
+        """Pause under `sandbox.lock`. A memory or files pause ends the agent connection its sessions and
+        process streams run over, so the host's handles on them go (a files pause also ends the processes; a
+        memory pause keeps them, and their memory, inside the sandbox)."""
+        sandbox.handle.check_pause(kind)  # Unsupported (with its reason) before anything is touched
+        if kind != "freeze":
+            for session in sandbox.sessions.values():  # a shell lives only for its host stream
+                session.close()
+            sandbox.sessions.clear()
+        sandbox.handle.pause(kind)
+        if kind != "freeze":
+            ended, sandbox.processes = sandbox.processes, ProcessTable(sandbox.sandbox_id)
+            ended.close()  # their streams ended with the connection; a memory pause keeps the processes themselves
+        sandbox.state, sandbox.pause_kind = "paused", kind
 
     def resume(self, sandbox_id: str, tenant: str | None = None) -> ManagedSandbox:
         sandbox = self.get(sandbox_id, tenant)
+        self._resume(sandbox)
+        return sandbox
+
+    def _resume(self, sandbox: ManagedSandbox, auto: bool = False) -> None:
+        """Resume under `sandbox.lock`; `auto` (a call on an auto_resume sandbox): one another call resumed
+        meanwhile is fine."""
         with sandbox.lock:
             if sandbox.state != "paused":
-                raise SandboxStateError(f"sandbox {sandbox_id} is {sandbox.state}, not paused")
+                if auto and sandbox.state == "running":
+                    return
+                raise SandboxStateError(f"sandbox {sandbox.sandbox_id} is {sandbox.state}, not paused")
+            started = time.monotonic()
             sandbox.handle.resume()
-            sandbox.state = "running"
+            kind, sandbox.state, sandbox.pause_kind = sandbox.pause_kind, "running", ""
             sandbox.touch()  # the idle clock stood still while it was paused
             if sandbox.spec.on_timeout == "pause":  # back from its timeout's pause: a whole timeout again
                 sandbox.parked = False
                 sandbox.expires_at = time.time() + sandbox.spec.timeout_s
             save_record(sandbox)
-        sandbox.events.add("sandbox resumed")
-        return sandbox
+        event = "sandbox resumed by a call (auto_resume)" if auto else "sandbox resumed"
+        sandbox.events.add(event, kind=kind, resume_ms=round((time.monotonic() - started) * 1000, 3))
 
     def snapshot(self, sandbox_id: str, name: str, tenant: str | None = None, temporary: bool = False,
                  ttl_s: float = 0.0) -> dict:

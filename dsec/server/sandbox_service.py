@@ -15,7 +15,7 @@ import grpc
 from dsec import wire
 from dsec.config import ServerConfig
 from dsec.errors import InvalidSpec, Unsupported
-from dsec.models import PoolInfo, SandboxInfo, SandboxLogEntry, SandboxMetrics, SnapshotInfo
+from dsec.models import PAUSE_KINDS, PoolInfo, SandboxInfo, SandboxLogEntry, SandboxMetrics, SnapshotInfo
 from dsec.server.auth import DEFAULT_TENANT, Authenticator
 from dsec.server.errors import rpc_errors
 from dsec.server.execution import run_process
@@ -392,8 +392,11 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
 
     # -- pause / snapshot / fork ------------------------------------------------------------------------------
     @rpc_errors
-    def Pause(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.SandboxInfo:
-        return info_to_pb(self.manager.pause(request.sandbox_id, self._tenant(context)))
+    def Pause(self, request: pb.PauseRequest, context: grpc.ServicerContext) -> pb.SandboxInfo:
+        kind = request.kind or "freeze"
+        if kind not in PAUSE_KINDS:
+            raise InvalidSpec(f"pause kind must be one of {', '.join(PAUSE_KINDS)}, got {request.kind!r}")
+        return info_to_pb(self.manager.pause(request.sandbox_id, self._tenant(context), kind))  # type: ignore[arg-type]
 
     @rpc_errors
     def Resume(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.SandboxInfo:

@@ -20,7 +20,7 @@ from typing import ClassVar
 from dsec.agent.events import DirWatch, Exited, FsEvent, Output, ProcessEvent, ProcessHandle
 from dsec.errors import Unsupported
 from dsec.images.types import ImageConfig, ImageRootfs
-from dsec.models import FileEntry, FileInfo, SandboxSpec
+from dsec.models import FileEntry, FileInfo, PauseKind, SandboxSpec
 
 
 def volume_source(volumes_dir: Path, name: str) -> Path:
@@ -118,7 +118,14 @@ class DriverSandbox(abc.ABC):
         """CPU, memory and disk use now (see `Usage`)."""
         raise Unsupported(f"resource metrics are not supported by this substrate (sandbox {self.sandbox_id})")
 
-    def pause(self) -> None:
+    def check_pause(self, kind: PauseKind) -> None:
+        """Raise Unsupported, naming why, if this sandbox cannot pause `kind`-wise (models.PauseKind); called
+        before the server touches anything, so a refused memory pause can fall back to a freeze."""
+        raise Unsupported(f"pause is not supported by this substrate (sandbox {self.sandbox_id})")
+
+    def pause(self, kind: PauseKind = "freeze") -> None:
+        """freeze: stop processes in place; memory: save processes + memory to disk, holding no CPU or RAM;
+        files: end processes, keep files. `resume` undoes whichever it was."""
         raise Unsupported(f"pause is not supported by this substrate (sandbox {self.sandbox_id})")
 
     def resume(self) -> None:

@@ -236,10 +236,17 @@ def test_auto_pause_pauses_at_the_timeout_and_connect_resumes(e2b_env, native):
         sb.kill()
 
 
-def test_auto_resume_is_refused_with_the_documented_error(e2b_env):
-    with pytest.raises(SandboxException) as caught:
-        Sandbox.create(timeout=60, lifecycle={"on_timeout": "pause", "auto_resume": True})
-    assert caught.value.status_code == 400 and "autoResume" in str(caught.value)
+def test_auto_resume_resumes_a_paused_sandbox_on_the_next_call(e2b_env):
+    sb = Sandbox.create(timeout=60, lifecycle={"on_timeout": "pause", "auto_resume": True})
+    try:
+        assert sb.get_info().lifecycle["auto_resume"] is True
+        sb.commands.run("echo kept > /tmp/auto.txt")
+        assert sb.pause() is True
+        assert sb.get_info().state == SandboxState.PAUSED
+        assert sb.commands.run("cat /tmp/auto.txt").stdout == "kept\n", "the command resumed it first"
+        assert sb.get_info().state == SandboxState.RUNNING
+    finally:
+        sb.kill()
 
 
 def test_async_sdk_lifecycle(e2b_env, native):

@@ -77,9 +77,7 @@ class SandboxRoutes:
         bad = [k for k in metadata if k.startswith(wire.LABEL_PREFIX)]
         if bad:
             raise ApiError(400, f"metadata keys starting with {wire.LABEL_PREFIX!r} are reserved by dsec: {bad}")
-        if isinstance(body.autoResume, dict) and body.autoResume.get("enabled"):
-            raise ApiError(400, "autoResume is not supported: dsec does not resume a paused sandbox on traffic; "
-                                "resume it with Sandbox.connect() (docs/compat.md)")
+        auto_resume = isinstance(body.autoResume, dict) and bool(body.autoResume.get("enabled"))
         for name in ("volumeMounts", "mcp", "iam"):
             if getattr(body, name):
                 raise ApiError(400, f"{name} is not supported by dsec (docs/compat.md)")
@@ -102,6 +100,7 @@ class SandboxRoutes:
             spec = pb.SandboxSpec(
                 image=TEMPLATE_IMAGES.get(body.templateID, body.templateID), substrate=substrate, timeout_s=timeout_s,
                 env=body.envVars or {}, labels=labels, network=False, network_allow=network_allow, on_timeout=on_timeout,
+                auto_resume=auto_resume,
             )
             try:
                 info = await api.Create(pb.CreateRequest(spec=spec))
@@ -206,12 +205,26 @@ class SandboxRoutes:
                             "allow_internet_access / network.allowOut it needs (docs/compat.md)")
 
     async def pause(self, request: Request) -> Response:
+        """E2B's pause keeps memory by default (`mode="full"`): a memory pause where the substrate and host can,
+        else a freeze (memory kept in RAM); `mode="filesystem"` (memory false) keeps files only."""
         sandbox_id = _path_id(request)
-        await read_model(request, wire.PauseBody)
+        body = await read_model(request, wire.PauseBody)
         info = await self._get(request, sandbox_id)
         if info.state == "paused":
             raise ApiError(409, f"sandbox {sandbox_id} is already paused")
-        await self._rpc(lambda: self._api(request).Pause(pb.SandboxRef(sandbox_id=sandbox_id)), sandbox_id, request)
+        api = self._api(request)
+
+        async def pause() -> pb.SandboxInfo:
+            if body.memory is False:
+                return await api.Pause(pb.PauseRequest(sandbox_id=sandbox_id, kind="files"))
+            try:
+                return await api.Pause(pb.PauseRequest(sandbox_id=sandbox_id, kind="memory"))
+            except grpc.RpcError as exc:
+                if error_name(exc) != "Unsupported":
+                    raise
+            return await api.Pause(pb.PauseRequest(sandbox_id=sandbox_id, kind="freeze"))
+
+        await self._rpc(pause, sandbox_id, request)
         return Response(status_code=204)
 
     async def resume(self, request: Request) -> Response:

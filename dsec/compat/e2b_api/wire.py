@@ -160,7 +160,7 @@ def detail(info: pb.SandboxInfo) -> dict[str, Any]:
     internet = info.spec.labels.get(LABEL_INTERNET)
     if internet:
         body["allowInternetAccess"] = internet == "1"
-    body["lifecycle"] = {"autoResume": False, "onTimeout": "pause" if info.spec.on_timeout == "pause" else "kill"}
+    body["lifecycle"] = {"autoResume": info.spec.auto_resume, "onTimeout": "pause" if info.spec.on_timeout == "pause" else "kill"}
     return body
 
 

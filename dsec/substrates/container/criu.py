@@ -1,10 +1,10 @@
 """Whether CRIU can checkpoint a container's processes on this host, and why not when it cannot.
 
-`pause(kind="memory")` of a container needs CRIU (through the OCI runtime's checkpoint/restore). CRIU depends
-on the kernel in ways a package version alone does not tell: CRIU 3.17 (Debian bookworm) cannot even start on
-Linux 6.13+, whose x86 vDSO gained a `[vvar_vclock]` mapping (kernel commit e93d2521b27f; CRIU learned it in
-4.1, checkpoint-restore/criu#2532). So the verdict comes from running `criu check` once per process, and every
-refusal carries its reason.
+`pause(kind="memory")` of a container needs CRIU (through runc's checkpoint/restore). CRIU depends on the kernel
+in ways a package version alone does not tell: CRIU 3.17 (Debian bookworm) cannot even start on Linux 6.13+,
+whose x86 vDSO gained a `[vvar_vclock]` mapping (kernel commit e93d2521b27f; CRIU learned it in 4.1,
+checkpoint-restore/criu#2532; infra/setup.d/31-criu.sh builds 4.1.1 where bookworm's cannot run). So the verdict
+comes from running `criu check` once per process, and every refusal carries its reason.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ CHECK_TIMEOUT_S = 60.0
 
 @dataclass(frozen=True)
 class CriuVerdict:
-    """The probe's answer: `works`, the CRIU version found, and a reason a person can act on."""
+    """The probe's answer: `works`, the CRIU binary and version found, and a reason a person can act on."""
 
     works: bool
     version: str
     reason: str
+    path: str = ""
 
 
 def _explain(output: str) -> str:
@@ -60,10 +61,10 @@ def criu_probe() -> CriuVerdict:
     try:
         proc = subprocess.run([criu, "check"], capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return CriuVerdict(False, version, f"criu check did not finish within {CHECK_TIMEOUT_S:.0f}s")
+        return CriuVerdict(False, version, f"criu check did not finish within {CHECK_TIMEOUT_S:.0f}s", criu)
     if proc.returncode != 0:
-        return CriuVerdict(False, version, f"criu {version}: {_explain(proc.stdout + proc.stderr)}")
-    return CriuVerdict(True, version, f"criu {version}: criu check passed")
+        return CriuVerdict(False, version, f"criu {version}: {_explain(proc.stdout + proc.stderr)}", criu)
+    return CriuVerdict(True, version, f"criu {version} ({criu}): criu check passed", criu)
 
 
 if __name__ == "__main__":  # `python -m dsec.substrates.container.criu`: the verdict, for diagnostics

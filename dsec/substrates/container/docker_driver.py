@@ -28,9 +28,9 @@ import docker.errors
 from dsec.agent.build import agent_binary
 from dsec.agent.client import AgentClient
 from dsec.config import ServerConfig
-from dsec.errors import DiskFull, RuntimeFailure, SandboxStateError, SnapshotNotFound
+from dsec.errors import DiskFull, RuntimeFailure, SandboxStateError, SnapshotNotFound, Unsupported
 from dsec.images.user import resolve_user
-from dsec.models import SandboxSpec
+from dsec.models import PauseKind, SandboxSpec
 from dsec.substrates.agent_sandbox import AgentSandbox
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, snapshot_target_full, volume_source
 from dsec.substrates.container import docker_disk, network
@@ -139,7 +139,15 @@ class DockerSandbox(AgentSandbox):
             raise SandboxStateError(f"the container of sandbox {self.sandbox_id} is not running")
         return Path(f"/proc/{pid}/ns/net")
 
-    def pause(self) -> None:
+    def check_pause(self, kind: PauseKind) -> None:
+        if kind != "freeze":
+            raise Unsupported(
+                f"the docker driver pauses sandbox {self.sandbox_id} by freezing only (Docker's checkpoint is "
+                "experimental); use driver crun or runc for pause(memory=...)"
+            )
+
+    def pause(self, kind: PauseKind = "freeze") -> None:
+        self.check_pause(kind)
         try:
             self._api.pause(self.container)
         except docker.errors.APIError as exc:

@@ -20,12 +20,13 @@ from pathlib import Path
 from dsec.agent.build import agent_binary
 from dsec.agent.client import AgentClient
 from dsec.config import ServerConfig
-from dsec.errors import DiskFull, InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound
+from dsec.errors import DiskFull, InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound, Unsupported
 from dsec.images.user import resolve_user
-from dsec.models import SandboxSpec
+from dsec.models import PauseKind, SandboxSpec
 from dsec.substrates.agent_sandbox import AgentSandbox
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, Usage, snapshot_target_full
 from dsec.substrates.container import bundle, cgroups, disk, network, rootfs
+from dsec.substrates.container.criu import criu_probe
 from dsec.substrates.container.record import ContainerRecord
 from dsec.substrates.container.runtime import RUNTIMES, OciRuntime
 
@@ -33,6 +34,7 @@ AGENT_START_TIMEOUT_S = 30.0
 ADOPT_PROBE_S = 5.0  # a live agent answers a ping in milliseconds; one that does not within this is not re-adopted
 KILL_WAIT_S = 10.0  # after that, `delete --force` takes over
 PID_FILE = "container.pid"
+CHECKPOINT_DIR = "checkpoint"  # a memory pause's CRIU images (runc checkpoint)
 SNAPSHOT_ARCHIVE = "upper.tar"
 # a Docker-driver snapshot has the same layout (an overlay upper dir as tar), so either restores here
 SNAPSHOT_ARCHIVES = (SNAPSHOT_ARCHIVE, "docker-upper.tar")
@@ -87,6 +89,7 @@ class ContainerSandbox(AgentSandbox):
         self.state_dir = state_dir
         self.upper_dir = record.upper_dir
         self.destroyed = False
+        self.stopped_as = ""  # "memory" or "files": paused with no container running until resume
         self.create_timings: dict[str, float] = {}  # seconds per create phase, for benchmarks and metrics
 
     def _check_alive(self, what: str) -> None:
@@ -123,14 +126,82 @@ class ContainerSandbox(AgentSandbox):
     def is_paused(self) -> bool:
         return cgroups.is_frozen(self.record.cgroups_path)
 
-    def pause(self) -> None:
-        """Freeze every process (freezer cgroup); memory and files stay as they are."""
+    def check_pause(self, kind: PauseKind) -> None:
+        """freeze and files work with both runtimes; memory needs runc (crun 1.8.1 is built without CRIU) and a
+        CRIU that passes its probe (criu.py), else it is refused with the reason."""
         self._check_alive("pause")
-        self.runtime.pause(self.record.container_id)
+        if kind != "memory":
+            return
+        verdict = criu_probe()
+        reason = verdict.reason if not verdict.works else ""
+        if self.runtime.name != "runc":
+            reason = f"{self.runtime.name} here is built without CRIU ('{self.runtime.name} --version' lacks +CRIU); create it with driver='runc'"
+        elif _joins_host_netns_from_userns(self.state_dir):
+            reason = ("its network namespace (the egress allowlist's) belongs to the host's user namespace, not to the "
+                      "sandbox's, and CRIU cannot enter it from there ('Can't setns net: Operation not permitted')")
+        if reason:
+            raise Unsupported(
+                f"pause(memory=True) of container sandbox {self.sandbox_id} needs CRIU: {reason}; pause() freezes it "
+                "in place (RAM held), pause(memory=False) keeps its files only",
+                sandbox_id=self.sandbox_id,
+            )
+
+    def pause(self, kind: PauseKind = "freeze") -> None:
+        """freeze: every process stopped by the freezer cgroup, memory and files as they are. memory: CRIU saves
+        the processes and their memory under the state dir and the container goes (runc checkpoint). files: the
+        container is deleted (processes, cgroup and their memory go). Both keep the disk, overlay, bundle and
+        network namespace, and close the agent connection first: the agent then kills the process groups that
+        connection started (sessions, execs); detached processes (setsid, daemons) are what a memory pause keeps."""
+        self.check_pause(kind)
+        if kind == "freeze":
+            self.runtime.pause(self.record.container_id)
+            return
+        self.client.close()
+        if kind == "memory":
+            image = self.state_dir / CHECKPOINT_DIR
+            shutil.rmtree(image, ignore_errors=True)
+            image.mkdir()
+            try:
+                self.runtime.checkpoint(self.record.container_id, image, criu_probe().path)
+            except BaseException:
+                self.client = _connect_agent(self.state_dir / "agent-run", self.sandbox_id, self.state_dir / "agent.log")
+                raise
+        else:
+            _kill_init(self.state_dir / PID_FILE, self.record.cgroups_path)
+            self.runtime.delete(self.record.container_id)
+        cgroups.remove(self.record.cgroups_path, self.sandbox_id)
+        self.stopped_as = kind
 
     def resume(self) -> None:
         self._check_alive("resume")
-        self.runtime.resume(self.record.container_id)
+        if self.stopped_as == "":
+            self.runtime.resume(self.record.container_id)
+            return
+        run_dir, log, pid_file = self.state_dir / "agent-run", self.state_dir / "agent.log", self.state_dir / PID_FILE
+        image = self.state_dir / CHECKPOINT_DIR
+        if self.stopped_as == "memory":
+            self.runtime.restore(self.record.container_id, self.state_dir, image, pid_file, log, criu_probe().path)
+            # CRIU binds a listening socket again at the name it was first bound to: the agent binds
+            # agent.sock.tmp and renames it into place (agent.c), so the restored socket needs that rename again
+            os.replace(run_dir / f"{bundle.AGENT_SOCKET}.tmp", run_dir / bundle.AGENT_SOCKET)
+        else:
+            self.runtime.run(self.record.container_id, self.state_dir, pid_file, log)
+        self.client = _connect_agent(run_dir, self.sandbox_id, log)
+        shutil.rmtree(image, ignore_errors=True)
+        self.stopped_as = ""
+
+    def writable_layer(self) -> Path:
+        """The upper dir; with a user namespace, a view of it with the sandbox's own ids (0 = its root) whatever
+        host range it runs in, so that snapshots and image layers made from it restore into any other sandbox's
+        range. The view is mounted on first use in the state dir and goes with the sandbox's teardown."""
+        base = self.record.host_base
+        if base is None:
+            return self.upper_dir
+        view = self.state_dir / LAYER_VIEW
+        with self._view_lock:
+            if not rootfs.is_mounted(view):
+                idmap.bind(self.runtime.bin_dir, self.upper_dir, view, base, 0)
+        return view
 
     def netns_path(self) -> Path:
         """The network namespace of the container's PID 1 (the agent), checked to still be this sandbox's."""
@@ -301,6 +372,16 @@ class ContainerDriver(SandboxDriver):
             rootfs.unmount(state_dir / "rootfs")
             disk.remove_disk(state_dir / "disk.img", state_dir / "disk")
             shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _joins_host_netns_from_userns(bundle_dir: Path) -> bool:
+    """Whether the bundle runs in a user namespace of its own yet joins a network namespace made outside it."""
+    try:
+        namespaces = json.loads((bundle_dir / "config.json").read_text())["linux"]["namespaces"]
+    except (OSError, ValueError, KeyError):
+        return False
+    kinds = {ns.get("type"): ns for ns in namespaces}
+    return "user" in kinds and bool(kinds.get("network", {}).get("path"))
 
 
 def init_netns_path(pid_file: Path, cgroups_path: str, sandbox_id: str) -> Path:

@@ -24,6 +24,19 @@ from dsec.substrates.container.v1view import v1view_binary
 RUNTIMES = ("crun", "runc")
 HYBRID_CGROUP2 = Path("/sys/fs/cgroup/unified")
 COMMAND_TIMEOUT_S = 60.0
+CRIU_TIMEOUT_S = 300.0  # a checkpoint writes the sandbox's whole memory
+# open TCP connections (the netns stays, so they can be restored) and file locks are checkpointed too
+CRIU_FLAGS = ("--tcp-established", "--file-locks")
+
+
+def _criu_errors(log: Path) -> str:
+    """The Error lines of a CRIU log: what a failed checkpoint or restore reports."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [line.strip() for line in lines if "Error" in line]
+    return f"(criu: {'; '.join(errors[-4:])[-1000:]})" if errors else ""
 
 
 def _needs_v1_view(name: str) -> bool:
@@ -78,16 +91,42 @@ class OciRuntime:
         return proc
 
     def run(self, container_id: str, bundle: Path, pid_file: Path, log: Path) -> None:
-        """Start the container detached; its PID 1 writes stdout/stderr to `log` (the agent's log)."""
-        with open(log, "ab") as out:
-            proc = self._call(
-                "run", "--detach", "--bundle", str(bundle), "--pid-file", str(pid_file), container_id,
-                sandbox_id=container_id, stdout=out, check=False,
-            )
+        """Start the container detached. crun: its PID 1 writes stdout/stderr to `log` (the agent's log). runc:
+        PID 1's stdio is /dev/null and runc's own errors go to `log` (`--log`), because CRIU cannot checkpoint
+        a process holding a host file outside its mount namespace (criu.py: memory pause is runc's)."""
+        self._start("run", ("run", "--detach", "--bundle", str(bundle), "--pid-file", str(pid_file), container_id), log)
+
+    def restore(self, container_id: str, bundle: Path, image_dir: Path, pid_file: Path, log: Path, criu: str) -> None:
+        """Bring a checkpointed container back (runc only) from `image_dir`, detached, like `run`."""
+        args = ("--criu", criu, "restore", "--detach", "--bundle", str(bundle), "--image-path", str(image_dir),
+                "--work-path", str(image_dir), "--pid-file", str(pid_file), *CRIU_FLAGS, container_id)
+        self._start("restore", args, log, criu_log=image_dir / "restore.log")
+
+    def checkpoint(self, container_id: str, image_dir: Path, criu: str) -> None:
+        """Save the container's processes and memory into `image_dir` through CRIU (runc only); the container
+        is gone afterwards. Its log (`dump.log`) stays in `image_dir` and is quoted on failure."""
+        proc = self._call("--criu", criu, "checkpoint", "--image-path", str(image_dir), "--work-path", str(image_dir),
+                          *CRIU_FLAGS, container_id, sandbox_id=container_id, check=False, timeout=CRIU_TIMEOUT_S)
         if proc.returncode != 0:
-            tail = log.read_bytes()[-2000:].decode(errors="replace").strip()
             raise RuntimeFailure(
-                f"{self.name} run of sandbox {container_id} failed (exit {proc.returncode}): {tail}",
+                f"{self.name} checkpoint of sandbox {container_id} failed: {proc.stderr.decode(errors='replace')[-500:]}"
+                f" {_criu_errors(image_dir / 'dump.log')}",
+                sandbox_id=container_id,
+            )
+
+    def _start(self, what: str, args: tuple[str, ...], log: Path, criu_log: Path | None = None) -> None:
+        container_id = args[-1]
+        if self.name == "runc":
+            proc = self._call("--log", str(log), *args, sandbox_id=container_id, stdout=subprocess.DEVNULL,
+                              check=False, timeout=CRIU_TIMEOUT_S)
+        else:
+            with open(log, "ab") as out:
+                proc = self._call(*args, sandbox_id=container_id, stdout=out, check=False)
+        if proc.returncode != 0:
+            tail = log.read_bytes()[-2000:].decode(errors="replace").strip() if log.exists() else ""
+            criu = f" {_criu_errors(criu_log)}" if criu_log is not None else ""
+            raise RuntimeFailure(
+                f"{self.name} {what} of sandbox {container_id} failed (exit {proc.returncode}): {tail}{criu}",
                 sandbox_id=container_id,
             )
 

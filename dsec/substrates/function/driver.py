@@ -13,8 +13,8 @@ from pathlib import Path
 import cloudpickle
 
 from dsec.config import ServerConfig
-from dsec.errors import InvalidSpec, RuntimeFailure
-from dsec.models import FileEntry, FileInfo, SandboxSpec
+from dsec.errors import InvalidSpec, RuntimeFailure, Unsupported
+from dsec.models import FileEntry, FileInfo, PauseKind, SandboxSpec
 from dsec.substrates.base import DirWatch, DriverSandbox, Exited, ImageRootfs, Output, ProcessHandle, SandboxDriver, Usage
 
 WORKER_DIR = "/.dsec-fn"
@@ -153,7 +153,15 @@ class FunctionSandbox(DriverSandbox):
     def usage(self) -> Usage:
         return self.inner.usage()
 
-    def pause(self) -> None:
+    def check_pause(self, kind: PauseKind) -> None:
+        if kind != "freeze":
+            raise Unsupported(
+                f"function sandbox {self.sandbox_id} pauses by freezing only: its warm workers' connections would not "
+                "survive a memory or files pause; call pause() without memory="
+            )
+
+    def pause(self, kind: PauseKind = "freeze") -> None:
+        self.check_pause(kind)
         self.inner.pause()
 
     def resume(self) -> None:

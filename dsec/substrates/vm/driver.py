@@ -18,12 +18,13 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from dsec.agent.client import AgentClient
 from dsec.config import ServerConfig
 from dsec.errors import DiskFull, DsecError, InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound, Unsupported
-from dsec.models import SandboxSpec
+from dsec.models import PauseKind, SandboxSpec
 from dsec.substrates.agent_sandbox import AgentSandbox
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, Usage, snapshot_target_full
 from dsec.substrates.container import network
@@ -48,13 +49,17 @@ from dsec.substrates.vm.net import connect_vm, guest_net_cmdline
 from dsec.substrates.vm.template import STATE, ensure_template
 
 SNAPSHOT_META = "meta.json"
+PAUSED_STATE = "paused.state"  # a memory pause's saved guest (QEMU's migration stream)
+SAVE_TIMEOUT_S = 120.0
 # Hard links to the image disk and the initrd, so a snapshot outlives cache cleanups of either.
 SNAPSHOT_BASE = "base.raw"
 SNAPSHOT_INITRD = "initrd.img"
 MACHINE_RECORD = "vm.json"  # the machine and base disk of a running sandbox, for re-adoption after a restart
 SERVER_ID = re.compile(r"sb-[0-9a-f]{16}")  # ids servers mint (SandboxManager._new_id; orphans.SANDBOX_ID)
 ADOPT_PROBE_S = 10.0  # QMP, the serial port's new connection and the agent's ping must all answer within this
-OWN_FILES = (DISK, PID_FILE, QMP_SOCKET, AGENT_SOCKET, SERIAL_LOG, QEMU_LOG, MACHINE_RECORD, network.HOSTS_NAME)
+OWN_FILES = (
+    DISK, PID_FILE, QMP_SOCKET, AGENT_SOCKET, SERIAL_LOG, QEMU_LOG, MACHINE_RECORD, PAUSED_STATE, network.HOSTS_NAME,
+)
 
 
 def _vmstat_oom_kills(text: str) -> int:
@@ -90,13 +95,18 @@ def _meminfo_kb(meminfo: str, key: str) -> int:
 class VmSandbox(AgentSandbox):
     """A running QEMU machine whose guest agent serves this sandbox."""
 
-    def __init__(self, sandbox_id: str, client: AgentClient, process: QemuProcess, base_disk: Path, restore_s: float) -> None:
+    def __init__(
+        self, sandbox_id: str, client: AgentClient, process: QemuProcess, base_disk: Path, restore_s: float,
+        relaunch: Callable[[Path], QemuProcess],
+    ) -> None:
         super().__init__(sandbox_id, client)
         self.process = process
+        self.relaunch = relaunch  # a QEMU of this machine, in its netns, restoring the given state file
         self.base_disk = base_disk
         self.accel = process.machine.accel
         self.start_s = restore_s
         self._paused = False
+        self._saved: Path | None = None  # paused keeping memory on disk: the state file; no QEMU runs meanwhile
         self._qmp_lock = threading.Lock()
 
     @property
@@ -134,13 +144,56 @@ class VmSandbox(AgentSandbox):
         with self._qmp_lock:
             self.process.qmp.execute(command)
 
-    def pause(self) -> None:
-        """Freeze every vCPU; memory, disk and processes stay exactly as they are."""
-        self._qmp("stop")
+    def check_pause(self, kind: PauseKind) -> None:
+        if kind == "files":
+            raise Unsupported(
+                f"pause(memory=False) of VM sandbox {self.sandbox_id}: a guest's files are half in its kernel's page "
+                "cache, so a VM pauses keeping memory (pause(memory=True)) or frozen in place (pause())",
+                sandbox_id=self.sandbox_id,
+            )
+
+    def pause(self, kind: PauseKind = "freeze") -> None:
+        """freeze: every vCPU stopped, RAM held. memory: the guest's memory and devices are migrated to a file
+        in the state directory and QEMU exits (no CPU, no RAM held); disk overlay and network namespace stay."""
+        self.check_pause(kind)
+        if kind == "freeze":
+            self._qmp("stop")
+            self._paused = True
+            return
+        if not self.process.alive():
+            raise SandboxStateError(f"the VM of sandbox {self.sandbox_id} is not running (QEMU exited); recreate it")
+        saved = self.process.state_dir / PAUSED_STATE
+        with self._qmp_lock:
+            try:
+                self.process.save(saved, timeout_s=SAVE_TIMEOUT_S)
+            except BaseException:
+                if self.process.alive():
+                    self.process.qmp.execute("cont")
+                with contextlib.suppress(FileNotFoundError):
+                    saved.unlink()
+                raise
+            self.client.close()
+            self.process.kill()
+        self._saved = saved
         self._paused = True
 
     def resume(self) -> None:
-        self._qmp("cont")
+        if self._saved is None:
+            self._qmp("cont")
+            self._paused = False
+            return
+        process = self.relaunch(self._saved)
+        client = AgentClient(process.agent_socket, sandbox_id=self.sandbox_id)
+        try:
+            process.finish_incoming(SAVE_TIMEOUT_S)
+            client.ping(timeout=SAVE_TIMEOUT_S)
+        except BaseException:
+            client.close()
+            process.kill()  # the state file stays: the sandbox is still paused and may be resumed again
+            raise
+        self.process, self.client = process, client
+        self._saved.unlink()
+        self._saved = None
         self._paused = False
 
     def snapshot(self, dest: Path) -> str:
@@ -150,7 +203,7 @@ class VmSandbox(AgentSandbox):
         dest.mkdir(parents=True, exist_ok=True)
         with self._qmp_lock:
             try:
-                self.process.save(dest / STATE, timeout_s=120.0)
+                self.process.save(dest / STATE, timeout_s=SAVE_TIMEOUT_S)
                 copy_overlay(self.process.state_dir / DISK, dest / DISK)
             except (RuntimeFailure, OSError) as exc:
                 if snapshot_target_full(dest):  # QEMU says only "migrate failed" when its state file hit ENOSPC
@@ -264,7 +317,7 @@ class QemuDriver(SandboxDriver):
             network.teardown(state_dir)
             raise
         client = AgentClient(process.agent_socket, sandbox_id=sandbox_id)
-        sandbox = VmSandbox(sandbox_id, client, process, base, 0.0)
+        sandbox = VmSandbox(sandbox_id, client, process, base, 0.0, self._relauncher(sandbox_id, machine, state_dir))
         try:
             process.finish_incoming(self.cfg.restore_timeout_s)
             client.ping(timeout=self.cfg.restore_timeout_s)
@@ -294,7 +347,8 @@ class QemuDriver(SandboxDriver):
             raise RuntimeFailure(f"sandbox {sandbox_id} is a {machine.kind} machine, not {self.kind}")
         process = QemuProcess.adopt(machine, state_dir, ADOPT_PROBE_S)
         client = AgentClient(process.agent_socket, sandbox_id=sandbox_id)
-        sandbox = VmSandbox(sandbox_id, client, process, Path(record["base_disk"]), 0.0)
+        relaunch = self._relauncher(sandbox_id, machine, state_dir)
+        sandbox = VmSandbox(sandbox_id, client, process, Path(record["base_disk"]), 0.0, relaunch)
         try:
             client.ping(timeout=ADOPT_PROBE_S)
             if paused:
@@ -305,6 +359,17 @@ class QemuDriver(SandboxDriver):
                 process.qmp.close()
             raise
         return sandbox
+
+    def _relauncher(self, sandbox_id: str, machine: MachineSpec, state_dir: Path) -> Callable[[Path], QemuProcess]:
+        """How a memory-paused sandbox gets its QEMU back: the same machine, files and netns, restoring a state."""
+        netns = network.netns_path(sandbox_id) if machine.nic else None
+        die_with_server = not self._adoptable(sandbox_id)
+
+        def relaunch(state: Path) -> QemuProcess:
+            return QemuProcess(self.cfg.qemu, machine, state_dir, state, self.cfg.restore_timeout_s, netns,
+                               die_with_server=die_with_server)
+
+        return relaunch
 
     def _adoptable(self, sandbox_id: str) -> bool:
         """Whether this QEMU may outlive a killed server: only with readopt on and for a server's id, the ones a

@@ -1,0 +1,176 @@
+"""Pause kinds of crun/runc containers through the real SDK and an embedded server (docs/lifecycle.md).
+
+memory (CRIU through runc): a detached shell loop holding a counter and a random number only in its variables
+answers over a fifo; after pause + resume it answers with the same number and the next count, while paused the
+sandbox's cgroup is gone (no process, no memory). crun (built without CRIU) refuses it, typed, with the reason.
+files: the container's processes, cgroup and memory are gone while paused; its files come back on resume.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import dsec
+from dsec.errors import SandboxStateError, Unsupported
+from dsec.substrates.container import bundle, cgroups
+from dsec.substrates.container.criu import criu_probe
+
+pytestmark = pytest.mark.timeout(300)
+DEADLINE_S = 120.0  # bounds a failure only
+SERVER = 'n=0; s=$RANDOM$RANDOM; while :; do read line < /tmp/in; n=$((n+1)); echo "$n $s $line" > /tmp/out; done'
+
+
+def start_counter(sb: dsec.Sandbox) -> None:
+    result = sb.exec(f"mkfifo /tmp/in /tmp/out && setsid sh -c '{SERVER}' </dev/null >/dev/null 2>&1 &")
+    assert result.exit_code == 0, result.stderr
+
+
+def ask(sb: dsec.Sandbox, word: str) -> tuple[int, str, str]:
+    """One round trip to the counter: (count, its random number, the word echoed back)."""
+    count, secret, echoed = sb.exec(f"echo {word} > /tmp/in && cat /tmp/out", timeout=60).text.split()
+    return int(count), secret, echoed
+
+
+@pytest.fixture(scope="module")
+def client():
+    c = dsec.Client()
+    yield c
+    c.close()
+
+
+@pytest.fixture(params=["crun", "runc"])
+def make_sb(request, client):
+    made: list[dsec.Sandbox] = []
+
+    def make(**kwargs) -> dsec.Sandbox:
+        sb = client.create("busybox", "container", driver=request.param, **({"timeout_s": 600} | kwargs))
+        made.append(sb)
+        return sb
+
+    yield make
+    for sb in made:
+        try:
+            sb.destroy()
+        except dsec.DsecError:
+            pass
+
+
+def cgroup_procs(sandbox_id: str) -> list[int]:
+    """Pids in the sandbox's cgroup (any hierarchy); [] when the cgroup is gone."""
+    pids: set[int] = set()
+    for directory in cgroups.existing_dirs(bundle.cgroups_path(sandbox_id)):
+        try:
+            pids |= {int(p) for p in (directory / "cgroup.procs").read_text().split()}
+        except OSError:
+            pass
+    return sorted(pids)
+
+
+def test_probe_says_whether_criu_runs_and_why():
+    verdict = criu_probe()
+    assert verdict.version and verdict.path, "criu is installed (infra/setup.d/00-apt.sh, 31-criu.sh)"
+    assert verdict.reason.startswith(f"criu {verdict.version}")
+    if not verdict.works:
+        assert "vDSO" in verdict.reason or "criu check failed" in verdict.reason
+
+
+def assert_refused(sb: dsec.Sandbox, reason: str) -> None:
+    """A memory pause refused, typed, naming `reason`, and the sandbox left running as it was."""
+    sb.exec("echo kept > /tmp/note")
+    with pytest.raises(Unsupported) as caught:
+        sb.pause(memory=True)
+    assert "needs CRIU" in str(caught.value) and reason in str(caught.value)
+    assert sb.refresh().state == "running", "a refused pause leaves the sandbox as it was"
+    assert sb.exec("cat /tmp/note").text == "kept\n"
+
+
+def test_memory_pause_is_refused_on_crun(client):
+    sb = client.create("busybox", "container", driver="crun", timeout_s=600)
+    try:
+        assert_refused(sb, "+CRIU" if criu_probe().works else criu_probe().reason)
+    finally:
+        sb.destroy()
+
+
+def test_memory_pause_keeps_processes(client):
+    """runc + CRIU; where the probe fails the refusal must carry its reason instead."""
+    sb = client.create("busybox", "container", driver="runc", timeout_s=600)
+    try:
+        if not criu_probe().works:
+            assert_refused(sb, criu_probe().reason)
+            return
+        start_counter(sb)
+        sb.exec("echo kept > /root/note")
+        first, secret, _ = ask(sb, "before")
+        sb.pause(memory=True)
+        assert sb.info.state == "paused"
+        assert cgroup_procs(sb.id) == [], "no process is left (no CPU)"
+        assert cgroups.memory_usage(bundle.cgroups_path(sb.id))[0] == 0, "no memory is charged to the sandbox"
+        with pytest.raises(SandboxStateError):
+            sb.exec("true")
+        sb.resume()
+        assert ask(sb, "after") == (first + 1, secret, "after"), "the process and its memory came back"
+        assert sb.exec("cat /root/note").text == "kept\n"
+        sb.pause(memory=True)  # a second round from the restored container
+        sb.resume()
+        assert ask(sb, "again") == (first + 2, secret, "again")
+    finally:
+        sb.destroy()
+
+
+def test_files_pause_ends_processes_and_keeps_files(make_sb):
+    sb = make_sb()
+    sb.exec("echo kept > /root/note && setsid sleep 1000 </dev/null >/dev/null 2>&1 &")
+    assert len(cgroup_procs(sb.id)) >= 2, "the agent and the sleep run in the sandbox's cgroup"
+
+    sb.pause(memory=False)
+    assert sb.info.state == "paused"
+    assert cgroup_procs(sb.id) == [], "no process is left (no CPU)"
+    used, _ = cgroups.memory_usage(bundle.cgroups_path(sb.id))
+    assert used == 0, "no memory is charged to the sandbox"
+    with pytest.raises(SandboxStateError):
+        sb.exec("true")
+
+    sb.resume()
+    assert sb.exec("cat /root/note").text == "kept\n", "the files survived"
+    assert "sleep 1000" not in sb.exec("ps -o args").text, "the processes did not"
+    sb.exec("echo again > /root/again")
+    assert sb.exec("cat /root/again").text == "again\n"
+
+
+def test_default_pause_freezes_in_place(make_sb):
+    sb = make_sb()
+    sb.exec("setsid sleep 1000 </dev/null >/dev/null 2>&1 &")
+    sb.pause()
+    assert cgroups.is_frozen(bundle.cgroups_path(sb.id)) and len(cgroup_procs(sb.id)) >= 2
+    sb.resume()
+    assert "sleep 1000" in sb.exec("ps -o args").text
+
+
+def test_auto_resume_resumes_on_the_next_call(make_sb):
+    sb = make_sb(auto_resume=True)
+    sb.exec("echo kept > /root/note")
+    sb.pause(memory=False)
+    assert cgroup_procs(sb.id) == []
+    assert sb.exec("cat /root/note").text == "kept\n", "the exec resumed it first"
+    assert sb.refresh().state == "running"
+    sb.pause()
+    session = sb.session()
+    assert session.run("echo in a session").text == "in a session\n"
+
+
+def test_on_timeout_pause_keeps_memory_where_it_can_else_freezes(make_sb):
+    sb = make_sb(on_timeout="pause")
+    sb.exec("setsid sleep 1000 </dev/null >/dev/null 2>&1 &")
+    sb.set_timeout(1)
+    deadline = time.monotonic() + DEADLINE_S
+    while sb.refresh().state != "paused":
+        assert time.monotonic() < deadline, "the timeout did not pause the sandbox"
+    if sb.info.driver == "runc" and criu_probe().works:
+        assert cgroup_procs(sb.id) == [], "runc + CRIU: the timeout's pause saved it to disk"
+    else:
+        assert cgroups.is_frozen(bundle.cgroups_path(sb.id)), "no CRIU for it: the timeout froze it in place"
+    sb.resume()
+    assert "sleep 1000" in sb.exec("ps -o args").text
