@@ -205,6 +205,52 @@ def bench_burst(client: dsec.Client, driver: str, creates: int, pool_size: int) 
     return result
 
 
+PAUSE_CASES = (("crun", "freeze"), ("crun", "files"), ("runc", "freeze"), ("runc", "memory"),
+               ("microvm", "freeze"), ("microvm", "memory"), ("vm", "memory"))
+"""(container driver or VM substrate, pause kind): runc is the container runtime with CRIU (crun 1.8.1 lacks it)."""
+PAUSE_ARG = {"freeze": None, "files": False, "memory": True}
+
+
+def bench_pause(client: dsec.Client, n: int) -> dict[str, str]:
+    """pause + resume of a sandbox running one small background process, per substrate and pause kind, timed
+    interleaved; a kind the host refuses (a memory pause without a working CRIU) reports `unsupported`."""
+    made: list[dsec.Sandbox] = []
+    contenders: dict[str, Callable[[], object]] = {}
+    refused: dict[str, str] = {}
+    try:
+        for where, kind in PAUSE_CASES:
+            substrate, driver = ("container", where) if where in ("crun", "runc") else (where, "")
+            sb = client.create(IMAGE, substrate, driver=driver, memory_mb=256)
+            made.append(sb)
+            sb.exec("setsid sleep 100000 </dev/null >/dev/null 2>&1 &")
+
+            def once(sb: dsec.Sandbox = sb, memory: bool | None = PAUSE_ARG[kind]) -> None:
+                sb.pause(memory=memory)
+                sb.resume()
+
+            try:
+                once()
+            except dsec.Unsupported as exc:
+                refused[f"{where}_{kind}"] = str(exc)
+                continue
+            contenders[f"{where}_{kind}"] = once
+        results = interleaved("pause + resume (one background process)", contenders, n, warmup=1)
+    finally:
+        for sb in made:
+            with contextlib.suppress(dsec.DsecError):
+                sb.destroy()
+    pairs = {}
+    for where, kind in PAUSE_CASES:
+        label = f"{where}_{kind}"
+        pairs[f"pause_resume_{kind}_ms_{where}"] = f"{results[label]['p50']:.1f}" if label in results else "unsupported"
+    for where in ("runc", "microvm"):
+        if f"{where}_memory" in results and f"{where}_freeze" in results:
+            pairs[f"{where}_memory_vs_freeze"] = f"{results[f'{where}_memory']['p50'] / results[f'{where}_freeze']['p50']:.1f}"
+    for label, reason in refused.items():
+        print(f"  {label}: refused: {reason}", flush=True)
+    return pairs
+
+
 def summary(drivers: list[str], create: dict[str, Stats], execs: dict[str, Stats], functions: dict[str, Stats] | None,
             pool: Stats | None = None, burst: dict[str, float] | None = None) -> dict[str, str]:
     pairs: dict[str, str] = {}
@@ -245,6 +291,7 @@ def main() -> int:
     parser.add_argument("--exec-n", type=int, default=200, help="rounds of exec / call")
     parser.add_argument("--drivers", default="crun,runc,docker", help="the first one is the one compared")
     parser.add_argument("--burst", type=int, default=100, help="creates sent at once in the burst figure")
+    parser.add_argument("--pause-n", type=int, default=10, help="rounds of pause + resume per substrate and kind")
     parser.add_argument("--burst-pool", type=int, default=20, help="warm pool size during the burst")
     args = parser.parse_args()
 
@@ -259,10 +306,11 @@ def main() -> int:
         functions = bench_function(client, args.exec_n)
         pool = bench_pool_create(client, drivers[0], args.n) if drivers else None
         burst = bench_burst(client, drivers[0], args.burst, args.burst_pool) if drivers else None
+        pauses = bench_pause(client, args.pause_n)
     finally:
         client.close()
         engine.close()
-    report(summary(drivers, create, execs, functions, pool, burst))
+    report(summary(drivers, create, execs, functions, pool, burst) | pauses)
     return 0 if drivers and functions is not None else 1
 
 
