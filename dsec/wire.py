@@ -21,6 +21,7 @@ from dsec.v1 import filesystem_pb2 as fpb
 from dsec.v1 import image_pb2 as ipb
 from dsec.v1 import process_pb2 as ppb
 from dsec.v1 import sandbox_pb2 as pb
+from dsec.v1 import template_pb2 as tmpb
 from dsec.v1 import trajectory_pb2 as tpb
 from dsec.v1 import volume_pb2 as vpb
 
@@ -29,6 +30,7 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 PAIRS: tuple[tuple[type[BaseModel], type[Message]], ...] = (
     (m.Resources, pb.Resources),
     (m.VolumeMount, pb.VolumeMount),
+    (m.ReadyProbe, pb.ReadyProbe),
     (m.SandboxSpec, pb.SandboxSpec),
     (m.SandboxInfo, pb.SandboxInfo),
     (m.SnapshotInfo, pb.SnapshotRef),
@@ -50,12 +52,14 @@ PAIRS: tuple[tuple[type[BaseModel], type[Message]], ...] = (
     (m.TrajectorySnapshot, tpb.Snapshot),
     (m.TrajectoryInfo, tpb.TrajectoryInfo),
     (m.LoggedStep, tpb.LoggedStep),
+    (m.TemplateInfo, tmpb.TemplateInfo),
+    (m.CollectedSnapshot, tmpb.CollectedSnapshot),
 )
 """Every public shape and its message: what `to_pb` and `from_pb` accept."""
 
 _MESSAGE_OF = dict(PAIRS)
 _MODEL_OF = {message: model for model, message in PAIRS}
-_ZERO_IS_DEFAULT = (m.Resources, m.SandboxSpec)
+_ZERO_IS_DEFAULT = (m.Resources, m.SandboxSpec, m.ReadyProbe)
 """Request shapes: a field left at its zero on the wire takes the model's (or the server's) default."""
 
 

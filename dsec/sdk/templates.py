@@ -2,7 +2,7 @@
 probe passed, snapshotted once; `client.create(template=name)` starts from that snapshot and returns only once the
 probe passes again. Also the on-demand snapshot GC pass (`client.snapshots_gc()`).
 
-Returns pydantic models (dsec.models.TemplateInfo, CollectedSnapshot), converted from the wire here.
+Returns pydantic models (dsec.models.TemplateInfo, CollectedSnapshot), converted from the wire by dsec/wire.py.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from dsec import wire
 from dsec.errors import InvalidSpec
-from dsec.models import CollectedSnapshot, ReadyProbe, Resources, SandboxSpec, TemplateInfo
-from dsec.v1 import sandbox_pb2 as pb
+from dsec.models import CollectedSnapshot, ReadyProbe, SandboxSpec, TemplateInfo
 from dsec.v1 import template_pb2 as tpb
 from dsec.v1 import template_pb2_grpc as tpb_grpc
 
@@ -23,19 +23,6 @@ if TYPE_CHECKING:
 
 def _problems(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-
-
-def template_from_pb(info: tpb.TemplateInfo) -> TemplateInfo:
-    r = info.resources
-    return TemplateInfo(
-        name=info.name, image=info.image, image_digest=info.image_digest, substrate=info.substrate,  # type: ignore[arg-type]
-        driver=info.driver, resources=Resources(cpu=r.cpu, memory_mb=r.memory_mb, pids=r.pids, disk_mb=r.disk_mb),
-        start=list(info.start), snapshot_id=info.snapshot_id, snapshot_kind=info.snapshot_kind,
-        created_at=info.created_at, build_ms=info.build_ms,
-        ready=ReadyProbe(command=list(info.ready.command), tcp_port=info.ready.tcp_port,
-                         interval_s=info.ready.interval_s, timeout_s=info.ready.timeout_s)
-        if info.HasField("ready") else None,
-    )
 
 
 class Templates:
@@ -74,19 +61,17 @@ class Templates:
             raise InvalidSpec(f"invalid template: {_problems(exc)}") from None
         request = tpb.CreateTemplateRequest(
             name=name,
-            spec=pb.SandboxSpec(image=spec.image, substrate=spec.substrate, driver=spec.driver,
-                                resources=pb.Resources(**resources), env=spec.env, network=spec.network,
-                                network_allow=spec.network_allow),
+            spec=wire.spec_to_pb(spec, leave_defaults_to_server=True),
             start=start or [], no_start=start is not None and not start,
-            ready=pb.ReadyProbe(**probe.model_dump()) if probe is not None else None,
+            ready=wire.to_pb(probe) if probe is not None else None,
         )
-        return template_from_pb(self.client.rpc(self._stub.Create, request))
+        return wire.from_pb_as(TemplateInfo, self.client.rpc(self._stub.Create, request))
 
     def get(self, name: str) -> TemplateInfo:
-        return template_from_pb(self.client.rpc(self._stub.Get, tpb.TemplateName(name=name)))
+        return wire.from_pb_as(TemplateInfo, self.client.rpc(self._stub.Get, tpb.TemplateName(name=name)))
 
     def list(self) -> list[TemplateInfo]:
-        return [template_from_pb(t) for t in self.client.rpc(self._stub.List, tpb.ListTemplatesRequest()).templates]
+        return [wire.from_pb_as(TemplateInfo, t) for t in self.client.rpc(self._stub.List, tpb.ListTemplatesRequest()).templates]
 
     def delete(self, name: str) -> None:
         """Forget the template and free its snapshot; sandboxes already started from it live on."""
@@ -95,4 +80,4 @@ class Templates:
 
 def collect_snapshots(client: Client) -> list[CollectedSnapshot]:
     reply = client.rpc(tpb_grpc.SnapshotGCStub(client.channel).Collect, tpb.CollectSnapshotsRequest())
-    return [CollectedSnapshot(snapshot_id=r.snapshot_id, reason=r.reason, size_bytes=r.size_bytes) for r in reply.removed]
+    return [wire.from_pb_as(CollectedSnapshot, r) for r in reply.removed]

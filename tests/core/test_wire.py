@@ -36,7 +36,13 @@ _OVERRIDES: dict[type[BaseModel], BaseModel] = {
     m.Resources: _SPEC.resources,
     m.VolumeMount: _SPEC.volumes[0],
     m.FileEntry: m.FileEntry(name="a.txt", type="symlink", size=3, mode=0o644, mtime=1.5),
+    m.ReadyProbe: m.ReadyProbe(tcp_port=8000, interval_s=0.5, timeout_s=9),
 }
+_OVERRIDES[m.TemplateInfo] = m.TemplateInfo(
+    name="web", image="python", image_digest="sha256:ab", substrate="vm", driver="tcg", resources=_SPEC.resources,
+    start=["python3", "-m", "http.server"], ready=_OVERRIDES[m.ReadyProbe], snapshot_id="snap-1",
+    snapshot_kind="memory+disk", created_at=3.5, build_ms=120.0,
+)  # fmt: skip
 
 
 def _value(annotation: Any, name: str) -> Any:
