@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message_factory import GetMessageClass
 
 from dsec.cluster.placement import Capacity, Demand, Placement
 from dsec.errors import (
@@ -154,7 +156,7 @@ def _timeout(context: grpc.ServicerContext) -> float | None:
     return remaining if remaining is not None and remaining < 1e8 else None
 
 
-class Gateway(pb_grpc.SandboxServiceServicer):
+class Gateway:
     """Routes SandboxService calls to node servers. Thread-safe; one lock guards routes and placement."""
 
     def __init__(self, probe: NodeProbe = channel_probe, failures_to_lose: int = 2) -> None:
@@ -290,28 +292,6 @@ class Gateway(pb_grpc.SandboxServiceServicer):
                 self._forget(sandbox_id)  # gone on its node (TTL, destroyed elsewhere): stop routing to it
             raise
 
-    def _stream(self, sandbox_id: str, method: str, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        node, _ = self._route(sandbox_id, context)
-        call = getattr(node.stub, method)(request, timeout=_timeout(context), metadata=_outgoing(context))
-        try:
-            yield from call
-        except grpc.RpcError as exc:
-            raise self._relay(node, exc) from None
-        finally:
-            call.cancel()  # the caller went away mid-stream: stop the node's side too
-
-    def _client_stream(self, method: str, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        first = next(request_iterator, None)
-        if first is None or not first.HasField("header"):
-            raise InvalidSpec(f"{method} stream must start with a header")
-        node, _ = self._route(first.header.sandbox_id, context)
-
-        def messages() -> Iterator[Any]:
-            yield first
-            yield from request_iterator
-
-        return self._call(node, method, messages(), context)
-
     # -- lifecycle -----------------------------------------------------------------------------------------------
     @_gateway_errors
     def Create(self, request: pb.CreateRequest, context: grpc.ServicerContext) -> pb.SandboxInfo:
@@ -390,67 +370,6 @@ class Gateway(pb_grpc.SandboxServiceServicer):
         response = self._unary(request.sandbox_id, "Destroy", request, context)
         self._forget(request.sandbox_id)
         return response
-
-    @_gateway_errors
-    def SetTimeout(self, request: pb.SetTimeoutRequest, context: grpc.ServicerContext) -> pb.SandboxInfo:
-        return self._unary(request.sandbox_id, "SetTimeout", request, context)
-
-    @_gateway_errors
-    def Pause(self, request: pb.PauseRequest, context: grpc.ServicerContext) -> pb.SandboxInfo:
-        return self._unary(request.sandbox_id, "Pause", request, context)
-
-    @_gateway_errors
-    def Resume(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.SandboxInfo:
-        return self._unary(request.sandbox_id, "Resume", request, context)
-
-    @_gateway_errors
-    def Metrics(self, request: pb.SandboxRef, context: grpc.ServicerContext) -> pb.SandboxMetrics:
-        return self._unary(request.sandbox_id, "Metrics", request, context)
-
-    @_gateway_errors
-    def Logs(self, request: pb.LogsRequest, context: grpc.ServicerContext) -> pb.LogsResponse:
-        return self._unary(request.sandbox_id, "Logs", request, context)
-
-    # -- exec, sessions, files, calls ---------------------------------------------------------------------------
-    @_gateway_errors
-    def Exec(self, request: pb.ExecRequest, context: grpc.ServicerContext) -> Iterator[pb.ExecEvent]:
-        yield from self._stream(request.sandbox_id, "Exec", request, context)
-
-    @_gateway_errors
-    def StartSession(self, request: pb.StartSessionRequest, context: grpc.ServicerContext) -> pb.SessionRef:
-        return self._unary(request.sandbox_id, "StartSession", request, context)
-
-    @_gateway_errors
-    def RunInSession(self, request: pb.RunInSessionRequest, context: grpc.ServicerContext) -> Iterator[pb.ExecEvent]:
-        yield from self._stream(request.session.sandbox_id, "RunInSession", request, context)
-
-    @_gateway_errors
-    def CloseSession(self, request: pb.SessionRef, context: grpc.ServicerContext) -> pb.Empty:
-        return self._unary(request.sandbox_id, "CloseSession", request, context)
-
-    @_gateway_errors
-    def ReadFile(self, request: pb.FileRequest, context: grpc.ServicerContext) -> Iterator[pb.FileChunk]:
-        yield from self._stream(request.sandbox_id, "ReadFile", request, context)
-
-    @_gateway_errors
-    def WriteFile(self, request_iterator, context: grpc.ServicerContext) -> pb.WriteFileResponse:
-        return self._client_stream("WriteFile", request_iterator, context)
-
-    @_gateway_errors
-    def ListDir(self, request: pb.FileRequest, context: grpc.ServicerContext) -> pb.ListDirResponse:
-        return self._unary(request.sandbox_id, "ListDir", request, context)
-
-    @_gateway_errors
-    def Upload(self, request_iterator, context: grpc.ServicerContext) -> pb.UploadResponse:
-        return self._client_stream("Upload", request_iterator, context)
-
-    @_gateway_errors
-    def Download(self, request: pb.FileRequest, context: grpc.ServicerContext) -> Iterator[pb.FileChunk]:
-        yield from self._stream(request.sandbox_id, "Download", request, context)
-
-    @_gateway_errors
-    def Call(self, request: pb.CallRequest, context: grpc.ServicerContext) -> pb.CallResponse:
-        return self._unary(request.sandbox_id, "Call", request, context)
 
     # -- snapshots ----------------------------------------------------------------------------------------------
     @_gateway_errors
@@ -592,44 +511,47 @@ class PortForwarder(grpc.GenericRpcHandler):
 class SandboxRoutedForwarder(grpc.GenericRpcHandler):
     """Forwards a service's calls, as raw bytes, to the node that runs the sandbox each request names.
 
-    Why raw bytes: the request is decoded only to read its sandbox id; request and response (or a server stream,
-    message by message, cancelled together with the caller) are relayed unchanged, so a new field in the service's
-    proto needs no gateway change. One table per service says how to find the sandbox id and which calls stream.
+    Why raw bytes: the request is decoded only to read its sandbox id; request and response (or a stream, message
+    by message, cancelled together with the caller) are relayed unchanged, so a new field in the service's proto
+    needs no gateway change. One table per service says how to find the sandbox id in a request (in the first
+    message of a client stream); the request type and which side streams come from the service's descriptor.
+    `forget_not_found`: a NOT_FOUND from a unary call (the sandbox ended on its node: TTL, destroyed elsewhere)
+    stops the gateway routing to it.
     """
 
-    def __init__(self, gateway: Gateway, service: str, methods: dict[str, tuple[type, Callable[[Any], str], bool]]) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        service: ServiceDescriptor,
+        methods: dict[str, Callable[[Any], str]],
+        forget_not_found: bool = False,
+    ) -> None:
         self._gateway = gateway
-        self._prefix = f"/{service}/"
-        self._methods = methods  # method → (request type, how to read its sandbox id, server-streaming)
+        self._prefix = f"/{service.full_name}/"
+        self._service = service
+        self._methods = methods
+        self._forget_not_found = forget_not_found
 
     def service(self, handler_call_details):  # type: ignore[no-untyped-def]
         method = handler_call_details.method
         name = method[len(self._prefix) :] if method.startswith(self._prefix) else ""
         if name not in self._methods:
             return None
-        request_type, sandbox_of, streaming = self._methods[name]
+        descriptor = self._service.methods_by_name[name]
+        request_type = GetMessageClass(descriptor.input_type)
+        sandbox_of = self._methods[name]
         gateway = self._gateway
+        forget_not_found = self._forget_not_found
 
-        def node_for(request: bytes, context: grpc.ServicerContext) -> Node:
+        def route(request: bytes, context: grpc.ServicerContext) -> tuple[Node, Route | None, str]:
             try:
                 parsed = request_type.FromString(request)
             except Exception as exc:  # noqa: BLE001 - a malformed message is the caller's error
                 raise InvalidSpec(f"malformed {method} request: {exc}") from None
-            return gateway._route(sandbox_of(parsed), context)[0]
+            sandbox_id = sandbox_of(parsed)
+            return (*gateway._route(sandbox_id, context), sandbox_id)
 
-        if not streaming:
-
-            @_gateway_errors
-            def unary(_self, request: bytes, context: grpc.ServicerContext) -> bytes:
-                return gateway._call_raw(node_for(request, context), method, request, context)
-
-            return grpc.unary_unary_rpc_method_handler(functools.partial(unary, None))
-
-        @_gateway_errors
-        def stream(_self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-            node = node_for(request, context)
-            call = node.channel.unary_stream(method)(request, timeout=_timeout(context), metadata=_outgoing(context))
-            context.add_callback(call.cancel)
+        def relayed(node: Node, call: Any) -> Iterator[bytes]:
             try:
                 yield from call
             except grpc.RpcError as exc:
@@ -638,30 +560,105 @@ class SandboxRoutedForwarder(grpc.GenericRpcHandler):
             finally:
                 call.cancel()
 
-        return grpc.unary_stream_rpc_method_handler(functools.partial(stream, None))
+        if descriptor.client_streaming:
+
+            @_gateway_errors
+            def client_stream(_self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+                first = next(request_iterator, b"")
+                node, _, _ = route(first, context)
+
+                def upstream() -> Iterator[bytes]:
+                    yield first
+                    yield from request_iterator
+
+                try:
+                    return node.channel.stream_unary(method)(upstream(), timeout=_timeout(context),
+                                                             metadata=_outgoing(context))
+                except grpc.RpcError as exc:
+                    raise gateway._relay(node, exc) from None
+
+            return grpc.stream_unary_rpc_method_handler(functools.partial(client_stream, None))
+
+        if descriptor.server_streaming:
+
+            @_gateway_errors
+            def stream(_self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+                node, _, _ = route(request, context)
+                call = node.channel.unary_stream(method)(request, timeout=_timeout(context), metadata=_outgoing(context))
+                context.add_callback(call.cancel)
+                yield from relayed(node, call)
+
+            return grpc.unary_stream_rpc_method_handler(functools.partial(stream, None))
+
+        @_gateway_errors
+        def unary(_self, request: bytes, context: grpc.ServicerContext) -> bytes:
+            node, known, sandbox_id = route(request, context)
+            try:
+                return gateway._call_raw(node, method, request, context)
+            except _Relay as relay:
+                if (forget_not_found and relay.code == grpc.StatusCode.NOT_FOUND and known is not None
+                        and known.owner == _owner(context)):
+                    gateway._forget(sandbox_id)
+                raise
+
+        return grpc.unary_unary_rpc_method_handler(functools.partial(unary, None))
 
 
-# ProcessService: every request names its sandbox (a selector's or its own `sandbox_id`); Start/Connect stream output
-PROCESS_METHODS: dict[str, tuple[type, Callable[[Any], str], bool]] = {
-    "Start": (procpb.StartProcessRequest, lambda r: r.sandbox_id, True),
-    "Connect": (procpb.ProcessSelector, lambda r: r.sandbox_id, True),
-    "List": (procpb.ListProcessesRequest, lambda r: r.sandbox_id, False),
-    "SendInput": (procpb.ProcessInput, lambda r: r.process.sandbox_id, False),
-    "CloseStdin": (procpb.ProcessSelector, lambda r: r.sandbox_id, False),
-    "SendSignal": (procpb.SignalProcessRequest, lambda r: r.process.sandbox_id, False),
-    "ResizePty": (procpb.ResizePtyRequest, lambda r: r.process.sandbox_id, False),
+def _header_sandbox(method: str) -> Callable[[Any], str]:
+    """The sandbox a client stream (WriteFile, Upload) writes to: named by its first message, the header."""
+
+    def sandbox_of(first: Any) -> str:
+        if not first.HasField("header"):
+            raise InvalidSpec(f"{method} stream must start with a header")
+        return first.header.sandbox_id
+
+    return sandbox_of
+
+
+# SandboxService calls that only go to the sandbox's node; the rest (lifecycle, snapshots, fork) are Gateway methods
+SANDBOX_METHODS: dict[str, Callable[[Any], str]] = {
+    **{name: (lambda r: r.sandbox_id) for name in (
+        "SetTimeout", "Pause", "Resume", "Metrics", "Logs", "Exec", "StartSession", "CloseSession", "ReadFile",
+        "ListDir", "Download", "Call")},
+    "RunInSession": lambda r: r.session.sandbox_id,
+    "WriteFile": _header_sandbox("WriteFile"),
+    "Upload": _header_sandbox("Upload"),
 }
-# FilesystemService: Watch streams changes until cancelled
-FILESYSTEM_METHODS: dict[str, tuple[type, Callable[[Any], str], bool]] = {
-    "Stat": (fpb.FsPath, lambda r: r.sandbox_id, False),
-    "Chown": (fpb.FsPath, lambda r: r.sandbox_id, False),
-    "MakeDir": (fpb.MakeDirRequest, lambda r: r.target.sandbox_id, False),
-    "Move": (fpb.MoveRequest, lambda r: r.source.sandbox_id, False),
-    "Remove": (fpb.RemoveRequest, lambda r: r.target.sandbox_id, False),
-    "ListTree": (fpb.ListTreeRequest, lambda r: r.target.sandbox_id, False),
-    "Resolve": (fpb.ResolveRequest, lambda r: r.target.sandbox_id, False),
-    "Watch": (fpb.WatchRequest, lambda r: r.target.sandbox_id, True),
+GATEWAY_METHODS = ("Create", "Get", "List", "Destroy", "Snapshot", "Restore", "ListSnapshots", "DeleteSnapshot", "Fork")
+# ProcessService: every request names its sandbox (a selector's or its own `sandbox_id`)
+PROCESS_METHODS: dict[str, Callable[[Any], str]] = {
+    "Start": lambda r: r.sandbox_id,
+    "Connect": lambda r: r.sandbox_id,
+    "List": lambda r: r.sandbox_id,
+    "SendInput": lambda r: r.process.sandbox_id,
+    "CloseStdin": lambda r: r.sandbox_id,
+    "SendSignal": lambda r: r.process.sandbox_id,
+    "ResizePty": lambda r: r.process.sandbox_id,
 }
+FILESYSTEM_METHODS: dict[str, Callable[[Any], str]] = {
+    "Stat": lambda r: r.sandbox_id,
+    "Chown": lambda r: r.sandbox_id,
+    "MakeDir": lambda r: r.target.sandbox_id,
+    "Move": lambda r: r.source.sandbox_id,
+    "Remove": lambda r: r.target.sandbox_id,
+    "ListTree": lambda r: r.target.sandbox_id,
+    "Resolve": lambda r: r.target.sandbox_id,
+    "Watch": lambda r: r.target.sandbox_id,
+}
+
+
+def _gateway_handler(gateway: Gateway) -> grpc.GenericRpcHandler:
+    """The SandboxService calls the gateway answers itself (placement, merged lists, lost nodes, snapshot homes)."""
+    service = pb.DESCRIPTOR.services_by_name["SandboxService"]
+    handlers = {}
+    for name in GATEWAY_METHODS:
+        method = service.methods_by_name[name]
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            getattr(gateway, name),
+            request_deserializer=GetMessageClass(method.input_type).FromString,
+            response_serializer=GetMessageClass(method.output_type).SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 @dataclass
@@ -689,10 +686,15 @@ def serve_gateway(
         options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=workers * 16,
     )
-    pb_grpc.add_SandboxServiceServicer_to_server(gateway, server)
-    server.add_generic_rpc_handlers((AnyNodeForwarder(gateway), PortForwarder(gateway),
-                                    SandboxRoutedForwarder(gateway, "dsec.v1.ProcessService", PROCESS_METHODS),
-                                    SandboxRoutedForwarder(gateway, "dsec.v1.FilesystemService", FILESYSTEM_METHODS)))
+    server.add_generic_rpc_handlers((
+        _gateway_handler(gateway),
+        SandboxRoutedForwarder(gateway, pb.DESCRIPTOR.services_by_name["SandboxService"], SANDBOX_METHODS,
+                               forget_not_found=True),
+        AnyNodeForwarder(gateway),
+        PortForwarder(gateway),
+        SandboxRoutedForwarder(gateway, procpb.DESCRIPTOR.services_by_name["ProcessService"], PROCESS_METHODS),
+        SandboxRoutedForwarder(gateway, fpb.DESCRIPTOR.services_by_name["FilesystemService"], FILESYSTEM_METHODS),
+    ))
     port = server.add_insecure_port(listen)
     if port == 0:
         raise ServerUnavailable(f"gateway could not bind {listen}; pick another address")
