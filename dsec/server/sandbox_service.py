@@ -8,7 +8,9 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -109,6 +111,16 @@ def _metrics_pb(sandbox: ManagedSandbox) -> pb.SandboxMetrics:
         mem_used_bytes=usage.mem_used_bytes, mem_total_bytes=usage.mem_total_bytes, mem_cache_bytes=usage.mem_cache_bytes,
         disk_used_bytes=usage.disk_used_bytes, disk_total_bytes=usage.disk_total_bytes,
     ))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Write:
+    """How one byte-writing RPC puts a client's bytes into a sandbox (WriteFile: one file; Upload: a tar)."""
+
+    kind: str  # the step log's kind
+    response: type  # the RPC's response message
+    write: Callable[[Iterable[bytes]], Any]  # writes the chunks, returns the response
+    step_payload: Callable[[bytes], bytes]  # what a step's request hash covers, given the whole content
 
 
 class SandboxService(pb_grpc.SandboxServiceServicer):
@@ -286,39 +298,23 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
 
     @rpc_errors
     def WriteFile(self, request_iterator, context: grpc.ServicerContext) -> pb.WriteFileResponse:
-        first = next(request_iterator, None)
-        if first is None or not first.HasField("header"):
-            raise InvalidSpec("WriteFile stream must start with a header")
-        header = first.header
-        sandbox = self.manager.running(header.sandbox_id, self._tenant(context))
-        path = sandbox_path(header.path, sandbox.default_cwd())
-        mode = header.mode or 0o644
-        if not 0 <= mode <= 0o7777:
-            raise InvalidSpec(f"invalid file mode {oct(mode)}")
-
-        def chunks() -> Iterator[bytes]:
-            for message in request_iterator:
-                if message.HasField("header"):
-                    raise InvalidSpec("WriteFile stream carries a second header")
-                yield message.data
-
-        if header.HasField("step") and header.step.trajectory_id:
-            content = b"".join(chunks())  # the hash covers the content, so it must be read first
-
-            def execute() -> bytes:
-                size = sandbox.handle.write_file(path, [content], mode, header.make_parents)
-                return pb.WriteFileResponse(size_bytes=size).SerializeToString()
-
+        def plan(sandbox: ManagedSandbox, header: pb.WriteFileHeader) -> _Write:
+            path = sandbox_path(header.path, sandbox.default_cwd())
+            mode = header.mode or 0o644
+            if not 0 <= mode <= 0o7777:
+                raise InvalidSpec(f"invalid file mode {oct(mode)}")
             hashed = pb.WriteFileHeader()
             hashed.CopyFrom(header)
             hashed.ClearField("step")
             hashed.ClearField("sandbox_id")
-            keyed = pb.CallRequest(sandbox_id=header.sandbox_id, payload=hashed.SerializeToString() + content, step=header.step)
-            record, replayed = self._logged(sandbox, "write_file", keyed, execute)
-            response = pb.WriteFileResponse.FromString(record)
-            response.replayed = replayed
-            return response
-        return pb.WriteFileResponse(size_bytes=sandbox.handle.write_file(path, chunks(), mode, header.make_parents))
+            return _Write(
+                "write_file",
+                pb.WriteFileResponse,
+                lambda chunks: pb.WriteFileResponse(size_bytes=sandbox.handle.write_file(path, chunks, mode, header.make_parents)),
+                lambda content: hashed.SerializeToString() + content,
+            )
+
+        return self._write_stream("WriteFile", request_iterator, context, plan)
 
     @rpc_errors
     def ListDir(self, request: pb.FileRequest, context: grpc.ServicerContext) -> pb.ListDirResponse:
@@ -328,31 +324,44 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
 
     @rpc_errors
     def Upload(self, request_iterator, context: grpc.ServicerContext) -> pb.UploadResponse:
+        def plan(sandbox: ManagedSandbox, header: pb.UploadHeader) -> _Write:
+            dest = sandbox_path(header.path, sandbox.default_cwd())
+            return _Write(
+                "upload",
+                pb.UploadResponse,
+                lambda chunks: pb.UploadResponse(size_bytes=upload_tar(sandbox.handle, dest, chunks)),
+                lambda content: dest.encode() + b"\0" + content,
+            )
+
+        return self._write_stream("Upload", request_iterator, context, plan)
+
+    def _write_stream(
+        self, rpc: str, request_iterator, context: grpc.ServicerContext, plan: Callable[[ManagedSandbox, Any], _Write]
+    ) -> Any:
+        """The one path by which bytes streamed by a client land in a sandbox (WriteFile, Upload): the header
+        first and only once, a running sandbox of the caller's, then either a plain streamed write or, inside a
+        trajectory, a logged step whose hash covers the content (so it is read in full first)."""
         first = next(request_iterator, None)
         if first is None or not first.HasField("header"):
-            raise InvalidSpec("Upload stream must start with a header")
+            raise InvalidSpec(f"{rpc} stream must start with a header")
         header = first.header
         sandbox = self.manager.running(header.sandbox_id, self._tenant(context))
-        dest = sandbox_path(header.path, sandbox.default_cwd())
+        write = plan(sandbox, header)
 
         def chunks() -> Iterator[bytes]:
             for message in request_iterator:
                 if message.HasField("header"):
-                    raise InvalidSpec("Upload stream carries a second header")
+                    raise InvalidSpec(f"{rpc} stream carries a second header")
                 yield message.data
 
-        if header.HasField("step") and header.step.trajectory_id:
-            content = b"".join(chunks())
-
-            def execute() -> bytes:
-                return pb.UploadResponse(size_bytes=upload_tar(sandbox.handle, dest, [content])).SerializeToString()
-
-            keyed = pb.CallRequest(sandbox_id=header.sandbox_id, payload=dest.encode() + b"\0" + content, step=header.step)
-            record, replayed = self._logged(sandbox, "upload", keyed, execute)
-            response = pb.UploadResponse.FromString(record)
-            response.replayed = replayed
-            return response
-        return pb.UploadResponse(size_bytes=upload_tar(sandbox.handle, dest, chunks()))
+        if not (header.HasField("step") and header.step.trajectory_id):
+            return write.write(chunks())
+        content = b"".join(chunks())
+        keyed = pb.CallRequest(sandbox_id=header.sandbox_id, payload=write.step_payload(content), step=header.step)
+        record, replayed = self._logged(sandbox, write.kind, keyed, lambda: write.write([content]).SerializeToString())
+        response = write.response.FromString(record)
+        response.replayed = replayed
+        return response
 
     @rpc_errors
     def Download(self, request: pb.FileRequest, context: grpc.ServicerContext) -> Iterator[pb.FileChunk]:
