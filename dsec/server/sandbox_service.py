@@ -310,7 +310,8 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
             return _Write(
                 "write_file",
                 pb.WriteFileResponse,
-                lambda chunks: pb.WriteFileResponse(size_bytes=sandbox.handle.write_file(path, chunks, mode, header.make_parents)),
+                lambda chunks: pb.WriteFileResponse(
+                    size_bytes=sandbox.handle.write_file(path, chunks, mode, header.make_parents)),
                 lambda content: hashed.SerializeToString() + content,
             )
 
