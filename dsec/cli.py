@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from dsec.substrates import registry
+
 DEFAULT_SERVER = "127.0.0.1:50551"
 
 
@@ -105,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run one command in a fresh sandbox")
     run.add_argument("--image", default="busybox")
-    run.add_argument("--substrate", default="container", choices=["container", "function", "microvm", "vm"])
+    run.add_argument("--substrate", default="container", choices=registry.names())
     run.add_argument("--driver", default="")
     run.add_argument("--timeout", type=float, default=None, help="command timeout (s)")
     run.add_argument("--ttl", type=float, default=600.0, help="sandbox time to live (s)")

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from dsec.allowlist import parse_allowlist
+from dsec.substrates import registry
 
-Substrate = Literal["function", "container", "microvm", "vm"]
-SUBSTRATES: tuple[str, ...] = ("function", "container", "microvm", "vm")
+
+def _registered_substrate(name: str) -> str:
+    known = registry.names()
+    if name not in known:
+        raise ValueError(f"unknown substrate {name!r}; registered substrates: {', '.join(known)}")
+    return name
+
+
+# A substrate is a plug-in (dsec/substrates/registry.py): the names are whatever is registered, checked at
+# validation so the SDK and the server answer a typo with the same list.
+Substrate = Annotated[
+    str,
+    AfterValidator(_registered_substrate),
+    Field(description="a registered substrate: built in are function, container, microvm and vm"),
+]
 # What a pause keeps (docs/lifecycle.md): freeze = processes stopped in place, RAM held; memory = processes and
 # memory written to disk (CRIU / QEMU migrate to file), no CPU and no RAM held; files = files only, processes end.
 PauseKind = Literal["freeze", "memory", "files"]

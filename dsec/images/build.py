@@ -266,7 +266,7 @@ def _run_step(
                 f"build step RUN {shlex.join(step.args)} failed with exit code {exit_code}: "
                 f"{output.decode(errors='replace')[-OUTPUT_TAIL:]}"
             )
-        return upper_to_layer(sandbox.upper_dir, out)
+        return upper_to_layer(sandbox.writable_layer(), out)
     finally:
         try:
             driver.destroy(sandbox)

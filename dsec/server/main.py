@@ -31,6 +31,7 @@ from dsec.server.process_service import add_process_service
 from dsec.server.sandbox_service import SandboxService
 from dsec.server.state import claim_run_dir
 from dsec.server.template_service import add_template_services
+from dsec.substrates import registry
 from dsec.v1 import sandbox_pb2_grpc as pb_grpc
 
 log = logging.getLogger("dsec.server")
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsec serve", description="Run a dsec sandbox server.")
     parser.add_argument("--listen", default=os.environ.get("DSEC_LISTEN", "127.0.0.1:50551"))
     parser.add_argument("--home", default=None, help="state directory (default $DSEC_HOME)")
-    parser.add_argument("--container-driver", default=None, choices=["crun", "runc", "docker"])
+    parser.add_argument("--container-driver", default=None, choices=sorted(registry.get("container").drivers))
     parser.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default=os.environ.get("DSEC_LOG_LEVEL", "INFO"))
     parser.add_argument("--log-format", default=os.environ.get("DSEC_LOG_FORMAT", "text"), choices=["text", "json"])

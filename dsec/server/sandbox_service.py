@@ -26,7 +26,7 @@ from dsec.server.metrics import EXEC_SECONDS, EXECS, STEPS
 from dsec.server.paths import sandbox_path
 from dsec.server.sessions import check_on_timeout
 from dsec.server.transfer import download_tar, upload_tar
-from dsec.substrates.function.driver import FunctionSandbox
+from dsec.substrates import registry
 from dsec.trajectory.log import StepRef
 from dsec.v1 import sandbox_pb2 as pb
 from dsec.v1 import sandbox_pb2_grpc as pb_grpc
@@ -374,13 +374,15 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
     @rpc_errors
     def Call(self, request: pb.CallRequest, context: grpc.ServicerContext) -> pb.CallResponse:
         sandbox = self.manager.running(request.sandbox_id, self._tenant(context))
-        if not isinstance(sandbox.handle, FunctionSandbox):
+        if registry.CALL not in registry.get(sandbox.spec.substrate).capabilities:
+            able = [s.name for s in registry.all_substrates() if registry.CALL in s.capabilities]
             raise InvalidSpec(
-                f"sandbox {request.sandbox_id} is a {sandbox.spec.substrate} sandbox; Call needs substrate='function'"
+                f"sandbox {request.sandbox_id} is a {sandbox.spec.substrate} sandbox; Call needs substrate="
+                f"{' or '.join(repr(name) for name in able)}"
             )
         if request.timeout_s < 0 or request.memory_mb < 0:
             raise InvalidSpec("timeout_s and memory_mb must be >= 0")
-        handle: FunctionSandbox = sandbox.handle
+        handle = sandbox.handle
 
         def execute() -> bytes:
             reply = handle.call(request.payload, request.timeout_s, request.memory_mb)

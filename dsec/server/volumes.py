@@ -27,6 +27,7 @@ from pathlib import Path
 
 from dsec import loopdev
 from dsec.errors import InvalidSpec, RuntimeFailure, Unsupported, VolumeExists, VolumeInUse, VolumeNotFound
+from dsec.substrates import registry
 from dsec.substrates.base import volume_source
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
@@ -47,13 +48,13 @@ def check_name(name: str) -> str:
     return name
 
 
-VOLUME_SUBSTRATES = ("container", "function")  # VMs would need the image as an extra virtio-blk disk: not built
-
-
 def check_supported(substrate: str) -> None:
-    if substrate not in VOLUME_SUBSTRATES:
+    """Volumes are the `volumes` capability (dsec/substrates/registry.py); VMs would need the image as an extra
+    virtio-blk disk: not built."""
+    able = [s.name for s in registry.all_substrates() if registry.VOLUMES in s.capabilities]
+    if substrate not in able:
         raise Unsupported(
-            f"named volumes mount into {' and '.join(VOLUME_SUBSTRATES)} sandboxes only; {substrate} has no volume "
+            f"named volumes mount into {' and '.join(able)} sandboxes only; {substrate} has no volume "
             "support yet (copy files in with upload, or use a container sandbox)"
         )
 

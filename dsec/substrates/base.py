@@ -1,9 +1,11 @@
 """The one driver protocol every substrate implements.
 
 The server only ever talks to `SandboxDriver` and `DriverSandbox`; adding a substrate or a runtime
-(crun, runc, Docker, QEMU microvm, QEMU q35) means one new module that implements these, nothing else.
-Exec, sessions, uploads and downloads are built by the server on top of `spawn` + files, so they
-behave identically everywhere.
+(crun, runc, Docker, QEMU microvm, QEMU q35) means a module that implements these plus one `register` call
+(dsec/substrates/registry.py; the recipe is in docs/ARCHITECTURE.md, "Adding a substrate"). Optional abilities
+(pause, snapshot, call, writable_layer, ports…) are methods that raise `Unsupported` until a substrate overrides
+them. Exec, sessions, uploads and downloads are built by the server on top of `spawn` + files, so they behave
+identically everywhere.
 """
 
 from __future__ import annotations
@@ -134,6 +136,18 @@ class DriverSandbox(abc.ABC):
     def snapshot(self, dest: Path) -> str:
         """Write a restorable snapshot into `dest`; return its kind (e.g. 'filesystem', 'memory+disk')."""
         raise Unsupported(f"snapshot is not supported by this substrate (sandbox {self.sandbox_id})")
+
+    def call(self, payload: bytes, timeout_s: float, memory_mb: int) -> dict:
+        """Run one cloudpickled call in a warm Python worker (capability `call`, the function substrate); returns
+        the worker's reply (base64 result, error type and traceback, output). Why a capability: the Call RPC asks
+        the registry, not a class, which sandboxes can take it."""
+        raise Unsupported(f"call is not supported by this substrate (sandbox {self.sandbox_id}); use substrate='function'")
+
+    def writable_layer(self) -> Path:
+        """The directory holding everything this sandbox wrote over its image, as overlayfs keeps an upper dir
+        (whiteouts as character devices, opaque dirs by xattr). Why: an image build's RUN step turns it into a
+        layer (images/build.py); substrates whose changes live inside a disk image cannot offer it."""
+        raise Unsupported(f"exporting the writable layer is not supported by this substrate (sandbox {self.sandbox_id})")
 
     def netns_path(self) -> Path:
         """The network namespace the sandbox's processes use (e.g. /proc/<init pid>/ns/net).

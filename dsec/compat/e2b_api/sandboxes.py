@@ -22,6 +22,7 @@ from dsec.compat.context import STATE_API_KEY, CompatContext, error_name
 from dsec.compat.e2b_api import wire
 from dsec.compat.e2b_api.errors import ApiError, from_grpc, from_validation, parse_json
 from dsec.compat.template_start import StartFailed, run_start_command
+from dsec.substrates import registry
 from dsec.v1 import sandbox_pb2 as pb
 from dsec.v1 import sandbox_pb2_grpc as pb_grpc
 
@@ -29,7 +30,6 @@ M = TypeVar("M", bound=BaseModel)
 
 # E2B template names → dsec image tags; any other template is used as a dsec image reference as it is.
 TEMPLATE_IMAGES = {"base": "base", "code-interpreter-v1": "code-interpreter", "code-interpreter": "code-interpreter"}
-SUBSTRATES = ("container", "function", "microvm", "vm")
 ALL_TRAFFIC = "0.0.0.0/0"
 GONE_STATES = ("destroyed", "lost")
 SNAPSHOT_ID = re.compile(r"^snap-[0-9a-f]{16}$")  # dsec/server/snapshots.py
@@ -82,8 +82,9 @@ class SandboxRoutes:
             if getattr(body, name):
                 raise ApiError(400, f"{name} is not supported by dsec (docs/compat.md)")
         substrate = metadata.get(wire.SUBSTRATE_METADATA_KEY, "container")
-        if substrate not in SUBSTRATES:
-            raise ApiError(400, f"metadata {wire.SUBSTRATE_METADATA_KEY}={substrate!r}: expected one of {', '.join(SUBSTRATES)}")
+        if substrate not in registry.names():
+            raise ApiError(400, f"metadata {wire.SUBSTRATE_METADATA_KEY}={substrate!r}: expected one of "
+                                f"{', '.join(registry.names())}")
         internet, network_allow = _network(body)
         token = secrets.token_urlsafe(24)
         labels = metadata | {wire.LABEL_TEMPLATE: body.templateID, wire.LABEL_ENVD_TOKEN: token,

@@ -203,6 +203,9 @@ class ContainerSandbox(AgentSandbox):
                 idmap.bind(self.runtime.bin_dir, self.upper_dir, view, base, 0)
         return view
 
+    def writable_layer(self) -> Path:
+        return self.upper_dir
+
     def netns_path(self) -> Path:
         """The network namespace of the container's PID 1 (the agent), checked to still be this sandbox's."""
         self._check_alive("reach a port of")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from dsec.config import ServerConfig
+from typing import TYPE_CHECKING
+
 from dsec.errors import InvalidSpec
-from dsec.substrates.base import SandboxDriver
+
+if TYPE_CHECKING:  # the package is imported to register it (plugin.py): nothing heavy until a driver is built
+    from dsec.config import ServerConfig
+    from dsec.substrates.base import SandboxDriver
 
 
 def vm_driver(substrate: str, config: ServerConfig) -> SandboxDriver:
