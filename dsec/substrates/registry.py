@@ -129,6 +129,7 @@ class Substrate:
 
 _substrates: dict[str, Substrate] = {}
 _loaded: set[str] = set()  # plugin modules (or files) imported
+_discovered: str | None = None  # the $DSEC_SUBSTRATE_MODULES value everything is loaded for
 _lock = threading.RLock()
 
 
@@ -163,13 +164,18 @@ def _load(entry: str) -> None:
 
 
 def discover() -> None:
-    """Import every built-in plugin and every module named in $DSEC_SUBSTRATE_MODULES not imported yet."""
-    extra = [e.strip() for e in os.environ.get(MODULES_ENV, "").split(",") if e.strip()]
+    """Import every built-in plugin and every module named in $DSEC_SUBSTRATE_MODULES not imported yet. Cheap when
+    nothing changed (every spec validation calls it): one environment read."""
+    global _discovered
+    named = os.environ.get(MODULES_ENV, "")
+    if named == _discovered:
+        return
     with _lock:
-        for entry in (*BUILTIN, *extra):
+        for entry in (*BUILTIN, *(e.strip() for e in named.split(",") if e.strip())):
             if entry not in _loaded:
                 _load(entry)
                 _loaded.add(entry)
+        _discovered = named
 
 
 def names() -> list[str]:
