@@ -289,6 +289,8 @@ class AgentClient:
         self._wake_r, self._wake_w = os.pipe()
         self.closed = False
         self._lost_reason = ""
+        self._buf = bytearray()  # bytes read but not yet a whole frame; kept across detach/attach
+        self._detached = False
         self._reader = threading.Thread(target=self._read_loop, daemon=True, name="dsec-agent-reader")
         self._reader.start()
 
@@ -362,6 +364,8 @@ class AgentClient:
         with self._write_lock:
             if self.closed:
                 raise self.lost_error()
+            if self._detached:
+                raise RuntimeFailure(f"the sandbox is paused{self.where}: resume it first", sandbox_id=self.sandbox_id)
             try:
                 self._write_all(memoryview(data))
             except OSError as exc:
@@ -395,20 +399,26 @@ class AgentClient:
             q.put(_LOST)
 
     def _read_loop(self) -> None:
-        buf = bytearray()
+        buf = self._buf
         reason = "the agent closed the stream"
         poller = select.poll()
         poller.register(self._rfd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        draining = False  # detach: read what the stream already holds, then stop without failing anyone
         try:
             while True:
-                ready = {fd for fd, _ in poller.poll()}
-                if self._wake_r in ready:
-                    reason = "closed by the host"
-                    return
+                ready = {fd for fd, _ in poller.poll(0 if draining else None)}
+                if self._wake_r in ready and not draining:
+                    if not self._detached:
+                        reason = "closed by the host"
+                        return
+                    draining = True
+                    poller.unregister(self._wake_r)
                 try:
                     chunk = os.read(self._rfd, READ_SIZE)
                 except BlockingIOError:
+                    if draining:
+                        return
                     continue
                 if not chunk:
                     return
@@ -430,7 +440,31 @@ class AgentClient:
         except OSError as exc:
             reason = f"read failed: {exc}"
         finally:
-            self._lose(reason)
+            if not self._detached:
+                self._lose(reason)
+
+    def detach(self) -> None:
+        """Stop using the stream without failing any request or process waiting on it: the agent's end is being
+        saved with its sandbox (a VM's memory pause, QEMU about to exit). What the stream already delivered is
+        read, a partial frame kept; sends fail until `attach` continues the same conversation on a new stream."""
+        with self._write_lock:
+            self._detached = True
+        os.write(self._wake_w, b"d")
+        self._reader.join()
+        os.read(self._wake_r, 16)
+        with self._write_lock:
+            if self._sock is not None:
+                self._sock.close()
+            self._rfd = self._wfd = -1
+
+    def attach(self, stream: socket.socket) -> None:
+        """Continue after `detach` on `stream`, a new connection to the same agent (restored with its state)."""
+        with self._write_lock:
+            self._sock, self._rfd, self._wfd = stream, stream.fileno(), stream.fileno()
+            os.set_blocking(self._rfd, False)
+            self._detached = False
+        self._reader = threading.Thread(target=self._read_loop, daemon=True, name="dsec-agent-reader")
+        self._reader.start()
 
     # -- requests -----------------------------------------------------------------------------------------
     def _simple(self, ftype: int, payload: bytes, what: str) -> tuple[_Request, int, bytes]:

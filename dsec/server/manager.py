@@ -577,18 +577,20 @@ class SandboxManager:
         return sandbox
 
     def _pause_locked(self, sandbox: ManagedSandbox, kind: PauseKind) -> None:
-        """Pause under `sandbox.lock`. A memory or files pause ends the agent connection its sessions and
-        process streams run over, so the host's handles on them go (a files pause also ends the processes; a
-        memory pause keeps them, and their memory, inside the sandbox)."""
+        """Pause under `sandbox.lock`. Where the pause ends the agent connection that sessions and process
+        streams run over (containers' memory and files pauses), the host's handles on them go: sessions are
+        closed first (a shell lives only for its host stream), process streams after (a memory pause keeps the
+        processes themselves inside the sandbox)."""
         sandbox.handle.check_pause(kind)  # Unsupported (with its reason) before anything is touched
-        if kind != "freeze":
-            for session in sandbox.sessions.values():  # a shell lives only for its host stream
+        keeps = sandbox.handle.keeps_streams(kind)
+        if not keeps:
+            for session in sandbox.sessions.values():
                 session.close()
             sandbox.sessions.clear()
         sandbox.handle.pause(kind)
-        if kind != "freeze":
+        if not keeps:
             ended, sandbox.processes = sandbox.processes, ProcessTable(sandbox.sandbox_id)
-            ended.close()  # their streams ended with the connection; a memory pause keeps the processes themselves
+            ended.close()
         sandbox.state, sandbox.pause_kind = "paused", kind
 
     def resume(self, sandbox_id: str, tenant: str | None = None) -> ManagedSandbox:

@@ -125,6 +125,11 @@ class DriverSandbox(abc.ABC):
         before the server touches anything, so a refused memory pause can fall back to a freeze."""
         raise Unsupported(f"pause is not supported by this substrate (sandbox {self.sandbox_id})")
 
+    def keeps_streams(self, kind: PauseKind) -> bool:
+        """Whether the host's agent connection (sessions, process streams) lives through a `kind` pause; where
+        it does not, the server ends its sessions first."""
+        return kind == "freeze"
+
     def pause(self, kind: PauseKind = "freeze") -> None:
         """freeze: stop processes in place; memory: save processes + memory to disk, holding no CPU or RAM;
         files: end processes, keep files. `resume` undoes whichever it was."""

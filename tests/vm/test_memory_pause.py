@@ -79,6 +79,8 @@ def test_memory_pause_frees_qemu_and_keeps_processes(make_vm, substrate):
     sb.exec("echo on the disk > /root/kept.txt")
     first, secret, _ = ask(sb, "before")
     assert qemu_pids(sb.id), "a running VM has its QEMU"
+    session = sb.session()
+    session.run("cd /tmp && X=42")
 
     sb.pause(memory=True)
     assert sb.info.state == "paused"
@@ -88,6 +90,7 @@ def test_memory_pause_frees_qemu_and_keeps_processes(make_vm, substrate):
 
     sb.resume()
     assert ask(sb, "after") == (first + 1, secret, "after"), "the process and its memory came back"
+    assert session.run("echo $X $PWD").text == "42 /tmp\n", "the session's shell lived through the pause"
     assert sb.exec("cat /root/kept.txt").text == "on the disk\n"
     assert len(qemu_pids(sb.id)) == 1
 

@@ -152,6 +152,11 @@ class VmSandbox(AgentSandbox):
                 sandbox_id=self.sandbox_id,
             )
 
+    def keeps_streams(self, kind: PauseKind) -> bool:
+        """The guest never sees its agent port go (QEMU connects to the host, see machine.py), and the host's
+        client detaches and re-attaches around a memory pause, so sessions and process streams carry on."""
+        return kind in ("freeze", "memory")
+
     def pause(self, kind: PauseKind = "freeze") -> None:
         """freeze: every vCPU stopped, RAM held. memory: the guest's memory and devices are migrated to a file
         in the state directory and QEMU exits (no CPU, no RAM held); disk overlay and network namespace stay."""
@@ -172,7 +177,7 @@ class VmSandbox(AgentSandbox):
                 with contextlib.suppress(FileNotFoundError):
                     saved.unlink()
                 raise
-            self.client.close()
+            self.client.detach()
             self.process.kill()
         self._saved = saved
         self._paused = True
@@ -183,15 +188,15 @@ class VmSandbox(AgentSandbox):
             self._paused = False
             return
         process = self.relaunch(self._saved)
-        client = AgentClient(process.agent_socket, sandbox_id=self.sandbox_id)
+        self.client.attach(process.agent_socket)
         try:
             process.finish_incoming(SAVE_TIMEOUT_S)
-            client.ping(timeout=SAVE_TIMEOUT_S)
+            self.client.ping(timeout=SAVE_TIMEOUT_S)
         except BaseException:
-            client.close()
+            self.client.detach()
             process.kill()  # the state file stays: the sandbox is still paused and may be resumed again
             raise
-        self.process, self.client = process, client
+        self.process = process
         self._saved.unlink()
         self._saved = None
         self._paused = False
