@@ -14,6 +14,7 @@ Docker SDK, QEMU probing) is imported until a server builds a driver.
 
 from __future__ import annotations
 
+import abc
 import importlib
 import importlib.util
 import os
@@ -82,7 +83,7 @@ class SweepContext(Protocol):
         """Remove a dead sandbox's state directory (mounts below it first) and every sweeper's per-id state."""
 
 
-class Sweeper:
+class Sweeper(abc.ABC):
     """Finds and removes one kind of leftover on the host. Sweepers of every substrate run in `stage` order
     (lower first: processes before the network plumbing and disks they hold), each once however many
     substrates list it."""
@@ -90,8 +91,9 @@ class Sweeper:
     stage: int = 0  # 0 processes, 10 cgroups, 20 network plumbing, 30 disks
     kinds: tuple[str, ...] = ()  # what it reports (`Orphans.<kind>`), e.g. ("cgroups",)
 
+    @abc.abstractmethod
     def sweep(self, ctx: SweepContext) -> None:
-        raise NotImplementedError
+        """Remove (through `ctx.remove`) every leftover of this kind whose sandbox `ctx.gone` judges an orphan's."""
 
     def clean_state(self, sandbox_id: str, state_dir: Path) -> None:
         """Remove per-sandbox state this substrate keeps outside `state_dir` (e.g. an OCI runtime's state)."""
