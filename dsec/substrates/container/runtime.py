@@ -18,6 +18,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsec import procwait
 from dsec.errors import RuntimeFailure
 from dsec.substrates.container.v1view import v1view_binary
 
@@ -69,9 +70,8 @@ class OciRuntime:
               timeout: float = COMMAND_TIMEOUT_S) -> subprocess.CompletedProcess:
         self.root.mkdir(parents=True, exist_ok=True)
         try:
-            proc = subprocess.run(
+            proc = procwait.run(  # wakes at the runtime's exit: subprocess.run polls with up to 50 ms sleeps
                 self._argv(*args),
-                stdin=subprocess.DEVNULL,
                 stdout=stdout,
                 stderr=subprocess.PIPE if stdout is subprocess.PIPE else subprocess.STDOUT,
                 timeout=timeout,
