@@ -139,9 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     snap_rm.add_argument("snapshot_ids", nargs="+")
     snap_rm.set_defaults(func=cmd_snapshots_rm)
 
+    from dsec.snapshots_cli import add_snapshot_registry_commands
     from dsec.templates_cli import add_template_commands
 
     add_template_commands(sub, snapshots, _client)
+    add_snapshot_registry_commands(snapshots, _client)
 
     try:
         from dsec.images.cli import add_images_commands

@@ -24,6 +24,7 @@ Substrate = Annotated[
     AfterValidator(_registered_substrate),
     Field(description="a registered substrate: built in are function, container, microvm and vm"),
 ]
+
 # What a pause keeps (docs/lifecycle.md): freeze = processes stopped in place, RAM held; memory = processes and
 # memory written to disk (CRIU / QEMU migrate to file), no CPU and no RAM held; files = files only, processes end.
 PauseKind = Literal["freeze", "memory", "files"]
@@ -205,6 +206,16 @@ class CollectedSnapshot(BaseModel):
     snapshot_id: str
     reason: str
     size_bytes: int = 0
+
+
+class PushedSnapshot(BaseModel):
+    """A snapshot pushed to a registry as an OCI artifact (docs/lifecycle.md "Portable snapshots")."""
+
+    digest: str = Field(description="the artifact manifest's digest: pull host/repo@digest to pin it")
+    image_digest: str = Field("", description="the base image, pushed to the same repository by digest")
+    blobs_uploaded: int = Field(0, description="chunks and config sent by this push")
+    blobs_present: int = Field(0, description="chunks the registry already had: not sent again")
+    bytes_uploaded: int = 0
 
 
 # -- what the server reports back: the SDK returns these (converted from the wire by dsec/wire.py) -----------

@@ -22,6 +22,7 @@ from dsec.v1 import image_pb2 as ipb
 from dsec.v1 import process_pb2 as ppb
 from dsec.v1 import sandbox_pb2 as pb
 from dsec.v1 import template_pb2 as tmpb
+from dsec.v1 import snapshot_registry_pb2 as srpb
 from dsec.v1 import trajectory_pb2 as tpb
 from dsec.v1 import volume_pb2 as vpb
 
@@ -54,6 +55,7 @@ PAIRS: tuple[tuple[type[BaseModel], type[Message]], ...] = (
     (m.LoggedStep, tpb.LoggedStep),
     (m.TemplateInfo, tmpb.TemplateInfo),
     (m.CollectedSnapshot, tmpb.CollectedSnapshot),
+    (m.PushedSnapshot, srpb.PushSnapshotResponse),
 )
 """Every public shape and its message: what `to_pb` and `from_pb` accept."""
 

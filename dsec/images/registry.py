@@ -193,7 +193,7 @@ def fetch_layer(store: LayerStore, record: ImageRecord, layer: LayerInfo) -> Lay
     return info
 
 
-def _blob_exists(client: RegistryClient, repo: str, digest: str) -> bool:
+def blob_exists(client: RegistryClient, repo: str, digest: str) -> bool:
     try:
         with client.request("HEAD", f"/v2/{repo}/blobs/{digest}"):
             return True
@@ -201,7 +201,7 @@ def _blob_exists(client: RegistryClient, repo: str, digest: str) -> bool:
         return False
 
 
-def _upload(client: RegistryClient, repo: str, digest: str, path: Path) -> None:
+def upload_blob(client: RegistryClient, repo: str, digest: str, path: Path) -> None:
     with client.request("POST", f"/v2/{repo}/blobs/uploads/", headers={"Content-Length": "0"}, ok=(202,)) as resp:
         location = resp.getheader("Location", "")
     parsed = urllib.parse.urlsplit(location)
@@ -221,11 +221,12 @@ def push(store: LayerStore, ref: str, dest: str) -> str:
         path = store.blob_path(digest)
         if not path.exists():
             raise ImageNotFound(f"blob {digest} of {ref!r} is not on this node (lazy layer never used): pull it fully first")
-        if not _blob_exists(client, remote.repo, digest):
-            _upload(client, remote.repo, digest, path)
+        if not blob_exists(client, remote.repo, digest):
+            upload_blob(client, remote.repo, digest, path)
     manifest = store.read_blob(record.digest)
     media_type = json.loads(manifest).get("mediaType", oci.MT_MANIFEST)
-    with client.request("PUT", f"/v2/{remote.repo}/manifests/{remote.tag}", body=manifest,
+    # `dest` with a digest (host/repo@sha256:…) stores the manifest untagged, by that digest
+    with client.request("PUT", f"/v2/{remote.repo}/manifests/{remote.manifest_ref}", body=manifest,
                         headers={"Content-Type": media_type}, ok=(201,)) as resp:
         pushed = resp.getheader("Docker-Content-Digest", record.digest)
     if pushed != record.digest:
@@ -233,4 +234,4 @@ def push(store: LayerStore, ref: str, dest: str) -> str:
     return record.digest
 
 
-__all__ = ["RemoteRef", "download_blob", "fetch_layer", "partial_path", "pull", "push"]
+__all__ = ["RemoteRef", "blob_exists", "download_blob", "fetch_layer", "partial_path", "pull", "push", "upload_blob"]

@@ -14,8 +14,11 @@ from pydantic import ValidationError
 
 from dsec import wire
 from dsec.errors import CapacityExceeded, InvalidSpec
-from dsec.models import CollectedSnapshot, ReadyProbe, SandboxInfo, SandboxSpec, SnapshotInfo, VolumeMount
+from dsec.models import (
+    CollectedSnapshot, PushedSnapshot, ReadyProbe, SandboxInfo, SandboxSpec, SnapshotInfo, VolumeMount,
+)
 from dsec.sdk.embedded import EmbeddedServer
+from dsec.sdk.snapshot_registry import pull_snapshot, push_snapshot
 from dsec.sdk.errors import to_dsec_error
 from dsec.v1 import sandbox_pb2 as pb
 from dsec.v1 import sandbox_pb2_grpc as pb_grpc
@@ -246,6 +249,16 @@ class Client:
     def delete_snapshot(self, snapshot_id: str) -> None:
         """Free a snapshot's disk; restores already under way from it still finish."""
         self.rpc(self.sandboxes.DeleteSnapshot, pb.DeleteSnapshotRequest(snapshot_id=snapshot_id))
+
+    def push_snapshot(self, snapshot_id: str, ref: str) -> PushedSnapshot:
+        """Push one of your snapshots to an OCI registry as `ref` (host[:port]/repo[:tag]); its base image goes to
+        the same repository. Chunks the registry already has are not sent again."""
+        return push_snapshot(self, snapshot_id, ref)
+
+    def pull_snapshot(self, ref: str) -> SnapshotInfo:
+        """Pull a pushed snapshot (and its base image when this node lacks it) as a new snapshot of yours; restore
+        it with `client.restore(info.snapshot_id)`. All blobs are verified; a failed pull leaves nothing."""
+        return pull_snapshot(self, ref)
 
     def snapshots_gc(self) -> list[CollectedSnapshot]:
         """Run one snapshot GC pass over the caller's snapshots now; what it removed and why."""

@@ -30,6 +30,7 @@ from dsec.server.port_service import add_port_service
 from dsec.server.process_service import add_process_service
 from dsec.server.sandbox_service import SandboxService
 from dsec.server.state import claim_run_dir
+from dsec.server.snapshot_registry_service import add_snapshot_registry_service
 from dsec.server.template_service import add_template_services
 from dsec.substrates import registry
 from dsec.v1 import sandbox_pb2_grpc as pb_grpc
@@ -131,6 +132,7 @@ def serve(config: ServerConfig) -> RunningServer:
     add_filesystem_service(server, manager, auth)
     add_volume_service(server, manager.volumes, auth)
     add_template_services(server, manager, auth)
+    add_snapshot_registry_service(server, manager, auth)
     _add_optional_services(server, images, trajectory_log, auth)
     listen = config.listen
     if config.tls_cert and config.tls_key:
