@@ -12,6 +12,9 @@ Two warm-pool figures (docs/lifecycle.md), on the first driver, in the same run:
                             refilled between samples, outside the timing; every sample must be a claim).
   burst_100_creates_p99_s   100 creates sent at once (one thread each) with a pool of 20 ready: the p99 of the
                             time each create took to return (80 go cold through admission control).
+The cost of user namespaces (issue #22, docs/hardening.md), on the first driver when it is crun or runc:
+  userns_create_overhead_ms create + first exec `true` at the driver (busybox from the layer store), p50 with a
+                            user namespace minus p50 without, interleaved in the same run (destroys untimed).
 Every driver (crun, runc, docker) is measured and reported. Contenders of one comparison run interleaved, one
 sample each per round, so load from other work on the machine hits all of them alike. The last line is
 key=value pairs.
@@ -27,15 +30,18 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import docker
 
 import dsec
 from dsec.config import ServerConfig
 from dsec.images.store import LayerStore
+from dsec.substrates.container.bench import userns_create_ms
 from dsec.substrates.container.docker_images import ensure_image
 from dsec.substrates.container.dockerd import ensure_engine
 
@@ -251,6 +257,31 @@ def bench_pause(client: dsec.Client, n: int) -> dict[str, str]:
     return pairs
 
 
+def bench_userns(driver: str, n: int) -> dict[str, str]:
+    """What a user namespace (issue #22) costs a create: create + first exec `true` at the driver, with and
+    without one, interleaved, on the layer store's busybox in a private home (destroys untimed)."""
+    if driver not in ("crun", "runc"):
+        return {}
+    config = ServerConfig()
+    store = LayerStore(config.images_dir, config.layer_format)
+    home = Path(tempfile.mkdtemp(prefix="dsec-userns-bench-"))
+    holder = f"userns-bench-{os.getpid()}"
+    try:
+        samples = userns_create_ms(driver, store.acquire(IMAGE, holder), home, n)
+    finally:
+        store.release(holder)
+        store.close()
+        shutil.rmtree(home, ignore_errors=True)
+    p50 = {label: percentile(xs, 0.5) for label, xs in samples.items()}
+    print(f"  {driver} create + exec, user namespace    p50 {p50['userns']:8.2f} ms   without {p50['no_userns']:8.2f} ms"
+          f"   (n={n} each, interleaved)", flush=True)
+    return {
+        "userns_create_overhead_ms": f"{p50['userns'] - p50['no_userns']:.1f}",
+        f"create_userns_{driver}_p50_ms": f"{p50['userns']:.1f}",
+        f"create_no_userns_{driver}_p50_ms": f"{p50['no_userns']:.1f}",
+    }
+
+
 def summary(drivers: list[str], create: dict[str, Stats], execs: dict[str, Stats], functions: dict[str, Stats] | None,
             pool: Stats | None = None, burst: dict[str, float] | None = None) -> dict[str, str]:
     pairs: dict[str, str] = {}
@@ -307,10 +338,11 @@ def main() -> int:
         pool = bench_pool_create(client, drivers[0], args.n) if drivers else None
         burst = bench_burst(client, drivers[0], args.burst, args.burst_pool) if drivers else None
         pauses = bench_pause(client, args.pause_n)
+        userns = bench_userns(drivers[0], args.n) if drivers else {}
     finally:
         client.close()
         engine.close()
-    report(summary(drivers, create, execs, functions, pool, burst) | pauses)
+    report(summary(drivers, create, execs, functions, pool, burst) | pauses | userns)
     return 0 if drivers and functions is not None else 1
 
 

@@ -15,13 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from . import test_escapes_files, test_escapes_kernel, test_escapes_network, test_escapes_tenancy, test_hostile
+from . import (
+    test_escapes_files, test_escapes_kernel, test_escapes_network, test_escapes_tenancy, test_hostile,
+    test_userns_escape,
+)
 from .conftest import CASES
 from .table import Row, load, report, tally
 
 REPO = Path(__file__).resolve().parents[2]
 LOAD_BENCH = REPO / "bench" / "load.py"
-ATTEMPT_MODULES = (test_hostile, test_escapes_kernel, test_escapes_files, test_escapes_network, test_escapes_tenancy)
+ATTEMPT_MODULES = (
+    test_hostile, test_escapes_kernel, test_escapes_files, test_escapes_network, test_escapes_tenancy,
+    test_userns_escape,
+)
 ATTEMPT_TESTS = [
     name for module in ATTEMPT_MODULES for name, fn in vars(module).items()
     if name.startswith("test_") and callable(fn) and "case" in inspect.signature(fn).parameters

@@ -65,6 +65,31 @@ def bench_runtime(name: str, image: ImageRootfs, home: Path, iterations: int) ->
     return {phase: _percentiles(values) for phase, values in samples.items()}
 
 
+def userns_create_ms(name: str, image: ImageRootfs, home: Path, rounds: int) -> dict[str, list[float]]:
+    """Milliseconds of create + first exec `true` with and without a user namespace (userns.py), interleaved one
+    sample each per round so machine load hits both alike; destroys are outside the timing. One untimed round
+    first (compiles the helpers)."""
+    drivers = {
+        "userns": container_driver(name, ServerConfig(home=home)),
+        "no_userns": container_driver(name, ServerConfig(home=home), user_namespace=False),
+    }
+    samples: dict[str, list[float]] = {label: [] for label in drivers}
+    for i in range(rounds + 1):
+        for label, driver in drivers.items():
+            sandbox_id = f"bench-{uuid.uuid4().hex[:10]}"
+            t0 = time.perf_counter()
+            sb = driver.create(sandbox_id, SandboxSpec(), image, home / "sandboxes" / sandbox_id)
+            try:
+                events = list(sb.spawn(["true"], {"PATH": PATH}, "/").events())
+                elapsed = time.perf_counter() - t0
+            finally:
+                driver.destroy(sb)
+            assert events == [Exited(0, 0)], events
+            if i > 0:
+                samples[label].append(1e3 * elapsed)
+    return samples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--iterations", type=int, default=30)

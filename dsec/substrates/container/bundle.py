@@ -18,6 +18,7 @@ from dsec.models import SandboxSpec
 from dsec.errors import Unsupported
 from dsec.substrates.base import ImageConfig, volume_source
 from dsec.substrates.container.seccomp import default_profile
+from dsec.substrates.container.userns import oci_mappings
 
 AGENT_PATH = "/.dsec/agent"
 AGENT_RUN_DIR = "/.dsec/run"
@@ -94,7 +95,10 @@ def _nofile() -> int:
     return MAX_NOFILE if hard == resource.RLIM_INFINITY else min(MAX_NOFILE, hard)
 
 
-def _mounts(agent_binary: Path, agent_run_dir: Path, network: bool, hosts_file: Path | None = None) -> list[dict]:
+def _mounts(
+    agent_binary: Path, agent_run_dir: Path, network: bool, own_sysfs: bool, hosts_file: Path | None = None
+) -> list[dict]:
+    """`own_sysfs`: the sandbox may mount a sysfs of its own (its network namespace belongs to it)."""
     mounts = [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
         {
@@ -117,16 +121,16 @@ def _mounts(agent_binary: Path, agent_run_dir: Path, network: bool, hosts_file: 
         },
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
     ]
-    if network:
+    if own_sysfs:
+        mounts.append({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]})
+    else:
         # sysfs can only be mounted fresh inside a network namespace of our own; share the host's, read-only
         mounts.append({"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]})
-        if HOST_RESOLV_CONF.exists():  # on the host network, resolve names like the host does (as Docker does)
-            mounts.append({
-                "destination": "/etc/resolv.conf", "type": "bind", "source": os.path.realpath(HOST_RESOLV_CONF),
-                "options": ["bind", "ro", "nosuid", "nodev", "noexec"],
-            })
-    else:
-        mounts.append({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]})
+    if network and HOST_RESOLV_CONF.exists():  # on the host network, resolve names like the host does (as Docker)
+        mounts.append({
+            "destination": "/etc/resolv.conf", "type": "bind", "source": os.path.realpath(HOST_RESOLV_CONF),
+            "options": ["bind", "ro", "nosuid", "nodev", "noexec"],
+        })
     if hosts_file is not None:  # an allowlist's names, resolved on the host: the sandbox has no DNS
         mounts.append({"destination": "/etc/hosts", "type": "bind", "source": str(hosts_file), "options": ["bind", "ro", "nosuid", "nodev", "noexec"]})
     mounts += [
@@ -136,14 +140,16 @@ def _mounts(agent_binary: Path, agent_run_dir: Path, network: bool, hosts_file: 
     return mounts
 
 
-def _volume_mounts(spec: SandboxSpec, volumes_dir: Path | None) -> list[dict]:
-    """Bind each named volume the server has mounted on the host (it holds it for this sandbox) into the rootfs."""
+def _volume_mounts(spec: SandboxSpec, volumes_dir: Path | None, sources: dict[str, Path] | None) -> list[dict]:
+    """Bind each named volume the server has mounted on the host (it holds it for this sandbox) into the rootfs;
+    `sources` names an idmapped view of a volume to bind instead (a user-namespaced sandbox, see idmap.py)."""
     if not spec.volumes:
         return []
     if volumes_dir is None:
         raise Unsupported("named volumes need the server's volume store; this driver was built without one")
+    sources = sources or {}
     return [
-        {"destination": v.mount_path, "type": "bind", "source": str(volume_source(volumes_dir, v.name)),
+        {"destination": v.mount_path, "type": "bind", "source": str(sources.get(v.name) or volume_source(volumes_dir, v.name)),
          "options": ["rbind", "ro" if v.read_only else "rw", "nosuid", "nodev"]}
         for v in spec.volumes
     ]
@@ -176,16 +182,25 @@ def runtime_config(
     netns: Path | None = None,
     hosts_file: Path | None = None,
     volumes_dir: Path | None = None,
+    uid_base: int | None = None,
+    volume_sources: dict[str, Path] | None = None,
 ) -> dict:
     """The config.json of a sandbox whose PID 1 is the agent (see module docstring for the why of each part).
 
     `netns`: join this prepared network namespace (an egress allowlist's, see network.py) instead of a new one.
+    `uid_base`: run in a user namespace whose ids 0..65535 are host ids from `uid_base` (userns.py); the rootfs,
+    the agent's run dir and `volume_sources` must then already show their files in that range (idmap.py).
     """
     namespaces = [{"type": ns} for ns in ("pid", "ipc", "uts", "mount")]
     if not spec.network:
         namespaces.append({"type": "network", "path": str(netns)} if netns is not None else {"type": "network"})
+    if uid_base is not None:
+        namespaces.append({"type": "user"})
+    # a fresh sysfs needs a network namespace the sandbox owns: a new one, and with a user namespace not one
+    # prepared on the host (that one belongs to the host's user namespace)
+    own_sysfs = not spec.network and (netns is None or uid_base is None)
     nofile = _nofile()
-    return {
+    config = {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
@@ -199,7 +214,8 @@ def runtime_config(
         },
         "root": {"path": str(rootfs), "readonly": False},
         "hostname": sandbox_id,
-        "mounts": _mounts(agent_binary, agent_run_dir, spec.network, hosts_file) + _volume_mounts(spec, volumes_dir),
+        "mounts": _mounts(agent_binary, agent_run_dir, spec.network, own_sysfs, hosts_file)
+        + _volume_mounts(spec, volumes_dir, volume_sources),
         "linux": {
             "namespaces": namespaces,
             "cgroupsPath": cgroups_path(sandbox_id),
@@ -210,12 +226,16 @@ def runtime_config(
             "rootfsPropagation": "private",
         },
     }
+    if uid_base is not None:
+        config["linux"].update(oci_mappings(uid_base))
+    return config
 
 
 def write_bundle(bundle_dir: Path, config: dict) -> Path:
     """Write config.json into `bundle_dir` (created if needed); returns the bundle dir for `--bundle`."""
     bundle_dir.mkdir(parents=True, exist_ok=True)
     tmp = bundle_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(config))
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:  # its env may hold secrets
+        fh.write(json.dumps(config))
     os.replace(tmp, bundle_dir / "config.json")
     return bundle_dir

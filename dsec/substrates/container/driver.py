@@ -7,14 +7,17 @@ completely whether its server is alive, died mid-create, or was killed -9.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 import shutil
 import signal
 import subprocess
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dsec.agent.build import agent_binary
@@ -24,8 +27,8 @@ from dsec.errors import DiskFull, InvalidSpec, RuntimeFailure, SandboxStateError
 from dsec.images.user import resolve_user
 from dsec.models import PauseKind, SandboxSpec
 from dsec.substrates.agent_sandbox import AgentSandbox
-from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, Usage, snapshot_target_full
-from dsec.substrates.container import bundle, cgroups, disk, network, rootfs
+from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, Usage, snapshot_target_full, volume_source
+from dsec.substrates.container import bundle, cgroups, disk, idmap, network, rootfs, userns
 from dsec.substrates.container.criu import criu_probe
 from dsec.substrates.container.record import ContainerRecord
 from dsec.substrates.container.runtime import RUNTIMES, OciRuntime
@@ -39,6 +42,7 @@ SNAPSHOT_ARCHIVE = "upper.tar"
 # a Docker-driver snapshot has the same layout (an overlay upper dir as tar), so either restores here
 SNAPSHOT_ARCHIVES = (SNAPSHOT_ARCHIVE, "docker-upper.tar")
 SNAPSHOT_TIMEOUT_S = 600.0
+LAYER_VIEW = "layer-view"  # writable_layer()'s idmapped view of a user-namespaced sandbox's upper dir
 MAX_SOCKET_PATH = 100  # sun_path is 108 bytes
 # Overlay keeps deletions as 0/0 character devices and opaque directories as trusted.overlay.* xattrs.
 _TAR_LAYER = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=trusted.overlay.*"]
@@ -89,6 +93,7 @@ class ContainerSandbox(AgentSandbox):
         self.state_dir = state_dir
         self.upper_dir = record.upper_dir
         self.destroyed = False
+        self._view_lock = threading.Lock()
         self.stopped_as = ""  # "memory" or "files": paused with no container running until resume
         self.create_timings: dict[str, float] = {}  # seconds per create phase, for benchmarks and metrics
 
@@ -203,9 +208,6 @@ class ContainerSandbox(AgentSandbox):
                 idmap.bind(self.runtime.bin_dir, self.upper_dir, view, base, 0)
         return view
 
-    def writable_layer(self) -> Path:
-        return self.upper_dir
-
     def netns_path(self) -> Path:
         """The network namespace of the container's PID 1 (the agent), checked to still be this sandbox's."""
         self._check_alive("reach a port of")
@@ -220,7 +222,7 @@ class ContainerSandbox(AgentSandbox):
             self.pause()
         try:
             _run_tar(
-                [*_TAR_LAYER, "--exclude=./.dsec", "-C", str(self.upper_dir), "-cf", str(dest / SNAPSHOT_ARCHIVE), "."],
+                [*_TAR_LAYER, "--exclude=./.dsec", "-C", str(self.writable_layer()), "-cf", str(dest / SNAPSHOT_ARCHIVE), "."],
                 self.sandbox_id,
                 "snapshot",
                 writes_to=dest,
@@ -237,8 +239,10 @@ class ContainerDriver(SandboxDriver):
 
     substrate = "container"
 
-    def __init__(self, config: ServerConfig | None = None) -> None:
+    def __init__(self, config: ServerConfig | None = None, user_namespace: bool = True) -> None:
+        """`user_namespace=False` runs sandboxes as host root (as before issue #22); only benchmarks compare it."""
         self.config = config or ServerConfig()
+        self.user_namespace = user_namespace
         self.runtime = OciRuntime(self.name, self.config.home / "oci" / self.name, self.config.bin_dir)
         self.disk_templates = self.config.home / "cache" / "disk-templates"
 
@@ -272,6 +276,9 @@ class ContainerDriver(SandboxDriver):
         prepare_upper: Callable[[Path], None] | None,
     ) -> ContainerSandbox:
         state_dir.mkdir(parents=True, exist_ok=True)
+        base = userns.allocate(sandbox_id, state_dir) if self.user_namespace else None
+        if base is not None:
+            userns.make_reachable(state_dir)
         record = ContainerRecord(
             sandbox_id=sandbox_id,
             runtime=self.name,
@@ -281,6 +288,7 @@ class ContainerDriver(SandboxDriver):
             rootfs=str(state_dir / "rootfs"),
             disk=str(state_dir / "disk"),
             disk_image=str(state_dir / "disk.img"),
+            uid_base="" if base is None else str(base),
         )
         record.write(state_dir)
         timings: dict[str, float] = {}
@@ -300,11 +308,21 @@ class ContainerDriver(SandboxDriver):
             )
             lap("disk")
             record.upper_dir.mkdir()
+            if base is not None:  # the sandbox's root owns its writable layer's top and the agent's socket dir
+                os.chown(record.upper_dir, base, base)
+                os.chown(run_dir, base, base)
             if prepare_upper is not None:
-                prepare_upper(record.upper_dir)
+                with _own_ids(record, state_dir, self.runtime.bin_dir) as upper:
+                    prepare_upper(upper)
                 lap("restore_upper")
-            rootfs.mount_overlay(image.lower_dirs, record.upper_dir, record.work_dir, Path(record.rootfs), sandbox_id)
+            rootfs.mount_overlay(
+                image.lower_dirs, record.upper_dir, record.work_dir, Path(record.rootfs), sandbox_id,
+                idmapped=None if base is None else (
+                    lambda lowers, options: idmap.mount_overlay(self.runtime.bin_dir, lowers, options, Path(record.rootfs), base)
+                ),
+            )  # fmt: skip
             lap("mount")
+            volume_sources = self._idmapped_volumes(spec, state_dir, base)
             user = resolve_user(image.config.user, Path(record.rootfs), sandbox_id)
             netns = hosts = None
             if spec.network_allow:
@@ -313,7 +331,8 @@ class ContainerDriver(SandboxDriver):
                 lap("network")
             config = bundle.runtime_config(
                 sandbox_id, spec, image.config, Path(record.rootfs), agent_binary(self.config.bin_dir), run_dir,
-                netns=netns, hosts_file=hosts, volumes_dir=self.config.volumes_dir,
+                netns=netns, hosts_file=hosts, volumes_dir=self.config.volumes_dir, uid_base=base,
+                volume_sources=volume_sources,
             )  # fmt: skip
             bundle.write_bundle(state_dir, config)
             lap("bundle")
@@ -328,6 +347,19 @@ class ContainerDriver(SandboxDriver):
         sandbox.user = user
         sandbox.create_timings = timings
         return sandbox
+
+    def _idmapped_volumes(self, spec: SandboxSpec, state_dir: Path, base: int | None) -> dict[str, Path]:
+        """Each volume seen through an idmapped mount in the state dir (its files keep the ids the sandbox sees, so
+        every sandbox, whatever its host range, reads and writes it as the same owners)."""
+        if base is None or not spec.volumes or self.config.volumes_dir is None:
+            return {}
+        views: dict[str, Path] = {}
+        for index, volume in enumerate(spec.volumes):
+            view = state_dir / "volumes" / str(index)
+            idmap.bind(self.runtime.bin_dir, volume_source(self.config.volumes_dir, volume.name), view, 0, base,
+                       readonly=volume.read_only)  # fmt: skip
+            views[volume.name] = view
+        return views
 
     # -- re-adopt (server restart) ---------------------------------------------------------------------
     def adopt(
@@ -373,8 +405,27 @@ class ContainerDriver(SandboxDriver):
             _teardown(record, state_dir, self.runtime.bin_dir)
         elif state_dir.exists():
             rootfs.unmount(state_dir / "rootfs")
+            _unmount_all_under(state_dir)
             disk.remove_disk(state_dir / "disk.img", state_dir / "disk")
-            shutil.rmtree(state_dir, ignore_errors=True)
+            if not rootfs.mounts_under(state_dir):
+                shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _own_ids(record: ContainerRecord, state_dir: Path, bin_dir: Path) -> Iterator[Path]:
+    """The record's upper dir, through an idmapped view with the sandbox's own ids when it has a host range."""
+    base = record.host_base
+    if base is None:
+        yield record.upper_dir
+        return
+    with idmap.own_ids_view(bin_dir, record.upper_dir, base, Path(tempfile.mkdtemp(prefix="view-", dir=state_dir))) as view:
+        yield view
+
+
+def _unmount_all_under(state_dir: Path) -> None:
+    """Unmount what is left below the state dir (idmapped volume views, a snapshot's view), deepest first."""
+    for mount_point in rootfs.mounts_under(state_dir):
+        rootfs.unmount(mount_point)
 
 
 def _joins_host_netns_from_userns(bundle_dir: Path) -> bool:
@@ -437,15 +488,18 @@ def _teardown(record: ContainerRecord, state_dir: Path, bin_dir: Path) -> None:
     cgroups.remove(record.cgroups_path, record.sandbox_id)
     network.teardown(state_dir)
     rootfs.unmount(Path(record.rootfs))
+    _unmount_all_under(state_dir)
     if record.disk:
         disk.remove_disk(Path(record.disk_image), Path(record.disk))
-    for mount_point in (record.rootfs, record.disk):
-        if mount_point and rootfs.is_mounted(Path(mount_point)):
+    for mount_point in [Path(p) for p in (record.rootfs, record.disk) if p] + rootfs.mounts_under(state_dir):
+        if rootfs.is_mounted(mount_point):
             raise RuntimeFailure(
                 f"{mount_point} of sandbox {record.sandbox_id} is still mounted; not removing its state",
                 sandbox_id=record.sandbox_id,
             )
     shutil.rmtree(state_dir, ignore_errors=True)
+    if record.host_base is not None:
+        userns.release(record.host_base, state_dir)
 
 
 class CrunDriver(ContainerDriver):
@@ -456,9 +510,9 @@ class RuncDriver(ContainerDriver):
     name = "runc"
 
 
-def container_driver(name: str, config: ServerConfig | None = None) -> ContainerDriver:
+def container_driver(name: str, config: ServerConfig | None = None, user_namespace: bool = True) -> ContainerDriver:
     """The driver for OCI runtime `name` ("crun" or "runc")."""
     drivers = {"crun": CrunDriver, "runc": RuncDriver}
     if name not in drivers:
         raise InvalidSpec(f"unknown container runtime {name!r}: choose one of {', '.join(RUNTIMES)}")
-    return drivers[name](config)
+    return drivers[name](config, user_namespace)

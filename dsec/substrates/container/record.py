@@ -27,6 +27,11 @@ class ContainerRecord:
     rootfs: str  # overlay mount point
     disk: str = ""  # mount point of the sandbox's own filesystem holding upper/ and work/
     disk_image: str = ""  # its sparse image file
+    uid_base: str = ""  # host id of the sandbox's root in its user namespace (userns.py); "" = no user namespace
+
+    @property
+    def host_base(self) -> int | None:
+        return int(self.uid_base) if self.uid_base else None
 
     @property
     def upper_dir(self) -> Path:

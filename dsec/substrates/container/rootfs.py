@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from dsec.errors import DiskFull, RuntimeFailure
@@ -33,8 +34,19 @@ def mount_fs(source: str, target: Path, fstype: str, options: str) -> None:
         raise OSError(err, os.strerror(err), str(target))
 
 
-def mount_overlay(lower_dirs: list[Path], upper: Path, work: Path, target: Path, sandbox_id: str = "") -> None:
-    """Mount `lower_dirs` (top-most first) + the writable `upper` onto `target` (all created if missing)."""
+def mount_overlay(
+    lower_dirs: list[Path],
+    upper: Path,
+    work: Path,
+    target: Path,
+    sandbox_id: str = "",
+    idmapped: Callable[[list[Path], str], None] | None = None,
+) -> None:
+    """Mount `lower_dirs` (top-most first) + the writable `upper` onto `target` (all created if missing).
+
+    `idmapped(lower_dirs, options)`, when given, mounts instead with the lower layers idmapped (idmap.py) and
+    `options` holding only the upper and work dirs.
+    """
     if not lower_dirs:
         raise RuntimeFailure(f"image has no layers (sandbox {sandbox_id}): re-import the image", sandbox_id=sandbox_id)
     for lower in lower_dirs:
@@ -46,15 +58,19 @@ def mount_overlay(lower_dirs: list[Path], upper: Path, work: Path, target: Path,
             )
     for path in (upper, work, target):
         path.mkdir(parents=True, exist_ok=True)
-    options = f"lowerdir={':'.join(str(p) for p in lower_dirs)},upperdir={upper},workdir={work}"
-    if len(options) > MAX_OPTIONS:
+    lowers = f"lowerdir={':'.join(str(p) for p in lower_dirs)},"
+    options = f"upperdir={upper},workdir={work}"
+    if len(lowers + options) > MAX_OPTIONS:
         raise RuntimeFailure(
             f"image has too many layers for one overlay mount ({len(lower_dirs)} layers, sandbox {sandbox_id}): "
             "squash the image",
             sandbox_id=sandbox_id,
         )
     try:
-        _mount_upper(target, options)
+        if idmapped is None:
+            _mount_upper(lambda opts: mount_fs("overlay", target, "overlay", lowers + opts), options)
+        else:
+            _mount_upper(lambda opts: idmapped(lower_dirs, opts), options)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise DiskFull(f"no space for the writable layer of sandbox {sandbox_id}", sandbox_id=sandbox_id) from exc
@@ -66,17 +82,17 @@ def mount_overlay(lower_dirs: list[Path], upper: Path, work: Path, target: Path,
 _volatile_supported = True
 
 
-def _mount_upper(target: Path, options: str) -> None:
+def _mount_upper(mount: Callable[[str], None], options: str) -> None:
     global _volatile_supported
     if _volatile_supported:
         try:
-            mount_fs("overlay", target, "overlay", options + ",volatile")
+            mount(options + ",volatile")
             return
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             _volatile_supported = False  # kernel older than 5.10
-    mount_fs("overlay", target, "overlay", options)
+    mount(options)
 
 
 def is_mounted(target: Path) -> bool:
@@ -90,6 +106,21 @@ def is_mounted(target: Path) -> bool:
     return False
 
 
+def mounts_under(directory: Path) -> list[Path]:
+    """Mount points strictly below `directory`, deepest first: what must be unmounted before it may be removed
+    (removing a tree with a shared layer or a volume mounted in it would delete their files)."""
+    prefix = os.path.realpath(directory) + "/"
+    found: list[Path] = []
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split(" ")
+            if len(fields) > 1 and _unescape(fields[1]).startswith(prefix):
+                found.append(Path(_unescape(fields[1])))
+    return sorted(set(found), key=lambda p: len(p.parts), reverse=True)
+
+
 def _unescape(field: str) -> str:
     """/proc/mounts escapes space, tab, newline and backslash as octal."""
     return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
