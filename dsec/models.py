@@ -350,6 +350,8 @@ class DiskUsage(BaseModel):
 class PathInfo(BaseModel):
     """What `files.stat`, `list_tree`, `make_dir` and `rename` report about one path in the sandbox."""
 
+    model_config = ConfigDict(frozen=True)  # hashable, as the dataclass it replaced was
+
     name: str
     path: str
     type: str = Field(description="file | dir | symlink | other")
@@ -362,6 +364,8 @@ class PathInfo(BaseModel):
 
 
 class FsChange(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
     kind: str = Field(description="create | write | remove | rename | chmod")
     name: str = Field(description="relative to the watched directory")
 
