@@ -330,6 +330,15 @@ class AgentClient:
     connect = connect_unix
 
     @classmethod
+    def detached(cls, sandbox_id: str = "") -> AgentClient:
+        """A client with no stream until `attach`: the host side of a sandbox re-adopted while saved to disk."""
+        ours, theirs = socket.socketpair()
+        client = cls(ours, sandbox_id=sandbox_id)
+        client.detach()
+        theirs.close()
+        return client
+
+    @classmethod
     def from_fds(cls, read_fd: int, write_fd: int, sandbox_id: str = "") -> AgentClient:
         """Talk over already open descriptors (a virtio-serial chardev socket, a pipe pair); the client owns them."""
         return cls((read_fd, write_fd), sandbox_id=sandbox_id)

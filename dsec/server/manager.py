@@ -20,7 +20,6 @@ from dsec.errors import (
     SandboxStateError,
     ServerUnavailable,
     SessionNotFound,
-    Unsupported,
 )
 from dsec.models import PauseKind, SandboxSpec
 from dsec.server import orphans
@@ -502,7 +501,7 @@ class SandboxManager:
                 if sandbox.state == "running":
                     try:
                         self._pause_locked(sandbox, "memory")
-                    except Unsupported as exc:
+                    except DsecError as exc:  # refused (Unsupported) or failed, leaving the sandbox running
                         sandbox.events.add("memory pause unavailable; freezing instead", reason=exc.message)
                         self._pause_locked(sandbox, "freeze")
                 elif sandbox.state != "paused":

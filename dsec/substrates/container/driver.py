@@ -38,6 +38,7 @@ ADOPT_PROBE_S = 5.0  # a live agent answers a ping in milliseconds; one that doe
 KILL_WAIT_S = 10.0  # after that, `delete --force` takes over
 PID_FILE = "container.pid"
 CHECKPOINT_DIR = "checkpoint"  # a memory pause's CRIU images (runc checkpoint)
+PAUSED_AS = "paused-as"  # "memory" or "files" while no container runs: what a successor server re-adopts
 SNAPSHOT_ARCHIVE = "upper.tar"
 # a Docker-driver snapshot has the same layout (an overlay upper dir as tar), so either restores here
 SNAPSHOT_ARCHIVES = (SNAPSHOT_ARCHIVE, "docker-upper.tar")
@@ -162,13 +163,16 @@ class ContainerSandbox(AgentSandbox):
             self.runtime.pause(self.record.container_id)
             return
         self.client.close()
+        (self.state_dir / PAUSED_AS).write_text(kind)
         if kind == "memory":
+            _wait_connections_dropped(self.state_dir / PID_FILE)
             image = self.state_dir / CHECKPOINT_DIR
             shutil.rmtree(image, ignore_errors=True)
             image.mkdir()
             try:
                 self.runtime.checkpoint(self.record.container_id, image, criu_probe().path)
             except BaseException:
+                (self.state_dir / PAUSED_AS).unlink()
                 self.client = _connect_agent(self.state_dir / "agent-run", self.sandbox_id, self.state_dir / "agent.log")
                 raise
         else:
@@ -191,8 +195,10 @@ class ContainerSandbox(AgentSandbox):
             os.replace(run_dir / f"{bundle.AGENT_SOCKET}.tmp", run_dir / bundle.AGENT_SOCKET)
         else:
             self.runtime.run(self.record.container_id, self.state_dir, pid_file, log)
+        self.client.close()  # closed at the pause already, or a re-adopted sandbox's placeholder
         self.client = _connect_agent(run_dir, self.sandbox_id, log)
         shutil.rmtree(image, ignore_errors=True)
+        (self.state_dir / PAUSED_AS).unlink()
         self.stopped_as = ""
 
     def writable_layer(self) -> Path:
@@ -372,11 +378,17 @@ class ContainerDriver(SandboxDriver):
         record = ContainerRecord.read(state_dir)
         if record is None or record.sandbox_id != sandbox_id:
             raise RuntimeFailure(f"sandbox {sandbox_id} has no container record in {state_dir}", sandbox_id=sandbox_id)
-        init_netns_path(state_dir / PID_FILE, record.cgroups_path, sandbox_id)  # cgroup present, PID 1 in it
         for mount_point in (record.rootfs, record.disk):
             if mount_point and not rootfs.is_mounted(Path(mount_point)):
                 raise RuntimeFailure(f"{mount_point} of sandbox {sandbox_id} is not mounted", sandbox_id=sandbox_id)
         runtime = OciRuntime(record.runtime, Path(record.runtime_root), self.runtime.bin_dir)
+        stopped_as = (state_dir / PAUSED_AS).read_text() if paused and (state_dir / PAUSED_AS).exists() else ""
+        if stopped_as:  # paused by memory or files: no container runs; its resume starts one, as after a pause
+            sandbox = ContainerSandbox(AgentClient.detached(sandbox_id), record, runtime, state_dir)
+            sandbox.user = resolve_user(image.config.user, Path(record.rootfs), sandbox_id)
+            sandbox.stopped_as = stopped_as
+            return sandbox
+        init_netns_path(state_dir / PID_FILE, record.cgroups_path, sandbox_id)  # cgroup present, PID 1 in it
         frozen = cgroups.is_frozen(record.cgroups_path)
         if frozen:
             runtime.resume(record.container_id)
@@ -426,6 +438,25 @@ def _unmount_all_under(state_dir: Path) -> None:
     """Unmount what is left below the state dir (idmapped volume views, a snapshot's view), deepest first."""
     for mount_point in rootfs.mounts_under(state_dir):
         rootfs.unmount(mount_point)
+
+
+def _wait_connections_dropped(pid_file: Path, timeout_s: float = AGENT_START_TIMEOUT_S) -> None:
+    """Wait until the agent (PID 1) holds only its listening socket: CRIU cannot dump a connection whose host end
+    is gone ("Unix socket ... not found"), and the agent drops a closed connection in its own time. Past the
+    deadline the checkpoint goes ahead and reports what CRIU says."""
+    try:
+        fds = Path(f"/proc/{int(pid_file.read_text())}/fd")
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            sockets = sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+        except OSError:
+            return
+        if sockets <= 1:
+            return
+        time.sleep(0.005)
 
 
 def _joins_host_netns_from_userns(bundle_dir: Path) -> bool:

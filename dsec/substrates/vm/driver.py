@@ -106,7 +106,7 @@ class VmSandbox(AgentSandbox):
         self.accel = process.machine.accel
         self.start_s = restore_s
         self._paused = False
-        self._saved: Path | None = None  # paused keeping memory on disk: the state file; no QEMU runs meanwhile
+        self.saved: Path | None = None  # paused keeping memory on disk: the state file; no QEMU runs meanwhile
         self._qmp_lock = threading.Lock()
 
     @property
@@ -179,15 +179,15 @@ class VmSandbox(AgentSandbox):
                 raise
             self.client.detach()
             self.process.kill()
-        self._saved = saved
+        self.saved = saved
         self._paused = True
 
     def resume(self) -> None:
-        if self._saved is None:
+        if self.saved is None:
             self._qmp("cont")
             self._paused = False
             return
-        process = self.relaunch(self._saved)
+        process = self.relaunch(self.saved)
         self.client.attach(process.agent_socket)
         try:
             process.finish_incoming(SAVE_TIMEOUT_S)
@@ -197,8 +197,8 @@ class VmSandbox(AgentSandbox):
             process.kill()  # the state file stays: the sandbox is still paused and may be resumed again
             raise
         self.process = process
-        self._saved.unlink()
-        self._saved = None
+        self.saved.unlink()
+        self.saved = None
         self._paused = False
 
     def snapshot(self, dest: Path) -> str:
@@ -350,9 +350,14 @@ class QemuDriver(SandboxDriver):
             raise RuntimeFailure(f"sandbox {sandbox_id} has no VM record in {state_dir} ({exc})") from exc
         if machine.kind != self.kind:
             raise RuntimeFailure(f"sandbox {sandbox_id} is a {machine.kind} machine, not {self.kind}")
+        relaunch = self._relauncher(sandbox_id, machine, state_dir)
+        if paused and (state_dir / PAUSED_STATE).exists():  # memory-paused: no QEMU runs; resume starts one
+            process = QemuProcess.exited(machine, state_dir)
+            sandbox = VmSandbox(sandbox_id, AgentClient.detached(sandbox_id), process, Path(record["base_disk"]), 0.0, relaunch)
+            sandbox.saved, sandbox._paused = state_dir / PAUSED_STATE, True
+            return sandbox
         process = QemuProcess.adopt(machine, state_dir, ADOPT_PROBE_S)
         client = AgentClient(process.agent_socket, sandbox_id=sandbox_id)
-        relaunch = self._relauncher(sandbox_id, machine, state_dir)
         sandbox = VmSandbox(sandbox_id, client, process, Path(record["base_disk"]), 0.0, relaunch)
         try:
             client.ping(timeout=ADOPT_PROBE_S)

@@ -204,6 +204,17 @@ class QemuProcess:
                 agent_path.unlink()
         return self
 
+    @classmethod
+    def exited(cls, machine: MachineSpec, state_dir: Path) -> QemuProcess:
+        """The QEMU of a memory-paused sandbox a dead server left: none runs (its state is in a file), so this
+        only names the machine and its files until a resume starts a new one."""
+        self = cls.__new__(cls)
+        self.machine = machine
+        self.state_dir = state_dir
+        self.proc = _AdoptedProc(0, state_dir)
+        self.proc.returncode = -signal.SIGKILL
+        return self
+
     def _accept(self, listener: socket.socket, timeout_s: float) -> socket.socket:
         deadline = time.monotonic() + timeout_s
         listener.settimeout(0.05)
