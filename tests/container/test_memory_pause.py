@@ -174,3 +174,13 @@ def test_on_timeout_pause_keeps_memory_where_it_can_else_freezes(make_sb):
         assert cgroups.is_frozen(bundle.cgroups_path(sb.id)), "no CRIU for it: the timeout froze it in place"
     sb.resume()
     assert "sleep 1000" in sb.exec("ps -o args").text
+
+
+def test_memory_pause_of_an_allowlisted_sandbox_is_refused(client):
+    """Its network namespace (made by the host for the allowlist) is not its user namespace's: CRIU cannot
+    enter it, so the refusal comes first, typed, and the sandbox runs on."""
+    sb = client.create("busybox", "container", driver="runc", network_allow=["1.1.1.1"], timeout_s=600)
+    try:
+        assert_refused(sb, "network namespace" if criu_probe().works else criu_probe().reason)
+    finally:
+        sb.destroy()
