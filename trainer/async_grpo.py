@@ -32,6 +32,7 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from transformers import PreTrainedModel
 
+from trainer.checkpoint import CheckpointError
 from trainer.config import ExperimentConfig
 from trainer.policy import build_policy
 from trainer.rollout import run_rollouts
@@ -55,8 +56,9 @@ def read_decisions(path: Path) -> dict[tuple[str, int], int]:
     return decided
 
 
-class VersionUnavailable(KeyError):
-    """A turn needs weights the board no longer (or never) held: the run resumed with another max_staleness."""
+class VersionUnavailable(CheckpointError):
+    """A turn needs weights the board no longer (or never) held: the run resumed with another max_staleness
+    than it started with (the checkpoint keeps only the versions its own k needs)."""
 
 
 @ray.remote(num_cpus=0)
