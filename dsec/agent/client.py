@@ -53,6 +53,9 @@ EVENT = 0x89
 DEFAULT_REQUEST_TIMEOUT_S = 120.0
 """How long a control request (spawn, stat, one file chunk) may wait for the agent before it is declared stuck
 (a frozen or wedged sandbox); process output has no such limit: commands may be silent for hours."""
+# waiting for an agent's socket to appear: the first retry pause, doubled up to the second
+CONNECT_FIRST_PAUSE_S = 0.0005
+CONNECT_MAX_PAUSE_S = 0.01
 
 _LOST = object()
 T = TypeVar("T")
@@ -300,6 +303,7 @@ class AgentClient:
         """Connect to an agent's socket, waiting for it to appear while the sandbox starts; then ping it."""
         deadline = time.monotonic() + timeout_s
         last: OSError | None = None
+        pause = CONNECT_FIRST_PAUSE_S
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -314,7 +318,8 @@ class AgentClient:
                         "failed to start; see its runtime log",
                         sandbox_id=sandbox_id,
                     ) from None
-                time.sleep(0.01)
+                time.sleep(pause)  # the agent listens ~1 ms after its runtime returns: short first, then backing off
+                pause = min(pause * 2, CONNECT_MAX_PAUSE_S)
                 continue
             except OSError:
                 sock.close()
