@@ -115,10 +115,11 @@ class OciRuntime:
             )
 
     def _start(self, what: str, args: tuple[str, ...], log: Path, criu_log: Path | None = None) -> None:
+        """`run` or `restore`, detached; a failure quotes the log (and CRIU's errors for a restore)."""
         container_id = args[-1]
         if self.name == "runc":
             proc = self._call("--log", str(log), *args, sandbox_id=container_id, stdout=subprocess.DEVNULL,
-                              check=False, timeout=CRIU_TIMEOUT_S)
+                              check=False, timeout=COMMAND_TIMEOUT_S if criu_log is None else CRIU_TIMEOUT_S)
         else:
             with open(log, "ab") as out:
                 proc = self._call(*args, sandbox_id=container_id, stdout=out, check=False)
