@@ -28,7 +28,7 @@ from dsec.server.auth import DEFAULT_TENANT
 from dsec.server.drivers import DriverRegistry
 from dsec.server.lifetimes import DestroyIntents, Tombstones, crash_point, expired_error
 from dsec.server.metrics import CREATE_FAILURES, CREATE_SECONDS, IMAGE_RESOLVES
-from dsec.server.pools import WarmPools, rewrite_record
+from dsec.server.pools import WarmPools
 from dsec.server.processes import ProcessTable
 from dsec.server.readopt import save_record, take_over
 from dsec.server.sandbox_events import SandboxEvents
@@ -308,9 +308,8 @@ class SandboxManager:
                 self._sandboxes[sandbox.sandbox_id] = sandbox
 
         self.admission.admit_claim(tenant, self._live_total, self._live_of_tenant, insert)
-        rewrite_record(sandbox)
         with sandbox.lock:
-            save_record(sandbox)
+            save_record(sandbox)  # the crash-cleanup record now names the claimer (tenant, spec, expiry): one write
         sandbox.events.add("sandbox claimed from a warm pool", image=spec.image, substrate=spec.substrate,
                            driver=sandbox.driver_name, claim_ms=round(sandbox.timings_ms["pool_claim"], 3))
 

@@ -20,7 +20,6 @@ Rules that keep it honest:
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -33,7 +32,6 @@ from dsec.errors import DsecError, InvalidSpec, PermissionDenied
 from dsec.models import Resources, SandboxSpec
 from dsec.server.auth import DEFAULT_TENANT
 from dsec.server.metrics import POOL_CLAIMS
-from dsec.server.state import SANDBOX_RECORD, write_sandbox_record
 
 if TYPE_CHECKING:
     from dsec.server.manager import ManagedSandbox, SandboxManager
@@ -46,6 +44,8 @@ POOL_LABEL = "dsec.pool"
 # Fields of a spec that a sandbox is built with and pools never vary (so a claim needs their defaults); the
 # egress allowlist is built in too, and part of the shape. Everything else is identity, applied at claim.
 _BUILT_WITH = ("network", "workdir", "volumes")
+# their defaults, computed once: pydantic's get_default inspects the factory's signature (~0.2 ms per field)
+_BUILT_WITH_DEFAULTS = {name: SandboxSpec.model_fields[name].get_default(call_default_factory=True) for name in _BUILT_WITH}
 
 
 @dataclass(frozen=True)
@@ -151,8 +151,7 @@ class WarmPools:
     def claim(self, spec: SandboxSpec, tenant: str) -> ManagedSandbox | None:
         """A ready sandbox of `spec`'s shape with `spec`'s identity applied, or None (create cold)."""
         with self._cond:
-            if not self._pools or any(getattr(spec, name) != SandboxSpec.model_fields[name].get_default(call_default_factory=True)
-                                      for name in _BUILT_WITH):
+            if not self._pools or any(getattr(spec, name) != default for name, default in _BUILT_WITH_DEFAULTS.items()):
                 return None
         started = time.monotonic()
         try:
@@ -282,13 +281,3 @@ class WarmPools:
         for sandbox in ready:
             self._discard(sandbox, "server shutdown")
 
-
-def rewrite_record(sandbox: ManagedSandbox) -> None:
-    """The crash-cleanup record names the claimer as tenant (what re-adoption and audits read); whatever else
-    the record holds is kept."""
-    path = sandbox.state_dir / SANDBOX_RECORD
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        record = {"driver": sandbox.driver_name, "sandbox_id": sandbox.sandbox_id, "image": sandbox.image.digest}
-    write_sandbox_record(sandbox.state_dir, record | {"tenant": sandbox.tenant})
