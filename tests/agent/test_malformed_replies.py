@@ -19,8 +19,19 @@ def _frame(ftype: int, payload: bytes, rid: int = 1) -> bytes:
     return HEADER.pack(ftype, rid, len(payload)) + payload
 
 
+def _on_request(replies: bytes, rid: int) -> bytes:
+    """`replies` with every frame's request id set to `rid` (request ids start at a random point: a restored
+    guest agent may still hold the ids of processes running at snapshot time)."""
+    out, at = bytearray(), 0
+    while at < len(replies):
+        ftype, _, length = HEADER.unpack_from(replies, at)
+        out += HEADER.pack(ftype, rid, length) + replies[at + HEADER.size : at + HEADER.size + length]
+        at += HEADER.size + length
+    return bytes(out)
+
+
 def _answer(operation, replies: bytes):
-    """Run `operation(client)` against a fake agent that answers request 1 with `replies`, then closes."""
+    """Run `operation(client)` against a fake agent that answers the client's request with `replies`, then closes."""
     to_client_r, to_client_w = os.pipe()
     from_client_r, from_client_w = os.pipe()
     client = AgentClient.from_fds(to_client_r, from_client_w)
@@ -34,8 +45,8 @@ def _answer(operation, replies: bytes):
 
     worker = threading.Thread(target=call, daemon=True)
     worker.start()
-    os.read(from_client_r, 65536)  # the request went out: replies now land on its id
-    os.write(to_client_w, replies)
+    request = os.read(from_client_r, 65536)  # the request went out: replies now land on its id
+    os.write(to_client_w, _on_request(replies, HEADER.unpack_from(request)[1]))
     os.close(to_client_w)
     worker.join(30)
     client.close()
