@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from dsec.substrates.base import DriverSandbox, Exited, Output, ProcessHandle
+from dsec.substrates.base import DriverSandbox, Exited, Output, ProcessEvent, ProcessHandle
 from dsec.v1 import sandbox_pb2 as pb
 
 KILL_GRACE_S = 5.0
@@ -52,6 +52,12 @@ def _pump(process: ProcessHandle, stdin: bytes | None, sink: queue.Queue) -> Non
         sink.put(None)
 
 
+def _direct(process: ProcessHandle) -> Iterator[ProcessEvent | None]:
+    """The process's events, then None: what the pump thread would queue, read on the caller's thread."""
+    yield from process.events()
+    yield None
+
+
 def run_process(
     sandbox: DriverSandbox,
     process: ProcessHandle,
@@ -64,8 +70,12 @@ def run_process(
     """Yield stdout/stderr events then one status event. `timeout_s <= 0` means no deadline."""
     started = time.monotonic()
     deadline = started + timeout_s if timeout_s > 0 else None
-    events: queue.Queue = queue.Queue()
-    threading.Thread(target=_pump, args=(process, stdin, events), daemon=True, name="dsec-exec-pump").start()
+    events: queue.Queue | Iterator[ProcessEvent]
+    if deadline is None and stdin is None:  # nothing to time or feed: read the events here, no thread or hand-off
+        events = _direct(process)
+    else:
+        events = queue.Queue()
+        threading.Thread(target=_pump, args=(process, stdin, events), daemon=True, name="dsec-exec-pump").start()
     cap = OutputCap(max_output_bytes)
     timed_out = False
     exited: Exited | None = None
@@ -78,7 +88,7 @@ def run_process(
         elif kill_deadline is not None:
             wait = max(kill_deadline - now, 0.0)
         try:
-            event = events.get(timeout=wait)
+            event = events.get(timeout=wait) if isinstance(events, queue.Queue) else next(events)
         except queue.Empty:
             if not timed_out:
                 timed_out = True
