@@ -364,7 +364,7 @@ class SandboxManager:
             if hasattr(self.images, "acquire"):
                 self.images.acquire(image.digest, sandbox_id)
             if spec.volumes:  # held (and mounted on the host) before the driver binds them; released at teardown
-                self.volumes.acquire(sandbox_id, [(v.name, v.read_only) for v in spec.volumes], tenant)
+                self.volumes.acquire(sandbox_id, [(v.name, v.read_only) for v in spec.volumes], tenant, spec.substrate)
             if snapshot is None:
                 handle = driver.create(sandbox_id, spec, image, state_dir)
             else:

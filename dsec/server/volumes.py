@@ -6,6 +6,12 @@ from the host filesystem. A volume is loop-mounted on `<name>/mnt` while at leas
 for its one writer, read-only for its readers) and the container drivers bind that mount into the sandbox. Who
 holds it is written to `<name>/holders.json` so a server started after a crash can tell live holders (still
 registered, e.g. re-adopted sandboxes) from dead ones and unmount a volume nobody holds any more.
+
+VMs (substrates with the `volume-disks` capability) attach the image itself as a virtio disk, so the host must not
+have it mounted while a VM writes it (two kernels writing one ext4 corrupt it): a VM holder is recorded as not
+`hosted`, the host mount exists only while some hosted holder (a container reader or writer) needs it, and when a
+VM writer lets go the image's journal is replayed (`e2fsck -p`: a VM is killed, never unmounted cleanly) before
+anyone mounts it again.
 """
 
 from __future__ import annotations
@@ -28,12 +34,12 @@ from pathlib import Path
 from dsec import loopdev
 from dsec.errors import InvalidSpec, RuntimeFailure, Unsupported, VolumeExists, VolumeInUse, VolumeNotFound
 from dsec.substrates import registry
-from dsec.substrates.base import volume_source
+from dsec.substrates.base import volume_image, volume_source
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 MIN_SIZE_MB = 8  # ext4 with a journal needs a few MiB of its own
 MAX_SIZE_MB = 1 << 20
-IMAGE = "volume.ext4"
+IMAGE = volume_image(Path("."), "_").name  # VM drivers attach <root>/<name>/<this>
 META = "meta.json"
 HOLDERS = "holders.json"
 MOUNT_DIR = volume_source(Path("."), "_").name  # the drivers bind <root>/<name>/<this>
@@ -49,14 +55,25 @@ def check_name(name: str) -> str:
 
 
 def check_supported(substrate: str) -> None:
-    """Volumes are the `volumes` capability (dsec/substrates/registry.py); VMs would need the image as an extra
-    virtio-blk disk: not built."""
+    """Volumes are the `volumes` capability (dsec/substrates/registry.py)."""
     able = [s.name for s in registry.all_substrates() if registry.VOLUMES in s.capabilities]
     if substrate not in able:
         raise Unsupported(
-            f"named volumes mount into {' and '.join(able)} sandboxes only; {substrate} has no volume "
-            "support yet (copy files in with upload, or use a container sandbox)"
+            f"named volumes mount into {', '.join(able)} sandboxes only; {substrate} has no volume "
+            "support (copy files in with upload instead)"
         )
+
+
+def mounted_on_host(substrate: str) -> bool:
+    """Whether a sandbox of `substrate` uses the host's mount of a volume (containers bind it) rather than the
+    image as a disk of its own (VMs: `volume-disks`)."""
+    return registry.VOLUME_DISKS not in registry.get(substrate).capabilities
+
+
+def _replay_journal(image: Path) -> None:
+    """After a VM writer: replay the journal its killed kernel left, so a read-only mount (which cannot) works.
+    A filesystem e2fsck cannot repair unattended stays as it is: the next mount reports it."""
+    subprocess.run(["e2fsck", "-p", str(image)], capture_output=True, timeout=300)
 
 
 @dataclass(frozen=True)
@@ -131,21 +148,23 @@ class VolumeStore:
     def _tenant(self, path: Path) -> str:
         return str(json.loads((path / META).read_text()).get("tenant", ""))
 
-    def _holders(self, path: Path) -> tuple[str, list[str]]:
+    def _holders(self, path: Path) -> tuple[str, list[str], list[str]]:
+        """(mode, holders, the holders that use the host mount); records from before VMs held volumes: all."""
         try:
             data = json.loads((path / HOLDERS).read_text())
-            return str(data["mode"]), list(data["holders"])
+            holders = list(data["holders"])
+            return str(data["mode"]), holders, list(data.get("hosted", holders))
         except (OSError, ValueError, KeyError):
-            return "", []
+            return "", [], []
 
-    def _write_holders(self, path: Path, mode: str, holders: list[str]) -> None:
+    def _write_holders(self, path: Path, mode: str, holders: list[str], hosted: list[str]) -> None:
         tmp = path / f".{HOLDERS}.tmp"
-        tmp.write_text(json.dumps({"mode": mode if holders else "", "holders": holders}))
+        tmp.write_text(json.dumps({"mode": mode if holders else "", "holders": holders, "hosted": hosted}))
         os.replace(tmp, path / HOLDERS)
 
     def _info(self, path: Path) -> VolumeInfo:
         meta = json.loads((path / META).read_text())
-        mode, holders = self._holders(path)
+        mode, holders, _hosted = self._holders(path)
         return VolumeInfo(meta["name"], int(meta["size_mb"]), float(meta["created_at"]), mode, tuple(holders))
 
     def create(self, name: str, size_mb: int, tenant: str = "") -> VolumeInfo:
@@ -188,7 +207,7 @@ class VolumeStore:
     def delete(self, name: str, tenant: str | None = None) -> None:
         with self._locked():
             path = self._dir(name, tenant)
-            _mode, holders = self._holders(path)
+            _mode, holders, _hosted = self._holders(path)
             if holders:
                 raise VolumeInUse(f"volume {name!r} is mounted in {', '.join(holders)}: destroy those sandboxes first")
             _umount(path / MOUNT_DIR)
@@ -196,24 +215,27 @@ class VolumeStore:
             os.replace(path, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
 
-    def acquire(self, sandbox_id: str, mounts: list[tuple[str, bool]], tenant: str | None = None) -> None:
-        """Take each (name, read_only) for this sandbox, mounting it on the host if nobody holds it yet.
-        One writer or many readers: a conflicting holder is VolumeInUse. All or nothing."""
+    def acquire(self, sandbox_id: str, mounts: list[tuple[str, bool]], tenant: str | None = None,
+                substrate: str = "container") -> None:
+        """Take each (name, read_only) for a sandbox of `substrate`, mounting it on the host when that sandbox
+        uses the host's mount and nobody mounted it yet. One writer or many readers: a conflicting holder is
+        VolumeInUse. All or nothing."""
+        hosted = mounted_on_host(substrate)
         taken: list[str] = []
         try:
             for name, read_only in mounts:
-                self._acquire_one(sandbox_id, name, read_only, tenant)
+                self._acquire_one(sandbox_id, name, read_only, tenant, hosted)
                 taken.append(name)
         except BaseException:
             for name in taken:
                 self._release_one(sandbox_id, name)
             raise
 
-    def _acquire_one(self, sandbox_id: str, name: str, read_only: bool, tenant: str | None) -> None:
+    def _acquire_one(self, sandbox_id: str, name: str, read_only: bool, tenant: str | None, hosted: bool) -> None:
         want = "ro" if read_only else "rw"
         with self._locked():
             path = self._dir(name, tenant)
-            mode, holders = self._holders(path)
+            mode, holders, users = self._holders(path)
             if holders and (mode == "rw" or want == "rw"):
                 raise VolumeInUse(
                     f"volume {name!r} is mounted {'read-write' if mode == 'rw' else 'read-only'} in "
@@ -222,8 +244,9 @@ class VolumeStore:
             if not holders:
                 _umount(path / MOUNT_DIR)  # a stale mount of another mode
                 _wait_detached(path / IMAGE, name)
+            if hosted and not users:
                 loopdev.mount_image(path / IMAGE, path / MOUNT_DIR, "ext4", read_only=read_only, what=f"volume {name}")
-            self._write_holders(path, want, [*holders, sandbox_id])
+            self._write_holders(path, want, [*holders, sandbox_id], [*users, sandbox_id] if hosted else users)
 
     def release(self, sandbox_id: str) -> None:
         """Drop this sandbox from every volume it holds (once it is gone); unmount those nobody holds any more."""
@@ -236,11 +259,14 @@ class VolumeStore:
             path = self.root / name
             if not (path / META).is_file():
                 return
-            mode, holders = self._holders(path)
+            mode, holders, users = self._holders(path)
+            if mode == "rw" and sandbox_id in holders and sandbox_id not in users:
+                _replay_journal(path / IMAGE)  # a VM's writes: the host mounted nothing meanwhile
             holders = [h for h in holders if h != sandbox_id]
-            if not holders:
+            users = [h for h in users if h != sandbox_id]
+            if not users:
                 _umount(path / MOUNT_DIR)
-            self._write_holders(path, mode, holders)
+            self._write_holders(path, mode, holders, users)
 
     def recover(self, alive: Callable[[str], bool]) -> list[str]:
         """At server start: forget holders that are gone (`alive` false) and unmount volumes nobody holds.
@@ -253,11 +279,13 @@ class VolumeStore:
                     continue
                 if not (path / META).is_file():
                     continue
-                mode, holders = self._holders(path)
+                mode, holders, users = self._holders(path)
                 live = [h for h in holders if alive(h)]
-                if not live and _is_mounted(path / MOUNT_DIR):
+                if mode == "rw" and not live and set(holders) - set(users):
+                    _replay_journal(path / IMAGE)  # a dead VM writer's
+                if not [h for h in users if alive(h)] and _is_mounted(path / MOUNT_DIR):
                     _umount(path / MOUNT_DIR)
                     unmounted.append(path.name)
                 if live != holders:
-                    self._write_holders(path, mode, live)
+                    self._write_holders(path, mode, live, [h for h in users if alive(h)])
         return unmounted

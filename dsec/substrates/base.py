@@ -25,6 +25,11 @@ from dsec.images.types import ImageConfig, ImageRootfs
 from dsec.models import FileEntry, FileInfo, PauseKind, SandboxSpec
 
 
+def volume_image(volumes_dir: Path, name: str) -> Path:
+    """A named volume's ext4 image (dsec/server/volumes.py), which a VM attaches as a disk."""
+    return volumes_dir / name / "volume.ext4"
+
+
 def volume_source(volumes_dir: Path, name: str) -> Path:
     """Where the server has mounted a named volume on the host while sandboxes use it (dsec/server/volumes.py):
     a container driver binds this path into the sandbox."""

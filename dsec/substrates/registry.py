@@ -49,7 +49,8 @@ MEMORY_SNAPSHOT = "memory-snapshot"  # a snapshot holds running processes, not o
 ADOPT = "adopt"  # SandboxDriver.adopt: sandboxes outlive their server and are re-attached after a restart
 PORTS = "ports"  # DriverSandbox.netns_path: the port service reaches ports inside from the host
 VOLUMES = "volumes"  # named volumes mount into its sandboxes
-CAPABILITIES = frozenset({CALL, PAUSE, SNAPSHOT, MEMORY_SNAPSHOT, ADOPT, PORTS, VOLUMES})
+VOLUME_DISKS = "volume-disks"  # ... as block devices (a VM's virtio disks): the host must not mount them meanwhile
+CAPABILITIES = frozenset({CALL, PAUSE, SNAPSHOT, MEMORY_SNAPSHOT, ADOPT, PORTS, VOLUMES, VOLUME_DISKS})
 
 
 class DriverSource(Protocol):

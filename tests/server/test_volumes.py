@@ -2,7 +2,7 @@
 sandbox or read-only in many (any other combination is VolumeInUse), surviving sandbox destroy and a server
 restart, its size a quota (ENOSPC inside, the host untouched), delete refused while mounted, and no host mount
 left once its sandboxes are gone — also after a server died holding it. On crun, runc, docker and function;
-VMs answer Unsupported."""
+VMs: tests/vm/test_volumes_vm.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 import dsec
 from dsec.config import ServerConfig
-from dsec.errors import InvalidSpec, Unsupported, VolumeExists, VolumeInUse, VolumeNotFound
+from dsec.errors import InvalidSpec, VolumeExists, VolumeInUse, VolumeNotFound
 from dsec.server.main import serve
 from dsec.server.volumes import VolumeStore
 
@@ -114,12 +114,6 @@ def test_quota_is_enospc_inside(client, volume, case):
         assert sb.exec("echo still > /tmp/x && cat /tmp/x").text == "still\n"  # only the volume is full
     image_file = ServerConfig().volumes_dir / volume / "volume.ext4"
     assert image_file.stat().st_blocks * 512 <= 16 << 20  # the host spent no more than the quota
-
-
-def test_vm_is_unsupported(client, volume):
-    with pytest.raises(Unsupported, match="volume"):
-        client.create("busybox", "microvm", volumes=[{"name": volume, "mount_path": "/data"}])
-    assert client.volumes.get(volume).holders == []
 
 
 def test_survives_server_restart(volume, client):

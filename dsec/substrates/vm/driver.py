@@ -30,7 +30,8 @@ from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, Usag
 from dsec.substrates.container import network
 from dsec.substrates.vm.accel import host_accel
 from dsec.substrates.vm.config import VmConfig
-from dsec.substrates.vm.disk import copy_overlay, image_disk
+from dsec.substrates.vm import volumes as volume_disks
+from dsec.substrates.vm.disk import copy_overlay, create_overlay, image_disk
 from dsec.substrates.vm.guest import GuestBoot, guest_boot
 from dsec.substrates.vm.machine import (
     AGENT_SOCKET,
@@ -205,6 +206,10 @@ class VmSandbox(AgentSandbox):
         """Save memory + devices + disk into `dest`; the sandbox continues (or stays paused) afterwards."""
         if not self.process.alive():
             raise SandboxStateError(f"the VM of sandbox {self.sandbox_id} is not running; cannot snapshot it")
+        if self.machine.volumes:  # its memory holds the volumes' mounted filesystems, which live on and change
+            raise Unsupported(
+                f"sandbox {self.sandbox_id} has named volumes: a VM snapshot would restore their filesystems' cached "
+                "state over volumes written since; snapshot a VM without volumes", sandbox_id=self.sandbox_id)
         dest.mkdir(parents=True, exist_ok=True)
         with self._qmp_lock:
             try:
@@ -265,6 +270,8 @@ class QemuDriver(SandboxDriver):
         boot = self.boot()
         nic = bool(spec.network_allow)
         cmdline = guest_cmdline(self.cfg.kernel_cmdline, accel)
+        if spec.volumes:
+            cmdline = f"{cmdline} {volume_disks.guest_cmdline(spec.volumes)}"
         return MachineSpec(
             kind=self.kind,
             accel=accel,
@@ -274,11 +281,14 @@ class QemuDriver(SandboxDriver):
             initrd=str(boot.initrd),
             cmdline=f"{cmdline} {guest_net_cmdline()}" if nic else cmdline,
             nic=nic,
+            volumes=volume_disks.disk_entries(spec.volumes, self.server_config.volumes_dir),
         )
 
     def create(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, state_dir: Path) -> VmSandbox:
         machine = self.machine_for(spec)
         base = image_disk(image, self.cfg.disks_dir, spec.resources.disk_mb)
+        if machine.volumes:  # no template's saved machine has these disks: this one boots
+            return self._start(sandbox_id, spec, machine, None, None, base, state_dir)
         template = ensure_template(self.cfg, machine, base)
         return self._start(sandbox_id, spec, machine, template.state, template.disk, base, state_dir)
 
@@ -307,16 +317,22 @@ class QemuDriver(SandboxDriver):
         return self._start(sandbox_id, spec, machine, snapshot / STATE, snapshot / DISK, base, state_dir)
 
     def _start(
-        self, sandbox_id: str, spec: SandboxSpec, machine: MachineSpec, state: Path, disk: Path, base: Path, state_dir: Path
+        self, sandbox_id: str, spec: SandboxSpec, machine: MachineSpec, state: Path | None, disk: Path | None, base: Path,
+        state_dir: Path,
     ) -> VmSandbox:
-        """Restore `state` over a copy of `disk`; an allowlisted machine runs in its own netns (see net.py)."""
+        """Restore `state` over a copy of `disk`, or boot (both None) on a new overlay of `base`; an allowlisted
+        machine runs in its own netns (see net.py)."""
         started = time.monotonic()
         state_dir.mkdir(parents=True, exist_ok=True)
         try:
             netns, hosts = connect_vm(sandbox_id, spec.network_allow, state_dir) if machine.nic else (None, None)
-            copy_overlay(disk, state_dir / DISK)
+            if disk is None:
+                create_overlay(base, state_dir / DISK)
+            else:
+                copy_overlay(disk, state_dir / DISK)
             (state_dir / MACHINE_RECORD).write_text(json.dumps({"machine": machine.to_dict(), "base_disk": str(base)}))
-            process = QemuProcess(self.cfg.qemu, machine, state_dir, state, self.cfg.restore_timeout_s, netns,
+            wait_s = self.cfg.boot_timeout_s if state is None else self.cfg.restore_timeout_s
+            process = QemuProcess(self.cfg.qemu, machine, state_dir, state, wait_s, netns,
                                   die_with_server=not self._adoptable(sandbox_id))
         except BaseException:
             network.teardown(state_dir)
@@ -324,8 +340,9 @@ class QemuDriver(SandboxDriver):
         client = AgentClient(process.agent_socket, sandbox_id=sandbox_id)
         sandbox = VmSandbox(sandbox_id, client, process, base, 0.0, self._relauncher(sandbox_id, machine, state_dir))
         try:
-            process.finish_incoming(self.cfg.restore_timeout_s)
-            client.ping(timeout=self.cfg.restore_timeout_s)
+            if state is not None:
+                process.finish_incoming(self.cfg.restore_timeout_s)
+            client.ping(timeout=wait_s)
             if hosts is not None:
                 sandbox.write_file("/etc/hosts", [hosts.read_bytes()])
         except BaseException as exc:

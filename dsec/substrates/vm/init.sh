@@ -24,13 +24,49 @@ case " $(cat /proc/cmdline) " in
     ;;
 esac
 
+# Named volumes (dsec/substrates/vm/volumes.py): dsec.vol=<i>,<ro|rw>,<mount path as hex> each, on a disk whose
+# serial is dsec-vol<i>. Device names follow probe order, so with volumes the root disk is the one without such
+# a serial, found once every disk is there.
+vols=""
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+    dsec.vol=*) vols="$vols ${word#dsec.vol=}" ;;
+    esac
+done
+disk_with_serial() {
+    for b in /sys/block/vd*; do
+        serial="$(cat "$b/serial" 2>/dev/null)"
+        case "$serial" in
+        dsec-vol*) [ "$serial" = "$1" ] && echo "/dev/${b##*/}" ;;
+        *) [ -z "$1" ] && echo "/dev/${b##*/}" ;;
+        esac
+    done
+}
+disks=1
+for vol in $vols; do
+    disks=$((disks + 1))
+done
+
 tries=0
-while [ ! -b /dev/vda ]; do
+while [ ! -b /dev/vda ] || [ "$(ls -d /sys/block/vd* 2>/dev/null | wc -l)" -lt $disks ]; do
     tries=$((tries + 1))
-    [ $tries -gt 500 ] && fail "no root disk /dev/vda"
+    [ $tries -gt 500 ] && fail "no root disk /dev/vda, or fewer than $disks disks"
     usleep 10000
 done
-mount -t ext4 -o noatime /dev/vda /newroot || fail "cannot mount /dev/vda"
+root=/dev/vda
+[ -n "$vols" ] && root="$(disk_with_serial "")"
+mount -t ext4 -o noatime "$root" /newroot || fail "cannot mount $root"
+
+for vol in $vols; do
+    index="${vol%%,*}"
+    rest="${vol#*,}"
+    mode="${rest%%,*}"
+    target="/newroot$(printf "$(echo "${rest#*,}" | sed 's/../\\x&/g')")"
+    dev="$(disk_with_serial "dsec-vol$index")"
+    options="$mode,noatime"
+    [ "$mode" = rw ] && options="$options,sync"
+    mkdir -p "$target" && mount -t ext4 -o "$options" "$dev" "$target" || fail "cannot mount volume disk $dev at $target"
+done
 
 # Loopback is up on every machine, NIC or not: servers in the sandbox bind 127.0.0.1 (docs/ports.md).
 ip link set lo up

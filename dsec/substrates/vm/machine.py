@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from dsec.errors import RuntimeFailure
+from dsec.substrates.vm import volumes as volume_disks
 from dsec.substrates.vm.net import GUEST_MAC, TAP
 from dsec.substrates.vm.qmp import QmpClient
 
@@ -49,6 +50,10 @@ class MachineSpec:
     initrd: str
     cmdline: str
     nic: bool = False  # a virtio-net NIC (allowlisted sandboxes only); part of the device model, so of the template key
+    volumes: tuple[str, ...] = ()  # named volumes' disks, "ro:<image>" / "rw:<image>" (vm/volumes.py)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "volumes", tuple(self.volumes))  # a list after a JSON round trip
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,6 +108,7 @@ def qemu_argv(qemu: str, machine: MachineSpec, state_dir: Path, incoming: Path |
         "-device", f"virtio-serial-{transport},max_ports=2",
         "-chardev", f"socket,id=agent,path={state_dir / AGENT_SOCKET}",
         "-device", "virtserialport,chardev=agent,name=dsec.agent",
+        *volume_disks.qemu_args(machine.volumes, transport),
     ]
     if machine.nic:
         argv += nic_args(transport, tap=netns is not None)

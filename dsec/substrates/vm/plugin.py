@@ -11,7 +11,9 @@ if TYPE_CHECKING:
     from dsec.config import ServerConfig
     from dsec.substrates.base import SandboxDriver
 
-CAPABILITIES = frozenset({registry.PAUSE, registry.SNAPSHOT, registry.MEMORY_SNAPSHOT, registry.ADOPT})
+CAPABILITIES = frozenset({
+    registry.PAUSE, registry.SNAPSHOT, registry.MEMORY_SNAPSHOT, registry.ADOPT, registry.VOLUMES, registry.VOLUME_DISKS,
+})
 
 
 def sweepers() -> Sequence[registry.Sweeper]:
