@@ -2,13 +2,15 @@
 server A and pulled into server B, which has its own $DSEC_HOME (another node: no images, no snapshots, no VM
 files of A's), restores there with the same files, and for a microVM the same memory (a process started before the
 snapshot still runs). Pushing twice sends no blob again; a corrupted blob is a typed error and leaves nothing;
-a pulled snapshot is the puller's alone."""
+a pulled snapshot is the puller's alone; bad input is typed; the CLI pushes and pulls."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 
 import dsec
 from dsec.config import ServerConfig
-from dsec.errors import InvalidSpec, SnapshotNotFound
+from dsec.errors import ImageNotFound, InvalidSpec, SnapshotNotFound
 from dsec.models import SnapshotInfo
 from dsec.server.main import RunningServer, serve
 from tests.support.registry import Registry, running_registry
@@ -180,3 +182,37 @@ def test_microvm_snapshot_restores_memory_on_another_node(registry, node_a, bob_
         bob_b.delete_snapshot(pulled.snapshot_id)
     finally:
         node_a.delete_snapshot(snap.snapshot_id)
+
+
+def test_bad_input_is_typed_and_the_cli_pushes_and_pulls(registry, node_a, bob_b):
+    repo = _repo()
+    with pytest.raises(SnapshotNotFound):
+        node_a.push_snapshot("snap-0000000000000000", f"{registry.host}/{repo}:v1")
+    with pytest.raises(InvalidSpec):
+        bob_b.pull_snapshot("not a reference")
+    with pytest.raises(ImageNotFound):
+        bob_b.pull_snapshot(f"{registry.host}/{repo}:never-pushed")
+    with node_a.create("busybox", "container", timeout_s=600) as sb:
+        sb.exec("echo via-cli > /root/c")
+        snapshot_id = sb.snapshot("cli")
+    try:
+        with pytest.raises(InvalidSpec, match="tag, not a digest"):
+            node_a.push_snapshot(snapshot_id, f"{registry.host}/{repo}@sha256:{'0' * 64}")
+        with dsec.Client(node_a.address, token=TOKENS["bob"]) as bob_a, pytest.raises(SnapshotNotFound):
+            bob_a.push_snapshot(snapshot_id, f"{registry.host}/{repo}:v1")  # another tenant's is as good as absent
+
+        def cli(address: str, tenant: str, *args: str) -> str:
+            done = subprocess.run([sys.executable, "-m", "dsec.cli", "--address", address, "snapshots", *args],
+                                  capture_output=True, text=True, timeout=600,
+                                  env=os.environ | {"DSEC_TOKEN": TOKENS[tenant]})
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        pushed = cli(node_a.address, "alice", "push", snapshot_id, f"{registry.host}/{repo}:cli").split()
+        assert pushed[0] == f"{registry.host}/{repo}:cli" and pushed[1].startswith("sha256:")
+        pulled_id = cli(bob_b.address, "bob", "pull", f"{registry.host}/{repo}@{pushed[1]}").split()[0]
+        with bob_b.restore(pulled_id) as restored:
+            assert restored.exec("cat /root/c").stdout == b"via-cli\n"
+        bob_b.delete_snapshot(pulled_id)
+    finally:
+        node_a.delete_snapshot(snapshot_id)
