@@ -16,6 +16,8 @@ from dsec.config import ServerConfig
 from dsec.errors import (
     DsecError,
     InvalidSpec,
+    RuntimeFailure,
+    SandboxExpired,
     SandboxNotFound,
     SandboxStateError,
     ServerUnavailable,
@@ -70,6 +72,7 @@ class ManagedSandbox:
     pause_kind: str = ""  # while paused: what the pause keeps (models.PauseKind)
     last_active: float = field(default_factory=time.time)  # when the last call started or ended (idle timeout)
     busy: int = 0  # calls in flight (exec, session command, function call): never idle while one runs
+    ended: tuple[str, str] | None = None  # (reason, detail) once torn down: what calls still in flight report
 
     def __post_init__(self) -> None:
         self.processes = ProcessTable(self.sandbox_id)
@@ -84,6 +87,14 @@ class ManagedSandbox:
             self.busy += 1
         try:
             yield
+        except RuntimeFailure as exc:
+            # the sandbox ended under the call (its timeout, idle timeout or a destroy raced it): the agent's
+            # connection closing is the symptom, the end is the cause, so report SandboxExpired(reason)
+            if self.ended is None:
+                raise
+            reason, detail = self.ended
+            raise SandboxExpired(f"sandbox {self.sandbox_id} ended during the call ({reason}: {detail}); "
+                                 "create a new one", reason=reason, sandbox_id=self.sandbox_id) from exc
         finally:
             with self.lock:
                 self.busy -= 1
@@ -435,6 +446,7 @@ class SandboxManager:
         crash_point("destroy-after-intent")
         with sandbox.lock:
             sandbox.state = "destroyed"
+            sandbox.ended = (reason, detail)
             sandbox.processes.close()
             for session in sandbox.sessions.values():
                 session.close()
