@@ -191,6 +191,9 @@ class Disks(Sweeper):
     kinds = ("loops",)
 
     def sweep(self, ctx: SweepContext) -> None:
+        # one wait for the whole pass, not one per device: a device something still holds stays for the next
+        # start's sweep, and N stuck devices must not hold this server's start (and the sweep lock) N times over
+        deadline = time.monotonic() + LOOP_DETACH_WAIT_S
         for device, backing in self._loops().items():
             sandbox_id = backing.parent.name
             if not ctx.gone(sandbox_id, backing.parent):
@@ -200,7 +203,7 @@ class Disks(Sweeper):
             def detach(device: str = device, backing: Path = backing, known: Path | None = known) -> None:
                 if known is not None:
                     ctx.clean_state(backing.parent.name, known)
-                self._detach(device, backing)
+                self._detach(device, backing, deadline)
 
             ctx.remove(sandbox_id, "loops", device, detach)
 
@@ -234,7 +237,7 @@ class Disks(Sweeper):
         except OSError:
             return None
 
-    def _detach(self, device: str, backing: Path) -> None:
+    def _detach(self, device: str, backing: Path, deadline: float) -> None:
         """Unmount the loop device everywhere in this namespace, then detach it (autoclear ones go by themselves).
 
         Each step re-reads the device's backing file: once the orphan's processes are killed its autoclear device
@@ -245,7 +248,6 @@ class Disks(Sweeper):
             if self._backing(device) != str(backing):
                 return
             unmount(Path(point))
-        deadline = time.monotonic() + LOOP_DETACH_WAIT_S
         while self._backing(device) == str(backing):
             try:
                 fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
@@ -258,7 +260,8 @@ class Disks(Sweeper):
                     raise RuntimeFailure(f"detaching orphaned {device} failed: {exc}") from exc
             if time.monotonic() > deadline:
                 raise RuntimeFailure(
-                    f"orphaned {device} is still attached after {LOOP_DETACH_WAIT_S:.0f}s: something holds it"
+                    f"orphaned {device} is still attached after this sweep's {LOOP_DETACH_WAIT_S:.0f}s: something "
+                    "holds it; the next server start tries again"
                 )
             time.sleep(0.05)
 
