@@ -10,7 +10,8 @@ with ENOSPC inside the sandbox (and `DiskFull` from the file API), never on the 
 
 How: between `create` and `start` the container's read-write layer directory (`overlay2/<id>`: diff/, work/,
 link, lower) holds only bookkeeping. A fresh disk is mounted in the sandbox's state directory, that content is
-copied onto it, and the disk is bind-mounted over the layer directory; Docker then mounts the overlay with its
+copied onto it (owners too: a remapping engine's layer belongs to the container's mapped root), and the disk
+is bind-mounted over the layer directory; Docker then mounts the overlay with its
 upper and work dirs on the disk. When Docker removes the container it unmounts the disk itself (its removal
 unmounts a busy mount point it meets), and the loop device detaches itself; `remove` deletes the image file.
 """
@@ -39,6 +40,17 @@ def _bind(source: Path, target: Path) -> None:
         raise OSError(err, os.strerror(err), str(target))
 
 
+def _copy_owners(source: Path, dest: Path) -> None:
+    """Give every entry of `dest` its `source` twin's owner (copytree keeps modes, not owners). Why: on a remapping
+    engine the layer's diff/ and work/ belong to the container's mapped root, and the upper dir's owner is who `/`
+    belongs to inside."""
+    for directory, names, files in os.walk(source):
+        for name in [".", *names, *files]:
+            src = Path(directory, name)
+            st = os.lstat(src)
+            os.lchown(dest / src.relative_to(source), st.st_uid, st.st_gid)
+
+
 def attach(layer_dir: Path, state_dir: Path, size_mb: int, sandbox_id: str, template_dir: Path) -> None:
     """Put the container's read-write layer `layer_dir` on a `size_mb` disk whose image lives in `state_dir`."""
     staging = state_dir / STAGING
@@ -46,6 +58,7 @@ def attach(layer_dir: Path, state_dir: Path, size_mb: int, sandbox_id: str, temp
     try:
         shutil.copytree(layer_dir, staging, symlinks=True, dirs_exist_ok=True)
         shutil.copystat(layer_dir, staging)
+        _copy_owners(layer_dir, staging)
         _bind(staging, layer_dir)
     except OSError as exc:
         raise RuntimeFailure(

@@ -10,16 +10,26 @@ markers included), taken while the container is frozen, and unpacked into a new 
 before it starts. So a snapshot is one self-contained file in the snapshot directory, proportional to what the
 sandbox changed, and leaves nothing in the engine.
 
+Root in a container is not root on the host: dsec's engine remaps every container's ids into one unprivileged
+host range (`dockerd.py`). So the agent's socket dir is owned by the mapped root, volumes are bound through an
+idmapped view (0 → the range, as for crun/runc: a volume keeps in-sandbox ids on disk), and snapshots and
+restores go through an idmapped view of the writable layer that shifts back, so an archive holds the sandbox's
+own ids and stays interchangeable with crun/runc snapshots. An engine that does not remap (`$DOCKER_HOST`) gets
+none of these views.
+
 Every container carries the labels `dsec.sandbox=<id>` and `dsec.state_dir=<dir>`, so a server restarted
 after kill -9 finds and removes what its predecessor left, from the state directory alone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import docker
@@ -33,9 +43,10 @@ from dsec.images.user import resolve_user
 from dsec.models import PauseKind, SandboxSpec
 from dsec.substrates.agent_sandbox import AgentSandbox
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, snapshot_target_full, volume_source
-from dsec.substrates.container import docker_disk, network
+from dsec.substrates.container import docker_disk, idmap, network
 from dsec.substrates.container.docker_images import ensure_image
-from dsec.substrates.container.dockerd import ensure_engine
+from dsec.substrates.container.dockerd import ensure_engine, remap_base
+from dsec.substrates.container.rootfs import mounts_under, unmount
 
 SANDBOX_LABEL = "dsec.sandbox"
 STATE_DIR_LABEL = "dsec.state_dir"
@@ -52,6 +63,7 @@ SNAPSHOT_ARCHIVE = "docker-upper.tar"
 # crun/runc snapshots are the same layout (an overlay upper dir as tar), so either restores here.
 SNAPSHOT_ARCHIVES = (SNAPSHOT_ARCHIVE, "upper.tar")
 SNAPSHOT_TIMEOUT_S = 600.0
+VOLUME_VIEWS = "volumes"  # <state dir>/volumes/<i>: idmapped views of the sandbox's volumes on a remapping engine
 # Overlay keeps deletions as 0/0 character devices and opaque directories as trusted.overlay.* xattrs.
 _TAR_LAYER = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=trusted.overlay.*"]
 
@@ -94,11 +106,13 @@ class DockerSandbox(AgentSandbox):
 
     def __init__(
         self, sandbox_id: str, client: AgentClient, container: str, api: docker.APIClient, spec: SandboxSpec,
-        state_dir: Path | None = None,
+        state_dir: Path | None = None, host_base: int | None = None, bin_dir: Path | None = None,
     ) -> None:  # fmt: skip
         super().__init__(sandbox_id, client)
         self.container = container
         self.state_dir = state_dir  # holds the sandbox's disk image and the egress allowlist's network record
+        self.host_base = host_base  # the host uid of the container's root when the engine remaps, else None
+        self._bin_dir = bin_dir
         self._api = api
         self._memory_mb = spec.resources.memory_mb
         self._cgroup_dir: Path | None = None
@@ -171,7 +185,8 @@ class DockerSandbox(AgentSandbox):
         if not was_paused:
             self.pause()
         try:
-            _run_tar([*_TAR_LAYER, "--exclude=./.dsec", "-C", str(upper), "-cf", str(dest / SNAPSHOT_ARCHIVE), "."], self.sandbox_id, "snapshot")
+            with _own_ids(upper, self.host_base, self._bin_dir, self.state_dir or dest) as layer:
+                _run_tar([*_TAR_LAYER, "--exclude=./.dsec", "-C", str(layer), "-cf", str(dest / SNAPSHOT_ARCHIVE), "."], self.sandbox_id, "snapshot")
         except RuntimeFailure as exc:
             if snapshot_target_full(dest):  # tar says only "Wrote only N of M bytes" when ENOSPC cut it short
                 raise DiskFull(
@@ -194,6 +209,23 @@ def _upper_dir(info: dict, sandbox_id: str) -> Path:
             sandbox_id=sandbox_id,
         )
     return Path(upper)
+
+
+@contextlib.contextmanager
+def _own_ids(upper: Path, base: int | None, bin_dir: Path | None, scratch: Path) -> Iterator[Path]:
+    """`upper` as the sandbox sees its ids: through an idmapped view (base → 0) below `scratch` on a remapping
+    engine, as is otherwise."""
+    if base is None or bin_dir is None:
+        yield upper
+        return
+    with idmap.own_ids_view(bin_dir, upper, base, Path(tempfile.mkdtemp(prefix="view-", dir=scratch))) as view:
+        yield view
+
+
+def _unmount_volume_views(state_dir: Path) -> None:
+    views = state_dir / VOLUME_VIEWS
+    for mount_point in mounts_under(views):  # deepest first
+        unmount(mount_point)
 
 
 def _run_tar(argv: list[str], sandbox_id: str, what: str) -> None:
@@ -220,11 +252,12 @@ class DockerDriver(SandboxDriver):
         # that could block (container start, agent connect) has its own deadline below.
         self.client = docker.DockerClient(base_url=base_url, timeout=None, version="auto")
         self.api: docker.APIClient = self.client.api
+        self.host_base = remap_base(self.client.info())
         self.agent_path = agent_binary(config.bin_dir)
         self.disk_templates = config.home / "cache" / "disk-templates"
         self.volumes_dir = config.volumes_dir
 
-    def _host_config(self, spec: SandboxSpec, run_dir: Path, hosts: Path | None = None) -> dict:
+    def _host_config(self, spec: SandboxSpec, run_dir: Path, state_dir: Path, hosts: Path | None = None) -> dict:
         res = spec.resources
         binds = {
             str(self.agent_path): {"bind": AGENT_PATH, "mode": "ro"},
@@ -232,9 +265,13 @@ class DockerDriver(SandboxDriver):
         }
         if hosts is not None:  # an egress allowlist's names, resolved on the host: the sandbox has no DNS
             binds[str(hosts)] = {"bind": "/etc/hosts", "mode": "ro"}
-        for volume in spec.volumes:  # mounted on the host by the server, which holds it for this sandbox
-            binds[str(volume_source(self.volumes_dir, volume.name))] = {
-                "bind": volume.mount_path, "mode": "ro" if volume.read_only else "rw"}
+        for index, volume in enumerate(spec.volumes):  # mounted on the host by the server, which holds it for us
+            source = volume_source(self.volumes_dir, volume.name)
+            if self.host_base is not None:  # its files keep in-sandbox ids on disk, shown to the range
+                view = state_dir / VOLUME_VIEWS / str(index)
+                idmap.bind(self.config.bin_dir, source, view, 0, self.host_base, readonly=volume.read_only)
+                source = view
+            binds[str(source)] = {"bind": volume.mount_path, "mode": "ro" if volume.read_only else "rw"}
         return self.api.create_host_config(
             binds=binds,
             mem_limit=res.memory_mb << 20,
@@ -263,7 +300,8 @@ class DockerDriver(SandboxDriver):
 
         def unpack(container: str) -> None:
             upper = _upper_dir(self.api.inspect_container(container), sandbox_id)
-            _run_tar([*_TAR_LAYER, "-C", str(upper), "-xpf", str(archive)], sandbox_id, "restore")
+            with _own_ids(upper, self.host_base, self.config.bin_dir, state_dir) as layer:
+                _run_tar([*_TAR_LAYER, "-C", str(layer), "-xpf", str(archive)], sandbox_id, "restore")
 
         return self._launch(sandbox_id, spec, image, state_dir, before_start=unpack)
 
@@ -274,9 +312,12 @@ class DockerDriver(SandboxDriver):
         tag = ensure_image(self.client, image)
         run_dir = state_dir / "agent-run"
         run_dir.mkdir(parents=True, exist_ok=True)
+        if self.host_base is not None:  # the agent, root in the container, binds its socket here
+            os.chown(run_dir, self.host_base, self.host_base)
         env = dict(e.split("=", 1) for e in image.config.env if "=" in e) | spec.env
         hosts = network.prepare(sandbox_id, spec.network_allow, state_dir) if spec.network_allow else None
         try:
+            host_config = self._host_config(spec, run_dir, state_dir, hosts)
             container = self.api.create_container(
                 tag,
                 entrypoint=[AGENT_PATH, "--listen", f"{AGENT_RUN_DIR}/{AGENT_SOCKET}"],
@@ -285,12 +326,16 @@ class DockerDriver(SandboxDriver):
                 working_dir=spec.workdir or image.config.workdir or "/",
                 hostname="sandbox",
                 labels={SANDBOX_LABEL: sandbox_id, STATE_DIR_LABEL: str(state_dir.resolve())},
-                host_config=self._host_config(spec, run_dir, hosts),
+                host_config=host_config,
                 name=_container_name(sandbox_id),
                 network_disabled=not spec.network,
             )["Id"]
         except docker.errors.APIError as exc:
+            _unmount_volume_views(state_dir)
             raise RuntimeFailure(f"docker could not create sandbox {sandbox_id}: {exc.explanation}", sandbox_id=sandbox_id) from exc
+        except BaseException:
+            _unmount_volume_views(state_dir)
+            raise
         try:
             layer = _upper_dir(self.api.inspect_container(container), sandbox_id).parent
             docker_disk.attach(layer, state_dir, spec.resources.disk_mb, sandbox_id, self.disk_templates)
@@ -304,13 +349,14 @@ class DockerDriver(SandboxDriver):
             why = self._why_not_running(container)
             self._remove(container)
             docker_disk.remove(state_dir)
+            _unmount_volume_views(state_dir)
             network.teardown(state_dir)
             if isinstance(exc, docker.errors.APIError):
                 raise RuntimeFailure(f"docker could not start sandbox {sandbox_id}: {exc.explanation}", sandbox_id=sandbox_id) from exc
             if isinstance(exc, RuntimeFailure) and why:
                 raise RuntimeFailure(f"{exc.message}; container: {why}", sandbox_id=sandbox_id) from exc
             raise
-        sandbox = DockerSandbox(sandbox_id, client, container, self.api, spec, state_dir)
+        sandbox = DockerSandbox(sandbox_id, client, container, self.api, spec, state_dir, self.host_base, self.config.bin_dir)
         sandbox.user = user
         return sandbox
 
@@ -328,7 +374,7 @@ class DockerDriver(SandboxDriver):
             self.api.unpause(container)
         socket_path = state_dir / "agent-run" / AGENT_SOCKET
         client = AgentClient.connect_unix(socket_path, timeout_s=ADOPT_PROBE_S, sandbox_id=sandbox_id)
-        sandbox = DockerSandbox(sandbox_id, client, container, self.api, spec, state_dir)
+        sandbox = DockerSandbox(sandbox_id, client, container, self.api, spec, state_dir, self.host_base, self.config.bin_dir)
         try:
             sandbox.user = resolve_user(image.config.user, list(image.lower_dirs), sandbox_id)
             if paused:
@@ -373,10 +419,12 @@ class DockerDriver(SandboxDriver):
         self._remove(sandbox.container)
         if sandbox.state_dir is not None:
             docker_disk.remove(sandbox.state_dir)
+            _unmount_volume_views(sandbox.state_dir)
             network.teardown(sandbox.state_dir)
 
     def cleanup_state_dir(self, state_dir: Path) -> None:
         for container in self.api.containers(all=True, quiet=True, filters={"label": f"{STATE_DIR_LABEL}={state_dir.resolve()}"}):
             self._remove(container["Id"])
         docker_disk.remove(state_dir)
+        _unmount_volume_views(state_dir)
         network.teardown(state_dir)
