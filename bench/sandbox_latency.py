@@ -4,6 +4,9 @@ Three comparisons, each a speed-up factor (peer p50 / dsec p50; > 1 means dsec i
   container_vs_docker_run   create + exec `true` + destroy of a busybox container through the dsec SDK
                             (driver crun, the default) against `docker run --rm IMAGE true` of the same image on
                             dsec's own Docker Engine (docker SDK, so no CLI start-up is charged to Docker).
+                            The peer runs at Docker's default, without a user namespace (`--userns=host`, as
+                            DOCKER_PEER): dsec's engine remaps its own sandboxes' ids (docs/hardening.md), and a
+                            peer that paid for that too would flatter dsec. Same for `docker exec`'s container.
   exec_vs_docker_exec       one exec round trip (`true`) in a running sandbox through the SDK against `docker exec`
                             (exec_create + exec_start + exec_inspect) in a running container of the same image.
   function_vs_subprocess    a warm `sb.call(fn)` in a function sandbox against `python3 -c` in a subprocess.
@@ -51,6 +54,11 @@ IMAGE = "busybox"
 FUNCTION_IMAGE = "python"
 
 
+# Docker's defaults for the peer's containers: no network, and the host's user namespace (what a daemon without
+# --userns-remap gives every container) on dsec's remapping engine, so the peer pays for no remap.
+DOCKER_PEER = {"network_mode": "none", "userns_mode": "host"}
+
+
 def docker_tag_of(image: str, engine: docker.DockerClient) -> str:
     """The engine's tag for a layer-store image: the very same root the dsec docker driver runs."""
     store = LayerStore(ServerConfig().images_dir)
@@ -81,7 +89,7 @@ def bench_create(client: dsec.Client, engine: docker.DockerClient, tag: str, dri
             sb.destroy()
 
     contenders: dict[str, Callable[[], object]] = {d: (lambda d=d: dsec_once(d)) for d in drivers}
-    contenders["docker run --rm"] = lambda: engine.containers.run(tag, ["true"], remove=True, network_mode="none")
+    contenders["docker run --rm"] = lambda: engine.containers.run(tag, ["true"], remove=True, **DOCKER_PEER)
     return interleaved("create + exec true + destroy", contenders, n)
 
 
@@ -93,7 +101,7 @@ def running(client: dsec.Client, engine: docker.DockerClient, tag: str, drivers:
     try:
         for driver in drivers:
             sandboxes[driver] = client.create(IMAGE, "container", driver=driver)
-        container = engine.containers.run(tag, ["sleep", "3600"], detach=True, remove=True, network_mode="none")
+        container = engine.containers.run(tag, ["sleep", "3600"], detach=True, remove=True, **DOCKER_PEER)
         yield sandboxes, container
     finally:
         for sb in sandboxes.values():
@@ -322,8 +330,8 @@ def main() -> int:
     parser.add_argument("--exec-n", type=int, default=200, help="rounds of exec / call")
     parser.add_argument("--drivers", default="crun,runc,docker", help="the first one is the one compared")
     parser.add_argument("--burst", type=int, default=100, help="creates sent at once in the burst figure")
-    parser.add_argument("--pause-n", type=int, default=10, help="rounds of pause + resume per substrate and kind")
     parser.add_argument("--burst-pool", type=int, default=20, help="warm pool size during the burst")
+    parser.add_argument("--pause-n", type=int, default=10, help="rounds of pause + resume per substrate and kind")
     args = parser.parse_args()
 
     print(f"sandbox latency on {os.cpu_count()} cores; embedded dsec server and dsec's Docker Engine", flush=True)
