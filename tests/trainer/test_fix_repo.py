@@ -43,6 +43,7 @@ def test_the_demonstration_is_multi_turn_and_fits_the_result_window():
         demo = TASK.demonstration(p)
         calls = [c for m in demo if m.role == "assistant" for c in m.tool_calls]
         assert len(calls) >= 3 and [c.name for c in calls][:2] == ["run_shell", "run_shell"]
+        assert calls[2].arguments["command"].startswith("sed -i ")  # a one-line patch, not the file rewritten
         assert sum(1 for m in demo if m.role == "assistant" and m.tool_calls) >= 3  # three turns, not one
         results = [r for m in demo if m.role == "user" for r in m.tool_results]
         assert all(len(r) <= MAX_RESULT_CHARS for r in results)  # the policy sees every result whole
@@ -75,6 +76,8 @@ def test_the_demonstration_solves_sampled_problems_through_the_real_tools(client
                 if not turn.tool_calls:
                     break
                 assert [box.execute(c) for c in turn.tool_calls] == answer.tool_results, p.id
+            path = str(p.data["path"])
+            assert box.shell(f"cat {path}").stdout.decode() == p.answer  # the patch changed the return line only
             assert demo[-1].content and TASK.verify(p, demo[-1].content, box) == 1.0
         finally:
             box.close()

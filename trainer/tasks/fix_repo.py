@@ -1,8 +1,10 @@
 """A multi-turn repository task: one of 2-3 small modules has a bug, and only the test run says which.
 
 Unlike fix_module, the prompt names the files but not the faulty one nor its code, so a correct episode needs the
-sandbox over several turns: run the tests, read the failure (it names the file), read that file, write the fix,
-run the tests again, then answer. Every file and tool output stays under the policy's result window
+sandbox over several turns: run the tests, read the failure (it names the file), read that file, patch its return
+line with `sed` (the docstring states the intended expression), run the tests again, then answer. The patch is a
+one-liner, not the whole file rewritten: a 0.3 M-parameter policy mis-copies a 100-character file far more often
+than one expression (docs/trainer.md has the figures). Every file and tool output stays under the policy's result window
 (`trainer.tools.MAX_RESULT_CHARS`), so what the policy reads is exactly what it needs.
 """
 
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from trainer.encoding import Message, ToolCall
 from trainer.tasks.base import ContentSplitTask, Problem, content_key
-from trainer.tasks.fix_module import RUN_SHELL, WRITE_FILE
+from trainer.tasks.fix_module import RUN_SHELL
 
 if TYPE_CHECKING:
     from trainer.tools import ToolBox
@@ -65,6 +67,11 @@ def _tests(entries: list[tuple[str, str, str, list[tuple[int, int]]]]) -> str:
     return "\n".join(lines)
 
 
+def patch(name: str, right: str) -> str:
+    """The shell one-liner that replaces the module's return line (only code lines start lowercase `return`)."""
+    return f"sed -i 's/return .*/return {right}/' {name}"
+
+
 def _cases(rng: random.Random, right: str, wrong: str | None) -> list[tuple[int, int]]:
     """Two cases; for the buggy function the first one fails (so the test run names its file)."""
     while True:
@@ -76,7 +83,7 @@ def _cases(rng: random.Random, right: str, wrong: str | None) -> list[tuple[int,
 class FixRepo(ContentSplitTask):
     name = "fix_repo"
     system = "You are a careful assistant. Find the bug in the repository in the sandbox and fix it."
-    tools = [WRITE_FILE, RUN_SHELL]
+    tools = [RUN_SHELL]  # every step is a shell command; an unused write_file schema would only lengthen the prompt
 
     def candidate(self, rng: random.Random) -> Problem:
         count = rng.choice((2, 3))
@@ -105,7 +112,7 @@ class FixRepo(ContentSplitTask):
                 cases = _cases(body_rng, right, body)
                 fails = [f"FAIL {mod}.py: {func}({a}, {b}) = {_value(body, a, b)}, want {_value(right, a, b)}"
                          for a, b in cases if _value(body, a, b) != _value(right, a, b)]
-                data = {"path": path, "func": func, "fixed": _module(repo, func, right, right),
+                data = {"path": path, "func": func, "fixed": _module(repo, func, right, right), "right": right,
                         "output": "".join(f"{line}\n" for line in fails) + f"{len(fails)} failed\n"}
             else:
                 cases = _cases(body_rng, right, None)
@@ -125,19 +132,18 @@ class FixRepo(ContentSplitTask):
         return _expr(op1, op2, rng.choice([c for c in range(1, 10) if c != const]))
 
     def demonstration(self, problem: Problem) -> list[Message]:
-        """Run the tests, read the file the failure names, write the fix and re-run the tests: four tool calls."""
-        path = str(problem.data["path"])
-        buggy = problem.files[path]
+        """Run the tests, read the file the failure names, patch its return line and re-run the tests: four calls."""
+        name = str(problem.data["path"]).rsplit("/", 1)[1]
+        buggy = problem.files[str(problem.data["path"])]
         test = ToolCall(name="run_shell", arguments={"command": TEST_COMMAND})
         return [
             Message(role="assistant", tool_calls=[test]),
             Message(role="user", tool_results=[f"exit 1\n{problem.data['output']}"]),
-            Message(role="assistant", tool_calls=[ToolCall(name="run_shell",
-                                                           arguments={"command": f"cat {path.rsplit('/', 1)[1]}"})]),
+            Message(role="assistant", tool_calls=[ToolCall(name="run_shell", arguments={"command": f"cat {name}"})]),
             Message(role="user", tool_results=[f"exit 0\n{buggy}"]),
-            Message(role="assistant", tool_calls=[
-                ToolCall(name="write_file", arguments={"path": path, "content": problem.answer}), test]),
-            Message(role="user", tool_results=["ok", "exit 0\nall passed\n"]),
+            Message(role="assistant", tool_calls=[ToolCall(name="run_shell", arguments={"command": patch(name, str(
+                problem.data["right"]))}), test]),
+            Message(role="user", tool_results=["exit 0", "exit 0\nall passed\n"]),
             Message(role="assistant", content="Fixed."),
         ]
 
