@@ -4,8 +4,8 @@
 - a breakout simulated at its worst: a process with every capability in the sandbox's user namespace, on the
   host's filesystem, holding a leaked descriptor of the host's / (the shape of runc's CVE-2024-21626 fd leak),
   tries root-only bait files and a write into /etc. It reaches only what any unprivileged host user reaches.
-Docker (its userns-remap is daemon-wide, docs/hardening.md) and VMs (a guest's root is no host process) report
-n/a rows.
+Docker's sandboxes share the engine's one remapped range (dockerd.py; daemon-wide, docs/hardening.md), found by
+the engine's own process list; VMs (a guest's root is no host process) report n/a rows.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import secrets
 import subprocess
 from pathlib import Path
 
+import docker
 import pytest
 
 from dsec.substrates.container import cgroups
 from dsec.substrates.container.bundle import cgroups_path
+from dsec.substrates.container.dockerd import REMAP_BASE, ensure_engine
 from dsec.substrates.container.userns import HOST_BASE, IDS, SLOTS
 
 from .conftest import is_vm
@@ -31,12 +33,17 @@ NSENTER_TIMEOUT_S = 60
 def _not_user_namespaced(case: tuple) -> str:
     if is_vm(case):
         return "n/a: a guest's root is the guest kernel's, no host process"
-    if case[2] == "docker":
-        return "n/a: Docker's userns-remap is daemon-wide and off by default (docs/hardening.md)"
     return ""
 
 
-def _host_pids(sandbox_id: str) -> list[int]:
+def _host_pids(case: tuple, sandbox_id: str) -> list[int]:
+    if case[2] == "docker":  # the engine's cgroup layout is its own: ask it for the container's processes
+        engine = docker.APIClient(base_url=ensure_engine(use_docker_host=False), version="auto")
+        try:
+            top = engine.top(f"dsec-{sandbox_id}")
+        finally:
+            engine.close()
+        return [int(row[top["Titles"].index("PID")]) for row in top["Processes"]]
     directory = cgroups.controller_dir("memory", cgroups_path(sandbox_id))
     assert directory is not None, "no memory cgroup hierarchy"
     return [int(pid) for pid in (directory / "cgroup.procs").read_text().split()]
@@ -54,13 +61,11 @@ def test_sandbox_root_runs_as_an_unprivileged_host_uid(case, spawn):
         return
     sandbox = spawn()
     inside = sandbox.exec(["/bin/sh", "-c", "id -u; cat /proc/self/uid_map"]).stdout.decode().split()
-    pids = _host_pids(sandbox.id)
+    pids = _host_pids(case, sandbox.id)
     uids = sorted({uid for pid in pids for uid in _uids(pid)})
     base = uids[0] if len(uids) == 1 else -1
-    contained = (
-        inside[:2] == ["0", "0"] and inside[2:] == [str(base), str(IDS)]
-        and HOST_BASE <= base < HOST_BASE + SLOTS * IDS and len(pids) >= 1
-    )  # fmt: skip
+    in_range = base == REMAP_BASE if case[2] == "docker" else HOST_BASE <= base < HOST_BASE + SLOTS * IDS
+    contained = inside[:2] == ["0", "0"] and inside[2:] == [str(base), str(IDS)] and in_range and len(pids) >= 1
     outcome = f"inside uid {inside[0]} map {' '.join(inside[1:])}; host uids {uids} of {len(pids)} pids"
     assert record(case[0], "sandbox root is an unprivileged host uid", outcome, contained)
 
@@ -78,7 +83,7 @@ def test_breakout_with_a_leaked_host_root_fd_reads_no_root_file(case, spawn, bai
     readable.chmod(0o644)
     target = Path("/etc") / f"dsec-hostile-{secrets.token_hex(4)}"
     sandbox = spawn()
-    pid = _host_pids(sandbox.id)[0]
+    pid = _host_pids(case, sandbox.id)[0]
     host_root = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
     try:
         fd = f"/proc/self/fd/{host_root}"
