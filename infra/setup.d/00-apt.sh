@@ -11,6 +11,8 @@ PACKAGES=(
   # CRIU 4.1 built from Debian trixie's source when bookworm's 3.17 cannot read this kernel's vDSO (31-criu.sh)
   libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev
   pkgconf protobuf-c-compiler protobuf-compiler uuid-dev python3-protobuf make
+  # crun 1.21 with CRIU (libcriu from package criu) built from Debian trixie's source (32-crun.sh)
+  autoconf automake libtool gperf libseccomp-dev libsystemd-dev libyajl-dev python3
   iproute2 nftables              # network allowlists: netns, veths and per-sandbox tables (36-network.sh)
   # images (40-images.sh): busybox and debootstrap'd base images, erofs layers, OCI interop and a test registry
   busybox-static debootstrap erofs-utils skopeo umoci docker-registry
