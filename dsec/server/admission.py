@@ -44,11 +44,13 @@ class CreateAdmission:
         max_concurrent; successive rejected callers get successive places (each a step later than the one
         before), so a burst's rejected creates return as places free, not all at once after the whole queue
         has drained (measured here: a 100-create burst's p99 swung from 4 to 12 s on that wait alone). The
-        step is padded by the SDK's +-20 % jitter, as a caller back too early is rejected again and goes last."""
+        step is padded by the SDK's +-20 % jitter. Never later than the whole queue's drain time: a caller back
+        too early and rejected again must not queue behind every place promised meanwhile."""
         now = time.monotonic()
-        step = self._avg_create_s / self.max_concurrent * _RETRY_JITTER_PAD
-        self._next_place_at = max(self._next_place_at, now) + step
-        return round(min(_MAX_RETRY_S, max(_MIN_RETRY_S, self._next_place_at - now)), 3)
+        step = self._avg_create_s / self.max_concurrent
+        self._next_place_at = max(self._next_place_at, now) + step * _RETRY_JITTER_PAD
+        drained = (self._waiting + 1) * step
+        return round(min(_MAX_RETRY_S, max(_MIN_RETRY_S, min(self._next_place_at - now, drained))), 3)
 
     def _reject(self, reason: str, message: str, transient: bool = True) -> CapacityExceeded:
         """Transient rejections carry a retry-after the SDK sleeps on; a quota is policy, so it carries none."""
