@@ -170,8 +170,10 @@ def test_an_engine_started_without_the_remap_is_restarted_with_it(tmp_path):
         assert int(cfg.pidfile.read_text()) != first_pid and not Path(f"/proc/{first_pid}").exists()
         assert (cfg.data_root / f"{REMAP_BASE}.{REMAP_BASE}").is_dir(), "its store is now the remapped one"
     finally:
-        if cfg.pidfile.exists():
-            stop_engine(cfg)
-        shutil.rmtree(cfg.exec_root, ignore_errors=True)
-        cfg.socket.unlink(missing_ok=True)
+        try:
+            if cfg.pidfile.exists():
+                stop_engine(cfg)
+        finally:
+            shutil.rmtree(cfg.exec_root, ignore_errors=True)
+            cfg.socket.unlink(missing_ok=True)
 
