@@ -97,6 +97,9 @@ static long long device_retry_at_ms = -1;
 static int fd_mode;          /* --fd: exit when the stream ends */
 static int sig_pipe[2] = {-1, -1};
 static volatile sig_atomic_t got_term;
+/* DETACH: the tasks of a host that detaches for a checkpoint belong here until a connection ATTACHes them; its
+   `dead` makes every frame to it dropped, and such tasks are neither read from nor finished meanwhile */
+static conn_t parked = {.in_fd = -1, .out_fd = -1, .dead = 1};
 
 static long long now_ms(void) {
     struct timespec ts;
@@ -724,7 +727,7 @@ static void finish_write(task_t *t) {
 
 enum {
     H_MKDIR = 0x14, H_MOVE = 0x15, H_REMOVE = 0x16, H_STATX = 0x17, H_LIST_DIRX = 0x18, H_CHOWN = 0x19,
-    H_WATCH = 0x1A, H_CANCEL = 0x1B,
+    H_WATCH = 0x1A, H_CANCEL = 0x1B, H_DETACH = 0x1C, H_ATTACH = 0x1D,
     A_EVENT = 0x89,
 };
 enum { K_WATCH = 16 };
@@ -1183,6 +1186,17 @@ static void handle_frame(conn_t *c, int type, uint32_t id, char *p, uint32_t n) 
     case H_CHOWN: do_chown(c, id, p, n); break;
     case H_WATCH: do_watch(c, id, p, n); break;
     case H_CANCEL: do_cancel(c, id); break;
+    case H_DETACH:
+        /* the host is about to close this connection to checkpoint the sandbox: keep what it started */
+        for (t = tasks; t; t = t->next)
+            if (t->conn == c) t->conn = &parked;
+        send_frame(c, A_OK, id, NULL, 0);
+        break;
+    case H_ATTACH:
+        for (t = tasks; t; t = t->next)
+            if (t->conn == &parked) t->conn = c;
+        send_frame(c, A_OK, id, NULL, 0);
+        break;
     default: send_error(c, id, EINVAL, "unknown frame type 0x%02x", type);
     }
 }
@@ -1409,7 +1423,7 @@ int main(int argc, char **argv) {
             if (buf_size(&c->out)) ADD(c->out_fd, POLLOUT, c, P_CONN_OUT);
         }
         for (task_t *t = tasks; t; t = t->next) {
-            int room = buf_size(&t->conn->out) < OUT_HIGH;
+            int room = !t->conn->dead && buf_size(&t->conn->out) < OUT_HIGH;
             if (t->kind == K_PROC) {
                 if (room && t->out_fd >= 0) ADD(t->out_fd, POLLIN, t, P_OUT);
                 if (room && t->err_fd >= 0) ADD(t->err_fd, POLLIN, t, P_ERR);
@@ -1488,6 +1502,7 @@ int main(int argc, char **argv) {
         reap_children();
         for (task_t *t = tasks, *next; t; t = next) {
             next = t->next;
+            if (t->conn->dead) continue;  /* parked: its output and EXIT wait for ATTACH */
             if (t->kind == K_PROC) maybe_finish_proc(t);
             else if (t->kind == K_READ && buf_size(&t->conn->out) < OUT_HIGH) pump_read(t);
         }

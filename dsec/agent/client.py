@@ -49,6 +49,8 @@ STDOUT, STDERR, EXIT, SPAWNED, DATA, END, ENTRY, OK, ERROR, PONG = (
 # filesystem operations and directory watches (docs/agent-protocol.md, "Filesystem operations")
 MKDIR, MOVE, REMOVE, STATX, LIST_DIRX, CHOWN, WATCH, CANCEL = 0x14, 0x15, 0x16, 0x17, 0x18, 0x19, 0x1A, 0x1B
 EVENT = 0x89
+# a host detaching from an agent it will checkpoint, and reattaching to the restored one (docs/agent-protocol.md)
+DETACH, ATTACH = 0x1C, 0x1D
 
 DEFAULT_REQUEST_TIMEOUT_S = 120.0
 """How long a control request (spawn, stat, one file chunk) may wait for the agent before it is declared stuck
@@ -262,6 +264,33 @@ class AgentDirWatch(DirWatch):
             self._request.queue.put((END, b""))
 
 
+def connect_socket(path: str | Path, timeout_s: float = 30.0, sandbox_id: str = "") -> socket.socket:
+    """A connected unix socket to an agent, waiting for its listening socket to appear while the sandbox starts."""
+    deadline = time.monotonic() + timeout_s
+    last: OSError | None = None
+    pause = CONNECT_FIRST_PAUSE_S
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            last = exc
+        except OSError:
+            sock.close()
+            raise
+        if time.monotonic() >= deadline:
+            where = f" of sandbox {sandbox_id}" if sandbox_id else ""
+            raise RuntimeFailure(
+                f"the agent{where} did not listen on {path} within {timeout_s:.0f}s ({last}): the sandbox "
+                "failed to start; see its runtime log",
+                sandbox_id=sandbox_id,
+            ) from None
+        time.sleep(pause)  # the agent listens ~1 ms after its runtime returns: short first, then backing off
+        pause = min(pause * 2, CONNECT_MAX_PAUSE_S)
+
+
 class AgentClient:
     """One connected stream to one agent: a socket, or a (read_fd, write_fd) pair for a char device or pipe."""
 
@@ -302,35 +331,13 @@ class AgentClient:
     def connect_unix(cls, path: str | Path, timeout_s: float = 30.0, sandbox_id: str = "") -> AgentClient:
         """Connect to an agent's socket, waiting for it to appear while the sandbox starts; then ping it."""
         deadline = time.monotonic() + timeout_s
-        last: OSError | None = None
-        pause = CONNECT_FIRST_PAUSE_S
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(str(path))
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
-                sock.close()
-                last = exc
-                if time.monotonic() >= deadline:
-                    where = f" of sandbox {sandbox_id}" if sandbox_id else ""
-                    raise RuntimeFailure(
-                        f"the agent{where} did not listen on {path} within {timeout_s:.0f}s ({last}): the sandbox "
-                        "failed to start; see its runtime log",
-                        sandbox_id=sandbox_id,
-                    ) from None
-                time.sleep(pause)  # the agent listens ~1 ms after its runtime returns: short first, then backing off
-                pause = min(pause * 2, CONNECT_MAX_PAUSE_S)
-                continue
-            except OSError:
-                sock.close()
-                raise
-            client = cls(sock, sandbox_id=sandbox_id)
-            try:
-                client.ping(timeout=max(deadline - time.monotonic(), 1.0))
-            except BaseException:
-                client.close()
-                raise
-            return client
+        client = cls(connect_socket(path, timeout_s, sandbox_id), sandbox_id=sandbox_id)
+        try:
+            client.ping(timeout=max(deadline - time.monotonic(), 1.0))
+        except BaseException:
+            client.close()
+            raise
+        return client
 
     connect = connect_unix
 
@@ -479,6 +486,25 @@ class AgentClient:
             self._detached = False
         self._reader = threading.Thread(target=self._read_loop, daemon=True, name="dsec-agent-reader")
         self._reader.start()
+
+    def park(self) -> None:
+        """Detach for a checkpoint of the agent's sandbox (a container's memory pause): the agent is told to keep
+        every process and transfer this connection started (DETACH) instead of killing them when it closes; its
+        OK comes after all output queued before it, so nothing is lost. Then `detach`; `reattach` continues."""
+        request, rtype, reply = self._simple(DETACH, b"", "detach")
+        request.done()
+        if rtype != OK:
+            self._raise(reply, "detach")
+        self.detach()
+
+    def reattach(self, stream: socket.socket) -> None:
+        """After `park` (or on a `detached` placeholder): continue on `stream`, a connection to the restored agent,
+        which hands this connection what the parked one started (ATTACH); their streams carry on."""
+        self.attach(stream)
+        request, rtype, reply = self._simple(ATTACH, b"", "attach")
+        request.done()
+        if rtype != OK:
+            self._raise(reply, "attach")
 
     # -- requests -----------------------------------------------------------------------------------------
     def _simple(self, ftype: int, payload: bytes, what: str) -> tuple[_Request, int, bytes]:

@@ -628,15 +628,16 @@ class SandboxManager:
         sandbox.events.add(event, kind=kind, resume_ms=round((time.monotonic() - started) * 1000, 3))
 
     def snapshot(self, sandbox_id: str, name: str, tenant: str | None = None, temporary: bool = False,
-                 ttl_s: float = 0.0) -> dict:
-        """`ttl_s` > 0: the snapshot GC removes it that long from now (snapshot_gc.py)."""
+                 ttl_s: float = 0.0, for_fork: bool = False) -> dict:
+        """`ttl_s` > 0: the snapshot GC removes it that long from now (snapshot_gc.py). `for_fork`: the
+        substrate's fork_snapshot (a runc container's also carries its running processes)."""
         if not 0 <= ttl_s <= 10 * 365 * 86400:  # NaN fails this too
             raise InvalidSpec(f"snapshot ttl_s must be between 0 (none) and ten years, got {ttl_s}")
         sandbox = self.running(sandbox_id, tenant)
         snapshot_id, data = self.snapshots.new(temporary)
         try:
             with sandbox.lock:
-                kind = sandbox.handle.snapshot(data)
+                kind = sandbox.handle.fork_snapshot(data) if for_fork else sandbox.handle.snapshot(data)
             meta = {
                 "snapshot_id": snapshot_id,
                 "sandbox_id": sandbox_id,
@@ -690,11 +691,12 @@ class SandboxManager:
         """`n` copies of a running sandbox, through a snapshot of its own that is deleted afterwards."""
         if not (1 <= n <= 100):
             raise InvalidSpec(f"fork count must be between 1 and 100, got {n}")
-        meta = self.snapshot(sandbox_id, name=f"fork-of-{sandbox_id}", tenant=tenant, temporary=True)
+        meta = self.snapshot(sandbox_id, name=f"fork-of-{sandbox_id}", tenant=tenant, temporary=True, for_fork=True)
         forks: list[ManagedSandbox] = []
         try:
             for _ in range(n):
-                forks.append(self.restore(meta["snapshot_id"], {"dsec.fork_of": sandbox_id}, 0, tenant))
+                labels = {"dsec.fork_of": sandbox_id, "dsec.fork_kind": meta["kind"]}  # "processes": they run on
+                forks.append(self.restore(meta["snapshot_id"], labels, 0, tenant))
         except BaseException:
             for sandbox in forks:
                 self.destroy(sandbox.sandbox_id)

@@ -147,6 +147,10 @@ class DriverSandbox(abc.ABC):
         """Write a restorable snapshot into `dest`; return its kind (e.g. 'filesystem', 'memory+disk')."""
         raise Unsupported(f"snapshot is not supported by this substrate (sandbox {self.sandbox_id})")
 
+    def fork_snapshot(self, dest: Path) -> str:
+        """The snapshot a fork starts from; a substrate that can also carry running processes overrides it."""
+        return self.snapshot(dest)
+
     def call(self, payload: bytes, timeout_s: float, memory_mb: int) -> dict:
         """Run one cloudpickled call in a warm Python worker (capability `call`, the function substrate); returns
         the worker's reply (base64 result, error type and traceback, output). Why a capability: the Call RPC asks

@@ -120,6 +120,45 @@ def test_memory_pause_keeps_processes(client):
         sb.destroy()
 
 
+ECHO_COUNTER = 'n=0; s=$RANDOM$RANDOM; while read line; do n=$((n+1)); echo "$n $s $line"; done'
+
+
+def test_memory_pause_keeps_sessions_and_process_streams(client):
+    """The host parks its agent connection (DETACH) for the checkpoint and reattaches after the restore: a
+    session's shell keeps its variables and cwd, and a process started through ProcessService keeps its memory
+    (a counter) and its open stdin/stdout stream."""
+    sb = client.create("busybox", "container", driver="runc", timeout_s=600)
+    try:
+        if not criu_probe().works:
+            assert_refused(sb, criu_probe().reason)
+            return
+        session = sb.session()
+        assert session.run("export X=41; Y=local; cd /tmp").exit_code == 0
+        proc = sb.processes.start(ECHO_COUNTER, stdin=True)
+        lines = iter(proc)
+
+        def reply(word: str) -> tuple[int, str, str]:
+            proc.send_input(word + "\n")
+            out = b""
+            while not out.endswith(b"\n"):
+                out += next(lines).data
+            count, secret, echoed = out.decode().split()
+            return int(count), secret, echoed
+
+        first, secret, _ = reply("before")
+        for round_ in (1, 2):  # a second round from the restored container
+            sb.pause(memory=True)
+            assert cgroup_procs(sb.id) == [], "no process is left (no CPU)"
+            sb.resume()
+            assert session.run("echo $X $Y $(pwd)").text == "41 local /tmp\n", "the session's shell came back"
+            assert reply(f"after{round_}") == (first + round_, secret, f"after{round_}"), "the stream carried on"
+        proc.close_stdin()
+        assert proc.wait().exit_code == 0
+        assert session.run("echo new session works").exit_code == 0
+    finally:
+        sb.destroy()
+
+
 def test_files_pause_ends_processes_and_keeps_files(make_sb):
     sb = make_sb()
     sb.exec("echo kept > /root/note && setsid sleep 1000 </dev/null >/dev/null 2>&1 &")

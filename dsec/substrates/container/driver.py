@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dsec.agent.build import agent_binary
-from dsec.agent.client import AgentClient
+from dsec.agent.client import AgentClient, connect_socket
 from dsec.config import ServerConfig
 from dsec.errors import DiskFull, InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound, Unsupported
 from dsec.images.user import resolve_user
@@ -29,7 +29,7 @@ from dsec.models import PauseKind, SandboxSpec
 from dsec.substrates.agent_sandbox import AgentSandbox
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, Usage, snapshot_target_full, volume_source
 from dsec.substrates.container import bundle, cgroups, disk, idmap, network, rootfs, trash, userns
-from dsec.substrates.container.criu import criu_probe
+from dsec.substrates.container.criu import criu_probe, move_userns_maps
 from dsec.substrates.container.record import ContainerRecord
 from dsec.substrates.container.runtime import RUNTIMES, OciRuntime
 
@@ -37,6 +37,7 @@ AGENT_START_TIMEOUT_S = 30.0
 ADOPT_PROBE_S = 5.0  # a live agent answers a ping in milliseconds; one that does not within this is not re-adopted
 KILL_WAIT_S = 10.0  # after that, `delete --force` takes over
 PID_FILE = "container.pid"
+AGENT_NAME = "dsec-agent"  # the sandbox's own link to the agent binary (_pinned_agent)
 CHECKPOINT_DIR = "checkpoint"  # a memory pause's CRIU images (runc checkpoint)
 PAUSED_AS = "paused-as"  # "memory" or "files" while no container runs: what a successor server re-adopts
 SNAPSHOT_ARCHIVE = "upper.tar"
@@ -67,21 +68,35 @@ def _run_tar(argv: list[str], sandbox_id: str, what: str, writes_to: Path | None
         )
 
 
-def _connect_agent(run_dir: Path, sandbox_id: str, log: Path, timeout_s: float = AGENT_START_TIMEOUT_S) -> AgentClient:
-    """Connect to the agent socket in `run_dir`; a path too long for sun_path goes through /proc/self/fd."""
+@contextlib.contextmanager
+def _agent_socket_path(run_dir: Path, sandbox_id: str, log: Path) -> Iterator[Path]:
+    """The agent socket in `run_dir`, through /proc/self/fd when too long for sun_path; a failure to reach it
+    quotes the agent's log."""
     socket_path = run_dir / bundle.AGENT_SOCKET
     dir_fd = -1
     if len(str(socket_path)) > MAX_SOCKET_PATH:
         dir_fd = os.open(run_dir, os.O_PATH | os.O_DIRECTORY)
         socket_path = Path(f"/proc/self/fd/{dir_fd}/{bundle.AGENT_SOCKET}")
     try:
-        return AgentClient.connect_unix(socket_path, timeout_s=timeout_s, sandbox_id=sandbox_id)
+        yield socket_path
     except RuntimeFailure as exc:
         tail = log.read_bytes()[-1000:].decode(errors="replace").strip() if log.exists() else ""
         raise RuntimeFailure(f"{exc.message}; agent log: {tail or '(empty)'}", sandbox_id=sandbox_id) from exc
     finally:
         if dir_fd >= 0:
             os.close(dir_fd)
+
+
+def _connect_agent(run_dir: Path, sandbox_id: str, log: Path, timeout_s: float = AGENT_START_TIMEOUT_S) -> AgentClient:
+    """Connect to the agent socket in `run_dir`."""
+    with _agent_socket_path(run_dir, sandbox_id, log) as path:
+        return AgentClient.connect_unix(path, timeout_s=timeout_s, sandbox_id=sandbox_id)
+
+
+def _reattach_agent(client: AgentClient, run_dir: Path, sandbox_id: str, log: Path) -> None:
+    """Continue `client`'s conversation (parked for a checkpoint) on a new connection to the restored agent."""
+    with _agent_socket_path(run_dir, sandbox_id, log) as path:
+        client.reattach(connect_socket(path, AGENT_START_TIMEOUT_S, sandbox_id))
 
 
 class ContainerSandbox(AgentSandbox):
@@ -132,39 +147,50 @@ class ContainerSandbox(AgentSandbox):
     def is_paused(self) -> bool:
         return cgroups.is_frozen(self.record.cgroups_path)
 
+    def keeps_streams(self, kind: PauseKind) -> bool:
+        """A memory pause parks the agent connection (DETACH) and reattaches it after the restore: sessions and
+        process streams carry on. A files pause ends every process."""
+        return kind in ("freeze", "memory")
+
     def check_pause(self, kind: PauseKind) -> None:
         """freeze and files work with both runtimes; memory needs runc (crun 1.8.1 is built without CRIU) and a
         CRIU that passes its probe (criu.py), else it is refused with the reason."""
         self._check_alive("pause")
         if kind != "memory":
             return
-        verdict = criu_probe()
-        reason = verdict.reason if not verdict.works else ""
-        if self.runtime.name != "runc":
-            reason = f"{self.runtime.name} here is built without CRIU ('{self.runtime.name} --version' lacks +CRIU); create it with driver='runc'"
-        elif _joins_host_netns_from_userns(self.state_dir):
-            reason = ("its network namespace (the egress allowlist's) belongs to the host's user namespace, not to the "
-                      "sandbox's, and CRIU cannot enter it from there ('Can't setns net: Operation not permitted')")
-        if reason:
+        if reason := self._criu_refusal():
             raise Unsupported(
                 f"pause(memory=True) of container sandbox {self.sandbox_id} needs CRIU: {reason}; pause() freezes it "
                 "in place (RAM held), pause(memory=False) keeps its files only",
                 sandbox_id=self.sandbox_id,
             )
 
+    def _criu_refusal(self) -> str:
+        """Why CRIU cannot checkpoint this sandbox's processes ("" when it can)."""
+        verdict = criu_probe()
+        if self.runtime.name != "runc":
+            return f"{self.runtime.name} here is built without CRIU ('{self.runtime.name} --version' lacks +CRIU); create it with driver='runc'"
+        if not verdict.works:
+            return verdict.reason
+        if _joins_host_netns_from_userns(self.state_dir):
+            return ("its network namespace (the egress allowlist's) belongs to the host's user namespace, not to the "
+                    "sandbox's, and CRIU cannot enter it from there ('Can't setns net: Operation not permitted')")
+        return ""
+
     def pause(self, kind: PauseKind = "freeze") -> None:
         """freeze: every process stopped by the freezer cgroup, memory and files as they are. memory: CRIU saves
         the processes and their memory under the state dir and the container goes (runc checkpoint). files: the
         container is deleted (processes, cgroup and their memory go). Both keep the disk, overlay, bundle and
-        network namespace, and close the agent connection first: the agent then kills the process groups that
-        connection started (sessions, execs); detached processes (setsid, daemons) are what a memory pause keeps."""
+        network namespace. memory parks the agent connection first (the agent keeps everything it started:
+        sessions, execs, transfers; CRIU saves them) and resume reattaches it; files closes it, and the agent
+        kills the process groups it started."""
         self.check_pause(kind)
         if kind == "freeze":
             self.runtime.pause(self.record.container_id)
             return
-        self.client.close()
-        (self.state_dir / PAUSED_AS).write_text(kind)
         if kind == "memory":
+            self.client.park()
+            (self.state_dir / PAUSED_AS).write_text(kind)
             _wait_connections_dropped(self.state_dir / PID_FILE)
             image = self.state_dir / CHECKPOINT_DIR
             shutil.rmtree(image, ignore_errors=True)
@@ -173,9 +199,11 @@ class ContainerSandbox(AgentSandbox):
                 self.runtime.checkpoint(self.record.container_id, image, criu_probe().path)
             except BaseException:
                 (self.state_dir / PAUSED_AS).unlink()
-                self.client = _connect_agent(self.state_dir / "agent-run", self.sandbox_id, self.state_dir / "agent.log")
+                _reattach_agent(self.client, self.state_dir / "agent-run", self.sandbox_id, self.state_dir / "agent.log")
                 raise
         else:
+            self.client.close()
+            (self.state_dir / PAUSED_AS).write_text(kind)
             _kill_init(self.state_dir / PID_FILE, self.record.cgroups_path)
             self.runtime.delete(self.record.container_id)
         cgroups.remove(self.record.cgroups_path, self.sandbox_id)
@@ -193,10 +221,12 @@ class ContainerSandbox(AgentSandbox):
             # CRIU binds a listening socket again at the name it was first bound to: the agent binds
             # agent.sock.tmp and renames it into place (agent.c), so the restored socket needs that rename again
             os.replace(run_dir / f"{bundle.AGENT_SOCKET}.tmp", run_dir / bundle.AGENT_SOCKET)
+            # the parked connection (or a re-adopted sandbox's placeholder) continues: sessions carry on
+            _reattach_agent(self.client, run_dir, self.sandbox_id, log)
         else:
             self.runtime.run(self.record.container_id, self.state_dir, pid_file, log)
-        self.client.close()  # closed at the pause already, or a re-adopted sandbox's placeholder
-        self.client = _connect_agent(run_dir, self.sandbox_id, log)
+            self.client.close()  # closed at the pause already, or a re-adopted sandbox's placeholder
+            self.client = _connect_agent(run_dir, self.sandbox_id, log)
         shutil.rmtree(image, ignore_errors=True)
         (self.state_dir / PAUSED_AS).unlink()
         self.stopped_as = ""
@@ -227,17 +257,55 @@ class ContainerSandbox(AgentSandbox):
         if not was_paused:
             self.pause()
         try:
-            _run_tar(
-                [*_TAR_LAYER, "--exclude=./.dsec", "-C", str(self.writable_layer()), "-cf", str(dest / SNAPSHOT_ARCHIVE), "."],
-                self.sandbox_id,
-                "snapshot",
-                writes_to=dest,
-            )
+            self._tar_layer(dest)
         finally:
             if not was_paused:
                 self.resume()
         (dest / "snapshot.json").write_text(json.dumps({"kind": "filesystem", "runtime": self.record.runtime}))
         return "filesystem"
+
+    def _tar_layer(self, dest: Path) -> None:
+        _run_tar(
+            [*_TAR_LAYER, "--exclude=./.dsec", "-C", str(self.writable_layer()), "-cf", str(dest / SNAPSHOT_ARCHIVE), "."],
+            self.sandbox_id,
+            "snapshot",
+            writes_to=dest,
+        )
+
+    def fork_snapshot(self, dest: Path) -> str:
+        """What a fork starts from: the files and, where CRIU can (runc), every process with its memory, sessions
+        included (kind "processes"): the agent connection is parked, the container frozen, its layer tarred and
+        its processes dumped with `--leave-running`, then thawed and reattached, so the source runs on. Where
+        CRIU cannot (crun, an allowlisted user-namespaced sandbox, a paused one, a dump that fails: its reason
+        is kept in snapshot.json) it is `snapshot`'s "filesystem"."""
+        self._check_alive("fork")
+        if self.stopped_as or self.is_paused() or self._criu_refusal():
+            return self.snapshot(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        run_dir, log = self.state_dir / "agent-run", self.state_dir / "agent.log"
+        image, refused = dest / CHECKPOINT_DIR, ""
+        self.client.park()
+        try:
+            _wait_connections_dropped(self.state_dir / PID_FILE)
+            self.runtime.pause(self.record.container_id)
+            try:
+                self._tar_layer(dest)
+                image.mkdir()
+                try:
+                    self.runtime.checkpoint(self.record.container_id, image, criu_probe().path, leave_running=True)
+                except RuntimeFailure as exc:  # a process CRIU cannot save: the fork is files-only, as before
+                    shutil.rmtree(image, ignore_errors=True)
+                    refused = exc.message
+            finally:
+                self.runtime.resume(self.record.container_id)
+        finally:
+            _reattach_agent(self.client, run_dir, self.sandbox_id, log)
+        kind = "filesystem" if refused else "processes"
+        if not refused:  # the agent the processes were dumped with: a restore checks the size of files they map
+            os.link(self.state_dir / AGENT_NAME, dest / AGENT_NAME)
+        meta = {"kind": kind, "runtime": self.record.runtime, "uid_base": self.record.uid_base, "refused": refused}
+        (dest / "snapshot.json").write_text(json.dumps(meta))
+        return kind
 
 
 class ContainerDriver(SandboxDriver):
@@ -271,7 +339,8 @@ class ContainerDriver(SandboxDriver):
         def unpack(upper: Path) -> None:
             _run_tar([*_TAR_LAYER, "-C", str(upper), "-xpf", str(archive)], sandbox_id, "restore")
 
-        return self._launch(sandbox_id, spec, image, state_dir, prepare_upper=unpack)
+        processes = snapshot if (snapshot / CHECKPOINT_DIR).is_dir() else None  # a fork_snapshot's processes
+        return self._launch(sandbox_id, spec, image, state_dir, prepare_upper=unpack, processes=processes)
 
     def _launch(
         self,
@@ -280,7 +349,9 @@ class ContainerDriver(SandboxDriver):
         image: ImageRootfs,
         state_dir: Path,
         prepare_upper: Callable[[Path], None] | None,
+        processes: Path | None = None,
     ) -> ContainerSandbox:
+        """`processes`: a fork_snapshot holding a checkpoint, whose processes are restored instead of a fresh run."""
         state_dir.mkdir(parents=True, exist_ok=True)
         base = userns.allocate(sandbox_id, state_dir) if self.user_namespace else None
         if base is not None:
@@ -336,13 +407,16 @@ class ContainerDriver(SandboxDriver):
                 netns = network.connect(state_dir)
                 lap("network")
             config = bundle.runtime_config(
-                sandbox_id, spec, image.config, Path(record.rootfs), agent_binary(self.config.bin_dir), run_dir,
+                sandbox_id, spec, image.config, Path(record.rootfs), _pinned_agent(_agent_of(processes, self.config.bin_dir), state_dir), run_dir,
                 netns=netns, hosts_file=hosts, volumes_dir=self.config.volumes_dir, uid_base=base,
                 volume_sources=volume_sources,
             )  # fmt: skip
             bundle.write_bundle(state_dir, config)
             lap("bundle")
-            self.runtime.run(record.container_id, state_dir, state_dir / PID_FILE, log)
+            if processes is None:
+                self.runtime.run(record.container_id, state_dir, state_dir / PID_FILE, log)
+            else:
+                _restore_processes(self.runtime, record, state_dir, processes)
             lap("runtime_run")
             client = _connect_agent(run_dir, sandbox_id, log)
             lap("agent_connect")
@@ -432,6 +506,40 @@ def _own_ids(record: ContainerRecord, state_dir: Path, bin_dir: Path) -> Iterato
         return
     with idmap.own_ids_view(bin_dir, record.upper_dir, base, Path(tempfile.mkdtemp(prefix="view-", dir=state_dir))) as view:
         yield view
+
+
+def _agent_of(processes: Path | None, bin_dir: Path) -> Path:
+    """The agent binary a sandbox runs: the one its checkpoint's processes were dumped with, else the current."""
+    return processes / AGENT_NAME if processes is not None else agent_binary(bin_dir)
+
+
+def _restore_processes(runtime: OciRuntime, record: ContainerRecord, state_dir: Path, snapshot: Path) -> None:
+    """Start a fork from its source's checkpoint (runc restore) instead of a fresh run. The images are hard
+    links (CRIU only reads them), except the user namespace maps, moved to the fork's own host id range."""
+    image = state_dir / CHECKPOINT_DIR
+    shutil.rmtree(image, ignore_errors=True)
+    shutil.copytree(snapshot / CHECKPOINT_DIR, image, copy_function=os.link)
+    source_base = json.loads((snapshot / "snapshot.json").read_text()).get("uid_base", "")
+    if source_base and record.host_base is not None:
+        move_userns_maps(image, int(source_base), record.host_base, userns.IDS)
+    run_dir, log = state_dir / "agent-run", state_dir / "agent.log"
+    runtime.restore(record.container_id, state_dir, image, state_dir / PID_FILE, log, criu_probe().path)
+    os.replace(run_dir / f"{bundle.AGENT_SOCKET}.tmp", run_dir / bundle.AGENT_SOCKET)  # as after a memory pause
+    shutil.rmtree(image, ignore_errors=True)
+
+
+def _pinned_agent(binary: Path, state_dir: Path) -> Path:
+    """The agent binary as this sandbox's own file (a hard link, a copy across filesystems). Why: a CRIU restore
+    binds the agent at its path again and checks its size, and the shared binary is replaced whenever agent.c
+    changes, so a memory-paused sandbox (or a fork's checkpoint) would no longer restore."""
+    pinned = state_dir / AGENT_NAME
+    with contextlib.suppress(FileNotFoundError):
+        pinned.unlink()
+    try:
+        os.link(binary, pinned)
+    except OSError:
+        shutil.copy2(binary, pinned)
+    return pinned
 
 
 def _unmount_all_under(state_dir: Path) -> None:

@@ -102,11 +102,13 @@ class OciRuntime:
                 "--work-path", str(image_dir), "--pid-file", str(pid_file), *CRIU_FLAGS, container_id)
         self._start("restore", args, log, criu_log=image_dir / "restore.log")
 
-    def checkpoint(self, container_id: str, image_dir: Path, criu: str) -> None:
+    def checkpoint(self, container_id: str, image_dir: Path, criu: str, leave_running: bool = False) -> None:
         """Save the container's processes and memory into `image_dir` through CRIU (runc only); the container
-        is gone afterwards. Its log (`dump.log`) stays in `image_dir` and is quoted on failure."""
+        is gone afterwards unless `leave_running` (a fork's source; a frozen container stays frozen). Its log
+        (`dump.log`) stays in `image_dir` and is quoted on failure."""
+        keep = ("--leave-running",) if leave_running else ()
         proc = self._call("--criu", criu, "checkpoint", "--image-path", str(image_dir), "--work-path", str(image_dir),
-                          *CRIU_FLAGS, container_id, sandbox_id=container_id, check=False, timeout=CRIU_TIMEOUT_S)
+                          *keep, *CRIU_FLAGS, container_id, sandbox_id=container_id, check=False, timeout=CRIU_TIMEOUT_S)
         if proc.returncode != 0:
             raise RuntimeFailure(
                 f"{self.name} checkpoint of sandbox {container_id} failed: {proc.stderr.decode(errors='replace')[-500:]}"
