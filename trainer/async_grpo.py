@@ -146,8 +146,10 @@ class AsyncRolloutWorker:
 
         schedule = BoardSchedule(board, self.model, self.cfg.grpo.partial_rollouts)
         parsed = [(tid, Problem.model_validate(p)) for tid, p in jobs]
+        # the first turn's decisions, taken now: they also tag a rollout that fails before sampling anything
+        start = min(schedule.versions([tid for tid, _ in jobs], 0))
         out = run_rollouts(self.model, self.tok, self.client, parsed, self.cfg.rollout, self.cfg.sandbox, seed,
-                           keep_sandboxes=True, schedule=schedule)
+                           keep_sandboxes=True, policy_version=start, schedule=schedule)
         return [asdict(r) for r in out]
 
 
@@ -196,7 +198,7 @@ class Pipeline:
         waited = time.perf_counter() - started
         by_id = {r["trajectory_id"]: r for shard in results for r in shard}
         rollouts = [by_id[tid] for tid in ids]
-        stale = [r["trajectory_id"] for r in rollouts if r["turn_versions"] and step - r["policy_version"] > self.k]
+        stale = [r["trajectory_id"] for r in rollouts if step - r["policy_version"] > self.k]
         if stale:  # the dispatch rule makes this impossible: a broken invariant must not train silently
             raise RuntimeError(f"{len(stale)} samples of batch {step} are older than max_staleness={self.k} "
                                f"(e.g. {stale[0]!r})")
