@@ -1,8 +1,9 @@
 """Pause kinds of crun/runc containers through the real SDK and an embedded server (docs/lifecycle.md).
 
-memory (CRIU through runc): a detached shell loop holding a counter and a random number only in its variables
-answers over a fifo; after pause + resume it answers with the same number and the next count, while paused the
-sandbox's cgroup is gone (no process, no memory). crun (built without CRIU) refuses it, typed, with the reason.
+memory (CRIU through runc, and through crun where it is built with CRIU: infra/setup.d/32-crun.sh): a detached
+shell loop holding a counter and a random number only in its variables answers over a fifo; after pause + resume
+it answers with the same number and the next count, while paused the sandbox's cgroup is gone (no process, no
+memory). Where CRIU cannot (a crun without +CRIU, a failing `criu check`) it is refused, typed, with the reason.
 files: the container's processes, cgroup and memory are gone while paused; its files come back on resume.
 """
 
@@ -15,7 +16,8 @@ import pytest
 import dsec
 from dsec.errors import SandboxStateError, Unsupported
 from dsec.substrates.container import bundle, cgroups
-from dsec.substrates.container.criu import criu_probe
+from dsec.substrates.container.criu import criu_probe, runtime_criu_refusal
+from dsec.substrates.container.runtime import runtime_binary
 
 pytestmark = pytest.mark.timeout(300)
 DEADLINE_S = 120.0  # bounds a failure only
@@ -76,6 +78,11 @@ def test_probe_says_whether_criu_runs_and_why():
         assert "vDSO" in verdict.reason or "criu check failed" in verdict.reason
 
 
+def criu_refusal(driver: str) -> str:
+    """Why a memory pause of a `driver` sandbox is refused here ("" when it is not), as the driver decides."""
+    return runtime_criu_refusal(driver, runtime_binary(driver)) or ("" if criu_probe().works else criu_probe().reason)
+
+
 def assert_refused(sb: dsec.Sandbox, reason: str) -> None:
     """A memory pause refused, typed, naming `reason`, and the sandbox left running as it was."""
     sb.exec("echo kept > /tmp/note")
@@ -86,20 +93,13 @@ def assert_refused(sb: dsec.Sandbox, reason: str) -> None:
     assert sb.exec("cat /tmp/note").text == "kept\n"
 
 
-def test_memory_pause_is_refused_on_crun(client):
-    sb = client.create("busybox", "container", driver="crun", timeout_s=600)
+@pytest.mark.parametrize("driver", ["crun", "runc"])
+def test_memory_pause_keeps_processes(client, driver):
+    """CRIU through the runtime; where it cannot (crun without +CRIU, a failing probe) the refusal carries why."""
+    sb = client.create("busybox", "container", driver=driver, timeout_s=600)
     try:
-        assert_refused(sb, "+CRIU" if criu_probe().works else criu_probe().reason)
-    finally:
-        sb.destroy()
-
-
-def test_memory_pause_keeps_processes(client):
-    """runc + CRIU; where the probe fails the refusal must carry its reason instead."""
-    sb = client.create("busybox", "container", driver="runc", timeout_s=600)
-    try:
-        if not criu_probe().works:
-            assert_refused(sb, criu_probe().reason)
+        if reason := criu_refusal(driver):
+            assert_refused(sb, reason)
             return
         start_counter(sb)
         sb.exec("echo kept > /root/note")
@@ -123,14 +123,15 @@ def test_memory_pause_keeps_processes(client):
 ECHO_COUNTER = 'n=0; s=$RANDOM$RANDOM; while read line; do n=$((n+1)); echo "$n $s $line"; done'
 
 
-def test_memory_pause_keeps_sessions_and_process_streams(client):
+@pytest.mark.parametrize("driver", ["crun", "runc"])
+def test_memory_pause_keeps_sessions_and_process_streams(client, driver):
     """The host parks its agent connection (DETACH) for the checkpoint and reattaches after the restore: a
     session's shell keeps its variables and cwd, and a process started through ProcessService keeps its memory
     (a counter) and its open stdin/stdout stream."""
-    sb = client.create("busybox", "container", driver="runc", timeout_s=600)
+    sb = client.create("busybox", "container", driver=driver, timeout_s=600)
     try:
-        if not criu_probe().works:
-            assert_refused(sb, criu_probe().reason)
+        if reason := criu_refusal(driver):
+            assert_refused(sb, reason)
             return
         session = sb.session()
         assert session.run("export X=41; Y=local; cd /tmp").exit_code == 0
@@ -207,19 +208,20 @@ def test_on_timeout_pause_keeps_memory_where_it_can_else_freezes(make_sb):
     deadline = time.monotonic() + DEADLINE_S
     while sb.refresh().state != "paused":
         assert time.monotonic() < deadline, "the timeout did not pause the sandbox"
-    if sb.info.driver == "runc" and criu_probe().works:
-        assert cgroup_procs(sb.id) == [], "runc + CRIU: the timeout's pause saved it to disk"
+    if not criu_refusal(sb.info.driver):
+        assert cgroup_procs(sb.id) == [], "CRIU: the timeout's pause saved it to disk"
     else:
         assert cgroups.is_frozen(bundle.cgroups_path(sb.id)), "no CRIU for it: the timeout froze it in place"
     sb.resume()
     assert "sleep 1000" in sb.exec("ps -o args").text
 
 
-def test_memory_pause_of_an_allowlisted_sandbox_is_refused(client):
+@pytest.mark.parametrize("driver", ["crun", "runc"])
+def test_memory_pause_of_an_allowlisted_sandbox_is_refused(client, driver):
     """Its network namespace (made by the host for the allowlist) is not its user namespace's: CRIU cannot
     enter it, so the refusal comes first, typed, and the sandbox runs on."""
-    sb = client.create("busybox", "container", driver="runc", network_allow=["1.1.1.1"], timeout_s=600)
+    sb = client.create("busybox", "container", driver=driver, network_allow=["1.1.1.1"], timeout_s=600)
     try:
-        assert_refused(sb, "network namespace" if criu_probe().works else criu_probe().reason)
+        assert_refused(sb, criu_refusal(driver) or "network namespace")
     finally:
         sb.destroy()

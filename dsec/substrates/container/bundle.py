@@ -72,6 +72,12 @@ ALLOWED_DEVICES = [
     ("c", 136, None),  # pts/*
 ]
 
+# What crun bind-mounts from the host into a user namespace's /dev (it cannot mknod there). Listed in its
+# config.json too, because crun tells CRIU only about config.json's bind mounts as external ones: a device bound
+# by crun alone fails a checkpoint ("./dev/urandom doesn't have a proper root mount"). Not for runc: it lists
+# them for CRIU itself, and opening the bound /dev/tty to create its own fails ("no such device or address").
+USERNS_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/tty", "/dev/random", "/dev/urandom")
+
 
 def cgroups_path(sandbox_id: str) -> str:
     """The sandbox's cgroup, relative to every controller's root: all dsec sandboxes live under /dsec."""
@@ -184,12 +190,14 @@ def runtime_config(
     volumes_dir: Path | None = None,
     uid_base: int | None = None,
     volume_sources: dict[str, Path] | None = None,
+    bind_devices: bool = False,
 ) -> dict:
     """The config.json of a sandbox whose PID 1 is the agent (see module docstring for the why of each part).
 
     `netns`: join this prepared network namespace (an egress allowlist's, see network.py) instead of a new one.
     `uid_base`: run in a user namespace whose ids 0..65535 are host ids from `uid_base` (userns.py); the rootfs,
     the agent's run dir and `volume_sources` must then already show their files in that range (idmap.py).
+    `bind_devices` (crun, in a user namespace): list the host devices it binds into /dev (USERNS_DEVICES).
     """
     namespaces = [{"type": ns} for ns in ("pid", "ipc", "uts", "mount")]
     if not spec.network:
@@ -228,6 +236,11 @@ def runtime_config(
     }
     if uid_base is not None:
         config["linux"].update(oci_mappings(uid_base))
+    if uid_base is not None and bind_devices:
+        config["mounts"] += [
+            {"destination": dev, "type": "bind", "source": dev, "options": ["bind", "nosuid", "noexec"]}
+            for dev in USERNS_DEVICES
+        ]
     return config
 
 

@@ -1,7 +1,7 @@
 """Whether CRIU can checkpoint a container's processes on this host, and why not when it cannot.
 
-`pause(kind="memory")` of a container needs CRIU (through runc's checkpoint/restore). CRIU depends on the kernel
-in ways a package version alone does not tell: CRIU 3.17 (Debian bookworm) cannot even start on Linux 6.13+,
+`pause(kind="memory")` of a container needs CRIU (through runc's or crun's checkpoint/restore). CRIU depends on
+the kernel in ways a package version alone does not tell: CRIU 3.17 (Debian bookworm) cannot even start on Linux 6.13+,
 whose x86 vDSO gained a `[vvar_vclock]` mapping (kernel commit e93d2521b27f; CRIU learned it in 4.1,
 checkpoint-restore/criu#2532; infra/setup.d/31-criu.sh builds 4.1.1 where bookworm's cannot run). So the verdict
 comes from running `criu check` once per process, and every refusal carries its reason.
@@ -67,6 +67,26 @@ def criu_probe() -> CriuVerdict:
     if proc.returncode != 0:
         return CriuVerdict(False, version, f"criu {version}: {_explain(proc.stdout + proc.stderr)}", criu)
     return CriuVerdict(True, version, f"criu {version} ({criu}): criu check passed", criu)
+
+
+@functools.cache
+def runtime_criu_refusal(runtime: str, binary: str | None) -> str:
+    """Why OCI runtime `runtime` (at `binary`) cannot checkpoint through CRIU ("" when it can). runc always links
+    CRIU support in; crun only when built with libcriu, which its `--version` feature list tells (`+CRIU`):
+    Debian bookworm's crun 1.8.1 is built without, setup's crun 1.21 (infra/setup.d/32-crun.sh) with."""
+    if runtime == "runc":
+        return ""
+    if binary is None:
+        return f"{runtime} is not installed"
+    try:
+        proc = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"'{binary} --version' failed: {exc}"
+    if "+CRIU" in proc.stdout.split():
+        return ""
+    version = proc.stdout.splitlines()[0] if proc.stdout else runtime
+    return (f"{binary} ({version}) is built without CRIU ('--version' lacks +CRIU; infra/setup.d/32-crun.sh builds "
+            "one with it); create it with driver='runc'")
 
 
 # ---- a checkpoint restored into another user-namespace id range (forks) ------------------------------------

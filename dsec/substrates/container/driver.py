@@ -29,7 +29,7 @@ from dsec.models import PauseKind, SandboxSpec
 from dsec.substrates.agent_sandbox import AgentSandbox
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, Usage, snapshot_target_full, volume_source
 from dsec.substrates.container import bundle, cgroups, disk, idmap, network, rootfs, trash, userns
-from dsec.substrates.container.criu import criu_probe, move_userns_maps
+from dsec.substrates.container.criu import criu_probe, move_userns_maps, runtime_criu_refusal
 from dsec.substrates.container.record import ContainerRecord
 from dsec.substrates.container.runtime import RUNTIMES, OciRuntime
 
@@ -153,8 +153,9 @@ class ContainerSandbox(AgentSandbox):
         return kind in ("freeze", "memory")
 
     def check_pause(self, kind: PauseKind) -> None:
-        """freeze and files work with both runtimes; memory needs runc (crun 1.8.1 is built without CRIU) and a
-        CRIU that passes its probe (criu.py), else it is refused with the reason."""
+        """freeze and files work with both runtimes; memory needs runc or a crun built with CRIU (bookworm's 1.8.1
+        is not; infra/setup.d/32-crun.sh builds 1.21) and a CRIU that passes its probe (criu.py), else it is
+        refused with the reason."""
         self._check_alive("pause")
         if kind != "memory":
             return
@@ -168,8 +169,8 @@ class ContainerSandbox(AgentSandbox):
     def _criu_refusal(self) -> str:
         """Why CRIU cannot checkpoint this sandbox's processes ("" when it can)."""
         verdict = criu_probe()
-        if self.runtime.name != "runc":
-            return f"{self.runtime.name} here is built without CRIU ('{self.runtime.name} --version' lacks +CRIU); create it with driver='runc'"
+        if reason := runtime_criu_refusal(self.runtime.name, self.runtime.binary()):
+            return reason
         if not verdict.works:
             return verdict.reason
         if _joins_host_netns_from_userns(self.state_dir):
@@ -273,11 +274,11 @@ class ContainerSandbox(AgentSandbox):
         )
 
     def fork_snapshot(self, dest: Path) -> str:
-        """What a fork starts from: the files and, where CRIU can (runc), every process with its memory, sessions
-        included (kind "processes"): the agent connection is parked, the container frozen, its layer tarred and
-        its processes dumped with `--leave-running`, then thawed and reattached, so the source runs on. Where
-        CRIU cannot (crun, an allowlisted user-namespaced sandbox, a paused one, a dump that fails: its reason
-        is kept in snapshot.json) it is `snapshot`'s "filesystem"."""
+        """What a fork starts from: the files and, where CRIU can (runc, a crun built with it), every process
+        with its memory, sessions included (kind "processes"): the agent connection is parked, the container
+        frozen, its layer tarred and its processes dumped with `--leave-running`, then thawed and reattached, so
+        the source runs on. Where CRIU cannot (a crun without CRIU, an allowlisted user-namespaced sandbox, a
+        paused one, a dump that fails: its reason is kept in snapshot.json) it is `snapshot`'s "filesystem"."""
         self._check_alive("fork")
         if self.stopped_as or self.is_paused() or self._criu_refusal():
             return self.snapshot(dest)
@@ -409,7 +410,7 @@ class ContainerDriver(SandboxDriver):
             config = bundle.runtime_config(
                 sandbox_id, spec, image.config, Path(record.rootfs), _pinned_agent(_agent_of(processes, self.config.bin_dir), state_dir), run_dir,
                 netns=netns, hosts_file=hosts, volumes_dir=self.config.volumes_dir, uid_base=base,
-                volume_sources=volume_sources,
+                volume_sources=volume_sources, bind_devices=self.runtime.name == "crun",
             )  # fmt: skip
             bundle.write_bundle(state_dir, config)
             lap("bundle")

@@ -13,6 +13,7 @@ It costs ~1.3 ms per call against ~7 ms for `unshare -m sh -c 'umount …; exec 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -40,6 +41,12 @@ def _criu_errors(log: Path) -> str:
     return f"(criu: {'; '.join(errors[-4:])[-1000:]})" if errors else ""
 
 
+def runtime_binary(name: str) -> str | None:
+    """The binary of runtime `name`: `$DSEC_CRUN` / `$DSEC_RUNC` when set (a build under test, before it goes on
+    PATH), else the first on PATH (setup's /usr/local/bin/crun, built with CRIU, precedes Debian's /usr/bin/crun)."""
+    return os.environ.get(f"DSEC_{name.upper()}") or shutil.which(name)
+
+
 def _needs_v1_view(name: str) -> bool:
     """crun on a hybrid host: a cgroup2 mount next to the v1 controllers."""
     return name == "crun" and HYBRID_CGROUP2.is_mount()
@@ -57,8 +64,11 @@ class OciRuntime:
         if self.name not in RUNTIMES:
             raise RuntimeFailure(f"unknown OCI runtime {self.name!r}: choose one of {', '.join(RUNTIMES)}")
 
+    def binary(self) -> str | None:
+        return runtime_binary(self.name)
+
     def _argv(self, *args: str) -> list[str]:
-        binary = shutil.which(self.name)
+        binary = self.binary()
         if binary is None:
             raise RuntimeFailure(f"{self.name} is not installed: run infra/setup.sh (it installs crun and runc)")
         argv = [binary, "--root", str(self.root), *args]
@@ -91,23 +101,29 @@ class OciRuntime:
         return proc
 
     def run(self, container_id: str, bundle: Path, pid_file: Path, log: Path) -> None:
-        """Start the container detached. crun: its PID 1 writes stdout/stderr to `log` (the agent's log). runc:
-        PID 1's stdio is /dev/null and runc's own errors go to `log` (`--log`), because CRIU cannot checkpoint
-        a process holding a host file outside its mount namespace (criu.py: memory pause is runc's)."""
+        """Start the container detached. PID 1's stdio is /dev/null and the runtime's own errors go to `log`
+        (`--log`), because CRIU cannot checkpoint a process holding a host file outside its mount namespace."""
         self._start("run", ("run", "--detach", "--bundle", str(bundle), "--pid-file", str(pid_file), container_id), log)
 
+    def _criu_option(self, criu: str) -> tuple[str, ...]:
+        """runc takes the CRIU binary to run; crun has no such option: its libcriu starts `criu` from PATH, which
+        is the same binary (criu.py finds it there too)."""
+        return ("--criu", criu) if self.name == "runc" else ()
+
     def restore(self, container_id: str, bundle: Path, image_dir: Path, pid_file: Path, log: Path, criu: str) -> None:
-        """Bring a checkpointed container back (runc only) from `image_dir`, detached, like `run`."""
-        args = ("--criu", criu, "restore", "--detach", "--bundle", str(bundle), "--image-path", str(image_dir),
+        """Bring a checkpointed container back from `image_dir`, detached, like `run`."""
+        args = (*self._criu_option(criu), "restore", "--detach", "--bundle", str(bundle),
+                "--image-path", str(image_dir),
                 "--work-path", str(image_dir), "--pid-file", str(pid_file), *CRIU_FLAGS, container_id)
         self._start("restore", args, log, criu_log=image_dir / "restore.log")
 
     def checkpoint(self, container_id: str, image_dir: Path, criu: str, leave_running: bool = False) -> None:
-        """Save the container's processes and memory into `image_dir` through CRIU (runc only); the container
+        """Save the container's processes and memory into `image_dir` through CRIU; the container
         is gone afterwards unless `leave_running` (a fork's source; a frozen container stays frozen). Its log
         (`dump.log`) stays in `image_dir` and is quoted on failure."""
         keep = ("--leave-running",) if leave_running else ()
-        proc = self._call("--criu", criu, "checkpoint", "--image-path", str(image_dir), "--work-path", str(image_dir),
+        proc = self._call(*self._criu_option(criu), "checkpoint", "--image-path", str(image_dir),
+                          "--work-path", str(image_dir),
                           *keep, *CRIU_FLAGS, container_id, sandbox_id=container_id, check=False, timeout=CRIU_TIMEOUT_S)
         if proc.returncode != 0:
             raise RuntimeFailure(
@@ -119,12 +135,8 @@ class OciRuntime:
     def _start(self, what: str, args: tuple[str, ...], log: Path, criu_log: Path | None = None) -> None:
         """`run` or `restore`, detached; a failure quotes the log (and CRIU's errors for a restore)."""
         container_id = args[-1]
-        if self.name == "runc":
-            proc = self._call("--log", str(log), *args, sandbox_id=container_id, stdout=subprocess.DEVNULL,
-                              check=False, timeout=COMMAND_TIMEOUT_S if criu_log is None else CRIU_TIMEOUT_S)
-        else:
-            with open(log, "ab") as out:
-                proc = self._call(*args, sandbox_id=container_id, stdout=out, check=False)
+        proc = self._call("--log", str(log), *args, sandbox_id=container_id, stdout=subprocess.DEVNULL,
+                          check=False, timeout=COMMAND_TIMEOUT_S if criu_log is None else CRIU_TIMEOUT_S)
         if proc.returncode != 0:
             tail = log.read_bytes()[-2000:].decode(errors="replace").strip() if log.exists() else ""
             criu = f" {_criu_errors(criu_log)}" if criu_log is not None else ""
