@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from dsec.allowlist import parse_allowlist
-from dsec.substrates import registry
+
+# Which substrate names exist is the substrate registry's to say (dsec/substrates/registry.py, a layer above this
+# one): importing the registry installs its check here, so the server (and any process that loaded the plug-ins)
+# answers a typo with the registered list. A process without it (the SDK of a client-only install) accepts any
+# non-empty name and leaves the check to the server, which runs it when the spec arrives (dsec/wire.py).
+_substrate_check: Callable[[str], None] | None = None
+
+
+def check_substrates_with(check: Callable[[str], None]) -> None:
+    """Install the registry's check: `check(name)` raises ValueError (listing the registered names) for an unknown one."""
+    global _substrate_check
+    _substrate_check = check
 
 
 def _registered_substrate(name: str) -> str:
-    known = registry.names()
-    if name not in known:
-        raise ValueError(f"unknown substrate {name!r}; registered substrates: {', '.join(known)}")
+    if not name:
+        raise ValueError("substrate must be named")
+    if _substrate_check is not None:
+        _substrate_check(name)
     return name
 
 
-# A substrate is a plug-in (dsec/substrates/registry.py): the names are whatever is registered, checked at
-# validation so the SDK and the server answer a typo with the same list.
+# A substrate is a plug-in: the names are whatever is registered, checked at validation (see above).
 Substrate = Annotated[
     str,
     AfterValidator(_registered_substrate),

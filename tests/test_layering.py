@@ -3,12 +3,16 @@
 Why a test: cycles used to be dodged with function-level imports, and a module that reached up (the image
 store into the substrates, the trajectory log into the SDK) tied layers together that should be usable alone.
 Imports anywhere in a file count (function-level too); only `if TYPE_CHECKING:` blocks are left out, since a
-type-only name is no runtime dependency. Reads the sources with `ast`; imports nothing it checks.
+type-only name is no runtime dependency. The one exception, `FUNCTION_LEVEL`, names each import that reaches up
+only inside a function to keep a heavy optional part out of a process that does not use it, and holds only while
+every such import of that pair stays inside a function. Reads the sources with `ast`; imports nothing it checks (the last test runs `import dsec` in a child process).
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +24,7 @@ GENERATED = ("dsec/v1/", "dsec/envd/")  # protobuf stubs written by dsec/codegen
 # layer may import them. A new module at the top of dsec/ that layers import belongs in layer 0 here.
 LAYERS: dict[str, int] = {
     "dsec.models": 0, "dsec.errors": 0, "dsec.config": 0, "dsec.allowlist": 0, "dsec.loopdev": 0,
-    "dsec.procwait": 0, "dsec.codegen": 0, "dsec.wire": 0, "dsec.v1": 0, "dsec.envd": 0,
+    "dsec.procwait": 0, "dsec.codegen": 0, "dsec.wire": 0, "dsec.v1": 0, "dsec.envd": 0, "dsec.step_export": 0,
     "dsec.agent": 1, "dsec.images": 1, "dsec.trajectory": 1,
     "dsec.substrates": 2,
     "dsec.server": 3,
@@ -29,25 +33,18 @@ LAYERS: dict[str, int] = {
 # Command-line entry points inside a layer's folder: they assemble the node (a store plus the driver a RUN
 # build step runs in) and sit above the server; nothing in a layer imports them.
 ENTRY_POINTS = ("dsec.images.cli", "dsec.images.base_images", "dsec.images.local")
-# The SDK is a client of the wire API: it may import only these (and itself).
-SDK_MAY_IMPORT = ("dsec.sdk", "dsec.models", "dsec.errors", "dsec.wire", "dsec.v1", "dsec.codegen")
+# The SDK is a client of the wire API: it may import only these (and itself); step_export is the JSONL/Parquet
+# writers its trajectory export shares with the offline one.
+SDK_MAY_IMPORT = ("dsec.sdk", "dsec.models", "dsec.errors", "dsec.wire", "dsec.v1", "dsec.codegen", "dsec.step_export")
 
-# Known exceptions, each to be removed by the work that owns it (issue #19, point 3). Tighten, never widen.
-ALLOWED_UPWARD = {
-    # the SDK's embedded mode starts a local server process when no address is given (the wire/SDK rewrite)
-    ("dsec.sdk.embedded", "dsec.config"),
-    ("dsec.sdk.embedded", "dsec.server.launch"),
-    # export of a trajectory's steps reuses the server-side exporter (the wire/SDK rewrite)
-    ("dsec.sdk.trajectory", "dsec.trajectory.export"),
-    # `dsec serve --http-listen` runs the HTTP front door in the server process (function-level, optional)
-    ("dsec.server.main", "dsec.compat.http_server"),
-    # models.Substrate is read from the substrate registry (the substrate-registry work, in progress)
-    ("dsec.models", "dsec.substrates"),
-    ("dsec.models", "dsec.substrates.registry"),
+# Upward imports allowed only function-level, each because the module it loads pulls in a heavy optional part.
+# Tighten, never widen: an entry here that becomes a module-level import fails the test.
+FUNCTION_LEVEL: dict[tuple[str, str], str] = {
+    ("dsec.sdk.embedded", "dsec.server.launch"):
+        "the SDK starts a local server only when given no address; the server needs the `server` extra",
+    ("dsec.server.main", "dsec.compat.http_server"):
+        "the HTTP front door (starlette, uvicorn, connectrpc) runs only with --http-listen",
 }
-# The SDK's client/sandbox/images/trajectory cycle is being broken by the wire/SDK rewrite (issue #19): allowed
-# until it lands, and only while every module in the cycle is in dsec.sdk.
-ALLOWED_CYCLE_PACKAGE = "dsec.sdk."
 
 
 def _modules() -> dict[str, Path]:
@@ -89,22 +86,32 @@ def _targets(module: str, node: ast.Import | ast.ImportFrom) -> list[str]:
     return sorted(o for o in owners if o and o != module and not module.startswith(o + "."))
 
 
-def _imports() -> dict[str, dict[str, int]]:
-    """module -> {imported module: line}."""
+def _scan() -> tuple[dict[str, dict[str, int]], set[tuple[str, str]]]:
+    """module -> {imported module: line}, and the (module, imported) pairs with an import outside any function."""
     graph: dict[str, dict[str, int]] = {}
+    module_level: set[tuple[str, str]] = set()
     for module, path in MODULES.items():
         tree = ast.parse(path.read_text(), str(path))
-        type_only = set()
+        type_only, in_function = set(), set()
         for node in ast.walk(tree):
             if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
                 type_only.update(id(n) for n in ast.walk(node))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                in_function.update(id(n) for n in ast.walk(node) if n is not node)
         edges: dict[str, int] = {}
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in type_only:
                 for target in _targets(module, node):
                     edges.setdefault(target, node.lineno)
+                    if id(node) not in in_function:
+                        module_level.add((module, target))
         graph[module] = edges
-    return graph
+    return graph, module_level
+
+
+def _imports() -> dict[str, dict[str, int]]:
+    """module -> {imported module: line}."""
+    return _scan()[0]
 
 
 def _layer(module: str) -> int | None:
@@ -116,9 +123,11 @@ def _layer(module: str) -> int | None:
     return None
 
 
-def _violation(source: str, target: str) -> str | None:
-    if (source, target) in ALLOWED_UPWARD:
-        return None
+def _violation(source: str, target: str, module_level: bool = True) -> str | None:
+    """Why `source` may not import `target` (None: it may); `module_level`: some import of the pair is outside a
+    function, which no FUNCTION_LEVEL entry allows."""
+    if (source, target) in FUNCTION_LEVEL:
+        return "allowed only inside a function (tests/test_layering.py FUNCTION_LEVEL)" if module_level else None
     if target.startswith(source + ".") or source.startswith(target + "."):
         return None  # a package and its own modules
     src, dst = _layer(source), _layer(target)
@@ -181,7 +190,7 @@ def _cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
 
 
 def test_no_import_cycles() -> None:
-    cycles = [c for c in _cycles(_imports()) if not all(m.startswith(ALLOWED_CYCLE_PACKAGE) for m in c)]
+    cycles = _cycles(_imports())
     assert not cycles, "import cycles (break them by moving the shared piece to the lower module): " + "; ".join(
         " <-> ".join(c) for c in cycles
     )
@@ -189,9 +198,10 @@ def test_no_import_cycles() -> None:
 
 def test_no_upward_imports() -> None:
     found = []
-    for source, edges in _imports().items():
+    graph, module_level = _scan()
+    for source, edges in graph.items():
         for target, line in edges.items():
-            why = _violation(source, target)
+            why = _violation(source, target, (source, target) in module_level)
             if why:
                 found.append(f"{MODULES[source].relative_to(ROOT)}:{line} imports {target} ({why})")
     assert not found, "imports against the layering (move the type to the layer that owns it):\n" + "\n".join(found)
@@ -206,3 +216,41 @@ def test_the_checker_sees_what_it_must() -> None:
     assert _violation("dsec.trajectory", "dsec.sdk.trajectory")
     assert _violation("dsec.agent.client", "dsec.substrates.base")
     assert _cycles({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}}) == [["a", "b", "c"]]
+
+
+def test_function_level_exceptions_are_real_and_function_level() -> None:
+    """Each FUNCTION_LEVEL pair is an import that exists (a stale entry would hide a future one) and that the
+    checker would refuse at module level."""
+    graph, module_level = _scan()
+    for source, target in FUNCTION_LEVEL:
+        assert target in graph[source], f"{source} no longer imports {target}: drop its FUNCTION_LEVEL entry"
+        assert (source, target) not in module_level
+        assert _violation(source, target, module_level=True)
+        assert _violation(source, target, module_level=False) is None
+
+
+def test_the_sdk_runs_without_the_substrates_and_the_server() -> None:
+    """What the layers are for: `import dsec` loads neither the substrates nor the server, and a spec names any
+    substrate there (the server, which has the registry, answers an unknown one with the registered list)."""
+    code = (
+        "import sys, dsec\n"
+        "from dsec.models import SandboxSpec\n"
+        "assert SandboxSpec(substrate='plugged-in-on-the-server').substrate == 'plugged-in-on-the-server'\n"
+        "try:\n"
+        "    SandboxSpec(substrate='')\n"
+        "except ValueError as exc:\n"
+        "    assert 'substrate must be named' in str(exc), exc\n"
+        "else:\n"
+        "    raise AssertionError('an empty substrate was accepted')\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('dsec.substrates', 'dsec.server', 'dsec.trajectory.')))\n"
+        "assert not loaded, loaded\n"
+        "from dsec.substrates import registry\n"
+        "try:\n"
+        "    SandboxSpec(substrate='plugged-in-on-the-server')\n"
+        "except ValueError as exc:\n"
+        "    assert 'registered substrates: container' in str(exc), exc\n"
+        "else:\n"
+        "    raise AssertionError('the registry did not install its check')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr

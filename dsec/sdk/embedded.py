@@ -14,8 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dsec.config import default_home
-
 
 class EmbeddedServer:
     def __init__(self, process: subprocess.Popen, address: str, log_path: Path, http_address: str | None = None) -> None:
@@ -33,12 +31,13 @@ class EmbeddedServer:
     def start(cls, home: Path | None = None, extra_args: list[str] | None = None,
               http_listen: str | None = None) -> EmbeddedServer:
         """`http_listen` (default $DSEC_HTTP_LISTEN; "127.0.0.1:0" picks a free port) starts the HTTP front door."""
-        # the server package needs `dsec[server]` (it says so when missing); a client-only install imports the SDK
+        # function-level: the server package needs `dsec[server]` (it says so when missing), and a client-only
+        # install imports the SDK without it (tests/test_layering.py FUNCTION_LEVEL)
         from dsec.server.launch import launch_server
 
         http_listen = http_listen if http_listen is not None else os.environ.get("DSEC_HTTP_LISTEN", "")
         args = ["--http-listen", http_listen, *(extra_args or [])]  # extra_args may still override it
-        launched = launch_server(home or default_home(), args, log_name="embedded")
+        launched = launch_server(home, args, log_name="embedded")
         server = cls(launched.process, launched.address, launched.log_path, launched.http_address)
         if server.http_url:
             print(f"dsec: E2B/SandboxFusion front door at {server.http_url} "
@@ -47,6 +46,6 @@ class EmbeddedServer:
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """SIGTERM: the server destroys its sandboxes, then exits; SIGKILL only if it hangs."""
-        from dsec.server.launch import stop_server_process  # loaded by start()
+        from dsec.server.launch import stop_server_process  # function-level as in start(), which loaded it
 
         stop_server_process(self.process, timeout_s)

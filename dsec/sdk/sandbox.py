@@ -14,15 +14,19 @@ from typing import Any
 
 import cloudpickle
 
+from pydantic import ValidationError
+
 from dsec import wire
-from dsec.errors import CallTimeout, DsecError, OutOfMemory, RuntimeFailure
-from dsec.models import ExecResult, FileEntry, SandboxInfo, SandboxLogEntry, SandboxMetrics
-from dsec.sdk.client import Client, default_client
+from dsec.errors import CallTimeout, DsecError, InvalidSpec, OutOfMemory, RuntimeFailure
+from dsec.models import (
+    ExecResult, FileEntry, ReadyProbe, SandboxInfo, SandboxLogEntry, SandboxMetrics, SandboxSpec, VolumeMount,
+)
 from dsec.sdk.fs_ops import FileOps
 from dsec.sdk.ports import PortConnection
 from dsec.sdk.processes import Processes
 from dsec.sdk.results import decode_result
 from dsec.sdk.steps import next_step_key
+from dsec.sdk.transport import Connection, default_connection
 from dsec.v1 import sandbox_pb2 as pb
 
 CHUNK = 1 << 20
@@ -153,7 +157,7 @@ def _register_by_value(fn: Callable) -> None:
 class Sandbox:
     """A sandbox on any substrate. Create with `Sandbox.create(...)` or `client.create(...)`."""
 
-    def __init__(self, client: Client, info: SandboxInfo, *, trust_results: bool = False) -> None:
+    def __init__(self, client: Connection, info: SandboxInfo, *, trust_results: bool = False) -> None:
         self._client = client
         self.info = info
         self.id = info.id
@@ -163,16 +167,83 @@ class Sandbox:
 
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
-    def create(cls, image: str = "busybox", substrate: str = "container", *, client: Client | None = None, **options: Any) -> Sandbox:
-        return (client or default_client()).create(image, substrate, **options)
+    def create(
+        cls,
+        image: str = "busybox",
+        substrate: str = "container",
+        *,
+        client: Connection | None = None,
+        cpu: float | None = None,
+        memory_mb: int | None = None,
+        pids: int | None = None,
+        disk_mb: int | None = None,
+        timeout_s: float | None = None,
+        env: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+        network: bool = False,
+        network_allow: list[str] | None = None,
+        driver: str = "",
+        workdir: str = "",
+        on_timeout: str = "destroy",
+        auto_resume: bool = False,
+        idle_timeout_s: float = 0.0,
+        trust_results: bool = False,
+        volumes: list[VolumeMount | dict] | None = None,
+        template: str = "",
+        ready: ReadyProbe | dict | None = None,
+    ) -> Sandbox:
+        """Create a sandbox (on `client`, else the process-wide connection); validated locally first so a typo
+        fails before any RPC. `on_timeout="pause"` pauses it when `timeout_s` expires instead of destroying it
+        (resume gives it a whole timeout again); `auto_resume` makes any call on a paused sandbox resume it first;
+        `idle_timeout_s` ends it (SandboxExpired reason "idle") after that long without a call. `template` starts
+        it from a ready template (client.templates); `ready` (a ReadyProbe) runs the image's start command and
+        returns only once the probe passes (else SandboxNotReady, the sandbox destroyed)."""
+        client = client or default_connection()
+        resources = {
+            k: v for k, v in {"cpu": cpu, "memory_mb": memory_mb, "pids": pids, "disk_mb": disk_mb}.items() if v is not None
+        }
+        try:
+            spec = SandboxSpec(
+                image=image,
+                substrate=substrate,
+                resources=resources,  # type: ignore[arg-type]
+                **({} if timeout_s is None else {"timeout_s": timeout_s}),  # unset: the server's default
+                env=env or {},
+                labels=labels or {},
+                network=network,
+                network_allow=network_allow or [],
+                driver=driver,
+                workdir=workdir,
+                on_timeout=on_timeout,  # type: ignore[arg-type]
+                auto_resume=auto_resume,
+                idle_timeout_s=idle_timeout_s,
+                volumes=volumes or [],  # type: ignore[arg-type]
+                template=template,
+                ready=ready,  # type: ignore[arg-type]
+            )
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise InvalidSpec(f"invalid sandbox spec: {problems}") from None
+        request = pb.CreateRequest(spec=wire.spec_to_pb(spec, leave_defaults_to_server=True))
+        info = wire.from_pb_as(SandboxInfo, client.rpc(client.sandboxes.Create, request))
+        return cls(client, info, trust_results=trust_results)
 
     @classmethod
-    def connect(cls, sandbox_id: str, *, client: Client | None = None, trust_results: bool = False) -> Sandbox:
-        return (client or default_client()).connect(sandbox_id, trust_results=trust_results)
+    def connect(cls, sandbox_id: str, *, client: Connection | None = None, trust_results: bool = False) -> Sandbox:
+        """Re-attach to a live sandbox by id (e.g. after the rollout process restarted)."""
+        client = client or default_connection()
+        info = client.rpc(client.sandboxes.Get, pb.SandboxRef(sandbox_id=sandbox_id))
+        return cls(client, wire.from_pb_as(SandboxInfo, info), trust_results=trust_results)
 
     @classmethod
-    def restore(cls, snapshot_id: str, *, client: Client | None = None, **options: Any) -> Sandbox:
-        return (client or default_client()).restore(snapshot_id, **options)
+    def restore(
+        cls, snapshot_id: str, *, client: Connection | None = None, labels: dict[str, str] | None = None,
+        timeout_s: float = 0.0,
+    ) -> Sandbox:
+        """A new sandbox from a snapshot (`Sandbox.snapshot`, `client.pull_snapshot`)."""
+        client = client or default_connection()
+        request = pb.RestoreRequest(snapshot_id=snapshot_id, labels=labels or {}, timeout_s=timeout_s)
+        return cls(client, wire.from_pb_as(SandboxInfo, client.rpc(client.sandboxes.Restore, request)))
 
     def __enter__(self) -> Sandbox:
         return self
@@ -192,7 +263,7 @@ class Sandbox:
         return self._update(self._client.sandboxes.Get, pb.SandboxRef(sandbox_id=self.id))
 
     def destroy(self) -> None:
-        self._client.destroy(self.id)
+        self._client.rpc(self._client.sandboxes.Destroy, pb.SandboxRef(sandbox_id=self.id))
 
     def set_timeout(self, timeout_s: float) -> None:
         """End the sandbox `timeout_s` from now (sooner or later than before)."""

@@ -24,6 +24,7 @@ from dsec.errors import SandboxNotFound, SandboxStateError, SnapshotNotFound
 from dsec.models import LoggedStep, TrajectoryInfo
 from dsec.sdk import steps
 from dsec.sdk.client import Client, default_client
+from dsec.step_export import export_jsonl, export_parquet
 from dsec.v1 import sandbox_pb2 as pb
 from dsec.v1 import trajectory_pb2 as tpb
 from dsec.v1 import trajectory_pb2_grpc as tpb_grpc
@@ -187,8 +188,6 @@ class Trajectory:
 
 def export(trajectory_ids: list[str], path: str | Path, *, client: Client | None = None) -> int:
     """Export trajectories from the server as training data: `.parquet` → Parquet, anything else → JSONL."""
-    from dsec.trajectory.export import export_jsonl, export_parquet
-
     client = client or default_client()
 
     def steps_of(trajectory_id: str) -> list[LoggedStep]:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsec.config import default_home
 from dsec.errors import ServerUnavailable
 
 READY_PREFIX = "DSEC_SERVER_READY "
@@ -30,11 +31,12 @@ class LaunchedServer:
     http_address: str | None = None  # host:port of the HTTP front door (`--http-listen`), when started
 
 
-def launch_server(home: Path, args: list[str], log_name: str, new_session: bool = False,
+def launch_server(home: Path | None, args: list[str], log_name: str, new_session: bool = False,
                   timeout_s: float = START_TIMEOUT_S) -> LaunchedServer:
     """Start a server on a free loopback port, bound to this process (`--parent-pid`); stderr goes to
-    `home/logs/<log_name>-<pid>-<time>.log`. Raises ServerUnavailable, with the log's tail, if it is not ready
-    within `timeout_s`."""
+    `home/logs/<log_name>-<pid>-<time>.log` (home None: the server's default, dsec.config.default_home). Raises
+    ServerUnavailable, with the log's tail, if it is not ready within `timeout_s`."""
+    home = home if home is not None else default_home()
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{log_name}-{os.getpid()}-{time.time_ns()}.log"

@@ -19,20 +19,25 @@ from dataclasses import dataclass
 import grpc
 
 from dsec.config import ServerConfig, parse_pool
+from dsec.images.store import LayerStore
 from dsec.server.auth import Authenticator, AuthInterceptor, load_tokens, server_credentials
 from dsec.server.drivers import DriverRegistry
 from dsec.server.filesystem_service import add_filesystem_service
+from dsec.server.image_service import add_image_service
 from dsec.server.volume_service import add_volume_service
 from dsec.server.launch import HTTP_READY_PREFIX, READY_PREFIX
 from dsec.server.logs import configure_logging
 from dsec.server.manager import SandboxManager
+from dsec.server.metrics import start_metrics_server
 from dsec.server.port_service import add_port_service
 from dsec.server.process_service import add_process_service
 from dsec.server.sandbox_service import SandboxService
 from dsec.server.state import claim_run_dir
 from dsec.server.snapshot_registry_service import add_snapshot_registry_service
 from dsec.server.template_service import add_template_services
+from dsec.server.trajectory_service import add_trajectory_service
 from dsec.substrates import registry
+from dsec.trajectory.coordinator import StepCoordinator, open_log
 from dsec.v1 import sandbox_pb2_grpc as pb_grpc
 
 log = logging.getLogger("dsec.server")
@@ -76,32 +81,18 @@ class RunningServer:
 
 
 def _open_image_store(config: ServerConfig):
-    from dsec.images.store import LayerStore
-
     return LayerStore(config.images_dir, config.layer_format)
 
 
 def _open_step_coordinator(config: ServerConfig):
-    try:
-        from dsec.trajectory.coordinator import StepCoordinator, open_log
-    except ImportError:
-        return None, None
     trajectory_log = open_log(config)
     return StepCoordinator(trajectory_log), trajectory_log
 
 
 def _add_optional_services(server: grpc.Server, images, trajectory_log, auth: Authenticator | None = None) -> None:
-    try:
-        from dsec.server.image_service import add_image_service
-    except ImportError:
-        add_image_service = None
-    if add_image_service is not None and images is not None:
+    if images is not None:
         add_image_service(server, images)
-    try:
-        from dsec.server.trajectory_service import add_trajectory_service
-    except ImportError:
-        add_trajectory_service = None
-    if add_trajectory_service is not None and trajectory_log is not None:
+    if trajectory_log is not None:
         add_trajectory_service(server, trajectory_log, auth)  # auth scopes trajectory ids per tenant
 
 
@@ -148,8 +139,6 @@ def serve(config: ServerConfig) -> RunningServer:
     server.start()
     metrics_http = None
     if config.metrics_listen:
-        from dsec.server.metrics import start_metrics_server
-
         metrics_http = start_metrics_server(config.metrics_listen, manager)
     try:
         http_door = _start_http_door(config, address) if config.http_listen else None
@@ -177,6 +166,8 @@ def serve(config: ServerConfig) -> RunningServer:
 
 def _start_http_door(config: ServerConfig, address: str):
     """The HTTP front door is a gRPC client of this server (same auth, admission, metrics, logs)."""
+    # function-level: the door (dsec.compat, a layer above: a client of this server) loads starlette, uvicorn and
+    # connectrpc, which a server started without --http-listen never needs (tests/test_layering.py FUNCTION_LEVEL)
     from dsec.compat.http_server import start_http_door
 
     tls = None

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from dsec import models
 from dsec.errors import InvalidSpec
 
 if TYPE_CHECKING:
@@ -217,3 +218,13 @@ def sweepers() -> list[Sweeper]:
         for sweeper in substrate.sweepers():
             seen.setdefault(id(sweeper), sweeper)
     return sorted(seen.values(), key=lambda s: s.stage)
+
+
+def _check_registered(name: str) -> None:
+    """`models.Substrate`'s check where this registry is loaded: an unknown name fails validation with the list."""
+    known = names()
+    if name not in known:
+        raise ValueError(f"unknown substrate {name!r}; registered substrates: {', '.join(known)}")
+
+
+models.check_substrates_with(_check_registered)

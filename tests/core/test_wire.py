@@ -107,7 +107,9 @@ def test_the_sdk_leaves_unset_resources_and_timeout_to_the_server() -> None:
 
 
 def test_a_bad_message_is_a_typed_error() -> None:
-    with pytest.raises(InvalidSpec, match="substrate"):
+    from dsec.substrates import registry  # noqa: F401 - installs the registered-names check, as in the server
+
+    with pytest.raises(InvalidSpec, match="registered substrates: .*container"):
         wire.spec_from_pb(pb.SandboxSpec(substrate="mainframe"))
     with pytest.raises(InvalidSpec, match="cpu"):
         wire.spec_from_pb(pb.SandboxSpec(resources=pb.Resources(cpu=-1)))
