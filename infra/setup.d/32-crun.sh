@@ -31,8 +31,10 @@ echo "$SHA256  $work/crun.tar.gz" | sha256sum -c --quiet - || {
   echo "setup: $URL does not match its recorded sha256; not building it" >&2; exit 0; }
 tar -C "$work" -xzf "$work/crun.tar.gz"
 src="$work/crun-$VERSION"
-# the orig tarball ships configure; git-version.h is a BUILT_SOURCE that `make crun` alone does not make
-if (cd "$src" && ./configure --prefix="$PREFIX" && make git-version.h && make -j"$(nproc)" crun) >"$work/build.log" 2>&1; then
+# the orig tarball ships configure. `make crun` alone makes neither git-version.h (a BUILT_SOURCE) nor, before
+# compiling crun.c in parallel, the headers libocispec generates ("unknown type name ..._windows"): both first
+if (cd "$src" && ./configure --prefix="$PREFIX" && make git-version.h && make -C libocispec -j"$(nproc)" &&
+    make -j"$(nproc)" crun) >"$work/build.log" 2>&1; then
   install -m 0755 "$src/crun" "$PREFIX/bin/crun"
   has_criu "$PREFIX/bin/crun" || echo "setup: crun $VERSION built but '$PREFIX/bin/crun --version' lacks +CRIU" >&2
 else
