@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import re
-import socket
-import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from dsec.images.store import LayerStore
+from tests.support.registry import Registry, running_registry
 
 
 @pytest.fixture
@@ -44,17 +41,12 @@ def fmt_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LayerS
         assert mounts_under(root) == []
 
 
-@dataclass
-class Registry:
-    """A real OCI distribution registry (Debian docker-registry) on loopback, with its access log."""
-
-    host: str
-    log: Path
+class ImageRegistry(Registry):
+    """The shared test registry, with the download counts the image tests assert on."""
 
     def blob_gets(self, digest: str) -> int:
         """How many times the registry served `digest` (its own access log: the ground truth for downloads)."""
-        text = self.log.read_text(errors="replace")
-        return len(re.findall(rf'"GET /v2/[^ ]+/blobs/{re.escape(digest)} HTTP/1\.1" 20[06]', text))
+        return self.count(rf'"GET /v2/[^ ]+/blobs/{re.escape(digest)} HTTP/1\.1" 20[06]')
 
     def settled_blob_gets(self, digests: list[str], timeout_s: float = 10.0) -> list[int]:
         """Counts once every digest was served at least once (the access log is written after the response)."""
@@ -65,40 +57,7 @@ class Registry:
         return [self.blob_gets(d) for d in digests]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    root = tmp_path / "registry"
-    root.mkdir()
-    port = _free_port()
-    config = root / "config.yml"
-    config.write_text(
-        "version: 0.1\n"
-        "log:\n  level: warn\n  accesslog:\n    disabled: false\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-    )
-    log = root / "registry.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(["/usr/bin/docker-registry", "serve", str(config)], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"docker-registry did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.05)
-        yield Registry(f"127.0.0.1:{port}", log)
-    finally:
-        proc.kill()
-        proc.wait(10)
+def registry(tmp_path: Path) -> Iterator[ImageRegistry]:
+    with running_registry(tmp_path / "registry") as running:
+        yield ImageRegistry(running.host, running.root, running.log)
