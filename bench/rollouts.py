@@ -1,29 +1,38 @@
-"""Rollouts: async GRPO against sync at the same sample budget, and 64 concurrent multi-turn rollouts through dsec.
+"""Rollouts: async GRPO against sync at the same sample budget, 64 concurrent multi-turn rollouts through dsec, and
+the held-out success of the two policies.
 
-One process, one local Ray, one embedded dsec server, the tiny V4 policy after a short SFT (tools through real
-container sandboxes):
+One process, one local Ray, one embedded dsec server. The run first trains its own warm start with the demo's
+stages (trainer/stages.py, trainer/configs/tiny-cpu.yaml: tokenizer, then --sft-steps SFT steps, 1,000 like the
+demo), then runs GRPO from those weights with the demo's GRPO settings (DAPO, 4 prompts x G=8 a step, 4 turns of up
+to 112 tokens, tools through real container sandboxes) and --workers rollout workers:
 
-  async_over_sync_throughput  samples/s of GRPO with grpo.max_staleness = --k over the same run with 0, both
-                              --steps steps of the same size from the same weights; the runs alternate (sync,
-                              async, sync, ...) --rounds times so machine noise hits both; samples/s counts the
-                              steps after the first (the first holds actor start-up and, async, the pipeline fill)
-  rollouts_per_s              64 multi-turn rollouts run as one batch (trainer.rollout, each in its own container
-                              sandbox, claimed from a warm pool of 64 the server filled before the batch)
+  async_over_sync_throughput  samples/s of GRPO with grpo.max_staleness = --k (partial rollouts on) over the same
+                              run with 0, both --steps steps of the same size from the same SFT weights; the runs
+                              alternate (sync, async, sync, ...) --rounds times so machine noise hits both;
+                              samples/s counts the steps after the first (the first holds actor start-up and,
+                              async, the pipeline fill)
+  {sync,async}_learner_busy   share of those steps' wall time the driver spent in the learner's update and save
+                              (from `rolled_out` to `committed` of each step, trainer.grpo's phases)
+  {sync,async}_rollout_wait   share it spent waiting for the step's rollouts (`inflight` to `rolled_out`): the
+                              time the async pipeline hides by sampling the next batch during the update
+  rollouts_per_s              --rollouts multi-turn rollouts run as one batch (trainer.rollout, each in its own
+                              container sandbox, claimed from a warm pool the server filled before the batch)
   sandbox_wait_fraction       of that batch's wall time, the share the rollout loop spent in sandbox calls
-                              (claim, file writes, tool calls, verifiers: the sum of `Rollout.sandbox_s`, as the
-                              loop makes them one after another)
+                              (claim, file writes, tool calls, verifiers: the sum of `Rollout.sandbox_s`)
   tito_violations             token-in/token-out violations (trainer.tito) over every trained and benched sample
-  heldout_async_minus_sync    held-out success of the last async run's policy minus the last sync run's, in
-                              points, on --heldout problems sampled at the rollout temperature (± its binomial
-                              standard error); "not_measured" with --no-heldout
+  heldout_sft, heldout_sync, heldout_async
+                              success (mean reward) on the same --heldout held-out problems, sampled at the
+                              rollout temperature with the same per-problem random stream for every policy: the
+                              SFT weights, the last round's sync policy and its async policy (equal sample
+                              budget, same start); each "p[lo,hi]" with a 95 % normal interval
+  heldout_async_minus_sync    the paired difference in points, and heldout_diff_ci95 its 95 % interval (normal
+                              approximation on the per-problem differences); "not_measured" with --no-heldout
 
 Progress lines go to stdout as it runs; the last line is key=value pairs. `--quick` is the small version the
-tests run.
+tests run (its SFT is too short to solve anything: it checks the plumbing, not the numbers).
 
-Both GRPO runs use --workers rollout workers (default 2, one per core) and the tiny-cpu demo's rollout budget
-(3 turns of up to 96 tokens, 512 in all).
-
-Usage: .venv/bin/python bench/rollouts.py [--quick] [--rounds 2] [--steps 4] [--k 1] [--workers 2] [--heldout 32]
+Usage: .venv/bin/python -m bench.rollouts [--quick] [--rounds 2] [--steps 4] [--k 1] [--workers 2] [--heldout 128]
+                                          [--sft-steps 1000]
 """
 
 from __future__ import annotations
@@ -43,48 +52,41 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trainer import tito  # noqa: E402
-from trainer.config import ExperimentConfig, SFTConfig  # noqa: E402
-from trainer.data import corpus, demo_pieces, problems, tokenize_pieces  # noqa: E402
+from trainer.config import ExperimentConfig, load_config  # noqa: E402
+from trainer.data import problems  # noqa: E402
 from trainer.policy import build_policy  # noqa: E402
-from trainer.sft import train_sft  # noqa: E402
-from trainer.tokenizer import V4Tokenizer, train  # noqa: E402
+from trainer.stages import stage_sft, stage_tokenizer  # noqa: E402
+from trainer.tokenizer import V4Tokenizer  # noqa: E402
 
-FAMILIES = ["arithmetic", "fix_module"]
+DEMO_CONFIG = REPO / "trainer" / "configs" / "tiny-cpu.yaml"
 
 
 def say(msg: str) -> None:
     print(f"[rollouts {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def make_assets(out: Path, sft_steps: int) -> tuple[Path, Path]:
-    """A tokenizer and an SFT'd tiny policy (the trainer tests' recipe, with `sft_steps` steps)."""
-    tok = train(corpus(FAMILIES, 0, 400, "non-think"), 1024)
-    tok.save(out / "tokenizer.json")
-    model = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
-    examples = [tokenize_pieces(tok, demo_pieces(p, "non-think")) for p in problems(FAMILIES, "train", 400, 0)]
-    train_sft(model, examples, SFTConfig(steps=sft_steps, batch_size=8, lr=3e-3), tok.pad_id, 0)
-    torch.save(model.state_dict(), out / "sft.pt")
-    return out / "tokenizer.json", out / "sft.pt"
+def base_config(out: Path, args: argparse.Namespace) -> ExperimentConfig:
+    """The demo's config with the bench's sizes: SFT steps, GRPO steps and workers, held-out size."""
+    overrides: dict[str, object] = {
+        "run_name": "bench", "out_dir": str(out), "sft.steps": args.sft_steps, "grpo.steps": args.steps,
+        "grpo.num_rollout_workers": args.workers, "tasks.heldout_size": args.heldout}
+    if args.quick:
+        overrides.update({"sft.examples": 200, "grpo.group_size": 2, "rollout.max_turns": 2})
+    return load_config(DEMO_CONFIG, overrides)
 
 
-def run_config(out: Path, steps: int, k: int, heldout: int, workers: int) -> ExperimentConfig:
-    return ExperimentConfig.model_validate({
-        "run_name": "bench", "out_dir": str(out), "seed": 0, "torch_threads": 1,
-        "policy": {"name": "v4-tiny", "vocab_size": 1024},
-        "tasks": {"families": FAMILIES, "seed": 0, "heldout_size": heldout},
-        "sandbox": {"image": "python", "default_substrate": "container", "tool_timeout_s": 30},
-        "rollout": {"max_turns": 3, "max_new_tokens": 96, "max_total_tokens": 512},
-        "sft": {"examples": 400},
-        "grpo": {"steps": steps, "prompts_per_step": 4, "group_size": 4, "lr": 1e-3, "max_staleness": k,
-                 "num_rollout_workers": workers, "freeze": ["embed_tokens", "self_attn"]},
-    })
+def run_config(base: ExperimentConfig, out: Path, k: int) -> ExperimentConfig:
+    grpo = base.grpo.model_copy(update={"max_staleness": k, "partial_rollouts": True})
+    return base.model_copy(update={"out_dir": str(out), "grpo": grpo})
 
 
-def timed_run(cfg: ExperimentConfig, tok_path: Path, sft: Path, address: str) -> tuple[float, list[dict]]:
-    """Samples/s over the steps after the first, and every step's metrics."""
+def timed_run(cfg: ExperimentConfig, tok_path: Path, sft: Path, address: str) -> dict[str, float]:
+    """Samples/s over the steps after the first, the learner-busy and rollout-wait shares of that span, and the
+    run's TITO violations."""
     from trainer.grpo import train_grpo
 
     marks: list[float] = []
+    phases: list[tuple[str, int, float]] = []
     records: list[dict] = []
 
     def on_step(step: int, metrics: dict) -> None:
@@ -94,9 +96,14 @@ def timed_run(cfg: ExperimentConfig, tok_path: Path, sft: Path, address: str) ->
             f"staleness_max {metrics['staleness_max']:.0f}, step {metrics['step_time_s']:.1f} s")
 
     train_grpo(cfg, tok_path, sft, address=None, dsec_address=address, resume=False, progress=False,
-               on_step=on_step)
-    samples = sum(r["samples"] for r in records[1:])
-    return samples / (marks[-1] - marks[0]), records
+               on_step=on_step, on_phase=lambda phase, step: phases.append((phase, step, time.perf_counter())))
+    at = {(phase, step): t for phase, step, t in phases}
+    later = range(2, len(marks) + 1)
+    span = marks[-1] - marks[0]
+    return {"rate": sum(r["samples"] for r in records[1:]) / span,
+            "learner_busy": sum(at["committed", s] - at["rolled_out", s] for s in later) / span,
+            "rollout_wait": sum(at["rolled_out", s] - at["inflight", s] for s in later) / span,
+            "tito_violations": sum(r["tito_violations"] for r in records)}
 
 
 def concurrent_rollouts(n: int, tok_path: Path, sft: Path, client, cfg: ExperimentConfig) -> dict[str, float]:
@@ -104,10 +111,8 @@ def concurrent_rollouts(n: int, tok_path: Path, sft: Path, client, cfg: Experime
     from trainer.rollout import run_rollouts
 
     tok = V4Tokenizer.load(tok_path)
-    model = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
-    model.load_state_dict(torch.load(sft, weights_only=True))
-    model.eval()
-    held = problems(FAMILIES, "train", n, cfg.tasks.seed, start=10_000)
+    model = load_policy(cfg, tok, sft)
+    held = problems(cfg.tasks.families, "train", n, cfg.tasks.seed, start=10_000)
     jobs = [(f"bench-rollouts-{time.time_ns()}/step-0/prompt-{i}/sample-0", p) for i, p in enumerate(held)]
     client.pools.resize(cfg.sandbox.image, n)
     deadline = time.monotonic() + 600  # bounds a failure only: the batch starts once the server reports n ready
@@ -133,13 +138,41 @@ def _ready(client, image: str) -> int:
     return sum(p.ready for p in client.pools.list() if p.image == image)
 
 
-def heldout(weights: Path, tok_path: Path, client, cfg: ExperimentConfig, tag: str) -> float:
-    from trainer.evaluate import heldout_success
+def load_policy(cfg: ExperimentConfig, tok: V4Tokenizer, weights: Path):
+    """The policy from a bare state_dict (sft.pt) or a GRPO checkpoint (learner.pt), in eval mode."""
+    model = build_policy(cfg.policy.name, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, cfg.seed)
+    state = torch.load(weights, weights_only=False)
+    model.load_state_dict(state["model"] if "model" in state else state)
+    return model.eval()
+
+
+def heldout_rewards(weights: Path, tok_path: Path, client, cfg: ExperimentConfig, tag: str) -> list[float]:
+    """Per-problem reward on the held-out split. Trajectory ids differ only in their leading run component, which
+    the sampling RNG ignores (trainer.rollout), so every policy meets each problem with the same random stream:
+    the per-problem outcomes are paired."""
+    from trainer.rollout import run_rollouts
 
     tok = V4Tokenizer.load(tok_path)
-    model = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
-    model.load_state_dict(torch.load(weights, weights_only=False)["model"])
-    return heldout_success(model.eval(), tok, client, cfg, f"bench-heldout-{time.time_ns()}", tag)["success"]
+    model = load_policy(cfg, tok, weights)
+    held = problems(cfg.tasks.families, "heldout", cfg.tasks.heldout_size, cfg.tasks.seed)
+    run = f"bench-heldout-{time.time_ns()}-{tag}"
+    rewards: list[float] = []
+    for start in range(0, len(held), 16):
+        jobs = [(f"{run}/eval/{start + i}", p) for i, p in enumerate(held[start:start + 16])]
+        rewards += [r.reward for r in run_rollouts(model, tok, client, jobs, cfg.rollout, cfg.sandbox, cfg.seed)]
+    return rewards
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % normal interval."""
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, 1.96 * sd / math.sqrt(len(values))
+
+
+def interval(values: list[float]) -> str:
+    mean, half = mean_ci95(values)
+    return f"{mean:.3f}[{max(0.0, mean - half):.3f},{min(1.0, mean + half):.3f}]"
 
 
 def _start_server(embedded):
@@ -155,20 +188,27 @@ def _start_server(embedded):
     return embedded.start()
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (tests): 1 round of 3 steps, 8 rollouts")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes (tests): 20 SFT steps, 1 round of 2 steps of 8 samples of up to 2 turns, "
+                             "4 rollouts, 8 held-out problems")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--k", type=int, default=1, help="max_staleness of the async runs")
     parser.add_argument("--rollouts", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="rollout workers of both GRPO runs")
-    parser.add_argument("--heldout", type=int, default=32)
+    parser.add_argument("--heldout", type=int, default=128)
     parser.add_argument("--no-heldout", action="store_true")
-    parser.add_argument("--sft-steps", type=int, default=150)
-    args = parser.parse_args()
+    parser.add_argument("--sft-steps", type=int, default=1000)
+    args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.steps, args.rollouts, args.heldout, args.sft_steps = 1, 3, 8, 8, 30
+        args.rounds, args.steps, args.rollouts, args.heldout, args.sft_steps = 1, 2, 4, 8, 20
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     import dsec
     from dsec.sdk.embedded import EmbeddedServer
     from trainer.grpo import init_ray
@@ -176,49 +216,64 @@ def main() -> int:
     torch.set_num_threads(1)
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench-rollouts-"))
+    base = base_config(work, args)
     server = _start_server(EmbeddedServer)
-    say(f"SFT {args.sft_steps} steps into {work}")
-    tok_path, sft = make_assets(work, args.sft_steps)
+    say(f"tokenizer and SFT ({args.sft_steps} steps, the demo's recipe) into {work}")
+    tok = stage_tokenizer(base, work)
+    _, losses = stage_sft(base, tok, work, progress=False)
+    tok_path, sft = work / "tokenizer.json", work / "sft.pt"
+    say(f"SFT done in {time.perf_counter() - started:.0f} s (final loss {losses[-1]:.3f})")
     init_ray(None, num_cpus=2)
     client = dsec.Client(address=server.address)
+    per_step = base.grpo.prompts_per_step * base.grpo.group_size
     try:
         ratios, violations, runs = [], 0.0, {}
+        shares: dict[int, list[dict[str, float]]] = {0: [], args.k: []}
         for rnd in range(args.rounds):
             rates = {}
             for k in (0, args.k):
-                cfg = run_config(work / f"r{rnd}-k{k}", args.steps, k, args.heldout, args.workers)
-                say(f"round {rnd + 1}/{args.rounds}: GRPO max_staleness={k}, {args.steps} steps x 16 samples")
-                rates[k], records = timed_run(cfg, tok_path, sft, server.address)
-                violations += sum(r["tito_violations"] for r in records)
-                runs[k] = cfg
-                say(f"round {rnd + 1}: max_staleness={k}: {rates[k]:.3f} samples/s")
+                cfg = run_config(base, work / f"r{rnd}-k{k}", k)
+                say(f"round {rnd + 1}/{args.rounds}: GRPO max_staleness={k}, {args.steps} steps x {per_step} samples")
+                result = timed_run(cfg, tok_path, sft, server.address)
+                rates[k], runs[k] = result["rate"], cfg
+                violations += result["tito_violations"]
+                shares[k].append(result)
+                say(f"round {rnd + 1}: max_staleness={k}: {rates[k]:.3f} samples/s, learner busy "
+                    f"{result['learner_busy']:.2f}, rollout wait {result['rollout_wait']:.2f} of the steps' wall")
             ratios.append(rates[args.k] / rates[0])
             say(f"round {rnd + 1}: async/sync = {ratios[-1]:.2f}")
-        cfg = runs[0]
         say(f"{args.rollouts} concurrent multi-turn rollouts through dsec (container sandboxes)")
-        conc = concurrent_rollouts(args.rollouts, tok_path, sft, client, cfg)
+        conc = concurrent_rollouts(args.rollouts, tok_path, sft, client, base)
         violations += conc["tito_violations"]
-        gain = "not_measured"
+        held = {"heldout_sft": "not_measured", "heldout_sync": "not_measured", "heldout_async": "not_measured",
+                "heldout_async_minus_sync": "not_measured", "heldout_diff_ci95": "not_measured"}
         if not args.no_heldout:
-            say(f"held-out success of the last sync and async policies on {args.heldout} problems")
-            sync_ok = heldout(Path(runs[0].out_dir) / "learner.pt", tok_path, client, runs[0], "sync")
-            async_ok = heldout(Path(runs[args.k].out_dir) / "learner.pt", tok_path, client, runs[args.k], "async")
-            se = math.sqrt(sum(p * (1 - p) for p in (sync_ok, async_ok)) / args.heldout)
-            say(f"held-out success: sync {sync_ok:.3f}, async {async_ok:.3f} (n={args.heldout} each, "
-                f"standard error of the difference {100 * se:.1f} points)")
-            gain = f"{100 * (async_ok - sync_ok):+.1f}pm{100 * se:.1f}"
+            say(f"held-out success of the SFT, last sync and last async policies on {args.heldout} problems")
+            scores = {tag: heldout_rewards(path, tok_path, client, base, tag) for tag, path in (
+                ("sft", sft), ("sync", Path(runs[0].out_dir) / "learner.pt"),
+                ("async", Path(runs[args.k].out_dir) / "learner.pt"))}
+            diff, half = mean_ci95([a - s for a, s in zip(scores["async"], scores["sync"])])
+            held = {"heldout_sft": interval(scores["sft"]), "heldout_sync": interval(scores["sync"]),
+                    "heldout_async": interval(scores["async"]),
+                    "heldout_async_minus_sync": f"{100 * diff:+.1f}",
+                    "heldout_diff_ci95": f"[{100 * (diff - half):+.1f},{100 * (diff + half):+.1f}]"}
+            say(f"held-out (n={args.heldout}, same problems and random streams): " + ", ".join(
+                f"{k}={v}" for k, v in held.items()))
     finally:
         client.close()
         import ray
 
         ray.shutdown()
         server.stop()
-    spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+    busy = {f"{name}_{key}": f"{statistics.fmean(r[key] for r in shares[k]):.2f}"
+            for name, k in (("sync", 0), ("async", args.k)) for key in ("learner_busy", "rollout_wait")}
     say(f"async/sync per round: {', '.join(f'{r:.2f}' for r in ratios)}; total {time.perf_counter() - started:.0f} s")
-    print(f"async_over_sync_throughput={statistics.mean(ratios):.2f} async_over_sync_range={spread} "
-          f"max_staleness={args.k} rollouts_per_s={conc['rollouts_per_s']:.2f} "
-          f"sandbox_wait_fraction={conc['sandbox_wait_fraction']:.3f} tito_violations={violations:.0f} "
-          f"heldout_async_minus_sync_points={gain}")
+    fields = {"async_over_sync_throughput": f"{statistics.fmean(ratios):.2f}",
+              "async_over_sync_range": f"{min(ratios):.2f}-{max(ratios):.2f}", "max_staleness": str(args.k),
+              **busy, "rollouts_per_s": f"{conc['rollouts_per_s']:.2f}",
+              "sandbox_wait_fraction": f"{conc['sandbox_wait_fraction']:.3f}",
+              "tito_violations": f"{violations:.0f}", **held}
+    print(" ".join(f"{k}={v}" for k, v in fields.items()), flush=True)
     return 0
 
 
