@@ -9,6 +9,7 @@ files: the container's processes, cgroup and memory are gone while paused; its f
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import pytest
@@ -91,6 +92,21 @@ def assert_refused(sb: dsec.Sandbox, reason: str) -> None:
     assert "needs CRIU" in str(caught.value) and reason in str(caught.value)
     assert sb.refresh().state == "running", "a refused pause leaves the sandbox as it was"
     assert sb.exec("cat /tmp/note").text == "kept\n"
+
+
+DEBIAN_CRUN = "/usr/bin/crun"  # bookworm's package (00-apt.sh): 1.8.1, built without CRIU
+
+
+def test_a_crun_without_criu_refuses_memory_pause(monkeypatch):
+    """A server whose crun lacks +CRIU ($DSEC_CRUN = Debian's) refuses a crun memory pause, typed, naming it."""
+    assert "+CRIU" not in subprocess.run([DEBIAN_CRUN, "--version"], capture_output=True, text=True).stdout.split()
+    monkeypatch.setenv("DSEC_CRUN", DEBIAN_CRUN)
+    with dsec.Client() as own:  # its own embedded server, started with that environment
+        sb = own.create("busybox", "container", driver="crun", timeout_s=600)
+        try:
+            assert_refused(sb, f"{DEBIAN_CRUN} (crun version 1.8.1) is built without CRIU")
+        finally:
+            sb.destroy()
 
 
 @pytest.mark.parametrize("driver", ["crun", "runc"])
