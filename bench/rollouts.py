@@ -160,6 +160,7 @@ def heldout_rewards(weights: Path, tok_path: Path, client, cfg: ExperimentConfig
     for start in range(0, len(held), 16):
         jobs = [(f"{run}/eval/{start + i}", p) for i, p in enumerate(held[start:start + 16])]
         rewards += [r.reward for r in run_rollouts(model, tok, client, jobs, cfg.rollout, cfg.sandbox, cfg.seed)]
+    say(f"held-out {tag}: {interval(rewards)} on {len(rewards)} problems")
     return rewards
 
 
