@@ -153,7 +153,7 @@ def test_recipe_runs_end_to_end_with_experts_fine_tuned_from_the_student(tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     assert "student_over_expert_min=" in done.stdout.splitlines()[-1]
     report = json.loads((out / "report.json").read_text())
-    assert set(report["families"]) == {"arithmetic", "fix_module", "fix_repo"}
+    assert set(report["families"]) == {"arithmetic", "fix_module"}
     # OPD for recipe.steps, the GRPO baseline for recipe.grpo_steps (side by side)
     assert [c["step"] for c in report["opd_curve"]] == [0, 1] and [c["step"] for c in report["grpo_curve"]] == [0, 1, 2]
     # OPD ran its own batch shape (2 prompts x 1 sample), the GRPO baseline the experiment's (1 prompt x 2)
@@ -166,7 +166,7 @@ def test_recipe_runs_end_to_end_with_experts_fine_tuned_from_the_student(tmp_pat
     student = torch.load(out / "student" / "sft.pt", weights_only=True)
     tok = V4Tokenizer.load(out / "tokenizer.json")
     fresh = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 1).state_dict()
-    for family in ("arithmetic", "fix_module", "fix_repo"):
+    for family in ("arithmetic", "fix_module"):
         expert = torch.load(out / "experts" / family / "sft.pt", weights_only=True)
         to_student = max((expert[k] - student[k]).abs().max().item() for k in student)
         to_fresh = max((fresh[k] - student[k]).abs().max().item() for k in student if k in fresh)
