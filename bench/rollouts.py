@@ -48,21 +48,20 @@ from pathlib import Path
 
 import torch
 
+from bench.harness import progress, report
+from trainer import tito
+from trainer.config import ExperimentConfig, load_config
+from trainer.data import problems
+from trainer.policy import build_policy
+from trainer.stages import stage_sft, stage_tokenizer
+from trainer.tokenizer import V4Tokenizer
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from trainer import tito  # noqa: E402
-from trainer.config import ExperimentConfig, load_config  # noqa: E402
-from trainer.data import problems  # noqa: E402
-from trainer.policy import build_policy  # noqa: E402
-from trainer.stages import stage_sft, stage_tokenizer  # noqa: E402
-from trainer.tokenizer import V4Tokenizer  # noqa: E402
-
 DEMO_CONFIG = REPO / "trainer" / "configs" / "tiny-cpu.yaml"
 
 
 def say(msg: str) -> None:
-    print(f"[rollouts {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    progress("rollouts", msg)
 
 
 def base_config(out: Path, args: argparse.Namespace) -> ExperimentConfig:
@@ -274,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
               **busy, "rollouts_per_s": f"{conc['rollouts_per_s']:.2f}",
               "sandbox_wait_fraction": f"{conc['sandbox_wait_fraction']:.3f}",
               "tito_violations": f"{violations:.0f}", **held}
-    print(" ".join(f"{k}={v}" for k, v in fields.items()), flush=True)
+    report(fields)
     return 0
 
 
