@@ -112,9 +112,12 @@ def test_upload_and_download_trees(sandbox, tmp_path):
 
 
 def test_memory_limit_reports_out_of_memory(sandbox):
-    # 256 MB sandbox; `tail` buffers its never-ending last "line": ~600 MB of touched memory.
+    # 256 MB sandbox; awk doubles a string to 64 MB, then keeps fresh 64 MB copies until the limit is hit.
+    # Linear in the memory it touches: busybox `tail` growing its buffer 8 KB at a time is quadratic (10-14 s
+    # in a VM on a quiet machine, past the timeout on a loaded one).
+    hog = """awk 'BEGIN { s = "x"; for (i = 0; i < 26; i++) s = s s; while (1) kept[n++] = s n }'; echo never"""
     with pytest.raises(dsec.OutOfMemory) as info:
-        sandbox.exec("head -c 600m /dev/zero | tail; echo never", timeout=120)
+        sandbox.exec(hog, timeout=120)
     assert "256" in str(info.value)
 
 
