@@ -226,7 +226,10 @@ def _sweep(owners: _Owners, sweepers: list[registry.Sweeper]) -> Orphans:
     for sweeper in sweepers:
         sweeper.sweep(run)
     for entry in list(REGISTRY.iterdir()) if REGISTRY.is_dir() else []:
-        if SANDBOX_ID.fullmatch(entry.name) and entry.name not in run.failed and owners.gone(entry.name):
+        if _half_registered_by_dead_server(entry, owners.held):
+            entry.unlink(missing_ok=True)  # killed between symlink and rename in `register`
+            run.removed.registrations.append(entry.name)
+        elif SANDBOX_ID.fullmatch(entry.name) and entry.name not in run.failed and owners.gone(entry.name):
             known = owners.dead.get(entry.name)
             if known is not None:
                 run.clean_state(entry.name, known)
@@ -234,6 +237,17 @@ def _sweep(owners: _Owners, sweepers: list[registry.Sweeper]) -> Orphans:
             run.removed.registrations.append(entry.name)
     run.removed.unrecorded = sorted(owners.unrecorded)
     return run.removed
+
+
+def _half_registered_by_dead_server(entry: Path, held: set[tuple[int, int, int]]) -> bool:
+    """A `register` temporary (`.<id>.<pid>.tmp`) whose server is dead: it never became a registration."""
+    if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+        return False
+    try:
+        target = Path(os.readlink(entry))
+    except OSError:
+        return False
+    return not owner_alive(target, held)
 
 
 def sweep_snapshots(root: Path) -> list[str]:

@@ -170,6 +170,25 @@ def test_owner_is_alive_exactly_while_its_lock_is_held(tmp_path):
         os.close(fd)
 
 
+def test_a_half_written_registration_goes_only_with_its_dead_server(tmp_path):
+    """`register` links `.<id>.<pid>.tmp`, then renames it; a server killed in between leaves the link behind. The
+    sweep removes it once the server whose run dir it names is dead, and never while that server lives."""
+    run_dir = tmp_path / "run" / "server1"
+    run_dir.mkdir(parents=True)
+    fd = os.open(run_dir / "server.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    orphans.REGISTRY.mkdir(parents=True, exist_ok=True)
+    half = orphans.REGISTRY / f".sb-{os.urandom(8).hex()}.424242.tmp"
+    half.symlink_to(run_dir / "sb-0123456789abcdef")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert half.name not in orphans.sweep().registrations and half.is_symlink(), "its server is alive"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        assert half.name in orphans.sweep().registrations and not half.is_symlink()
+    finally:
+        os.close(fd)
+        half.unlink(missing_ok=True)
+
+
 def test_cgroups_of_ids_no_server_makes_are_never_touched():
     """A /dsec/<id> cgroup whose id is not a server's (`sb-<16 hex>`), e.g. a driver used without a server, is not
     the sweep's to remove, registered or not. (Unregistered server ids: tests/recovery/test_sweep_unrecorded.py.)"""
