@@ -181,7 +181,7 @@ class SandboxManager:
             self._reap_once(time.time())  # a timeout that passed while no server ran ends before any call is served
         cleaned = reap_dead_servers(self.config.run_root, cleanup)
         try:
-            orphans.sweep()
+            orphans.sweep(self.config.run_root)
             orphans.sweep_snapshots(self.snapshots.root)
             # volumes held by sandboxes that are gone now (not re-adopted, no live server) are unmounted
             self.volumes.recover(lambda sandbox_id: orphans.registered_dir(sandbox_id) is not None)
@@ -398,6 +398,8 @@ class SandboxManager:
             timings_ms={
                 "resolve_image": (resolved - started) * 1000,
                 "driver_create": (time.monotonic() - resolved) * 1000,
+                # the driver's own phases (disk, mount, runtime_run...), where it times them
+                **{f"driver_{phase}": seconds * 1000 for phase, seconds in getattr(handle, "create_timings", {}).items()},
                 "total": (time.monotonic() - started) * 1000,
             },
         )

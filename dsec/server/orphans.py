@@ -31,14 +31,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsec.server.state import unmount_below
+from dsec.server.state import SANDBOX_RECORD, unmount_below
 from dsec.substrates import registry
 from dsec.substrates.registry import SANDBOX_ID
 
@@ -130,6 +132,8 @@ class _Owners:
     """Who owns each sandbox id the sweep meets, decided once per id from one reading of /proc/locks."""
 
     held: set[tuple[int, int, int]]
+    home_run_root: Path | None = None  # the sweeping server's run root: its dead predecessors are its to reap
+    now: float = field(default_factory=time.time)
     dead: dict[str, Path | None] = field(default_factory=dict)  # id -> its state dir (None: not known)
     unrecorded: set[str] = field(default_factory=set)
 
@@ -142,6 +146,8 @@ class _Owners:
                 return False
             if expected is not None and expected.resolve() != registered:
                 return False  # another sandbox dir of the same id name: not the registered one
+            if self.awaits_its_home(registered):
+                return False
             self.dead.setdefault(sandbox_id, registered)
             return True
         if not SANDBOX_ID.fullmatch(sandbox_id):
@@ -153,6 +159,23 @@ class _Owners:
         if self.dead.get(sandbox_id) is None:
             self.dead[sandbox_id] = known  # only a dead server's run dir is ours to delete
         return True
+
+
+    def awaits_its_home(self, sandbox_dir: Path) -> bool:
+        """Whether a dead server's sandbox is left for its own home's next server to re-adopt (readopt.py).
+
+        Why: servers with different homes on one machine (a test server beside a production one) must not reap
+        each other's healthy sandboxes in the gap between a crash and the restart that re-adopts them. Spared:
+        a sandbox under another home's run root that was handed to a client (`live`) and has not expired. Its
+        expiry bounds the wait: past it, any server's sweep reaps it. Its own home's dead servers are this
+        server's (it took them over first) and no home given means no sparing (the caller owns everything)."""
+        if self.home_run_root is None or sandbox_dir.parent.parent == self.home_run_root:
+            return False
+        try:
+            record = json.loads((sandbox_dir / SANDBOX_RECORD).read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(record.get("live")) and float(record.get("expires_at") or 0) > self.now
 
 
 @contextlib.contextmanager
@@ -202,15 +225,18 @@ class _Run:
             sweeper.clean_state(sandbox_id, state_dir)
 
 
-def sweep() -> Orphans:
+def sweep(home_run_root: Path | None = None) -> Orphans:
     """Remove everything of every sandbox whose server is dead or whose records are lost; returns what went.
 
     Safe while other servers run: their sandboxes are registered to run directories whose lock they hold.
+    `home_run_root`: the sweeping server's own run root; live, unexpired sandboxes of dead servers of *other*
+    homes are then left for their home's next server to re-adopt (`_Owners.awaits_its_home`).
     Every registered substrate's sweepers run in stage order (processes, cgroups, network plumbing, disks; see
     `registry.Sweeper`), then the registrations of what is gone are dropped.
     """
     with _exclusive():
-        removed = _sweep(_Owners(_held_locks()), registry.sweepers())
+        home = home_run_root.resolve() if home_run_root is not None else None
+        removed = _sweep(_Owners(_held_locks(), home), registry.sweepers())
     for failure in removed.failures:
         log.error("orphan sweep: removing %s failed; the next server start retries", failure)
     if removed:

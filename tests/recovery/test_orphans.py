@@ -146,7 +146,9 @@ def test_a_live_servers_sandboxes_survive_other_servers_sweeps():
             assert _host_traces(sandbox.id, []) == traces[sandbox.id]
         for sandbox in sandboxes:
             sandbox.destroy()
-            assert _host_traces(sandbox.id, []) == [], "destroy must also drop the registration"
+            # settled: the kernel frees a killed container's mount namespace, and with it the loop device, after
+            # destroy returns
+            assert _settled(sandbox.id, []) == [], "destroy must also drop the registration"
     finally:
         for client in clients:
             client.close()
@@ -244,3 +246,29 @@ def test_a_dead_servers_qemu_and_loop_device_are_swept(tmp_path):
             qemu.wait()
         subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
         orphans.unregister(sandbox_id)
+
+
+def test_only_live_unexpired_sandboxes_of_other_homes_wait_for_their_home(tmp_path):
+    """`_Owners.awaits_its_home`: the sweep spares a dead server's sandbox only when it lives under another home's
+    run root, was handed to a client (`live`) and has not expired; no home given spares nothing."""
+    import json
+    import time
+
+    from dsec.server.state import SANDBOX_RECORD
+
+    now = time.time()
+    home_a, home_b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+
+    def sandbox_dir(live: bool, expires_at: float) -> Path:
+        path = home_a / "server1" / f"sb-{os.urandom(8).hex()}"
+        path.mkdir(parents=True)
+        (path / SANDBOX_RECORD).write_text(json.dumps({"live": live, "expires_at": expires_at}))
+        return path
+
+    other = orphans._Owners(set(), home_b, now)
+    assert other.awaits_its_home(sandbox_dir(True, now + 60))
+    assert not other.awaits_its_home(sandbox_dir(True, now - 1)), "expired: anyone reaps it"
+    assert not other.awaits_its_home(sandbox_dir(False, now + 60)), "pooled or mid-create: never re-adopted"
+    assert not other.awaits_its_home(home_a / "server1" / "sb-0000000000000000"), "no record: nothing to re-adopt"
+    assert not orphans._Owners(set(), home_a, now).awaits_its_home(sandbox_dir(True, now + 60)), "its own home"
+    assert not orphans._Owners(set(), None, now).awaits_its_home(sandbox_dir(True, now + 60))

@@ -332,3 +332,33 @@ def _pooled_ids(server_pid: int, live: set[str], want: int) -> list[str]:
             return pooled
         assert time.monotonic() < deadline, f"the pool did not fill: {ids}"
         time.sleep(0.05)
+
+
+def test_another_homes_sweep_leaves_a_live_sandbox_for_its_own_home_to_re_adopt():
+    """A server of another home (here: its start-up sweep, run from this process) finds a killed server's live,
+    unexpired sandbox and leaves it; the killed server's own home re-adopts it afterwards, files intact."""
+    from dsec.server import orphans
+
+    port = free_port()
+    server = Server(port)
+    client = dsec.Client(server.address)
+    successor = None
+    ids: list[str] = []
+    try:
+        sandbox = client.create("busybox", timeout_s=1800)
+        ids = [sandbox.id]
+        sandbox.files.write("/tmp/mark", "spared\n")
+        successor = Server(port, held=True)
+        server.kill9()
+        swept = orphans.sweep(home_run_root=HOME.parent / f"{HOME.name}-other-home" / "run")
+        assert sandbox.id not in swept.registrations and sandbox.id not in swept.cgroups
+        assert orphans.registered_dir(sandbox.id) is not None
+        successor.go()
+        wait_connected(client)
+        assert sandbox.files.read_text("/tmp/mark") == "spared\n"
+        assert sandbox.exec("echo ok").stdout == b"ok\n"
+    finally:
+        for server_ in (successor, server):
+            if server_ is not None:
+                server_.stop()
+    assert no_traces(ids) == []
