@@ -12,14 +12,21 @@ Single turn, tools disabled (TRL's GRPOTrainer has no dsec tools): prompts are t
 the reward is 1 if the completion is a well-formed DSML run_python call whose code prints the asked expression.
 The bench checks that both sides did the task: TRL's mean reward > 0 and within noise of ours.
 
-`heldout_gain_points` is measured in this run: the demo (SFT → GRPO → held-out eval) trains into a fresh
-directory (~12 min on 2 cores); `--no-heldout` skips it and prints `heldout_gain_points=not_measured`.
+`heldout_gain_points` is measured in this run: the demo (SFT → held-out eval → GRPO → held-out eval, the committed
+`tiny-cpu.yaml`) trains into a fresh directory once per seed of `--seeds` (default 0,1,2; the seed sets the
+policy's init, the SFT batch order and every sampling stream; the 128 held-out problems are the same for all
+seeds). Its value is the mean gain over the seeds, in points of held-out success; `heldout_gain_ci95` is the
+95 % Student-t interval of that mean over the seeds (n - 1 degrees of freedom: with 3 seeds the half-width is
+4.30 standard errors, so it reflects seed-to-seed spread, not only sampling noise within a run). `--no-heldout`
+skips the demo runs and prints `not_measured` for both.
 
-Last line: step_time_vs_trl=<ours/TRL> tokens_per_s=<ours> heldout_gain_points=<this run's demo>.
+Last line: step_time_vs_trl=<ours/TRL> tokens_per_s=<ours> heldout_gain_points=<mean over seeds>
+heldout_gain_ci95=[lo,hi].
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import tempfile
@@ -198,23 +205,61 @@ def within_noise(a: list[float], b: list[float]) -> tuple[bool, float]:
     return abs(pa - pb) <= 3 * se, se
 
 
-def heldout_gain(cfg: ExperimentConfig) -> float:
-    """Train the demo into a fresh directory and return its held-out gain: measured here, never read back."""
+# two-sided 95 % Student-t quantiles t(0.975, df); df > 10 uses the Cornish-Fisher expansion (error < 0.003)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def t975(df: int) -> float:
+    if df in T975:
+        return T975[df]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and its 95 % Student-t interval (lo, hi) over independent runs; needs two runs or more."""
+    if len(values) < 2:
+        raise ValueError(f"an interval over seeds needs at least 2 runs, got {len(values)}")
+    mean = statistics.mean(values)
+    half = t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def heldout_gains(cfg: ExperimentConfig, seeds: list[int]) -> list[dict]:
+    """Train the demo once per seed, each into a fresh directory, and return each run's summary (measured here,
+    never read back from an earlier run)."""
     from trainer.demo import run_demo
 
-    out = Path(tempfile.mkdtemp(prefix="dsec-bench-demo-"))
-    return run_demo(cfg.model_copy(update={"out_dir": out}), progress=True)["heldout_gain_points"]
+    summaries = []
+    for seed in seeds:
+        out = Path(tempfile.mkdtemp(prefix=f"dsec-bench-demo-s{seed}-"))
+        s = run_demo(cfg.model_copy(update={"out_dir": str(out), "seed": seed}), progress=True)
+        print(f"seed {seed}: held-out {s['heldout_before']} -> {s['heldout_after']}, "
+              f"{s['heldout_gain_points']:+.1f} points; SFT {s['sft_s']:.0f} s, eval {s['eval_before_s']:.0f} s, "
+              f"GRPO {s['grpo_s']:.0f} s, eval {s['eval_after_s']:.0f} s, total {s['total_s']:.0f} s", flush=True)
+        summaries.append(s)
+    return summaries
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, got {text!r}") from None
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds needs two or more distinct seeds for an interval, got {text!r}")
+    return seeds
 
 
 def main() -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(description="GRPO step time: ours vs TRL")
     parser.add_argument("--steps", type=int, default=STEPS, help="timed steps after one warm-up step")
     parser.add_argument("--sft-steps", type=int, help="SFT steps before the timed GRPO steps (default: the demo "
                         "config's; far fewer leave a policy that never earns a reward, and the bench refuses that)")
     parser.add_argument("--threads", type=int, help="torch threads for both trainers (default: the demo config's)")
-    parser.add_argument("--no-heldout", action="store_true", help="skip the demo run; heldout_gain_points=not_measured")
+    parser.add_argument("--no-heldout", action="store_true", help="skip the demo runs; heldout_gain_points and "
+                        "heldout_gain_ci95 = not_measured")
+    parser.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2], help="demo runs' seeds (default 0,1,2)")
     args = parser.parse_args()
     cfg = load_config(REPO / "trainer" / "configs" / "tiny-cpu.yaml")
     torch.set_num_threads(args.threads or cfg.torch_threads)
@@ -244,9 +289,16 @@ def main() -> None:
           f"({len(ours.rewards)} completions each; 3 standard errors = {3 * se:.3f})")
     assert statistics.mean(trl_rewards) > 0, "TRL's completions never scored: the comparison would be empty"
     assert agree, "ours and TRL's rewards differ beyond noise on the same prompts: not the same task"
-    gain = "not_measured" if args.no_heldout else f"{heldout_gain(cfg):.1f}"
+    gain, ci = "not_measured", "not_measured"
+    if not args.no_heldout:
+        runs = heldout_gains(cfg, args.seeds)
+        mean, lo, hi = t_interval([s["heldout_gain_points"] for s in runs])
+        gain, ci = f"{mean:.1f}", f"[{lo:.1f},{hi:.1f}]"
+        print(f"held-out gain over seeds {args.seeds}: {[round(s['heldout_gain_points'], 1) for s in runs]} points; "
+              f"demo wall time {[round(s['total_s']) for s in runs]} s", flush=True)
     report({"step_time_vs_trl": f"{ours_s / trl_s:.3f}",
-            "tokens_per_s": f"{ours.tokens / sum(ours.times[WARMUP:]):.1f}", "heldout_gain_points": gain})
+            "tokens_per_s": f"{ours.tokens / sum(ours.times[WARMUP:]):.1f}", "heldout_gain_points": gain,
+            "heldout_gain_ci95": ci})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The README demo on CPU: tokenizer → SFT → held-out eval → GRPO on Ray (tools via dsec) → held-out eval.
 
-    .venv/bin/python -m trainer.demo [--config trainer/configs/tiny-cpu.yaml] [--grpo-steps N]
+    .venv/bin/python -m trainer.demo [--config trainer/configs/tiny-cpu.yaml] [--grpo-steps N] [--seed S]
 
 Writes under the config's out_dir: tokenizer.json, sft.pt, metrics.jsonl, tb/, reward_curve.png, summary.json,
 and prints the held-out success before and after GRPO.
@@ -30,20 +30,30 @@ def run_demo(cfg: ExperimentConfig, progress: bool = True) -> dict:
     for stale in ("state.json", "learner.pt", "metrics.jsonl"):
         (out / stale).unlink(missing_ok=True)
     started = time.perf_counter()
+    stages: dict[str, float] = {}  # wall seconds a stage: how a run's time splits (docs/trainer.md uses them)
+    mark = [started]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        stages[name], mark[0] = now - mark[0], now
+
     tok = stage_tokenizer(cfg, out)
     model, losses = stage_sft(cfg, tok, out, progress)
-    sft_s = time.perf_counter() - started
+    lap("sft_s")
     with dsec.Client(address=cfg.sandbox.address) as client:
         tag = f"{cfg.run_name}-{int(time.time())}"
         before = heldout_success(model, tok, client, cfg, tag, "before", progress=progress)
+        lap("eval_before_s")
         result = train_grpo(cfg, out / "tokenizer.json", out / "sft.pt", address=None, dsec_address=client.address,
                             resume=False, progress=progress)
+        lap("grpo_s")
         state = torch.load(result["checkpoint"], weights_only=False)
         model.load_state_dict(state["model"])
         after = heldout_success(model, tok, client, cfg, tag, "after", progress=progress)
-    summary = {"heldout_before": before, "heldout_after": after, "sft_final_loss": losses[-1], "sft_s": sft_s,
-               "total_s": time.perf_counter() - started,
-               "heldout_gain_points": 100 * (after["success"] - before["success"])}
+    lap("eval_after_s")
+    gain = 100 * (after["success"] - before["success"])
+    summary = {"seed": cfg.seed, "heldout_before": before, "heldout_after": after, "sft_final_loss": losses[-1],
+               **stages, "total_s": mark[0] - started, "heldout_gain_points": gain}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -53,12 +63,15 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--grpo-steps", type=int)
     parser.add_argument("--sft-steps", type=int)
+    parser.add_argument("--seed", type=int, help="the run's seed (init, SFT order, sampling); held-out set unchanged")
     args = parser.parse_args()
     overrides: dict[str, object] = {}
     if args.grpo_steps is not None:
         overrides["grpo.steps"] = args.grpo_steps
     if args.sft_steps is not None:
         overrides["sft.steps"] = args.sft_steps
+    if args.seed is not None:
+        overrides["seed"] = args.seed
     cfg = load_config(args.config, overrides)
     s = run_demo(cfg)
     print(f"held-out success before GRPO: {s['heldout_before']['success']:.1%}  {s['heldout_before']}")
