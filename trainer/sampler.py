@@ -2,17 +2,24 @@
 
 Why not `model.generate`: the rollout needs the exact sampled ids and their log-probs, a per-sample RNG (so a
 sample's tokens do not depend on which other samples share its batch, which makes a resumed step identical to
-the interrupted one), and per-sequence token budgets. No KV cache: transformers' DeepSeek-V4 cache path is
-several times slower than recomputation at these tiny sizes on CPU, and right-padded recomputation is exactly
-what the learner sees.
+the interrupted one), and per-sequence token budgets. DeepSeek-V4 policies decode incrementally from per-row
+state (`trainer.v4_decode`: transformers' cache needs every row at the same position, rollouts are ragged);
+any other causal LM, or a V4 context too long for that decoder to be exact, recomputes the right-padded batch
+for every token, which is exactly what the learner sees and costs O(T^2) attention per token.
 """
 
 from __future__ import annotations
 
 import hashlib
+from typing import Callable
 
 import torch
 from transformers import PreTrainedModel
+
+from trainer import v4_decode
+
+# Next-token logits [len(active), V] at the last position of each active row of `seqs`.
+LogitsFn = Callable[[list[list[int]], list[int]], torch.Tensor]
 
 
 def sample_generator(*key: object) -> torch.Generator:
@@ -53,6 +60,25 @@ def next_token_logits(model: PreTrainedModel, batch: torch.Tensor, last: torch.T
     return model.get_output_embeddings()(hidden[torch.arange(len(last)), last]).float()
 
 
+def recompute_logits(model: PreTrainedModel, pad_id: int) -> LogitsFn:
+    """The cache-free path: one full forward of the right-padded active rows per token (any causal LM)."""
+
+    def logits(seqs: list[list[int]], active: list[int]) -> torch.Tensor:
+        batch = right_pad([seqs[i] for i in active], pad_id)
+        return next_token_logits(model, batch, torch.tensor([len(seqs[i]) - 1 for i in active]))
+
+    return logits
+
+
+def logits_fn(model: PreTrainedModel, prompts: list[list[int]], max_new_tokens: list[int], pad_id: int,
+              incremental: bool = True) -> LogitsFn:
+    """The incremental V4 decoder when it is exact for these contexts, else recomputation."""
+    capacity = max((len(p) + n for p, n in zip(prompts, max_new_tokens)), default=0)
+    if incremental and v4_decode.supports(model, capacity):
+        return v4_decode.V4Decoder(model, capacity, pad_id)
+    return recompute_logits(model, pad_id)
+
+
 @torch.no_grad()
 def sample(
     model: PreTrainedModel,
@@ -65,20 +91,21 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     logprobs: list[list[float]] | None = None,
+    incremental: bool = True,
 ) -> list[list[int]]:
     """Continue each prompt until EOS (kept) or its own budget; returns only the new ids per prompt.
 
     `logprobs`: when given (one list per prompt), receives log π(token) of each sampled id under the model's
     own distribution (temperature 1, no top-p: what the learner computes), from the logits already at hand, so
-    the learner can correct for the sampler being off-policy.
+    the learner can correct for the sampler being off-policy. `incremental=False` forces recomputation (the
+    reference the incremental decoder is tested and benchmarked against).
     """
     seqs = [list(p) for p in prompts]
     new: list[list[int]] = [[] for _ in prompts]
     active = [i for i, budget in enumerate(max_new_tokens) if budget > 0]
+    next_logits = logits_fn(model, seqs, max_new_tokens, pad_id, incremental)
     while active:
-        batch = right_pad([seqs[i] for i in active], pad_id)
-        last = torch.tensor([len(seqs[i]) - 1 for i in active])
-        step_logits = next_token_logits(model, batch, last)
+        step_logits = next_logits(seqs, active)
         step_logp = torch.log_softmax(step_logits, dim=-1) if logprobs is not None else None
         still: list[int] = []
         for row, i in enumerate(active):
