@@ -196,7 +196,7 @@ def test_lr_grid_runs_both_sides_at_every_lr_and_defaults_to_each_sides_own():
     runs = _side_configs(exp, Path("/tmp/x"), {"arithmetic": Path("e.pt")}, 1e-3, 1e-3, "-lr0.001")
     (opd_name, opd_cfg), (grpo_name, grpo_cfg) = runs.values()
     assert (opd_name, grpo_name) == ("opd-lr0.001", "grpo-lr0.001")
-    assert opd_cfg.grpo.lr == grpo_cfg.grpo.lr == 1e-3 
+    assert opd_cfg.grpo.lr == grpo_cfg.grpo.lr == 1e-3
     assert opd_cfg.algorithm().opd is not None and grpo_cfg.algorithm().opd is None
     assert opd_cfg.grpo.updates_per_step == exp.opd_grpo().updates_per_step  # only the lr differs from opd_grpo
     for bad in ([], [0.0], [1e-3, 1e-3]):
