@@ -19,11 +19,11 @@ _READ = 1 << 16
 
 
 def run(argv: list[str], *, timeout: float, stdout: int | IO = subprocess.PIPE,
-        stderr: int | IO = subprocess.PIPE) -> subprocess.CompletedProcess:
-    """Like `subprocess.run(argv, stdin=DEVNULL, stdout=..., stderr=..., timeout=...)`: the child is killed and
-    `subprocess.TimeoutExpired` raised once `timeout` passes; piped output is returned as bytes."""
+        stderr: int | IO = subprocess.PIPE, pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess:
+    """Like `subprocess.run(argv, stdin=DEVNULL, stdout=..., stderr=..., timeout=..., pass_fds=...)`: the child is
+    killed and `subprocess.TimeoutExpired` raised once `timeout` passes; piped output is returned as bytes."""
     deadline = time.monotonic() + timeout
-    with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr) as proc:
+    with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, pass_fds=pass_fds) as proc:
         pipes = {pipe.fileno(): pipe for pipe in (proc.stdout, proc.stderr) if pipe is not None}
         chunks: dict[int, list[bytes]] = {fd: [] for fd in pipes}
         try:

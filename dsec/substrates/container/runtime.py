@@ -21,6 +21,7 @@ from pathlib import Path
 
 from dsec import procwait
 from dsec.errors import RuntimeFailure
+from dsec.substrates.container.sealed import sealed_fd
 from dsec.substrates.container.v1view import v1view_binary
 
 RUNTIMES = ("crun", "runc")
@@ -67,24 +68,30 @@ class OciRuntime:
     def binary(self) -> str | None:
         return runtime_binary(self.name)
 
-    def _argv(self, *args: str) -> list[str]:
+    def _argv(self, *args: str) -> tuple[list[str], tuple[int, ...]]:
+        """The command line, and the fds it needs passed: crun runs from its sealed copy (sealed.py)."""
         binary = self.binary()
         if binary is None:
             raise RuntimeFailure(f"{self.name} is not installed: run infra/setup.sh (it installs crun and runc)")
+        fds: tuple[int, ...] = ()
+        if self.name == "crun" and (fd := sealed_fd(binary)) is not None:
+            binary, fds = f"/proc/self/fd/{fd}", (fd,)  # the fd number is the same in the child
         argv = [binary, "--root", str(self.root), *args]
         if _needs_v1_view(self.name):
             argv = [str(v1view_binary(self.bin_dir)), str(HYBRID_CGROUP2), *argv]
-        return argv
+        return argv, fds
 
     def _call(self, *args: str, sandbox_id: str, stdout: object = subprocess.PIPE, check: bool = True,
               timeout: float = COMMAND_TIMEOUT_S) -> subprocess.CompletedProcess:
         self.root.mkdir(parents=True, exist_ok=True)
+        argv, fds = self._argv(*args)
         try:
             proc = procwait.run(  # wakes at the runtime's exit: subprocess.run polls with up to 50 ms sleeps
-                self._argv(*args),
+                argv,
                 stdout=stdout,
                 stderr=subprocess.PIPE if stdout is subprocess.PIPE else subprocess.STDOUT,
                 timeout=timeout,
+                pass_fds=fds,
             )
         except subprocess.TimeoutExpired as exc:
             raise RuntimeFailure(
