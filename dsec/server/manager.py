@@ -8,6 +8,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +141,9 @@ class SandboxManager:
         self._launches = 0
         self._launches_done = threading.Condition(self._lock)
         self._closing = False
+        # Destroys whose teardown finishes in the background (teardown without wait); counted as live until done
+        self._tearing_down: set[str] = set()
+        self._teardowns = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dsec-teardown")
         self.admission = CreateAdmission(
             config.max_sandboxes, config.max_concurrent_creates, config.create_queue_limit, config.tenant_max_sandboxes
         )
@@ -254,8 +258,9 @@ class SandboxManager:
             return sum(1 for s in self._sandboxes.values() if s.tenant == tenant)
 
     def _live_total(self) -> int:
+        """Live sandboxes, and the destroyed ones whose teardown is still under way: both hold host resources."""
         with self._lock:
-            return len(self._sandboxes)
+            return len(self._sandboxes) + len(self._tearing_down)
 
     # -- create / destroy -----------------------------------------------------------------------------------
     def _new_id(self) -> str:
@@ -424,9 +429,11 @@ class SandboxManager:
         self.volumes.release(sandbox_id)
 
     def destroy(self, sandbox_id: str, reason: str = "destroyed", tenant: str | None = None,
-                detail: str = "destroyed by its owner") -> None:
+                detail: str = "destroyed by its owner", wait: bool = True) -> None:
         """End a sandbox; its id then answers SandboxExpired(reason) for `tombstone_ttl_s`. Destroying twice is
-        fine. `reason` is one of SandboxExpired.REASONS (timeout | idle | destroyed | lost)."""
+        fine. `reason` is one of SandboxExpired.REASONS (timeout | idle | destroyed | lost). Without `wait`, it
+        returns once the sandbox's processes are killed (where its driver can say so, `SandboxDriver.stop`) and
+        the rest of the teardown runs in the background: see `teardown`."""
         with self._lock:
             sandbox = self._sandboxes.get(sandbox_id)
             if sandbox is not None and (tenant is None or sandbox.tenant == tenant):
@@ -438,10 +445,16 @@ class SandboxManager:
                 return
             raise SandboxNotFound(f"no sandbox {sandbox_id!r} on this server")
         self.tombstones.add(sandbox_id, reason, detail, sandbox.tenant)
-        self.teardown(sandbox, reason, detail)
+        self.teardown(sandbox, reason, detail, wait=wait)
 
-    def teardown(self, sandbox: ManagedSandbox, reason: str, detail: str) -> None:
-        """Tear down a sandbox no table holds any more, behind a durable destroy intent (lifetimes.py)."""
+    def teardown(self, sandbox: ManagedSandbox, reason: str, detail: str, wait: bool = True) -> None:
+        """Tear down a sandbox no table holds any more, behind a durable destroy intent (lifetimes.py).
+
+        Without `wait`, once its driver has stopped it (every process killed) the unmounts, cgroup and file
+        removal run on a background thread: they cost a destroy ~5-10 ms here, none of which its caller needs.
+        Until that ends the sandbox still counts against `max_sandboxes` (`_live_total`), shutdown waits for it,
+        and a server killed meanwhile leaves its intent, which the next start finishes. A sandbox holding volumes
+        is always torn down before returning: the next writer of a volume must find it released."""
         sandbox_id = sandbox.sandbox_id
         self.intents.record(sandbox_id, driver=sandbox.driver_name, state_dir=sandbox.state_dir,
                             run_dir=self.state.run_dir, reason=reason, detail=detail, tenant=sandbox.tenant)
@@ -452,19 +465,48 @@ class SandboxManager:
             sandbox.processes.close()
             for session in sandbox.sessions.values():
                 session.close()
+            later = not wait and not sandbox.spec.volumes and sandbox.driver.stop(sandbox.handle)
+            if later:
+                with self._lock:
+                    self._tearing_down.add(sandbox_id)
+        if later:
             try:
-                sandbox.driver.destroy(sandbox.handle)
-            except BaseException:
-                # keep the state dir and the intent: the next server start finishes this destroy
-                log.exception("destroy of %s failed; its intent and state stay for the next start", sandbox_id)
-                raise
-            shutil.rmtree(sandbox.state_dir, ignore_errors=True)
-            orphans.unregister(sandbox_id)
-            if hasattr(self.images, "release"):
-                self.images.release(sandbox_id)
-            self.volumes.release(sandbox_id)
+                self._teardowns.submit(self._finish_teardown, sandbox, reason, detail)
+            except RuntimeError:  # the pool is shut down (server stopping): finish it here
+                self._finish_teardown(sandbox, reason, detail)
+            return
+        with sandbox.lock:
+            self._release(sandbox)
         self.intents.done(sandbox_id)
         sandbox.events.add("sandbox ended", reason=reason, detail=detail)
+
+    def _finish_teardown(self, sandbox: ManagedSandbox, reason: str, detail: str) -> None:
+        """The background part of a destroy that did not wait; a failure keeps the intent for the next start."""
+        try:
+            with sandbox.lock:
+                self._release(sandbox)
+            self.intents.done(sandbox.sandbox_id)
+            sandbox.events.add("sandbox ended", reason=reason, detail=detail)
+        except Exception:  # noqa: BLE001 - nobody waits for this thread: log it, the intent stays for the next start
+            log.exception("background teardown of %s failed", sandbox.sandbox_id)
+        finally:
+            with self._lock:
+                self._tearing_down.discard(sandbox.sandbox_id)
+
+    def _release(self, sandbox: ManagedSandbox) -> None:
+        """The driver's destroy, then what the server holds for the sandbox (caller holds `sandbox.lock`)."""
+        sandbox_id = sandbox.sandbox_id
+        try:
+            sandbox.driver.destroy(sandbox.handle)
+        except BaseException:
+            # keep the state dir and the intent: the next server start finishes this destroy
+            log.exception("destroy of %s failed; its intent and state stay for the next start", sandbox_id)
+            raise
+        shutil.rmtree(sandbox.state_dir, ignore_errors=True)
+        orphans.unregister(sandbox_id)
+        if hasattr(self.images, "release"):
+            self.images.release(sandbox_id)
+        self.volumes.release(sandbox_id)
 
     def set_timeout(self, sandbox_id: str, timeout_s: float, tenant: str | None = None, extend: bool = False) -> ManagedSandbox:
         """End the sandbox `timeout_s` from now; with `extend` (keep-alive) never earlier than it already would.
@@ -544,6 +586,7 @@ class SandboxManager:
                 self.destroy(sandbox_id, detail="destroyed at server shutdown")
             except Exception:  # noqa: BLE001 - destroy the rest regardless
                 log.exception("shutdown destroy of %s failed", sandbox_id)
+        self._teardowns.shutdown(wait=True)  # background teardowns end before the server does
         for run in self.adopted_runs:  # emptied by the destroys above; what failed stays for the next start
             run.release()
         self.adopted_runs = []
@@ -672,6 +715,8 @@ class SandboxManager:
         with self._lock:
             if sandbox_id in self._sandboxes:
                 return True
+            if sandbox_id in self._tearing_down:  # destroyed; its registration goes when the teardown ends
+                return False
         return orphans.registered_dir(sandbox_id) is not None
 
     def launch_snapshot(self, snapshot_id: str, spec: SandboxSpec, tenant: str) -> ManagedSandbox:

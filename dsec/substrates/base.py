@@ -193,6 +193,12 @@ class SandboxDriver(abc.ABC):
     def cleanup_state_dir(self, state_dir: Path) -> None:
         """Clean what a dead server left in `state_dir` (used after kill -9); must not need a live object."""
 
+    def stop(self, sandbox: DriverSandbox) -> bool:
+        """End the sandbox's processes now, without waiting for the rest of its teardown: True when nothing of it
+        runs any more and `destroy` may follow later (off the caller's path); False (the default) when `destroy`
+        must run now. Why: a destroy's unmounts and waits need not hold up its caller once the sandbox is dead."""
+        return False
+
     def restore(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, snapshot: Path, state_dir: Path) -> DriverSandbox:
         raise Unsupported(f"restore is not supported by the {self.name} driver")
 

@@ -75,7 +75,10 @@ def test_destroy_removes_netns_table_veth_and_slot(spawn, targets):
     sandbox = spawn(network_allow=[f"{LOCAL_A}:{targets.allowed.port}"])
     record = network_record(sandbox.id)
     assert leftovers(record) == [f"netns {record.netns}", f"nft table {record.table}", f"veth dsh{record.slot}", f"slot {record.slot}"]
-    sandbox.destroy()
+    sandbox.destroy()  # returns once it is killed; its teardown ends in the background (docs/lifecycle.md)
+    deadline = time.monotonic() + 20
+    while leftovers(record) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert leftovers(record) == []
 
 

@@ -197,7 +197,10 @@ def test_leftovers_without_records_go_at_the_next_start_and_a_live_servers_stay(
         assert all(d.is_dir() for d in foreign_cgroups), "an id no server uses is never the sweep's"
         assert _traces(kept.id) == kept_traces
         assert kept.exec("cat /mark").text == "kept\n"
-        kept.destroy()
+        kept.destroy()  # returns once it is killed; its teardown ends in the background (docs/lifecycle.md)
+        deadline = time.monotonic() + 20
+        while _traces(kept.id) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert _traces(kept.id) == []
         client.close()
     finally:

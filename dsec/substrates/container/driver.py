@@ -479,6 +479,16 @@ class ContainerDriver(SandboxDriver):
         return sandbox
 
     # -- destroy --------------------------------------------------------------------------------------
+    def stop(self, sandbox: DriverSandbox) -> bool:
+        """SIGKILL the container's PID 1 (the kernel kills the rest of its PID namespace) after thawing it, and
+        drop the agent connection; `destroy` then waits for the death and removes the rest."""
+        if not isinstance(sandbox, ContainerSandbox):
+            return False
+        sandbox.destroyed = True
+        sandbox.close()
+        cgroups.thaw(sandbox.record.cgroups_path)  # a frozen container cannot be killed
+        return _kill_init(sandbox.state_dir / PID_FILE, sandbox.record.cgroups_path, wait=False)
+
     def destroy(self, sandbox: DriverSandbox) -> None:
         if not isinstance(sandbox, ContainerSandbox):
             raise RuntimeFailure(f"sandbox {sandbox.sandbox_id} was not created by the {self.name} driver")
@@ -591,9 +601,10 @@ def init_netns_path(pid_file: Path, cgroups_path: str, sandbox_id: str) -> Path:
     return Path(f"/proc/{pid}/ns/net")
 
 
-def _kill_init(pid_file: Path, cgroups_path: str) -> bool:
+def _kill_init(pid_file: Path, cgroups_path: str, wait: bool = True) -> bool:
     """SIGKILL the container's PID 1 (the kernel then kills its whole PID namespace) and wait until it is gone;
-    True when it is known dead (killed here, or its pid already gone), False when that is not known.
+    True when it is known dead (killed here, or its pid already gone), False when that is not known. Without
+    `wait`: True once the SIGKILL is sent (a process with a SIGKILL pending never runs its own code again).
 
     Why not leave it to `runc delete --force`: runc polls for the death every 100 ms, so a forced delete costs
     over 100 ms; killing first makes the delete a quick cleanup of a stopped container. The pid comes from a
@@ -615,6 +626,8 @@ def _kill_init(pid_file: Path, cgroups_path: str) -> bool:
         if not any(line.split(":", 2)[-1] == cgroups_path for line in lines):
             return False
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        if not wait:
+            return True
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
         return bool(poller.poll(KILL_WAIT_S * 1000))
