@@ -618,8 +618,8 @@ def _header_sandbox(method: str) -> Callable[[Any], str]:
 # SandboxService calls that only go to the sandbox's node; the rest (lifecycle, snapshots, fork) are Gateway methods
 SANDBOX_METHODS: dict[str, Callable[[Any], str]] = {
     **{name: (lambda r: r.sandbox_id) for name in (
-        "SetTimeout", "Pause", "Resume", "Metrics", "Logs", "Exec", "StartSession", "CloseSession", "ReadFile",
-        "ListDir", "Download", "Call")},
+        "SetTimeout", "Pause", "Resume", "Metrics", "Logs", "Exec", "ExecCollect", "StartSession", "CloseSession",
+        "ReadFile", "ListDir", "Download", "Call")},
     "RunInSession": lambda r: r.session.sandbox_id,
     "WriteFile": _header_sandbox("WriteFile"),
     "Upload": _header_sandbox("Upload"),

@@ -60,9 +60,13 @@ def _result_from_events(events, on_stdout=None, on_stderr=None) -> ExecResult:
                 on_stderr(event.stderr)
         else:
             record.status.CopyFrom(event.status)
-    if not record.HasField("status"):
-        raise RuntimeFailure("the server closed the exec stream without a final status")
     record.stdout, record.stderr = bytes(stdout), bytes(stderr)
+    return _result_from_record(record)
+
+
+def _result_from_record(record: pb.ExecRecord) -> ExecResult:
+    if not record.HasField("status"):
+        raise RuntimeFailure("the server ended the exec without a final status")
     result = wire.exec_result(record)
     if result.oom_killed:
         limit = record.status.memory_limit_mb
@@ -341,7 +345,12 @@ class Sandbox:
         else:
             request.argv.extend(command)
         _with_step(request, "exec")
-        events = self._client.stream(self._client.sandboxes.Exec, request, _rpc_deadline(timeout))
+        deadline = _rpc_deadline(timeout)
+        if on_stdout is None and on_stderr is None:  # only the result is wanted: one reply, no stream
+            record = self._client.unary_if_served(self._client.execs.ExecCollect, request, deadline)
+            if record is not None:
+                return _result_from_record(record)
+        events = self._client.stream(self._client.execs.Exec, request, deadline)
         return _result_from_events(events, on_stdout, on_stderr)
 
     def session(

@@ -34,6 +34,7 @@ UNARY = {
     "Snapshot": pb.SnapshotRequest,
     "Restore": pb.RestoreRequest,
     "Fork": pb.ForkRequest,
+    "ExecCollect": pb.ExecRequest,
 }
 SERVER_STREAM = {"Exec": pb.ExecRequest, "RunInSession": pb.RunInSessionRequest, "ReadFile": pb.FileRequest, "Download": pb.FileRequest}
 CLIENT_STREAM = {"WriteFile": pb.WriteFileRequest, "Upload": pb.UploadRequest}

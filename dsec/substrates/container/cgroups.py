@@ -83,6 +83,33 @@ def oom_kill_count(path: str) -> int:
     return -1
 
 
+def memory_file(path: str, name: str) -> str | None:
+    """The path of file `name` of cgroup `path` in the memory hierarchy (None if none is mounted): what a caller
+    that reads it on every exec resolves once and keeps (`read_flat_key`)."""
+    directory = controller_dir("memory", path)
+    return str(directory / name) if directory is not None else None
+
+
+def read_flat_key(file: str, key: bytes) -> int:
+    """`key`'s value in a flat-keyed cgroup file such as `memory.oom_control`; -1 if unreadable or absent. Plain
+    os calls and bytes: each exec reads the OOM counter twice, and pathlib plus text decoding cost more than the read."""
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        return -1
+    finally:
+        os.close(fd)
+    for line in data.split(b"\n"):
+        field, _, value = line.partition(b" ")
+        if field == key:
+            return int(value)
+    return -1
+
+
 def memory_limit_bytes(path: str) -> int:
     """The memory limit of cgroup `path` in bytes (0 if unknown)."""
     directory = controller_dir("memory", path)

@@ -112,16 +112,34 @@ class ContainerSandbox(AgentSandbox):
         self._view_lock = threading.Lock()
         self.stopped_as = ""  # "memory" or "files": paused with no container running until resume
         self.create_timings: dict[str, float] = {}  # seconds per create phase, for benchmarks and metrics
+        # every exec reads the OOM counter twice and reports the limit: the file's path and the limit (fixed at
+        # create; a resume or restore re-creates the same cgroup) are resolved once per cgroup path and kept
+        self._oom_file: tuple[str, str | None] = ("", None)
+        self._limit_mb: tuple[str, int] = ("", 0)
 
     def _check_alive(self, what: str) -> None:
         if self.destroyed:
             raise SandboxStateError(f"sandbox {self.sandbox_id} is destroyed; cannot {what} it", sandbox_id=self.sandbox_id)
 
     def oom_kill_count(self) -> int:
-        return cgroups.oom_kill_count(self.record.cgroups_path)
+        path = self.record.cgroups_path
+        if self._oom_file[0] != path:
+            self._oom_file = (path, cgroups.memory_file(path, "memory.oom_control"))
+        file = self._oom_file[1]
+        kills = cgroups.read_flat_key(file, b"oom_kill") if file is not None else -1
+        if kills < 0:  # no file where it was (hierarchy remounted?): look it up afresh next time
+            self._oom_file = ("", None)
+            return cgroups.oom_kill_count(path)
+        return kills
 
     def memory_limit_mb(self) -> int:
-        return cgroups.memory_limit_bytes(self.record.cgroups_path) >> 20
+        path = self.record.cgroups_path
+        if self._limit_mb[0] != path:
+            limit = cgroups.memory_limit_bytes(path) >> 20
+            if limit <= 0:
+                return limit  # unknown: not remembered
+            self._limit_mb = (path, limit)
+        return self._limit_mb[1]
 
     def usage(self) -> Usage:
         """From the sandbox's cgroups (CPU, memory) and its own ext4 disk (the writable layer)."""
