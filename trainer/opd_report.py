@@ -200,7 +200,7 @@ def write_report(out: Path, summary: dict, opd_runs: dict[float, list[dict]], gr
     lines = [
         "# OPD recipe report",
         "",
-        (f"- student/expert (worst family, {summary['student_over_expert_min_family']}): "
+        (f"- student/expert (worst family, {summary['student_over_expert_min_family'] or 'none with expert signal'}): "
          f"**{summary['student_over_expert_min']:.3f}**, 95 % paired-bootstrap interval "
          f"[{summary['student_over_expert_min_ci95'][0]:.3f}, {summary['student_over_expert_min_ci95'][1]:.3f}] "
          "(target ≥ 0.9)"),
