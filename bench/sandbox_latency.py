@@ -7,6 +7,9 @@ Three comparisons, each a speed-up factor (peer p50 / dsec p50; > 1 means dsec i
                             The peer runs at Docker's default, without a user namespace (`--userns=host`, as
                             DOCKER_PEER): dsec's engine remaps its own sandboxes' ids (docs/hardening.md), and a
                             peer that paid for that too would flatter dsec. Same for `docker exec`'s container.
+                            dsec's destroy returns once the sandbox is killed, its unmounts and file removal
+                            finishing on a server thread (docs/lifecycle.md); `remove=True` returns once the
+                            engine has removed the container. That work overlaps the next sample, the peer's too.
   exec_vs_docker_exec       one exec round trip (`true`) in a running sandbox through the SDK against `docker exec`
                             (exec_create + exec_start + exec_inspect) in a running container of the same image.
   function_vs_subprocess    a warm `sb.call(fn)` in a function sandbox against `python3 -c` in a subprocess.
