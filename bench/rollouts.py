@@ -19,6 +19,10 @@ to 112 tokens, tools through real container sandboxes) and --workers rollout wor
                               container sandbox, claimed from a warm pool the server filled before the batch)
   sandbox_wait_fraction       of that batch's wall time, the share the rollout loop spent in sandbox calls
                               (claim, file writes, tool calls, verifiers: the sum of `Rollout.sandbox_s`)
+  sampler_speedup             generation seconds of the sampler's recomputation path over its incremental V4
+                              decoder (trainer.v4_decode), each sampling the first turn of the same --sampler-rows
+                              prompts with the SFT weights and the demo's rollout settings, timed interleaved
+                              --rounds times (median of the per-round ratios); both must sample the same ids
   tito_violations             token-in/token-out violations (trainer.tito) over every trained and benched sample
   heldout_sft, heldout_sync, heldout_async
                               success (mean reward) on the same --heldout held-out problems, sampled at the
@@ -32,7 +36,7 @@ Progress lines go to stdout as it runs; the last line is key=value pairs. `--qui
 tests run (its SFT is too short to solve anything: it checks the plumbing, not the numbers).
 
 Usage: .venv/bin/python -m bench.rollouts [--quick] [--rounds 2] [--steps 4] [--k 1] [--workers 2] [--heldout 128]
-                                          [--sft-steps 1000]
+                                          [--sft-steps 1000] [--sampler-rows 32]
 """
 
 from __future__ import annotations
@@ -133,6 +137,36 @@ def concurrent_rollouts(n: int, tok_path: Path, sft: Path, client, cfg: Experime
             "tito_violations": float(len(report.violations)), "turns_mean": turns}
 
 
+def sampler_speedup(cfg: ExperimentConfig, tok_path: Path, sft: Path, rows: int, rounds: int) -> float:
+    """Recomputation seconds over incremental-decoder seconds on the same prompts, budgets and random streams,
+    timed interleaved; raises if the two paths sample different ids (then the comparison means nothing)."""
+    from trainer.rollout import prompt_ids
+    from trainer.sampler import sample, sample_generator
+
+    tok = V4Tokenizer.load(tok_path)
+    model = load_policy(cfg, tok, sft)
+    prompts = [prompt_ids(tok, p, cfg.rollout.thinking)
+               for p in problems(cfg.tasks.families, "train", rows, cfg.tasks.seed, start=3_000)]
+    budgets = [min(cfg.rollout.max_new_tokens, cfg.rollout.max_total_tokens - len(p)) for p in prompts]
+    ratios = []
+    for rnd in range(rounds):
+        seconds, outs = {}, {}
+        for incremental in (True, False):
+            gens = [sample_generator("sampler-bench", rnd, i) for i in range(rows)]
+            started = time.perf_counter()
+            outs[incremental] = sample(model, prompts, gens, max_new_tokens=budgets, eos_id=tok.eos_id,
+                                       pad_id=tok.pad_id, temperature=cfg.rollout.temperature,
+                                       top_p=cfg.rollout.top_p, incremental=incremental)
+            seconds[incremental] = time.perf_counter() - started
+        if outs[True] != outs[False]:
+            raise RuntimeError("the incremental decoder sampled other ids than recomputation")
+        ratios.append(seconds[False] / seconds[True])
+        say(f"sampler round {rnd + 1}/{rounds}: {rows} rows, {sum(map(len, outs[True]))} new tokens (prompts "
+            f"{min(map(len, prompts))}-{max(map(len, prompts))}): recompute {seconds[False]:.2f} s, incremental "
+            f"{seconds[True]:.2f} s, x{ratios[-1]:.1f}")
+    return statistics.median(ratios)
+
+
 def _ready(client, image: str) -> int:
     return sum(p.ready for p in client.pools.list() if p.image == image)
 
@@ -201,9 +235,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heldout", type=int, default=128)
     parser.add_argument("--no-heldout", action="store_true")
     parser.add_argument("--sft-steps", type=int, default=1000)
+    parser.add_argument("--sampler-rows", type=int, default=32, help="prompts of the sampler_speedup comparison")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.rollouts, args.heldout, args.sft_steps = 1, 2, 4, 8, 20
+        args.sampler_rows = 8
     return args
 
 
@@ -223,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     _, losses = stage_sft(base, tok, work, progress=False)
     tok_path, sft = work / "tokenizer.json", work / "sft.pt"
     say(f"SFT done in {time.perf_counter() - started:.0f} s (final loss {losses[-1]:.3f})")
+    speedup = sampler_speedup(base, tok_path, sft, args.sampler_rows, args.rounds)
     init_ray(None, num_cpus=2)
     client = dsec.Client(address=server.address)
     per_step = base.grpo.prompts_per_step * base.grpo.group_size
@@ -272,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
               "async_over_sync_range": f"{min(ratios):.2f}-{max(ratios):.2f}", "max_staleness": str(args.k),
               **busy, "rollouts_per_s": f"{conc['rollouts_per_s']:.2f}",
               "sandbox_wait_fraction": f"{conc['sandbox_wait_fraction']:.3f}",
-              "tito_violations": f"{violations:.0f}", **held}
+              "sampler_speedup": f"{speedup:.1f}", "tito_violations": f"{violations:.0f}", **held}
     report(fields)
     return 0
 

@@ -12,7 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 KEYS = ["async_over_sync_throughput", "async_over_sync_range", "max_staleness", "sync_learner_busy",
         "sync_rollout_wait", "async_learner_busy", "async_rollout_wait", "rollouts_per_s", "sandbox_wait_fraction",
-        "tito_violations", "heldout_sft", "heldout_sync", "heldout_async", "heldout_async_minus_sync",
+        "sampler_speedup", "tito_violations", "heldout_sft", "heldout_sync", "heldout_async", "heldout_async_minus_sync",
         "heldout_diff_ci95"]
 
 
@@ -28,6 +28,7 @@ def test_quick_bench_prints_every_key() -> None:
     assert fields["max_staleness"] == "1"
     assert float(fields["async_over_sync_throughput"]) > 0
     assert float(fields["rollouts_per_s"]) > 0
+    assert float(fields["sampler_speedup"]) > 0
     for name in ("sync", "async"):
         for share in ("learner_busy", "rollout_wait"):
             assert 0 <= float(fields[f"{name}_{share}"]) <= 1, last
