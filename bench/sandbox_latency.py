@@ -10,8 +10,9 @@ Three comparisons, each a speed-up factor (peer p50 / dsec p50; > 1 means dsec i
                             dsec's destroy returns once the sandbox is killed, its unmounts and file removal
                             finishing on a server thread (docs/lifecycle.md); `remove=True` returns once the
                             engine has removed the container. That work overlaps the next sample, the peer's too.
-  exec_vs_docker_exec       one exec round trip (`true`) in a running sandbox through the SDK against `docker exec`
-                            (exec_create + exec_start + exec_inspect) in a running container of the same image.
+  exec_vs_docker_exec       one exec round trip (`true`) in a running sandbox through the SDK (`sb.exec`, which sends
+                            ExecCollect: one reply) against `docker exec` (exec_create + exec_start + exec_inspect)
+                            in a running container of the same image; both check the exit code.
   function_vs_subprocess    a warm `sb.call(fn)` in a function sandbox against `python3 -c` in a subprocess.
 Two warm-pool figures (docs/lifecycle.md), on the first driver, in the same run:
   pool_create_p50_ms        create + first exec `true` of a sandbox claimed from a warm pool (the pool is
@@ -123,7 +124,11 @@ def bench_exec(client: dsec.Client, engine: docker.DockerClient, tag: str, drive
             if api.exec_inspect(exec_id)["ExitCode"] != 0:
                 raise RuntimeError("docker exec of `true` failed")
 
-        contenders: dict[str, Callable[[], object]] = {d: (lambda sb=sb: sb.exec(["true"])) for d, sb in sandboxes.items()}
+        def dsec_exec(sb: dsec.Sandbox) -> None:
+            if sb.exec(["true"]).exit_code != 0:
+                raise RuntimeError(f"dsec exec of `true` failed in {sb.id}")
+
+        contenders: dict[str, Callable[[], object]] = {d: (lambda sb=sb: dsec_exec(sb)) for d, sb in sandboxes.items()}
         contenders["docker exec"] = docker_exec
         return interleaved("exec round trip", contenders, n, warmup=5)
 
