@@ -147,7 +147,7 @@ class _Request:
     def __init__(self, client: AgentClient, rid: int) -> None:
         self.client = client
         self.id = rid
-        self.queue: queue.Queue = queue.Queue()
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
 
     def get(self, timeout: float | None, what: str) -> tuple[int, bytes]:
         try:
@@ -312,7 +312,7 @@ class AgentClient:
         # instead of blocking the write lock, and every caller behind it, forever
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
-        self._pending: dict[int, queue.Queue] = {}
+        self._pending: dict[int, queue.SimpleQueue] = {}
         # From a random point: an agent restored from a memory snapshot (VM, CRIU) still holds the ids of the
         # processes that ran at the snapshot, and a fresh count from 1 would reuse them ("id already in use")
         self._ids = itertools.count(1 + secrets.randbelow(1 << 30))
