@@ -110,7 +110,11 @@ def take_over(
         fd = _take_lock(run_dir)
         if fd is None:
             continue
-        sandbox_dirs = sorted(p for p in run_dir.iterdir() if p.is_dir())
+        try:
+            sandbox_dirs = sorted(p for p in run_dir.iterdir() if p.is_dir())
+        except FileNotFoundError:  # another server of this home took it over and emptied it before we held the lock
+            os.close(fd)
+            continue
 
         def one(sandbox_dir: Path) -> bool:
             record = _read_record(sandbox_dir)

@@ -7,6 +7,7 @@ takes every run directory whose lock it can grab (its owner is dead) and destroy
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -89,7 +90,11 @@ def reap_dead_servers(run_root: Path, cleanup: Callable[[str, Path], None]) -> l
                 os.close(fd)
                 continue  # its server is alive
         try:
-            for sandbox_dir in sorted(p for p in run_dir.iterdir() if p.is_dir()):
+            try:
+                sandbox_dirs = sorted(p for p in run_dir.iterdir() if p.is_dir())
+            except FileNotFoundError:
+                continue  # another server of this home reaped it first (a run dir without lock has no owner to wait on)
+            for sandbox_dir in sandbox_dirs:
                 record_path = sandbox_dir / SANDBOX_RECORD
                 driver = ""
                 if record_path.exists():
@@ -105,8 +110,9 @@ def reap_dead_servers(run_root: Path, cleanup: Callable[[str, Path], None]) -> l
                 unmount_below(sandbox_dir)  # whatever the driver's records no longer describe
                 shutil.rmtree(sandbox_dir, ignore_errors=True)
                 cleaned.append(sandbox_dir.name)
-            if not any(p.is_dir() for p in run_dir.iterdir()):
-                shutil.rmtree(run_dir, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                if not any(p.is_dir() for p in run_dir.iterdir()):
+                    shutil.rmtree(run_dir, ignore_errors=True)
         finally:
             if fd is not None:
                 os.close(fd)

@@ -144,14 +144,16 @@ def _remaps(base_url: str) -> bool:
 def _alive(pid: int) -> bool:
     """Whether `pid` still runs; reaps it when it is this process's own child (ensure_engine started it here)."""
     try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
     except (OSError, IndexError):
         return False
+    if state != "Z":
+        return True
+    try:  # exited: reap it if it is our own child (a zombie's wait returns at once; checking the state first
+        os.waitpid(pid, 0)  # means a child that exits between a WNOHANG wait and the state read is still reaped)
+    except ChildProcessError:
+        pass
+    return False
 
 
 def stop_engine(cfg: EngineConfig) -> None:
