@@ -255,7 +255,7 @@ def test_recipe_runs_end_to_end_with_experts_fine_tuned_from_the_student(tmp_pat
     assert {line["samples_vs_grpo_bound"], line["samples_vs_grpo_with_experts_bound"]} <= {"true", "false"}
     report = json.loads((out / "report.json").read_text())
     families = report["families"]
-    assert set(report["families"]) == {"arithmetic", "fix_module"}
+    assert set(report["families"]) == {"arithmetic", "fix_module", "fix_repo"}
     # OPD for recipe.steps, the GRPO baseline for recipe.grpo_steps (side by side)
     assert [c["step"] for c in report["opd_curve"]] == [0, 1] and [c["step"] for c in report["grpo_curve"]] == [0, 1, 2]
     # OPD ran its own batch shape (2 prompts x 1 sample), the GRPO baseline the experiment's (1 prompt x 2)
@@ -282,7 +282,7 @@ def test_recipe_runs_end_to_end_with_experts_fine_tuned_from_the_student(tmp_pat
     student = torch.load(out / "student" / "sft.pt", weights_only=True)
     tok = V4Tokenizer.load(out / "tokenizer.json")
     fresh = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 1).state_dict()
-    for family in ("arithmetic", "fix_module"):
+    for family in ("arithmetic", "fix_module", "fix_repo"):
         expert = torch.load(out / "experts" / family / "sft.pt", weights_only=True)
         to_student = max((expert[k] - student[k]).abs().max().item() for k in student)
         to_fresh = max((fresh[k] - student[k]).abs().max().item() for k in student if k in fresh)
