@@ -17,8 +17,10 @@ to 112 tokens, tools through real container sandboxes) and --workers rollout wor
                               time the async pipeline hides by sampling the next batch during the update
   rollouts_per_s              --rollouts multi-turn rollouts run as one batch (trainer.rollout, each in its own
                               container sandbox, claimed from a warm pool the server filled before the batch)
-  sandbox_wait_fraction       of that batch's wall time, the share the rollout loop spent in sandbox calls
-                              (claim, file writes, tool calls, verifiers: the sum of `Rollout.sandbox_s`)
+  sandbox_wait_fraction       of that batch's wall time, the share the rollout loop waited on sandbox work
+                              (claim, file writes, tool calls, verifiers, run on rollout.sandbox_concurrency
+                              threads: `trainer.rollout.BatchStats.sandbox_wait_s`; at concurrency 1 it is the
+                              sum of `Rollout.sandbox_s`)
   sampler_speedup             generation seconds of the sampler's recomputation path over its incremental V4
                               decoder (trainer.v4_decode), each sampling the first turn of the same --sampler-rows
                               prompts with the SFT weights and the demo's rollout settings, timed interleaved
@@ -36,7 +38,7 @@ Progress lines go to stdout as it runs; the last line is key=value pairs. `--qui
 tests run (its SFT is too short to solve anything: it checks the plumbing, not the numbers).
 
 Usage: .venv/bin/python -m bench.rollouts [--quick] [--rounds 2] [--steps 4] [--k 1] [--workers 2] [--heldout 128]
-                                          [--sft-steps 1000] [--sampler-rows 32]
+                                          [--sft-steps 1000] [--sampler-rows 32] [--sandbox-concurrency N]
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ def base_config(out: Path, args: argparse.Namespace) -> ExperimentConfig:
         "grpo.num_rollout_workers": args.workers, "tasks.heldout_size": args.heldout}
     if args.quick:
         overrides.update({"sft.examples": 200, "grpo.group_size": 2, "rollout.max_turns": 2})
+    if args.sandbox_concurrency is not None:
+        overrides["rollout.sandbox_concurrency"] = args.sandbox_concurrency
     return load_config(DEMO_CONFIG, overrides)
 
 
@@ -111,7 +115,7 @@ def timed_run(cfg: ExperimentConfig, tok_path: Path, sft: Path, address: str) ->
 
 def concurrent_rollouts(n: int, tok_path: Path, sft: Path, client, cfg: ExperimentConfig) -> dict[str, float]:
     """`n` multi-turn rollouts as one batch, each in its own sandbox: rollouts/s and the sandbox-wait share."""
-    from trainer.rollout import run_rollouts
+    from trainer.rollout import BatchStats, run_rollouts
 
     tok = V4Tokenizer.load(tok_path)
     model = load_policy(cfg, tok, sft)
@@ -124,16 +128,18 @@ def concurrent_rollouts(n: int, tok_path: Path, sft: Path, client, cfg: Experime
             raise RuntimeError(f"the warm pool has {ready} of {n} sandboxes ready after 600 s")
         time.sleep(0.5)
     say(f"warm pool of {n} ready")
+    stats = BatchStats()
     started = time.perf_counter()
-    out = run_rollouts(model, tok, client, jobs, cfg.rollout, cfg.sandbox, cfg.seed)
+    out = run_rollouts(model, tok, client, jobs, cfg.rollout, cfg.sandbox, cfg.seed, stats=stats)
     wall = time.perf_counter() - started
     client.pools.resize(cfg.sandbox.image, 0)
     report = tito.check((r.trajectory_id, r.ids, r.mask, r.sampled_hash) for r in out)
     turns = statistics.mean(r.turns for r in out)
     say(f"{n} rollouts in {wall:.1f} s ({turns:.2f} turns each, {sum(r.tool_calls for r in out)} tool calls, "
-        f"{sum(r.sandbox_s for r in out):.1f} s in sandbox calls, stop reasons "
+        f"{sum(r.sandbox_s for r in out):.1f} s in sandbox calls over the rollouts, of which the loop waited "
+        f"{stats.sandbox_wait_s:.1f} s at sandbox_concurrency {cfg.rollout.sandbox_concurrency}, stop reasons "
         f"{dict(sorted(Counter(r.stop_reason for r in out).items()))})")
-    return {"rollouts_per_s": n / wall, "sandbox_wait_fraction": sum(r.sandbox_s for r in out) / wall,
+    return {"rollouts_per_s": n / wall, "sandbox_wait_fraction": stats.sandbox_wait_s / wall,
             "tito_violations": float(len(report.violations)), "turns_mean": turns}
 
 
@@ -236,6 +242,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-heldout", action="store_true")
     parser.add_argument("--sft-steps", type=int, default=1000)
     parser.add_argument("--sampler-rows", type=int, default=32, help="prompts of the sampler_speedup comparison")
+    parser.add_argument("--sandbox-concurrency", type=int, default=None,
+                        help="rollout.sandbox_concurrency of every rollout in the run (default: the demo config's)")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.rollouts, args.heldout, args.sft_steps = 1, 2, 4, 8, 20

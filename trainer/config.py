@@ -51,6 +51,10 @@ class RolloutConfig(_Strict):
     # trajectory log (its logged calls replay), at most this many times; then it fails alone (stop_reason
     # sandbox_lost or timeout, reward 0) and algo.on_group_failure decides what its group becomes
     max_retries: int = Field(default=2, ge=0)
+    # sandbox work of one batch (the creates and file writes, each turn's tool calls, the verifiers) run by this
+    # many threads at once: those calls wait on the dsec server, so they overlap; each rollout's own calls stay in
+    # order. 1 runs them one rollout after another on the calling thread. The samples are the same either way.
+    sandbox_concurrency: int = Field(default=8, ge=1)
 
 
 class OPDConfig(_Strict):

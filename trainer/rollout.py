@@ -7,8 +7,10 @@ prompts get no policy gradient.
 
 from __future__ import annotations
 
+import contextvars
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,6 +24,7 @@ from trainer.encoding import (
     USER,
     DSMLParseError,
     Message,
+    ToolCall,
     assistant_opener,
     parse_assistant,
     render_segments,
@@ -67,13 +70,22 @@ class Rollout:
     turn_versions: list[int] = field(default_factory=list)
     stop_reason: str = ""  # one of STOP_REASONS
     attempts: int = 1  # sandboxes this rollout ran in (1 + retries after a lost sandbox)
-    # wall seconds the rollout loop spent in this rollout's sandbox calls (create, files, tools, verifier): the
-    # loop runs them one after another, so their sum over a batch is the time it waited on sandboxes
+    # wall seconds this rollout's sandbox calls took (create, files, tools, verifier); with
+    # rollout.sandbox_concurrency > 1 the calls of a batch overlap, so the time the loop itself waited on
+    # sandboxes is `BatchStats.sandbox_wait_s`, not the sum of these (equal at concurrency 1)
     sandbox_s: float = 0.0
 
     @property
     def failed(self) -> bool:
         return self.stop_reason in FAILED
+
+
+@dataclass
+class BatchStats:
+    """What one `run_rollouts` call spent on its calling thread. Kept apart from the rollouts because concurrent
+    sandbox work makes the per-rollout `sandbox_s` add up to more than the loop's own wait."""
+
+    sandbox_wait_s: float = 0.0  # wall seconds the loop was blocked on sandbox phases (setup, tool calls, verifiers)
 
 
 class VersionSchedule(Protocol):
@@ -100,6 +112,47 @@ class _Live:
     last_failed: bool = False  # the latest turn's call failed or its DSML was malformed
     lost: SandboxLost | None = None
     history: list[str] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)  # the latest turn's calls, not yet run
+    results: list[str] | None = None  # the latest turn's tool results, not yet appended
+
+
+class _SandboxWork:
+    """Runs one phase of a batch's sandbox work (one task per rollout) on `workers` threads, and charges the wall
+    time the calling thread waits for it to `stats`.
+
+    Why threads: every task waits on the dsec server (other processes), so tasks of different rollouts overlap;
+    each task runs its rollout's calls in order, so a trajectory's steps are still issued one at a time. With one
+    worker the tasks run on the calling thread, one after another (the loop's order before this existed)."""
+
+    def __init__(self, workers: int, stats: BatchStats) -> None:
+        self.stats = stats
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="rollout-sandbox") if workers > 1 else None
+
+    def each(self, items: Iterable[_Live], task: Callable[[_Live], None]) -> None:
+        """`task(x)` for every x; the first exception (in batch order) is raised after the tasks already running
+        have ended, and tasks not yet started are not run (as the one-by-one loop stops at its first failure)."""
+        started = time.perf_counter()
+        try:
+            if self._pool is None:
+                for x in items:
+                    task(x)
+                return
+            # each task in its own copy of the caller's context: a dsec trajectory context entered by one rollout
+            # never leaks into another's calls
+            futures: list[Future[None]] = [self._pool.submit(contextvars.copy_context().run, task, x) for x in items]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for f in futures:
+                f.cancel()
+            wait(futures)
+            for f in futures:
+                if not f.cancelled() and f.exception() is not None:
+                    raise f.exception()  # type: ignore[misc]
+        finally:
+            self.stats.sandbox_wait_s += time.perf_counter() - started
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def prompt_ids(tok: V4Tokenizer, problem: Problem, mode: str) -> list[int]:
@@ -124,6 +177,7 @@ def run_rollouts(
     policy_version: int = 0,
     after_step: Callable[[ToolBox], None] | None = None,
     schedule: VersionSchedule | None = None,
+    stats: BatchStats | None = None,
 ) -> list[Rollout]:
     """Run one rollout per (trajectory id, problem), all batched together; each gets its own sandbox.
 
@@ -139,15 +193,20 @@ def run_rollouts(
     `after_step(box)` runs after each logged call of any rollout (a test's protocol point). `schedule`: each
     turn is sampled by the version it names (partial rollouts); `policy_version` then only tags a rollout that
     failed before its first turn.
+
+    Sampling is batched; the sandbox work (creates and file writes, each turn's tool calls, verifiers) runs on
+    `rollout_cfg.sandbox_concurrency` threads, one task per rollout, so `after_step` may run on any of them.
+    `stats` (optional) receives the wall time the loop waited on that work.
     """
     by_id = dict(jobs)
     attempts = dict.fromkeys(by_id, 0)
     finished: dict[str, _Live] = {}
     pending = list(jobs)
+    work = _SandboxWork(rollout_cfg.sandbox_concurrency, stats if stats is not None else BatchStats())
     try:
         while pending:
             batch = _attempt(model, tok, client, pending, rollout_cfg, sandbox_cfg, seed, policy_version, after_step,
-                             rebuild={tid for tid, _ in pending if attempts[tid] > 0}, schedule=schedule)
+                             rebuild={tid for tid, _ in pending if attempts[tid] > 0}, work=work, schedule=schedule)
             pending = []
             for x in batch:
                 tid = x.rollout.trajectory_id
@@ -164,6 +223,8 @@ def run_rollouts(
     except Exception:
         _close(list(finished.values()))
         raise
+    finally:
+        work.close()
     # Not on SystemExit/KeyboardInterrupt (a Ray worker whose trainer died): those sandboxes stay live until
     # their timeout so the resumed step re-attaches to them and replays its logged calls.
     if not keep_sandboxes:
@@ -173,11 +234,28 @@ def run_rollouts(
 
 def _attempt(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, jobs: list[tuple[str, Problem]],
              rollout_cfg: RolloutConfig, sandbox_cfg: SandboxConfig, seed: int, policy_version: int,
-             after_step: Callable[[ToolBox], None] | None, rebuild: set[str], schedule: VersionSchedule | None = None
-             ) -> list[_Live]:
+             after_step: Callable[[ToolBox], None] | None, rebuild: set[str], work: _SandboxWork,
+             schedule: VersionSchedule | None = None) -> list[_Live]:
     """One try of each job, batched; a rollout whose sandbox is lost stops there with `lost` set."""
     mode = rollout_cfg.thinking
     live: list[_Live] = []
+
+    def open_box(x: _Live) -> None:
+        tid, problem = x.rollout.trajectory_id, x.problem
+        substrate = sandbox_cfg.substrates.get(problem.family, sandbox_cfg.default_substrate)
+        started = time.perf_counter()
+        try:
+            x.box = open_toolbox(client, tid, image=sandbox_cfg.image, substrate=substrate,
+                                 timeout_s=sandbox_cfg.tool_timeout_s,
+                                 sandbox_timeout_s=sandbox_cfg.sandbox_timeout_s, rebuild=tid in rebuild)
+            x.box.after_step, x.box.raise_lost = after_step, True
+            for path, content in problem.files.items():
+                x.box.write_file(path, content)
+        except DsecError as exc:  # could not create, or lost while being set up: retried like a lost one
+            x.lost, x.done = SandboxLost(tid, exc), True
+        finally:
+            x.rollout.sandbox_s += time.perf_counter() - started
+
     try:
         for tid, problem in jobs:
             x = _Live(Rollout(tid, problem.id, problem.family, [], [], policy_version=policy_version), problem, None,
@@ -185,19 +263,7 @@ def _attempt(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, jobs
             live.append(x)
             ids = prompt_ids(tok, problem, mode)
             x.rollout.ids, x.rollout.mask, x.rollout.logprobs = ids, [0] * len(ids), [0.0] * len(ids)
-            substrate = sandbox_cfg.substrates.get(problem.family, sandbox_cfg.default_substrate)
-            started = time.perf_counter()
-            try:
-                x.box = open_toolbox(client, tid, image=sandbox_cfg.image, substrate=substrate,
-                                     timeout_s=sandbox_cfg.tool_timeout_s,
-                                     sandbox_timeout_s=sandbox_cfg.sandbox_timeout_s, rebuild=tid in rebuild)
-                x.box.after_step, x.box.raise_lost = after_step, True
-                for path, content in problem.files.items():
-                    x.box.write_file(path, content)
-            except DsecError as exc:  # could not create, or lost while being set up: retried like a lost one
-                x.lost, x.done = SandboxLost(tid, exc), True
-            finally:
-                x.rollout.sandbox_s += time.perf_counter() - started
+        work.each(live, open_box)
         for turn in range(rollout_cfg.max_turns):
             active = [x for x in live if not x.done and len(x.rollout.ids) < rollout_cfg.max_total_tokens]
             if not active:
@@ -205,9 +271,10 @@ def _attempt(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, jobs
             for version, group in _by_version(active, turn, schedule, policy_version).items():
                 _sample_turn(model if schedule is None else schedule.model(version), version, group, tok,
                              rollout_cfg)
-        for x in live:
-            if x.lost is None:
-                _finish(x)
+            work.each([x for x in active if x.calls], _run_calls)
+            for x in active:
+                _answer(x, tok, mode)
+        work.each([x for x in live if x.lost is None], _finish)
     except Exception:
         _close(live)
         raise
@@ -238,10 +305,7 @@ def _sample_turn(model: PreTrainedModel, version: int, active: list[_Live], tok:
         if not x.rollout.turn_versions:
             x.rollout.policy_version = version
         x.rollout.turn_versions.append(version)
-        try:
-            _advance(x, new, lps, tok, rollout_cfg.thinking)
-        except SandboxLost as exc:
-            x.lost, x.done = exc, True
+        _advance(x, new, lps, tok, rollout_cfg.thinking)
 
 
 def _finish(x: _Live) -> None:
@@ -274,11 +338,10 @@ def _close(live: list[_Live]) -> None:
 
 
 def _advance(x: _Live, new: list[int], logprobs: list[float], tok: V4Tokenizer, mode: str) -> None:
-    """Append one sampled assistant turn; run its calls (or report the parse error) or finish the rollout.
-
-    Raises `SandboxLost` when a call finds the sandbox gone."""
-    r, box = x.rollout, x.box
-    assert box is not None
+    """Append one sampled assistant turn and parse it: its calls go to `x.calls` (run by `_run_calls`), a parse
+    error's message to `x.results`; or the rollout finishes. Touches no sandbox, so it stays on the loop's thread
+    with the tokenizer."""
+    r = x.rollout
     r.ids += new
     r.mask += [1] * len(new)
     r.logprobs += logprobs
@@ -292,20 +355,40 @@ def _advance(x: _Live, new: list[int], logprobs: list[float], tok: V4Tokenizer, 
             x.done, r.stop_reason = True, "length"  # cut by the budget mid-block: nothing to run, nothing to answer
             return
         r.parse_errors += 1
-        results = [f"error: malformed tool call: {exc}"]
+        x.results = [f"error: malformed tool call: {exc}"]
         x.last_failed = True
-    else:
-        if not turn.tool_calls or not turn.finished:
-            r.final, x.done, r.stop_reason = turn.content, True, "eos" if turn.finished else "length"
-            return
-        r.tool_calls += len(turn.tool_calls)
-        errors = box.stats.errors
-        started = time.perf_counter()
-        try:
-            results = [box.execute(call) for call in turn.tool_calls]
-        finally:
-            r.sandbox_s += time.perf_counter() - started
-        x.last_failed = box.stats.errors > errors
+        return
+    if not turn.tool_calls or not turn.finished:
+        r.final, x.done, r.stop_reason = turn.content, True, "eos" if turn.finished else "length"
+        return
+    r.tool_calls += len(turn.tool_calls)
+    x.calls = turn.tool_calls
+
+
+def _run_calls(x: _Live) -> None:
+    """Run the turn's calls in the rollout's sandbox, in order (one sandbox-work task); a lost sandbox stops the
+    rollout with `lost` set."""
+    r, box, calls = x.rollout, x.box, x.calls
+    assert box is not None
+    x.calls = []
+    errors = box.stats.errors
+    started = time.perf_counter()
+    try:
+        x.results = [box.execute(call) for call in calls]
+    except SandboxLost as exc:
+        x.lost, x.done = exc, True
+        return
+    finally:
+        r.sandbox_s += time.perf_counter() - started
+    x.last_failed = box.stats.errors > errors
+
+
+def _answer(x: _Live, tok: V4Tokenizer, mode: str) -> None:
+    """Append the turn's tool results (if it has any and its sandbox was not lost) as the next user turn."""
+    results, x.results = x.results, None
+    if results is None or x.lost is not None:
+        return
+    r = x.rollout
     extra = tool_result_ids(tok, results, mode)
     r.ids += extra
     r.mask += [0] * len(extra)
