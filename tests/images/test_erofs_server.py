@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,10 @@ def test_server_mounts_erofs_layers_and_reaper_unmounts_after_kill_9(tmp_path: P
         sandbox = client.create("busybox")
         result = sandbox.exec(["sh", "-c", "head -1 /etc/passwd"])
         assert result.exit_code == 0 and result.stdout.startswith(b"root:")
-        client.destroy(sandbox.id)
+        client.destroy(sandbox.id)  # returns once it is killed; the teardown (and the layer's release) follows
+        deadline = time.monotonic() + 60
+        while mounts_under(images / "mounts") and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert mounts_under(images / "mounts") == []  # the last holder's release unmounted the layer
         kept = client.create("busybox")
         assert len(mounts_under(images / "mounts")) == 1
