@@ -41,6 +41,7 @@ from dsec.trajectory.coordinator import StepCoordinator, open_log
 from dsec.v1 import sandbox_pb2_grpc as pb_grpc
 
 log = logging.getLogger("dsec.server")
+SIGNAL_POLL_S = 0.5  # how often the main thread looks for signal handlers to run while it serves
 
 MAX_MESSAGE = 64 << 20
 
@@ -77,7 +78,11 @@ class RunningServer:
             self._done.set()
 
     def wait(self) -> None:
-        self._done.wait()
+        # Wake up now and then: a SIGTERM the kernel hands to another thread only flags the main thread, which
+        # runs Python's handler when it next runs bytecode; an untimed wait would sleep through it (seen: two
+        # servers ignored SIGTERM for 120 s and stopped at once on a second one).
+        while not self._done.wait(SIGNAL_POLL_S):
+            pass
 
 
 def _open_image_store(config: ServerConfig):
