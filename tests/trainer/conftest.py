@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import dsec
 from dsec.sdk.embedded import EmbeddedServer
 from trainer.config import ExperimentConfig, SFTConfig
 from trainer.data import corpus, demo_pieces, problems, tokenize_pieces
 from trainer.policy import build_policy
 from trainer.sft import train_sft
-from trainer.tokenizer import train
+from trainer.tokenizer import V4Tokenizer, train
 
 FAMILIES = ["arithmetic", "fix_module"]
 
@@ -103,3 +104,20 @@ def teacher_weights(trainer_assets, tmp_path_factory) -> dict[str, Path]:
         paths[family] = out / f"{family}.pt"
         torch.save({"model": state}, paths[family])  # a learner checkpoint's layout
     return paths
+
+
+# The short-SFT policy in eval mode and a client of the shared server: rollout tests that need both use these
+# (a test file that defines its own of either name overrides it).
+@pytest.fixture(scope="module")
+def policy(trainer_assets):
+    torch.set_num_threads(2)
+    tok = V4Tokenizer.load(trainer_assets["tokenizer"])
+    model = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
+    model.load_state_dict(torch.load(trainer_assets["sft"], weights_only=True))
+    return model.eval(), tok
+
+
+@pytest.fixture
+def client(dsec_server):
+    with dsec.Client(address=dsec_server.address) as c:
+        yield c

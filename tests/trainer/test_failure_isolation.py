@@ -15,28 +15,11 @@ from dsec.errors import SandboxExpired, SandboxNotFound
 from trainer.config import AlgoConfig, RolloutConfig, SandboxConfig
 from trainer.data import problems
 from trainer.learner import Learner
-from trainer.policy import build_policy
 from trainer.rollout import STOP_REASONS, run_rollouts
-from trainer.tokenizer import V4Tokenizer
 from trainer.tools import SandboxLost
 
 CFG = RolloutConfig(max_turns=2, max_new_tokens=40, max_total_tokens=400)
 SANDBOX = SandboxConfig(image="python", tool_timeout_s=30)
-
-
-@pytest.fixture(scope="module")
-def policy(trainer_assets):
-    torch.set_num_threads(2)
-    tok = V4Tokenizer.load(trainer_assets["tokenizer"])
-    model = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
-    model.load_state_dict(torch.load(trainer_assets["sft"], weights_only=True))
-    return model.eval(), tok
-
-
-@pytest.fixture
-def client(dsec_server):
-    with dsec.Client(address=dsec_server.address) as c:
-        yield c
 
 
 def _jobs(run: str):

@@ -10,36 +10,18 @@ import threading
 import time
 
 import pytest
-import torch
 
 import dsec
 from dsec.v1 import sandbox_pb2 as pb
 from tests.trainer.test_failure_isolation import KillAfter
 from trainer.config import RolloutConfig, SandboxConfig
 from trainer.data import problems
-from trainer.policy import build_policy
 from trainer.rollout import BatchStats, Rollout, run_rollouts
-from trainer.tokenizer import V4Tokenizer
 
 CFG = RolloutConfig(max_turns=2, max_new_tokens=40, max_total_tokens=400)
 SANDBOX = SandboxConfig(image="python", tool_timeout_s=30)
 RAN = re.compile(rb"(Ran \d+ tests?) in \d+\.\d+s")
 MEET_TIMEOUT_S = 300  # bounds a failure only: the two rollouts meet as soon as both have written a file
-
-
-@pytest.fixture(scope="module")
-def policy(trainer_assets):
-    torch.set_num_threads(2)
-    tok = V4Tokenizer.load(trainer_assets["tokenizer"])
-    model = build_policy("v4-tiny", tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, 0)
-    model.load_state_dict(torch.load(trainer_assets["sft"], weights_only=True))
-    return model.eval(), tok
-
-
-@pytest.fixture
-def client(dsec_server):
-    with dsec.Client(address=dsec_server.address) as c:
-        yield c
 
 
 def _jobs(run: str) -> list[tuple[str, object]]:
