@@ -6,11 +6,15 @@ gateway), so reaching a port inside a sandbox goes through the same authenticate
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from dsec.compat.context import CompatContext, error_name, grpc_code, grpc_message
 from dsec.v1 import ports_pb2 as ppb
 from dsec.v1 import ports_pb2_grpc as ppb_grpc
+from dsec.v1 import sandbox_pb2 as pb
+from dsec.v1 import sandbox_pb2_grpc as pb_grpc
 
 MAX_CHUNK = 1 << 20
 
@@ -45,6 +49,24 @@ def _tunnel_error(exc: grpc.RpcError, sandbox_id: str, port: int) -> TunnelError
     return TunnelError(status, grpc_message(exc) or f"port {port} of sandbox {sandbox_id} is not reachable")
 
 
+async def _failed_open(
+    ctx: CompatContext, exc: Exception, sandbox_id: str, port: int, api_key: str | None
+) -> TunnelError:
+    """The error a failed open answers with. When the server ended the stream while the open message was still
+    being written (it rejects a bad key before reading anything), gRPC's client replaces the server's status with
+    "Internal error from Core", or the write finds the call already finished: the server's answer is lost. A
+    unary `Get` of the sandbox with the same key then asks again, so an unknown key is a 401, not a 502."""
+    if isinstance(exc, grpc.RpcError) and (error_name(exc) or grpc_code(exc) != grpc.StatusCode.INTERNAL):
+        return _tunnel_error(exc, sandbox_id, port)
+    try:
+        await ctx.stub(pb_grpc.SandboxServiceStub, api_key).Get(pb.SandboxRef(sandbox_id=sandbox_id))
+    except grpc.RpcError as probe_exc:
+        return _tunnel_error(probe_exc, sandbox_id, port)
+    if isinstance(exc, grpc.RpcError):
+        return _tunnel_error(exc, sandbox_id, port)
+    return TunnelError(502, f"port {port} of sandbox {sandbox_id}: the stream ended before it opened")
+
+
 class Tunnel:
     """A connected byte stream to a port inside a sandbox. `read()` returns b"" once the sandbox side closed."""
 
@@ -63,9 +85,9 @@ class Tunnel:
         try:
             await call.write(ppb.PortChunk(open=ppb.PortOpen(sandbox_id=sandbox_id, port=port)))
             first = await call.read()
-        except grpc.RpcError as exc:
+        except (grpc.RpcError, asyncio.InvalidStateError) as exc:
             call.cancel()
-            raise _tunnel_error(exc, sandbox_id, port) from None
+            raise await _failed_open(ctx, exc, sandbox_id, port, api_key) from None
         if first is grpc.aio.EOF or first.WhichOneof("kind") != "opened":
             call.cancel()
             raise TunnelError(502, f"port {port} of sandbox {sandbox_id}: the server did not confirm the connection")
