@@ -144,23 +144,37 @@ def error_for(err: int, message: str, *, op: str, sandbox_id: str = "") -> DsecE
 class _Request:
     """One request id and the queue its replies land in."""
 
-    def __init__(self, client: AgentClient, rid: int) -> None:
+    def __init__(self, client: AgentClient, rid: int, quiet_spawned: bool = False) -> None:
         self.client = client
         self.id = rid
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        # a spawn whose caller does not wait for SPAWNED (`AgentClient.launch`): the reader keeps the reply here
+        # instead of queueing it, so the caller's thread wakes once, for the output or the exit
+        self.quiet_spawned = quiet_spawned
+        self.spawned: bytes | None = None
 
     def get(self, timeout: float | None, what: str) -> tuple[int, bytes]:
+        item = self.poll(timeout)
+        if item is None:
+            raise self.client.no_answer(what, timeout)
+        return item
+
+    def poll(self, timeout: float | None) -> tuple[int, bytes] | None:
+        """The next reply, or None when `timeout` passes first."""
         try:
             item = self.queue.get(timeout=timeout)
         except queue.Empty:
-            raise RuntimeFailure(
-                f"agent did not answer {what} within {timeout:.0f}s{self.client.where}: the sandbox may be frozen "
-                "or overloaded; retry, or destroy and recreate it",
-                sandbox_id=self.client.sandbox_id,
-            ) from None
+            return None
         if item is _LOST:
             raise self.client.lost_error()
         return item
+
+    def deliver(self, ftype: int, payload: bytes) -> None:
+        """Called by the reader thread for each frame of this request."""
+        if ftype == SPAWNED and self.quiet_spawned and self.spawned is None:
+            self.spawned = payload
+        else:
+            self.queue.put((ftype, payload))
 
     def done(self) -> None:
         self.client._pending.pop(self.id, None)
@@ -169,20 +183,41 @@ class _Request:
 class AgentProcess(ProcessHandle):
     """A process started through the agent; its output arrives on the request's queue."""
 
-    def __init__(self, request: _Request, pid: int, pty: bool = False) -> None:
+    def __init__(self, request: _Request, pid: int, pty: bool = False, argv0: str = "") -> None:
         self._request = request
         self._client = request.client
-        self.pid = pid
+        self._pid = pid  # 0 until the agent's SPAWNED reply is read, for a process from `AgentClient.launch`
         self.pty = pty
+        self._argv0 = argv0
         self._exited: Exited | None = None
         self._stdin_error: str = ""
+
+    @property
+    def pid(self) -> int:
+        """The process id inside the sandbox; 0 while the agent has not yet confirmed the start (`launch`)."""
+        if not self._pid and self._request.spawned is not None:
+            self._pid = _parsed("spawn reply", self._request.spawned, lambda f: int(f[0]))
+        return self._pid
+
+    def _next_frame(self) -> tuple[int, bytes]:
+        """The next frame; before the agent confirmed the start (`launch`), within the control-request timeout,
+        so a frozen sandbox is an error, not a hang (a started process may then be silent for any time)."""
+        request = self._request
+        while not self._pid and request.spawned is None:
+            item = request.poll(self._client.request_timeout_s)
+            if item is not None:
+                return item
+            if request.spawned is None:
+                request.done()
+                raise self._client.no_answer(f"spawn of {self._argv0}", self._client.request_timeout_s)
+        return request.get(None, "process output")
 
     def events(self) -> Iterator[ProcessEvent]:
         if self._exited is not None:
             yield self._exited
             return
         while True:
-            ftype, payload = self._request.get(None, "process output")
+            ftype, payload = self._next_frame()
             if ftype == STDOUT:
                 yield Output("stdout", payload)
             elif ftype == STDERR:
@@ -193,7 +228,12 @@ class AgentProcess(ProcessHandle):
                 yield self._exited
                 return
             elif ftype == ERROR:
+                if not self._pid and self._request.spawned is None:  # `launch`: the spawn itself failed
+                    self._request.done()
+                    self._client._raise(payload, "spawn")
                 self._stdin_error = _parsed("stdin error", payload, lambda f: f[1])
+            elif ftype == SPAWNED:  # `launch`: a SPAWNED the reader queued anyway
+                self._request.spawned = payload
 
     def write_stdin(self, data: bytes) -> None:
         if self._stdin_error:
@@ -312,7 +352,7 @@ class AgentClient:
         # instead of blocking the write lock, and every caller behind it, forever
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
-        self._pending: dict[int, queue.SimpleQueue] = {}
+        self._pending: dict[int, _Request] = {}
         # From a random point: an agent restored from a memory snapshot (VM, CRIU) still holds the ids of the
         # processes that ran at the snapshot, and a fresh count from 1 would reuse them ("id already in use")
         self._ids = itertools.count(1 + secrets.randbelow(1 << 30))
@@ -367,13 +407,20 @@ class AgentClient:
             sandbox_id=self.sandbox_id,
         )
 
-    def _request(self) -> _Request:
+    def no_answer(self, what: str, timeout: float | None) -> RuntimeFailure:
+        return RuntimeFailure(
+            f"agent did not answer {what} within {timeout or 0:.0f}s{self.where}: the sandbox may be frozen "
+            "or overloaded; retry, or destroy and recreate it",
+            sandbox_id=self.sandbox_id,
+        )
+
+    def _request(self, quiet_spawned: bool = False) -> _Request:
         with self._id_lock:
             rid = next(self._ids) & 0xFFFFFFFF
             while rid == 0 or rid in self._pending:
                 rid = next(self._ids) & 0xFFFFFFFF
-            request = _Request(self, rid)
-            self._pending[rid] = request.queue
+            request = _Request(self, rid, quiet_spawned)
+            self._pending[rid] = request
         if self.closed:
             request.queue.put(_LOST)
         return request
@@ -416,8 +463,8 @@ class AgentClient:
             self.closed = True
             self._lost_reason = reason
             waiting = list(self._pending.values())
-        for q in waiting:
-            q.put(_LOST)
+        for request in waiting:
+            request.queue.put(_LOST)
 
     def _read_loop(self) -> None:
         buf = self._buf
@@ -453,9 +500,9 @@ class AgentClient:
                     end = pos + HEADER.size + length
                     if len(buf) < end:
                         break
-                    q = self._pending.get(rid)
-                    if q is not None:
-                        q.put((ftype, bytes(buf[pos + HEADER.size : end])))
+                    request = self._pending.get(rid)
+                    if request is not None:
+                        request.deliver(ftype, bytes(buf[pos + HEADER.size : end]))
                     pos = end
                 del buf[:pos]
         except OSError as exc:
@@ -535,6 +582,35 @@ class AgentClient:
         """Start `argv` (PATH of `env` is searched) in its own process group; `env` is the whole environment.
         With `pty=(cols, rows)` it runs on a new terminal of that size (its controlling tty: stdin, stdout and
         stderr), so output arrives as stdout only and `stdin` is always open."""
+        payload = self._spawn_payload(argv, env, cwd, stdin, uid, gid, pty)
+        request, rtype, reply = self._simple(SPAWN, payload, f"spawn of {argv[0]}")
+        if rtype == SPAWNED:
+            return AgentProcess(request, _parsed("spawn reply", reply, lambda f: int(f[0])), pty=pty is not None)
+        request.done()
+        self._raise(reply, "spawn")
+        raise AssertionError("unreachable")
+
+    def launch(
+        self, argv: list[str], env: dict[str, str] | None = None, cwd: str = "/", uid: int | None = None,
+        gid: int | None = None,
+    ) -> AgentProcess:
+        """`spawn` without stdin or PTY that returns once the request is sent: a failed start (CommandNotFound...)
+        is raised by the first `events()` step instead of here, and `pid` is 0 until the agent confirms. The
+        caller's thread then wakes once for a short command (its exit) instead of twice (start, then exit):
+        what one exec round trip costs (bench/sandbox_latency.py, docs/benchmarks.md)."""
+        payload = self._spawn_payload(argv, env, cwd, False, uid, gid, None)
+        request = self._request(quiet_spawned=True)
+        try:
+            self._send(SPAWN, request.id, payload)
+        except BaseException:
+            request.done()
+            raise
+        return AgentProcess(request, 0, argv0=argv[0])
+
+    def _spawn_payload(
+        self, argv: list[str], env: dict[str, str] | None, cwd: str, stdin: bool, uid: int | None, gid: int | None,
+        pty: tuple[int, int] | None,
+    ) -> bytes:
         if not argv:
             raise InvalidPath(f"empty argv{self.where}: give at least the command")
         fields: list[str] = []
@@ -552,12 +628,7 @@ class AgentClient:
             if not (1 <= cols <= 65535 and 1 <= rows <= 65535):
                 raise InvalidSpec(f"PTY size {cols}x{rows} out of range: cols and rows must be 1-65535")
             fields += ["pty_cols", str(cols), "pty_rows", str(rows)]
-        request, rtype, reply = self._simple(SPAWN, _strings(*fields), f"spawn of {argv[0]}")
-        if rtype == SPAWNED:
-            return AgentProcess(request, _parsed("spawn reply", reply, lambda f: int(f[0])), pty=pty is not None)
-        request.done()
-        self._raise(reply, "spawn")
-        raise AssertionError("unreachable")
+        return _strings(*fields)
 
     def read_file(self, path: str) -> Iterator[bytes]:
         """Stream a file's bytes; a missing file raises here, before the first chunk is asked for."""

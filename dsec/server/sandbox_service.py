@@ -77,13 +77,25 @@ def _outcome(status: pb.ExecStatus) -> str:
     return "ok" if status.exit_code == 0 else "nonzero"
 
 
+_metric_children: dict[tuple, Any] = {}
+
+
+def _child(metric, *labels: str):
+    """`metric.labels(*labels)`, kept: prometheus_client validates and locks on every `labels` call."""
+    key = (metric, *labels)
+    child = _metric_children.get(key)
+    if child is None:
+        child = _metric_children[key] = metric.labels(*labels)
+    return child
+
+
 def _observed(substrate: str, events: Iterator[pb.ExecEvent]) -> Iterator[pb.ExecEvent]:
     """Pass events through, recording the exec's latency and outcome for /metrics."""
     started = time.monotonic()
     for event in events:
         if event.HasField("status"):
-            EXEC_SECONDS.labels(substrate).observe(time.monotonic() - started)
-            EXECS.labels(substrate, _outcome(event.status)).inc()
+            _child(EXEC_SECONDS, substrate).observe(time.monotonic() - started)
+            _child(EXECS, substrate, _outcome(event.status)).inc()
         yield event
 
 
@@ -270,7 +282,10 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
 
         def produce() -> Iterator[pb.ExecEvent]:
             oom_before = sandbox.handle.oom_kill_count()
-            process = sandbox.handle.spawn(argv, env, cwd, stdin=bool(request.stdin))
+            if request.stdin:
+                process = sandbox.handle.spawn(argv, env, cwd, stdin=True)
+            else:  # a failed start is raised from the events instead, and the thread wakes once, for the exit
+                process = sandbox.handle.launch(argv, env, cwd)
             yield from run_process(
                 sandbox.handle,
                 process,

@@ -40,6 +40,10 @@ class AgentSandbox(DriverSandbox):
         uid, gid = user or self.user or (None, None)
         return self.client.spawn(argv, env, cwd, stdin, uid=uid, gid=gid, pty=pty)
 
+    def launch(self, argv: list[str], env: dict[str, str], cwd: str) -> ProcessHandle:
+        uid, gid = self.user or (None, None)
+        return self.client.launch(argv, env, cwd, uid=uid, gid=gid)
+
     def read_file(self, path: str) -> Iterator[bytes]:
         return self.client.read_file(path)
 

@@ -80,6 +80,12 @@ class DriverSandbox(abc.ABC):
         """Start a process; raises CommandNotFound / PermissionDeniedInSandbox when exec fails.
         `pty=(cols, rows)` runs it on a terminal of that size; `user=(uid, gid)` overrides the sandbox's user."""
 
+    def launch(self, argv: list[str], env: dict[str, str], cwd: str) -> ProcessHandle:
+        """`spawn` of a process without stdin or PTY that may return before its start is confirmed: a failed exec
+        (CommandNotFound...) may then be raised by the first step of `events()`. The exec engine uses it: an
+        agent-based sandbox saves its caller one wake-up per command (AgentSandbox); the default is `spawn`."""
+        return self.spawn(argv, env, cwd)
+
     @abc.abstractmethod
     def read_file(self, path: str) -> Iterator[bytes]: ...
 

@@ -112,9 +112,9 @@ class ContainerSandbox(AgentSandbox):
         self._view_lock = threading.Lock()
         self.stopped_as = ""  # "memory" or "files": paused with no container running until resume
         self.create_timings: dict[str, float] = {}  # seconds per create phase, for benchmarks and metrics
-        # every exec reads the OOM counter twice and reports the limit: the file's path and the limit (fixed at
-        # create; a resume or restore re-creates the same cgroup) are resolved once per cgroup path and kept
-        self._oom_file: tuple[str, str | None] = ("", None)
+        # every exec reads the OOM counter twice and reports the limit: the counter's file is kept open and the
+        # limit (fixed at create; a resume or restore re-creates the same cgroup) kept, per cgroup path
+        self._oom_counter: cgroups.OomCounter | None = None
         self._limit_mb: tuple[str, int] = ("", 0)
 
     def _check_alive(self, what: str) -> None:
@@ -123,12 +123,12 @@ class ContainerSandbox(AgentSandbox):
 
     def oom_kill_count(self) -> int:
         path = self.record.cgroups_path
-        if self._oom_file[0] != path:
-            self._oom_file = (path, cgroups.memory_file(path, "memory.oom_control"))
-        file = self._oom_file[1]
-        kills = cgroups.read_flat_key(file, b"oom_kill") if file is not None else -1
-        if kills < 0:  # no file where it was (hierarchy remounted?): look it up afresh next time
-            self._oom_file = ("", None)
+        counter = self._oom_counter
+        if counter is None or counter.cgroup != path:
+            counter = self._oom_counter = cgroups.OomCounter(path)
+        kills = counter.read()
+        if kills < 0:  # the cgroup was made again (resume, restore) or remounted: open it afresh next time
+            self._oom_counter = None
             return cgroups.oom_kill_count(path)
         return kills
 

@@ -1,0 +1,68 @@
+"""`AgentClient.launch`: a spawn that returns before the agent confirms it (the exec engine's path), through a
+real agent: the same output, exit and typed errors as `spawn`, only raised from the events; a frozen agent is still
+an error, never a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from dsec.agent.client import AgentClient
+from dsec.errors import CommandNotFound, FileNotFoundInSandbox, PermissionDeniedInSandbox, RuntimeFailure
+from dsec.substrates.base import Exited
+
+from .conftest import PATH_ENV, ListeningAgent, drain
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_launch_gives_output_exit_and_pid(client: AgentClient) -> None:
+    proc = client.launch(["sh", "-c", "echo out; echo err >&2; exit 3"], PATH_ENV, "/")
+    assert drain(proc) == (b"out\n", b"err\n", Exited(3, 0))
+    assert proc.pid > 0
+    assert client._pending == {}
+
+
+def test_launch_errors_are_typed_and_come_from_the_events(client: AgentClient, tmp_path) -> None:
+    cases = [
+        (["no-such-command-xyz"], "/", CommandNotFound),
+        ([str(tmp_path / "not-executable")], "/", PermissionDeniedInSandbox),
+        (["true"], str(tmp_path / "missing"), FileNotFoundInSandbox),
+    ]
+    (tmp_path / "not-executable").write_text("#!/bin/sh\n")
+    for argv, cwd, error in cases:
+        proc = client.launch(argv, PATH_ENV, cwd)
+        with pytest.raises(error) as info:
+            drain(proc)
+        assert "sb-test" in str(info.value)
+    assert client._pending == {}
+    assert drain(client.launch(["true"], PATH_ENV, "/"))[2] == Exited(0, 0)  # the stream is still in step
+
+
+def test_signal_before_the_start_is_confirmed_reaches_the_process(client: AgentClient) -> None:
+    proc = client.launch(["sleep", "100"], PATH_ENV, "/")
+    proc.signal(signal.SIGKILL)  # sent by request id: the agent handles it after the spawn
+    assert drain(proc)[2] == Exited(-signal.SIGKILL, signal.SIGKILL)
+
+
+def test_a_silent_launched_process_is_not_timed_out(listening: ListeningAgent) -> None:
+    client = AgentClient(listening.raw(), sandbox_id="sb-slow", request_timeout_s=0.5)
+    listening.clients.append(client)
+    # silent for four control-request timeouts: the timeout covers the start only, not the process's run
+    assert drain(client.launch(["sleep", "2"], PATH_ENV, "/"))[2] == Exited(0, 0)
+
+
+def test_launch_on_a_frozen_agent_fails_instead_of_hanging(listening: ListeningAgent) -> None:
+    client = AgentClient(listening.raw(), sandbox_id="sb-frozen", request_timeout_s=1.0)
+    listening.clients.append(client)
+    assert client.ping() < 5
+    os.kill(listening.proc.pid, signal.SIGSTOP)
+    try:
+        proc = client.launch(["true"], PATH_ENV, "/")
+        with pytest.raises(RuntimeFailure, match="did not answer spawn of true.*sb-frozen"):
+            drain(proc)
+    finally:
+        os.kill(listening.proc.pid, signal.SIGCONT)
+    assert listening.connect().ping() < 5
