@@ -17,10 +17,14 @@ to 112 tokens, tools through real container sandboxes) and --workers rollout wor
                               time the async pipeline hides by sampling the next batch during the update
   rollouts_per_s              --rollouts multi-turn rollouts run as one batch (trainer.rollout, each in its own
                               container sandbox, claimed from a warm pool the server filled before the batch)
-  sandbox_wait_fraction       of that batch's wall time, the share the rollout loop waited on sandbox work
-                              (claim, file writes, tool calls, verifiers, run on rollout.sandbox_concurrency
-                              threads: `trainer.rollout.BatchStats.sandbox_wait_s`; at concurrency 1 it is the
-                              sum of `Rollout.sandbox_s`)
+  sandbox_wait_fraction       of that batch's wall time, the share the rollout loop's thread was blocked on
+                              sandbox work with nothing it may sample (`trainer.rollout_lanes.BatchStats`): at
+                              each turn's end until the tool results of every rollout that goes on are back, at
+                              the batch's end until every verifier and destroy has returned. Claims, file
+                              writes, tool calls, verifiers and destroys run in one lane per rollout on
+                              rollout.sandbox_concurrency threads while the loop samples; the time they take
+                              then is not waiting (their own sum is printed beside it). At concurrency 1 every
+                              sandbox call runs on the loop's thread and all of it counts
   sampler_speedup             generation seconds of the sampler's recomputation path over its incremental V4
                               decoder (trainer.v4_decode), each sampling the first turn of the same --sampler-rows
                               prompts with the SFT weights and the demo's rollout settings, timed interleaved
@@ -35,10 +39,13 @@ to 112 tokens, tools through real container sandboxes) and --workers rollout wor
                               approximation on the per-problem differences); "not_measured" with --no-heldout
 
 Progress lines go to stdout as it runs; the last line is key=value pairs. `--quick` is the small version the
-tests run (its SFT is too short to solve anything: it checks the plumbing, not the numbers).
+tests run (its SFT is too short to solve anything: it checks the plumbing, not the numbers). `--warm-start DIR`
+takes tokenizer.json and sft.pt from an earlier run's work directory instead of training them (iterations on
+the rollout side; say so next to any figure it gives).
 
 Usage: .venv/bin/python -m bench.rollouts [--quick] [--rounds 2] [--steps 4] [--k 1] [--workers 2] [--heldout 128]
                                           [--sft-steps 1000] [--sampler-rows 32] [--sandbox-concurrency N]
+                                          [--warm-start DIR]
 """
 
 from __future__ import annotations
@@ -244,7 +251,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sampler-rows", type=int, default=32, help="prompts of the sampler_speedup comparison")
     parser.add_argument("--sandbox-concurrency", type=int, default=None,
                         help="rollout.sandbox_concurrency of every rollout in the run (default: the demo config's)")
+    parser.add_argument("--warm-start", type=Path, default=None,
+                        help="a directory with tokenizer.json and sft.pt (an earlier run's): skip the tokenizer and "
+                             "SFT stages")
     args = parser.parse_args(argv)
+    if args.warm_start is not None:
+        missing = [name for name in ("tokenizer.json", "sft.pt") if not (args.warm_start / name).is_file()]
+        if missing:
+            parser.error(f"--warm-start {args.warm_start} lacks {', '.join(missing)} (a bench or demo work directory "
+                         "has both)")
     if args.quick:
         args.rounds, args.steps, args.rollouts, args.heldout, args.sft_steps = 1, 2, 4, 8, 20
         args.sampler_rows = 8
@@ -262,11 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-rollouts-"))
     base = base_config(work, args)
     server = _start_server(EmbeddedServer)
-    say(f"tokenizer and SFT ({args.sft_steps} steps, the demo's recipe) into {work}")
-    tok = stage_tokenizer(base, work)
-    _, losses = stage_sft(base, tok, work, progress=False)
-    tok_path, sft = work / "tokenizer.json", work / "sft.pt"
-    say(f"SFT done in {time.perf_counter() - started:.0f} s (final loss {losses[-1]:.3f})")
+    if args.warm_start is not None:
+        tok_path, sft = args.warm_start / "tokenizer.json", args.warm_start / "sft.pt"
+        say(f"warm start from {args.warm_start} (no tokenizer or SFT stage); work in {work}")
+    else:
+        say(f"tokenizer and SFT ({args.sft_steps} steps, the demo's recipe) into {work}")
+        tok = stage_tokenizer(base, work)
+        _, losses = stage_sft(base, tok, work, progress=False)
+        tok_path, sft = work / "tokenizer.json", work / "sft.pt"
+        say(f"SFT done in {time.perf_counter() - started:.0f} s (final loss {losses[-1]:.3f})")
     speedup = sampler_speedup(base, tok_path, sft, args.sampler_rows, args.rounds)
     init_ray(None, num_cpus=2)
     client = dsec.Client(address=server.address)

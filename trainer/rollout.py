@@ -7,10 +7,8 @@ prompts get no policy gradient.
 
 from __future__ import annotations
 
-import contextvars
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,6 +29,7 @@ from trainer.encoding import (
     render_tool_results,
 )
 from trainer import tito
+from trainer.rollout_lanes import LATER, BatchStats, SandboxLanes
 from trainer.sampler import sample, sample_generator
 from trainer.tasks import Problem, get_task
 from trainer.tokenizer import V4Tokenizer
@@ -80,14 +79,6 @@ class Rollout:
         return self.stop_reason in FAILED
 
 
-@dataclass
-class BatchStats:
-    """What one `run_rollouts` call spent on its calling thread. Kept apart from the rollouts because concurrent
-    sandbox work makes the per-rollout `sandbox_s` add up to more than the loop's own wait."""
-
-    sandbox_wait_s: float = 0.0  # wall seconds the loop was blocked on sandbox phases (setup, tool calls, verifiers)
-
-
 class VersionSchedule(Protocol):
     """Which policy version samples each turn (trainer.async_grpo's partial rollouts); without one, every turn
     of every rollout is sampled by the model passed in, tagged `policy_version`."""
@@ -114,45 +105,6 @@ class _Live:
     history: list[str] = field(default_factory=list)
     calls: list[ToolCall] = field(default_factory=list)  # the latest turn's calls, not yet run
     results: list[str] | None = None  # the latest turn's tool results, not yet appended
-
-
-class _SandboxWork:
-    """Runs one phase of a batch's sandbox work (one task per rollout) on `workers` threads, and charges the wall
-    time the calling thread waits for it to `stats`.
-
-    Why threads: every task waits on the dsec server (other processes), so tasks of different rollouts overlap;
-    each task runs its rollout's calls in order, so a trajectory's steps are still issued one at a time. With one
-    worker the tasks run on the calling thread, one after another (the loop's order before this existed)."""
-
-    def __init__(self, workers: int, stats: BatchStats) -> None:
-        self.stats = stats
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="rollout-sandbox") if workers > 1 else None
-
-    def each(self, items: Iterable[_Live], task: Callable[[_Live], None]) -> None:
-        """`task(x)` for every x; the first exception (in batch order) is raised after the tasks already running
-        have ended, and tasks not yet started are not run (as the one-by-one loop stops at its first failure)."""
-        started = time.perf_counter()
-        try:
-            if self._pool is None:
-                for x in items:
-                    task(x)
-                return
-            # each task in its own copy of the caller's context: a dsec trajectory context entered by one rollout
-            # never leaks into another's calls
-            futures: list[Future[None]] = [self._pool.submit(contextvars.copy_context().run, task, x) for x in items]
-            wait(futures, return_when=FIRST_EXCEPTION)
-            for f in futures:
-                f.cancel()
-            wait(futures)
-            for f in futures:
-                if not f.cancelled() and f.exception() is not None:
-                    raise f.exception()  # type: ignore[misc]
-        finally:
-            self.stats.sandbox_wait_s += time.perf_counter() - started
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def prompt_ids(tok: V4Tokenizer, problem: Problem, mode: str) -> list[int]:
@@ -184,7 +136,9 @@ def run_rollouts(
     The sampling RNG of a rollout is keyed by (seed, trajectory id minus its leading run component) only, so
     re-running an interrupted step samples the same tokens, re-issues the same tool calls, and the trajectory log
     answers them; and two runs with the same seed sample alike. `keep_sandboxes`: the GRPO driver destroys them
-    only after the step's checkpoint, so a step interrupted even after its rollouts finished still replays.
+    only after the step's checkpoint, so a step interrupted even after its rollouts finished still replays;
+    without it each sandbox is destroyed right after its rollout's verifier, and a SystemExit/KeyboardInterrupt
+    (a Ray worker whose trainer died) destroys no more, so the resumed step re-attaches to the rest.
 
     A rollout whose sandbox is lost (destroyed, expired, never created) starts over, up to
     `rollout_cfg.max_retries` times, in a new sandbox rebuilt from its trajectory log: the same RNG samples the
@@ -194,50 +148,59 @@ def run_rollouts(
     turn is sampled by the version it names (partial rollouts); `policy_version` then only tags a rollout that
     failed before its first turn.
 
-    Sampling is batched; the sandbox work (creates and file writes, each turn's tool calls, verifiers) runs on
-    `rollout_cfg.sandbox_concurrency` threads, one task per rollout, so `after_step` may run on any of them.
-    `stats` (optional) receives the wall time the loop waited on that work.
+    Sampling is batched; the sandbox work (creates and file writes, each turn's tool calls, verifiers, destroys)
+    runs beside it on `rollout_cfg.sandbox_concurrency` threads, in one lane per rollout (trainer.rollout_lanes),
+    so `after_step` may run on any of them. `stats` (optional) receives the wall time the loop was blocked on
+    that work.
     """
     by_id = dict(jobs)
     attempts = dict.fromkeys(by_id, 0)
     finished: dict[str, _Live] = {}
     pending = list(jobs)
-    work = _SandboxWork(rollout_cfg.sandbox_concurrency, stats if stats is not None else BatchStats())
+    work = SandboxLanes(rollout_cfg.sandbox_concurrency, stats if stats is not None else BatchStats())
     try:
         while pending:
             batch = _attempt(model, tok, client, pending, rollout_cfg, sandbox_cfg, seed, policy_version, after_step,
-                             rebuild={tid for tid, _ in pending if attempts[tid] > 0}, work=work, schedule=schedule)
-            pending = []
+                             rebuild={tid for tid, _ in pending if attempts[tid] > 0}, work=work, schedule=schedule,
+                             keep_sandboxes=keep_sandboxes)
+            pending, gone = [], []
             for x in batch:
                 tid = x.rollout.trajectory_id
                 attempts[tid] += 1
                 x.rollout.attempts = attempts[tid]
-                if x.lost is not None and attempts[tid] <= rollout_cfg.max_retries:
-                    pending.append((tid, by_id[tid]))
-                    _close([x])
-                    continue
                 if x.lost is not None:
+                    gone.append(x)
+                    if attempts[tid] <= rollout_cfg.max_retries:
+                        pending.append((tid, by_id[tid]))
+                        continue
                     x.rollout.stop_reason, x.rollout.reward = x.lost.stop_reason, 0.0
-                    _close([x])
                 finished[tid] = x
+            for x in gone:
+                work.submit(x, lambda x=x: _close_box(x))
+            work.wait(gone)
     except Exception:
         _close(list(finished.values()))
         raise
     finally:
         work.close()
-    # Not on SystemExit/KeyboardInterrupt (a Ray worker whose trainer died): those sandboxes stay live until
-    # their timeout so the resumed step re-attaches to them and replays its logged calls.
-    if not keep_sandboxes:
-        _close(list(finished.values()))
     return [finished[tid].rollout for tid, _ in jobs]
 
 
 def _attempt(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, jobs: list[tuple[str, Problem]],
              rollout_cfg: RolloutConfig, sandbox_cfg: SandboxConfig, seed: int, policy_version: int,
-             after_step: Callable[[ToolBox], None] | None, rebuild: set[str], work: _SandboxWork,
-             schedule: VersionSchedule | None = None) -> list[_Live]:
-    """One try of each job, batched; a rollout whose sandbox is lost stops there with `lost` set."""
+             after_step: Callable[[ToolBox], None] | None, rebuild: set[str], work: SandboxLanes,
+             schedule: VersionSchedule | None = None, keep_sandboxes: bool = True) -> list[_Live]:
+    """One try of each job, batched; a rollout whose sandbox is lost stops there with `lost` set.
+
+    The order of work, and why it is deterministic: turn t samples, as one batch (per version), every rollout
+    that was still going after turn t - 1's tool results; which rollouts those are depends only on what they
+    sampled and what their calls returned, never on timing, so a rerun or a resume batches (and so samples)
+    alike. Sandbox work runs beside the sampling: the sandboxes are created and set up while turn 0 is sampled
+    (turn 0 needs only the prompt; a rollout whose set-up fails is sampled anyway, then stops as lost), a row's
+    calls start as soon as the sampler finishes that row, and a finished rollout's verifier (and destroy) runs
+    while the others go on. The loop waits only at a turn's end, for the rollouts that go on, and at the end."""
     mode = rollout_cfg.thinking
+    room = rollout_cfg.max_total_tokens
     live: list[_Live] = []
 
     def open_box(x: _Live) -> None:
@@ -256,6 +219,35 @@ def _attempt(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, jobs
         finally:
             x.rollout.sandbox_s += time.perf_counter() - started
 
+    def finish(x: _Live) -> None:
+        """The verifier, then (unless the driver keeps sandboxes for replay) the destroy; not for a lost one."""
+        if x.lost is not None:
+            return
+        _finish(x)
+        if not keep_sandboxes and x.lost is None:
+            _close_box(x)
+
+    def goes_on(x: _Live, turn: int) -> bool:
+        return not x.done and len(x.rollout.ids) < room and turn + 1 < rollout_cfg.max_turns
+
+    def after_turn(x: _Live, turn: int) -> None:
+        """Row x's turn is sampled (on the loop's thread): hand its calls, then its verifier if it stops, to its
+        lane; a turn without calls needs no sandbox before the next."""
+        if x.calls:
+            def calls(x: _Live) -> None:
+                if x.lost is not None:  # its set-up failed: nothing to run
+                    return
+                _run_calls(x)
+                _answer(x, tok, mode)
+                if not goes_on(x, turn):
+                    finish(x)
+
+            work.submit(x, lambda: calls(x))
+            return
+        _answer(x, tok, mode)
+        if not goes_on(x, turn):
+            work.submit(x, lambda: finish(x), LATER)
+
     try:
         for tid, problem in jobs:
             x = _Live(Rollout(tid, problem.id, problem.family, [], [], policy_version=policy_version), problem, None,
@@ -263,19 +255,27 @@ def _attempt(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, jobs
             live.append(x)
             ids = prompt_ids(tok, problem, mode)
             x.rollout.ids, x.rollout.mask, x.rollout.logprobs = ids, [0] * len(ids), [0.0] * len(ids)
-        work.each(live, open_box)
+        for x in live:
+            work.submit(x, lambda x=x: open_box(x))
+        active = [x for x in live if len(x.rollout.ids) < room]
+        for x in live:
+            if len(x.rollout.ids) >= room:  # no room for a first turn: verified as it is
+                work.submit(x, lambda x=x: finish(x), LATER)
         for turn in range(rollout_cfg.max_turns):
-            active = [x for x in live if not x.done and len(x.rollout.ids) < rollout_cfg.max_total_tokens]
             if not active:
                 break
             for version, group in _by_version(active, turn, schedule, policy_version).items():
                 _sample_turn(model if schedule is None else schedule.model(version), version, group, tok,
-                             rollout_cfg)
-            work.each([x for x in active if x.calls], _run_calls)
-            for x in active:
-                _answer(x, tok, mode)
-        work.each([x for x in live if x.lost is None], _finish)
+                             rollout_cfg, lambda x, turn=turn: after_turn(x, turn))
+            going = [x for x in active if not x.done and len(x.rollout.ids) < room]
+            if turn + 1 < rollout_cfg.max_turns:
+                work.wait(going)
+                # decided once their lanes are idle: a lost sandbox (set-up or call) has stopped its rollout
+                going = [x for x in going if not x.done and len(x.rollout.ids) < room]
+            active = going if turn + 1 < rollout_cfg.max_turns else []
+        work.wait(live)
     except Exception:
+        work.abort()
         _close(live)
         raise
     return live
@@ -293,33 +293,37 @@ def _by_version(active: list[_Live], turn: int, schedule: VersionSchedule | None
 
 
 def _sample_turn(model: PreTrainedModel, version: int, active: list[_Live], tok: V4Tokenizer,
-                 rollout_cfg: RolloutConfig) -> None:
-    """One assistant turn of each rollout in `active`, batched, sampled by `model` (policy `version`)."""
+                 rollout_cfg: RolloutConfig, after: Callable[[_Live], None]) -> None:
+    """One assistant turn of each rollout in `active`, batched, sampled by `model` (policy `version`);
+    `after(x)` runs as soon as x's turn is appended and parsed, while the longer rows are still sampled."""
     room = rollout_cfg.max_total_tokens
     budgets = [min(rollout_cfg.max_new_tokens, room - len(x.rollout.ids)) for x in active]
     logprobs: list[list[float]] = [[] for _ in active]
-    outs = sample(model, [x.rollout.ids for x in active], [x.gen for x in active], max_new_tokens=budgets,
-                  eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=rollout_cfg.temperature,
-                  top_p=rollout_cfg.top_p, logprobs=logprobs)
-    for x, new, lps in zip(active, outs, logprobs):
+
+    def done(i: int, new: list[int]) -> None:
+        x = active[i]
         if not x.rollout.turn_versions:
             x.rollout.policy_version = version
         x.rollout.turn_versions.append(version)
-        _advance(x, new, lps, tok, rollout_cfg.thinking)
+        _advance(x, new, logprobs[i], tok, rollout_cfg.thinking)
+        after(x)
+
+    sample(model, [x.rollout.ids for x in active], [x.gen for x in active], max_new_tokens=budgets,
+           eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
+           logprobs=logprobs, on_done=done)
 
 
 def _finish(x: _Live) -> None:
     """Say why the rollout stopped and reward it: the task's verifier (in the sandbox, so a sandbox lost here
-    retries the rollout too), overridden by 0 when a budget cut it. The verifier runs even then, so a rollout's
-    logged calls do not depend on how it ended."""
+    retries the rollout too), or 0 without one when a budget cut it (`length`: rewarded 0 whatever it would
+    verify as, so its verifier, a process in the sandbox, would run for nothing)."""
     r, box = x.rollout, x.box
     assert box is not None
     if not r.stop_reason:
         r.stop_reason = "tool_error" if x.last_failed else "length"
     started = time.perf_counter()
     try:
-        verdict = get_task(x.problem.family).verify(x.problem, r.final, box)
-        r.reward = 0.0 if r.stop_reason == "length" else verdict
+        r.reward = 0.0 if r.stop_reason == "length" else get_task(x.problem.family).verify(x.problem, r.final, box)
     except DsecError as exc:
         if not lost(exc):
             raise
@@ -333,8 +337,14 @@ def _finish(x: _Live) -> None:
 
 def _close(live: list[_Live]) -> None:
     for x in live:
-        if x.box is not None:
-            x.box.close()
+        _close_box(x)
+
+
+def _close_box(x: _Live) -> None:
+    """Destroy x's sandbox once (a sandbox task: it may run in x's lane)."""
+    box, x.box = x.box, None
+    if box is not None:
+        box.close()
 
 
 def _advance(x: _Live, new: list[int], logprobs: list[float], tok: V4Tokenizer, mode: str) -> None:

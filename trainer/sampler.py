@@ -92,6 +92,7 @@ def sample(
     top_p: float = 1.0,
     logprobs: list[list[float]] | None = None,
     incremental: bool = True,
+    on_done: Callable[[int, list[int]], None] | None = None,
 ) -> list[list[int]]:
     """Continue each prompt until EOS (kept) or its own budget; returns only the new ids per prompt.
 
@@ -99,10 +100,18 @@ def sample(
     own distribution (temperature 1, no top-p: what the learner computes), from the logits already at hand, so
     the learner can correct for the sampler being off-policy. `incremental=False` forces recomputation (the
     reference the incremental decoder is tested and benchmarked against).
+
+    `on_done(i, ids)`: called on this thread with row i's new ids as soon as the row is complete (they and its
+    log-probs, when asked, are final), while the other rows go on decoding: the rollout loop starts a row's tool calls there, so they run
+    in the sandbox while the batch's longer rows are still being sampled. It changes nothing that is sampled.
     """
     seqs = [list(p) for p in prompts]
     new: list[list[int]] = [[] for _ in prompts]
     active = [i for i, budget in enumerate(max_new_tokens) if budget > 0]
+    if on_done is not None:
+        for i, budget in enumerate(max_new_tokens):
+            if budget <= 0:
+                on_done(i, new[i])
     next_logits = logits_fn(model, seqs, max_new_tokens, pad_id, incremental)
     while active:
         step_logits = next_logits(seqs, active)
@@ -121,6 +130,8 @@ def sample(
                 logprobs[i].append(float(step_logp[row, token]))
             if token != eos_id and len(new[i]) < max_new_tokens[i]:
                 still.append(i)
+            elif on_done is not None:
+                on_done(i, new[i])
         active = still
     return new
 

@@ -105,7 +105,8 @@ def test_concurrent_sandbox_work_gives_the_same_rollouts_and_logs(policy, client
     # each trajectory's calls were issued one at a time, in order: steps 0..n-1, all done
     for steps in logs:
         assert [s[0] for s in steps] == list(range(len(steps))) and all(s[2] == "done" for s in steps)
-    assert sum(r.tools_live for r in out) >= len(out)  # at least every verifier ran in its sandbox
+    # at least every verifier ran in its sandbox (a rollout a budget cut is rewarded 0 without one)
+    assert sum(r.tools_live for r in out) >= sum(r.stop_reason != "length" for r in out)
     assert stats.sandbox_wait_s > 0 and all(r.sandbox_s > 0 for r in out)
 
 

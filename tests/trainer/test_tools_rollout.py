@@ -76,7 +76,8 @@ def test_rollouts_keep_exact_tokens_and_mask_tool_results(client, trainer_assets
     assert len(rollouts) == 4
     for r in rollouts:
         assert len(r.ids) == len(r.mask) and sum(r.mask) > 0
-        assert r.tools_live >= 1  # at least the verifier ran in the sandbox
+        # at least the verifier ran in the sandbox, unless a budget cut it (rewarded 0 without one)
+        assert r.tools_live >= 1 or r.stop_reason == "length"
         assert r.reward in (0.0, 1.0)
     # nothing left behind: every rollout sandbox was destroyed
     live = {s.id for s in client.list(labels={"dsec-trainer": "rollout"})}
