@@ -26,7 +26,7 @@ Every driver (crun, runc, docker) is measured and reported. Contenders of one co
 sample each per round, so load from other work on the machine hits all of them alike. The last line is
 key=value pairs.
 
-Usage: .venv/bin/python -m bench.sandbox_latency [--n 40] [--exec-n 200] [--drivers crun,runc,docker]
+Usage: .venv/bin/python -m bench.sandbox_latency [--n 40] [--exec-n 200] [--drivers crun,runc,docker] [--only create,burst]
 """
 
 from __future__ import annotations
@@ -227,6 +227,9 @@ def bench_burst(client: dsec.Client, driver: str, creates: int, pool_size: int) 
     return result
 
 
+PARTS = ("create", "exec", "function", "pool", "burst", "pause", "userns")
+"""What `--only` may name: each figure group of the docstring."""
+
 PAUSE_CASES = (("crun", "freeze"), ("crun", "files"), ("runc", "freeze"), ("runc", "memory"),
                ("microvm", "freeze"), ("microvm", "memory"), ("vm", "memory"))
 """(container driver or VM substrate, pause kind): runc is the container runtime with CRIU (crun 1.8.1 lacks it)."""
@@ -298,24 +301,31 @@ def bench_userns(driver: str, n: int) -> dict[str, str]:
     }
 
 
-def summary(drivers: list[str], create: dict[str, Stats], execs: dict[str, Stats], functions: dict[str, Stats] | None,
-            pool: Stats | None = None, burst: dict[str, float] | None = None) -> dict[str, str]:
+def summary(drivers: list[str], create: dict[str, Stats] | None, execs: dict[str, Stats] | None,
+            functions: dict[str, Stats] | None, pool: Stats | None = None,
+            burst: dict[str, float] | None = None) -> dict[str, str]:
+    """The key=value figures of what was measured (a part left out by --only has none)."""
     pairs: dict[str, str] = {}
     if drivers:
         main = drivers[0]
         pairs["driver"] = main
-        pairs["container_vs_docker_run"] = f"{create['docker run --rm']['p50'] / create[main]['p50']:.1f}"
-        pairs["exec_vs_docker_exec"] = f"{execs['docker exec']['p50'] / execs[main]['p50']:.1f}"
+        if create is not None:
+            pairs["container_vs_docker_run"] = f"{create['docker run --rm']['p50'] / create[main]['p50']:.1f}"
+        if execs is not None:
+            pairs["exec_vs_docker_exec"] = f"{execs['docker exec']['p50'] / execs[main]['p50']:.1f}"
     if functions is not None:
         pairs["function_vs_subprocess"] = f"{functions['python3 -c']['p50'] / functions['call']['p50']:.1f}"
     for driver in drivers:
-        pairs[f"create_{driver}_p50_ms"] = f"{create[driver]['p50']:.1f}"
-        pairs[f"create_{driver}_p99_ms"] = f"{create[driver]['p99']:.1f}"
-        pairs[f"exec_{driver}_p50_ms"] = f"{execs[driver]['p50']:.2f}"
-        pairs[f"exec_{driver}_p99_ms"] = f"{execs[driver]['p99']:.2f}"
-    if drivers:
+        if create is not None:
+            pairs[f"create_{driver}_p50_ms"] = f"{create[driver]['p50']:.1f}"
+            pairs[f"create_{driver}_p99_ms"] = f"{create[driver]['p99']:.1f}"
+        if execs is not None:
+            pairs[f"exec_{driver}_p50_ms"] = f"{execs[driver]['p50']:.2f}"
+            pairs[f"exec_{driver}_p99_ms"] = f"{execs[driver]['p99']:.2f}"
+    if drivers and create is not None:
         pairs["docker_run_p50_ms"] = f"{create['docker run --rm']['p50']:.1f}"
         pairs["docker_run_p99_ms"] = f"{create['docker run --rm']['p99']:.1f}"
+    if drivers and execs is not None:
         pairs["docker_exec_p50_ms"] = f"{execs['docker exec']['p50']:.1f}"
         pairs["docker_exec_p99_ms"] = f"{execs['docker exec']['p99']:.1f}"
     if functions is not None:
@@ -340,7 +350,12 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=100, help="creates sent at once in the burst figure")
     parser.add_argument("--burst-pool", type=int, default=20, help="warm pool size during the burst")
     parser.add_argument("--pause-n", type=int, default=10, help="rounds of pause + resume per substrate and kind")
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help=f"comma-separated parts to measure (default all): {', '.join(PARTS)}")
     args = parser.parse_args()
+    parts = {p for p in args.only.split(",") if p}
+    if parts - set(PARTS):
+        parser.error(f"--only: unknown part(s) {', '.join(sorted(parts - set(PARTS)))}; choose from {', '.join(PARTS)}")
 
     print(f"sandbox latency on {os.cpu_count()} cores; embedded dsec server and dsec's Docker Engine", flush=True)
     engine = docker.DockerClient(base_url=ensure_engine(), version="auto", timeout=120)
@@ -348,18 +363,18 @@ def main() -> int:
     try:
         tag = docker_tag_of(IMAGE, engine)
         drivers = working_drivers(client, [d for d in args.drivers.split(",") if d])
-        create = bench_create(client, engine, tag, drivers, args.n)
-        execs = bench_exec(client, engine, tag, drivers, args.exec_n)
-        functions = bench_function(client, args.exec_n)
-        pool = bench_pool_create(client, drivers[0], args.n) if drivers else None
-        burst = bench_burst(client, drivers[0], args.burst, args.burst_pool) if drivers else None
-        pauses = bench_pause(client, args.pause_n)
-        userns = bench_userns(drivers[0], args.n) if drivers else {}
+        create = bench_create(client, engine, tag, drivers, args.n) if "create" in parts else None
+        execs = bench_exec(client, engine, tag, drivers, args.exec_n) if "exec" in parts else None
+        functions = bench_function(client, args.exec_n) if "function" in parts else None
+        pool = bench_pool_create(client, drivers[0], args.n) if drivers and "pool" in parts else None
+        burst = bench_burst(client, drivers[0], args.burst, args.burst_pool) if drivers and "burst" in parts else None
+        pauses = bench_pause(client, args.pause_n) if "pause" in parts else {}
+        userns = bench_userns(drivers[0], args.n) if drivers and "userns" in parts else {}
     finally:
         client.close()
         engine.close()
     report(summary(drivers, create, execs, functions, pool, burst) | pauses | userns)
-    return 0 if drivers and functions is not None else 1
+    return 0 if drivers and (functions is not None or "function" not in parts) else 1
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_limits_are_in_the_cgroups(make_sandbox):
     if memsw.exists():  # swap accounting on: memory+swap is capped at the memory limit
         assert int(memsw.read_text()) == 64 << 20
     assert cgroups.pids_limit(path) == 32
-    pid = int((sb.state_dir / "container.pid").read_text())
+    pid = int((sb.files / "container.pid").read_text())
     assert f":/dsec/{sb.sandbox_id}" in Path(f"/proc/{pid}/cgroup").read_text()
 
 

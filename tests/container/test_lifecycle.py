@@ -13,8 +13,9 @@ import pytest
 from dsec.errors import CommandNotFound, DiskFull, FileNotFoundInSandbox, RuntimeFailure
 from dsec.models import Resources, SandboxSpec
 from dsec.substrates.base import ImageRootfs
-from dsec.substrates.container import cgroups, rootfs
+from dsec.substrates.container import cgroups, rootfs, volatile
 from dsec.substrates.container.driver import ContainerDriver, container_driver
+from dsec.substrates.container.record import ContainerRecord
 
 from .conftest import new_id, run, sh
 
@@ -37,6 +38,9 @@ def assert_gone(driver: ContainerDriver, sandbox_id: str, state_dir: Path, host_
     assert cgroups.existing_dirs(f"/dsec/{sandbox_id}") == []
     assert sandbox_id not in driver.runtime.list()
     assert not state_dir.exists()
+    files = volatile.sandbox_dir(driver.config.home, sandbox_id)  # bundle, socket dir, pid file, mount points
+    assert str(files) not in Path("/proc/self/mounts").read_text()
+    assert not files.exists()
 
 
 @pytest.mark.timeout(120)
@@ -83,9 +87,9 @@ def test_destroy_removes_processes_mounts_cgroups_and_state(driver, busybox_imag
     sandbox_id = new_id()
     state_dir = tmp_path / sandbox_id
     sb = driver.create(sandbox_id, SandboxSpec(), busybox_image, state_dir)
-    host_pid = int((state_dir / "container.pid").read_text())
+    host_pid = int((sb.files / "container.pid").read_text())
     run(sb, ["sh", "-c", "sleep 600 & sleep 600 & echo started"])
-    assert str(state_dir / "rootfs") in Path("/proc/self/mounts").read_text()
+    assert sb.record.rootfs in Path("/proc/self/mounts").read_text()
     assert cgroups.existing_dirs(f"/dsec/{sandbox_id}"), "the runtime created the sandbox's cgroups"
     assert sandbox_id in driver.runtime.list()
     driver.destroy(sb)
@@ -153,7 +157,9 @@ def test_cleanup_state_dir_after_the_server_was_killed(driver, busybox_image, co
         capture_output=True, timeout=120,
     )
     assert proc.returncode == -9 and b"ready" in proc.stdout, proc.stderr
-    host_pid = int((state_dir / "container.pid").read_text())
+    record = ContainerRecord.read(state_dir)
+    assert record is not None
+    host_pid = int((record.files_dir(state_dir) / "container.pid").read_text())
     assert Path(f"/proc/{host_pid}").exists(), "the sandbox outlives its server until it is cleaned"
     fresh = container_driver(driver.name, config)  # a new server: no live object, only the directory
     fresh.cleanup_state_dir(state_dir)

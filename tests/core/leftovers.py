@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dsec.substrates.container.volatile import VOLATILE_ROOT
+
 
 def leftovers(sandbox_id: str) -> list[str]:
     found: list[str] = []
@@ -27,4 +29,6 @@ def leftovers(sandbox_id: str) -> list[str]:
     home = Path(os.environ.get("DSEC_HOME", "/var/lib/dsec"))
     for path in (home / "run").glob(f"*/{sandbox_id}"):
         found.append(f"state dir: {path}")
+    for path in VOLATILE_ROOT.glob(f"*/sandboxes/{sandbox_id}"):
+        found.append(f"runtime files dir: {path}")
     return found

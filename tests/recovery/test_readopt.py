@@ -28,6 +28,7 @@ from dsec.errors import DsecError, SandboxExpired, SandboxNotFound, SessionNotFo
 from dsec.server.launch import READY_PREFIX
 from dsec.substrates.container.docker_driver import SANDBOX_LABEL
 from dsec.substrates.container.dockerd import DSEC_DOCKER_SOCKET
+from dsec.substrates.container.record import ContainerRecord
 from support.ports import free_port  # tests/ is on sys.path (rootdir-relative test packages)
 
 from .probe import sandbox_ids_of_server, traces
@@ -273,7 +274,8 @@ def test_docker_sandboxes_are_re_adopted():
 
 def _kill_init(sandbox_id: str) -> None:
     """SIGKILL the container's PID 1 (the agent) and wait for it to be gone."""
-    pid_file = next((HOME / "run").glob(f"*/{sandbox_id}/container.pid"))
+    state_dir = next((HOME / "run").glob(f"*/{sandbox_id}"))
+    pid_file = ContainerRecord.read(state_dir).files_dir(state_dir) / "container.pid"
     pid = int(pid_file.read_text())
     pidfd = os.pidfd_open(pid)
     try:

@@ -28,7 +28,7 @@ from dsec.images.user import resolve_user
 from dsec.models import PauseKind, SandboxSpec
 from dsec.substrates.agent_sandbox import AgentSandbox
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, Usage, snapshot_target_full, volume_source
-from dsec.substrates.container import bundle, cgroups, disk, idmap, network, rootfs, trash, userns
+from dsec.substrates.container import bundle, cgroups, disk, idmap, network, rootfs, spares, trash, userns, volatile
 from dsec.substrates.container.criu import criu_probe, move_userns_maps, runtime_criu_refusal
 from dsec.substrates.container.record import ContainerRecord
 from dsec.substrates.container.runtime import RUNTIMES, OciRuntime
@@ -107,6 +107,7 @@ class ContainerSandbox(AgentSandbox):
         self.record = record
         self.runtime = runtime
         self.state_dir = state_dir
+        self.files = record.files_dir(state_dir)  # bundle, agent socket dir, log, pid file (volatile.py)
         self.upper_dir = record.upper_dir
         self.destroyed = False
         self._view_lock = threading.Lock()
@@ -191,7 +192,7 @@ class ContainerSandbox(AgentSandbox):
             return reason
         if not verdict.works:
             return verdict.reason
-        if _joins_host_netns_from_userns(self.state_dir):
+        if _joins_host_netns_from_userns(self.files):
             return ("its network namespace (the egress allowlist's) belongs to the host's user namespace, not to the "
                     "sandbox's, and CRIU cannot enter it from there ('Can't setns net: Operation not permitted')")
         return ""
@@ -210,7 +211,7 @@ class ContainerSandbox(AgentSandbox):
         if kind == "memory":
             self.client.park()
             (self.state_dir / PAUSED_AS).write_text(kind)
-            _wait_connections_dropped(self.state_dir / PID_FILE)
+            _wait_connections_dropped(self.files / PID_FILE)
             image = self.state_dir / CHECKPOINT_DIR
             shutil.rmtree(image, ignore_errors=True)
             image.mkdir()
@@ -218,12 +219,12 @@ class ContainerSandbox(AgentSandbox):
                 self.runtime.checkpoint(self.record.container_id, image, criu_probe().path)
             except BaseException:
                 (self.state_dir / PAUSED_AS).unlink()
-                _reattach_agent(self.client, self.state_dir / "agent-run", self.sandbox_id, self.state_dir / "agent.log")
+                _reattach_agent(self.client, self.files / "agent-run", self.sandbox_id, self.files / "agent.log")
                 raise
         else:
             self.client.close()
             (self.state_dir / PAUSED_AS).write_text(kind)
-            _kill_init(self.state_dir / PID_FILE, self.record.cgroups_path)
+            _kill_init(self.files / PID_FILE, self.record.cgroups_path)
             self.runtime.delete(self.record.container_id)
         cgroups.remove(self.record.cgroups_path, self.sandbox_id)
         self.stopped_as = kind
@@ -233,17 +234,17 @@ class ContainerSandbox(AgentSandbox):
         if self.stopped_as == "":
             self.runtime.resume(self.record.container_id)
             return
-        run_dir, log, pid_file = self.state_dir / "agent-run", self.state_dir / "agent.log", self.state_dir / PID_FILE
+        run_dir, log, pid_file = self.files / "agent-run", self.files / "agent.log", self.files / PID_FILE
         image = self.state_dir / CHECKPOINT_DIR
         if self.stopped_as == "memory":
-            self.runtime.restore(self.record.container_id, self.state_dir, image, pid_file, log, criu_probe().path)
+            self.runtime.restore(self.record.container_id, self.files, image, pid_file, log, criu_probe().path)
             # CRIU binds a listening socket again at the name it was first bound to: the agent binds
             # agent.sock.tmp and renames it into place (agent.c), so the restored socket needs that rename again
             os.replace(run_dir / f"{bundle.AGENT_SOCKET}.tmp", run_dir / bundle.AGENT_SOCKET)
             # the parked connection (or a re-adopted sandbox's placeholder) continues: sessions carry on
             _reattach_agent(self.client, run_dir, self.sandbox_id, log)
         else:
-            self.runtime.run(self.record.container_id, self.state_dir, pid_file, log)
+            self.runtime.run(self.record.container_id, self.files, pid_file, log)
             self.client.close()  # closed at the pause already, or a re-adopted sandbox's placeholder
             self.client = _connect_agent(run_dir, self.sandbox_id, log)
         shutil.rmtree(image, ignore_errors=True)
@@ -266,7 +267,7 @@ class ContainerSandbox(AgentSandbox):
     def netns_path(self) -> Path:
         """The network namespace of the container's PID 1 (the agent), checked to still be this sandbox's."""
         self._check_alive("reach a port of")
-        return init_netns_path(self.state_dir / PID_FILE, self.record.cgroups_path, self.sandbox_id)
+        return init_netns_path(self.files / PID_FILE, self.record.cgroups_path, self.sandbox_id)
 
     def snapshot(self, dest: Path) -> str:
         """Tar the writable layer into `dest` while the sandbox is frozen (a paused sandbox stays paused)."""
@@ -301,11 +302,11 @@ class ContainerSandbox(AgentSandbox):
         if self.stopped_as or self.is_paused() or self._criu_refusal():
             return self.snapshot(dest)
         dest.mkdir(parents=True, exist_ok=True)
-        run_dir, log = self.state_dir / "agent-run", self.state_dir / "agent.log"
+        run_dir, log = self.files / "agent-run", self.files / "agent.log"
         image, refused = dest / CHECKPOINT_DIR, ""
         self.client.park()
         try:
-            _wait_connections_dropped(self.state_dir / PID_FILE)
+            _wait_connections_dropped(self.files / PID_FILE)
             self.runtime.pause(self.record.container_id)
             try:
                 self._tar_layer(dest)
@@ -321,7 +322,7 @@ class ContainerSandbox(AgentSandbox):
             _reattach_agent(self.client, run_dir, self.sandbox_id, log)
         kind = "filesystem" if refused else "processes"
         if not refused:  # the agent the processes were dumped with: a restore checks the size of files they map
-            os.link(self.state_dir / AGENT_NAME, dest / AGENT_NAME)
+            _link_or_copy(self.state_dir / AGENT_NAME, dest / AGENT_NAME)
         meta = {"kind": kind, "runtime": self.record.runtime, "uid_base": self.record.uid_base, "refused": refused}
         (dest / "snapshot.json").write_text(json.dumps(meta))
         return kind
@@ -336,8 +337,13 @@ class ContainerDriver(SandboxDriver):
         """`user_namespace=False` runs sandboxes as host root (as before issue #22); only benchmarks compare it."""
         self.config = config or ServerConfig()
         self.user_namespace = user_namespace
-        self.runtime = OciRuntime(self.name, self.config.home / "oci" / self.name, self.config.bin_dir)
+        self.runtime = OciRuntime(self.name, volatile.runtime_root(self.config.home, self.name), self.config.bin_dir)
         self.disk_templates = self.config.home / "cache" / "disk-templates"
+        self.trash = self.config.home / "trash"  # on the state dirs' filesystem: a discard there is a rename
+
+    def _spares(self) -> spares.SpareDisks:
+        """Ready disks for this home's creates (spares.py), made at the first create."""
+        return spares.for_home(self.config.home, self.disk_templates)
 
     # -- create ---------------------------------------------------------------------------------------
     def create(self, sandbox_id: str, spec: SandboxSpec, image: ImageRootfs, state_dir: Path) -> ContainerSandbox:
@@ -371,22 +377,34 @@ class ContainerDriver(SandboxDriver):
         processes: Path | None = None,
     ) -> ContainerSandbox:
         """`processes`: a fork_snapshot holding a checkpoint, whose processes are restored instead of a fresh run."""
+        with self._spares().creating():  # no spare disk is made while a create runs
+            return self._launch_now(sandbox_id, spec, image, state_dir, prepare_upper, processes)
+
+    def _launch_now(
+        self,
+        sandbox_id: str,
+        spec: SandboxSpec,
+        image: ImageRootfs,
+        state_dir: Path,
+        prepare_upper: Callable[[Path], None] | None,
+        processes: Path | None,
+    ) -> ContainerSandbox:
         state_dir.mkdir(parents=True, exist_ok=True)
+        files = volatile.sandbox_dir(self.config.home, sandbox_id)
         base = userns.allocate(sandbox_id, state_dir) if self.user_namespace else None
-        if base is not None:
-            userns.make_reachable(state_dir)
         record = ContainerRecord(
             sandbox_id=sandbox_id,
             runtime=self.name,
             runtime_root=str(self.runtime.root),
             container_id=sandbox_id,
             cgroups_path=bundle.cgroups_path(sandbox_id),
-            rootfs=str(state_dir / "rootfs"),
-            disk=str(state_dir / "disk"),
+            rootfs=str(files / "rootfs"),
+            disk=str(files / "disk"),
             disk_image=str(state_dir / "disk.img"),
             uid_base="" if base is None else str(base),
+            volatile_dir=str(files),
         )
-        record.write(state_dir)
+        record.write(state_dir)  # before anything it names exists
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -397,11 +415,13 @@ class ContainerDriver(SandboxDriver):
             clock = now
 
         try:
-            run_dir, log = state_dir / "agent-run", state_dir / "agent.log"
-            run_dir.mkdir(exist_ok=True)
-            disk.create_disk(
-                Path(record.disk_image), Path(record.disk), spec.resources.disk_mb, sandbox_id, self.disk_templates
-            )
+            run_dir, log = files / "agent-run", files / "agent.log"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if base is not None:  # the runtime mounts from both as the sandbox's root (userns.make_reachable)
+                userns.make_reachable(state_dir)
+                userns.make_reachable(files)
+            spares.disk_ready(self._spares(), Path(record.disk_image), Path(record.disk), spec.resources.disk_mb,
+                              sandbox_id, self.disk_templates)
             lap("disk")
             record.upper_dir.mkdir()
             if base is not None:  # the sandbox's root owns its writable layer's top and the agent's socket dir
@@ -430,17 +450,17 @@ class ContainerDriver(SandboxDriver):
                 netns=netns, hosts_file=hosts, volumes_dir=self.config.volumes_dir, uid_base=base,
                 volume_sources=volume_sources, bind_devices=self.runtime.name == "crun",
             )  # fmt: skip
-            bundle.write_bundle(state_dir, config)
+            bundle.write_bundle(files, config)
             lap("bundle")
             if processes is None:
-                self.runtime.run(record.container_id, state_dir, state_dir / PID_FILE, log)
+                self.runtime.run(record.container_id, files, files / PID_FILE, log)
             else:
                 _restore_processes(self.runtime, record, state_dir, processes)
             lap("runtime_run")
             client = _connect_agent(run_dir, sandbox_id, log)
             lap("agent_connect")
         except BaseException:
-            _teardown(record, state_dir, self.runtime.bin_dir)
+            _teardown(record, state_dir, self.runtime.bin_dir, self.trash)
             raise
         sandbox = ContainerSandbox(client, record, self.runtime, state_dir)
         sandbox.user = user
@@ -481,11 +501,12 @@ class ContainerDriver(SandboxDriver):
             sandbox.user = resolve_user(image.config.user, Path(record.rootfs), sandbox_id)
             sandbox.stopped_as = stopped_as
             return sandbox
-        init_netns_path(state_dir / PID_FILE, record.cgroups_path, sandbox_id)  # cgroup present, PID 1 in it
+        files = record.files_dir(state_dir)
+        init_netns_path(files / PID_FILE, record.cgroups_path, sandbox_id)  # cgroup present, PID 1 in it
         frozen = cgroups.is_frozen(record.cgroups_path)
         if frozen:
             runtime.resume(record.container_id)
-        client = _connect_agent(state_dir / "agent-run", sandbox_id, state_dir / "agent.log", timeout_s=ADOPT_PROBE_S)
+        client = _connect_agent(files / "agent-run", sandbox_id, files / "agent.log", timeout_s=ADOPT_PROBE_S)
         sandbox = ContainerSandbox(client, record, runtime, state_dir)
         try:
             sandbox.user = resolve_user(image.config.user, Path(record.rootfs), sandbox_id)
@@ -505,19 +526,19 @@ class ContainerDriver(SandboxDriver):
         sandbox.destroyed = True
         sandbox.close()
         cgroups.thaw(sandbox.record.cgroups_path)  # a frozen container cannot be killed
-        return _kill_init(sandbox.state_dir / PID_FILE, sandbox.record.cgroups_path, wait=False)
+        return _kill_init(sandbox.files / PID_FILE, sandbox.record.cgroups_path, wait=False)
 
     def destroy(self, sandbox: DriverSandbox) -> None:
         if not isinstance(sandbox, ContainerSandbox):
             raise RuntimeFailure(f"sandbox {sandbox.sandbox_id} was not created by the {self.name} driver")
         sandbox.destroyed = True
         sandbox.close()
-        _teardown(sandbox.record, sandbox.state_dir, self.runtime.bin_dir)
+        _teardown(sandbox.record, sandbox.state_dir, self.runtime.bin_dir, self.trash)
 
     def cleanup_state_dir(self, state_dir: Path) -> None:
         record = ContainerRecord.read(state_dir)
         if record is not None:
-            _teardown(record, state_dir, self.runtime.bin_dir)
+            _teardown(record, state_dir, self.runtime.bin_dir, self.trash)
         elif state_dir.exists():
             rootfs.unmount(state_dir / "rootfs")
             _unmount_all_under(state_dir)
@@ -551,8 +572,9 @@ def _restore_processes(runtime: OciRuntime, record: ContainerRecord, state_dir: 
     source_base = json.loads((snapshot / "snapshot.json").read_text()).get("uid_base", "")
     if source_base and record.host_base is not None:
         move_userns_maps(image, int(source_base), record.host_base, userns.IDS)
-    run_dir, log = state_dir / "agent-run", state_dir / "agent.log"
-    runtime.restore(record.container_id, state_dir, image, state_dir / PID_FILE, log, criu_probe().path)
+    files = record.files_dir(state_dir)
+    run_dir, log = files / "agent-run", files / "agent.log"
+    runtime.restore(record.container_id, files, image, files / PID_FILE, log, criu_probe().path)
     os.replace(run_dir / f"{bundle.AGENT_SOCKET}.tmp", run_dir / bundle.AGENT_SOCKET)  # as after a memory pause
     shutil.rmtree(image, ignore_errors=True)
 
@@ -569,6 +591,14 @@ def _pinned_agent(binary: Path, state_dir: Path) -> Path:
     except OSError:
         shutil.copy2(binary, pinned)
     return pinned
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    """A hard link where both are on one filesystem, else a copy."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
 
 
 def _unmount_all_under(state_dir: Path) -> None:
@@ -653,11 +683,12 @@ def _kill_init(pid_file: Path, cgroups_path: str, wait: bool = True) -> bool:
         os.close(pidfd)
 
 
-def _teardown(record: ContainerRecord, state_dir: Path, bin_dir: Path) -> None:
+def _teardown(record: ContainerRecord, state_dir: Path, bin_dir: Path, trash_root: Path) -> None:
     """Remove everything `record` names; each step tolerates its resource being already gone."""
     runtime = OciRuntime(record.runtime, Path(record.runtime_root), bin_dir)
+    files = record.files_dir(state_dir)
     cgroups.thaw(record.cgroups_path)  # a frozen container cannot be killed
-    if _kill_init(state_dir / PID_FILE, record.cgroups_path):
+    if _kill_init(files / PID_FILE, record.cgroups_path):
         # all its processes are dead: the runtime's delete would only remove its state dir (the cgroups go
         # below), so that is done here, without the 5-20 ms of starting the runtime (and dsec-v1view)
         shutil.rmtree(runtime.root / record.container_id, ignore_errors=True)
@@ -665,17 +696,26 @@ def _teardown(record: ContainerRecord, state_dir: Path, bin_dir: Path) -> None:
         runtime.delete(record.container_id)
     cgroups.remove(record.cgroups_path, record.sandbox_id)
     network.teardown(state_dir)
+    # the overlay first (it stacks on the disk), then what is left below the two dirs, deepest first, the disk
+    # last (a layer view or volume view may sit on it); its image file is in the state dir, discarded below.
+    # Two reads of the mount table in all: each is O(mounts on the host), and a burst tears down hundreds.
     rootfs.unmount(Path(record.rootfs))
-    _unmount_all_under(state_dir)
-    if record.disk:
-        rootfs.unmount(Path(record.disk))  # its image file is in the state dir, discarded below
-    for mount_point in [Path(p) for p in (record.rootfs, record.disk) if p] + rootfs.mounts_under(state_dir):
-        if rootfs.is_mounted(mount_point):
-            raise RuntimeFailure(
-                f"{mount_point} of sandbox {record.sandbox_id} is still mounted; not removing its state",
-                sandbox_id=record.sandbox_id,
-            )
-    trash.discard(state_dir, Path(record.runtime_root).parent.parent / "trash")  # gone now, deleted in background
+    dirs = (state_dir,) if files == state_dir else (state_dir, files)
+    disk_point = Path(record.disk) if record.disk else None
+    for mount_point in rootfs.mounts_under(*dirs):
+        if mount_point != disk_point:
+            rootfs.unmount(mount_point)
+    if disk_point is not None:
+        rootfs.unmount(disk_point)
+    left = rootfs.mounts_under(*dirs)  # the overlay and the disk included: both are below one of them
+    if left:
+        raise RuntimeFailure(
+            f"{left[0]} of sandbox {record.sandbox_id} is still mounted; not removing its state",
+            sandbox_id=record.sandbox_id,
+        )
+    if files != state_dir:  # a few small files on a tmpfs: gone in well under a millisecond
+        shutil.rmtree(files, ignore_errors=True)
+    trash.discard(state_dir, trash_root)  # gone now, deleted in background
     if record.host_base is not None:
         userns.release(record.host_base, state_dir)
 

@@ -28,6 +28,9 @@ class ContainerRecord:
     disk: str = ""  # mount point of the sandbox's own filesystem holding upper/ and work/
     disk_image: str = ""  # its sparse image file
     uid_base: str = ""  # host id of the sandbox's root in its user namespace (userns.py); "" = no user namespace
+    # bundle, agent socket dir, runtime log, pid file and the mount points, on a tmpfs (volatile.py); "" = all of
+    # them in the state dir (records of servers before it)
+    volatile_dir: str = ""
 
     @property
     def host_base(self) -> int | None:
@@ -40,6 +43,10 @@ class ContainerRecord:
     @property
     def work_dir(self) -> Path:
         return Path(self.disk) / "work"
+
+    def files_dir(self, state_dir: Path) -> Path:
+        """Where the bundle, the agent's socket dir, the runtime's log and the pid file are."""
+        return Path(self.volatile_dir) if self.volatile_dir else state_dir
 
     def write(self, state_dir: Path) -> None:
         tmp = state_dir / (RECORD_NAME + ".tmp")

@@ -23,11 +23,11 @@ import docker
 import docker.errors
 
 from dsec.errors import RuntimeFailure
-from dsec.substrates.container import cgroups
+from dsec.substrates.container import cgroups, volatile
 from dsec.substrates.container.bundle import CGROUP_PARENT
 from dsec.substrates.container.dockerd import DSEC_DOCKER_SOCKET, ping
 from dsec.substrates.container.network import ALLOC_DIR, NETNS_DIR, Link, netns_name, release_slot, table_name
-from dsec.substrates.container.rootfs import unmount
+from dsec.substrates.container.rootfs import mounts_under, unmount
 from dsec.substrates.registry import SANDBOX_ID, SweepContext, Sweeper
 
 NETNS_NAME = re.compile(rf"dsec-({SANDBOX_ID.pattern})")
@@ -108,9 +108,17 @@ class Cgroups(Sweeper):
         return found
 
     def clean_state(self, sandbox_id: str, state_dir: Path) -> None:
+        """The runtimes' state for the id (on the home's tmpfs, or under the home for older servers' sandboxes)
+        and its short-lived files (volatile.py), mount points included."""
         home = state_dir.parent.parent.parent  # <home>/run/<server>/<sandbox>
         for runtime in OCI_RUNTIMES:
             shutil.rmtree(home / "oci" / runtime / sandbox_id, ignore_errors=True)
+            shutil.rmtree(volatile.runtime_root(home, runtime) / sandbox_id, ignore_errors=True)
+        files = volatile.sandbox_dir(home, sandbox_id)
+        for mount_point in mounts_under(files):
+            unmount(mount_point)
+        if not mounts_under(files):
+            shutil.rmtree(files, ignore_errors=True)
 
 
 class Network(Sweeper):
