@@ -183,12 +183,15 @@ class _Request:
 class AgentProcess(ProcessHandle):
     """A process started through the agent; its output arrives on the request's queue."""
 
+    timed_events = True
+
     def __init__(self, request: _Request, pid: int, pty: bool = False, argv0: str = "") -> None:
         self._request = request
         self._client = request.client
         self._pid = pid  # 0 until the agent's SPAWNED reply is read, for a process from `AgentClient.launch`
         self.pty = pty
         self._argv0 = argv0
+        self._launched_at = time.monotonic()
         self._exited: Exited | None = None
         self._stdin_error: str = ""
 
@@ -199,41 +202,70 @@ class AgentProcess(ProcessHandle):
             self._pid = _parsed("spawn reply", self._request.spawned, lambda f: int(f[0]))
         return self._pid
 
-    def _next_frame(self) -> tuple[int, bytes]:
-        """The next frame; before the agent confirmed the start (`launch`), within the control-request timeout,
-        so a frozen sandbox is an error, not a hang (a started process may then be silent for any time)."""
+    def _frame_within(self, timeout: float | None) -> tuple[int, bytes] | None:
+        """The next frame, or None when `timeout` passes first. Before the agent confirmed the start (`launch`)
+        the wait is also bounded by the control-request timeout, so a frozen sandbox is an error, not a hang (a
+        started process may then be silent for any time)."""
         request = self._request
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not self._pid and request.spawned is None:
-            item = request.poll(self._client.request_timeout_s)
+            give_up = self._launched_at + self._client.request_timeout_s
+            wait = give_up - time.monotonic() if deadline is None else min(deadline, give_up) - time.monotonic()
+            item = request.poll(max(wait, 0.0))
             if item is not None:
                 return item
-            if request.spawned is None:
+            if request.spawned is None and time.monotonic() >= give_up:
                 request.done()
                 raise self._client.no_answer(f"spawn of {self._argv0}", self._client.request_timeout_s)
-        return request.get(None, "process output")
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+        if deadline is None:
+            return request.get(None, "process output")
+        return request.poll(max(deadline - time.monotonic(), 0.0))
+
+    def _event(self, ftype: int, payload: bytes) -> ProcessEvent | None:
+        """What a frame means to the caller; None for the frames that only update this handle."""
+        if ftype == STDOUT:
+            return Output("stdout", payload)
+        if ftype == STDERR:
+            return Output("stderr", payload)
+        if ftype == EXIT:
+            self._exited = _parsed("exit status", payload, lambda f: Exited(int(f[0]), int(f[1])))
+            self._request.done()
+            return self._exited
+        if ftype == ERROR:
+            if not self._pid and self._request.spawned is None:  # `launch`: the spawn itself failed
+                self._request.done()
+                self._client._raise(payload, "spawn")
+            self._stdin_error = _parsed("stdin error", payload, lambda f: f[1])
+        elif ftype == SPAWNED:  # `launch`: a SPAWNED the reader queued anyway
+            self._request.spawned = payload
+        return None
 
     def events(self) -> Iterator[ProcessEvent]:
         if self._exited is not None:
             yield self._exited
             return
         while True:
-            ftype, payload = self._next_frame()
-            if ftype == STDOUT:
-                yield Output("stdout", payload)
-            elif ftype == STDERR:
-                yield Output("stderr", payload)
-            elif ftype == EXIT:
-                self._exited = _parsed("exit status", payload, lambda f: Exited(int(f[0]), int(f[1])))
-                self._request.done()
-                yield self._exited
-                return
-            elif ftype == ERROR:
-                if not self._pid and self._request.spawned is None:  # `launch`: the spawn itself failed
-                    self._request.done()
-                    self._client._raise(payload, "spawn")
-                self._stdin_error = _parsed("stdin error", payload, lambda f: f[1])
-            elif ftype == SPAWNED:  # `launch`: a SPAWNED the reader queued anyway
-                self._request.spawned = payload
+            frame = self._frame_within(None)
+            assert frame is not None  # no timeout: a frame or an exception
+            event = self._event(*frame)
+            if event is not None:
+                yield event
+                if event is self._exited:
+                    return
+
+    def next_event(self, timeout: float | None) -> ProcessEvent | None:
+        if self._exited is not None:
+            return self._exited
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            frame = self._frame_within(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+            if frame is None:
+                return None
+            event = self._event(*frame)
+            if event is not None:
+                return event
 
     def write_stdin(self, data: bytes) -> None:
         if self._stdin_error:

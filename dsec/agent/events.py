@@ -52,8 +52,16 @@ class DirWatch(abc.ABC):
 class ProcessHandle(abc.ABC):
     """A process started in a sandbox. `events()` yields Output chunks as they come, then exactly one Exited."""
 
+    timed_events: bool = False  # whether `next_event` works (else only `events()`)
+
     @abc.abstractmethod
     def events(self) -> Iterator[ProcessEvent]: ...
+
+    def next_event(self, timeout: float | None) -> ProcessEvent | None:
+        """The next event of `events()`, or None when `timeout` seconds pass first; not mixed with `events()`.
+        Why: the exec engine's deadline then waits on the caller's thread, where otherwise a pump thread reads
+        `events()` and hands each event over (a thread start and a hand-off per exec; where `timed_events`)."""
+        raise Unsupported("this process handle has no timed reads; iterate events()")
 
     @abc.abstractmethod
     def write_stdin(self, data: bytes) -> None: ...

@@ -58,6 +58,24 @@ def _direct(process: ProcessHandle) -> Iterator[ProcessEvent | None]:
     yield None
 
 
+class _Timed:
+    """The process's events read with a timeout on the caller's thread (`ProcessHandle.next_event`), shaped like
+    the pump thread's queue: `get` raises queue.Empty when the timeout passes, and gives None after the exit."""
+
+    def __init__(self, process: ProcessHandle) -> None:
+        self._process = process
+        self._ended = False
+
+    def get(self, timeout: float | None = None) -> ProcessEvent | None:
+        if self._ended:
+            return None
+        event = self._process.next_event(timeout)
+        if event is None:
+            raise queue.Empty
+        self._ended = isinstance(event, Exited)
+        return event
+
+
 def run_process(
     sandbox: DriverSandbox,
     process: ProcessHandle,
@@ -70,9 +88,11 @@ def run_process(
     """Yield stdout/stderr events then one status event. `timeout_s <= 0` means no deadline."""
     started = time.monotonic()
     deadline = started + timeout_s if timeout_s > 0 else None
-    events: queue.Queue | Iterator[ProcessEvent]
+    events: queue.Queue | _Timed | Iterator[ProcessEvent | None]
     if deadline is None and stdin is None:  # nothing to time or feed: read the events here, no thread or hand-off
         events = _direct(process)
+    elif stdin is None and process.timed_events:  # nothing to feed: wait for events with the deadline, here
+        events = _Timed(process)
     else:
         events = queue.Queue()
         threading.Thread(target=_pump, args=(process, stdin, events), daemon=True, name="dsec-exec-pump").start()
@@ -88,7 +108,7 @@ def run_process(
         elif kill_deadline is not None:
             wait = max(kill_deadline - now, 0.0)
         try:
-            event = events.get(timeout=wait) if isinstance(events, queue.Queue) else next(events)
+            event = events.get(timeout=wait) if isinstance(events, (queue.Queue, _Timed)) else next(events)
         except queue.Empty:
             if not timed_out:
                 timed_out = True

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
 from dsec.agent.client import AgentClient
 from dsec.errors import CommandNotFound, FileNotFoundInSandbox, PermissionDeniedInSandbox, RuntimeFailure
-from dsec.substrates.base import Exited
+from dsec.substrates.base import Exited, Output
 
 from .conftest import PATH_ENV, ListeningAgent, drain
 
@@ -66,3 +67,40 @@ def test_launch_on_a_frozen_agent_fails_instead_of_hanging(listening: ListeningA
     finally:
         os.kill(listening.proc.pid, signal.SIGCONT)
     assert listening.connect().ping() < 5
+
+
+def test_next_event_waits_at_most_its_timeout(client: AgentClient) -> None:
+    proc = client.launch(["sh", "-c", "echo first; sleep 1; echo second"], PATH_ENV, "/")
+    assert proc.timed_events
+    events = []
+    timeouts = 0
+    started = time.monotonic()
+    while not events or not isinstance(events[-1], Exited):
+        event = proc.next_event(0.05)
+        if event is None:
+            timeouts += 1
+        else:
+            events.append(event)
+    assert timeouts >= 5 and time.monotonic() - started < 30  # quiet for a second: a None each 0.05 s
+    assert b"".join(e.data for e in events if isinstance(e, Output)) == b"first\nsecond\n"
+    assert events[-1] == Exited(0, 0) and proc.next_event(0) == Exited(0, 0)
+    assert client._pending == {}
+
+
+def test_next_event_raises_a_failed_start(client: AgentClient) -> None:
+    with pytest.raises(CommandNotFound):
+        client.launch(["no-such-command-xyz"], PATH_ENV, "/").next_event(30)
+
+
+def test_next_event_on_a_frozen_agent_fails_within_the_request_timeout(listening: ListeningAgent) -> None:
+    client = AgentClient(listening.raw(), sandbox_id="sb-frozen", request_timeout_s=1.0)
+    listening.clients.append(client)
+    assert client.ping() < 5
+    os.kill(listening.proc.pid, signal.SIGSTOP)
+    try:
+        proc = client.launch(["true"], PATH_ENV, "/")
+        assert proc.next_event(0.1) is None  # its own timeout first
+        with pytest.raises(RuntimeFailure, match="did not answer spawn of true"):
+            proc.next_event(60)  # then the request timeout, not this one
+    finally:
+        os.kill(listening.proc.pid, signal.SIGCONT)
