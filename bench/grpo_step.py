@@ -2,8 +2,10 @@
 
 Fair ground, both sides: fp32 (TRL's `bf16=False`), no activation recompute (TRL's `gradient_checkpointing=False`;
 TRL 1.x turns both on by default), one optimizer step per batch of `prompts × G` completions from the same SFT
-weights, the same β = 0.02 KL to the same reference, generation without the KV cache (`use_cache=False`, the faster
-path for this model on CPU: trainer/sampler.py). Both are scored by the same reward on text decoded with special
+weights, the same β = 0.02 KL to the same reference. TRL generates with or without transformers' KV cache, whichever
+generates the bench's batch faster in this run (`trl_generate_probe`: both timed, interleaved, before the steps;
+the cache was the slower path for this model in an earlier transformers and is 3-9x faster with 5.23); ours decodes
+incrementally (trainer/v4_decode.py). Both are scored by the same reward on text decoded with special
 tokens kept (the DSML marker is a special token: TRL's own `completions` drop it, so the reward reads TRL's
 `completion_ids`). The steps are interleaved (TRL step k, then ours on the same prompts, inside TRL's loop), so
 machine noise hits both alike; each step is split into generation, log-prob forwards and backward.
@@ -134,7 +136,26 @@ class Ours:
             self.clock.seconds["ours"].clear()
 
 
-def interleaved(model_ours, model_trl, tok: V4Tokenizer, batches, clock: PhaseClock):
+def trl_generate_probe(model, tok: V4Tokenizer, batch, rounds: int = 2) -> tuple[bool, dict[bool, float]]:
+    """TRL's best generation setting for this model here: `generate` of the bench's batch (prompts × G, left-padded
+    as TRL does, full length) timed with and without the KV cache, interleaved; returns (use_cache, best seconds of
+    each). Measured in the run, so a transformers upgrade that speeds either path up is picked up."""
+    hf_tok = tok.as_hf()
+    hf_tok.padding_side = "left"
+    texts = [tok.decode(prompt_ids(tok, p, "non-think")) for p in batch for _ in range(G)]
+    enc = hf_tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    best: dict[bool, float] = {False: math.inf, True: math.inf}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for use_cache in (False, True):
+                started = time.perf_counter()
+                model.generate(**enc, do_sample=True, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
+                               use_cache=use_cache, pad_token_id=tok.pad_id)
+                best[use_cache] = min(best[use_cache], time.perf_counter() - started)
+    return best[True] < best[False], best
+
+
+def interleaved(model_ours, model_trl, tok: V4Tokenizer, batches, clock: PhaseClock, trl_use_cache: bool):
     """Run TRL's GRPOTrainer; after each of its steps, run ours on the same prompts. Returns (ours, TRL times, TRL rewards)."""
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -156,7 +177,7 @@ def interleaved(model_ours, model_trl, tok: V4Tokenizer, batches, clock: PhaseCl
             trl_rewards.extend(scores)
         return scores
 
-    model_trl.generation_config.use_cache = False
+    model_trl.generation_config.use_cache = trl_use_cache
     model_trl.config.router_aux_loss_coef = 0.0  # our learner has no MoE aux loss either: same objective
     model_dir = Path(tempfile.mkdtemp(prefix="dsec-bench-trl-")) / "model"  # TRL builds its reference from a path
     model_trl.save_pretrained(model_dir)
@@ -277,8 +298,12 @@ def main() -> None:
         model.load_state_dict(state)
         return model
 
+    model_trl = fresh()
+    trl_use_cache, probe = trl_generate_probe(model_trl, tok, batches[0])
+    print(f"TRL generation probe ({PROMPTS * G} x {MAX_NEW} tokens, best of 2): KV cache {probe[True]:.2f} s, "
+          f"no cache {probe[False]:.2f} s -> TRL runs with use_cache={trl_use_cache}", flush=True)
     clock = PhaseClock()
-    ours, trl_times, trl_rewards = interleaved(fresh(), fresh(), tok, batches, clock)
+    ours, trl_times, trl_rewards = interleaved(fresh(), model_trl, tok, batches, clock, trl_use_cache)
     ours_s = statistics.median(ours.times[WARMUP:])
     trl_s = statistics.median(trl_times[WARMUP:])
     print(f"ours: {[round(t, 2) for t in ours.times]} s/step; TRL GRPOTrainer: {[round(t, 2) for t in trl_times]} s/step")
