@@ -82,7 +82,8 @@ class SpareDisks:
         finally:
             with self._cond:
                 self._creating -= 1
-                self._cond.notify_all()
+                if not self._creating:  # the maker waits for none to run
+                    self._cond.notify_all()
 
     def take(self, size_mb: int, image: Path, mount_point: Path) -> bool:
         """Put a ready `size_mb` disk at `image` (renamed) mounted on `mount_point` (moved); False when none is
@@ -91,7 +92,6 @@ class SpareDisks:
             ready = self._ready.setdefault(size_mb, collections.deque())
             name = ready.popleft() if ready else None
             self._start()
-            self._cond.notify_all()
         if name is None:
             return False
         spare_image, spare_mount = self.images / self.owner / f"{name}.img", self.mounts / self.owner / name
