@@ -16,7 +16,10 @@ to 112 tokens, tools through real container sandboxes) and --workers rollout wor
   {sync,async}_rollout_wait   share it spent waiting for the step's rollouts (`inflight` to `rolled_out`): the
                               time the async pipeline hides by sampling the next batch during the update
   rollouts_per_s              --rollouts multi-turn rollouts run as one batch (trainer.rollout, each in its own
-                              container sandbox, claimed from a warm pool the server filled before the batch)
+                              container sandbox, claimed from a warm pool the server filled before the batch;
+                              the pool refills behind the claims during the batch, as it would for the next
+                              one); the batch runs --rounds times (fresh trajectory ids, same problems), and
+                              this and sandbox_wait_fraction are the medians, with their ranges beside them
   sandbox_wait_fraction       of that batch's wall time, the share the rollout loop's thread was blocked on
                               sandbox work with nothing it may sample (`trainer.rollout_lanes.BatchStats`): at
                               each turn's end until the tool results of every rollout that goes on are back, at
@@ -143,7 +146,7 @@ def concurrent_rollouts(n: int, tok_path: Path, sft: Path, client, cfg: Experime
     report = tito.check((r.trajectory_id, r.ids, r.mask, r.sampled_hash) for r in out)
     turns = statistics.mean(r.turns for r in out)
     say(f"{n} rollouts in {wall:.1f} s ({turns:.2f} turns each, {sum(r.tool_calls for r in out)} tool calls, "
-        f"{sum(r.sandbox_s for r in out):.1f} s in sandbox calls over the rollouts, of which the loop waited "
+        f"{sum(r.sandbox_s for r in out):.1f} s in sandbox calls summed over the rollouts, the loop blocked on them "
         f"{stats.sandbox_wait_s:.1f} s at sandbox_concurrency {cfg.rollout.sandbox_concurrency}, stop reasons "
         f"{dict(sorted(Counter(r.stop_reason for r in out).items()))})")
     return {"rollouts_per_s": n / wall, "sandbox_wait_fraction": stats.sandbox_wait_s / wall,
@@ -306,9 +309,15 @@ def main(argv: list[str] | None = None) -> int:
                     f"{result['learner_busy']:.2f}, rollout wait {result['rollout_wait']:.2f} of the steps' wall")
             ratios.append(rates[args.k] / rates[0])
             say(f"round {rnd + 1}: async/sync = {ratios[-1]:.2f}")
-        say(f"{args.rollouts} concurrent multi-turn rollouts through dsec (container sandboxes)")
-        conc = concurrent_rollouts(args.rollouts, tok_path, sft, client, base)
-        violations += conc["tito_violations"]
+        batches = []
+        for rnd in range(args.rounds):
+            say(f"batch {rnd + 1}/{args.rounds}: {args.rollouts} concurrent multi-turn rollouts through dsec "
+                "(container sandboxes)")
+            batches.append(concurrent_rollouts(args.rollouts, tok_path, sft, client, base))
+            violations += batches[-1]["tito_violations"]
+        conc = {key: statistics.median(b[key] for b in batches) for key in ("rollouts_per_s", "sandbox_wait_fraction")}
+        spread = {key: f"{min(b[key] for b in batches):.{digits}f}-{max(b[key] for b in batches):.{digits}f}"
+                  for key, digits in (("rollouts_per_s", 2), ("sandbox_wait_fraction", 3))}
         held = {"heldout_sft": "not_measured", "heldout_sync": "not_measured", "heldout_async": "not_measured",
                 "heldout_async_minus_sync": "not_measured", "heldout_diff_ci95": "not_measured"}
         if not args.no_heldout:
@@ -335,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     fields = {"async_over_sync_throughput": f"{statistics.fmean(ratios):.2f}",
               "async_over_sync_range": f"{min(ratios):.2f}-{max(ratios):.2f}", "max_staleness": str(args.k),
               **busy, "rollouts_per_s": f"{conc['rollouts_per_s']:.2f}",
+              "rollouts_per_s_range": spread["rollouts_per_s"],
               "sandbox_wait_fraction": f"{conc['sandbox_wait_fraction']:.3f}",
+              "sandbox_wait_range": spread["sandbox_wait_fraction"],
               "sampler_speedup": f"{speedup:.1f}", "tito_violations": f"{violations:.0f}", **held}
     report(fields)
     return 0

@@ -11,8 +11,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = ["async_over_sync_throughput", "async_over_sync_range", "max_staleness", "sync_learner_busy",
-        "sync_rollout_wait", "async_learner_busy", "async_rollout_wait", "rollouts_per_s", "sandbox_wait_fraction",
-        "sampler_speedup", "tito_violations", "heldout_sft", "heldout_sync", "heldout_async", "heldout_async_minus_sync",
+        "sync_rollout_wait", "async_learner_busy", "async_rollout_wait", "rollouts_per_s", "rollouts_per_s_range",
+        "sandbox_wait_fraction", "sandbox_wait_range", "sampler_speedup", "tito_violations", "heldout_sft", "heldout_sync", "heldout_async", "heldout_async_minus_sync",
         "heldout_diff_ci95"]
 
 
