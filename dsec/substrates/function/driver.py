@@ -114,6 +114,9 @@ class FunctionSandbox(DriverSandbox):
     ) -> ProcessHandle:
         return self.inner.spawn(argv, env, cwd, stdin, pty=pty, user=user)
 
+    def launch(self, argv: list[str], env: dict[str, str], cwd: str) -> ProcessHandle:
+        return self.inner.launch(argv, env, cwd)
+
     def read_file(self, path: str) -> Iterator[bytes]:
         return self.inner.read_file(path)
 
