@@ -95,3 +95,21 @@ def test_the_spares_of_a_killed_process_are_removed_by_the_next(tmp_path):
         assert not mounts.exists() and not (home / "spare-disks" / owner).exists()
     finally:
         successor.close()
+
+
+@pytest.mark.timeout(240)
+def test_spares_are_kept_for_the_most_recently_asked_sizes_only(tmp_path):
+    home, templates = tmp_path / "home", tmp_path / "templates"
+    pool = spares.SpareDisks(home, templates)
+    try:
+        for size_mb in (32, 48, 64):  # three sizes asked: the first one's spares go
+            assert not pool.take(size_mb, tmp_path / f"{size_mb}.img", tmp_path / f"{size_mb}")
+            with pool._cond:
+                assert pool._cond.wait_for(lambda s=size_mb: len(pool._ready.get(s, ())) >= spares.SPARES, 120)
+        with pool._cond:
+            assert pool._cond.wait_for(lambda: not pool._retired and not pool._filling, 120)
+            assert sorted(pool._ready) == [48, 64]
+        assert len(rootfs.mounts_under(pool.mounts / pool.owner)) == spares.SIZES * spares.SPARES
+    finally:
+        pool.close()
+    assert rootfs.mounts_under(pool.mounts / pool.owner) == []

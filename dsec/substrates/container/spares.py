@@ -38,6 +38,7 @@ from dsec.substrates.container.rootfs import mounts_under, unmount
 log = logging.getLogger("dsec.substrates.container.spares")
 
 SPARES = 4  # per disk size: a burst takes these first, then makes its own disks as before
+SIZES = 2  # disk sizes kept at once, the most recently asked: creates choose disk_mb, the host's loop devices are few
 MS_MOVE = 8192
 LOCK = "owner.lock"
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -63,7 +64,8 @@ class SpareDisks:
         (self.mounts / self.owner).mkdir(parents=True)
         self._lock_fd = os.open(self.images / self.owner / LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._ready: dict[int, collections.deque[str]] = {}  # size in MB -> names of ready spares
+        self._ready: dict[int, collections.deque[str]] = {}  # size in MB -> ready spares, least recently asked first
+        self._retired: list[str] = []  # spares of a size no longer kept, for the maker to remove
         self._creating = 0
         self._filling = False
         self._closed = False
@@ -89,9 +91,14 @@ class SpareDisks:
         """Put a ready `size_mb` disk at `image` (renamed) mounted on `mount_point` (moved); False when none is
         ready (the caller makes one). Asking for a size starts keeping spares of it."""
         with self._cond:
-            ready = self._ready.setdefault(size_mb, collections.deque())
+            ready = self._ready.pop(size_mb, None) or collections.deque()
+            self._ready[size_mb] = ready  # now the most recently asked
+            if len(self._ready) > SIZES:
+                self._retired.extend(self._ready.pop(next(iter(self._ready))))
             name = ready.popleft() if ready else None
             self._start()
+            if not self._creating:  # else the last create's end wakes the maker
+                self._cond.notify_all()
         if name is None:
             return False
         spare_image, spare_mount = self.images / self.owner / f"{name}.img", self.mounts / self.owner / name
@@ -127,11 +134,18 @@ class SpareDisks:
     def _fill(self) -> None:
         while True:
             with self._cond:
-                while self._closed or self._creating or (size_mb := self._wanted()) is None:
+                while self._closed or self._creating or (not self._retired and (size_mb := self._wanted()) is None):
                     if self._closed:
                         return
                     self._cond.wait()
+                retired = self._retired.pop() if self._retired else None
                 self._filling = True
+            if retired is not None:
+                self._remove(retired)
+                with self._cond:
+                    self._filling = False
+                    self._cond.notify_all()
+                continue
             name = secrets.token_hex(6)
             image, mount_point = self.images / self.owner / f"{name}.img", self.mounts / self.owner / name
             try:
@@ -148,9 +162,19 @@ class SpareDisks:
                     self._cond.notify_all()
                 continue
             with self._cond:
-                self._ready.setdefault(size_mb, collections.deque()).append(name)
+                if size_mb in self._ready:
+                    self._ready[size_mb].append(name)
+                else:  # its size was retired meanwhile
+                    self._retired.append(name)
                 self._filling = False
                 self._cond.notify_all()
+
+    def _remove(self, name: str) -> None:
+        mount_point = self.mounts / self.owner / name
+        unmount(mount_point)
+        (self.images / self.owner / f"{name}.img").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            mount_point.rmdir()
 
     def close(self) -> None:
         """Unmount and delete every spare not taken (after the one being made, if any)."""
