@@ -340,6 +340,7 @@ class ContainerDriver(SandboxDriver):
         self.runtime = OciRuntime(self.name, volatile.runtime_root(self.config.home, self.name), self.config.bin_dir)
         self.disk_templates = self.config.home / "cache" / "disk-templates"
         self.trash = self.config.home / "trash"  # on the state dirs' filesystem: a discard there is a rename
+        spares.reap_dead_owners(self.config.home)
 
     def _spares(self) -> spares.SpareDisks:
         """Ready disks for this home's creates (spares.py), made at the first create."""

@@ -58,7 +58,7 @@ class SpareDisks:
         self.template_dir = template_dir
         self.images = home / "spare-disks"
         self.mounts = volatile.home_root(home) / "spare-disks"
-        self._reap_dead_owners()
+        reap_dead_owners(home)
         self.owner = f"{os.getpid()}-{secrets.token_hex(4)}"
         (self.images / self.owner).mkdir(parents=True)
         (self.mounts / self.owner).mkdir(parents=True)
@@ -188,27 +188,43 @@ class SpareDisks:
             os.close(self._lock_fd)
 
     # -- crash cleanup -------------------------------------------------------------------------------------
-    def _reap_dead_owners(self) -> None:
-        """Remove the spares of processes that died (no one holds their owner lock)."""
-        if not self.images.is_dir():
-            return
-        for owner in self.images.iterdir():
-            try:
-                fd = os.open(owner / LOCK, os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                fd = -1  # killed between making the directory and its lock
-            except OSError:
+
+
+def reap_dead_owners(home: Path) -> None:
+    """Remove the spares of processes that died (no one holds their owner lock): at every container driver's
+    start (a server start), so a killed server's spares do not wait for the next create."""
+    images, mounts = home / "spare-disks", volatile.home_root(home) / "spare-disks"
+    if not images.is_dir():
+        return
+    for owner in images.iterdir():
+        try:
+            fd = os.open(owner / LOCK, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:  # made, its lock not yet: dead only if its process is
+            if _pid_alive(owner.name.partition("-")[0]):
                 continue
-            try:
-                if fd >= 0:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        continue  # alive
-                _remove_owner(owner, self.mounts / owner.name)
-            finally:
-                if fd >= 0:
-                    os.close(fd)
+            fd = -1
+        except OSError:
+            continue
+        try:
+            if fd >= 0:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # alive
+            _remove_owner(owner, mounts / owner.name)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+
+def _pid_alive(text: str) -> bool:
+    try:
+        os.kill(int(text), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove_owner(images: Path, mounts: Path) -> None:
