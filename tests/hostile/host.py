@@ -86,11 +86,22 @@ def mounts_with(token: str) -> list[str]:
 
 def cgroups_with(token: str) -> list[str]:
     """Cgroup directories on the host named with the token, in any v1 hierarchy (at most 3 levels deep)."""
-    found = []
+    found: list[str] = []
+
+    def walk(directory: str, depth: int) -> None:
+        try:  # other suites create and remove cgroups meanwhile: a directory may vanish while it is listed
+            entries = [e for e in os.scandir(directory) if e.is_dir(follow_symlinks=False)]
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in entries:
+            if token in entry.name:
+                found.append(entry.path)
+            if depth < 3:
+                walk(entry.path, depth + 1)
+
     if CGROUP_V1.is_dir():
         for hierarchy in CGROUP_V1.iterdir():
-            for pattern in ("*", "*/*", "*/*/*"):
-                found += [str(p) for p in hierarchy.glob(pattern) if token in p.name and p.is_dir()]
+            walk(str(hierarchy), 1)
     return found
 
 
