@@ -4,9 +4,11 @@ an error, never a hang."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -55,18 +57,26 @@ def test_a_silent_launched_process_is_not_timed_out(listening: ListeningAgent) -
     assert drain(client.launch(["sleep", "2"], PATH_ENV, "/"))[2] == Exited(0, 0)
 
 
-def test_launch_on_a_frozen_agent_fails_instead_of_hanging(listening: ListeningAgent) -> None:
-    client = AgentClient(listening.raw(), sandbox_id="sb-frozen", request_timeout_s=1.0)
+@contextlib.contextmanager
+def frozen_agent(listening: ListeningAgent, request_timeout_s: float = 1.0) -> Iterator[AgentClient]:
+    """A client of an agent stopped with SIGSTOP for the block's duration; the agent answers a new connection
+    afterwards."""
+    client = AgentClient(listening.raw(), sandbox_id="sb-frozen", request_timeout_s=request_timeout_s)
     listening.clients.append(client)
     assert client.ping() < 5
     os.kill(listening.proc.pid, signal.SIGSTOP)
     try:
-        proc = client.launch(["true"], PATH_ENV, "/")
-        with pytest.raises(RuntimeFailure, match="did not answer spawn of true.*sb-frozen"):
-            drain(proc)
+        yield client
     finally:
         os.kill(listening.proc.pid, signal.SIGCONT)
     assert listening.connect().ping() < 5
+
+
+def test_launch_on_a_frozen_agent_fails_instead_of_hanging(listening: ListeningAgent) -> None:
+    with frozen_agent(listening) as client:
+        proc = client.launch(["true"], PATH_ENV, "/")
+        with pytest.raises(RuntimeFailure, match="did not answer spawn of true.*sb-frozen"):
+            drain(proc)
 
 
 def test_next_event_waits_at_most_its_timeout(client: AgentClient) -> None:
@@ -93,14 +103,9 @@ def test_next_event_raises_a_failed_start(client: AgentClient) -> None:
 
 
 def test_next_event_on_a_frozen_agent_fails_within_the_request_timeout(listening: ListeningAgent) -> None:
-    client = AgentClient(listening.raw(), sandbox_id="sb-frozen", request_timeout_s=1.0)
-    listening.clients.append(client)
-    assert client.ping() < 5
-    os.kill(listening.proc.pid, signal.SIGSTOP)
-    try:
+    # a request timeout well above next_event's own, so a stall of the test itself cannot run the former out first
+    with frozen_agent(listening, request_timeout_s=5.0) as client:
         proc = client.launch(["true"], PATH_ENV, "/")
         assert proc.next_event(0.1) is None  # its own timeout first
         with pytest.raises(RuntimeFailure, match="did not answer spawn of true"):
             proc.next_event(60)  # then the request timeout, not this one
-    finally:
-        os.kill(listening.proc.pid, signal.SIGCONT)
