@@ -112,3 +112,28 @@ def test_spares_are_kept_for_the_most_recently_asked_sizes_only(tmp_path):
     finally:
         pool.close()
     assert rootfs.mounts_under(pool.mounts / pool.owner) == []
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_process_s_spares_are_removed_by_a_server_of_another_home(tmp_path):
+    """A home nobody serves again (a test's temporary one) must not keep a killed process's mounts and loop
+    devices: the orphan sweep of any server's start, on any home, removes them."""
+    from dsec.server import orphans
+
+    home, templates, size_mb = tmp_path / "home", tmp_path / "templates", 64
+    template(templates, size_mb)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(home), str(templates), str(size_mb)],
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        owner = child.stdout.readline().strip()
+        assert owner, "the child made its spares"
+        mounts = volatile.home_root(home) / "spare-disks" / owner
+        assert len(rootfs.mounts_under(mounts)) == spares.SPARES
+        assert str(mounts) not in spares.reap_dead_owners_on_host()  # a live owner's stay
+        assert len(rootfs.mounts_under(mounts)) == spares.SPARES
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    found = orphans.sweep(tmp_path / "another-home" / "run")
+    assert str(mounts) in found.spare_disks
+    assert rootfs.mounts_under(mounts) == [] and not mounts.exists(), "a dead owner's spares are unmounted"

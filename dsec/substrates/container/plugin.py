@@ -27,7 +27,7 @@ def sweepers() -> Sequence[registry.Sweeper]:
     plumbing, its disk's loop device."""
     from dsec.substrates.container import sweep
 
-    return sweep.DOCKER, sweep.CGROUPS, sweep.NETWORK, sweep.DISKS
+    return sweep.DOCKER, sweep.CGROUPS, sweep.NETWORK, sweep.DISKS, sweep.SPARE_DISKS
 
 
 CONTAINER = registry.register(registry.Substrate(

@@ -217,6 +217,28 @@ def reap_dead_owners(home: Path) -> None:
                 os.close(fd)
 
 
+def reap_dead_owners_on_host() -> list[str]:
+    """Unmount the spares of dead processes of *every* home on this machine (their mounts live under the shared
+    tmpfs, volatile.VOLATILE_ROOT), for the orphan sweep of any server's start. Why: `reap_dead_owners` runs for
+    one home, and a home never served again (a test's temporary one, a removed deployment) kept a killed
+    process's mounts and loop devices forever. Ownership is the pid in the owner's name: a live pid (or a reused
+    one) is left alone, so this can only ever wait too long, never take a living process's spares. The images
+    stay in their home, removed with it or by its next driver. Returns the owner dirs removed."""
+    removed: list[str] = []
+    root = volatile.VOLATILE_ROOT
+    for home_dir in sorted(root.iterdir()) if root.is_dir() else []:
+        spare_mounts = home_dir / "spare-disks"
+        for owner in sorted(spare_mounts.iterdir()) if spare_mounts.is_dir() else []:
+            if _pid_alive(owner.name.partition("-")[0]):
+                continue
+            for mount_point in mounts_under(owner):
+                unmount(mount_point)
+            if not mounts_under(owner):
+                shutil.rmtree(owner, ignore_errors=True)
+                removed.append(str(owner))
+    return removed
+
+
 def _pid_alive(text: str) -> bool:
     try:
         os.kill(int(text), 0)

@@ -10,6 +10,7 @@ shared with allowlisted VMs (dsec/substrates/vm/net.py), so the vm substrates li
 from __future__ import annotations
 
 import contextlib
+import logging
 import errno
 import fcntl
 import os
@@ -23,12 +24,14 @@ import docker
 import docker.errors
 
 from dsec.errors import RuntimeFailure
-from dsec.substrates.container import cgroups, volatile
+from dsec.substrates.container import cgroups, spares, volatile
 from dsec.substrates.container.bundle import CGROUP_PARENT
 from dsec.substrates.container.dockerd import DSEC_DOCKER_SOCKET, ping
 from dsec.substrates.container.network import ALLOC_DIR, NETNS_DIR, Link, netns_name, release_slot, table_name
 from dsec.substrates.container.rootfs import mounts_under, unmount
 from dsec.substrates.registry import SANDBOX_ID, SweepContext, Sweeper
+
+log = logging.getLogger("dsec.substrates.container.sweep")
 
 NETNS_NAME = re.compile(rf"dsec-({SANDBOX_ID.pattern})")
 NFT_TABLE = re.compile(r"table inet (dsec_sb_[0-9a-f]{16})")
@@ -278,3 +281,18 @@ DOCKER = DockerContainers()
 CGROUPS = Cgroups()
 NETWORK = Network()
 DISKS = Disks()
+
+
+class SpareDisks(Sweeper):
+    """Spare disks (spares.py) of dead processes of any home: mounted, loop-backed, owned by no sandbox."""
+
+    stage = 30
+    kinds = ("spare_disks",)
+
+    def sweep(self, ctx: SweepContext) -> None:
+        try:
+            for owner in spares.reap_dead_owners_on_host():
+                ctx.record("spare_disks", owner)
+        except (OSError, RuntimeFailure) as exc:  # the next start retries; a sweep never fails a server's start
+            log.warning("spare disks of dead processes not all removed (the next start retries): %s", exc)
+SPARE_DISKS = SpareDisks()
