@@ -76,8 +76,9 @@ time.sleep(3600)
 """
 
 
-@pytest.mark.timeout(240)
-def test_the_spares_of_a_killed_process_are_removed_by_the_next(tmp_path):
+def _killed_owner(tmp_path: Path, while_alive=lambda mounts: None) -> tuple[Path, str, Path]:
+    """A child process that made its spares on a fresh home, killed with SIGKILL once `while_alive(mounts)` ran;
+    returns (home, owner, the owner's mount dir), its spares still mounted."""
     home, templates, size_mb = tmp_path / "home", tmp_path / "templates", 64
     template(templates, size_mb)
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(home), str(templates), str(size_mb)],
@@ -87,10 +88,17 @@ def test_the_spares_of_a_killed_process_are_removed_by_the_next(tmp_path):
         assert owner, "the child made its spares"
         mounts = volatile.home_root(home) / "spare-disks" / owner
         assert len(rootfs.mounts_under(mounts)) == spares.SPARES
+        while_alive(mounts)
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
     assert len(rootfs.mounts_under(mounts)) == spares.SPARES, "kill -9 leaves them mounted"
+    return home, owner, mounts
+
+
+@pytest.mark.timeout(240)
+def test_the_spares_of_a_killed_process_are_removed_by_the_next(tmp_path):
+    home, owner, mounts = _killed_owner(tmp_path)
     container_driver("crun", ServerConfig(home=home))  # a server starting on the home: its driver reaps them
     assert rootfs.mounts_under(mounts) == [], "a dead owner's spares are unmounted"
     assert not mounts.exists() and not (home / "spare-disks" / owner).exists()
@@ -120,20 +128,11 @@ def test_a_killed_process_s_spares_are_removed_by_a_server_of_another_home(tmp_p
     devices: the orphan sweep of any server's start, on any home, removes them."""
     from dsec.server import orphans
 
-    home, templates, size_mb = tmp_path / "home", tmp_path / "templates", 64
-    template(templates, size_mb)
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(home), str(templates), str(size_mb)],
-                             stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        owner = child.stdout.readline().strip()
-        assert owner, "the child made its spares"
-        mounts = volatile.home_root(home) / "spare-disks" / owner
+    def a_live_owner_s_stay(mounts: Path) -> None:
+        assert str(mounts) not in spares.reap_dead_owners_on_host()
         assert len(rootfs.mounts_under(mounts)) == spares.SPARES
-        assert str(mounts) not in spares.reap_dead_owners_on_host()  # a live owner's stay
-        assert len(rootfs.mounts_under(mounts)) == spares.SPARES
-    finally:
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
+
+    _, _, mounts = _killed_owner(tmp_path, a_live_owner_s_stay)
     found = orphans.sweep(tmp_path / "another-home" / "run")
     assert str(mounts) in found.spare_disks
     assert rootfs.mounts_under(mounts) == [] and not mounts.exists(), "a dead owner's spares are unmounted"
