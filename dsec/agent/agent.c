@@ -21,10 +21,13 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -350,14 +353,14 @@ static const char *env_lookup(char **env, const char *key) {
     return NULL;
 }
 
-/* execve, and like execvp: a file without a #! line or ELF header is run by /bin/sh. */
+/* execve, and like execvp: a file without a #! line or ELF header is run by /bin/sh. Runs in the spawned child,
+   which shares the agent's memory until the exec (spawn_child): no malloc, the /bin/sh argv is a static array. */
 static void exec_one(const char *file, char **argv, char **env) {
+    static char *sh_argv[MAX_ARGS + 3];
     execve(file, argv, env);
     if (errno != ENOEXEC) return;
     int argc = 0;
     while (argv[argc]) argc++;
-    char **sh_argv = calloc((size_t)argc + 2, sizeof *sh_argv);
-    if (!sh_argv) return;
     sh_argv[0] = "sh";
     sh_argv[1] = (char *)file;
     for (int i = 1; i <= argc; i++) sh_argv[i + 1] = argv[i];
@@ -392,49 +395,88 @@ static void exec_search(char **argv, char **env) {
     errno = saw_eacces ? EACCES : ENOENT;
 }
 
-/* In the forked child: never returns. Reports a failure as (errno, stage) through `errfd`. With a PTY
-   (`pty_name` set) the slave becomes the controlling terminal of the new session and stdin/stdout/stderr. */
-static void child_exec(char **argv, char **env, const char *cwd, long uid, long gid,
-                       int in_fd, int out_fd, int err_fd, int errfd, const char *pty_name) {
-    struct { int err; int stage; } report;
-    sigset_t all;
-    sigemptyset(&all);
-    sigprocmask(SIG_SETMASK, &all, NULL);
-    for (int s = 1; s < NSIG; s++) signal(s, SIG_DFL);
+/* What a spawned child is given, and what it reports when it cannot exec (stage >= 0; -1 while it has not failed). */
+typedef struct spawn_req {
+    char **argv, **env;
+    const char *cwd;
+    const char *pty_name;   /* with a PTY: the slave the child opens as its controlling terminal */
+    long uid, gid;
+    int in_fd, out_fd, err_fd;
+    volatile int err, stage;
+} spawn_req_t;
+
+/* The only signals whose disposition the agent changes (setup_signals): a handler would run the agent's code in
+   the child before the exec, and an ignored signal would stay ignored after it, so these go back to the default. */
+static const int changed_signals[] = {SIGCHLD, SIGPIPE, SIGTERM, SIGINT};
+
+/* The spawned child: never returns. It runs in the agent's memory on a stack of its own while the agent waits
+   (CLONE_VM | CLONE_VFORK, how posix_spawn starts a process): no page table is copied and no pipe is needed to
+   learn that the exec failed. So it only makes system calls (ids set with raw syscalls, no libc state touched)
+   and reports a failure in `req`. With a PTY the slave becomes the controlling terminal of the new session and
+   stdin/stdout/stderr. */
+static int spawn_child(void *arg) {
+    spawn_req_t *req = arg;
+    int in_fd = req->in_fd, out_fd = req->out_fd, err_fd = req->err_fd, stage = 0;
+    struct sigaction dfl = {.sa_handler = SIG_DFL};
+    sigemptyset(&dfl.sa_mask);
+    for (size_t i = 0; i < sizeof changed_signals / sizeof *changed_signals; i++) sigaction(changed_signals[i], &dfl, NULL);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
     setsid();
-    if (pty_name) {
-        int slave = open(pty_name, O_RDWR);
-        if (slave < 0 || ioctl(slave, TIOCSCTTY, 0) < 0) {
-            report.stage = 0;
-            goto fail;
-        }
-        if (uid >= 0 && fchown(slave, (uid_t)uid, (gid_t)-1) < 0) { /* the user's shell can still use it */ }
+    if (req->pty_name) {
+        int slave = open(req->pty_name, O_RDWR);
+        if (slave < 0 || ioctl(slave, TIOCSCTTY, 0) < 0) goto fail;
+        if (req->uid >= 0 && fchown(slave, (uid_t)req->uid, (gid_t)-1) < 0) { /* the user's shell can still use it */ }
         in_fd = out_fd = err_fd = slave;
     }
-    if (dup2(in_fd, 0) < 0 || dup2(out_fd, 1) < 0 || dup2(err_fd, 2) < 0) {
-        report.stage = 0;
-        goto fail;
-    }
-    if (gid >= 0) {
-        if (setgroups(0, NULL) < 0 || setgid((gid_t)gid) < 0) {
-            report.stage = 2;
-            goto fail;
-        }
-    }
-    if (uid >= 0 && setuid((uid_t)uid) < 0) {
-        report.stage = 2;
-        goto fail;
-    }
-    if (cwd && *cwd && chdir(cwd) < 0) {
-        report.stage = 1;
-        goto fail;
-    }
-    exec_search(argv, env);
-    report.stage = 3;
+    if (dup2(in_fd, 0) < 0 || dup2(out_fd, 1) < 0 || dup2(err_fd, 2) < 0) goto fail;
+    stage = 2;
+    if (req->gid >= 0 && (syscall(SYS_setgroups, 0, NULL) < 0 || syscall(SYS_setgid, (gid_t)req->gid) < 0)) goto fail;
+    if (req->uid >= 0 && syscall(SYS_setuid, (uid_t)req->uid) < 0) goto fail;
+    stage = 1;
+    if (req->cwd && *req->cwd && chdir(req->cwd) < 0) goto fail;
+    exec_search(req->argv, req->env);
+    stage = 3;
 fail:
-    report.err = errno;
-    if (write(errfd, &report, sizeof report) < 0) _exit(127);
+    req->err = errno;
+    req->stage = stage;
     _exit(127);
+}
+
+#define SPAWN_STACK (256 * 1024)
+
+/* The spawned child's stack, made once, with a guard page below it so an overflow faults instead of writing over
+   the agent's memory. One child runs on it at a time: the agent waits for each exec. */
+static char *spawn_stack_top(void) {
+    static char *top;
+    if (!top) {
+        size_t page = (size_t)sysconf(_SC_PAGESIZE);
+        char *base = mmap(NULL, SPAWN_STACK + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+        if (base == MAP_FAILED) return NULL;
+        if (mprotect(base, page, PROT_NONE) < 0) {
+            munmap(base, SPAWN_STACK + page);
+            return NULL;
+        }
+        top = base + page + SPAWN_STACK;
+    }
+    return top;
+}
+
+/* Start the child and return once it has exec'd or failed (req->stage). Every signal stays blocked until the
+   child has reset the dispositions it inherited: no handler of the agent's may run on the child's side. */
+static pid_t spawn_process(spawn_req_t *req) {
+    char *stack = spawn_stack_top();
+    if (!stack) return -1;
+    sigset_t all, saved;
+    sigfillset(&all);
+    sigprocmask(SIG_SETMASK, &all, &saved);
+    req->stage = -1;
+    pid_t pid = clone(spawn_child, stack, CLONE_VM | CLONE_VFORK | SIGCHLD, req);
+    int e = errno;
+    sigprocmask(SIG_SETMASK, &saved, NULL);
+    errno = e;
+    return pid;
 }
 
 static void do_spawn(conn_t *c, uint32_t id, char *p, uint32_t n) {
@@ -486,7 +528,7 @@ static void do_spawn(conn_t *c, uint32_t id, char *p, uint32_t n) {
     argv[argc] = NULL;
     env[envc] = NULL;
 
-    int in_p[2] = {-1, -1}, out_p[2] = {-1, -1}, err_p[2] = {-1, -1}, exec_p[2] = {-1, -1}, master = -1;
+    int in_p[2] = {-1, -1}, out_p[2] = {-1, -1}, err_p[2] = {-1, -1}, master = -1;
     char pty_name[64];
     if (cols > 0) {
         /* PTY: the master is read as stdout and written as stdin (two dups, so closing stdin keeps reading) and
@@ -505,23 +547,18 @@ static void do_spawn(conn_t *c, uint32_t id, char *p, uint32_t n) {
         if (in_p[0] < 0) goto syserr;
     }
     if (master < 0 && (pipe2(out_p, O_CLOEXEC) < 0 || pipe2(err_p, O_CLOEXEC) < 0)) goto syserr;
-    if (pipe2(exec_p, O_CLOEXEC) < 0) goto syserr;
-    pid_t pid = fork();
+    spawn_req_t req = {
+        .argv = argv, .env = env, .cwd = cwd, .pty_name = master >= 0 ? pty_name : NULL, .uid = uid, .gid = gid,
+        .in_fd = in_p[0], .out_fd = out_p[1], .err_fd = err_p[1],
+    };
+    pid_t pid = spawn_process(&req);
     if (pid < 0) goto syserr;
-    if (pid == 0)
-        child_exec(argv, env, cwd, uid, gid, in_p[0], out_p[1], err_p[1], exec_p[1], master >= 0 ? pty_name : NULL);
     close_fd(&in_p[0]);
     close_fd(&out_p[1]);
     close_fd(&err_p[1]);
-    close(exec_p[1]);
-    struct { int err; int stage; } report;
-    ssize_t r;
-    do {
-        r = read(exec_p[0], &report, sizeof report);
-    } while (r < 0 && errno == EINTR);
-    close(exec_p[0]);
-    if (r == (ssize_t)sizeof report) {
-        /* exec failed: the child exits 127 and is reaped by reap_children as an unknown pid */
+    if (req.stage >= 0) {
+        /* exec failed: the child exited 127 and is reaped by reap_children as an unknown pid */
+        struct { int err; int stage; } report = {req.err, req.stage};
         close_fd(&in_p[1]);
         close_fd(&out_p[0]);
         close_fd(&err_p[0]);
@@ -550,7 +587,7 @@ static void do_spawn(conn_t *c, uint32_t id, char *p, uint32_t n) {
     return;
 syserr:;
     int e = errno;
-    int *fds[] = {&in_p[0], &in_p[1], &out_p[0], &out_p[1], &err_p[0], &err_p[1], &exec_p[0], &exec_p[1], &master};
+    int *fds[] = {&in_p[0], &in_p[1], &out_p[0], &out_p[1], &err_p[0], &err_p[1], &master};
     for (size_t i = 0; i < sizeof fds / sizeof *fds; i++) close_fd(fds[i]);
     send_error(c, id, e, "cannot start %s: %s", argv[0], strerror(e));
     return;
