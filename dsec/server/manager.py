@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import shutil
 import threading
@@ -38,6 +39,7 @@ from dsec.server.sandbox_events import SandboxEvents
 from dsec.server.sessions import OnTimeout, ShellSession
 from dsec.server.snapshot_gc import SnapshotGC
 from dsec.server.snapshots import SnapshotStore
+from dsec.server.teardown_retries import TeardownRetries
 from dsec.server.templates import Templates
 from dsec.server.volumes import VolumeStore, check_supported
 from dsec.server.state import ServerState, reap_dead_servers, write_sandbox_record
@@ -144,6 +146,7 @@ class SandboxManager:
         # Destroys whose teardown finishes in the background (teardown without wait); counted as live until done
         self._tearing_down: set[str] = set()
         self._teardowns = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dsec-teardown")
+        self.teardown_retries = TeardownRetries()  # failed teardowns, retried by the reaper thread (still counted live)
         self.admission = CreateAdmission(
             config.max_sandboxes, config.max_concurrent_creates, config.create_queue_limit, config.tenant_max_sandboxes
         )
@@ -475,23 +478,49 @@ class SandboxManager:
             except RuntimeError:  # the pool is shut down (server stopping): finish it here
                 self._finish_teardown(sandbox, reason, detail)
             return
-        with sandbox.lock:
-            self._release(sandbox)
+        try:
+            with sandbox.lock:
+                self._release(sandbox)
+        except Exception:  # the caller hears of it; the sandbox still holds host resources, so it is retried
+            self._teardown_failed(sandbox, reason, detail)
+            raise
         self.intents.done(sandbox_id)
         sandbox.events.add("sandbox ended", reason=reason, detail=detail)
 
     def _finish_teardown(self, sandbox: ManagedSandbox, reason: str, detail: str) -> None:
-        """The background part of a destroy that did not wait; a failure keeps the intent for the next start."""
+        """The background part of a destroy that did not wait; a failure is retried (teardown_retries.py)."""
+        if self._try_release(sandbox, reason, detail):
+            with self._lock:
+                self._tearing_down.discard(sandbox.sandbox_id)
+
+    def _try_release(self, sandbox: ManagedSandbox, reason: str, detail: str) -> bool:
+        """One teardown attempt nobody waits for: True once done; on a failure the next attempt is scheduled."""
         try:
             with sandbox.lock:
                 self._release(sandbox)
-            self.intents.done(sandbox.sandbox_id)
-            sandbox.events.add("sandbox ended", reason=reason, detail=detail)
-        except Exception:  # noqa: BLE001 - nobody waits for this thread: log it, the intent stays for the next start
-            log.exception("background teardown of %s failed", sandbox.sandbox_id)
-        finally:
-            with self._lock:
-                self._tearing_down.discard(sandbox.sandbox_id)
+        except Exception:  # noqa: BLE001 - nobody waits for this thread: the reaper tries again later
+            self._teardown_failed(sandbox, reason, detail)
+            return False
+        self.intents.done(sandbox.sandbox_id)
+        sandbox.events.add("sandbox ended", reason=reason, detail=detail)
+        return True
+
+    def _teardown_failed(self, sandbox: ManagedSandbox, reason: str, detail: str) -> None:
+        """Keep the sandbox counted (it holds mounts, a cgroup, a disk) and schedule another attempt; its intent
+        stays, so a server that stops first leaves the destroy to the next start."""
+        with self._lock:
+            self._tearing_down.add(sandbox.sandbox_id)
+        entry = self.teardown_retries.failed(sandbox, reason, detail, time.monotonic())
+        sandbox.events.add("teardown failed; retrying", attempts=entry.attempts,
+                           retry_in_s=round(entry.due_at - time.monotonic(), 1))
+
+    def _retry_teardowns(self, now: float) -> None:
+        """Run the failed teardowns whose next attempt is due (the reaper thread, and once more at shutdown)."""
+        for entry in self.teardown_retries.take_due(now):
+            if self._try_release(entry.sandbox, entry.reason, entry.detail):
+                log.info("teardown of %s succeeded on attempt %d", entry.sandbox.sandbox_id, entry.attempts + 1)
+                with self._lock:
+                    self._tearing_down.discard(entry.sandbox.sandbox_id)
 
     def _release(self, sandbox: ManagedSandbox) -> None:
         """The driver's destroy, then what the server holds for the sandbox (caller holds `sandbox.lock`)."""
@@ -499,8 +528,9 @@ class SandboxManager:
         try:
             sandbox.driver.destroy(sandbox.handle)
         except BaseException:
-            # keep the state dir and the intent: the next server start finishes this destroy
-            log.exception("destroy of %s failed; its intent and state stay for the next start", sandbox_id)
+            # keep the state dir and the intent: retried while this server runs, else finished by the next start
+            log.exception("destroy of %s failed; its intent and state stay until a retry or the next start finishes it",
+                          sandbox_id)
             raise
         shutil.rmtree(sandbox.state_dir, ignore_errors=True)
         orphans.unregister(sandbox_id)
@@ -526,6 +556,7 @@ class SandboxManager:
         """TTLs are enforced here, by the node that runs the sandbox: a cluster gateway only relays."""
         while not self._stop.wait(0.5):
             self._reap_once(time.time())
+            self._retry_teardowns(time.monotonic())
 
     def _reap_once(self, now: float) -> None:
         """End (or park) every sandbox whose timeout or idle timeout has passed by `now`."""
@@ -587,6 +618,7 @@ class SandboxManager:
             except Exception:  # noqa: BLE001 - destroy the rest regardless
                 log.exception("shutdown destroy of %s failed", sandbox_id)
         self._teardowns.shutdown(wait=True)  # background teardowns end before the server does
+        self._retry_teardowns(math.inf)  # one last attempt for the failed ones; what fails again waits for the next start
         for run in self.adopted_runs:  # emptied by the destroys above; what failed stays for the next start
             run.release()
         self.adopted_runs = []

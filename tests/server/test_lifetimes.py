@@ -7,10 +7,12 @@ deadline."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -181,6 +183,53 @@ def test_a_destroy_cut_by_a_crash_is_finished_by_the_next_server(monkeypatch):
         if successor is not None:
             successor.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _until(check, what: str):
+    deadline = time.monotonic() + DEADLINE_S
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"not {what} after {DEADLINE_S}s"
+        time.sleep(0.05)
+    return value
+
+
+def test_a_failed_teardown_is_retried_by_the_live_server(monkeypatch):
+    """A teardown that fails (here: the driver's destroy raises EBUSY while `busy` is set) is not left for the
+    next server start: the running server keeps the sandbox counted, its intent on disk, and tries again with
+    backoff until it succeeds; then nothing of the sandbox is left."""
+    running = serve(ServerConfig(listen="127.0.0.1:0", http_listen=""))
+    manager = running.manager
+    try:
+        with dsec.Client(running.address) as c:
+            sb = c.create("busybox", timeout_s=600)
+            assert sb.exec("echo up").stdout == b"up\n"
+            driver = manager.get(sb.id).driver
+            real_destroy, attempts, busy = driver.destroy, [], threading.Event()
+            busy.set()
+
+            def flaky_destroy(handle):
+                attempts.append(handle.sandbox_id)
+                if busy.is_set():
+                    raise OSError(errno.EBUSY, "injected: the rootfs is busy")
+                real_destroy(handle)
+
+            monkeypatch.setattr(driver, "destroy", flaky_destroy)
+            sb.destroy()  # returns once killed; the teardown fails in the background
+            _until(lambda: len(attempts) >= 2, "retried")  # the first attempt and one retry, both failed
+            assert sb.id in manager.teardown_retries.ids()
+            assert manager._live_total() == 1  # still holds host resources, so still counted
+            assert [i["sandbox_id"] for i in manager.intents.pending()] == [sb.id]
+            assert any(item.startswith("mount:") for item in leftovers(sb.id))
+            with pytest.raises(SandboxExpired) as caught:  # its id already answers as destroyed
+                c.connect(sb.id)
+            assert caught.value.reason == "destroyed"
+
+            busy.clear()  # the cause goes away: the next retry finishes the destroy
+            _until(lambda: manager._live_total() == 0, "released")
+            assert manager.intents.pending() == [] and manager.teardown_retries.ids() == set()
+            assert _settled(sb.id) == []
+    finally:
+        running.stop()
 
 
 def test_destroy_intents_survive_as_files_until_finished(tmp_path):
