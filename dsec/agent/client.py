@@ -64,13 +64,16 @@ T = TypeVar("T")
 
 
 def _strings(*values: str | bytes) -> bytes:
-    out = bytearray()
-    for value in values:
-        raw = value.encode() if isinstance(value, str) else value
-        if b"\0" in raw:
-            raise InvalidPath(f"NUL byte in {raw[:60]!r}: paths, arguments and environment cannot contain NUL")
-        out += raw + b"\0"
-    return bytes(out)
+    """The agent's string list: each value NUL-terminated (a spawn has a dozen or more: joined once, not appended
+    one by one); a value holding a NUL itself would shift every field after it, so it is refused."""
+    raws = [value.encode() if isinstance(value, str) else value for value in values]
+    if not raws:
+        return b""
+    joined = b"\0".join(raws) + b"\0"
+    if joined.count(0) != len(raws):
+        raw = next(raw for raw in raws if b"\0" in raw)
+        raise InvalidPath(f"NUL byte in {raw[:60]!r}: paths, arguments and environment cannot contain NUL")
+    return joined
 
 
 def _split(payload: bytes) -> list[str]:
@@ -476,14 +479,16 @@ class AgentClient:
                 raise self.lost_error() from exc
 
     def _write_all(self, view: memoryview) -> None:
-        poller = select.poll()
-        poller.register(self._wfd, select.POLLOUT)
+        poller = None  # made only when the stream is full: a frame almost always goes out in one write
         while view:
             try:
                 view = view[os.write(self._wfd, view) :]
                 continue
             except BlockingIOError:
                 pass
+            if poller is None:
+                poller = select.poll()
+                poller.register(self._wfd, select.POLLOUT)
             if not poller.poll(self.request_timeout_s * 1000):
                 raise TimeoutError(f"the agent read nothing for {self.request_timeout_s:.0f}s (sandbox frozen?)")
 

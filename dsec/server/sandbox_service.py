@@ -89,24 +89,25 @@ def _child(metric, *labels: str):
     return child
 
 
-def _observed(substrate: str, events: Iterator[pb.ExecEvent]) -> Iterator[pb.ExecEvent]:
-    """Pass events through, recording the exec's latency and outcome for /metrics."""
+def _finished(sandbox: ManagedSandbox, kind: str, command: str, status: pb.ExecStatus, started: float) -> None:
+    """What every exec and session command records when its status is known: its latency and outcome for
+    /metrics (exec only) and a line in the sandbox's own log (the Logs RPC)."""
+    outcome = _outcome(status)
+    if kind == "exec":
+        substrate = sandbox.spec.substrate
+        _child(EXEC_SECONDS, substrate).observe(time.monotonic() - started)
+        _child(EXECS, substrate, outcome).inc()
+    level = "info" if status.exit_code == 0 and not status.timed_out and not status.oom_killed else "warn"
+    sandbox.events.add(f"{kind} finished", level, command=command, exit_code=status.exit_code, outcome=outcome,
+                       duration_s=round(status.duration_s, 3))
+
+
+def _recorded(sandbox: ManagedSandbox, kind: str, command: str, events: Iterator[pb.ExecEvent]) -> Iterator[pb.ExecEvent]:
+    """Pass events through; the status is recorded (`_finished`) before it is sent."""
     started = time.monotonic()
     for event in events:
         if event.HasField("status"):
-            _child(EXEC_SECONDS, substrate).observe(time.monotonic() - started)
-            _child(EXECS, substrate, _outcome(event.status)).inc()
-        yield event
-
-
-def _evented(sandbox: ManagedSandbox, kind: str, command: str, events: Iterator[pb.ExecEvent]) -> Iterator[pb.ExecEvent]:
-    """Pass events through, noting the command and how it ended in the sandbox's own log (the Logs RPC)."""
-    for event in events:
-        if event.HasField("status"):
-            status = event.status
-            level = "info" if status.exit_code == 0 and not status.timed_out and not status.oom_killed else "warn"
-            sandbox.events.add(f"{kind} finished", level, command=command, exit_code=status.exit_code,
-                               outcome=_outcome(status), duration_s=round(status.duration_s, 3))
+            _finished(sandbox, kind, command, event.status, started)
         yield event
 
 
@@ -246,28 +247,42 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
     # -- exec -----------------------------------------------------------------------------------------------
     @rpc_errors
     def Exec(self, request: pb.ExecRequest, context: grpc.ServicerContext) -> Iterator[pb.ExecEvent]:
-        yield from self._exec(request, context)
+        sandbox, described, produce = self._exec(request, context)
+        with sandbox.active():
+            yield from _recorded(sandbox, "exec", described, self._stream_logged(sandbox, "exec", request, produce))
 
     @rpc_errors
     def ExecCollect(self, request: pb.ExecRequest, context: grpc.ServicerContext) -> pb.ExecRecord:
         """Exec's events gathered into one reply: a server stream costs a send and its completion per message
-        and the SDK a stream to drain, a tenth of a 2 ms exec; the output caps keep the reply under the limit."""
+        and the SDK a stream to drain, a tenth of a 2 ms exec; the output caps keep the reply under the limit.
+        The events are read here, on the RPC's thread, with no generator between it and the exec engine's."""
         if (request.max_output_bytes or self.config.max_output_bytes) > COLLECT_MAX_OUTPUT:
             raise Unsupported(f"an output cap above {COLLECT_MAX_OUTPUT} bytes does not fit one reply; use Exec")
+        sandbox, described, produce = self._exec(request, context)
         record = pb.ExecRecord()
-        stdout, stderr = bytearray(), bytearray()
-        for event in self._exec(request, context):
-            which = event.WhichOneof("event")
-            if which == "stdout":
-                stdout += event.stdout
-            elif which == "stderr":
-                stderr += event.stderr
-            elif which == "status":
-                record.status.CopyFrom(event.status)
-        record.stdout, record.stderr = bytes(stdout), bytes(stderr)
+        stdout: list[bytes] = []
+        stderr: list[bytes] = []
+        with sandbox.active():
+            started = time.monotonic()
+            for event in self._stream_logged(sandbox, "exec", request, produce):
+                which = event.WhichOneof("event")
+                if which == "stdout":
+                    stdout.append(event.stdout)
+                elif which == "stderr":
+                    stderr.append(event.stderr)
+                elif which == "status":
+                    _finished(sandbox, "exec", described, event.status, started)
+                    record.status.CopyFrom(event.status)
+        if stdout:
+            record.stdout = b"".join(stdout)
+        if stderr:
+            record.stderr = b"".join(stderr)
         return record
 
-    def _exec(self, request: pb.ExecRequest, context: grpc.ServicerContext) -> Iterator[pb.ExecEvent]:
+    def _exec(
+        self, request: pb.ExecRequest, context: grpc.ServicerContext
+    ) -> tuple[ManagedSandbox, str, Callable[[], Iterator[pb.ExecEvent]]]:
+        """The checked request's sandbox, how the sandbox log names the command, and what runs it (events)."""
         sandbox = self.manager.running(request.sandbox_id, self._tenant(context))
         if bool(request.argv) == bool(request.command):
             raise InvalidSpec("give exactly one of argv or command")
@@ -276,18 +291,21 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
         if request.timeout_s < 0:
             raise InvalidSpec("timeout_s must be >= 0")
         argv = list(request.argv) or ["/bin/sh", "-c", request.command]
-        env = sandbox.default_env() | dict(request.env)
+        env = sandbox.default_env()
+        if request.env:
+            env.update(request.env)
         cwd = sandbox_path(request.cwd, "/") if request.cwd else sandbox.default_cwd()
         max_output = request.max_output_bytes or self.config.max_output_bytes
+        handle = sandbox.handle
 
         def produce() -> Iterator[pb.ExecEvent]:
-            oom_before = sandbox.handle.oom_kill_count()
+            oom_before = handle.oom_kill_count()
             if request.stdin:
-                process = sandbox.handle.spawn(argv, env, cwd, stdin=True)
+                process = handle.spawn(argv, env, cwd, stdin=True)
             else:  # a failed start is raised from the events instead, and the thread wakes once, for the exit
-                process = sandbox.handle.launch(argv, env, cwd)
-            yield from run_process(
-                sandbox.handle,
+                process = handle.launch(argv, env, cwd)
+            return run_process(
+                handle,
                 process,
                 stdin=request.stdin or None,
                 timeout_s=request.timeout_s,
@@ -295,10 +313,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
                 oom_kills_before=oom_before,
             )
 
-        described = request.command or " ".join(request.argv)
-        with sandbox.active():
-            yield from _observed(sandbox.spec.substrate,
-                                 _evented(sandbox, "exec", described, self._stream_logged(sandbox, "exec", request, produce)))
+        return sandbox, request.command or " ".join(request.argv), produce
 
     # -- sessions -------------------------------------------------------------------------------------------
     @rpc_errors
@@ -320,8 +335,8 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
             return session.run(request.command, request.timeout_s, max_output)
 
         with sandbox.active():
-            yield from _evented(sandbox, "session command", request.command,
-                                self._stream_logged(sandbox, "session", request, produce))
+            yield from _recorded(sandbox, "session command", request.command,
+                                 self._stream_logged(sandbox, "session", request, produce))
 
     @rpc_errors
     def CloseSession(self, request: pb.SessionRef, context: grpc.ServicerContext) -> pb.Empty:

@@ -101,6 +101,41 @@ def _read_oom_kills(cgroup_dir: Path) -> int:
     return -1
 
 
+class _OomFile:
+    """A container's OOM kill counter kept open and re-read with pread, as `cgroups.OomCounter` does for crun/runc:
+    every exec reads it twice, and pathlib's open + read + close on cgroupfs costs several times one pread. A
+    cgroup removed under it reads as an error: `read` is then -1 and the owner opens the file afresh."""
+
+    def __init__(self, cgroup_dir: Path) -> None:
+        self.cgroup_dir = cgroup_dir
+        self._fd = -1
+        for name in ("memory.oom_control", "memory.events"):  # cgroup v1, v2: both count kills as `oom_kill N`
+            try:
+                self._fd = os.open(cgroup_dir / name, os.O_RDONLY | os.O_CLOEXEC)
+                return
+            except OSError:
+                continue
+
+    def read(self) -> int:
+        """The `oom_kill` count; -1 if the file is gone or unreadable."""
+        if self._fd < 0:
+            return -1
+        try:
+            data = os.pread(self._fd, 4096, 0)
+        except OSError:
+            return -1
+        for line in data.split(b"\n"):
+            field, _, value = line.partition(b" ")
+            if field == b"oom_kill":
+                return int(value)
+        return -1
+
+    def __del__(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class DockerSandbox(AgentSandbox):
     """A Docker container whose PID 1 is the dsec agent."""
 
@@ -117,6 +152,7 @@ class DockerSandbox(AgentSandbox):
         self._memory_mb = spec.resources.memory_mb
         self._cgroup_dir: Path | None = None
         self._cgroup_lock = threading.Lock()
+        self._oom_file: _OomFile | None = None
 
     def _cgroup(self) -> Path | None:
         with self._cgroup_lock:
@@ -132,6 +168,13 @@ class DockerSandbox(AgentSandbox):
     def oom_kill_count(self) -> int:
         cgroup = self._cgroup()
         if cgroup is not None:
+            oom_file = self._oom_file
+            if oom_file is None or oom_file.cgroup_dir != cgroup:
+                oom_file = self._oom_file = _OomFile(cgroup)
+            kills = oom_file.read()
+            if kills >= 0:
+                return kills
+            self._oom_file = None  # gone or unreadable: opened afresh next time
             kills = _read_oom_kills(cgroup)
             if kills >= 0:
                 return kills
