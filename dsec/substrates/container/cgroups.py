@@ -11,6 +11,7 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from dsec.errors import RuntimeFailure
@@ -89,21 +90,21 @@ def memory_file(path: str, name: str) -> str | None:
     return str(directory / name) if directory is not None else None
 
 
-class OomCounter:
-    """The OOM kill counter of one cgroup, its `memory.oom_control` kept open and re-read with pread: every exec
-    reads it twice (before and after), and open + read + close on cgroupfs cost ~15 us where a pread costs ~2
-    (this host). A cgroup removed and made again (resume, restore) leaves the file dead: `read` is then -1 and
-    the owner opens a new counter. The descriptor is closed with the object, never under a reader."""
+class OomKillFile:
+    """An `oom_kill N` counter file (cgroup v1 `memory.oom_control`, v2 `memory.events`) kept open and re-read
+    with pread: every exec reads it twice (before and after), and open + read + close on cgroupfs cost ~15 us where
+    a pread costs ~2 (this host). A cgroup removed and made again (resume, restore) leaves the file dead: `read` is
+    then -1 and the owner opens a new one. The descriptor is closed with the object, never under a reader."""
 
-    def __init__(self, cgroup: str) -> None:
-        self.cgroup = cgroup
+    def __init__(self, candidates: Iterable[str | Path]) -> None:
+        """Open the first of `candidates` that opens (none: every `read` is -1)."""
         self._fd = -1
-        file = memory_file(cgroup, "memory.oom_control")
-        if file is not None:
+        for file in candidates:
             try:
                 self._fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+                return
             except OSError:
-                pass
+                continue
 
     def read(self) -> int:
         """The `oom_kill` count; -1 if the file is gone or unreadable."""
@@ -123,6 +124,15 @@ class OomCounter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class OomCounter(OomKillFile):
+    """The OOM kill counter of cgroup `cgroup` (a crun/runc sandbox's path) in the memory hierarchy."""
+
+    def __init__(self, cgroup: str) -> None:
+        self.cgroup = cgroup
+        file = memory_file(cgroup, "memory.oom_control")
+        super().__init__([] if file is None else [file])
 
 
 def memory_limit_bytes(path: str) -> int:

@@ -43,7 +43,7 @@ from dsec.images.user import resolve_user
 from dsec.models import PauseKind, SandboxSpec
 from dsec.substrates.agent_sandbox import AgentSandbox
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, snapshot_target_full, volume_source
-from dsec.substrates.container import docker_disk, idmap, network
+from dsec.substrates.container import cgroups, docker_disk, idmap, network
 from dsec.substrates.container.docker_images import ensure_image
 from dsec.substrates.container.dockerd import ensure_engine, remap_base
 from dsec.substrates.container.rootfs import mounts_under, unmount
@@ -101,39 +101,12 @@ def _read_oom_kills(cgroup_dir: Path) -> int:
     return -1
 
 
-class _OomFile:
-    """A container's OOM kill counter kept open and re-read with pread, as `cgroups.OomCounter` does for crun/runc:
-    every exec reads it twice, and pathlib's open + read + close on cgroupfs costs several times one pread. A
-    cgroup removed under it reads as an error: `read` is then -1 and the owner opens the file afresh."""
+class _OomFile(cgroups.OomKillFile):
+    """A Docker container's OOM kill counter, kept open as crun/runc's is (`cgroups.OomKillFile`)."""
 
     def __init__(self, cgroup_dir: Path) -> None:
         self.cgroup_dir = cgroup_dir
-        self._fd = -1
-        for name in ("memory.oom_control", "memory.events"):  # cgroup v1, v2: both count kills as `oom_kill N`
-            try:
-                self._fd = os.open(cgroup_dir / name, os.O_RDONLY | os.O_CLOEXEC)
-                return
-            except OSError:
-                continue
-
-    def read(self) -> int:
-        """The `oom_kill` count; -1 if the file is gone or unreadable."""
-        if self._fd < 0:
-            return -1
-        try:
-            data = os.pread(self._fd, 4096, 0)
-        except OSError:
-            return -1
-        for line in data.split(b"\n"):
-            field, _, value = line.partition(b" ")
-            if field == b"oom_kill":
-                return int(value)
-        return -1
-
-    def __del__(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        super().__init__(cgroup_dir / name for name in ("memory.oom_control", "memory.events"))
 
 
 class DockerSandbox(AgentSandbox):
