@@ -187,12 +187,12 @@ def test_headline_says_when_the_sample_ratio_is_a_bound():
     assert lo <= float(line["student_over_expert_min"]) <= hi
 
 
-def test_lr_grid_runs_both_sides_at_every_lr_and_defaults_to_each_sides_own():
-    exp = load_config(DEFAULT_CONFIG, model=OPDExperiment)
-    assert exp.recipe.eval_size == 256 and exp.recipe.lr_grid is None
-    assert _lr_pairs(exp) == [(exp.opd_grpo().lr, exp.grpo.lr, "")]
-    exp = load_config(DEFAULT_CONFIG, {"recipe.lr_grid": [5e-4, 1e-3]}, model=OPDExperiment)
+def test_lr_grid_runs_both_sides_at_every_lr_and_without_one_each_sides_own():
+    exp = load_config(DEFAULT_CONFIG, model=OPDExperiment)  # the bench's config: equal search over both sides' lrs
+    assert exp.recipe.eval_size == 256 and sorted(exp.recipe.lr_grid) == sorted({exp.opd_grpo().lr, exp.grpo.lr})
     assert _lr_pairs(exp) == [(5e-4, 5e-4, "-lr0.0005"), (1e-3, 1e-3, "-lr0.001")]
+    exp = load_config(DEFAULT_CONFIG, {"recipe.lr_grid": None}, model=OPDExperiment)
+    assert _lr_pairs(exp) == [(exp.opd_grpo().lr, exp.grpo.lr, "")]
     runs = _side_configs(exp, Path("/tmp/x"), {"arithmetic": Path("e.pt")}, 1e-3, 1e-3, "-lr0.001")
     (opd_name, opd_cfg), (grpo_name, grpo_cfg) = runs.values()
     assert (opd_name, grpo_name) == ("opd-lr0.001", "grpo-lr0.001")
