@@ -333,7 +333,10 @@ def main():
                 pending += os.read(req_fd, 4096)
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
-                    job = _serve(line, own_env, own_ids)
+                    try:
+                        job = _serve(line, own_env, own_ids)
+                    except Exception:  # noqa: BLE001 - this call waits for its tool timeout; the next ones go on
+                        continue
                     if job is not None:
                         for pidfd in (job.shim_fd, job.child_fd):
                             by_fd[pidfd] = job
@@ -359,42 +362,37 @@ def main():
 
 
 def _serve(line, own_env, own_ids):
-    """Answer one request: fork the child that runs it, or (for any form this does not reproduce, or any
-    failure before the fork) `fallback`, which runs the real interpreter."""
+    """Answer one request: `fallback`, or fork the child that runs it."""
     try:
         pid = int(line)
     except ValueError:
         return None
+    stdio = []
     try:
         shim_fd = os.pidfd_open(pid)
     except OSError:
         return None  # gone already
-    stdio = []
     try:
         call = Call(pid, own_env, own_ids)
-        if call.reason:
-            raise LookupError(call.reason)
-        stdio = [os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY if fd == STDIO[0] else os.O_WRONLY) for fd in STDIO]
-        if call.kind == "unopenable":
+        if not call.reason:
+            stdio = [os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY if fd == STDIO[0] else os.O_WRONLY) for fd in STDIO]
+    except OSError:
+        call = None
+    if call is None or call.reason or call.kind == "unopenable":
+        answer = "fallback\n"
+        if call is not None and not call.reason:
             os.write(stdio[2], call.source)
             answer = "exit 2\n"
-        else:
-            child = os.fork()
-            if child == 0:
-                try:
-                    _become(call, stdio)
-                    _run(call)  # ends the process itself
-                finally:
-                    os._exit(255)  # could not take over the caller's context
-            answer = ""
-    except Exception:  # noqa: BLE001 - not reproduced here (LookupError) or failed before any fork
-        answer = "fallback\n"
-    for fd in stdio:
-        os.close(fd)
-    if answer:
-        os.close(shim_fd)
+        for fd in [shim_fd, *stdio]:
+            os.close(fd)
         _reply(pid, answer)
         return None
+    child = os.fork()
+    if child == 0:
+        _become(call, stdio)
+        _run(call)
+    for fd in stdio:
+        os.close(fd)
     return Job(pid, shim_fd, child)
 
 
