@@ -133,9 +133,7 @@ class Task(Protocol):
     system: str
     tools: list[ToolSchema]
     # modules the family's tool and verifier code imports, loaded once per sandbox by its warm interpreter
-    # (trainer/warm_python.py) so each `python3` run forks with them loaded. Empty: no warm interpreter, since
-    # its own start (~20 ms of CPU) costs more than forks save over 2-3 plain runs a rollout (~2.4 ms each);
-    # with unittest loaded a run saves ~21 ms (docs/trainer.md)
+    # (trainer/warm_python.py) so each `python3` run finds them loaded instead of importing them again
     warm_imports: tuple[str, ...]
 
     def generate(self, split: Split, index: int, seed: int) -> Problem: ...
