@@ -212,7 +212,6 @@ def _attempt(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, jobs
                                  timeout_s=sandbox_cfg.tool_timeout_s,
                                  sandbox_timeout_s=sandbox_cfg.sandbox_timeout_s, rebuild=tid in rebuild)
             x.box.after_step, x.box.raise_lost = after_step, True
-            x.box.start_warm_python(get_task(problem.family).warm_imports)
             for path, content in problem.files.items():
                 x.box.write_file(path, content)
         except DsecError as exc:  # could not create, or lost while being set up: retried like a lost one

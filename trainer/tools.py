@@ -14,7 +14,6 @@ import dsec
 from dsec.errors import DsecError, SandboxExpired, SandboxNotFound, SandboxStateError
 from dsec.sdk.trajectory import Trajectory
 
-from trainer import warm_python
 from trainer.encoding import ToolCall
 
 MAX_RESULT_CHARS = 160  # tool output the policy sees; keeps tiny-model contexts short
@@ -83,15 +82,6 @@ class ToolBox:
     def _stepped(self) -> None:
         if self.after_step is not None:
             self.after_step(self)
-
-    def start_warm_python(self, preload: tuple[str, ...] = ()) -> None:
-        """Start the sandbox's warm interpreter (trainer/warm_python.py), so the tools' and verifiers' `python3`
-        runs fork from it instead of starting afresh: same results, a fraction of the CPU. Not a trajectory step,
-        and nothing waits for it; if it cannot start, `python3` stays the image's own."""
-        try:
-            warm_python.start(self.sandbox, preload)
-        except DsecError:
-            pass  # no python3 in the image, or the sandbox is gone: the next logged call says which
 
     def shell(self, command: str) -> dsec.ExecResult:
         with self.trajectory:

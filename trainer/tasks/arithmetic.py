@@ -24,7 +24,6 @@ class Arithmetic(ContentSplitTask):
     name = "arithmetic"
     system = "You are a careful assistant. Use tools for exact arithmetic."
     tools = [RUN_PYTHON]
-    warm_imports: tuple[str, ...] = ()
 
     def __init__(self, min_digits: int = 3, max_digits: int = 4) -> None:
         self.min_digits = min_digits

@@ -132,9 +132,6 @@ class Task(Protocol):
     name: str
     system: str
     tools: list[ToolSchema]
-    # modules the family's tool and verifier code imports, loaded once per sandbox by its warm interpreter
-    # (trainer/warm_python.py) so each `python3` run finds them loaded instead of importing them again
-    warm_imports: tuple[str, ...]
 
     def generate(self, split: Split, index: int, seed: int) -> Problem: ...
 

@@ -75,7 +75,6 @@ class FixModule(ContentSplitTask):
     name = "fix_module"
     system = "You are a careful assistant. Fix the code in the sandbox so its tests pass."
     tools = [WRITE_FILE, RUN_SHELL]
-    warm_imports: tuple[str, ...] = ("unittest",)  # test_mod.py is a unittest script
 
     def candidate(self, rng: random.Random) -> Problem:
         what = rng.choice(sorted(_OPS))

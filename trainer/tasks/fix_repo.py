@@ -84,7 +84,6 @@ class FixRepo(ContentSplitTask):
     name = "fix_repo"
     system = "You are a careful assistant. Find the bug in the repository in the sandbox and fix it."
     tools = [RUN_SHELL]  # every step is a shell command; an unused write_file schema would only lengthen the prompt
-    warm_imports: tuple[str, ...] = ()
 
     def candidate(self, rng: random.Random) -> Problem:
         count = rng.choice((2, 3))
