@@ -104,6 +104,22 @@ def test_the_spares_of_a_killed_process_are_removed_by_the_next(tmp_path):
     assert not mounts.exists() and not (home / "spare-disks" / owner).exists()
 
 
+def test_a_live_owner_is_left_alone_before_it_has_locked(tmp_path):
+    """The window between an owner making its lock file and locking it: a reaper must not take the lock (the
+    owner's own LOCK_NB then failed its create with BlockingIOError) nor remove the live owner's spares."""
+    home = tmp_path / "home"
+    owner = home / "spare-disks" / f"{os.getpid()}-0123abcd"
+    owner.mkdir(parents=True)
+    (owner / spares.LOCK).touch()  # made, not locked yet
+    spares.reap_dead_owners(home)
+    assert (owner / spares.LOCK).exists(), "a live process's owner dir was removed"
+    pool = spares.SpareDisks(home, tmp_path / "templates")  # a second owner of the same process starts meanwhile
+    try:
+        assert (owner / spares.LOCK).exists()
+    finally:
+        pool.close()
+
+
 @pytest.mark.timeout(240)
 def test_spares_are_kept_for_the_most_recently_asked_sizes_only(tmp_path):
     home, templates = tmp_path / "home", tmp_path / "templates"

@@ -63,7 +63,9 @@ class SpareDisks:
         (self.images / self.owner).mkdir(parents=True)
         (self.mounts / self.owner).mkdir(parents=True)
         self._lock_fd = os.open(self.images / self.owner / LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # blocking: a reaper never removes a live pid's owner (reap_dead_owners), so whoever holds this new lock
+        # holds it for a moment only
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self._ready: dict[int, collections.deque[str]] = {}  # size in MB -> ready spares, least recently asked first
         self._retired: list[str] = []  # spares of a size no longer kept, for the maker to remove
         self._creating = 0
@@ -191,17 +193,20 @@ class SpareDisks:
 
 
 def reap_dead_owners(home: Path) -> None:
-    """Remove the spares of processes that died (no one holds their owner lock): at every container driver's
-    start (a server start), so a killed server's spares do not wait for the next create."""
+    """Remove the spares of processes that died (their pid is gone and no one holds their owner lock): at every
+    container driver's start (a server start), so a killed server's spares do not wait for the next create. A live
+    pid's owner is never touched, not even its lock probed: between making its lock file and locking it, an owner
+    whose lock a reaper held for the probe failed its own lock (`BlockingIOError` in a create, seen under load),
+    and one probed unlocked there lost its spares. A reused pid only keeps a dead owner's spares longer."""
     images, mounts = home / "spare-disks", volatile.home_root(home) / "spare-disks"
     if not images.is_dir():
         return
     for owner in images.iterdir():
+        if _pid_alive(owner.name.partition("-")[0]):
+            continue
         try:
             fd = os.open(owner / LOCK, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:  # made, its lock not yet: dead only if its process is
-            if _pid_alive(owner.name.partition("-")[0]):
-                continue
+        except FileNotFoundError:  # made, its lock not yet, and its process is dead
             fd = -1
         except OSError:
             continue
@@ -210,7 +215,7 @@ def reap_dead_owners(home: Path) -> None:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    continue  # alive
+                    continue  # alive after all (a process of another pid namespace)
             _remove_owner(owner, mounts / owner.name)
         finally:
             if fd >= 0:
