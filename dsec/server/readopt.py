@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dsec.server import orphans
-from dsec.server.state import SANDBOX_RECORD, ServerState, unmount_below
+from dsec.server.state import SANDBOX_RECORD, ServerState, run_dirs, unmount_below
 
 if TYPE_CHECKING:
     from dsec.server.manager import ManagedSandbox
@@ -106,7 +106,7 @@ def take_over(
     reaped: list[str] = []
     if not run_root.is_dir():
         return held, adopted, reaped
-    for run_dir in sorted(p for p in run_root.iterdir() if p.is_dir() and p != own_run_dir):
+    for run_dir in (p for p in run_dirs(run_root) if p != own_run_dir):
         fd = _take_lock(run_dir)
         if fd is None:
             continue

@@ -22,6 +22,7 @@ from pathlib import Path
 log = logging.getLogger("dsec.server.state")
 
 SANDBOX_RECORD = "dsec-sandbox.json"
+CLAIMING = ".claiming-"  # a run directory being made: `.claiming-<pid>-<server_id>`, locked, then renamed into place
 
 
 @dataclass
@@ -44,13 +45,35 @@ class ServerState:
 
 
 def claim_run_dir(run_root: Path) -> ServerState:
+    """A run directory of this server's own, its server.lock held: made under a hidden name, locked, then renamed
+    into place, so no other server's reaper ever sees it unlocked. Why: one that did (a server starting on the same
+    home in the window between the lock file's creation and its flock) took it for a dead server's: it reaped the
+    new, empty directory, or held the lock so that this claim failed with BlockingIOError."""
     server_id = uuid.uuid4().hex[:12]
-    run_dir = run_root / server_id
-    run_dir.mkdir(parents=True)
-    fd = os.open(run_dir / "server.lock", os.O_CREAT | os.O_RDWR, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    run_root.mkdir(parents=True, exist_ok=True)
+    staging = run_root / f"{CLAIMING}{os.getpid()}-{server_id}"
+    staging.mkdir()
+    fd = os.open(staging / "server.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # nobody else looks inside a claiming dir: at once
     os.write(fd, str(os.getpid()).encode())
+    run_dir = run_root / server_id
+    os.rename(staging, run_dir)  # the lock is on the open file, so it is held under the new name too
     return ServerState(server_id=server_id, run_dir=run_dir, lock_fd=fd)
+
+
+def run_dirs(run_root: Path) -> list[Path]:
+    """The servers' run directories under `run_root` (not the ones being claimed), sorted; a claiming dir whose
+    process died before its rename holds nothing but a lock file, and is removed here."""
+    found: list[Path] = []
+    for path in sorted(run_root.iterdir()) if run_root.is_dir() else []:
+        if not path.name.startswith(CLAIMING):
+            if path.is_dir():
+                found.append(path)
+            continue
+        pid = path.name.removeprefix(CLAIMING).partition("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(path, ignore_errors=True)
+    return found
 
 
 def write_sandbox_record(sandbox_dir: Path, record: dict) -> None:
@@ -77,7 +100,7 @@ def reap_dead_servers(run_root: Path, cleanup: Callable[[str, Path], None]) -> l
     cleaned: list[str] = []
     if not run_root.exists():
         return cleaned
-    for run_dir in sorted(p for p in run_root.iterdir() if p.is_dir()):
+    for run_dir in run_dirs(run_root):
         lock_path = run_dir / "server.lock"
         try:
             fd = os.open(lock_path, os.O_RDWR)
