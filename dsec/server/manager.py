@@ -489,12 +489,11 @@ class SandboxManager:
 
     def _finish_teardown(self, sandbox: ManagedSandbox, reason: str, detail: str) -> None:
         """The background part of a destroy that did not wait; a failure is retried (teardown_retries.py)."""
-        if self._try_release(sandbox, reason, detail):
-            with self._lock:
-                self._tearing_down.discard(sandbox.sandbox_id)
+        self._try_release(sandbox, reason, detail)
 
     def _try_release(self, sandbox: ManagedSandbox, reason: str, detail: str) -> bool:
-        """One teardown attempt nobody waits for: True once done; on a failure the next attempt is scheduled."""
+        """One teardown attempt nobody waits for: True once done (the sandbox no longer counted); on a failure the
+        next attempt is scheduled."""
         try:
             with sandbox.lock:
                 self._release(sandbox)
@@ -503,6 +502,8 @@ class SandboxManager:
             return False
         self.intents.done(sandbox.sandbox_id)
         sandbox.events.add("sandbox ended", reason=reason, detail=detail)
+        with self._lock:
+            self._tearing_down.discard(sandbox.sandbox_id)
         return True
 
     def _teardown_failed(self, sandbox: ManagedSandbox, reason: str, detail: str) -> None:
@@ -519,8 +520,6 @@ class SandboxManager:
         for entry in self.teardown_retries.take_due(now):
             if self._try_release(entry.sandbox, entry.reason, entry.detail):
                 log.info("teardown of %s succeeded on attempt %d", entry.sandbox.sandbox_id, entry.attempts + 1)
-                with self._lock:
-                    self._tearing_down.discard(entry.sandbox.sandbox_id)
 
     def _release(self, sandbox: ManagedSandbox) -> None:
         """The driver's destroy, then what the server holds for the sandbox (caller holds `sandbox.lock`)."""
