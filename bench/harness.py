@@ -1,6 +1,7 @@
 """What every benchmark shares, so their figures mean the same thing: nearest-rank percentiles, contenders timed
-interleaved (one sample each per round, so load from other work on the machine hits all of them alike), progress
-lines, and the last line of `key=value` pairs that docs and tests read.
+interleaved (one sample each per round, so load from other work on the machine hits all of them alike, each sample
+started once the machine is quiet: bench/quiet.py), progress lines, and the last line of `key=value` pairs that
+docs and tests read.
 
 Benchmarks are modules of the `bench` package, run from the repository root as `python -m bench.<name>`; a new
 one imports these with `from bench.harness import interleaved, percentile, progress, report`.
@@ -11,6 +12,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
+
+from bench.quiet import wait_quiet
 
 Stats = dict[str, float]
 
@@ -30,7 +33,8 @@ def progress(bench: str, message: str) -> None:
 
 def interleaved(title: str, contenders: dict[str, Callable[[], object]], n: int, warmup: int = 2) -> dict[str, Stats]:
     """Time each contender n times, round-robin after `warmup` untimed calls each; print and return p50/p99 in
-    milliseconds per contender."""
+    milliseconds per contender. Each timed call starts once the previous one's background work is done
+    (`wait_quiet`), so no contender is charged with another's."""
     print(f"== {title}", flush=True)
     for once in contenders.values():
         for _ in range(warmup):
@@ -38,6 +42,7 @@ def interleaved(title: str, contenders: dict[str, Callable[[], object]], n: int,
     samples: dict[str, list[float]] = {label: [] for label in contenders}
     for i in range(n):
         for label, once in contenders.items():
+            wait_quiet()
             started = time.perf_counter()
             once()
             samples[label].append((time.perf_counter() - started) * 1000)

@@ -9,7 +9,8 @@ Three comparisons, each a speed-up factor (peer p50 / dsec p50; > 1 means dsec i
                             peer that paid for that too would flatter dsec. Same for `docker exec`'s container.
                             dsec's destroy returns once the sandbox is killed, its unmounts and file removal
                             finishing on a server thread (docs/lifecycle.md); `remove=True` returns once the
-                            engine has removed the container. That work overlaps the next sample, the peer's too.
+                            engine has removed the container. Neither side's leftover work lands in the next
+                            sample (each starts quiet, below).
   exec_vs_docker_exec       one exec round trip (`true`) in a running sandbox through the SDK (`sb.exec`, which sends
                             ExecCollect: one reply) against `docker exec` (exec_create + exec_start + exec_inspect)
                             in a running container of the same image; both check the exit code.
@@ -23,8 +24,9 @@ The cost of user namespaces (issue #22, docs/hardening.md), on the first driver 
   userns_create_overhead_ms create + first exec `true` at the driver (busybox from the layer store), p50 with a
                             user namespace minus p50 without, interleaved in the same run (destroys untimed).
 Every driver (crun, runc, docker) is measured and reported. Contenders of one comparison run interleaved, one
-sample each per round, so load from other work on the machine hits all of them alike. The last line is
-key=value pairs.
+sample each per round, so load from other work on the machine hits all of them alike, and each sample starts once
+the machine is quiet (bench/quiet.py), so no side is charged with the work another left running after its call
+returned (Docker's daemons after `docker exec`, dsec's teardown after a destroy). The last line is key=value pairs.
 
 Usage: .venv/bin/python -m bench.sandbox_latency [--n 40] [--exec-n 200] [--drivers crun,runc,docker] [--only create,burst]
 """
