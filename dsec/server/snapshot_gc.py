@@ -4,7 +4,9 @@ Why: snapshots used to be collected never, and a training run that snapshots eve
 A pass removes expired snapshots (ttl_s), snapshots of sandboxes that are gone beyond the per-tenant budget
 (`snapshot_keep` newest, `snapshot_max_bytes` together: SnapshotStore.collect) and fork temporaries of dead
 servers (orphans.sweep_snapshots). Pinned snapshots (templates, read from the shared index so every server on
-the machine honours every pin) and snapshots a restore is reading are never touched.
+the machine honours every pin) and snapshots a restore is reading are never touched. Each pass also removes the
+files pulled VM snapshots linked under the VM root that no snapshot and no VM sandbox names any more
+(dsec/substrates/vm/pulled_gc.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from collections.abc import Callable
 
 from dsec.config import ServerConfig
 from dsec.server import orphans
-from dsec.server.snapshots import TEMPORARY, SnapshotStore
+from dsec.server.snapshots import DATA, TEMPORARY, SnapshotStore
+from dsec.substrates.vm.config import VmConfig
+from dsec.substrates.vm.driver import MACHINE_RECORD, SNAPSHOT_META
+from dsec.substrates.vm.pulled_gc import collect_pulled
+from dsec.substrates.vm.template import META as TEMPLATE_META
 
 log = logging.getLogger("dsec.server.snapshot_gc")
 
@@ -43,10 +49,20 @@ class SnapshotGC:
         for name in orphans.sweep_snapshots(root):
             if name in owners and (tenant is None or owners[name] == tenant):
                 removed.append({"snapshot_id": name, "reason": "fork_leftover", "size_bytes": 0})
+        self.collect_pulled_vm_files(now)
         if removed:
             log.info("snapshot GC removed %d snapshots: %s", len(removed),
                      ", ".join(f"{r['snapshot_id']} ({r['reason']})" for r in removed))
         return removed
+
+    def collect_pulled_vm_files(self, now: float | None = None) -> list:
+        """Remove pulled VM files that neither a snapshot (any tenant's, half-made ones included), a VM template,
+        nor a VM sandbox of any server on this home (a dead one's included, until it is re-adopted or reaped)
+        names."""
+        vm = VmConfig.from_server(self.config)
+        users = [*self.store.root.glob(f"*/{DATA}/{SNAPSHOT_META}"), *vm.templates_dir.glob(f"*/{TEMPLATE_META}"),
+                 *self.config.run_root.glob(f"*/*/{MACHINE_RECORD}")]
+        return collect_pulled(vm.root, users, now)
 
     def start(self) -> None:
         if self.config.snapshot_gc_interval_s > 0:

@@ -5,6 +5,7 @@ Every pass here is called directly (the background thread runs the same one), wi
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from dsec.errors import SnapshotNotFound
 from dsec.server.main import serve
 from dsec.server.snapshot_gc import SnapshotGC
 from dsec.server.snapshots import TEMPORARY, SnapshotStore
+from dsec.substrates.vm.config import VmConfig
+from dsec.substrates.vm.pulled_gc import PULLED_GRACE_S
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -89,7 +92,8 @@ def test_fork_temporaries_of_dead_servers_are_collected(tmp_path: Path):
     store.publish(snapshot_id, {"snapshot_id": snapshot_id, "sandbox_id": "live-1", "created_at": 0, "kind": "x",
                                 "tenant": "a"})
     kept = _snapshot(store, "live-2", created_at=0)
-    gc = SnapshotGC(store, ServerConfig(snapshot_gc_interval_s=0), lambda: set(), lambda s: s.startswith("live"), "default")
+    gc = SnapshotGC(store, ServerConfig(home=tmp_path, snapshot_gc_interval_s=0), lambda: set(),
+                    lambda s: s.startswith("live"), "default")
     assert (store.root / snapshot_id / TEMPORARY).exists()
     assert gc.collect("b") == []  # another tenant's pass: the leftover goes but is not reported to b
     assert not (store.root / snapshot_id).exists()
@@ -147,3 +151,43 @@ def test_gc_through_the_server_sdk_and_cli(server):
             for ref in client.snapshots():
                 client.delete_snapshot(ref.snapshot_id)
             client.close()
+
+
+def _vm_meta(path: Path, kernel: str = "/boot/vmlinuz", initrd: str = "/boot/initrd.img", base: str = "/x.raw") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": {"kind": "microvm", "kernel": kernel, "initrd": initrd}, "base_disk": base}))
+
+
+def test_pulled_vm_files_go_once_no_snapshot_template_or_vm_names_them(tmp_path: Path):
+    """A pulled VM snapshot links its kernel, initrd and base disk under vm/pulled (portable.localize); each pass
+    keeps those a snapshot's meta.json, a VM template's or a VM sandbox's vm.json names (by inode, however the
+    path is spelled), and removes the rest once their inode has been unchanged for the grace period."""
+    config = ServerConfig(home=tmp_path, snapshot_gc_interval_s=0)
+    store = SnapshotStore(tmp_path / "snapshots")
+    gc = SnapshotGC(store, config, lambda: set(), lambda sandbox_id: True, "default")
+    vm = VmConfig.from_server(config)
+    pulled = vm.root / "pulled"
+    pulled.mkdir(parents=True)
+    files = {name: pulled / name for name in ("k.vmlinuz", "i.initrd.img", "b.base.raw", "t.base.raw", "orphan.base.raw")}
+    for path in files.values():
+        path.write_bytes(b"x")
+    snapshot_id, data = store.new()
+    _vm_meta(data / "meta.json", kernel=str(files["k.vmlinuz"]))
+    store.publish(snapshot_id, {"snapshot_id": snapshot_id, "sandbox_id": "live-1", "created_at": 0, "kind": "vm",
+                                "tenant": "a"})
+    (tmp_path / "alias").symlink_to(vm.root)  # a VM record naming the file through another path still keeps it
+    _vm_meta(config.run_root / "dead-server" / "sb-1" / "vm.json", initrd=str(tmp_path / "alias/pulled/i.initrd.img"),
+             base=str(files["b.base.raw"]))
+    _vm_meta(vm.templates_dir / "key" / "meta.json", base=str(files["t.base.raw"]))
+    (config.run_root / "dead-server" / "sb-2").mkdir()
+    (config.run_root / "dead-server" / "sb-2" / "vm.json").write_text("not json")  # names nothing, breaks nothing
+
+    assert gc.collect_pulled_vm_files() == []  # inside the grace period nothing goes, named or not
+    later = time.time() + PULLED_GRACE_S + 1
+    assert gc.collect(now=later) == []  # not a snapshot: not in the pass's report
+    assert sorted(p.name for p in pulled.iterdir()) == ["b.base.raw", "i.initrd.img", "k.vmlinuz", "t.base.raw"]
+
+    store.discard(snapshot_id)  # its snapshot deleted, the kernel is next
+    (config.run_root / "dead-server" / "sb-1" / "vm.json").unlink()  # the VM reaped
+    assert sorted(p.name for p in gc.collect_pulled_vm_files(now=later)) == ["b.base.raw", "i.initrd.img", "k.vmlinuz"]
+    assert [p.name for p in pulled.iterdir()] == ["t.base.raw"]

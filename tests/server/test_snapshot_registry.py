@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from dsec.config import ServerConfig
 from dsec.errors import ImageNotFound, InvalidSpec, SnapshotNotFound
 from dsec.models import SnapshotInfo
 from dsec.server.main import RunningServer, serve
+from dsec.substrates.vm.pulled_gc import PULLED_GRACE_S
 from tests.support.registry import Registry, running_registry
 
 pytestmark = pytest.mark.timeout(900)
@@ -155,7 +157,7 @@ def test_corrupted_blob_is_a_typed_error_and_leaves_nothing(registry, node_a, bo
         bob_b.pull_snapshot(f"{registry.host}/{repo}@{pushed.image_digest}")  # an image is not a snapshot
 
 
-def test_microvm_snapshot_restores_memory_on_another_node(registry, node_a, bob_b, home_b):
+def test_microvm_snapshot_restores_memory_on_another_node(registry, node_a, bob_b, home_b, server_b):
     repo = _repo()
     with node_a.create("busybox", "microvm", memory_mb=256, timeout_s=900) as sb:
         started = sb.exec("echo on-disk > /root/f && setsid sleep 100000 </dev/null >/dev/null 2>&1 & echo $!")
@@ -173,13 +175,23 @@ def test_microvm_snapshot_restores_memory_on_another_node(registry, node_a, bob_
                                   str(home_b / "snapshots" / pulled.snapshot_id / "data" / "disk.qcow2")],
                                  capture_output=True, text=True, check=True).stdout
         assert json.loads(backing)["backing-filename"].startswith(str(home_b / "vm" / "pulled"))
+        meta = json.loads(vm_meta)
+        linked = [Path(meta["machine"]["kernel"]), Path(meta["machine"]["initrd"]), Path(meta["base_disk"])]
+        assert all(path.parent == home_b / "vm" / "pulled" and path.is_file() for path in linked)
+        gc, later = server_b.manager.snapshot_gc, time.time() + PULLED_GRACE_S + 1
         with bob_b.restore(pulled.snapshot_id) as restored:
             assert restored.exec("cat /root/f").stdout == b"on-disk\n"
             # the process started before the snapshot runs on: its memory came along
             alive = restored.exec(f"kill -0 {pid} && cat /proc/{pid}/cmdline | tr '\\0' ' '")
             assert (alive.exit_code, alive.text.strip()) == (0, "sleep 100000"), alive.stderr
+            bob_b.delete_snapshot(pulled.snapshot_id)
+            # the snapshot is gone but the VM restored from it runs on those files: a pass past the grace keeps them
+            assert not set(gc.collect_pulled_vm_files(now=later)) & set(linked)
+            assert restored.exec("cat /root/f").stdout == b"on-disk\n"
         assert pushed.blobs_uploaded >= 2
-        bob_b.delete_snapshot(pulled.snapshot_id)
+        # nothing names them now: they go (the pulled snapshot's files no longer outlive it and its VMs)
+        assert set(linked) <= set(gc.collect_pulled_vm_files(now=later))
+        assert not any(path.exists() for path in linked)
     finally:
         node_a.delete_snapshot(snap.snapshot_id)
 
