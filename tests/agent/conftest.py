@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -25,13 +24,12 @@ def agent_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return agent_binary(tmp_path_factory.mktemp("agent-bin"))
 
 
-def _die_with_parent() -> None:
-    """Runs in the forked agent: if the test process dies, the kernel SIGTERMs the agent, which cleans up."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def start_agent(binary: Path, *args: str, **popen: object) -> subprocess.Popen:
-    return subprocess.Popen([str(binary), *args], preexec_fn=_die_with_parent, **popen)
+    """The agent, SIGTERMed by the kernel if the test process dies (it then cleans up). `setpriv` sets the
+    parent-death signal and execs the agent (same pid); a `preexec_fn` doing it ran Python between fork and exec in
+    a process whose other threads (grpc's, earlier tests') could hold the loader's or malloc's locks at the fork,
+    and then the child hung before it ever listened."""
+    return subprocess.Popen(["setpriv", "--pdeathsig", "TERM", str(binary), *args], **popen)
 
 
 def _stop(proc: subprocess.Popen) -> None:
