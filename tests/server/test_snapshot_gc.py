@@ -21,6 +21,7 @@ from dsec.server.main import serve
 from dsec.server.snapshot_gc import SnapshotGC
 from dsec.server.snapshots import TEMPORARY, SnapshotStore
 from dsec.substrates.vm.config import VmConfig
+from dsec.substrates.vm import portable
 from dsec.substrates.vm.pulled_gc import PULLED_GRACE_S
 
 pytestmark = pytest.mark.timeout(600)
@@ -191,3 +192,15 @@ def test_pulled_vm_files_go_once_no_snapshot_template_or_vm_names_them(tmp_path:
     (config.run_root / "dead-server" / "sb-1" / "vm.json").unlink()  # the VM reaped
     assert sorted(p.name for p in gc.collect_pulled_vm_files(now=later)) == ["b.base.raw", "i.initrd.img", "k.vmlinuz"]
     assert [p.name for p in pulled.iterdir()] == ["t.base.raw"]
+
+
+def test_a_pull_reusing_a_pulled_file_restarts_its_grace(tmp_path: Path):
+    """A second pull of the same base disk finds it under vm/pulled and reuses it; until that pull writes the
+    metadata naming it, only the grace keeps the GC off it, so reusing it restarts the grace."""
+    source, dest = tmp_path / "base.raw", tmp_path / "pulled" / "id.base.raw"
+    source.write_bytes(b"disk")
+    portable._link(source, dest)
+    first = dest.stat().st_ctime_ns
+    time.sleep(0.05)
+    portable._link(source, dest)
+    assert dest.stat().st_ctime_ns > first and dest.read_bytes() == b"disk"

@@ -39,8 +39,11 @@ def extra_files(data: Path) -> dict[str, Path]:
 
 
 def _link(source: Path, dest: Path) -> None:
-    """`dest` as a hard link of `source` (a copy across filesystems); an existing `dest` has the same content."""
+    """`dest` as a hard link of `source` (a copy across filesystems); an existing `dest` has the same content. An
+    existing one is touched: the pulled-file GC (pulled_gc.py) spares a file whose inode changed within its grace,
+    and this pull's metadata, which will name it, is not written yet."""
     if dest.exists():
+        os.utime(dest)
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")

@@ -8,8 +8,9 @@ Who uses such a file: a snapshot's VM metadata (`meta.json`: machine kernel and 
 sandbox's machine record (`vm.json`: the same three, read by re-adoption; its overlay's header names the base
 disk), whatever its state (running, paused to disk, or left by a dead server and not yet re-adopted). The caller
 says where those files are (the server knows its snapshot store and run directories). A file nobody names is
-removed once its inode has been unchanged for a grace period: linking it (a pull in progress, whose metadata is
-not written yet) and unlinking another name of it (its snapshot's own copy going away) both reset that clock.
+removed once its inode has been unchanged for a grace period: linking it or finding it there to reuse (a pull in
+progress, whose metadata is not written yet; portable._link touches a reused file) and unlinking another name of
+it (its snapshot's own copy going away) all reset that clock.
 """
 
 from __future__ import annotations
