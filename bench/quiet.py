@@ -15,6 +15,7 @@ Where no CPU clock is readable the wait is a fixed pause, the same for every con
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 QUIET_WINDOW_S = 0.002  # how long the CPUs must stay (almost) idle
@@ -39,7 +40,7 @@ def _v1_busy_ns() -> int:
     return int(_V1.read_text())
 
 
-def _busy_clock():
+def _busy_clock() -> Callable[[], int] | None:
     """A function returning the machine's CPU time used so far in ns, or None where none is readable."""
     for clock in (_v2_busy_ns, _v1_busy_ns):
         try:
