@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from dsec.config import ServerConfig
 from dsec.server import orphans
@@ -55,7 +56,7 @@ class SnapshotGC:
                      ", ".join(f"{r['snapshot_id']} ({r['reason']})" for r in removed))
         return removed
 
-    def collect_pulled_vm_files(self, now: float | None = None) -> list:
+    def collect_pulled_vm_files(self, now: float | None = None) -> list[Path]:
         """Remove pulled VM files that neither a snapshot (any tenant's, half-made ones included), a VM template,
         nor a VM sandbox of any server on this home (a dead one's included, until it is re-adopted or reaped)
         names."""

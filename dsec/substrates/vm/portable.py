@@ -21,6 +21,7 @@ from dsec.substrates.vm.driver import SNAPSHOT_BASE, SNAPSHOT_INITRD, SNAPSHOT_M
 from dsec.substrates.vm.machine import DISK
 
 KERNEL = "vmlinuz"  # the guest kernel's copy inside a pushed VM snapshot
+PULLED = "pulled"  # under the VM root: where pulled snapshots' files are linked by content (collected by pulled_gc.py)
 
 
 def _meta(data: Path) -> dict | None:
@@ -61,9 +62,9 @@ def localize(data: Path, vm_root: Path, content_ids: dict[str, str]) -> None:
     if meta is None:
         return
     machine = meta["machine"]
-    kernel = vm_root / "pulled" / f"{content_ids[KERNEL]}.vmlinuz"
-    initrd = vm_root / "pulled" / f"{content_ids[SNAPSHOT_INITRD]}.initrd.img"
-    base = vm_root / "pulled" / f"{content_ids[SNAPSHOT_BASE]}.base.raw"
+    kernel = vm_root / PULLED / f"{content_ids[KERNEL]}.vmlinuz"
+    initrd = vm_root / PULLED / f"{content_ids[SNAPSHOT_INITRD]}.initrd.img"
+    base = vm_root / PULLED / f"{content_ids[SNAPSHOT_BASE]}.base.raw"
     for name, dest in ((KERNEL, kernel), (SNAPSHOT_INITRD, initrd), (SNAPSHOT_BASE, base)):
         _link(data / name, dest)
     (data / KERNEL).unlink()  # restore reads it from `kernel`; the snapshot keeps what the driver put there

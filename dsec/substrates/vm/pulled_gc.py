@@ -22,17 +22,19 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from dsec.substrates.vm.portable import PULLED
+
 log = logging.getLogger("dsec.vm.pulled_gc")
 
-PULLED = "pulled"  # the directory under the VM root (portable.localize)
 PULLED_GRACE_S = 600.0
 
 
-def named_files(paths: Iterable[Path]) -> set[Path]:
-    """The kernel, initrd and base disk named by each VM snapshot `meta.json` or machine record `vm.json` in
-    `paths`; files that are not VM metadata, or vanish while read, name nothing."""
-    named: set[Path] = set()
-    for path in paths:
+def _used_inodes(metadata: Iterable[Path]) -> set[tuple[int, int]]:
+    """(device, inode) of each kernel, initrd and base disk a VM snapshot `meta.json` or machine record `vm.json`
+    in `metadata` names: by inode, however a user spells the path (symlinks, relative roots). Files that are not
+    VM metadata, or vanish while read, name nothing; a named file that is gone is nobody's to keep."""
+    used = set()
+    for path in metadata:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -41,20 +43,14 @@ def named_files(paths: Iterable[Path]) -> set[Path]:
         if not isinstance(machine, dict):
             continue
         for value in (machine.get("kernel"), machine.get("initrd"), data.get("base_disk")):
-            if isinstance(value, str) and value:
-                named.add(Path(value))
-    return named
-
-
-def _inodes(paths: set[Path]) -> set[tuple[int, int]]:
-    found = set()
-    for path in paths:
-        try:
-            info = path.stat()
-        except OSError:
-            continue
-        found.add((info.st_dev, info.st_ino))
-    return found
+            if not isinstance(value, str) or not value:
+                continue
+            try:
+                info = Path(value).stat()
+            except OSError:
+                continue
+            used.add((info.st_dev, info.st_ino))
+    return used
 
 
 def collect_pulled(vm_root: Path, metadata: Iterable[Path], now: float | None = None,
@@ -64,7 +60,7 @@ def collect_pulled(vm_root: Path, metadata: Iterable[Path], now: float | None = 
     pulled = vm_root / PULLED
     if not pulled.is_dir():
         return []
-    used = _inodes(named_files(metadata))  # by inode: however a user spells the path (symlinks, relative roots)
+    used = _used_inodes(metadata)
     now = time.time() if now is None else now
     removed = []
     for entry in sorted(pulled.iterdir()):
