@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import dsec
 import torch
@@ -34,6 +34,8 @@ from trainer.sampler import sample, sample_generator
 from trainer.tasks import Problem, get_task
 from trainer.tokenizer import V4Tokenizer
 from trainer.tools import SandboxLost, ToolBox, lost, open_toolbox
+
+T = TypeVar("T")
 
 
 # Why a rollout ended. eos: the policy answered; length: cut by the token or turn budget (rewarded 0);
@@ -198,7 +200,10 @@ def _attempt(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, jobs
     alike. Sandbox work runs beside the sampling: the sandboxes are created and set up while turn 0 is sampled
     (turn 0 needs only the prompt; a rollout whose set-up fails is sampled anyway, then stops as lost), a row's
     calls start as soon as the sampler finishes that row, and a finished rollout's verifier (and destroy) runs
-    while the others go on. The loop waits only at a turn's end, for the rollouts that go on, and at the end."""
+    while the others go on. With `rollout_cfg.waves` > 1 the batch is cut into fixed slices sampled in turn
+    (wave 0's turn t, wave 1's turn t, ..., wave 0's turn t + 1): a wave's calls run while the other waves are
+    sampled, and the loop waits only before a wave's next turn, for that wave's rollouts that go on, and at the
+    end. Which rows share a sampler batch still depends on outcomes alone."""
     mode = rollout_cfg.thinking
     room = rollout_cfg.max_total_tokens
     live: list[_Live] = []
@@ -257,28 +262,40 @@ def _attempt(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, jobs
             x.rollout.ids, x.rollout.mask, x.rollout.logprobs = ids, [0] * len(ids), [0.0] * len(ids)
         for x in live:
             work.submit(x, lambda x=x: open_box(x))
-        active = [x for x in live if len(x.rollout.ids) < room]
         for x in live:
             if len(x.rollout.ids) >= room:  # no room for a first turn: verified as it is
                 work.submit(x, lambda x=x: finish(x), LATER)
+        waves = [[x for x in wave if len(x.rollout.ids) < room]
+                 for wave in _waves(live, rollout_cfg.waves, rollout_cfg.min_wave_rows)]
         for turn in range(rollout_cfg.max_turns):
-            if not active:
-                break
-            for version, group in _by_version(active, turn, schedule, policy_version).items():
-                _sample_turn(model if schedule is None else schedule.model(version), version, group, tok,
-                             rollout_cfg, lambda x, turn=turn: after_turn(x, turn))
-            going = [x for x in active if not x.done and len(x.rollout.ids) < room]
-            if turn + 1 < rollout_cfg.max_turns:
-                work.wait(going)
-                # decided once their lanes are idle: a lost sandbox (set-up or call) has stopped its rollout
-                going = [x for x in going if not x.done and len(x.rollout.ids) < room]
-            active = going if turn + 1 < rollout_cfg.max_turns else []
+            for w, active in enumerate(waves):
+                if turn > 0:  # its previous turn's calls ran while the other waves were sampled
+                    work.wait(active)
+                    # decided once their lanes are idle: a lost sandbox (set-up or call) has stopped its rollout
+                    active = [x for x in active if not x.done and len(x.rollout.ids) < room]
+                if not active:
+                    continue
+                for version, group in _by_version(active, turn, schedule, policy_version).items():
+                    _sample_turn(model if schedule is None else schedule.model(version), version, group, tok,
+                                 rollout_cfg, lambda x, turn=turn: after_turn(x, turn))
+                going = [x for x in active if not x.done and len(x.rollout.ids) < room]
+                waves[w] = going if turn + 1 < rollout_cfg.max_turns else []
         work.wait(live)
     except Exception:
         work.abort()
         _close(live)
         raise
     return live
+
+
+def _waves(live: list[T], waves: int, min_rows: int) -> list[list[T]]:
+    """The batch cut into up to `waves` contiguous slices of at least `min_rows` rollouts (sizes differ by one at
+    most; one slice if the batch is too small): fixed by position alone, so which rollouts share a sampler batch
+    never depends on timing."""
+    count = max(1, min(waves, len(live) // min_rows))
+    size, extra = divmod(len(live), count)
+    bounds = [i * size + min(i, extra) for i in range(count + 1)]
+    return [live[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def _by_version(active: list[_Live], turn: int, schedule: VersionSchedule | None, default: int

@@ -1,7 +1,8 @@
 """Concurrent sandbox work in the rollout loop (issue #21 point 8): with `rollout.sandbox_concurrency` 8 a batch's
 creates, file writes, tool calls and verifiers overlap across rollouts, and the batch comes out exactly as it does
 one rollout after another (concurrency 1): the same ids, rewards, tool results and trajectory logs; a sandbox lost
-in one rollout is retried without disturbing the others. Real dsec server, real container sandboxes."""
+in one rollout is retried without disturbing the others. With `rollout.waves` 2 one wave's tool calls run while the
+other wave is sampled, and the batch is still the same. Real dsec server, real container sandboxes."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def _jobs(run: str) -> list[tuple[str, object]]:
     return [(f"{run}/step-0/prompt-{p}/sample-{g}", prob) for p, prob in enumerate(batch) for g in range(2)]
 
 
-def _cfg(concurrency: int) -> RolloutConfig:
-    return CFG.model_copy(update={"sandbox_concurrency": concurrency})
+def _cfg(concurrency: int, waves: int = 1) -> RolloutConfig:
+    return CFG.model_copy(update={"sandbox_concurrency": concurrency, "waves": waves, "min_wave_rows": 1})
 
 
 def _summary(r: Rollout) -> tuple:
@@ -39,6 +40,9 @@ def _summary(r: Rollout) -> tuple:
     return (r.trajectory_id.split("/", 1)[1], r.problem_id, r.ids, r.mask, r.logprobs, r.reward, r.turns, r.final,
             r.tool_calls, r.tools_live, r.tools_replayed, r.parse_errors, r.sampled_hash, r.stop_reason, r.attempts,
             r.turn_versions)
+
+
+LOGPROBS = 4  # the position of the recorded log-probs in a `_summary`
 
 
 def _log(client: dsec.Client, trajectory_id: str) -> list[tuple]:
@@ -124,6 +128,58 @@ def test_a_lost_sandbox_is_retried_without_disturbing_the_others(policy, client,
     assert [r.ids for r in out] == [r.ids for r in control]
     assert [r.reward for r in out] == [r.reward for r in control]
     assert [r.stop_reason for r in out] == [r.stop_reason for r in control]
+
+
+@pytest.mark.timeout(900)
+def test_waves_sample_the_second_wave_while_the_firsts_sandbox_work_runs(policy, client, one_by_one, monkeypatch):
+    """Waves of 4: a first-wave rollout's set-up (its first logged file write) holds until the loop samples the first
+    turn of second-wave rollouts alone. Without waves the first turn is one batch of both, so the hold could never
+    end; with them the loop samples the second wave without waiting for the first's sandbox work. A protocol point,
+    not a timing. The rollouts and their logs are those of the one-by-one batch."""
+    import trainer.rollout as rollout_module
+
+    model, tok = policy
+    control, control_logs = one_by_one
+    jobs = _jobs(f"waves-{time.time_ns()}")
+    first_wave = {tid for tid, _ in jobs[:4]}
+    second_wave_sampled = threading.Event()
+    holders: list[str] = []
+    lock = threading.Lock()
+    sample_turn = rollout_module._sample_turn
+
+    def sampling(model, version, active, *args, **kwargs):
+        first_turn = all(x.rollout.turns == 0 for x in active)
+        if active and first_turn and not {x.rollout.trajectory_id for x in active} & first_wave:
+            second_wave_sampled.set()
+        return sample_turn(model, version, active, *args, **kwargs)
+
+    def hold_once(box) -> None:
+        with lock:
+            first = box.trajectory.id in first_wave and not holders
+            if first:
+                holders.append(box.trajectory.id)
+        if first:
+            assert second_wave_sampled.wait(MEET_TIMEOUT_S), "the second wave waited for the first's set-up"
+
+    monkeypatch.setattr(rollout_module, "_sample_turn", sampling)
+    out = run_rollouts(model, tok, client, jobs, _cfg(8, waves=2), SANDBOX, seed=0, after_step=hold_once)
+    assert holders and second_wave_sampled.is_set()
+    # the same samples; their recorded log-probs to float rounding (a smaller batch rounds its matmuls otherwise)
+    without_logprobs = [tuple(f for i, f in enumerate(_summary(r)) if i != LOGPROBS) for r in out]
+    assert without_logprobs == [tuple(f for i, f in enumerate(_summary(r)) if i != LOGPROBS) for r in control]
+    for r, want in zip(out, control):
+        assert max(abs(a - b) for a, b in zip(r.logprobs, want.logprobs)) < 1e-5
+    assert [_log(client, r.trajectory_id) for r in out] == control_logs
+
+
+def test_waves_are_fixed_slices_of_the_batch():
+    from trainer.rollout import _waves
+
+    assert _waves(list(range(64)), 2, 16) == [list(range(32)), list(range(32, 64))]
+    assert _waves(list(range(16)), 2, 16) == [list(range(16))]  # a GRPO worker's 16 rows: one wave
+    assert _waves(list(range(10)), 2, 8) == [list(range(10))]  # too few rows for two waves of 8
+    assert _waves(list(range(7)), 3, 2) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert _waves([], 2, 8) == [[]]
 
 
 def test_an_exception_in_one_rollouts_sandbox_work_surfaces_as_itself(policy, client):
