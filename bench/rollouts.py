@@ -15,6 +15,11 @@ to 112 tokens, tools through real container sandboxes) and --workers rollout wor
                               (from `rolled_out` to `committed` of each step, trainer.grpo's phases)
   {sync,async}_rollout_wait   share it spent waiting for the step's rollouts (`inflight` to `rolled_out`): the
                               time the async pipeline hides by sampling the next batch during the update
+  {sync,async}_cpu_busy       share of the machine's cores busy over those steps (/proc/stat: every process,
+                              the sandboxes' and the dsec server's included)
+  async_cpu_ceiling           1 / sync_cpu_busy: the most async_over_sync_throughput can be on this machine, were
+                              the sync run's work spread over every core all the time (an overlap fills idle
+                              cores; it makes no work cheaper)
   rollouts_per_s              --rollouts multi-turn rollouts run as one batch (trainer.rollout, each in its own
                               container sandbox, claimed from a warm pool the server filled before the batch;
                               the pool refills behind the claims during the batch, as it would for the next
@@ -55,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -103,11 +109,13 @@ def timed_run(cfg: ExperimentConfig, tok_path: Path, sft: Path, address: str) ->
     from trainer.grpo import train_grpo
 
     marks: list[float] = []
+    busy: list[float] = []
     phases: list[tuple[str, int, float]] = []
     records: list[dict] = []
 
     def on_step(step: int, metrics: dict) -> None:
         marks.append(time.perf_counter())
+        busy.append(cpu_busy_seconds())
         records.append(metrics)
         say(f"  max_staleness={cfg.grpo.max_staleness} step {step}: reward {metrics['reward_mean']:.2f}, "
             f"staleness_max {metrics['staleness_max']:.0f}, step {metrics['step_time_s']:.1f} s")
@@ -120,7 +128,17 @@ def timed_run(cfg: ExperimentConfig, tok_path: Path, sft: Path, address: str) ->
     return {"rate": sum(r["samples"] for r in records[1:]) / span,
             "learner_busy": sum(at["committed", s] - at["rolled_out", s] for s in later) / span,
             "rollout_wait": sum(at["rolled_out", s] - at["inflight", s] for s in later) / span,
+            "cpu_busy": (busy[-1] - busy[0]) / (span * (os.cpu_count() or 1)),
             "tito_violations": sum(r["tito_violations"] for r in records)}
+
+
+def cpu_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (not idle or waiting on I/O), summed over its cores: what
+    bounds any overlap on it. From /proc/stat, whose counters are in USER_HZ ticks."""
+    with open("/proc/stat") as handle:
+        fields = [int(v) for v in handle.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user..steal; guest time is counted in user
 
 
 def concurrent_rollouts(n: int, tok_path: Path, sft: Path, client, cfg: ExperimentConfig) -> dict[str, float]:
@@ -306,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                 violations += result["tito_violations"]
                 shares[k].append(result)
                 say(f"round {rnd + 1}: max_staleness={k}: {rates[k]:.3f} samples/s, learner busy "
-                    f"{result['learner_busy']:.2f}, rollout wait {result['rollout_wait']:.2f} of the steps' wall")
+                    f"{result['learner_busy']:.2f}, rollout wait {result['rollout_wait']:.2f} of the steps' wall, "
+                    f"cores busy {result['cpu_busy']:.2f}")
             ratios.append(rates[args.k] / rates[0])
             say(f"round {rnd + 1}: async/sync = {ratios[-1]:.2f}")
         batches = []
@@ -339,11 +358,13 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         server.stop()
     busy = {f"{name}_{key}": f"{statistics.fmean(r[key] for r in shares[k]):.2f}"
-            for name, k in (("sync", 0), ("async", args.k)) for key in ("learner_busy", "rollout_wait")}
+            for name, k in (("sync", 0), ("async", args.k)) for key in ("learner_busy", "rollout_wait", "cpu_busy")}
+    # the most any overlap can gain: the sync run's work on every core all the time (same samples, same work)
+    ceiling = statistics.fmean(1 / r["cpu_busy"] for r in shares[0])
     say(f"async/sync per round: {', '.join(f'{r:.2f}' for r in ratios)}; total {time.perf_counter() - started:.0f} s")
     fields = {"async_over_sync_throughput": f"{statistics.fmean(ratios):.2f}",
               "async_over_sync_range": f"{min(ratios):.2f}-{max(ratios):.2f}", "max_staleness": str(args.k),
-              **busy, "rollouts_per_s": f"{conc['rollouts_per_s']:.2f}",
+              "async_cpu_ceiling": f"{ceiling:.2f}", **busy, "rollouts_per_s": f"{conc['rollouts_per_s']:.2f}",
               "rollouts_per_s_range": spread["rollouts_per_s"],
               "sandbox_wait_fraction": f"{conc['sandbox_wait_fraction']:.3f}",
               "sandbox_wait_range": spread["sandbox_wait_fraction"],
