@@ -13,7 +13,12 @@ Three comparisons, each a speed-up factor (peer p50 / dsec p50; > 1 means dsec i
                             sample (each starts quiet, below).
   exec_vs_docker_exec       one exec round trip (`true`) in a running sandbox through the SDK (`sb.exec`, which sends
                             ExecCollect: one reply) against `docker exec` (exec_create + exec_start + exec_inspect)
-                            in a running container of the same image; both check the exit code.
+                            in a running container of the same image; both check the exit code. Each call follows
+                            the other side's (~30 ms of Docker's Go daemons and runc have just run, so a dsec exec
+                            starts with cold caches; that costs it ~1 ms, Docker's far longer path 1-2 ms).
+  exec_vs_docker_exec_steady  the same on the first driver, each side timed in runs of EXEC_RUN calls after one
+                            untimed call (bench.harness.interleaved's `run`): each call follows its own side's, as
+                            in a loop of execs. Reported beside the figure above, not instead of it.
   function_vs_subprocess    a warm `sb.call(fn)` in a function sandbox against `python3 -c` in a subprocess.
 Two warm-pool figures (docs/lifecycle.md), on the first driver, in the same run:
   pool_create_p50_ms        create + first exec `true` of a sandbox claimed from a warm pool (the pool is
@@ -57,6 +62,7 @@ from dsec.substrates.container.dockerd import ensure_engine
 from bench.harness import Stats, interleaved, percentile, report
 
 IMAGE = "busybox"
+EXEC_RUN = 4  # timed calls in a row per side for exec_vs_docker_exec_steady (after one untimed call)
 FUNCTION_IMAGE = "python"
 
 
@@ -132,7 +138,12 @@ def bench_exec(client: dsec.Client, engine: docker.DockerClient, tag: str, drive
 
         contenders: dict[str, Callable[[], object]] = {d: (lambda sb=sb: dsec_exec(sb)) for d, sb in sandboxes.items()}
         contenders["docker exec"] = docker_exec
-        return interleaved("exec round trip", contenders, n, warmup=5)
+        stats = interleaved("exec round trip", contenders, n, warmup=5)
+        if not drivers:
+            return stats
+        steady = interleaved(f"exec round trip, runs of {EXEC_RUN} (each call after its own side's)",
+                             {label: contenders[label] for label in (drivers[0], "docker exec")}, n, run=EXEC_RUN)
+        return {**stats, **{f"{label} (steady)": v for label, v in steady.items()}}
 
 
 def square(x: int) -> int:
@@ -315,6 +326,8 @@ def summary(drivers: list[str], create: dict[str, Stats] | None, execs: dict[str
             pairs["container_vs_docker_run"] = f"{create['docker run --rm']['p50'] / create[main]['p50']:.1f}"
         if execs is not None:
             pairs["exec_vs_docker_exec"] = f"{execs['docker exec']['p50'] / execs[main]['p50']:.1f}"
+            pairs["exec_vs_docker_exec_steady"] = (
+                f"{execs['docker exec (steady)']['p50'] / execs[f'{main} (steady)']['p50']:.1f}")
     if functions is not None:
         pairs["function_vs_subprocess"] = f"{functions['python3 -c']['p50'] / functions['call']['p50']:.1f}"
     for driver in drivers:
@@ -330,6 +343,8 @@ def summary(drivers: list[str], create: dict[str, Stats] | None, execs: dict[str
     if drivers and execs is not None:
         pairs["docker_exec_p50_ms"] = f"{execs['docker exec']['p50']:.1f}"
         pairs["docker_exec_p99_ms"] = f"{execs['docker exec']['p99']:.1f}"
+        pairs[f"exec_{drivers[0]}_steady_p50_ms"] = f"{execs[f'{drivers[0]} (steady)']['p50']:.2f}"
+        pairs["docker_exec_steady_p50_ms"] = f"{execs['docker exec (steady)']['p50']:.1f}"
     if functions is not None:
         pairs["call_p50_ms"] = f"{functions['call']['p50']:.2f}"
         pairs["call_p99_ms"] = f"{functions['call']['p99']:.2f}"
