@@ -90,7 +90,7 @@ class Sweeper(abc.ABC):
     (lower first: processes before the network plumbing and disks they hold), each once however many
     substrates list it."""
 
-    stage: int = 0  # 0 processes, 10 cgroups, 20 network plumbing, 30 disks
+    stage: int = 0  # 0 processes, 10 cgroups, 20 network plumbing, 30 disks, 40 what a whole home leaves
     kinds: tuple[str, ...] = ()  # what it reports (`Orphans.<kind>`), e.g. ("cgroups",)
 
     @abc.abstractmethod

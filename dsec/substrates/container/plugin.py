@@ -27,7 +27,7 @@ def sweepers() -> Sequence[registry.Sweeper]:
     plumbing, its disk's loop device."""
     from dsec.substrates.container import sweep
 
-    return sweep.DOCKER, sweep.CGROUPS, sweep.NETWORK, sweep.DISKS, sweep.SPARE_DISKS
+    return sweep.DOCKER, sweep.CGROUPS, sweep.NETWORK, sweep.DISKS, sweep.SPARE_DISKS, sweep.VOLATILE_HOMES
 
 
 CONTAINER = registry.register(registry.Substrate(

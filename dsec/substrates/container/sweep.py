@@ -296,3 +296,19 @@ class SpareDisks(Sweeper):
         except (OSError, RuntimeFailure) as exc:  # the next start retries; a sweep never fails a server's start
             log.warning("spare disks of dead processes not all removed (the next start retries): %s", exc)
 SPARE_DISKS = SpareDisks()
+
+
+class VolatileHomes(Sweeper):
+    """The tmpfs directories (volatile.py) of homes that no longer exist: after the cgroups and disks, so every
+    sandbox of a dead owner is gone and unmounted first. Not reported as an orphan kind: a home's directory is
+    no sandbox's leftover, and a sweep that found only these found no orphan."""
+
+    stage = 40
+
+    def sweep(self, ctx: SweepContext) -> None:
+        try:
+            for root in volatile.sweep_deleted_homes(Cgroups._ids()):
+                log.info("removed %s: the runtime files' directory of a home that no longer exists", root)
+        except OSError as exc:  # the next start retries; a sweep never fails a server's start
+            log.warning("directories of removed homes not all swept (the next start retries): %s", exc)
+VOLATILE_HOMES = VolatileHomes()
