@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-KEYS = ["async_over_sync_throughput", "async_over_sync_range", "max_staleness", "sync_learner_busy",
-        "sync_rollout_wait", "async_learner_busy", "async_rollout_wait", "rollouts_per_s", "rollouts_per_s_range",
-        "sandbox_wait_fraction", "sandbox_wait_range", "sampler_speedup", "tito_violations", "heldout_sft", "heldout_sync", "heldout_async", "heldout_async_minus_sync",
-        "heldout_diff_ci95"]
+KEYS = ["async_over_sync_throughput", "async_over_sync_range", "max_staleness", "async_cpu_ceiling",
+        "sync_learner_busy", "sync_rollout_wait", "sync_cpu_busy", "async_learner_busy", "async_rollout_wait",
+        "async_cpu_busy", "rollouts_per_s", "rollouts_per_s_range", "sandbox_wait_fraction", "sandbox_wait_range",
+        "sampler_speedup", "tito_violations", "heldout_sft", "heldout_sync", "heldout_async",
+        "heldout_async_minus_sync", "heldout_diff_ci95"]
 
 
 def test_quick_bench_prints_every_key() -> None:
@@ -32,6 +33,8 @@ def test_quick_bench_prints_every_key() -> None:
     for name in ("sync", "async"):
         for share in ("learner_busy", "rollout_wait"):
             assert 0 <= float(fields[f"{name}_{share}"]) <= 1, last
+        assert 0 < float(fields[f"{name}_cpu_busy"]) <= 1.05, last  # /proc/stat counts in 10 ms ticks
+    assert float(fields["async_cpu_ceiling"]) >= 0.95, last  # 1 / sync_cpu_busy
     for name in ("heldout_sft", "heldout_sync", "heldout_async"):
         mean, bounds = fields[name].rstrip("]").split("[")
         low, high = (float(b) for b in bounds.split(","))
