@@ -52,7 +52,7 @@ takes tokenizer.json and sft.pt from an earlier run's work directory instead of 
 the rollout side; say so next to any figure it gives).
 
 Usage: .venv/bin/python -m bench.rollouts [--quick] [--rounds 2] [--steps 4] [--k 1] [--workers 2] [--heldout 128]
-                                          [--sft-steps 1000] [--sampler-rows 32] [--sandbox-concurrency N]
+                                          [--sft-steps 1000] [--sampler-rows 32] [--sandbox-concurrency N] [--waves N]
                                           [--warm-start DIR]
 """
 
@@ -95,6 +95,8 @@ def base_config(out: Path, args: argparse.Namespace) -> ExperimentConfig:
         overrides.update({"sft.examples": 200, "grpo.group_size": 2, "rollout.max_turns": 2})
     if args.sandbox_concurrency is not None:
         overrides["rollout.sandbox_concurrency"] = args.sandbox_concurrency
+    if args.waves is not None:
+        overrides["rollout.waves"] = args.waves
     return load_config(DEMO_CONFIG, overrides)
 
 
@@ -272,6 +274,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sampler-rows", type=int, default=32, help="prompts of the sampler_speedup comparison")
     parser.add_argument("--sandbox-concurrency", type=int, default=None,
                         help="rollout.sandbox_concurrency of every rollout in the run (default: the demo config's)")
+    parser.add_argument("--waves", type=int, default=None,
+                        help="rollout.waves of every rollout in the run (default: the demo config's)")
     parser.add_argument("--warm-start", type=Path, default=None,
                         help="a directory with tokenizer.json and sft.pt (an earlier run's): skip the tokenizer and "
                              "SFT stages")
