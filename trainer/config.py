@@ -57,11 +57,12 @@ class RolloutConfig(_Strict):
     sandbox_concurrency: int = Field(default=8, ge=1)
     # the batch is sampled in this many waves (fixed slices of it, each sampled turn by turn), so one wave's tool
     # calls run while the next wave is sampled instead of the loop waiting for them at each turn's end; a wave has
-    # at least `min_wave_rows` rollouts (fewer rows make fewer waves). 1: the whole batch at once. The sampled ids
-    # are the same either way (per-row random streams); the recorded log-probs agree to float rounding (a smaller
-    # batch rounds its matmuls otherwise), and a given config always cuts a batch alike
+    # at least `min_wave_rows` rollouts (fewer rows make fewer waves: a GRPO step of the demo config, 32 rows, is one
+    # wave). 1: the whole batch at once. Given the same tool results the sampled ids are the same either way (per-row
+    # random streams); the recorded log-probs agree to float rounding (a smaller batch rounds its matmuls
+    # otherwise), and a given config always cuts a batch alike
     waves: int = Field(default=2, ge=1)
-    min_wave_rows: int = Field(default=16, ge=1)
+    min_wave_rows: int = Field(default=32, ge=1)
 
 
 class OPDConfig(_Strict):

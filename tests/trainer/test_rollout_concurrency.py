@@ -175,8 +175,8 @@ def test_waves_sample_the_second_wave_while_the_firsts_sandbox_work_runs(policy,
 def test_waves_are_fixed_slices_of_the_batch():
     from trainer.rollout import _waves
 
-    assert _waves(list(range(64)), 2, 16) == [list(range(32)), list(range(32, 64))]
-    assert _waves(list(range(16)), 2, 16) == [list(range(16))]  # a GRPO worker's 16 rows: one wave
+    assert _waves(list(range(64)), 2, 32) == [list(range(32)), list(range(32, 64))]
+    assert _waves(list(range(32)), 2, 32) == [list(range(32))]  # a GRPO step of the demo config: one wave
     assert _waves(list(range(10)), 2, 8) == [list(range(10))]  # too few rows for two waves of 8
     assert _waves(list(range(7)), 3, 2) == [[0, 1, 2], [3, 4], [5, 6]]
     assert _waves([], 2, 8) == [[]]
