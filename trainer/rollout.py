@@ -268,6 +268,8 @@ def _attempt(model: PreTrainedModel, tok: V4Tokenizer, client: dsec.Client, jobs
         waves = [[x for x in wave if len(x.rollout.ids) < room]
                  for wave in _waves(live, rollout_cfg.waves, rollout_cfg.min_wave_rows)]
         for turn in range(rollout_cfg.max_turns):
+            if not any(waves):
+                break
             for w, active in enumerate(waves):
                 if turn > 0:  # its previous turn's calls ran while the other waves were sampled
                     work.wait(active)
