@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting the tmpfs ne
 
 def _live() -> set[str]:
     """The ids with a cgroup on this machine, as the orphan sweep passes them (other tests' sandboxes stay safe)."""
-    return Cgroups._ids()
+    return Cgroups.ids()
 
 
 @pytest.fixture

@@ -96,13 +96,14 @@ class Cgroups(Sweeper):
     kinds = ("cgroups",)
 
     def sweep(self, ctx: SweepContext) -> None:
-        for sandbox_id in sorted(self._ids()):
+        for sandbox_id in sorted(self.ids()):
             remove = lambda i=sandbox_id: cgroups.remove(f"/{CGROUP_PARENT}/{i}", i)  # noqa: E731
             if ctx.gone(sandbox_id):
                 ctx.remove(sandbox_id, "cgroups", sandbox_id, remove)
 
     @staticmethod
-    def _ids() -> set[str]:
+    def ids() -> set[str]:
+        """The sandbox ids with a `/dsec/<id>` cgroup in any hierarchy: those whose processes may still run."""
         found: set[str] = set()
         for mount, _ in cgroups.hierarchies():
             parent = mount / CGROUP_PARENT
@@ -307,7 +308,7 @@ class VolatileHomes(Sweeper):
 
     def sweep(self, ctx: SweepContext) -> None:
         try:
-            for root in volatile.sweep_deleted_homes(Cgroups._ids()):
+            for root in volatile.sweep_deleted_homes(Cgroups.ids()):
                 log.info("removed %s: the runtime files' directory of a home that no longer exists", root)
         except OSError as exc:  # the next start retries; a sweep never fails a server's start
             log.warning("directories of removed homes not all swept (the next start retries): %s", exc)
