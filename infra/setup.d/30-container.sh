@@ -11,3 +11,6 @@ grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null || {
 # each sandbox's disk budget is an ext4 on a loop device
 [ -e /dev/loop-control ] || modprobe loop 2>/dev/null || {
   echo "setup: no /dev/loop-control; container sandboxes cannot get a disk" >&2; exit 1; }
+# a container's first process joins its cgroups by a cgroup.procs write, which waits for an RCU grace period
+# (5-15 ms here) unless cgroup2 is mounted with favordynmods (machine-wide; Linux >= 6.0; the module says why)
+"${VENV:-$REPO_ROOT/.venv}/bin/python" -m dsec.substrates.container.cgroup_tuning
