@@ -28,6 +28,9 @@ Two warm-pool figures (docs/lifecycle.md), on the first driver, in the same run:
 The cost of user namespaces (issue #22, docs/hardening.md), on the first driver when it is crun or runc:
   userns_create_overhead_ms create + first exec `true` at the driver (busybox from the layer store), p50 with a
                             user namespace minus p50 without, interleaved in the same run (destroys untimed).
+What the host makes both sides pay, measured first:
+  cgroup_migrate_p50_ms     moving a process into a new cgroup, the write every container start and `docker exec`
+                            makes: ~0.2 ms with cgroup2 favordynmods (make setup), 5-15 ms where it waits for RCU.
 Every driver (crun, runc, docker) is measured and reported. Contenders of one comparison run interleaved, one
 sample each per round, so load from other work on the machine hits all of them alike, and each sample starts once
 the machine is quiet (bench/quiet.py), so no side is charged with the work another left running after its call
@@ -57,9 +60,11 @@ from dsec.config import ServerConfig
 from dsec.images.store import LayerStore
 from dsec.substrates.container.bench import userns_create_ms
 from dsec.substrates.container.docker_images import ensure_image
+from dsec.substrates.container import cgroup_tuning
 from dsec.substrates.container.dockerd import ensure_engine
 
 from bench.harness import Stats, interleaved, percentile, report
+from bench.quiet import wait_quiet
 
 IMAGE = "busybox"
 EXEC_RUN = 4  # timed calls in a row per side for exec_vs_docker_exec_steady (after one untimed call)
@@ -144,6 +149,40 @@ def bench_exec(client: dsec.Client, engine: docker.DockerClient, tag: str, drive
         steady = interleaved(f"exec round trip, runs of {EXEC_RUN} (each call after its own side's)",
                              {label: contenders[label] for label in (drivers[0], "docker exec")}, n, run=EXEC_RUN)
         return {**stats, **{f"{label} (steady)": v for label, v in steady.items()}}
+
+
+def cgroup_migrate_p50_ms(samples: int = 9) -> float | None:
+    """p50 of moving a sleeping process into a new cgroup: the write every container start (dsec's and Docker's)
+    and every `docker exec` makes, so both sides' figures below depend on it. Where the kernel makes it wait for
+    an RCU grace period (no cgroup2 favordynmods: infra/setup.d/30-container.sh) it is 5-15 ms, else ~0.2 ms."""
+    root = Path("/sys/fs/cgroup/pids")  # cgroup v1 (and hybrid) hosts; a cgroup2-only host has its root here:
+    if not (root / "cgroup.procs").exists():
+        root = Path("/sys/fs/cgroup")
+    if not (root / "cgroup.procs").exists():
+        return None
+    times: list[float] = []
+    for i in range(samples):
+        child = subprocess.Popen(["sleep", "60"])
+        group = root / f"dsec-bench-migrate-{os.getpid()}-{i}"
+        group.mkdir()
+        try:
+            wait_quiet()
+            started = time.perf_counter()
+            (group / "cgroup.procs").write_text(str(child.pid))
+            times.append((time.perf_counter() - started) * 1000)
+        finally:
+            child.kill()
+            child.wait()
+            for _ in range(100):  # the cgroup is empty once its only process is reaped; v2 may lag a moment
+                try:
+                    group.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.01)
+    p50 = percentile(times, 0.5)
+    print(f"  cgroup migration (a pid into a new cgroup, {root}): p50 {p50:.2f} ms, cgroup2 favordynmods flag "
+          f"{cgroup_tuning.state()} (n={samples})", flush=True)
+    return p50
 
 
 def square(x: int) -> int:
@@ -375,6 +414,7 @@ def main() -> int:
         parser.error(f"--only: unknown part(s) {', '.join(sorted(parts - set(PARTS)))}; choose from {', '.join(PARTS)}")
 
     print(f"sandbox latency on {os.cpu_count()} cores; embedded dsec server and dsec's Docker Engine", flush=True)
+    migrate_ms = cgroup_migrate_p50_ms()
     engine = docker.DockerClient(base_url=ensure_engine(), version="auto", timeout=120)
     client = dsec.Client()
     try:
@@ -390,7 +430,8 @@ def main() -> int:
     finally:
         client.close()
         engine.close()
-    report(summary(drivers, create, execs, functions, pool, burst) | pauses | userns)
+    report(summary(drivers, create, execs, functions, pool, burst) | pauses | userns
+           | ({} if migrate_ms is None else {"cgroup_migrate_p50_ms": f"{migrate_ms:.2f}"}))
     return 0 if drivers and (functions is not None or "function" not in parts) else 1
 
 

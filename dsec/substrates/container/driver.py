@@ -28,7 +28,7 @@ from dsec.images.user import resolve_user
 from dsec.models import PauseKind, SandboxSpec
 from dsec.substrates.agent_sandbox import AgentSandbox
 from dsec.substrates.base import DriverSandbox, ImageRootfs, SandboxDriver, Usage, snapshot_target_full, volume_source
-from dsec.substrates.container import bundle, cgroup_tuning, cgroups, disk, idmap, network, rootfs, spares, trash, userns, volatile
+from dsec.substrates.container import bundle, cgroups, disk, idmap, network, rootfs, spares, trash, userns, volatile
 from dsec.substrates.container.criu import criu_probe, move_userns_maps, runtime_criu_refusal
 from dsec.substrates.container.record import ContainerRecord
 from dsec.substrates.container.runtime import RUNTIMES, OciRuntime
@@ -734,5 +734,4 @@ def container_driver(name: str, config: ServerConfig | None = None, user_namespa
     drivers = {"crun": CrunDriver, "runc": RuncDriver}
     if name not in drivers:
         raise InvalidSpec(f"unknown container runtime {name!r}: choose one of {', '.join(RUNTIMES)}")
-    cgroup_tuning.warn_if_slow_migrations()
     return drivers[name](config, user_namespace)
