@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -28,6 +29,11 @@ STATE_SANDBOX_PORT = "dsec_sandbox_port"
 STATE_API_KEY = "dsec_api_key"
 # The label that keeps a door-created sandbox's envd access token (so a restarted door still enforces it).
 ENVD_TOKEN_LABEL = "e2b.envd_token"
+# The label every sandbox created through the door's E2B API carries (its template): what `owner_of` answers for.
+DOOR_CREATED_LABEL = "e2b.template"
+
+# sandbox id -> (its labels, a key of its owner; None with auth off), or None when there is no such sandbox
+OwnerLookup = Callable[[str], "tuple[dict[str, str], str | None] | None"]
 
 
 class BoundStub:
@@ -53,6 +59,8 @@ class CompatContext:
 
     backend_address: str
     tls: grpc.ChannelCredentials | None = None  # set when the backend serves TLS
+    # where the door runs inside the server (`dsec serve --http-listen`): who owns a sandbox it has not seen
+    owner_of: OwnerLookup | None = None
     _channels: dict[int, grpc.aio.Channel] = field(default_factory=dict, repr=False)
     _keys: dict[str, str] = field(default_factory=dict, repr=False)
     _envd_tokens: dict[str, str] = field(default_factory=dict, repr=False)
@@ -106,6 +114,17 @@ class CompatContext:
         """Whether this door has seen the sandbox (created, connected, or looked up for its envd token)."""
         with self._lock:
             return sandbox_id in self._known
+
+    def owner_key(self, sandbox_id: str) -> str | None:
+        """A key of the tenant owning a sandbox created through this door's E2B API, for a request that carried
+        none (envd and port requests never do) after the door forgot it: a restarted server re-adopts its
+        sandboxes, and E2B clients holding them keep working. Sandboxes created otherwise are not answered for:
+        a key-less request reaches only what was created or connected through the door, restart or not."""
+        found = self.owner_of(sandbox_id) if self.owner_of is not None else None
+        if found is None:
+            return None
+        labels, key = found
+        return key if DOOR_CREATED_LABEL in labels else None
 
     def key_for(self, sandbox_id: str) -> str | None:
         with self._lock:

@@ -154,7 +154,7 @@ class FrontDoor:
                 await self._reject(scope, send, 400, "E2b-Sandbox-Port must be a TCP port number")
                 return
             port = int(port_text)
-            if port == ENVD_PORT and not self.ctx.knows(sandbox_id):
+            if not self.ctx.knows(sandbox_id):
                 await self._learn(sandbox_id, headers.get("x-api-key"))
             expected = self.ctx.envd_token_for(sandbox_id)
             if expected is not None and port == ENVD_PORT:
@@ -178,8 +178,11 @@ class FrontDoor:
         await app(scope, receive, send)
 
     async def _learn(self, sandbox_id: str, api_key: str | None) -> None:
-        """A sandbox this door did not create (or created before a restart): its envd token is in its labels.
-        A lookup that fails leaves it unknown; the sub-app then answers the backend's error itself."""
+        """A sandbox this door did not create (or created before a restart): its envd token is in its labels, and a
+        request without a key (envd's and ports' never have one) acts as its owner when the door created it
+        (`CompatContext.owner_key`). A lookup that fails leaves it unknown; the sub-app then answers the backend's
+        error itself."""
+        api_key = api_key or self.ctx.owner_key(sandbox_id)
         try:
             info = await self.ctx.stub(pb_grpc.SandboxServiceStub, api_key).Get(pb.SandboxRef(sandbox_id=sandbox_id))
         except grpc.RpcError:

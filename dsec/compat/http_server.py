@@ -14,7 +14,7 @@ import threading
 import grpc
 import uvicorn
 
-from dsec.compat.context import CompatContext
+from dsec.compat.context import CompatContext, OwnerLookup
 from dsec.compat.front_door import make_app
 
 log = logging.getLogger("dsec.compat")
@@ -35,7 +35,8 @@ def parse_listen(listen: str) -> tuple[str, int]:
 class HttpDoor:
     """A running front door: `.address` is `host:port`, `.url` the `http://` URL clients use."""
 
-    def __init__(self, listen: str, backend_address: str, tls: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(self, listen: str, backend_address: str, tls: grpc.ChannelCredentials | None = None,
+                 owner_of: OwnerLookup | None = None) -> None:
         host, port = parse_listen(listen)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on accepted sockets whose proto says TCP; with
@@ -52,7 +53,7 @@ class HttpDoor:
         bound_port = self._sock.getsockname()[1]
         self.address = f"[{host}]:{bound_port}" if family == socket.AF_INET6 else f"{host}:{bound_port}"
         self.url = f"http://{self.address}"
-        self.ctx = CompatContext(backend_address=backend_address, tls=tls)
+        self.ctx = CompatContext(backend_address=backend_address, tls=tls, owner_of=owner_of)
         config = uvicorn.Config(
             make_app(self.ctx),
             lifespan="on",
@@ -96,5 +97,6 @@ class HttpDoor:
         self._sock.close()
 
 
-def start_http_door(listen: str, backend_address: str, tls: grpc.ChannelCredentials | None = None) -> HttpDoor:
-    return HttpDoor(listen, backend_address, tls).start()
+def start_http_door(listen: str, backend_address: str, tls: grpc.ChannelCredentials | None = None,
+                    owner_of: OwnerLookup | None = None) -> HttpDoor:
+    return HttpDoor(listen, backend_address, tls, owner_of).start()

@@ -54,6 +54,11 @@ class Authenticator:
                 return tenant
         return None
 
+    def token_of(self, tenant: str) -> str | None:
+        """A token that acts as `tenant` (the first configured), or None: how a front door inside this server
+        calls for a tenant whose request carried no key (compat's `owner_of`)."""
+        return next((token for token, owner in self.tokens.items() if owner == tenant), None)
+
     def tenant(self, context: grpc.ServicerContext) -> str:
         """The caller's tenant (the interceptor already rejected unauthenticated calls)."""
         if not self.enabled:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from dsec.config import ServerConfig, parse_pool
+from dsec.errors import DsecError
 from dsec.images.store import LayerStore
 from dsec.server.auth import Authenticator, AuthInterceptor, load_tokens, server_credentials
 from dsec.server.drivers import DriverRegistry
@@ -146,7 +147,7 @@ def serve(config: ServerConfig) -> RunningServer:
     if config.metrics_listen:
         metrics_http = start_metrics_server(config.metrics_listen, manager)
     try:
-        http_door = _start_http_door(config, address) if config.http_listen else None
+        http_door = _start_http_door(config, address, _sandbox_owner(manager, auth)) if config.http_listen else None
     except BaseException:
         server.stop(0)
         if metrics_http is not None:
@@ -169,7 +170,22 @@ def serve(config: ServerConfig) -> RunningServer:
                          http_door=http_door)
 
 
-def _start_http_door(config: ServerConfig, address: str):
+def _sandbox_owner(manager: SandboxManager, auth: Authenticator):
+    """For the front door in this process: a sandbox's labels and a key of the tenant that owns it (None with auth
+    off), or None when there is no such sandbox. E2B's envd and port requests carry no API key; a door that did not
+    see the sandbox's create (it restarted since) asks this instead of losing access (compat/front_door.py)."""
+
+    def owner_of(sandbox_id: str) -> tuple[dict[str, str], str | None] | None:
+        try:
+            sandbox = manager.get(sandbox_id)
+        except DsecError:
+            return None
+        return dict(sandbox.spec.labels), auth.token_of(sandbox.tenant) if auth.enabled else None
+
+    return owner_of
+
+
+def _start_http_door(config: ServerConfig, address: str, owner_of=None):
     """The HTTP front door is a gRPC client of this server (same auth, admission, metrics, logs)."""
     # function-level: the door (dsec.compat, a layer above: a client of this server) loads starlette, uvicorn and
     # connectrpc, which a server started without --http-listen never needs (tests/test_layering.py FUNCTION_LEVEL)
@@ -180,7 +196,7 @@ def _start_http_door(config: ServerConfig, address: str):
         if config.tls_client_ca:
             raise RuntimeError("--http-listen with --tls-client-ca (mTLS) is not supported: the door has no client certificate")
         tls = grpc.ssl_channel_credentials(root_certificates=config.tls_cert.read_bytes())
-    return start_http_door(config.http_listen, address, tls)
+    return start_http_door(config.http_listen, address, tls, owner_of)
 
 
 def _watch_parent(parent_pid: int, running: RunningServer) -> None:

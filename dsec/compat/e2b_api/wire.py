@@ -14,13 +14,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dsec.compat.context import ENVD_TOKEN_LABEL
+from dsec.compat.context import DOOR_CREATED_LABEL, ENVD_TOKEN_LABEL
 from dsec.v1 import sandbox_pb2 as pb
 
 ENVD_VERSION = "0.6.4"  # the envd API the door's envd app speaks (dsec/compat/envd); gates SDK features
 CLIENT_ID = "dsec"
 LABEL_PREFIX = "e2b."
-LABEL_TEMPLATE = "e2b.template"
+LABEL_TEMPLATE = DOOR_CREATED_LABEL
 LABEL_ENVD_TOKEN = ENVD_TOKEN_LABEL
 LABEL_INTERNET = "e2b.internet"
 SUBSTRATE_METADATA_KEY = "dsec.substrate"  # metadata that picks the substrate (default container); docs/compat.md
