@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -45,6 +46,8 @@ log = logging.getLogger("dsec.server")
 SIGNAL_POLL_S = 0.5  # how often the main thread looks for signal handlers to run while it serves
 
 MAX_MESSAGE = 64 << 20
+# sandbox id -> (its labels, a key of its owner; None with auth off), or None: compat.context.OwnerLookup's shape
+SandboxOwner = Callable[[str], "tuple[dict[str, str], str | None] | None"]
 
 
 @dataclass
@@ -170,7 +173,7 @@ def serve(config: ServerConfig) -> RunningServer:
                          http_door=http_door)
 
 
-def _sandbox_owner(manager: SandboxManager, auth: Authenticator):
+def _sandbox_owner(manager: SandboxManager, auth: Authenticator) -> SandboxOwner:
     """For the front door in this process: a sandbox's labels and a key of the tenant that owns it (None with auth
     off), or None when there is no such sandbox. E2B's envd and port requests carry no API key; a door that did not
     see the sandbox's create (it restarted since) asks this instead of losing access (compat/front_door.py)."""
@@ -185,7 +188,7 @@ def _sandbox_owner(manager: SandboxManager, auth: Authenticator):
     return owner_of
 
 
-def _start_http_door(config: ServerConfig, address: str, owner_of=None):
+def _start_http_door(config: ServerConfig, address: str, owner_of: SandboxOwner | None = None):
     """The HTTP front door is a gRPC client of this server (same auth, admission, metrics, logs)."""
     # function-level: the door (dsec.compat, a layer above: a client of this server) loads starlette, uvicorn and
     # connectrpc, which a server started without --http-listen never needs (tests/test_layering.py FUNCTION_LEVEL)

@@ -11,9 +11,9 @@ runs this module) beside the overlayfs and loop-device checks. Docker's containe
 as much as dsec's, which is what a fair comparison needs (docs/benchmarks.md).
 
 What clears it, and why dsec does not set it again by itself: CRIU (memory pause, fork of a running container)
-mounts cgroup2 for its own use without the option, which clears the flag. On Linux 6.17 and later the faster lock
-stays in use anyway (the kernel cannot switch it back: "per threadgroup rwsem mechanism can't be disabled"); on
-6.0-6.16 migrations wait again until the next `make setup`. Setting the flag again from the server after a CRIU
+mounts cgroup2 for its own use without the option, which clears the flag. Kernels with the per-threadgroup lock
+(6.18 here) keep using it anyway (they log "per threadgroup rwsem mechanism can't be disabled"); on older ones
+migrations wait again until the next `make setup`. Setting the flag again from the server after a CRIU
 call was tried: turning it on right after a restore returned left the restored agent unreachable (in each of four
 tries, crun and runc, on 6.18), so the server never flips it; only setup does, when no restore is in flight.
 
@@ -51,7 +51,7 @@ def cgroup2_mounts(mounts_text: str) -> dict[str, list[str]]:
 
 def state(mounts_text: str | None = None) -> str:
     """"on" when every cgroup2 mount shows the option, "off" when one lacks it, "none" when no cgroup2 is mounted.
-    What the mounts show, not what the kernel does: after CRIU cleared the flag a 6.17+ kernel still migrates
+    What the mounts show, not what the kernel does: after CRIU cleared the flag a kernel with the per-threadgroup lock still migrates
     without waiting (the module docstring), so benchmarks measure a migration instead of trusting this."""
     mounts = cgroup2_mounts(MOUNTS.read_text() if mounts_text is None else mounts_text)
     if not mounts:
