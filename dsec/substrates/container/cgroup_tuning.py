@@ -23,16 +23,19 @@ tries, crun and runc, on 6.18), so the server never flips it; only setup does, w
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import re
 import sys
 import tempfile
 from pathlib import Path
 
+from dsec.loopdev import unmount
+
 OPTION = "favordynmods"
 MOUNTS = Path("/proc/mounts")
 MS_REMOUNT = 32
+_libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc, as dsec's other mount callers load it
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 # the cgroup2 superblock options a remount must pass again to keep them (rw, relatime... are per-mount flags)
 KEPT_OPTIONS = ("nsdelegate", "memory_recursiveprot", "memory_localevents", "memory_hugetlb_accounting",
                 "pids_localevents")
@@ -60,15 +63,13 @@ def state(mounts_text: str | None = None) -> str:
 
 
 def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode()) != 0:
+    if _libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode()) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {fstype} on {target} ({data}): {os.strerror(err)}")
 
 
 def _umount(target: str) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.umount2(target.encode(), 0)
+    unmount(Path(target))
 
 
 def apply() -> str:
