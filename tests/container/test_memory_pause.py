@@ -15,8 +15,11 @@ import time
 import pytest
 
 import dsec
-from dsec.errors import SandboxStateError, Unsupported
+from dsec.errors import RuntimeFailure, SandboxStateError, Unsupported
+from dsec.agent.client import AgentClient
 from dsec.substrates.container import bundle, cgroups
+from dsec.substrates.container.driver import ContainerSandbox
+from dsec.substrates.container.record import ContainerRecord
 from dsec.substrates.container.criu import criu_probe, runtime_criu_refusal
 from dsec.substrates.container.runtime import runtime_binary
 
@@ -134,6 +137,62 @@ def test_memory_pause_keeps_processes(client, driver):
         assert ask(sb, "again") == (first + 2, secret, "again")
     finally:
         sb.destroy()
+
+
+# a process holding a deleted 2 MB file open: CRIU saves deleted files up to its 1 MB ghost-file limit only
+GHOST_HOLDER = ("dd if=/dev/zero of=/tmp/ghost bs=1M count=2 2>/dev/null && exec 3</tmp/ghost && rm /tmp/ghost && "
+                "{ setsid sleep 100000 </dev/null >/dev/null 2>&1 & }")
+
+
+@pytest.mark.parametrize("driver", ["crun", "runc"])
+def test_a_memory_pause_criu_cannot_make_says_why_and_the_sandbox_runs_on(client, driver):
+    """A process CRIU cannot save: the pause fails at once, typed, with CRIU's own reason (not a timeout of
+    the agent reconnect that follows), and the sandbox, its processes and their memory run on."""
+    sb = client.create("busybox", "container", driver=driver, timeout_s=600)
+    try:
+        if reason := criu_refusal(driver):
+            assert_refused(sb, reason)
+            return
+        start_counter(sb)
+        first, secret, _ = ask(sb, "before")
+        assert sb.exec(GHOST_HOLDER).exit_code == 0
+        with pytest.raises(RuntimeFailure) as failed:
+            sb.pause(memory=True)
+        assert "checkpoint" in str(failed.value) and "ghost" in str(failed.value), str(failed.value)
+        assert sb.refresh().state == "running"
+        assert ask(sb, "after") == (first + 1, secret, "after"), "the processes ran on with their memory"
+    finally:
+        sb.destroy()
+
+
+class _RuntimeAfterFailedDump:
+    """What the OCI runtime says of a container that did not survive a failed checkpoint."""
+
+    def __init__(self, state: dict | None) -> None:
+        self._state = state
+
+    def state(self, container_id: str) -> dict | None:
+        return self._state
+
+
+@pytest.mark.parametrize("state", [None, {"status": "stopped"}])
+def test_a_dump_that_took_the_container_down_says_so_with_criu_reason_at_once(tmp_path, state):
+    """Where the container is gone after a failed checkpoint, the error keeps CRIU's reason and says the sandbox
+    is lost, without first waiting for the agent's socket (30 s) as a reattach would."""
+    record = ContainerRecord(sandbox_id="sb-0123456789abcdef", runtime="runc", runtime_root=str(tmp_path),
+                             container_id="sb-0123456789abcdef", cgroups_path="/dsec/sb-0123456789abcdef",
+                             rootfs=str(tmp_path / "rootfs"))
+    client = AgentClient.detached("sb-0123456789abcdef")
+    sandbox = ContainerSandbox(client, record, _RuntimeAfterFailedDump(state), tmp_path)
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeFailure) as failed:
+            sandbox._continue_after_failed_dump(RuntimeFailure("Can't dump ghost file /tmp/ghost"))
+    finally:
+        client.close()
+    assert "Can't dump ghost file /tmp/ghost" in failed.value.message
+    assert "did not survive" in failed.value.message and failed.value.details == {"sandbox_id": "sb-0123456789abcdef"}
+    assert time.monotonic() - started < 5.0, "no wait for an agent that is gone"
 
 
 ECHO_COUNTER = 'n=0; s=$RANDOM$RANDOM; while read line; do n=$((n+1)); echo "$n $s $line"; done'

@@ -23,7 +23,7 @@ from pathlib import Path
 from dsec.agent.build import agent_binary
 from dsec.agent.client import AgentClient, connect_socket
 from dsec.config import ServerConfig
-from dsec.errors import DiskFull, InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound, Unsupported
+from dsec.errors import DiskFull, DsecError, InvalidSpec, RuntimeFailure, SandboxStateError, SnapshotNotFound, Unsupported
 from dsec.images.user import resolve_user
 from dsec.models import PauseKind, SandboxSpec
 from dsec.substrates.agent_sandbox import AgentSandbox
@@ -217,9 +217,9 @@ class ContainerSandbox(AgentSandbox):
             image.mkdir()
             try:
                 self.runtime.checkpoint(self.record.container_id, image, criu_probe().path)
-            except BaseException:
+            except BaseException as dump_failed:
                 (self.state_dir / PAUSED_AS).unlink()
-                _reattach_agent(self.client, self.files / "agent-run", self.sandbox_id, self.files / "agent.log")
+                self._continue_after_failed_dump(dump_failed)
                 raise
         else:
             self.client.close()
@@ -228,6 +228,26 @@ class ContainerSandbox(AgentSandbox):
             self.runtime.delete(self.record.container_id)
         cgroups.remove(self.record.cgroups_path, self.sandbox_id)
         self.stopped_as = kind
+
+    def _continue_after_failed_dump(self, dump_failed: BaseException) -> None:
+        """A checkpoint CRIU refused (a process it cannot save) leaves the container running: its parked agent
+        connection carries on and the caller gets CRIU's reason. Where the container did not survive the
+        attempt, that is said beside CRIU's reason at once, not after the reattach's wait for an agent that is
+        gone, whose timeout would have replaced the reason."""
+        state = self.runtime.state(self.record.container_id)
+        status = (state or {}).get("status", "gone")
+        if status in ("running", "paused"):
+            try:
+                _reattach_agent(self.client, self.files / "agent-run", self.sandbox_id, self.files / "agent.log")
+                return
+            except DsecError as lost:
+                status = f"running, but its agent did not answer ({lost.message})"
+        reason = dump_failed.message if isinstance(dump_failed, DsecError) else repr(dump_failed)
+        raise RuntimeFailure(
+            f"memory pause of sandbox {self.sandbox_id} failed and the sandbox did not survive it (container "
+            f"{status}): destroy it and create it again. The pause failed because: {reason}",
+            sandbox_id=self.sandbox_id,
+        ) from dump_failed
 
     def resume(self) -> None:
         self._check_alive("resume")
