@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -151,6 +152,29 @@ def bench_exec(client: dsec.Client, engine: docker.DockerClient, tag: str, drive
         return {**stats, **{f"{label} (steady)": v for label, v in steady.items()}}
 
 
+MIGRATE_GROUP_PREFIX = "dsec-bench-migrate-"  # + the bench's pid + the sample: one cgroup per sample
+
+
+def _remove_dead_runs_groups(root: Path) -> None:
+    """The probe cgroups of a run that was killed mid-sample (its pid is gone): their `sleep` killed, removed."""
+    for group in root.glob(f"{MIGRATE_GROUP_PREFIX}*-*"):
+        pid = group.name.removeprefix(MIGRATE_GROUP_PREFIX).split("-")[0]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        with contextlib.suppress(OSError):
+            for member in (group / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(member), signal.SIGKILL)
+        for _ in range(100):  # empty once the killed sleep is reaped by init
+            try:
+                group.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.01)
+
+
 def cgroup_migrate_p50_ms(samples: int = 9) -> float | None:
     """p50 of moving a sleeping process into a new cgroup: the write every container start (dsec's and Docker's)
     and every `docker exec` makes, so both sides' figures below depend on it. Where the kernel makes it wait for
@@ -160,10 +184,11 @@ def cgroup_migrate_p50_ms(samples: int = 9) -> float | None:
         root = Path("/sys/fs/cgroup")
     if not (root / "cgroup.procs").exists():
         return None
+    _remove_dead_runs_groups(root)
     times: list[float] = []
     for i in range(samples):
         child = subprocess.Popen(["sleep", "60"])
-        group = root / f"dsec-bench-migrate-{os.getpid()}-{i}"
+        group = root / f"{MIGRATE_GROUP_PREFIX}{os.getpid()}-{i}"
         group.mkdir()
         try:
             wait_quiet()
