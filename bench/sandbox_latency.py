@@ -58,6 +58,7 @@ import docker
 
 import dsec
 from dsec.config import ServerConfig
+from dsec.pids import pid_alive
 from dsec.images.store import LayerStore
 from dsec.substrates.container.bench import userns_create_ms
 from dsec.substrates.container.docker_images import ensure_image
@@ -159,7 +160,7 @@ def _remove_dead_runs_groups(root: Path) -> None:
     """The probe cgroups of a run that was killed mid-sample (its pid is gone): their `sleep` killed, removed."""
     for group in root.glob(f"{MIGRATE_GROUP_PREFIX}*-*"):
         pid = group.name.removeprefix(MIGRATE_GROUP_PREFIX).split("-")[0]
-        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+        if not pid.isdigit() or pid_alive(pid):
             continue
         with contextlib.suppress(OSError):
             for member in (group / "cgroup.procs").read_text().split():

@@ -17,6 +17,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from dsec.pids import pid_alive
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     digest TEXT PRIMARY KEY, manifest TEXT NOT NULL, config TEXT NOT NULL,
@@ -69,7 +71,7 @@ class Workspace:
         removed = 0
         for entry in self.tmp_dir.iterdir():
             pid_text = entry.name.split("-", 1)[0]
-            if pid_text.isdigit() and _pid_alive(int(pid_text)):
+            if pid_alive(pid_text):
                 continue
             remove_path(entry)
             removed += 1
@@ -92,14 +94,6 @@ class Workspace:
             return self._db.execute(sql, args).fetchall()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_path(path: Path) -> None:

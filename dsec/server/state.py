@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsec.pids import pid_alive
+
 log = logging.getLogger("dsec.server.state")
 
 SANDBOX_RECORD = "dsec-sandbox.json"
@@ -71,7 +73,7 @@ def run_dirs(run_root: Path) -> list[Path]:
                 found.append(path)
             continue
         pid = path.name.removeprefix(CLAIMING).partition("-")[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+        if pid.isdigit() and not pid_alive(pid):
             shutil.rmtree(path, ignore_errors=True)
     return found
 

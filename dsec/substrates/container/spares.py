@@ -32,6 +32,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from dsec.pids import pid_alive
 from dsec.substrates.container import disk, volatile
 from dsec.substrates.container.rootfs import mounts_under, unmount
 
@@ -202,7 +203,7 @@ def reap_dead_owners(home: Path) -> None:
     if not images.is_dir():
         return
     for owner in images.iterdir():
-        if _pid_alive(owner.name.partition("-")[0]):
+        if pid_alive(owner.name.partition("-")[0]):
             continue
         try:
             fd = os.open(owner / LOCK, os.O_RDWR | os.O_CLOEXEC)
@@ -234,7 +235,7 @@ def reap_dead_owners_on_host() -> list[str]:
     for home_dir in sorted(root.iterdir()) if root.is_dir() else []:
         spare_mounts = home_dir / "spare-disks"
         for owner in sorted(spare_mounts.iterdir()) if spare_mounts.is_dir() else []:
-            if _pid_alive(owner.name.partition("-")[0]):
+            if pid_alive(owner.name.partition("-")[0]):
                 continue
             for mount_point in mounts_under(owner):
                 unmount(mount_point)
@@ -242,16 +243,6 @@ def reap_dead_owners_on_host() -> list[str]:
                 shutil.rmtree(owner, ignore_errors=True)
                 removed.append(str(owner))
     return removed
-
-
-def _pid_alive(text: str) -> bool:
-    try:
-        os.kill(int(text), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove_owner(images: Path, mounts: Path) -> None:
