@@ -9,8 +9,10 @@ files: the container's processes, cgroup and memory are gone while paused; its f
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -112,17 +114,31 @@ def test_a_crun_without_criu_refuses_memory_pause(monkeypatch):
             sb.destroy()
 
 
-@pytest.mark.parametrize("driver", ["crun", "runc"])
-def test_memory_pause_keeps_processes(client, driver):
-    """CRIU through the runtime; where it cannot (crun without +CRIU, a failing probe) the refusal carries why."""
+@contextlib.contextmanager
+def counting_sandbox(client: dsec.Client, driver: str) -> Iterator[tuple[dsec.Sandbox, int, str] | None]:
+    """A `driver` sandbox running the counter, with its first answer (count, secret); destroyed after. None where
+    a memory pause is refused here, once the refusal is checked to carry why (crun without +CRIU, a failing probe)."""
     sb = client.create("busybox", "container", driver=driver, timeout_s=600)
     try:
         if reason := criu_refusal(driver):
             assert_refused(sb, reason)
+            yield None
             return
         start_counter(sb)
-        sb.exec("echo kept > /root/note")
         first, secret, _ = ask(sb, "before")
+        yield sb, first, secret
+    finally:
+        sb.destroy()
+
+
+@pytest.mark.parametrize("driver", ["crun", "runc"])
+def test_memory_pause_keeps_processes(client, driver):
+    """CRIU through the runtime; where it cannot (crun without +CRIU, a failing probe) the refusal carries why."""
+    with counting_sandbox(client, driver) as counting:
+        if counting is None:
+            return
+        sb, first, secret = counting
+        sb.exec("echo kept > /root/note")
         sb.pause(memory=True)
         assert sb.info.state == "paused"
         assert cgroup_procs(sb.id) == [], "no process is left (no CPU)"
@@ -135,8 +151,6 @@ def test_memory_pause_keeps_processes(client, driver):
         sb.pause(memory=True)  # a second round from the restored container
         sb.resume()
         assert ask(sb, "again") == (first + 2, secret, "again")
-    finally:
-        sb.destroy()
 
 
 # a process holding a deleted 2 MB file open: CRIU saves deleted files up to its 1 MB ghost-file limit only
@@ -148,21 +162,16 @@ GHOST_HOLDER = ("dd if=/dev/zero of=/tmp/ghost bs=1M count=2 2>/dev/null && exec
 def test_a_memory_pause_criu_cannot_make_says_why_and_the_sandbox_runs_on(client, driver):
     """A process CRIU cannot save: the pause fails at once, typed, with CRIU's own reason (not a timeout of
     the agent reconnect that follows), and the sandbox, its processes and their memory run on."""
-    sb = client.create("busybox", "container", driver=driver, timeout_s=600)
-    try:
-        if reason := criu_refusal(driver):
-            assert_refused(sb, reason)
+    with counting_sandbox(client, driver) as counting:
+        if counting is None:
             return
-        start_counter(sb)
-        first, secret, _ = ask(sb, "before")
+        sb, first, secret = counting
         assert sb.exec(GHOST_HOLDER).exit_code == 0
         with pytest.raises(RuntimeFailure) as failed:
             sb.pause(memory=True)
         assert "checkpoint" in str(failed.value) and "ghost" in str(failed.value), str(failed.value)
         assert sb.refresh().state == "running"
         assert ask(sb, "after") == (first + 1, secret, "after"), "the processes ran on with their memory"
-    finally:
-        sb.destroy()
 
 
 class _RuntimeAfterFailedDump:
