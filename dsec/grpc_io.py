@@ -3,9 +3,9 @@
 Why: grpcio >= 1.6x serves client calls and server listeners through its EventEngine by default, whose own
 poller and callback threads read the socket and then hand each completion to the thread waiting on the
 completion queue: one more thread wake-up on each side of every RPC. Its older path (iomgr) reads the socket in
-the waiting thread itself. On the 2-core VM of docs/benchmarks.md the switch took a gRPC echo from 0.47 to 0.26
-ms and a cold dsec exec of `true` from 2.70 to 2.50 ms (same run, three A/B pairs, client and server both
-switched), and each side alone gains part of it.
+the waiting thread itself. On the 2-core VM of docs/benchmarks.md ("Exec round trip, part 6") the switch took
+a gRPC echo between two processes from 0.49 to 0.23-0.26 ms back to back, and a dsec exec of `true` from 2.88 to
+2.68 ms after a `docker exec` (1.86 to 1.73 back to back; four alternated pairs, each lower).
 
 gRPC reads `GRPC_EXPERIMENTS` once, when grpc is imported, so `dsec/__init__.py` calls `prefer_iomgr()` before it
 imports anything that imports grpc; a process that imported grpc before dsec keeps its EventEngine. A value the

@@ -95,7 +95,6 @@ class Workspace:
 
 
 
-
 def remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
