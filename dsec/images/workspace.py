@@ -94,7 +94,6 @@ class Workspace:
             return self._db.execute(sql, args).fetchall()
 
 
-
 def remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
