@@ -8,10 +8,6 @@
 import types
 from typing import Any
 
-from dsec.grpc_io import prefer_iomgr
-
-prefer_iomgr()  # before anything below imports grpc: dsec/grpc_io.py says why
-
 import dsec.trajectory as _trajectory_package
 from dsec.errors import (
     CallTimeout,

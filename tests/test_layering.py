@@ -25,7 +25,7 @@ GENERATED = ("dsec/v1/", "dsec/envd/")  # protobuf stubs written by dsec/codegen
 LAYERS: dict[str, int] = {
     "dsec.models": 0, "dsec.errors": 0, "dsec.config": 0, "dsec.allowlist": 0, "dsec.loopdev": 0,
     "dsec.procwait": 0, "dsec.codegen": 0, "dsec.wire": 0, "dsec.v1": 0, "dsec.envd": 0, "dsec.step_export": 0,
-    "dsec.grpc_io": 0, "dsec.pids": 0,
+    "dsec.pids": 0,
     "dsec.agent": 1, "dsec.images": 1, "dsec.trajectory": 1,
     "dsec.substrates": 2,
     "dsec.server": 3,
