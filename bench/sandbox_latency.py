@@ -58,8 +58,8 @@ import docker
 
 import dsec
 from dsec.config import ServerConfig
-from dsec.pids import pid_alive
 from dsec.images.store import LayerStore
+from dsec.pids import pid_alive
 from dsec.substrates.container.bench import userns_create_ms
 from dsec.substrates.container.docker_images import ensure_image
 from dsec.substrates.container import cgroup_tuning
@@ -166,14 +166,19 @@ def _remove_dead_runs_groups(root: Path) -> None:
             for member in (group / "cgroup.procs").read_text().split():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(member), signal.SIGKILL)
-        for _ in range(100):  # empty once the killed sleep is reaped by init
-            try:
-                group.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.01)
+        _remove_group(group)
+
+
+def _remove_group(group: Path) -> None:
+    """rmdir a probe cgroup: it is empty once its only process is reaped, which v2 may show a moment late."""
+    for _ in range(100):
+        try:
+            group.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.01)
 
 
 def cgroup_migrate_p50_ms(samples: int = 9) -> float | None:
@@ -199,12 +204,7 @@ def cgroup_migrate_p50_ms(samples: int = 9) -> float | None:
         finally:
             child.kill()
             child.wait()
-            for _ in range(100):  # the cgroup is empty once its only process is reaped; v2 may lag a moment
-                try:
-                    group.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.01)
+            _remove_group(group)
     p50 = percentile(times, 0.5)
     print(f"  cgroup migration (a pid into a new cgroup, {root}): p50 {p50:.2f} ms, cgroup2 favordynmods flag "
           f"{cgroup_tuning.state()} (n={samples})", flush=True)

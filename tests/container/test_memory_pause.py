@@ -17,12 +17,12 @@ from collections.abc import Iterator
 import pytest
 
 import dsec
-from dsec.errors import RuntimeFailure, SandboxStateError, Unsupported
 from dsec.agent.client import AgentClient
+from dsec.errors import RuntimeFailure, SandboxStateError, Unsupported
 from dsec.substrates.container import bundle, cgroups
+from dsec.substrates.container.criu import criu_probe, runtime_criu_refusal
 from dsec.substrates.container.driver import ContainerSandbox
 from dsec.substrates.container.record import ContainerRecord
-from dsec.substrates.container.criu import criu_probe, runtime_criu_refusal
 from dsec.substrates.container.runtime import runtime_binary
 
 pytestmark = pytest.mark.timeout(300)

@@ -241,7 +241,7 @@ class ContainerSandbox(AgentSandbox):
                 _reattach_agent(self.client, self.files / "agent-run", self.sandbox_id, self.files / "agent.log")
                 return
             except DsecError as lost:
-                status = f"running, but its agent did not answer ({lost.message})"
+                status = f"{status}, but its agent did not answer ({lost.message})"
         reason = dump_failed.message if isinstance(dump_failed, DsecError) else repr(dump_failed)
         raise RuntimeFailure(
             f"memory pause of sandbox {self.sandbox_id} failed and the sandbox did not survive it (container "
