@@ -8,7 +8,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -76,6 +76,7 @@ class ManagedSandbox:
     last_active: float = field(default_factory=time.time)  # when the last call started or ended (idle timeout)
     busy: int = 0  # calls in flight (exec, session command, function call): never idle while one runs
     ended: tuple[str, str] | None = None  # (reason, detail) once torn down: what calls still in flight report
+    _env: tuple[SandboxSpec, ImageRootfs, dict[str, str]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.processes = ProcessTable(self.sandbox_id)
@@ -118,11 +119,20 @@ class ManagedSandbox:
             raise SandboxStateError(f"sandbox {self.sandbox_id} is {self.state}")
 
     def default_env(self) -> dict[str, str]:
-        env = dict(item.split("=", 1) for item in self.image.config.env if "=" in item)
-        env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        env.setdefault("HOME", "/root")
-        env.update(self.spec.env)
-        return env
+        """The image's environment under the sandbox's own; a new dict the caller may change."""
+        return dict(self.exec_env({}))
+
+    def exec_env(self, overrides: Mapping[str, str]) -> Mapping[str, str]:
+        """`default_env()` with `overrides` on top, for reading only: without overrides it is the same dict for
+        every call, built once per spec (a pool claim gives the sandbox a new spec), not once per exec."""
+        cached = self._env
+        if cached is None or cached[0] is not self.spec or cached[1] is not self.image:
+            env = dict(item.split("=", 1) for item in self.image.config.env if "=" in item)
+            env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            env.setdefault("HOME", "/root")
+            env.update(self.spec.env)
+            cached = self._env = (self.spec, self.image, env)
+        return {**cached[2], **overrides} if overrides else cached[2]
 
     def default_cwd(self) -> str:
         return self.spec.workdir or self.image.config.workdir or "/"
