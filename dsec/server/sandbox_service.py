@@ -291,9 +291,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
         if request.timeout_s < 0:
             raise InvalidSpec("timeout_s must be >= 0")
         argv = list(request.argv) or ["/bin/sh", "-c", request.command]
-        env = sandbox.default_env()
-        if request.env:
-            env.update(request.env)
+        env = sandbox.exec_env(request.env)
         cwd = sandbox_path(request.cwd, "/") if request.cwd else sandbox.default_cwd()
         max_output = request.max_output_bytes or self.config.max_output_bytes
         handle = sandbox.handle
