@@ -12,8 +12,6 @@ import grpc
 ERROR_METADATA_KEY = "dsec-error"
 RETRY_AFTER_METADATA_KEY = "dsec-retry-after"
 EXPIRED_REASON_METADATA_KEY = "dsec-expired-reason"
-LANE_METADATA_KEY = "dsec-exec-lane"  # LANE_REFUSED: a server at its ExecLane limit (dsec/server/exec_lanes.py)
-LANE_REFUSED = "refused"
 
 
 class DsecError(Exception):

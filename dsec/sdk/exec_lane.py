@@ -20,10 +20,11 @@ from typing import Any, TypeVar
 
 import grpc
 
-from dsec.errors import ERROR_METADATA_KEY, LANE_METADATA_KEY, LANE_REFUSED, ExecTimeout, RuntimeFailure
+from dsec.errors import ERROR_METADATA_KEY, ExecTimeout, RuntimeFailure
 from dsec.sdk.errors import to_dsec_error
 from dsec.v1 import sandbox_pb2 as pb
 
+LANE_METADATA_KEY = "dsec-exec-lane"  # the server's refusal (dsec/server/exec_lanes.py)
 REFUSED_RETRY_S = 60.0  # after a refusal, ask for a lane again this much later
 WATCHDOG_TICK_S = 1.0  # how often the watchdog looks at the deadline (the margin is 30 s)
 _END = None  # the request stream's end
@@ -106,7 +107,7 @@ class ExecLane:
         if self._expired and code == grpc.StatusCode.CANCELLED:
             self._expired = False
             raise ExecTimeout("the server did not answer the exec before its deadline; the exec lane was reset")
-        if trailing.get(LANE_METADATA_KEY) == LANE_REFUSED:
+        if trailing.get(LANE_METADATA_KEY) == "refused":
             self._refused_until = time.monotonic() + REFUSED_RETRY_S
             return None
         if code == grpc.StatusCode.UNIMPLEMENTED:

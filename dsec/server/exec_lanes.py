@@ -20,8 +20,10 @@ from typing import Any
 
 import grpc
 
-from dsec.errors import ERROR_METADATA_KEY, LANE_METADATA_KEY, LANE_REFUSED
+from dsec.errors import ERROR_METADATA_KEY
 
+LANE_METADATA_KEY = "dsec-exec-lane"
+REFUSED = "refused"
 _REFUSAL_HEADROOM = 4  # threads beyond the limit, so a refusal never waits behind open lanes
 
 
@@ -36,7 +38,7 @@ class ExecLanes:
 
         def ExecLane(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
             if self._slots is None or not self._slots.acquire(blocking=False):
-                context.set_trailing_metadata(((LANE_METADATA_KEY, LANE_REFUSED), (ERROR_METADATA_KEY, "CapacityExceeded")))
+                context.set_trailing_metadata(((LANE_METADATA_KEY, REFUSED), (ERROR_METADATA_KEY, "CapacityExceeded")))
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"this server keeps at most {self.limit} exec lanes open; use ExecCollect")
             try:
