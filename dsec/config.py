@@ -77,7 +77,6 @@ class ServerConfig(BaseModel):
     max_output_bytes: int = 16 << 20
     max_sandboxes: int = 1024
     workers: int = 64
-    exec_lanes: int = Field(64, ge=0)  # ExecLane streams open at once (each holds a thread of its own between execs); 0 = none
     trajectory_dsn: str = Field(default_factory=lambda: os.environ.get("DSEC_TRAJECTORY_DSN", ""))  # "" = file log
     parent_pid: int = 0  # embedded mode: exit when this process dies
     # Admission control: creates run at most this many at a time; more wait in a bounded queue.

@@ -347,9 +347,6 @@ class Sandbox:
         _with_step(request, "exec")
         deadline = _rpc_deadline(timeout)
         if on_stdout is None and on_stderr is None:  # only the result is wanted: one reply, no stream
-            result = self._client.exec_lane.collect(request, deadline, _result_from_record)  # None: busy, refused
-            if result is not None:
-                return result
             record = self._client.unary_if_served(self._client.execs.ExecCollect, request, deadline)
             if record is not None:
                 return _result_from_record(record)

@@ -22,7 +22,6 @@ from grpc.experimental import ChannelOptions
 from dsec.errors import ERROR_METADATA_KEY, CapacityExceeded
 from dsec.sdk.embedded import EmbeddedServer
 from dsec.sdk.errors import to_dsec_error
-from dsec.sdk.exec_lane import ExecLane
 from dsec.v1 import sandbox_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
@@ -90,9 +89,6 @@ class Connection:
         self._exec_channel = open_channel([(ChannelOptions.SingleThreadedUnaryStream, 1)])
         self.execs = pb_grpc.SandboxServiceStub(self._exec_channel)
         self._unserved: set[object] = set()  # stub methods the server answered UNIMPLEMENTED for (unary_if_served)
-        # execs one after another travel as messages on one open call (dsec/sdk/exec_lane.py); the default channel:
-        # the lane's replies are read by grpc's channel thread, whoever waits for them
-        self.exec_lane = ExecLane(self.sandboxes, lambda: self.metadata)
 
     @property
     def metadata(self) -> list[tuple[str, str]]:
@@ -142,7 +138,6 @@ class Connection:
 
     def close(self) -> None:
         """Close the channel; an embedded server destroys its sandboxes and exits."""
-        self.exec_lane.close()
         self._exec_channel.close()
         self.channel.close()
         if self._embedded is not None:

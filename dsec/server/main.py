@@ -24,7 +24,6 @@ from dsec.errors import DsecError
 from dsec.images.store import LayerStore
 from dsec.server.auth import Authenticator, AuthInterceptor, load_tokens, server_credentials
 from dsec.server.drivers import DriverRegistry
-from dsec.server.exec_lanes import ExecLanes
 from dsec.server.filesystem_service import add_filesystem_service
 from dsec.server.image_service import add_image_service
 from dsec.server.volume_service import add_volume_service
@@ -62,7 +61,6 @@ class RunningServer:
     _stopped: threading.Event
     _done: threading.Event
     http_door: object | None = None  # the E2B/SandboxFusion front door (dsec.compat), when enabled
-    exec_lanes: ExecLanes | None = None  # ExecLane streams' threads (dsec/server/exec_lanes.py)
 
     def stop(self, grace: float = 2.0) -> None:
         """Stop serving, destroy every sandbox, release the run directory. Safe to call twice."""
@@ -74,8 +72,6 @@ class RunningServer:
             if self.http_door is not None:
                 self.http_door.stop()  # first: it is a client of the gRPC server
             self.server.stop(grace)
-            if self.exec_lanes is not None:
-                self.exec_lanes.close()
             if self.metrics_http is not None:
                 self.metrics_http.shutdown()
             self.manager.shutdown()
@@ -176,7 +172,7 @@ def serve(config: ServerConfig) -> RunningServer:
         http_door.url if http_door else "off",
     )
     return RunningServer(server, manager, address, config, metrics_http, trajectory_log, threading.Event(), threading.Event(),
-                         http_door=http_door, exec_lanes=sandbox_service.lanes)
+                         http_door=http_door)
 
 
 def _sandbox_owner(manager: SandboxManager, auth: Authenticator) -> SandboxOwner:

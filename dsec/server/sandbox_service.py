@@ -20,7 +20,6 @@ from dsec.errors import InvalidSpec, Unsupported
 from dsec.models import PAUSE_KINDS, PoolInfo, SandboxInfo, SandboxLogEntry, SandboxMetrics, SnapshotInfo
 from dsec.server.auth import DEFAULT_TENANT, Authenticator
 from dsec.server.errors import rpc_errors
-from dsec.server.exec_lanes import ExecLanes
 from dsec.server.execution import run_process
 from dsec.server.manager import ManagedSandbox, SandboxManager
 from dsec.server.metrics import EXEC_SECONDS, EXECS, STEPS
@@ -144,8 +143,6 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
         self.manager = manager
         self.steps = steps  # dsec.trajectory.coordinator.StepCoordinator, when the trajectory log is enabled
         self.auth = auth or Authenticator({})
-        self.lanes = ExecLanes(config.exec_lanes)
-        self.ExecLane = self.lanes.handler(self._serve_lane)  # an instance attribute: the generated code looks it up
 
     def _tenant(self, context: grpc.ServicerContext) -> str:
         return self.auth.tenant(context)
@@ -256,16 +253,6 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
 
     @rpc_errors
     def ExecCollect(self, request: pb.ExecRequest, context: grpc.ServicerContext) -> pb.ExecRecord:
-        return self._collect(request, context)
-
-    @rpc_errors
-    def _serve_lane(self, requests: Iterator[pb.ExecLaneRequest], context: grpc.ServicerContext) -> Iterator[pb.ExecLaneReply]:
-        """ExecLane's messages, each run as ExecCollect and answered in turn (exec_lanes.py); an error ends the
-        stream with its status, so the client never pairs a reply with the wrong request."""
-        for lane_request in requests:
-            yield pb.ExecLaneReply(seq=lane_request.seq, record=self._collect(lane_request.request, context))
-
-    def _collect(self, request: pb.ExecRequest, context: grpc.ServicerContext) -> pb.ExecRecord:
         """Exec's events gathered into one reply: a server stream costs a send and its completion per message
         and the SDK a stream to drain, a tenth of a 2 ms exec; the output caps keep the reply under the limit.
         The events are read here, on the RPC's thread, with no generator between it and the exec engine's."""
