@@ -127,8 +127,7 @@ def serve(config: ServerConfig) -> RunningServer:
         # an open server has nothing to check: no interceptor on every call's path (tokens are fixed at start)
         interceptors=[AuthInterceptor(auth)] if auth.enabled else [],
     )
-    sandbox_service = SandboxService(config, manager, steps, auth)
-    pb_grpc.add_SandboxServiceServicer_to_server(sandbox_service, server)
+    pb_grpc.add_SandboxServiceServicer_to_server(SandboxService(config, manager, steps, auth), server)
     add_port_service(server, manager, auth)
     add_process_service(server, manager, auth)
     add_filesystem_service(server, manager, auth)
